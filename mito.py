@@ -1,0 +1,3349 @@
+#!/usr/bin/env python3
+"""mito.py: a Mitosis worker, embedded coordinator and client in one file.
+
+Mitosis is a coordinator/worker task system whose reference implementation is the
+Rust ``mito`` 0.6.x. This file speaks the same HTTP protocol and needs nothing but
+Python 3.11's standard library, so it can be copied onto machines where nothing can
+be installed::
+
+    python3 mito.py coordinator --workers 2      # a whole system on this machine
+    python3 mito.py worker --config worker.toml  # join an existing coordinator
+    python3 mito.py client tasks submit -- echo hello
+
+The file reads top to bottom in sections: Common (durations, timestamps, config,
+logging, HTTP, credentials), Protocol (the wire shapes), Worker, Coordinator,
+Client, and the command line.
+"""
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import getpass
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import logging.handlers
+import math
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import sqlite3
+import socket
+import ssl
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import tomllib
+import urllib.parse
+import uuid as uuidlib
+
+__version__ = "0.6.0"
+
+log = logging.getLogger("mito")
+
+
+# =====================================================================================
+# 1. Common: errors, durations, timestamps, paths, config, logging, HTTP, credentials
+# =====================================================================================
+
+
+class UsageError(Exception):
+    """Bad input from the person at the keyboard: one line, exit status 2."""
+
+
+def fail_usage(message):
+    raise UsageError(message)
+
+
+# ---- durations (humantime) ----------------------------------------------------------
+
+_DURATION_UNITS = {
+    "ns": 1e-9, "nsec": 1e-9, "nanos": 1e-9,
+    "us": 1e-6, "usec": 1e-6, "µs": 1e-6,
+    "ms": 1e-3, "msec": 1e-3, "millis": 1e-3,
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "wk": 604800, "wks": 604800, "week": 604800, "weeks": 604800,
+    "M": 2630016, "month": 2630016, "months": 2630016,
+    "y": 31557600, "yr": 31557600, "yrs": 31557600, "year": 31557600, "years": 31557600,
+}
+_DURATION_PART = re.compile(r"\s*(\d+)\s*([a-zA-Zµ]+)\s*")
+
+
+def parse_duration(text):
+    """Seconds (float) from a humantime string such as "3m", "1h 30m" or "7days"."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"not a duration: {text!r}")
+    total, pos = 0.0, 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos or match.group(2) not in _DURATION_UNITS:
+            break
+        total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text):
+        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 3m, 1h 30m, 7d)")
+    return total
+
+
+def format_duration(seconds):
+    """The humantime form the Rust side emits: "7days", "10m", "1h 30m", "0s"."""
+    nanos = round(seconds * 1e9)
+    parts = []
+    for size, one, many in ((31557600, "year", "years"), (2630016, "month", "months"),
+                            (86400, "day", "days")):
+        count, nanos = divmod(nanos, size * 10**9)
+        if count:
+            parts.append(f"{count}{one if count == 1 else many}")
+    for size, unit in ((3600 * 10**9, "h"), (60 * 10**9, "m"), (10**9, "s"),
+                       (10**6, "ms"), (10**3, "us"), (1, "ns")):
+        count, nanos = divmod(nanos, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return " ".join(parts) or "0s"
+
+
+# ---- timestamps ---------------------------------------------------------------------
+
+_TIME_CRATE_FORM = re.compile(
+    r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))? ([+-])(\d{2}):(\d{2}):(\d{2})$")
+
+
+def now_utc():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def format_timestamp(moment):
+    """The Rust `time` crate's human-readable form: "2024-01-15 10:30:00.123456 +00:00:00"."""
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f +00:00:00")
+
+
+def parse_timestamp(text):
+    """An aware datetime from the `time` crate form or RFC 3339."""
+    match = _TIME_CRATE_FORM.match(text.strip())
+    if not match:
+        return datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    day, clock, fraction, sign, hours, minutes, secs = match.groups()
+    offset = datetime.timedelta(hours=int(hours), minutes=int(minutes), seconds=int(secs))
+    zone = datetime.timezone(-offset if sign == "-" else offset)
+    micros = int((fraction or "0").ljust(9, "0")[:6])
+    moment = datetime.datetime.fromisoformat(f"{day}T{clock}")
+    return moment.replace(microsecond=micros, tzinfo=zone)
+
+
+# ---- standard places ------------------------------------------------------------------
+
+
+def _xdg_home(variable, fallback):
+    return os.environ.get(variable) or os.path.join(os.path.expanduser("~"), fallback)
+
+
+def config_home():
+    return os.path.join(_xdg_home("XDG_CONFIG_HOME", ".config"), "mitosis")
+
+
+def cache_home():
+    return os.path.join(_xdg_home("XDG_CACHE_HOME", ".cache"), "mitosis")
+
+
+def data_home():
+    return os.path.join(_xdg_home("XDG_DATA_HOME", ".local/share"), "mitosis")
+
+
+def default_credential_path():
+    return os.path.join(config_home(), "credentials")
+
+
+def write_private_file(path, text):
+    """Write `text` to `path` atomically, readable by its owner only (mode 0600)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+# ---- configuration ------------------------------------------------------------------
+#
+# Every setting is declared once, as an Option: its TOML key, kind, default, flags and
+# help. The declaration drives the TOML reader, the MITO_* variables, argparse and the
+# README's reference table, so the layers cannot drift apart.
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    key: str
+    kind: str  # str url duration bool list groups path int bind
+    default: object = None
+    flags: tuple = ()
+    help: str = ""
+    metavar: str = None
+
+    @property
+    def env(self):
+        return "MITO_" + self.key.upper()
+
+
+_ROLES = ("read", "write", "admin")
+
+
+def split_list(values):
+    """Flatten ["a,b", "c"] into ["a", "b", "c"], dropping empty items."""
+    if isinstance(values, str):
+        values = [values]
+    return [item.strip() for value in values for item in str(value).split(",") if item.strip()]
+
+
+def check_group_role(entry):
+    """A worker group "name" or "name:role"; roles are read/write/admin in any case."""
+    name, _, role = entry.partition(":")
+    if not name or (role and role.lower() not in _ROLES):
+        raise ValueError(f"bad group {entry!r}: expected GROUP or GROUP:read|write|admin")
+    return entry
+
+
+def check_url(text):
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {text!r}")
+    return text.rstrip("/")
+
+
+def check_bind(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _truthy(text):
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (true or false)")
+
+
+def _whole_number(value):
+    if isinstance(value, bool) or not str(value).strip().lstrip("-").isdigit():
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(value)
+
+
+def _string(value):
+    if not isinstance(value, str):
+        raise ValueError(f"not a string: {value!r}")
+    return value
+
+
+def _duration_or_none(value):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"not a duration: {value!r} (write it as a string, e.g. \"3m\")")
+    return parse_duration(value)
+
+
+_COERCE = {
+    "str": _string,
+    "path": lambda value: os.path.expanduser(_string(value)),
+    "url": lambda value: check_url(_string(value)),
+    "bind": lambda value: check_bind(_string(value)),
+    "duration": _duration_or_none,
+    "bool": lambda value: value if isinstance(value, bool) else _truthy(value),
+    "int": _whole_number,
+    "list": split_list,
+    "groups": lambda value: [check_group_role(entry) for entry in split_list(value)],
+}
+
+
+def coerce_option(option, value, where):
+    """Turn a raw layer value into the option's type, or a UsageError naming both."""
+    if option.kind in ("list", "groups") and not isinstance(value, (str, list)):
+        fail_usage(f"bad value for {option.key} in {where}: {value!r} (a list of strings)")
+    try:
+        return _COERCE[option.kind](value)
+    except ValueError as error:
+        fail_usage(f"bad value for {option.key} in {where}: {error}")
+
+
+def read_toml(path):
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        fail_usage(f"malformed TOML in {path}: {error}")
+    except OSError as error:
+        fail_usage(f"cannot read config file {path}: {error.strerror}")
+
+
+def _toml_layer(path, section, options):
+    """The keys a config file sets in `section`; unknown keys are an error."""
+    table = read_toml(path).get(section, {})
+    if not isinstance(table, dict):
+        fail_usage(f"bad config file {path}: [{section}] must be a table")
+    known = {option.key: option for option in options}
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            fail_usage(f"unknown key {key!r} in [{section}] of {path}{hint}")
+    return {key: (known[key], value, f"{path}") for key, value in table.items()}
+
+
+def load_settings(section, options, cli_values, config_path=None):
+    """Merge defaults <- global file <- --config (or ./config.toml) <- MITO_* <- flags.
+
+    Each layer overrides only the keys it sets. Returns a namespace of typed values.
+    """
+    settings = {option.key: None if option.default is None
+                else coerce_option(option, option.default, "defaults") for option in options}
+    layers = []
+    global_file = os.path.join(config_home(), "config.toml")
+    if os.path.exists(global_file):
+        layers.append(_toml_layer(global_file, section, options))
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            fail_usage(f"config file not found: {config_path}")
+        layers.append(_toml_layer(config_path, section, options))
+    elif os.path.isfile("config.toml"):
+        layers.append(_toml_layer("config.toml", section, options))
+    layers.append({option.key: (option, os.environ[option.env], f"${option.env}")
+                   for option in options if os.environ.get(option.env) is not None})
+    layers.append({option.key: (option, cli_values[option.key], option.flags[-1])
+                   for option in options
+                   if option.flags and cli_values.get(option.key) is not None})
+    for layer in layers:
+        for key, (option, value, where) in layer.items():
+            settings[key] = coerce_option(option, value, where)
+    return argparse.Namespace(**settings)
+
+
+# ---- logging ------------------------------------------------------------------------
+
+_LOG_FORMAT = "%(asctime)s %(levelname)-5s %(message)s"
+_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+               "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def setup_console_logging():
+    """Log to stderr at the level named by MITO_LOG_LEVEL (default info)."""
+    name = os.environ.get("MITO_LOG_LEVEL", "info").strip().lower()
+    if name not in _LOG_LEVELS:
+        fail_usage(f"bad MITO_LOG_LEVEL {name!r}: one of {', '.join(_LOG_LEVELS)}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    log.handlers[:] = [handler]
+    log.setLevel(_LOG_LEVELS[name])
+    log.propagate = False
+
+
+def add_rolling_file_log(path):
+    """Also log to `path`, rolling over at 16 MiB and keeping 5 old files."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=16 << 20, backupCount=5)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    log.addHandler(handler)
+    return handler
+
+
+class SharedDailyLogHandler(logging.Handler):
+    """One log file a day, `workers.log.<date>`, shared by every worker on the machine.
+
+    Each record is a single write() to a file opened with O_APPEND, which the kernel
+    keeps whole and in order even when several processes append at once. The 3 newest
+    files are kept.
+    """
+
+    KEEP = 3
+
+    def __init__(self, folder, tag):
+        super().__init__()
+        self.folder, self.tag = folder, tag
+        self.day, self.fd = None, None
+        os.makedirs(folder, exist_ok=True)
+
+    def emit(self, record):
+        try:
+            day = time.strftime("%Y-%m-%d")
+            if day != self.day:
+                self._open(day)
+            line = f"[{self.tag}] {self.format(record)}\n".encode("utf-8", "replace")
+            os.write(self.fd, line)
+        except Exception:
+            self.handleError(record)
+
+    def _open(self, day):
+        if self.fd is not None:
+            os.close(self.fd)
+        path = os.path.join(self.folder, f"workers.log.{day}")
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.day = day
+        old = sorted(name for name in os.listdir(self.folder)
+                     if re.fullmatch(r"workers\.log\.\d{4}-\d{2}-\d{2}", name))
+        for name in old[:-self.KEEP]:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.folder, name))
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        super().close()
+
+
+# ---- HTTP client --------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """The coordinator answered with a non-2xx status; `msg` is its explanation."""
+
+    def __init__(self, status, msg):
+        super().__init__(f"{status}: {msg}")
+        self.status, self.msg = status, msg
+
+
+class Unreachable(Exception):
+    """No HTTP answer at all: refused, reset, timed out or not resolved."""
+
+
+class Stopped(Exception):
+    """The process is leaving; whatever was in progress is abandoned."""
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    data: object
+
+
+class Http:
+    """A small HTTP client over persistent connections (one per thread and host).
+
+    `api()` speaks JSON to the coordinator with the bearer token; `put_file()` and
+    `get_file()` follow the presigned URLs the coordinator hands out, without the
+    token (S3 refuses a request that carries two kinds of auth).
+    """
+
+    def __init__(self, base_url, token=None, ssl_context=None, timeout=60.0):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self._local = threading.local()
+
+    # -- connections
+
+    def _connection(self, parts, timeout):
+        pool = self._local.__dict__.setdefault("pool", {})
+        key = (parts.scheme, parts.netloc)
+        conn = pool.get(key)
+        if conn is None:
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(parts.netloc, timeout=timeout,
+                                                   context=self.ssl_context, blocksize=1 << 16)
+            else:
+                conn = http.client.HTTPConnection(parts.netloc, timeout=timeout,
+                                                  blocksize=1 << 16)
+            pool[key] = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def _drop(self, parts):
+        conn = self._local.__dict__.get("pool", {}).pop((parts.scheme, parts.netloc), None)
+        if conn is not None:
+            conn.close()
+
+    def exchange(self, method, url, body=None, headers=None, timeout=None, sink=None):
+        """One request; the answer's body goes to `sink` (a file) on 2xx, else to memory.
+
+        A request on a kept-alive connection the server has meanwhile closed is sent
+        once more on a fresh one; any other failure to get an answer is Unreachable.
+        """
+        parts = urllib.parse.urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        for attempt in (1, 2):
+            conn = self._connection(parts, timeout or self.timeout)
+            reused = conn.sock is not None
+            try:
+                if not reused:
+                    conn.connect()
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if hasattr(body, "seek"):
+                    body.seek(0)
+                conn.request(method, target or "/", body=body, headers=headers or {})
+                response = conn.getresponse()
+                if sink is not None and 200 <= response.status < 300:
+                    shutil.copyfileobj(response, sink, 1 << 16)
+                    data = b""
+                else:
+                    data = response.read()
+                if response.will_close:
+                    self._drop(parts)
+                return response.status, response.headers, data
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as error:
+                self._drop(parts)
+                if not (reused and attempt == 1):
+                    raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
+            except (OSError, http.client.HTTPException) as error:
+                self._drop(parts)
+                raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
+
+    def api(self, method, path, payload=None, params=None, timeout=None, token=None):
+        """Call the coordinator; JSON in and out. Raises ApiError or Unreachable."""
+        return self.api_reply(method, path, payload, params, timeout, token).data
+
+    def api_reply(self, method, path, payload=None, params=None, timeout=None, token=None):
+        url = self.base_url + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params, safe=",:")
+        headers = {"Accept": "application/json"}
+        if token or self.token:
+            headers["Authorization"] = f"Bearer {token or self.token}"
+        body = None
+        if payload is not None:
+            body = json.dumps(payload, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        status, reply_headers, data = self.exchange(method, url, body, headers, timeout)
+        if not 200 <= status < 300:
+            raise ApiError(status, error_message(data, status))
+        return Reply(status, reply_headers, decode_body(data, reply_headers))
+
+    def absolute(self, url):
+        """Presigned URLs may be relative to the coordinator."""
+        return urllib.parse.urljoin(self.base_url + "/", url)
+
+    def put_file(self, url, path, timeout=None):
+        """Stream a file from disk to a presigned URL, with Content-Length."""
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            status, _, data = self.exchange(
+                "PUT", self.absolute(url), handle,
+                {"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+                timeout)
+        if not 200 <= status < 300:
+            raise ApiError(status, error_message(data, status))
+
+    def get_file(self, url, path, timeout=None):
+        """Stream a presigned URL to `path` (written under a temporary name first)."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temporary = f"{path}.part"
+        with open(temporary, "wb") as handle:
+            status, _, data = self.exchange("GET", self.absolute(url), sink=handle,
+                                            timeout=timeout)
+        if not 200 <= status < 300:
+            os.unlink(temporary)
+            raise ApiError(status, error_message(data, status))
+        os.replace(temporary, path)
+
+
+def error_message(data, status):
+    """The `msg` of an error body, or its text, or the status's reason phrase."""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        return str(json.loads(data)["msg"])
+    text = data.decode("utf-8", "replace").strip() if data else ""
+    return text[:300] or http.client.responses.get(status, "error")
+
+
+def decode_body(data, headers):
+    if not data:
+        return None
+    if "json" in (headers.get("Content-Type") or ""):
+        return json.loads(data)
+    return data.decode("utf-8", "replace")
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter, so that many clients retrying a
+    recovering coordinator spread out instead of arriving in lockstep."""
+
+    def __init__(self, first=0.25, cap=30.0):
+        self.first, self.cap, self.delay = first, cap, first
+
+    def sleep(self, stop):
+        """Wait the next delay; raise Stopped if `stop` is set meanwhile."""
+        pause = random.uniform(self.delay / 2, self.delay)
+        self.delay = min(self.delay * 2, self.cap)
+        if stop is not None and stop.wait(pause):
+            raise Stopped()
+        if stop is None:
+            time.sleep(pause)
+        return pause
+
+
+def persist(call, what, stop=None):
+    """Run `call` until it gets an answer from the coordinator, backing off between
+    connection failures and logging each one. Other errors pass through."""
+    backoff = Backoff()
+    while True:
+        if stop is not None and stop.is_set():
+            raise Stopped()
+        try:
+            return call()
+        except Unreachable as error:
+            log.warning("%s: coordinator unreachable (%s); retrying", what, error)
+            backoff.sleep(stop)
+
+
+# ---- credentials --------------------------------------------------------------------
+
+
+def md5_password(password):
+    """The password as the protocol sends it: its MD5 digest as 16 integers."""
+    return list(hashlib.md5(password.encode("utf-8")).digest())
+
+
+class CredentialFile:
+    """Lines of `username:token`, kept mode 0600."""
+
+    def __init__(self, path):
+        self.path = path or default_credential_path()
+
+    def entries(self):
+        """The (user, token) pairs in file order; a file that is not there is empty."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as error:
+            fail_usage(f"cannot read credential file {self.path}: "
+                       f"{getattr(error, 'strerror', None) or error}")
+        pairs = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            user, sep, token = line.strip().partition(":")
+            if not sep or not user or not token:
+                fail_usage(f"bad credential file {self.path}, line {number}: "
+                           f"expected username:token")
+            pairs.append((user, token))
+        return pairs
+
+    def lookup(self, user):
+        for name, token in self.entries():
+            if user is None or name == user:
+                return name, token
+        return user, None
+
+    def store(self, user, token):
+        kept = [f"{name}:{old}" for name, old in self.entries() if name != user]
+        write_private_file(self.path, "\n".join([f"{user}:{token}", *kept]) + "\n")
+
+
+def login(http, user, password, credential_path, retain=False, stop=None):
+    """A valid user token: the stored one if the coordinator accepts it, else a new one
+    from /login (asking for the password only on a terminal). Returns (user, token)."""
+    credentials = CredentialFile(credential_path)
+    name, token = credentials.lookup(user)
+    if token and password is None:
+        try:
+            return persist(lambda: http.api("GET", "/auth", token=token), "auth", stop), token
+        except ApiError as error:
+            if error.status != 401:
+                raise
+            log.info("stored token for %s is no longer valid; logging in again", name)
+    name = name or _ask("Username: ", input, "no user given")
+    if password is None:
+        password = _ask(f"Password for {name}: ", getpass.getpass,
+                        f"no valid token for {name} in {credentials.path} and no password")
+    request = {"username": name, "md5_password": md5_password(password), "retain": retain}
+    token = persist(lambda: http.api("POST", "/login", request), "login", stop)["token"]
+    credentials.store(name, token)
+    return name, token
+
+
+def _ask(prompt, reader, problem):
+    if not sys.stdin.isatty():
+        fail_usage(f"{problem}: give --user/--password, or a --credential-path "
+                   f"holding a valid token")
+    try:
+        return reader(prompt)
+    except (EOFError, KeyboardInterrupt):
+        fail_usage(problem)
+
+
+# =====================================================================================
+# 2. Protocol: the wire shapes, in one place (PROTOCOL.md, mitosis-openapi.yaml)
+# =====================================================================================
+
+TASK_STATES = ("Pending", "Ready", "Running", "Finished", "Cancelled", "Unknown")
+EXEC_STATES = (
+    "WorkerExited", "FetchResource", "FetchResourceFinished", "FetchResourceError",
+    "FetchResourceTimeout", "FetchResourceNotFound", "FetchResourceForbidden", "Watch",
+    "WatchFinished", "WatchTimeout", "ExecPending", "ExecSpawned", "ExecFinished",
+    "ExecTimeout", "UploadResult", "UploadFinishedResult", "UploadCancelledResult",
+    "UploadResultFinished", "UploadResultTimeout", "TaskCommitted", "Unknown")
+RESULT_MESSAGES = ("FetchResourceTimeout", "ExecTimeout", "UploadResultTimeout",
+                   "ResourceNotFound", "ResourceForbidden", "WatchTimeout",
+                   "UserCancellation", "SubmitNewTaskFailed")
+ROLES = ("Read", "Write", "Admin")
+
+ARTIFACT_KINDS = ("result", "exec-log", "std-log")
+_ARTIFACT_ALIASES = {
+    "result": "result", "results": "result",
+    "exec-log": "exec-log", "exec": "exec-log", "execlog": "exec-log", "exec_log": "exec-log",
+    "std-log": "std-log", "std": "std-log", "stdlog": "std-log", "std_log": "std-log",
+    "terminal": "std-log", "terminal-log": "std-log",
+}
+
+
+def artifact_kind(text):
+    """Canonical artifact kind ("result", "exec-log", "std-log") from any alias."""
+    kind = _ARTIFACT_ALIASES.get(str(text).strip().lower())
+    if kind is None:
+        raise ValueError(f"unknown artifact kind {text!r}: one of {', '.join(ARTIFACT_KINDS)}")
+    return kind
+
+
+def role_name(text):
+    """Canonical role ("Read", "Write", "Admin") from any case."""
+    for role in ROLES:
+        if str(text).lower() == role.lower():
+            return role
+    raise ValueError(f"unknown role {text!r}: one of Read, Write, Admin")
+
+
+def register_request(tags, labels, groups, lifetime):
+    """POST /workers: groups go as given ("g", "g:write"), the lifetime as humantime."""
+    return {"tags": list(tags), "labels": list(labels), "groups": list(groups),
+            "lifetime": None if lifetime is None else format_duration(lifetime)}
+
+
+def report_request(task_id, op):
+    """POST /workers/tasks: op is "Finish", "Cancel" or a one-key object."""
+    return {"id": task_id, "op": op}
+
+
+def commit_op(exit_status, msg=None):
+    return {"Commit": {"exit_status": exit_status, "msg": msg}}
+
+
+def upload_op(kind, length):
+    return {"Upload": {"content_type": kind, "content_length": length}}
+
+
+def submit_op(request):
+    return {"Submit": request}
+
+
+_FAILURE_TARGETS = {
+    "ExecTimeout": "ExecTimeout", "FetchResourceTimeout": "FetchResourceTimeout",
+    "UploadResultTimeout": "UploadResultTimeout", "WatchTimeout": "WatchTimeout",
+    "ResourceNotFound": "FetchResourceNotFound", "ResourceForbidden": "FetchResourceForbidden",
+}
+_REACHED_WHEN_FINISHED = {
+    "FetchResource", "FetchResourceFinished", "Watch", "WatchFinished", "ExecPending",
+    "ExecSpawned", "ExecFinished", "UploadResult", "UploadFinishedResult"}
+_UP_TO_EXEC_FINISHED = set(EXEC_STATES[:EXEC_STATES.index("ExecFinished") + 1])
+
+
+def watch_reached(state, result, target):
+    """Whether a watched task in `state` with `result` has reached exec state `target`."""
+    if state == "Running":
+        return target == "FetchResource"
+    if state == "Finished":
+        if target in ("UploadResultFinished", "TaskCommitted"):
+            return result is not None
+        return target in _REACHED_WHEN_FINISHED
+    if state == "Cancelled" and result is not None:
+        reason = result.get("msg")
+        return (target == "TaskCommitted"
+                or _FAILURE_TARGETS.get(reason) == target
+                or (target in ("UploadResult", "UploadCancelledResult", "UploadResultFinished")
+                    and reason != "UserCancellation")
+                or (reason == "SubmitNewTaskFailed" and target in _UP_TO_EXEC_FINISHED))
+    return False
+
+
+# =====================================================================================
+# 3. Worker: register, heartbeat, fetch, run each task as a process, report, leave
+# =====================================================================================
+
+WORKER_OPTIONS = (
+    Option("coordinator_addr", "url", "http://127.0.0.1:5000", ("-c", "--coordinator"),
+           "The address of the coordinator", "COORDINATOR_ADDR"),
+    Option("polling_interval", "duration", "3m", ("--polling-interval",),
+           "The interval to poll tasks or resources"),
+    Option("heartbeat_interval", "duration", "5m", ("--heartbeat-interval",),
+           "The interval to send heartbeat"),
+    Option("credential_path", "path", None, ("--credential-path",),
+           "The path of the user credential file (default ~/.config/mitosis/credentials)"),
+    Option("user", "str", None, ("-u", "--user"), "The username of the user"),
+    Option("password", "str", None, ("-p", "--password"), "The password of the user"),
+    Option("groups", "groups", [], ("-g", "--groups"),
+           "The groups allowed to submit tasks to this worker (GROUP or GROUP:read|write|admin)"),
+    Option("tags", "list", [], ("-t", "--tags"), "The tags of this worker"),
+    Option("labels", "list", [], ("-l", "--labels"), "The labels of this worker"),
+    Option("log_path", "path", None, ("--log-path",),
+           "The log file path. If not specified, then the default rolling log file path "
+           "would be used. If specified, then the log file would be exactly at the path "
+           "specified"),
+    Option("file_log", "bool", False, ("--file-log",), "Enable logging to file"),
+    Option("shared_log", "bool", False, ("--shared-log",),
+           "Also log to one daily file shared by every worker on this machine"),
+    Option("lifetime", "duration", None, ("--lifetime",),
+           "The lifetime of the worker to alive (e.g., 7d, 1year)"),
+    Option("retain", "bool", False, ("--retain",),
+           "Keep the user's other logins valid when logging in"),
+    Option("skip_redis", "bool", False, ("--skip-redis",),
+           "Accepted for compatibility; there is no Redis here"),
+)
+
+KILL_GRACE = 10.0         # seconds between SIGTERM and SIGKILL for a task past its timeout
+RESOURCE_PATIENCE = 1800  # FetchResourceTimeout / WatchTimeout
+UPLOAD_PATIENCE = 600     # UploadResultTimeout
+WATCH_POLL_CAP = 30.0
+LONG_POLL_CAP = 30
+
+
+class Unauthorized(Exception):
+    """The coordinator refused the worker's token (401): it must leave at once."""
+
+
+class TaskGone(Exception):
+    """A report got 404: the task was requeued or cancelled and is no longer ours."""
+
+
+class ScratchDirs:
+    """The worker's scratch directory: resource/, result/, exec/ for the task, and
+    std/ and upload/ for the worker's own files."""
+
+    def __init__(self, root):
+        self.root = root
+        self.resource = os.path.join(root, "resource")
+        self.result = os.path.join(root, "result")
+        self.exec = os.path.join(root, "exec")
+        self.std = os.path.join(root, "std")
+        self.upload = os.path.join(root, "upload")
+        self.new_task = os.path.join(root, "new-task.json")
+
+    def reset(self):
+        """Empty every directory for the next task."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.new_task)
+        for folder in (self.resource, self.result, self.exec, self.std, self.upload):
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+
+    def remove(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def inside(base, relative):
+    """`base/relative`, or None when `relative` is absolute or climbs out with "..";
+    the path is checked as text, before anything touches the disk."""
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative):
+        return None
+    path = os.path.normpath(os.path.join(base, relative))
+    return path if path.startswith(base.rstrip(os.sep) + os.sep) else None
+
+
+def has_entries(folder):
+    with contextlib.suppress(FileNotFoundError):
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    return False
+
+
+def pack(archive, members):
+    """Write a tar.gz of (path, name-in-archive) pairs; return its size."""
+    with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+        for path, name in members:
+            tar.add(path, arcname=name)
+    return os.path.getsize(archive)
+
+
+def wait_exit(pid, timeout):
+    """Wait up to `timeout` seconds (None: for ever) for `pid` to end, without reaping
+    it: while it stays a zombie its process-group id cannot be reused."""
+    if hasattr(os, "pidfd_open"):
+        fd = os.pidfd_open(pid)
+        try:
+            return bool(select.select([fd], [], [], timeout)[0])
+        finally:
+            os.close(fd)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def kill_group(pgid, sig):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class TaskRun:
+    """One fetched task, from its resources to its commit (PROTOCOL.md "Running one
+    task"). Ending early is Cancel, then a Commit naming the reason."""
+
+    def __init__(self, worker, task):
+        self.worker, self.stop, self.dirs = worker, worker.stop, worker.scratch
+        self.id, self.uuid = task["id"], task["uuid"]
+        self.spec = task.get("spec") or {}
+        self.timeout = parse_duration(task["timeout"]) if task.get("timeout") else None
+        self.upstream = task.get("upstream_task_uuid")
+        self.proc = None
+        self._spawn_lock = threading.Lock()
+
+    def run(self):
+        log.info("task %s: starting %s", self.uuid, self.spec.get("args"))
+        self.dirs.reset()
+        try:
+            reason = self.fetch_resources() or self.watch()
+            if reason:
+                log.warning("task %s: ended before running: %s", self.uuid, reason)
+                self.report("Cancel")
+                self.report(commit_op(0, reason))
+                return
+            status, timed_out = self.execute()
+            self.report("Cancel" if timed_out else "Finish")
+            msg = "ExecTimeout" if timed_out else None
+            if not self.upload_artifacts():
+                msg = msg or "UploadResultTimeout"
+            if not self.submit_downstream():
+                msg = msg or "SubmitNewTaskFailed"
+            self.report(commit_op(status, msg))
+            log.info("task %s: committed, exit status %s%s", self.uuid,
+                     os.waitstatus_to_exitcode(status), f" ({msg})" if msg else "")
+        except TaskGone:
+            log.warning("task %s: no longer ours (requeued or cancelled); dropped", self.uuid)
+            self.kill()
+
+    # -- talking to the coordinator
+
+    def report(self, op, check=False):
+        """POST a report; 404 -> TaskGone. With `check`, other refusals raise ApiError,
+        else they are logged and the task goes on."""
+        what = op if isinstance(op, str) else next(iter(op))
+        try:
+            return self.worker.call("POST", "/workers/tasks", report_request(self.id, op),
+                                    what=f"task {self.uuid}: {what}")
+        except ApiError as error:
+            if error.status == 404:
+                raise TaskGone() from None
+            if check:
+                raise
+            log.error("task %s: %s refused: %s", self.uuid, what, error)
+
+    # -- resources and watch
+
+    def fetch_resources(self):
+        for resource in self.spec.get("resources") or []:
+            reason = self.fetch_resource(resource)
+            if reason:
+                return reason
+        return None
+
+    def fetch_resource(self, resource):
+        target = inside(self.dirs.resource, resource.get("local_path"))
+        if target is None:
+            log.error("task %s: refusing local_path %r: it leaves the resource directory",
+                      self.uuid, resource.get("local_path"))
+            return "ResourceForbidden"
+        remote = resource.get("remote_file") or {}
+        if "Artifact" in remote:
+            source = remote["Artifact"]
+            path = f"/workers/tasks/{source['uuid']}/artifacts/{source['content_type']}"
+        else:
+            key = urllib.parse.quote((remote.get("Attachment") or {}).get("key", ""), safe="/")
+            path = f"/workers/tasks/{self.uuid}/attachments/{key}"
+        deadline, backoff = time.monotonic() + RESOURCE_PATIENCE, Backoff()
+        while True:
+            try:
+                answer = self.worker.call("GET", path, persistent=False)
+                self.worker.http.get_file(answer["url"], target)
+                return None
+            except ApiError as error:
+                if error.status in (403, 404):
+                    log.error("task %s: resource %s: %s", self.uuid, path, error)
+                    return "ResourceNotFound" if error.status == 404 else "ResourceForbidden"
+                log.warning("task %s: resource %s: %s", self.uuid, path, error)
+            except Unreachable as error:
+                log.warning("task %s: resource %s: %s", self.uuid, path, error)
+            if time.monotonic() > deadline:
+                return "FetchResourceTimeout"
+            backoff.sleep(self.stop)
+
+    def watch(self):
+        """Wait until the watched task reaches the wanted state, or WatchTimeout."""
+        if not self.spec.get("watch"):
+            return None
+        other, target = self.spec["watch"]
+        every = min(WATCH_POLL_CAP, self.worker.settings.polling_interval)
+        deadline = time.monotonic() + RESOURCE_PATIENCE
+        while True:
+            try:
+                answer = self.worker.call("GET", f"/workers/tasks/{other}", persistent=False)
+                info = answer.get("info", answer) if isinstance(answer, dict) else {}
+                if watch_reached(info.get("state"), info.get("result"), target):
+                    return None
+            except (ApiError, Unreachable) as error:
+                log.warning("task %s: watching %s: %s", self.uuid, other, error)
+            if time.monotonic() > deadline:
+                return "WatchTimeout"
+            if self.stop.wait(every):
+                raise Stopped()
+
+    # -- the process
+
+    def environment(self):
+        env = {name: value for name, value in os.environ.items() if name != "MITO_PASSWORD"}
+        env.update({str(k): str(v) for k, v in (self.spec.get("envs") or {}).items()})
+        env.update(MITO_TASK_UUID=self.uuid, MITO_RESOURCE_DIR=self.dirs.resource,
+                   MITO_RESULT_DIR=self.dirs.result, MITO_EXEC_DIR=self.dirs.exec,
+                   MITO_NEW_TASK=self.dirs.new_task)
+        if self.upstream:
+            env["MITO_UPSTREAM_TASK_UUID"] = self.upstream
+        return env
+
+    def execute(self):
+        """Run the command; return (raw wait status, timed out?)."""
+        stdout_path = os.path.join(self.dirs.std, "stdout.log")
+        stderr_path = os.path.join(self.dirs.std, "stderr.log")
+        keep = bool(self.spec.get("terminal_output"))
+        with open(stdout_path if keep else os.devnull, "wb") as out, \
+                open(stderr_path if keep else os.devnull, "wb") as err:
+            with self._spawn_lock:
+                if self.stop.is_set():
+                    raise Stopped()
+                try:
+                    self.proc = subprocess.Popen(
+                        self.spec.get("args") or [""], env=self.environment(),
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                        start_new_session=True)
+                except (OSError, ValueError, TypeError) as error:
+                    err.write(f"mito: cannot run {self.spec.get('args')}: {error}\n".encode())
+                    log.warning("task %s: cannot run: %s", self.uuid, error)
+                    return (126 if isinstance(error, PermissionError) else 127) << 8, False
+        pid = self.proc.pid
+        timed_out = not wait_exit(pid, self.timeout)
+        if timed_out:
+            log.warning("task %s: timed out after %s; terminating", self.uuid,
+                        format_duration(self.timeout))
+            kill_group(pid, signal.SIGTERM)
+            wait_exit(pid, KILL_GRACE)
+        kill_group(pid, signal.SIGKILL)  # the leader is a zombie: this reaches its group only
+        _, status = os.waitpid(pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        if self.stop.is_set():
+            raise Stopped()
+        return status, timed_out
+
+    def kill(self):
+        """Kill the task's whole process group at once (the worker is leaving)."""
+        with self._spawn_lock:
+            if self.proc is not None and self.proc.returncode is None:
+                kill_group(self.proc.pid, signal.SIGKILL)
+
+    # -- after the process
+
+    def artifacts(self):
+        """(kind, members) for each non-empty artifact, named as PROTOCOL.md says."""
+        found = []
+        if has_entries(self.dirs.result):
+            found.append(("result", [(self.dirs.result, "result")]))
+        if has_entries(self.dirs.exec):
+            found.append(("exec-log", [(self.dirs.exec, "exec-log")]))
+        logs = [os.path.join(self.dirs.std, name) for name in ("stdout.log", "stderr.log")]
+        if self.spec.get("terminal_output") and any(
+                os.path.exists(path) and os.path.getsize(path) for path in logs):
+            found.append(("std-log", [(path, f"std-log/{os.path.basename(path)}")
+                                      for path in logs if os.path.exists(path)]))
+        return found
+
+    def upload_artifacts(self):
+        """Pack and upload each artifact; False if one could not go within the time."""
+        delivered = True
+        for kind, members in self.artifacts():
+            archive = os.path.join(self.dirs.upload, f"{kind}.tar.gz")
+            pack(archive, members)
+            delivered = self.upload(kind, archive) and delivered
+        return delivered
+
+    def upload(self, kind, archive):
+        """Ask for an upload URL and PUT the archive there. Time the coordinator is
+        unreachable does not count against the 10 minutes: nothing is lost by waiting."""
+        size = os.path.getsize(archive)
+        deadline, backoff = None, Backoff()
+        while True:
+            try:
+                answer = self.report(upload_op(kind, size), check=True)
+                self.worker.http.put_file(answer["url"], archive, timeout=UPLOAD_PATIENCE)
+                log.info("task %s: uploaded %s (%d bytes)", self.uuid, kind, size)
+                return True
+            except ApiError as error:
+                log.warning("task %s: upload of %s: %s", self.uuid, kind, error)
+                if 400 <= error.status < 500 and error.status not in (403, 408, 429):
+                    return False
+            except Unreachable as error:
+                log.warning("task %s: upload of %s: %s", self.uuid, kind, error)
+            deadline = deadline or time.monotonic() + UPLOAD_PATIENCE
+            if time.monotonic() > deadline:
+                return False
+            backoff.sleep(self.stop)
+
+    def submit_downstream(self):
+        """Submit the task the command wrote to $MITO_NEW_TASK, if any."""
+        try:
+            with open(self.dirs.new_task, encoding="utf-8") as handle:
+                text = handle.read()
+        except (FileNotFoundError, IsADirectoryError):
+            return True
+        except (OSError, UnicodeDecodeError) as error:
+            log.error("task %s: cannot read MITO_NEW_TASK: %s", self.uuid, error)
+            return False
+        if not text.strip():
+            return True
+        try:
+            request = json.loads(text)
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+            answer = self.report(submit_op(request), check=True)
+            log.info("task %s: submitted downstream task %s", self.uuid, answer)
+            return True
+        except (ValueError, ApiError) as error:
+            log.error("task %s: downstream task not submitted: %s", self.uuid, error)
+            return False
+
+
+class Worker:
+    """A worker process: log in, register, then a heartbeat thread and a fetch loop
+    thread, while the main thread waits for a signal or the end of the lifetime."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.http = Http(settings.coordinator_addr)
+        self.stop = threading.Event()
+        self.worker_id = None
+        self.scratch = None
+        self.current = None
+        self.long_poll = False
+        self.unauthorized = False
+        self.exit_status = 0
+        self._signals = 0
+
+    # -- the coordinator
+
+    def call(self, method, path, payload=None, what=None, persistent=True, **kwargs):
+        """An API call with the worker token; 401 -> Unauthorized. With `persistent`,
+        connection failures are retried until the coordinator answers."""
+        def attempt():
+            return self.http.api(method, path, payload, **kwargs)
+        try:
+            return persist(attempt, what or path, self.stop) if persistent else attempt()
+        except ApiError as error:
+            if error.status == 401:
+                raise Unauthorized(error.msg) from None
+            raise
+
+    def register(self):
+        settings = self.settings
+        user, token = login(self.http, settings.user, settings.password,
+                            settings.credential_path, settings.retain, self.stop)
+        request = register_request(settings.tags, settings.labels, settings.groups,
+                                   settings.lifetime)
+        answer = persist(lambda: self.http.api("POST", "/workers", request, token=token),
+                         "register", self.stop)
+        self.worker_id, self.http.token = answer["worker_id"], answer["token"]
+        self.add_file_logs()
+        log.info("worker %s registered with %s as %s (tags %s, groups %s)", self.worker_id,
+                 settings.coordinator_addr, user, settings.tags, settings.groups)
+
+    def add_file_logs(self):
+        settings, folder = self.settings, os.path.join(cache_home(), "worker")
+        if settings.file_log:
+            add_rolling_file_log(settings.log_path
+                                 or os.path.join(folder, f"{self.worker_id}.log"))
+        elif settings.log_path:
+            log.warning("log_path is set but file_log is not: not logging to %s",
+                        settings.log_path)
+        if settings.shared_log:
+            shared = os.path.dirname(os.path.abspath(settings.log_path)) \
+                if settings.log_path else folder
+            handler = SharedDailyLogHandler(shared, f"worker:{self.worker_id}")
+            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+            log.addHandler(handler)
+
+    # -- the two threads
+
+    def heartbeat_loop(self):
+        while not self.stop.wait(self.settings.heartbeat_interval):
+            try:
+                self.call("POST", "/workers/heartbeat", persistent=False)
+            except Unauthorized as error:
+                self.leave_unauthorized(error)
+            except (ApiError, Unreachable) as error:
+                log.warning("heartbeat failed: %s", error)
+
+    def fetch_loop(self):
+        try:
+            while not self.stop.is_set():
+                task = self.fetch()
+                if task is not None:
+                    self.current = TaskRun(self, task)
+                    self.current.run()
+                    self.current = None
+                elif not self.long_poll:
+                    self.stop.wait(self.settings.polling_interval)
+        except Stopped:
+            pass
+        except Unauthorized as error:
+            self.leave_unauthorized(error)
+        except Exception:  # a bug: say so in the log and leave cleanly rather than hang
+            log.exception("worker loop failed")
+            self.exit_status = 1
+            self.stop.set()
+
+    def fetch(self):
+        """GET /workers/tasks, long-polling where the coordinator supports it."""
+        wait = max(1, min(LONG_POLL_CAP, math.ceil(self.settings.polling_interval)))
+        try:
+            reply = persist(lambda: self.http.api_reply(
+                "GET", "/workers/tasks", params={"wait": wait}, timeout=wait + 30),
+                "fetch", self.stop)
+        except ApiError as error:
+            if error.status == 401:
+                raise Unauthorized(error.msg) from None
+            log.warning("fetch failed: %s", error)
+            self.long_poll = False
+            return None
+        self.long_poll = "X-Mito-Long-Poll" in reply.headers
+        return reply.data if isinstance(reply.data, dict) else None
+
+    # -- leaving
+
+    def leave_unauthorized(self, error):
+        if self.stop.is_set():
+            return  # already leaving: a 401 after our own DELETE /workers is expected
+        log.info("the coordinator no longer accepts this worker (%s); leaving", error)
+        self.unauthorized = True
+        self.stop.set()
+
+    def on_signal(self, number, _frame):
+        self._signals += 1
+        if self._signals > 1 and number == signal.SIGINT:
+            os._exit(130)
+        log.info("received %s; leaving", signal.Signals(number).name)
+        self.stop.set()
+        if self.current is not None:
+            self.current.kill()
+
+    def main(self):
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self.on_signal)
+        try:
+            self.register()
+        except Stopped:
+            return 0
+        except ApiError as error:
+            log.error("cannot register with %s: %s", self.settings.coordinator_addr, error)
+            return 1
+        self.scratch = ScratchDirs(os.path.join(cache_home(), "worker", self.worker_id))
+        for target in (self.heartbeat_loop, self.fetch_loop):
+            threading.Thread(target=target, name=target.__name__, daemon=True).start()
+        if not self.stop.wait(self.settings.lifetime):
+            log.info("worker lifetime of %s is over; leaving",
+                     format_duration(self.settings.lifetime))
+            self.stop.set()
+        return self.leave()
+
+    def leave(self):
+        """Kill the running task (it is requeued, not committed), unregister, clean up."""
+        if self.current is not None:
+            self.current.kill()
+        if not self.unauthorized:
+            try:
+                self.http.api("DELETE", "/workers", timeout=3)
+            except (ApiError, Unreachable) as error:
+                log.warning("could not unregister: %s", error)
+        self.scratch.remove()
+        log.info("worker %s stopped", self.worker_id)
+        return self.exit_status
+
+
+def run_worker(args):
+    settings = load_settings("worker", WORKER_OPTIONS, vars(args), args.config)
+    CredentialFile(settings.credential_path).entries()  # unreadable: fail before contact
+    return Worker(settings).main()
+
+
+# =====================================================================================
+# 4. Coordinator: Store (SQLite), rules, HTTP API, blob store
+# =====================================================================================
+
+COORDINATOR_OPTIONS = (
+    Option("bind", "bind", "127.0.0.1:5000", ("-b", "--bind"),
+           "The address to listen on", "HOST:PORT"),
+    Option("state_dir", "path", None, ("--state-dir",),
+           "Where the database, blobs and secrets live (default ~/.local/share/mitosis)"),
+    Option("admin_user", "str", "mitosis_admin", ("--admin-user",),
+           "The admin user created on first start"),
+    Option("admin_password", "str", None, ("--admin-password",),
+           "The admin's password on first start (default: generated, kept in the state dir)"),
+    Option("access_token_expires_in", "duration", "7d", ("--access-token-expires-in",),
+           "How long a login token is valid"),
+    Option("heartbeat_timeout", "duration", "600s", ("--heartbeat-timeout",),
+           "A worker silent for longer is removed and its task requeued"),
+    Option("file_log", "bool", False, ("--file-log",), "Enable logging to file"),
+    Option("log_path", "path", None, ("--log-path",),
+           "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
+    Option("workers", "int", 0, ("--workers",),
+           "Also start N local workers, logged in as the admin", "N"),
+    Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
+           "worker-subset: a worker takes a task when the worker's tags are a subset of "
+           "the task's; task-subset: the Rust coordinator's rule, the other way round"),
+    Option("shutdown_secret", "str", None, ("--shutdown-secret",),
+           "The secret POST /admin/shutdown must present (unset: shutdown refused)"),
+)
+
+READ, WRITE, ADMIN = 1, 2, 3
+ROLE_NAMES = {READ: "Read", WRITE: "Write", ADMIN: "Admin"}
+ROLE_LEVELS = {name: level for level, name in ROLE_NAMES.items()}
+LONG_POLL_MAX = 30
+REQUEUE_GRACE = 60          # a running task this far past its timeout is taken back
+JSON_BODY_LIMIT = 1 << 20
+URL_LIFETIME = 3600
+DEFAULT_STORAGE_QUOTA = 100 << 30
+DEFAULT_GROUP_QUOTA = 10
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class HttpError(Exception):
+    """An API answer other than 200: status and the `msg` of its JSON body."""
+
+    def __init__(self, status, msg):
+        super().__init__(msg)
+        self.status, self.msg = status, msg
+
+
+def not_found(what):
+    return HttpError(404, f"{what} not found")
+
+
+def forbidden(why="permission denied"):
+    return HttpError(403, why)
+
+
+# ---- request validation ---------------------------------------------------------------
+#
+# Every field of every request body goes through field(): a wrong type, a missing
+# field or an unknown enum value is a 400 naming the field, never a 500.
+
+_MISSING = object()
+
+
+def field(data, key, check, default=_MISSING):
+    value = data.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise HttpError(400, f"missing field {key!r}")
+        return default
+    try:
+        return check(value)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise HttpError(400, f"bad field {key!r}: {error}") from None
+
+
+def an_object(value):
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def a_str(value):
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def an_int(value):
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**63:
+        raise ValueError("expected an integer")
+    return value
+
+
+def a_size(value):
+    if an_int(value) < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def a_bool(value):
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def strs(value):
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("expected a list of strings")
+    return value
+
+
+def a_uuid(value):
+    return str(uuidlib.UUID(a_str(value)))
+
+
+def uuids(value):
+    return [a_uuid(item) for item in strs(value)]
+
+
+def md5_bytes(value):
+    if (not isinstance(value, list) or len(value) != 16
+            or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
+                       for b in value)):
+        raise ValueError("expected 16 integers 0..255 (the MD5 digest)")
+    return bytes(value)
+
+
+def a_duration(value):
+    seconds = parse_duration(a_str(value))
+    if seconds <= 0:
+        raise ValueError("must be positive")
+    return seconds
+
+
+def a_role(value):
+    return ROLE_LEVELS[role_name(a_str(value))]
+
+
+def roles_map(value):
+    return {a_str(name): a_role(role) for name, role in an_object(value).items()}
+
+
+def a_state(value):
+    if value not in TASK_STATES:
+        raise ValueError(f"unknown task state {value!r}")
+    return value
+
+
+def states(value):
+    return [a_state(item) for item in strs(value)]
+
+
+def a_kind(value):
+    return artifact_kind(a_str(value))
+
+
+def a_name(value):
+    if not _NAME.match(a_str(value)):
+        raise ValueError(f"{value!r}: 1-64 letters, digits, '_', '.', '-'")
+    return value
+
+
+def a_key(value):
+    """An attachment key, S3 style: a path that cannot climb or be absolute."""
+    key = a_str(value)
+    parts = key.split("/")
+    if (not key or len(key) >= 1024 or "\0" in key or key.startswith("/")
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ValueError(f"{key!r} is not a valid key")
+    return key
+
+
+_COMPARISON = re.compile(r"^\s*(=|==|!=|>=|<=|>|<)?\s*(-?\d+)\s*$")
+
+
+def a_comparison(value):
+    """"0", "!=0", ">=5": an operator and a number for a SQL comparison."""
+    match = _COMPARISON.match(a_str(value))
+    if not match:
+        raise ValueError(f"{value!r}: expected [=|!=|>|>=|<|<=]NUMBER")
+    operator = {"==": "=", None: "="}.get(match.group(1), match.group(1))
+    return operator, int(match.group(2))
+
+
+def envs_map(value):
+    return {a_str(k): a_str(v) for k, v in an_object(value).items()}
+
+
+def a_resource(value):
+    value = an_object(value)
+    remote = field(value, "remote_file", an_object)
+    if len(remote) != 1 or not {"Artifact", "Attachment"} & remote.keys():
+        raise ValueError("remote_file must be {\"Artifact\": ...} or {\"Attachment\": ...}")
+    if "Artifact" in remote:
+        source = field(remote, "Artifact", an_object)
+        remote = {"Artifact": {"uuid": field(source, "uuid", a_uuid),
+                               "content_type": field(source, "content_type", a_kind)}}
+    else:
+        remote = {"Attachment": {"key": field(field(remote, "Attachment", an_object),
+                                              "key", a_key)}}
+    return {"remote_file": remote, "local_path": field(value, "local_path", a_str)}
+
+
+def a_watch(value):
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError("expected [task uuid, exec state]")
+    if value[1] not in EXEC_STATES:
+        raise ValueError(f"unknown exec state {value[1]!r}")
+    return [a_uuid(value[0]), value[1]]
+
+
+def a_task_spec(value):
+    value = an_object(value)
+    args = field(value, "args", strs)
+    if not args:
+        raise ValueError("args must not be empty")
+    return {"args": args, "envs": field(value, "envs", envs_map, {}),
+            "resources": [a_resource(item) for item in field(value, "resources", list_of, [])],
+            "terminal_output": field(value, "terminal_output", a_bool, False),
+            "watch": field(value, "watch", a_watch, None)}
+
+
+def list_of(value):
+    if not isinstance(value, list):
+        raise ValueError("expected a list")
+    return value
+
+
+def a_submission(value):
+    """A SubmitTaskReq, checked and with its defaults filled in."""
+    value = an_object(value)
+    return {"group_name": field(value, "group_name", a_str, None),
+            "tags": field(value, "tags", strs, []),
+            "labels": field(value, "labels", strs, []),
+            "timeout": field(value, "timeout", a_duration, 600.0),
+            "priority": field(value, "priority", an_int, 0),
+            "task_spec": field(value, "task_spec", a_task_spec)}
+
+
+def task_filter(data):
+    """The filter fields shared by task queries, cancels and batch artifact calls."""
+    return {"creator_usernames": field(data, "creator_usernames", strs, None),
+            "group_name": field(data, "group_name", a_str, None),
+            "tags": field(data, "tags", strs, None),
+            "labels": field(data, "labels", strs, None),
+            "states": field(data, "states", states, None),
+            "exit_status": field(data, "exit_status", a_comparison, None),
+            "priority": field(data, "priority", a_comparison, None),
+            "reporter_uuid": field(data, "reporter_uuid", a_uuid, None),
+            "limit": field(data, "limit", a_size, None),
+            "offset": field(data, "offset", a_size, None)}
+
+
+def worker_filter(data):
+    return {"group_name": field(data, "group_name", a_str, None),
+            "roles": [a_role(r) for r in field(data, "role", strs, [])] or None,
+            "tags": field(data, "tags", strs, None),
+            "labels": field(data, "labels", strs, None),
+            "creator_username": field(data, "creator_username", a_str, None)}
+
+
+def shutdown_op(value):
+    op = a_str(value).lower()
+    if op not in ("graceful", "force"):
+        raise ValueError(f"{value!r}: Graceful or Force")
+    return op
+
+
+def parse_size(text):
+    """Bytes from "10GB", "500MiB", "1024" (decimal and binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (e.g. 10GB, 500MiB)")
+    unit = match.group(2).upper().rstrip("B")
+    scale = 1 if not unit else (1024 if unit.endswith("I") else 1000) ** (
+        "KMGTP".index(unit[0]) + 1)
+    return int(float(match.group(1)) * scale)
+
+
+def adjust(current, text, parse):
+    """Apply "+N", "-N", "=N" or "N" to `current`, never below zero."""
+    text = a_str(text).strip()
+    sign = text[:1] if text[:1] in "+-=" else "="
+    amount = parse(text[1:] if text[:1] in "+-=" else text)
+    value = {"+": current + amount, "-": current - amount, "=": amount}[sign]
+    return max(0, value)
+
+
+# ---- the Store: every SQL statement lives here ------------------------------------------
+
+_SCHEMA = [
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY, username TEXT UNIQUE NOT NULL,
+        password BLOB NOT NULL, salt BLOB NOT NULL, admin INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'Active', sign INTEGER NOT NULL DEFAULT 0,
+        group_quota INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE groups (
+        id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, creator_id INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'Active', storage_quota INTEGER NOT NULL,
+        storage_used INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE user_groups (
+        user_id INTEGER NOT NULL, group_id INTEGER NOT NULL, role INTEGER NOT NULL,
+        PRIMARY KEY (user_id, group_id));
+    CREATE TABLE workers (
+        id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL, creator_id INTEGER NOT NULL,
+        tags TEXT NOT NULL, labels TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'Normal',
+        last_heartbeat REAL NOT NULL, task_id INTEGER, expires_at REAL NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE group_workers (
+        group_id INTEGER NOT NULL, worker_id INTEGER NOT NULL, role INTEGER NOT NULL,
+        PRIMARY KEY (group_id, worker_id));
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT UNIQUE NOT NULL,
+        creator_id INTEGER NOT NULL, group_id INTEGER NOT NULL, tags TEXT NOT NULL,
+        labels TEXT NOT NULL, state TEXT NOT NULL, timeout REAL NOT NULL,
+        priority INTEGER NOT NULL, spec TEXT NOT NULL, result TEXT, upstream TEXT,
+        downstream TEXT, worker_id INTEGER, reporter TEXT, committed INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE INDEX tasks_queue ON tasks (state, priority DESC, id);
+    CREATE INDEX tasks_group ON tasks (group_id, id);
+    CREATE TABLE artifacts (
+        task_uuid TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (task_uuid, kind));
+    CREATE TABLE attachments (
+        group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
+    """,
+]
+
+# A worker may take a task when the worker's tags are a subset of the task's (this
+# project's rule), or, as the Rust coordinator does, the task's tags of the worker's.
+_TAG_RULES = {
+    "worker-subset": "NOT EXISTS (SELECT 1 FROM json_each(:tags) w WHERE w.value NOT IN "
+                     "(SELECT value FROM json_each(t.tags)))",
+    "task-subset": "NOT EXISTS (SELECT 1 FROM json_each(t.tags) x WHERE x.value NOT IN "
+                   "(SELECT value FROM json_each(:tags)))",
+}
+
+
+class Store:
+    """The coordinator's state in one SQLite file (WAL). Writes are serialised by one
+    lock and run in one transaction each; reads use the calling thread's connection.
+    synchronous=NORMAL: a killed process loses nothing that was committed."""
+
+    def __init__(self, path, tag_matching="worker-subset"):
+        self.path = path
+        self.tag_rule = _TAG_RULES[tag_matching]
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self.changed = threading.Condition()
+        self.generation = 0
+        db = self.db()
+        db.execute("PRAGMA journal_mode=WAL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(_SCHEMA[version:], version + 1):
+            with self.write() as db:
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={number}")
+
+    def db(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._write_lock:
+            db = self.db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def one(self, sql, *args):
+        return self.db().execute(sql, args).fetchone()
+
+    def all(self, sql, *args):
+        return self.db().execute(sql, args).fetchall()
+
+    def wake_fetchers(self):
+        """Tell long-polling fetchers that a task may have become available."""
+        with self.changed:
+            self.generation += 1
+            self.changed.notify_all()
+
+    # -- users and groups
+
+    def user(self, username):
+        return self.one("SELECT * FROM users WHERE username = ?", username)
+
+    def user_by_id(self, user_id):
+        return self.one("SELECT * FROM users WHERE id = ?", user_id)
+
+    def create_user(self, username, password_hash, salt, admin):
+        """A user and the group of the same name, in which the user is Admin."""
+        now = time.time()
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM users WHERE username = ? UNION "
+                          "SELECT 1 FROM groups WHERE name = ?", (username, username)).fetchone():
+                raise HttpError(409, f"user or group with same name {username} already exists")
+            user_id = db.execute(
+                "INSERT INTO users (username, password, salt, admin, group_quota, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (username, password_hash, salt, int(admin), DEFAULT_GROUP_QUOTA, now, now)
+            ).lastrowid
+            self._insert_group(db, username, user_id, now)
+
+    def _insert_group(self, db, name, creator_id, now):
+        group_id = db.execute(
+            "INSERT INTO groups (name, creator_id, storage_quota, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?)", (name, creator_id, DEFAULT_STORAGE_QUOTA, now, now)
+        ).lastrowid
+        db.execute("INSERT INTO user_groups VALUES (?, ?, ?)", (creator_id, group_id, ADMIN))
+
+    def create_group(self, name, creator):
+        now = time.time()
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM groups WHERE name = ? UNION "
+                          "SELECT 1 FROM users WHERE username = ?", (name, name)).fetchone():
+                raise HttpError(409, f"user or group with same name {name} already exists")
+            created = db.execute("SELECT COUNT(*) FROM groups WHERE creator_id = ?",
+                                 (creator["id"],)).fetchone()[0]
+            if created > creator["group_quota"]:
+                raise forbidden("group quota exceeded")
+            self._insert_group(db, name, creator["id"], now)
+
+    def update_user(self, username, **changes):
+        """Set columns of a user; a new password or state also rotates its sign."""
+        if "password" in changes or "state" in changes:
+            changes["sign"] = random.getrandbits(62)
+        changes["updated_at"] = time.time()
+        columns = ", ".join(f"{name} = :{name}" for name in changes)
+        with self.write() as db:
+            db.execute(f"UPDATE users SET {columns} WHERE username = :username",
+                       {**changes, "username": username})
+        return self.user(username)
+
+    def group(self, name):
+        return self.one("SELECT * FROM groups WHERE name = ?", name)
+
+    def group_role(self, user_id, group_id):
+        row = self.one("SELECT role FROM user_groups WHERE user_id = ? AND group_id = ?",
+                       user_id, group_id)
+        return row["role"] if row else 0
+
+    def user_groups(self, user_id):
+        return {row["name"]: row["role"] for row in self.all(
+            "SELECT g.name, ug.role FROM user_groups ug JOIN groups g ON g.id = ug.group_id "
+            "WHERE ug.user_id = ? ORDER BY g.name", user_id)}
+
+    def group_members(self, group_id):
+        return {row["username"]: row["role"] for row in self.all(
+            "SELECT u.username, ug.role FROM user_groups ug JOIN users u ON u.id = ug.user_id "
+            "WHERE ug.group_id = ? ORDER BY u.username", group_id)}
+
+    def group_counts(self, group_id):
+        return (self.one("SELECT COUNT(*) FROM tasks WHERE group_id = ?", group_id)[0],
+                self.one("SELECT COUNT(*) FROM group_workers WHERE group_id = ?", group_id)[0])
+
+    def set_members(self, group_id, roles_by_user_id):
+        with self.write() as db:
+            db.executemany("INSERT INTO user_groups VALUES (?, ?, ?) ON CONFLICT DO UPDATE "
+                           "SET role = excluded.role",
+                           [(user_id, group_id, role) for user_id, role in
+                            roles_by_user_id.items()])
+
+    def remove_members(self, group_id, user_ids):
+        with self.write() as db:
+            db.executemany("DELETE FROM user_groups WHERE group_id = ? AND user_id = ?",
+                           [(group_id, user_id) for user_id in user_ids])
+
+    def set_group_quota(self, group_id, quota):
+        with self.write() as db:
+            db.execute("UPDATE groups SET storage_quota = ?, updated_at = ? WHERE id = ?",
+                       (quota, time.time(), group_id))
+
+    # -- workers
+
+    def worker(self, worker_uuid):
+        return self.one("SELECT * FROM workers WHERE uuid = ?", worker_uuid)
+
+    def register_worker(self, creator_id, tags, labels, group_roles, expires_at):
+        now, worker_uuid = time.time(), str(uuidlib.uuid4())
+        with self.write() as db:
+            worker_id = db.execute(
+                "INSERT INTO workers (uuid, creator_id, tags, labels, last_heartbeat, "
+                "expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (worker_uuid, creator_id, json.dumps(sorted(set(tags))),
+                 json.dumps(sorted(set(labels))), now, expires_at, now, now)).lastrowid
+            db.executemany("INSERT INTO group_workers VALUES (?, ?, ?)",
+                           [(group_id, worker_id, role) for group_id, role in group_roles.items()])
+        return worker_uuid
+
+    def worker_groups(self, worker_id):
+        return {row["name"]: row["role"] for row in self.all(
+            "SELECT g.name, gw.role FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
+            "WHERE gw.worker_id = ? ORDER BY g.name", worker_id)}
+
+    def worker_role_for_user(self, worker_id, user_id):
+        """The strongest role the worker grants to any group the user is a member of,
+        capped by the user's own role there (a reader of a group cannot manage)."""
+        row = self.one(
+            "SELECT MAX(MIN(gw.role, ug.role)) FROM group_workers gw JOIN user_groups ug "
+            "ON ug.group_id = gw.group_id WHERE gw.worker_id = ? AND ug.user_id = ?",
+            worker_id, user_id)
+        return row[0] or 0
+
+    def heartbeat(self, worker_id):
+        with self.write() as db:
+            db.execute("UPDATE workers SET last_heartbeat = ? WHERE id = ?",
+                       (time.time(), worker_id))
+
+    def update_worker(self, worker_id, **changes):
+        changes = {k: json.dumps(sorted(set(v))) if k in ("tags", "labels") else v
+                   for k, v in changes.items()}
+        columns = ", ".join(f"{name} = :{name}" for name in changes)
+        with self.write() as db:
+            db.execute(f"UPDATE workers SET {columns}, updated_at = :now WHERE id = :id",
+                       {**changes, "now": time.time(), "id": worker_id})
+        self.wake_fetchers()
+
+    def set_worker_groups(self, worker_id, group_roles):
+        with self.write() as db:
+            db.executemany("INSERT INTO group_workers VALUES (?, ?, ?) ON CONFLICT DO UPDATE "
+                           "SET role = excluded.role",
+                           [(group_id, worker_id, role) for group_id, role in group_roles.items()])
+        self.wake_fetchers()
+
+    def remove_worker_groups(self, worker_id, group_ids):
+        with self.write() as db:
+            db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
+                           [(group_id, worker_id) for group_id in group_ids])
+
+    def remove_workers(self, worker_ids):
+        """Delete workers; each one's unfinished task goes back to Ready."""
+        with self.write() as db:
+            for worker_id in worker_ids:
+                self._requeue(db, worker_id)
+                db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
+                db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        self.wake_fetchers()
+
+    def _requeue(self, db, worker_id):
+        row = db.execute("SELECT task_id FROM workers WHERE id = ?", (worker_id,)).fetchone()
+        if row and row["task_id"] is not None:
+            task = db.execute("SELECT uuid FROM tasks WHERE id = ? AND committed = 0",
+                              (row["task_id"],)).fetchone()
+            if task:
+                db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = "
+                           "NULL, updated_at = ? WHERE id = ?", (time.time(), row["task_id"]))
+                # what the abandoned run submitted downstream would be submitted twice
+                db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
+                           (task["uuid"],))
+                log.info("task %s requeued", task["uuid"])
+
+    def shutdown_workers(self, rows, force):
+        """Force: remove now. Graceful: remove the idle ones, mark the busy ones to be
+        removed when they commit."""
+        busy = [row["id"] for row in rows if row["task_id"] is not None and not force]
+        with self.write() as db:
+            db.executemany("UPDATE workers SET state = 'GracefulShutdown' WHERE id = ?",
+                           [(worker_id,) for worker_id in busy])
+        self.remove_workers([row["id"] for row in rows if row["id"] not in busy])
+
+    def query_workers(self, visible_to, filters, group_id=None):
+        """Workers matching `filters` that user `visible_to` (None: admin) may see."""
+        sql, args = ["SELECT w.*, u.username AS creator FROM workers w "
+                     "JOIN users u ON u.id = w.creator_id WHERE 1=1"], {}
+        if visible_to is not None:
+            sql.append("AND (w.creator_id = :me OR EXISTS (SELECT 1 FROM group_workers gw "
+                       "JOIN user_groups ug ON ug.group_id = gw.group_id "
+                       "WHERE gw.worker_id = w.id AND ug.user_id = :me))")
+            args["me"] = visible_to
+        if group_id is not None:
+            roles = filters["roles"] or [READ, WRITE, ADMIN]
+            sql.append("AND EXISTS (SELECT 1 FROM group_workers gw WHERE gw.worker_id = w.id "
+                       f"AND gw.group_id = :group AND gw.role IN ({','.join(map(str, roles))}))")
+            args["group"] = group_id
+        for name in ("tags", "labels"):
+            if filters[name]:
+                sql.append(f"AND NOT EXISTS (SELECT 1 FROM json_each(:{name}) f WHERE f.value "
+                           f"NOT IN (SELECT value FROM json_each(w.{name})))")
+                args[name] = json.dumps(filters[name])
+        if filters["creator_username"]:
+            sql.append("AND u.username = :creator")
+            args["creator"] = filters["creator_username"]
+        return self.db().execute(" ".join(sql) + " ORDER BY w.id", args).fetchall()
+
+    def dead_workers(self, silent_since, now):
+        """Workers silent since before `silent_since`, past their lifetime, or running a
+        task far past its timeout."""
+        return self.all(
+            "SELECT w.id, w.uuid FROM workers w LEFT JOIN tasks t ON t.id = w.task_id "
+            "AND t.state = 'Running' WHERE w.last_heartbeat < ? OR w.expires_at < ? "
+            "OR t.updated_at + t.timeout + ? < ?", silent_since, now, REQUEUE_GRACE, now)
+
+    def forgive_silence(self):
+        """After a restart, every worker gets a full heartbeat timeout to come back."""
+        with self.write() as db:
+            db.execute("UPDATE workers SET last_heartbeat = ?", (time.time(),))
+
+    # -- tasks
+
+    def task(self, task_uuid):
+        return self.one("SELECT t.*, u.username AS creator, g.name AS group_name FROM tasks t "
+                        "JOIN users u ON u.id = t.creator_id JOIN groups g ON g.id = t.group_id "
+                        "WHERE t.uuid = ?", task_uuid)
+
+    def insert_tasks(self, creator_id, submissions, upstream=None):
+        """Insert checked submissions [(group_id, request)]; returns [(id, uuid)]."""
+        now, made = time.time(), []
+        state = "Pending" if upstream else "Ready"
+        with self.write() as db:
+            for group_id, request in submissions:
+                task_uuid = str(uuidlib.uuid4())
+                task_id = db.execute(
+                    "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
+                    "timeout, priority, spec, upstream, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (task_uuid, creator_id, group_id, json.dumps(sorted(set(request["tags"]))),
+                     json.dumps(sorted(set(request["labels"]))), state, request["timeout"],
+                     request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
+                ).lastrowid
+                made.append((task_id, task_uuid))
+            if upstream:
+                db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
+                           (made[-1][1], upstream))
+        if not upstream:
+            self.wake_fetchers()
+        return made
+
+    def claim(self, worker, time_left=None):
+        """Atomically give the worker the best task it may take, or None."""
+        sql = ("SELECT t.id FROM tasks t WHERE t.state = 'Ready' AND t.group_id IN "
+               "(SELECT group_id FROM group_workers WHERE worker_id = :worker AND role >= 2) "
+               f"AND {self.tag_rule} ")
+        if time_left is not None:
+            sql += "AND t.timeout <= :time_left "
+        sql += "ORDER BY t.priority DESC, t.id LIMIT 1"
+        with self.write() as db:
+            row = db.execute(sql, {"worker": worker["id"], "tags": worker["tags"],
+                                   "time_left": time_left}).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
+                       "WHERE id = ?", (worker["id"], time.time(), row["id"]))
+            db.execute("UPDATE workers SET task_id = ? WHERE id = ?", (row["id"], worker["id"]))
+            return db.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
+
+    def assigned_task(self, worker_id, task_id):
+        return self.one("SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
+                        task_id, worker_id)
+
+    def set_task_state(self, task_id, state):
+        with self.write() as db:
+            db.execute("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?",
+                       (state, time.time(), task_id))
+
+    def commit_task(self, task, worker, result):
+        """Archive the task with its result; release its downstream task; let a worker
+        that was asked to shut down gracefully go."""
+        state = "Cancelled" if task["state"] == "Cancelled" else "Finished"
+        with self.write() as db:
+            db.execute("UPDATE tasks SET state = ?, result = ?, reporter = ?, committed = 1, "
+                       "worker_id = NULL, updated_at = ? WHERE id = ?",
+                       (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
+            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
+            released = db.execute("UPDATE tasks SET state = 'Ready', updated_at = ? "
+                                  "WHERE upstream = ? AND state = 'Pending'",
+                                  (time.time(), task["uuid"])).rowcount
+        if worker["state"] == "GracefulShutdown":
+            self.remove_workers([worker["id"]])
+        elif released:
+            self.wake_fetchers()
+
+    def change_task(self, task_id, changes):
+        changes = {k: json.dumps(v) if k in ("tags", "labels", "spec") else v
+                   for k, v in changes.items()}
+        columns = ", ".join(f"{name} = :{name}" for name in changes)
+        with self.write() as db:
+            db.execute(f"UPDATE tasks SET {columns}, updated_at = :now WHERE id = :id",
+                       {**changes, "now": time.time(), "id": task_id})
+        self.wake_fetchers()
+
+    def cancel_tasks(self, task_ids):
+        """Archive not-yet-running tasks as cancelled by their user; returns how many."""
+        result = json.dumps({"exit_status": 0, "msg": "UserCancellation"})
+        with self.write() as db:
+            return sum(db.execute(
+                "UPDATE tasks SET state = 'Cancelled', result = ?, committed = 1, "
+                "updated_at = ? WHERE id = ? AND state IN ('Ready', 'Pending')",
+                (result, time.time(), task_id)).rowcount for task_id in task_ids)
+
+    def query_tasks(self, filters, group_ids, count=False):
+        """Tasks of the groups `group_ids` (None: all) that match `filters`."""
+        sql = ["FROM tasks t JOIN users u ON u.id = t.creator_id "
+               "JOIN groups g ON g.id = t.group_id WHERE 1=1"]
+        args = {}
+        if group_ids is not None:
+            sql.append(f"AND t.group_id IN ({','.join(str(int(g)) for g in group_ids) or 'NULL'})")
+        if filters["creator_usernames"]:
+            sql.append("AND u.username IN (SELECT value FROM json_each(:creators))")
+            args["creators"] = json.dumps(filters["creator_usernames"])
+        for name in ("tags", "labels"):
+            if filters[name]:
+                sql.append(f"AND NOT EXISTS (SELECT 1 FROM json_each(:{name}) f WHERE f.value "
+                           f"NOT IN (SELECT value FROM json_each(t.{name})))")
+                args[name] = json.dumps(filters[name])
+        if filters["states"]:
+            sql.append("AND t.state IN (SELECT value FROM json_each(:states))")
+            args["states"] = json.dumps(filters["states"])
+        if filters["exit_status"]:
+            operator, args["exit"] = filters["exit_status"]
+            sql.append(f"AND json_extract(t.result, '$.exit_status') {operator} :exit")
+        if filters["priority"]:
+            operator, args["priority"] = filters["priority"]
+            sql.append(f"AND t.priority {operator} :priority")
+        if filters["reporter_uuid"]:
+            sql.append("AND t.reporter = :reporter")
+            args["reporter"] = filters["reporter_uuid"]
+        where = " ".join(sql)
+        if count:
+            return self.db().execute(f"SELECT COUNT(*) {where}", args).fetchone()[0]
+        page = " ORDER BY t.id LIMIT :limit OFFSET :offset"
+        args.update(limit=-1 if filters["limit"] is None else filters["limit"],
+                    offset=filters["offset"] or 0)
+        return self.db().execute(
+            f"SELECT t.*, u.username AS creator, g.name AS group_name {where}{page}",
+            args).fetchall()
+
+    # -- artifacts and attachments
+
+    def artifacts(self, task_uuid):
+        return self.all("SELECT * FROM artifacts WHERE task_uuid = ? ORDER BY kind", task_uuid)
+
+    def artifact(self, task_uuid, kind):
+        return self.one("SELECT * FROM artifacts WHERE task_uuid = ? AND kind = ?",
+                        task_uuid, kind)
+
+    def attachment(self, group_id, key):
+        return self.one("SELECT * FROM attachments WHERE group_id = ? AND key = ?",
+                        group_id, key)
+
+    def query_attachments(self, group_id, part, limit, offset, count=False):
+        where = "FROM attachments WHERE group_id = ? AND instr(key, ?) > 0"
+        if count:
+            return self.one(f"SELECT COUNT(*) {where}", group_id, part or "")[0]
+        return self.all(f"SELECT * {where} ORDER BY key LIMIT ? OFFSET ?", group_id,
+                        part or "", -1 if limit is None else limit, offset or 0)
+
+    def check_quota(self, group_id, old_size, new_size):
+        group = self.one("SELECT * FROM groups WHERE id = ?", group_id)
+        if group["storage_used"] - old_size + new_size > group["storage_quota"]:
+            raise forbidden("resource quota exceeded")
+
+    def record_blob(self, table, keys, size, group_id):
+        """Record a completed upload (artifact or attachment) and its group's usage."""
+        now = time.time()
+        where = " AND ".join(f"{name} = ?" for name in keys)
+        with self.write() as db:
+            old = db.execute(f"SELECT size FROM {table} WHERE {where}", tuple(keys.values())
+                             ).fetchone()
+            db.execute(f"DELETE FROM {table} WHERE {where}", tuple(keys.values()))
+            columns = ", ".join([*keys, "size", "created_at", "updated_at"])
+            db.execute(f"INSERT INTO {table} ({columns}) VALUES "
+                       f"({', '.join('?' * (len(keys) + 3))})", (*keys.values(), size, now, now))
+            db.execute("UPDATE groups SET storage_used = MAX(0, storage_used + ?) WHERE id = ?",
+                       (size - (old["size"] if old else 0), group_id))
+
+    def forget_blob(self, table, keys, group_id):
+        where = " AND ".join(f"{name} = ?" for name in keys)
+        with self.write() as db:
+            old = db.execute(f"SELECT size FROM {table} WHERE {where}", tuple(keys.values())
+                             ).fetchone()
+            if old is None:
+                return False
+            db.execute(f"DELETE FROM {table} WHERE {where}", tuple(keys.values()))
+            db.execute("UPDATE groups SET storage_used = MAX(0, storage_used - ?) WHERE id = ?",
+                       (old["size"], group_id))
+            return True
+
+
+# ---- secrets, passwords, tokens and signed URLs --------------------------------------------
+
+
+def b64(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(md5, salt):
+    """scrypt of the 16 MD5 bytes the client sends (the clear password never travels)."""
+    return hashlib.scrypt(md5, salt=salt, n=1 << 14, r=8, p=1, dklen=32)
+
+
+class Signer:
+    """HMAC-SHA256 over a JSON payload: the coordinator's tokens and blob URLs."""
+
+    def __init__(self, secret):
+        self.secret = secret
+
+    def sign(self, payload):
+        body = b64(json.dumps(payload, separators=(",", ":")).encode())
+        mac = hmac.new(self.secret, body.encode(), hashlib.sha256).digest()
+        return f"{body}.{b64(mac)}"
+
+    def read(self, token):
+        """The payload of a token this coordinator signed and that has not expired."""
+        body, _, mac = token.partition(".")
+        try:
+            good = hmac.new(self.secret, body.encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(good, unb64(mac)):
+                return None
+            payload = json.loads(unb64(body))
+        except (ValueError, TypeError):
+            return None
+        if not isinstance(payload, dict) or not payload.get("exp", 0) >= time.time():
+            return None
+        return payload
+
+
+def load_secret(path):
+    """The signing secret, created on first start with mode 0600."""
+    if not os.path.exists(path):
+        write_private_file(path, os.urandom(32).hex())
+    with open(path, encoding="utf-8") as handle:
+        return bytes.fromhex(handle.read().strip())
+
+
+class BlobStore:
+    """Artifact and attachment files under `<state dir>/blobs`. A file's name is made
+    from what it is (a task uuid and kind, or a group id and a hash of the key), never
+    from request text, so nothing can escape the folder. A file is written under a
+    temporary name and renamed once complete; leftovers of a crash are discarded."""
+
+    def __init__(self, root, signer):
+        self.root, self.signer = root, signer
+        for folder, _, names in os.walk(root):
+            for name in names:
+                if name.endswith(".part"):
+                    os.unlink(os.path.join(folder, name))
+        os.makedirs(root, exist_ok=True)
+
+    def path(self, ref):
+        kind, owner, name = ref
+        if kind == "artifact":
+            return os.path.join(self.root, "artifacts", a_uuid(owner), f"{a_kind(name)}.tar.gz")
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        return os.path.join(self.root, "attachments", str(int(owner)), digest)
+
+    def url(self, base, method, ref, size, group_id, lifetime=URL_LIFETIME):
+        token = self.signer.sign({"m": method, "r": list(ref), "n": size, "g": group_id,
+                                  "exp": time.time() + lifetime})
+        return f"{base}/blobs/{token}"
+
+    def grant(self, token, method):
+        payload = self.signer.read(token)
+        if payload is None or payload.get("m") != method:
+            raise forbidden("invalid or expired URL")
+        return payload
+
+    def receive(self, stream, length, path):
+        """Copy exactly `length` bytes from `stream` to `path`; a short body is dropped."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{uuidlib.uuid4().hex}.part"
+        try:
+            with open(temporary, "wb") as handle:
+                remaining = length
+                while remaining:
+                    chunk = stream.read(min(remaining, 1 << 16))
+                    if not chunk:
+                        raise HttpError(400, f"body ended after {length - remaining} of "
+                                             f"{length} bytes")
+                    handle.write(chunk)
+                    remaining -= len(chunk)
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+
+    def remove(self, ref):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(ref))
+
+
+# ---- wire encodings of the coordinator's rows ---------------------------------------------
+
+
+def stamp(seconds):
+    return format_timestamp(datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc))
+
+
+def task_info(row):
+    """ParsedTaskQueryInfo / TaskQueryInfo."""
+    return {"uuid": row["uuid"], "creator_username": row["creator"],
+            "group_name": row["group_name"], "task_id": row["id"],
+            "tags": json.loads(row["tags"]), "labels": json.loads(row["labels"]),
+            "created_at": stamp(row["created_at"]), "updated_at": stamp(row["updated_at"]),
+            "state": row["state"], "timeout": int(row["timeout"]), "priority": row["priority"],
+            "spec": json.loads(row["spec"]),
+            "result": json.loads(row["result"]) if row["result"] else None,
+            "upstream_task_uuid": row["upstream"], "downstream_task_uuid": row["downstream"],
+            "reporter_uuid": row["reporter"]}
+
+
+def worker_task(row):
+    """WorkerTaskResp: what a worker fetches."""
+    return {"id": row["id"], "uuid": row["uuid"], "timeout": format_duration(row["timeout"]),
+            "upstream_task_uuid": row["upstream"], "spec": json.loads(row["spec"])}
+
+
+def blob_info(row, name_field=None):
+    info = {"content_type": row["kind"] if "kind" in row.keys() else "NoSet",
+            "size": row["size"], "created_at": stamp(row["created_at"]),
+            "updated_at": stamp(row["updated_at"])}
+    if name_field:
+        info[name_field] = row[name_field]
+    return info
+
+
+def role_names(roles):
+    return {name: ROLE_NAMES[level] for name, level in roles.items()}
+
+
+@dataclasses.dataclass
+class Answer:
+    """What a handler returns when a plain JSON 200 is not enough."""
+    status: int = 200
+    body: object = None
+    headers: dict = dataclasses.field(default_factory=dict)
+    text: str = None
+    file: str = None
+
+
+# ---- the rules and the handlers -----------------------------------------------------------
+
+
+class Request:
+    """One API request as the handlers see it."""
+
+    def __init__(self, handler, url, params):
+        self.handler, self.params = handler, params
+        self.query = urllib.parse.parse_qs(url.query)
+        self.user = self.worker = None
+        self.data = None
+
+    def body(self):
+        """The JSON body, which must be an object."""
+        if not isinstance(self.data, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        return self.data
+
+    def arg(self, name, check, default=None):
+        values = self.query.get(name)
+        if not values:
+            return default
+        try:
+            return check(values[-1])
+        except (ValueError, TypeError) as error:
+            raise HttpError(400, f"bad query parameter {name!r}: {error}") from None
+
+    def base_url(self):
+        scheme = "https" if isinstance(self.handler.connection, ssl.SSLSocket) else "http"
+        host = self.handler.headers.get("Host") or "%s:%d" % self.handler.server.server_address[:2]
+        return f"{scheme}://{host}"
+
+
+def path_uuid(text):
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        raise HttpError(400, f"bad uuid {text!r}") from None
+
+
+def path_kind(text):
+    try:
+        return artifact_kind(text)
+    except ValueError as error:
+        raise HttpError(400, str(error)) from None
+
+
+class Coordinator:
+    """The coordinator's rules (auth, roles, matching, liveness) and its API handlers.
+    The routing table, ROUTES, follows the class."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.state_dir = settings.state_dir or data_home()
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.signer = Signer(load_secret(os.path.join(self.state_dir, "secret")))
+        self.store = Store(os.path.join(self.state_dir, "mitosis.db"), settings.tag_matching)
+        self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
+        self.stopping = threading.Event()
+        self.store.forgive_silence()
+
+    # -- first start
+
+    def bootstrap_admin(self):
+        """Create the admin on first start and leave a token where a worker or client
+        run by this Unix user finds it. Returns the credential file for local workers."""
+        settings = self.settings
+        name = settings.admin_user
+        if self.store.user(name) is None:
+            password = settings.admin_password
+            if password is None:
+                password = b64(os.urandom(18))
+                saved = os.path.join(self.state_dir, "admin-password")
+                write_private_file(saved, password + "\n")
+                log.warning("created admin user %r; its generated password is in %s",
+                            name, saved)
+            salt = os.urandom(16)
+            self.store.create_user(name, hash_password(md5_bytes(md5_password(password)), salt),
+                                   salt, admin=True)
+        admin = self.store.user(name)
+        token = self.user_token(admin)
+        local = os.path.join(self.state_dir, "admin-credentials")
+        for path in (local, default_credential_path()):
+            CredentialFile(path).store(name, token)
+        return local
+
+    def user_token(self, user):
+        return self.signer.sign({"k": "user", "sub": user["username"], "sign": user["sign"],
+                                 "exp": time.time() + self.settings.access_token_expires_in})
+
+    # -- authentication and roles
+
+    def authenticate(self, req, kind):
+        header = req.handler.headers.get("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        payload = self.signer.read(token.strip()) if scheme.lower() == "bearer" else None
+        if payload is None:
+            raise HttpError(401, "invalid or expired token" if header else "missing token")
+        if kind == "worker":
+            req.worker = payload.get("k") == "worker" and self.store.worker(payload.get("sub"))
+            if not req.worker:
+                raise HttpError(401, "this worker is not registered (or was shut down)")
+            return
+        user = payload.get("k") == "user" and self.store.user(payload.get("sub"))
+        if not user or user["sign"] != payload.get("sign"):
+            raise HttpError(401, "invalid token: log in again")
+        if user["state"] != "Active":
+            raise forbidden(f"user {user['username']} is {user['state']}")
+        if kind == "admin" and not user["admin"]:
+            raise forbidden("admin only")
+        req.user = user
+
+    def group_of(self, req, name, need):
+        """The group, if the user holds at least role `need` in it (admins always do)."""
+        group = self.store.group(name)
+        if group is None:
+            raise not_found(f"group {name}")
+        if not req.user["admin"] and self.store.group_role(req.user["id"], group["id"]) < need:
+            raise forbidden(f"user {req.user['username']} needs the {ROLE_NAMES[need]} role "
+                            f"in group {name}")
+        return group
+
+    def task_of(self, req, task_uuid, need):
+        task = self.store.task(path_uuid(task_uuid))
+        if task is None:
+            raise not_found(f"task {task_uuid}")
+        self.group_of(req, task["group_name"], need)
+        return task
+
+    def worker_of(self, req, worker_uuid, need):
+        worker = self.store.worker(path_uuid(worker_uuid))
+        if worker is None:
+            raise not_found(f"worker {worker_uuid}")
+        if not self.may_manage(req.user, worker, need):
+            raise forbidden(f"user {req.user['username']} needs the {ROLE_NAMES[need]} role "
+                            f"on worker {worker_uuid}")
+        return worker
+
+    def may_manage(self, user, worker, need):
+        return (user["admin"] or worker["creator_id"] == user["id"]
+                or self.store.worker_role_for_user(worker["id"], user["id"]) >= need)
+
+    def visible_groups(self, req, group_name):
+        """Group ids a query may cover: the named group (needing Read), else the
+        caller's own group, as the Rust coordinator does."""
+        return [self.group_of(req, group_name or req.user["username"], READ)["id"]]
+
+    # -- liveness
+
+    def reap_forever(self):
+        period = max(0.05, min(5.0, self.settings.heartbeat_timeout / 4))
+        while not self.stopping.wait(period):
+            try:
+                now = time.time()
+                dead = self.store.dead_workers(now - self.settings.heartbeat_timeout, now)
+                if dead:
+                    log.warning("removing silent or overdue workers: %s",
+                                ", ".join(row["uuid"] for row in dead))
+                    self.store.remove_workers([row["id"] for row in dead])
+            except sqlite3.Error:
+                log.exception("liveness check failed")
+
+    # -- public and user basics
+
+    def health(self, req):
+        return {"status": "ok"}
+
+    def login(self, req):
+        body = req.body()
+        name = field(body, "username", a_str)
+        md5 = field(body, "md5_password", md5_bytes)
+        retain = field(body, "retain", a_bool, False)
+        user = self.store.user(name)
+        if user is None or not hmac.compare_digest(hash_password(md5, user["salt"]),
+                                                   user["password"]):
+            raise HttpError(401, "wrong username or password")
+        if user["state"] != "Active":
+            raise forbidden(f"user {name} is {user['state']}")
+        if not retain:
+            user = self.store.update_user(name, sign=random.getrandbits(62))
+        return {"token": self.user_token(user)}
+
+    def auth(self, req):
+        return Answer(text=req.user["username"])
+
+    def redis(self, req):
+        return {"url": None}
+
+    def change_password(self, req, username):
+        if username != req.user["username"] and not req.user["admin"]:
+            raise forbidden("you may change only your own password")
+        body = req.body()
+        old = field(body, "old_md5_password", md5_bytes)
+        new = field(body, "new_md5_password", md5_bytes)
+        user = self.store.user(username)
+        if user is None:
+            raise not_found(f"user {username}")
+        if not hmac.compare_digest(hash_password(old, user["salt"]), user["password"]):
+            raise forbidden("wrong old password")
+        return {"token": self.user_token(self.set_password(username, new))}
+
+    def set_password(self, username, md5):
+        salt = os.urandom(16)
+        return self.store.update_user(username, password=hash_password(md5, salt), salt=salt)
+
+    def my_groups(self, req):
+        return {"groups": role_names(self.store.user_groups(req.user["id"]))}
+
+    # -- groups
+
+    def create_group(self, req):
+        name = field(req.body(), "group_name", a_name)
+        self.store.create_group(name, req.user)
+
+    def get_group(self, req, group):
+        row = self.group_of(req, group, READ)
+        tasks, workers = self.store.group_counts(row["id"])
+        creator = self.store.user_by_id(row["creator_id"])
+        return {"group_name": row["name"], "creator_username": creator["username"],
+                "created_at": stamp(row["created_at"]), "updated_at": stamp(row["updated_at"]),
+                "state": row["state"], "task_count": tasks,
+                "storage_quota": row["storage_quota"], "storage_used": row["storage_used"],
+                "worker_count": workers,
+                "users_in_group": role_names(self.store.group_members(row["id"]))}
+
+    def users_by_name(self, names):
+        found = {}
+        for name in names:
+            user = self.store.user(name)
+            if user is None:
+                raise not_found(f"user {name}")
+            found[name] = user["id"]
+        return found
+
+    def update_members(self, req, group):
+        row = self.group_of(req, group, ADMIN)
+        relations = field(req.body(), "relations", roles_map)
+        ids = self.users_by_name(relations)
+        self.store.set_members(row["id"], {ids[name]: role for name, role in relations.items()})
+
+    def remove_members(self, req, group):
+        row = self.group_of(req, group, ADMIN)
+        names = split_list(req.query.get("users", []))
+        self.store.remove_members(row["id"], self.users_by_name(names).values())
+
+    # -- attachments
+
+    def attachment_url(self, req, group, key, method):
+        return self.blobs.url(req.base_url(), method, ("attachment", group["id"], key),
+                              None, group["id"])
+
+    def upload_attachment(self, req, group):
+        row = self.group_of(req, group, WRITE)
+        body = req.body()
+        key = field(body, "key", a_key)
+        size = field(body, "content_length", a_size)
+        old = self.store.attachment(row["id"], key)
+        self.store.check_quota(row["id"], old["size"] if old else 0, size)
+        url = self.blobs.url(req.base_url(), "PUT", ("attachment", row["id"], key), size,
+                             row["id"])
+        return {"url": url}
+
+    def query_attachments(self, req, group):
+        row = self.group_of(req, group, READ)
+        body = req.body()
+        part = field(body, "key", a_str, None) or field(body, "key_prefix", a_str, None)
+        limit, offset = field(body, "limit", a_size, None), field(body, "offset", a_size, None)
+        if field(body, "count", a_bool, False):
+            return {"count": self.store.query_attachments(row["id"], part, None, None, True),
+                    "attachments": [], "group_name": group}
+        rows = self.store.query_attachments(row["id"], part, limit, offset)
+        return {"count": len(rows), "attachments": [blob_info(r, "key") for r in rows],
+                "group_name": group}
+
+    def existing_attachment(self, req, group, key, need):
+        row = self.group_of(req, group, need)
+        attachment = self.store.attachment(row["id"], key)
+        if attachment is None:
+            raise not_found(f"attachment {key} of group {group}")
+        return row, attachment
+
+    def attachment_meta(self, req, group, key):
+        return blob_info(self.existing_attachment(req, group, key, READ)[1])
+
+    def download_attachment(self, req, group, key):
+        row, attachment = self.existing_attachment(req, group, key, READ)
+        return {"url": self.attachment_url(req, row, key, "GET"), "size": attachment["size"]}
+
+    def delete_attachment(self, req, group, key):
+        row, _ = self.existing_attachment(req, group, key, WRITE)
+        self.drop_attachment(row["id"], key)
+
+    def drop_attachment(self, group_id, key):
+        found = self.store.forget_blob("attachments", {"group_id": group_id, "key": key},
+                                       group_id)
+        self.blobs.remove(("attachment", group_id, key))
+        return found
+
+    def attachments_by_filter(self, req, group, need):
+        row = self.group_of(req, group, need)
+        body = req.body()
+        rows = self.store.query_attachments(row["id"], field(body, "key", a_str, None),
+                                            field(body, "limit", a_size, None),
+                                            field(body, "offset", a_size, None))
+        return row, [r["key"] for r in rows]
+
+    def download_attachments_filter(self, req, group):
+        row, keys = self.attachments_by_filter(req, group, READ)
+        return self.attachment_downloads(req, row, keys)
+
+    def download_attachments_list(self, req, group):
+        row = self.group_of(req, group, READ)
+        keys = field(req.body(), "keys", strs)
+        return self.attachment_downloads(req, row, keys)
+
+    def attachment_downloads(self, req, group, keys):
+        downloads = []
+        for key in keys:
+            attachment = self.store.attachment(group["id"], key)
+            if attachment:
+                downloads.append({"key": key, "url": self.attachment_url(req, group, key, "GET"),
+                                  "size": attachment["size"]})
+        return {"downloads": downloads, "group_name": group["name"]}
+
+    def delete_attachments_filter(self, req, group):
+        row, keys = self.attachments_by_filter(req, group, WRITE)
+        deleted = sum(self.drop_attachment(row["id"], key) for key in keys)
+        return {"deleted_count": deleted, "group_name": group}
+
+    def delete_attachments_list(self, req, group):
+        row = self.group_of(req, group, WRITE)
+        failed = [key for key in field(req.body(), "keys", strs)
+                  if not self.drop_attachment(row["id"], key)]
+        return {"deleted_count": len(req.body()["keys"]) - len(failed), "failed_keys": failed,
+                "group_name": group}
+
+    # -- workers: registration and the worker's own calls
+
+    def register_worker(self, req):
+        body = req.body()
+        tags = field(body, "tags", strs, [])
+        labels = field(body, "labels", strs, [])
+        entries = field(body, "groups", strs, [])
+        lifetime = field(body, "lifetime", a_duration, None)
+        roles = {}
+        for entry in entries:
+            name, _, role = entry.partition(":")
+            try:
+                level = ROLE_LEVELS[role_name(role)] if role else WRITE
+            except ValueError as error:
+                raise HttpError(400, f"bad group {entry!r}: {error}") from None
+            group = self.store.group(name)
+            if group is None:
+                raise not_found(f"group {name}")
+            roles[group["id"]] = level
+        roles[self.store.group(req.user["username"])["id"]] = ADMIN
+        expires = time.time() + (lifetime or self.settings.access_token_expires_in)
+        worker_uuid = self.store.register_worker(req.user["id"], tags, labels, roles, expires)
+        token = self.signer.sign({"k": "worker", "sub": worker_uuid, "exp": expires})
+        log.info("worker %s registered by %s", worker_uuid, req.user["username"])
+        return {"worker_id": worker_uuid, "token": token, "redis_url": None}
+
+    def unregister_worker(self, req):
+        self.store.remove_workers([req.worker["id"]])
+        log.info("worker %s unregistered", req.worker["uuid"])
+
+    def heartbeat(self, req):
+        self.store.heartbeat(req.worker["id"])
+
+    def fetch_task(self, req):
+        """Hand out the best task this worker may take; with ?wait=S, hold the request
+        up to S seconds (at most 30) until one is submitted or requeued."""
+        wait = req.arg("wait", float, 0.0)
+        time_left = req.arg("time_left", float)
+        deadline = time.monotonic() + min(LONG_POLL_MAX, max(0.0, wait))
+        headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX)}
+        while True:
+            generation = self.store.generation
+            worker = self.store.worker(req.worker["uuid"])
+            if worker is None:
+                raise HttpError(401, "this worker was shut down")
+            task = self.store.claim(worker, time_left)
+            remaining = deadline - time.monotonic()
+            if task is not None or remaining <= 0 or self.stopping.is_set():
+                return Answer(body=worker_task(task) if task else None, headers=headers)
+            with self.store.changed:
+                if self.store.generation == generation:
+                    self.store.changed.wait(remaining)
+
+    def report_task(self, req):
+        body = req.body()
+        task_id = field(body, "id", an_int)
+        op = field(body, "op", lambda value: value)
+        task = self.store.assigned_task(req.worker["id"], task_id)
+        if task is None:
+            raise not_found(f"task {task_id}")
+        if op in ("Finish", "Cancel"):
+            self.store.set_task_state(task["id"], "Finished" if op == "Finish" else "Cancelled")
+            return {"url": None}
+        if not isinstance(op, dict) or len(op) != 1 or next(iter(op)) not in (
+                "Upload", "Commit", "Submit"):
+            raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
+                                 "{\"Upload\"|\"Commit\"|\"Submit\": ...}")
+        name, value = next(iter(op.items()))
+        return getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
+
+    def report_upload(self, req, task, value):
+        kind = field(value, "content_type", a_kind)
+        size = field(value, "content_length", a_size)
+        old = self.store.artifact(task["uuid"], kind)
+        self.store.check_quota(task["group_id"], old["size"] if old else 0, size)
+        self.store.set_task_state(task["id"], task["state"])  # an upload is a sign of life
+        return {"url": self.blobs.url(req.base_url(), "PUT", ("artifact", task["uuid"], kind),
+                                      size, task["group_id"])}
+
+    def report_commit(self, req, task, value):
+        if task["state"] not in ("Finished", "Cancelled"):
+            raise HttpError(400, "task can not be marked as done before Finish or Cancel")
+        exit_status = field(value, "exit_status", an_int)
+        msg = field(value, "msg", a_result_message, None)
+        self.store.commit_task(task, req.worker, {"exit_status": exit_status, "msg": msg})
+
+    def report_submit(self, req, task, value):
+        if task["state"] not in ("Finished", "Cancelled"):
+            raise HttpError(400, "task can not spawn new tasks before Finish or Cancel")
+        request = a_submission(value)
+        group = self.store.one("SELECT * FROM groups WHERE id = ?", task["group_id"])
+        if request["group_name"] not in (None, group["name"]):
+            raise HttpError(400, f"a downstream task must stay in group {group['name']}")
+        creator = self.store.user_by_id(task["creator_id"])
+        if creator["state"] != "Active":
+            raise forbidden(f"user {creator['username']} is {creator['state']}")
+        _, new_uuid = self.store.insert_tasks(creator["id"], [(group["id"], request)],
+                                              upstream=task["uuid"])[0]
+        return {"url": None, "uuid": new_uuid}
+
+    def worker_get_task(self, req, task):
+        row = self.store.task(path_uuid(task))
+        if row is None:
+            raise not_found(f"task {task}")
+        return self.task_answer(row)
+
+    def worker_artifact(self, req, task, kind):
+        return self.artifact_download(req, path_uuid(task), path_kind(kind))
+
+    def worker_attachment(self, req, task, key):
+        row = self.store.task(path_uuid(task))
+        if row is None:
+            raise not_found(f"task {task}")
+        attachment = self.store.attachment(row["group_id"], key)
+        if attachment is None:
+            raise not_found(f"attachment {key} of group {row['group_name']}")
+        group = self.store.group(row["group_name"])
+        return {"url": self.attachment_url(req, group, key, "GET"), "size": attachment["size"]}
+
+    def artifact_download(self, req, task_uuid, kind):
+        artifact = self.store.artifact(task_uuid, kind)
+        if artifact is None:
+            raise not_found(f"artifact {kind} of task {task_uuid}")
+        url = self.blobs.url(req.base_url(), "GET", ("artifact", task_uuid, kind), None, None)
+        return {"url": url, "size": artifact["size"]}
+
+    # -- workers: what users do with them
+
+    def worker_answer(self, row):
+        task = row["task_id"] and self.store.one("SELECT uuid FROM tasks WHERE id = ?",
+                                                 row["task_id"])
+        creator = self.store.user_by_id(row["creator_id"])
+        return {"worker_id": row["uuid"], "creator_username": creator["username"],
+                "tags": json.loads(row["tags"]), "labels": json.loads(row["labels"]),
+                "created_at": stamp(row["created_at"]), "updated_at": stamp(row["updated_at"]),
+                "state": row["state"], "last_heartbeat": stamp(row["last_heartbeat"]),
+                "assigned_task_id": task["uuid"] if task else None}
+
+    def query_matching_workers(self, req, body):
+        filters = worker_filter(body)
+        group_id = None
+        if filters["group_name"]:
+            group_id = self.group_of(req, filters["group_name"], READ)["id"]
+        visible_to = None if req.user["admin"] else req.user["id"]
+        return filters, self.store.query_workers(visible_to, filters, group_id)
+
+    def query_workers(self, req):
+        body = req.body()
+        filters, rows = self.query_matching_workers(req, body)
+        if field(body, "count", a_bool, False):
+            return {"count": len(rows), "workers": [], "group_name": filters["group_name"] or ""}
+        return {"count": len(rows), "workers": [self.worker_answer(r) for r in rows],
+                "group_name": filters["group_name"] or ""}
+
+    def get_worker(self, req, worker):
+        row = self.worker_of(req, worker, READ)
+        return {"info": self.worker_answer(row),
+                "groups": role_names(self.store.worker_groups(row["id"]))}
+
+    def shutdown_worker(self, req, worker):
+        row = self.worker_of(req, worker, ADMIN)
+        self.store.shutdown_workers([row], req.arg("op", shutdown_op, "graceful") == "force")
+
+    def shutdown_workers_filter(self, req):
+        body = req.body()
+        force = field(body, "op", shutdown_op, "graceful") == "force"
+        filters, rows = self.query_matching_workers(req, body)
+        rows = [row for row in rows if self.may_manage(req.user, row, ADMIN)]
+        self.store.shutdown_workers(rows, force)
+        return {"shutdown_count": len(rows), "group_name": filters["group_name"] or ""}
+
+    def shutdown_workers_list(self, req):
+        body = req.body()
+        force = field(body, "op", shutdown_op, "graceful") == "force"
+        rows, failed = [], []
+        for worker_uuid in field(body, "uuids", uuids):
+            row = self.store.worker(worker_uuid)
+            if row and self.may_manage(req.user, row, ADMIN):
+                rows.append(row)
+            else:
+                failed.append(worker_uuid)
+        self.store.shutdown_workers(rows, force)
+        return {"shutdown_count": len(rows), "failed_uuids": failed}
+
+    def worker_tags(self, req, worker):
+        row = self.worker_of(req, worker, ADMIN)
+        self.store.update_worker(row["id"], tags=field(req.body(), "tags", strs))
+
+    def worker_labels(self, req, worker):
+        row = self.worker_of(req, worker, ADMIN)
+        self.store.update_worker(row["id"], labels=field(req.body(), "labels", strs))
+
+    def groups_by_name(self, names):
+        found = {}
+        for name in names:
+            group = self.store.group(name)
+            if group is None:
+                raise not_found(f"group {name}")
+            found[name] = group["id"]
+        return found
+
+    def worker_groups(self, req, worker):
+        row = self.worker_of(req, worker, ADMIN)
+        relations = field(req.body(), "relations", roles_map)
+        ids = self.groups_by_name(relations)
+        self.store.set_worker_groups(row["id"], {ids[n]: role for n, role in relations.items()})
+
+    def remove_worker_groups(self, req, worker):
+        row = self.worker_of(req, worker, ADMIN)
+        names = split_list(req.query.get("groups", []))
+        self.store.remove_worker_groups(row["id"], self.groups_by_name(names).values())
+
+    # -- tasks
+
+    def submit_one(self, req, value):
+        request = a_submission(value)
+        group = self.group_of(req, request["group_name"] or req.user["username"], WRITE)
+        task_id, task_uuid = self.store.insert_tasks(req.user["id"], [(group["id"], request)])[0]
+        return {"task_id": task_id, "uuid": task_uuid}
+
+    def submit_task(self, req):
+        return self.submit_one(req, req.body())
+
+    def submit_batch(self, req):
+        results = []
+        for value in field(req.body(), "tasks", list_of):
+            try:
+                results.append({"Ok": self.submit_one(req, value)})
+            except HttpError as error:
+                results.append({"Err": {"msg": error.msg}})
+        return {"results": results}
+
+    def task_answer(self, row):
+        return {"info": task_info(row),
+                "artifacts": [blob_info(a) for a in self.store.artifacts(row["uuid"])]}
+
+    def get_task(self, req, task):
+        return self.task_answer(self.task_of(req, task, READ))
+
+    def change_task(self, req, task):
+        row = self.task_of(req, task, WRITE)
+        if row["state"] not in ("Ready", "Pending"):
+            raise HttpError(400, f"task {task} is {row['state']}: only a task that has not "
+                                 f"started can be changed")
+        body = req.body()
+        changes = {"tags": field(body, "tags", strs, None),
+                   "timeout": field(body, "timeout", a_duration, None),
+                   "priority": field(body, "priority", an_int, None),
+                   "spec": field(body, "task_spec", a_task_spec, None)}
+        self.store.change_task(row["id"], {k: v for k, v in changes.items() if v is not None})
+
+    def task_labels(self, req, task):
+        row = self.task_of(req, task, WRITE)
+        self.store.change_task(row["id"], {"labels": sorted(set(field(req.body(), "labels",
+                                                                      strs)))})
+
+    def cancel_task(self, req, task):
+        row = self.task_of(req, task, WRITE)
+        if not self.store.cancel_tasks([row["id"]]):
+            raise HttpError(400, f"task {task} is {row['state']}: only a Ready or Pending "
+                                 f"task can be cancelled")
+
+    def matching_tasks(self, req, body, need, count=False):
+        filters = task_filter(body)
+        group_ids = [self.group_of(req, filters["group_name"] or req.user["username"],
+                                   need)["id"]]
+        return filters, self.store.query_tasks(filters, group_ids, count)
+
+    def query_tasks(self, req):
+        body = req.body()
+        if field(body, "count", a_bool, False):
+            filters, total = self.matching_tasks(req, body, READ, count=True)
+            return {"count": total, "tasks": [], "group_name": filters["group_name"] or
+                    req.user["username"]}
+        filters, rows = self.matching_tasks(req, body, READ)
+        return {"count": len(rows), "tasks": [task_info(row) for row in rows],
+                "group_name": filters["group_name"] or req.user["username"]}
+
+    def cancel_filter(self, req):
+        body = dict(req.body())
+        body["states"] = [s for s in field(body, "states", states, ["Ready", "Pending"])
+                          if s in ("Ready", "Pending")] or ["Ready"]
+        filters, rows = self.matching_tasks(req, body, WRITE)
+        cancelled = self.store.cancel_tasks([row["id"] for row in rows])
+        return {"cancelled_count": cancelled,
+                "group_name": filters["group_name"] or req.user["username"]}
+
+    def cancel_list(self, req):
+        cancelled, failed = 0, []
+        for task_uuid in field(req.body(), "uuids", uuids):
+            try:
+                self.cancel_task(req, task_uuid)
+                cancelled += 1
+            except HttpError:
+                failed.append(task_uuid)
+        return {"cancelled_count": cancelled, "failed_uuids": failed}
+
+    def upload_artifact(self, req, task):
+        row = self.task_of(req, task, WRITE)
+        return {"url": self.report_upload(req, row, req.body())["url"]}
+
+    def download_artifact(self, req, task, kind):
+        row = self.task_of(req, task, READ)
+        return self.artifact_download(req, row["uuid"], path_kind(kind))
+
+    def delete_artifact(self, req, task, kind):
+        row = self.task_of(req, task, WRITE)
+        if not self.drop_artifact(row, path_kind(kind)):
+            raise not_found(f"artifact {kind} of task {task}")
+
+    def drop_artifact(self, row, kind):
+        found = self.store.forget_blob("artifacts", {"task_uuid": row["uuid"], "kind": kind},
+                                       row["group_id"])
+        self.blobs.remove(("artifact", row["uuid"], kind))
+        return found
+
+    def artifact_batch(self, req, need):
+        """(kind, tasks, failed uuids) for the batch artifact calls, by filter or list."""
+        body = req.body()
+        kind = field(body, "content_type", a_kind)
+        if "uuids" not in body:
+            return kind, self.matching_tasks(req, body, need)[1], []
+        rows, failed = [], []
+        for task_uuid in field(body, "uuids", uuids):
+            try:
+                rows.append(self.task_of(req, task_uuid, need))
+            except HttpError:
+                failed.append(task_uuid)
+        return kind, rows, failed
+
+    def download_artifacts(self, req):
+        kind, rows, _ = self.artifact_batch(req, READ)
+        downloads = []
+        for row in rows:
+            with contextlib.suppress(HttpError):
+                answer = self.artifact_download(req, row["uuid"], kind)
+                downloads.append({"uuid": row["uuid"], **answer})
+        return {"downloads": downloads}
+
+    def delete_artifacts(self, req):
+        kind, rows, failed = self.artifact_batch(req, WRITE)
+        deleted = 0
+        for row in rows:
+            if self.drop_artifact(row, kind):
+                deleted += 1
+            else:
+                failed.append(row["uuid"])
+        if "uuids" in req.body():
+            return {"deleted_count": deleted, "failed_uuids": failed}
+        return {"deleted_count": deleted}
+
+    # -- blobs: the signed URLs handed out above
+
+    def blob_put(self, req, token):
+        grant = self.blobs.grant(token, "PUT")
+        length = req.handler.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise HttpError(411, "Content-Length required")
+        if int(length) != grant["n"]:
+            raise HttpError(400, f"Content-Length {length} differs from the announced "
+                                 f"{grant['n']}")
+        kind, owner, name = grant["r"]
+        self.blobs.receive(req.handler.rfile, int(length), self.blobs.path(grant["r"]))
+        req.handler.body_read = True
+        if kind == "artifact":
+            keys = {"task_uuid": owner, "kind": name}
+        else:
+            keys = {"group_id": owner, "key": name}
+        self.store.record_blob(f"{kind}s", keys, int(length), grant["g"])
+
+    def blob_get(self, req, token):
+        path = self.blobs.path(self.blobs.grant(token, "GET")["r"])
+        if not os.path.exists(path):
+            raise not_found("blob")
+        return Answer(file=path)
+
+    # -- admin
+
+    def admin_create_user(self, req):
+        body = req.body()
+        name = field(body, "username", a_name)
+        md5 = field(body, "md5_password", md5_bytes)
+        salt = os.urandom(16)
+        self.store.create_user(name, hash_password(md5, salt), salt,
+                               field(body, "admin", a_bool, False))
+
+    def existing_user(self, username):
+        user = self.store.user(username)
+        if user is None:
+            raise not_found(f"user {username}")
+        return user
+
+    def admin_delete_user(self, req, username):
+        self.existing_user(username)
+        return {"state": self.store.update_user(username, state="Deleted")["state"]}
+
+    def admin_password(self, req, username):
+        self.existing_user(username)
+        self.set_password(username, field(req.body(), "new_md5_password", md5_bytes))
+
+    def admin_user_state(self, req, username):
+        self.existing_user(username)
+        state = field(req.body(), "state", a_user_state)
+        return {"state": self.store.update_user(username, state=state)["state"]}
+
+    def admin_group_quota(self, req, username):
+        user = self.existing_user(username)
+        quota = field(req.body(), "group_quota",
+                      lambda text: adjust(user["group_quota"], text, int))
+        return {"group_quota": self.store.update_user(username, group_quota=quota)["group_quota"]}
+
+    def admin_storage_quota(self, req, group):
+        row = self.group_of(req, group, ADMIN)
+        quota = field(req.body(), "storage_quota",
+                      lambda text: adjust(row["storage_quota"], text, parse_size))
+        self.store.set_group_quota(row["id"], quota)
+        return {"storage_quota": quota}
+
+    def admin_shutdown_worker(self, req, worker):
+        self.shutdown_worker(req, worker)
+
+    def admin_delete_attachment(self, req, group, key):
+        self.delete_attachment(req, group, key)
+
+    def admin_delete_artifact(self, req, task, kind):
+        self.delete_artifact(req, task, kind)
+
+    def admin_shutdown(self, req):
+        secret = field(req.body(), "secret", a_str)
+        configured = self.settings.shutdown_secret
+        if not configured or not hmac.compare_digest(secret.encode(), configured.encode()):
+            raise forbidden("wrong shutdown secret" if configured
+                            else "no shutdown_secret is configured")
+        log.warning("shutdown requested by %s", req.user["username"])
+        self.stopping.set()
+
+
+def an_object_or_400(value):
+    if not isinstance(value, dict):
+        raise HttpError(400, "bad field 'op': expected a JSON object inside")
+    return value
+
+
+def a_result_message(value):
+    if value not in RESULT_MESSAGES:
+        raise ValueError(f"unknown result message {value!r}")
+    return value
+
+
+def a_user_state(value):
+    if value not in ("Active", "Locked", "Deleted"):
+        raise ValueError(f"{value!r}: Active, Locked or Deleted")
+    return value
+
+
+# ---- the routing table --------------------------------------------------------------------
+# (method, path, handler, who may call: None = anyone, "user", "admin", "worker", or
+# "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself)
+
+ROUTES = [
+    ("GET", "/health", "health", None),
+    ("POST", "/login", "login", None),
+    ("GET", "/auth", "auth", "user"),
+    ("GET", "/redis", "redis", "user"),
+    ("POST", "/users/{username}/password", "change_password", "user"),
+    ("GET", "/users/groups", "my_groups", "user"),
+    ("POST", "/groups", "create_group", "user"),
+    ("GET", "/groups/{group}", "get_group", "user"),
+    ("PUT", "/groups/{group}/users", "update_members", "user"),
+    ("DELETE", "/groups/{group}/users", "remove_members", "user"),
+    ("POST", "/groups/{group}/attachments", "upload_attachment", "user"),
+    ("POST", "/groups/{group}/attachments/query", "query_attachments", "user"),
+    ("GET", "/groups/{group}/attachments/{key*}", "attachment_meta", "user"),
+    ("DELETE", "/groups/{group}/attachments/{key*}", "delete_attachment", "user"),
+    ("POST", "/groups/{group}/download/attachments", "download_attachments_filter", "user"),
+    ("POST", "/groups/{group}/download/attachments/list", "download_attachments_list", "user"),
+    ("GET", "/groups/{group}/download/attachments/{key*}", "download_attachment", "user"),
+    ("POST", "/groups/{group}/delete/attachments", "delete_attachments_filter", "user"),
+    ("POST", "/groups/{group}/delete/attachments/list", "delete_attachments_list", "user"),
+    ("POST", "/workers", "register_worker", "user"),
+    ("DELETE", "/workers", "unregister_worker", "worker"),
+    ("POST", "/workers/heartbeat", "heartbeat", "worker"),
+    ("GET", "/workers/tasks", "fetch_task", "worker"),
+    ("POST", "/workers/tasks", "report_task", "worker"),
+    ("GET", "/workers/tasks/{task}", "worker_get_task", "worker"),
+    ("GET", "/workers/tasks/{task}/artifacts/{kind}", "worker_artifact", "worker"),
+    ("GET", "/workers/tasks/{task}/attachments/{key*}", "worker_attachment", "worker"),
+    ("POST", "/workers/query", "query_workers", "user"),
+    ("POST", "/workers/shutdown", "shutdown_workers_filter", "user"),
+    ("POST", "/workers/shutdown/list", "shutdown_workers_list", "user"),
+    ("GET", "/workers/{worker}", "get_worker", "user"),
+    ("DELETE", "/workers/{worker}", "shutdown_worker", "user"),
+    ("PUT", "/workers/{worker}/tags", "worker_tags", "user"),
+    ("PUT", "/workers/{worker}/labels", "worker_labels", "user"),
+    ("PUT", "/workers/{worker}/groups", "worker_groups", "user"),
+    ("DELETE", "/workers/{worker}/groups", "remove_worker_groups", "user"),
+    ("POST", "/tasks", "submit_task", "user"),
+    ("POST", "/tasks/submit", "submit_batch", "user"),
+    ("POST", "/tasks/query", "query_tasks", "user"),
+    ("POST", "/tasks/cancel", "cancel_filter", "user"),
+    ("POST", "/tasks/cancel/list", "cancel_list", "user"),
+    ("POST", "/tasks/download/artifacts", "download_artifacts", "user"),
+    ("POST", "/tasks/download/artifacts/list", "download_artifacts", "user"),
+    ("POST", "/tasks/delete/artifacts", "delete_artifacts", "user"),
+    ("POST", "/tasks/delete/artifacts/list", "delete_artifacts", "user"),
+    ("GET", "/tasks/{task}", "get_task", "user"),
+    ("PUT", "/tasks/{task}", "change_task", "user"),
+    ("DELETE", "/tasks/{task}", "cancel_task", "user"),
+    ("PUT", "/tasks/{task}/labels", "task_labels", "user"),
+    ("POST", "/tasks/{task}/artifacts", "upload_artifact", "user"),
+    ("DELETE", "/tasks/{task}/artifacts/{kind}", "delete_artifact", "user"),
+    ("GET", "/tasks/{task}/download/artifacts/{kind}", "download_artifact", "user"),
+    ("POST", "/admin/users", "admin_create_user", "admin"),
+    ("DELETE", "/admin/users/{username}", "admin_delete_user", "admin"),
+    ("POST", "/admin/users/{username}/password", "admin_password", "admin"),
+    ("POST", "/admin/users/{username}/group-quota", "admin_group_quota", "admin"),
+    ("POST", "/admin/users/{username}/state", "admin_user_state", "admin"),
+    ("POST", "/admin/groups/{group}/storage-quota", "admin_storage_quota", "admin"),
+    ("DELETE", "/admin/workers/{worker}", "admin_shutdown_worker", "admin"),
+    ("DELETE", "/admin/workers/{worker}/", "admin_shutdown_worker", "admin"),
+    ("DELETE", "/admin/groups/{group}/attachments/{key*}", "admin_delete_attachment", "admin"),
+    ("DELETE", "/admin/tasks/{task}/artifacts/{kind}", "admin_delete_artifact", "admin"),
+    ("POST", "/admin/shutdown", "admin_shutdown", "admin"),
+    ("PUT", "/blobs/{token}", "blob_put", "blob"),
+    ("GET", "/blobs/{token}", "blob_get", "blob"),
+]
+
+
+def compile_route(path):
+    pattern = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.+)", path)
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+
+_COMPILED_ROUTES = [(method, compile_route(path), name, auth)
+                    for method, path, name, auth in ROUTES]
+
+
+def match_route(method, path):
+    """(handler name, auth, params) for a request, or HttpError 404/405."""
+    allowed = False
+    for route_method, pattern, name, auth in _COMPILED_ROUTES:
+        match = pattern.match(path)
+        if match:
+            if route_method == method:
+                return name, auth, {k: urllib.parse.unquote(v) for k, v in
+                                    match.groupdict().items()}
+            allowed = True
+    if allowed:
+        raise HttpError(405, f"method {method} not allowed on {path}")
+    raise HttpError(404, f"no such endpoint: {method} {path}")
+
+
+# ---- the HTTP server ----------------------------------------------------------------------
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: one thread serves one client connection for as long
+    as it stays open, so a worker's requests cost no thread start."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"mito.py/{__version__}"
+    disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms stalls
+
+    def do_request(self):
+        self.body_read = False
+        try:
+            answer = self.server.coordinator_dispatch(self)
+        except HttpError as error:
+            answer = Answer(error.status, {"msg": error.msg})
+        except Exception as error:  # a bug: answer 500 with msg, keep serving
+            log.exception("internal error on %s %s", self.command, self.path)
+            answer = Answer(500, {"msg": f"internal error: {type(error).__name__}"})
+        if not self.body_read and int(self.headers.get("Content-Length") or 0):
+            self.close_connection = True  # the unread body would poison the connection
+        self.send_answer(answer if isinstance(answer, Answer) else Answer(body=answer))
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_request
+
+    def read_json(self):
+        """The request's JSON body (None when it has none)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise HttpError(411, "Content-Length required")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise HttpError(400, "bad Content-Length") from None
+        if length > JSON_BODY_LIMIT:
+            raise HttpError(413, f"body of {length} bytes is over the {JSON_BODY_LIMIT} limit")
+        data = self.rfile.read(length) if length > 0 else b""
+        self.body_read = True
+        if not data.strip():
+            return None
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as error:
+            raise HttpError(400, f"malformed JSON body: {str(error)[:200]}") from None
+
+    def send_answer(self, answer):
+        if answer.file is not None:
+            size = os.path.getsize(answer.file)
+            self.send_response(answer.status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            with open(answer.file, "rb") as handle:
+                shutil.copyfileobj(handle, self.wfile, 1 << 16)
+            return
+        if answer.text is not None:
+            payload, content_type = answer.text.encode(), "text/plain; charset=utf-8"
+        else:
+            payload, content_type = json.dumps(answer.body).encode(), "application/json"
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format, *args):
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, address, coordinator):
+        self.coordinator = coordinator
+        super().__init__(address, ApiHandler)
+
+    def handle_error(self, request, client_address):
+        """A client that hangs up mid-request is routine, not a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
+            log.debug("client %s: %s", client_address, error)
+        else:
+            log.exception("error serving %s", client_address)
+
+    def coordinator_dispatch(self, handler):
+        """Route, read the body, authenticate, then call the handler."""
+        url = urllib.parse.urlsplit(handler.path)
+        name, auth, params = match_route(handler.command, url.path)
+        req = Request(handler, url, params)
+        if auth != "blob":
+            req.data = handler.read_json()
+        if auth in ("user", "admin", "worker"):
+            self.coordinator.authenticate(req, auth)
+        return getattr(self.coordinator, name)(req, **params)
+
+
+def local_worker_command(url, credentials):
+    """How the coordinator starts one of its --workers: this very file."""
+    return [sys.executable, os.path.abspath(__file__), "worker", "-c", url,
+            "--credential-path", credentials, "--polling-interval", "30s"]
+
+
+def run_coordinator(args):
+    settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
+    if settings.tag_matching not in _TAG_RULES:
+        fail_usage(f"bad value for tag_matching: {settings.tag_matching!r} "
+                   f"(worker-subset or task-subset)")
+    if settings.workers < 0:
+        fail_usage(f"bad value for workers: {settings.workers} (0 or more)")
+    if settings.file_log:
+        add_rolling_file_log(settings.log_path
+                             or os.path.join(cache_home(), "coordinator", "coordinator.log"))
+    coordinator = Coordinator(settings)
+    credentials = coordinator.bootstrap_admin()
+    host, port = settings.bind
+    try:
+        server = ApiServer((host, port), coordinator)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", host, port, error.strerror)
+        return 1
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{server.server_port}"
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    threading.Thread(target=coordinator.reap_forever, name="reaper", daemon=True).start()
+    log.info("coordinator listening on %s (state in %s)", url, coordinator.state_dir)
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: coordinator.stopping.set())
+    children = [subprocess.Popen(local_worker_command(url, credentials), stdin=subprocess.DEVNULL)
+                for _ in range(settings.workers)]
+    coordinator.stopping.wait()
+    log.info("coordinator stopping")
+    stop_children(children)
+    coordinator.store.wake_fetchers()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+def stop_children(children, patience=15.0):
+    """SIGTERM the local workers and wait for them to unregister (they may already have
+    had the terminal's SIGINT); SIGKILL any that linger."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + patience
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+# =====================================================================================
+# 6. Command line
+# =====================================================================================
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the problem, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_options(parser, options):
+    """Flags from Option declarations; unset flags stay None so lower layers show."""
+    for option in options:
+        if not option.flags:
+            continue
+        kwargs = {"dest": option.key, "default": None, "help": option.help}
+        if option.kind == "bool":
+            kwargs.update(action="store_const", const=True)
+        elif option.kind in ("list", "groups"):
+            kwargs.update(action="extend", nargs="*",
+                          metavar=option.metavar or option.key.upper())
+        else:
+            kwargs.update(metavar=option.metavar or option.key.upper())
+        parser.add_argument(*option.flags, **kwargs)
+
+
+def build_parser():
+    version = f"mito.py {__version__}"
+    parser = Parser(prog="mito.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-V", "--version", action="version", version=version)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    worker = commands.add_parser("worker", help="Run a mitosis worker",
+                                 description="Run a mitosis worker")
+    worker.add_argument("--config", metavar="CONFIG", help="The path of the config file")
+    add_options(worker, WORKER_OPTIONS)
+    worker.add_argument("-V", "--version", action="version", version=version)
+    worker.set_defaults(run=run_worker)
+
+    coordinator = commands.add_parser("coordinator", help="Run a mitosis coordinator",
+                                      description="Run a mitosis coordinator")
+    coordinator.add_argument("--config", metavar="CONFIG", help="The path of the config file")
+    add_options(coordinator, COORDINATOR_OPTIONS)
+    coordinator.add_argument("-V", "--version", action="version", version=version)
+    coordinator.set_defaults(run=run_coordinator)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        setup_console_logging()
+        return args.run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
