@@ -34,6 +34,7 @@ import os
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -202,7 +203,9 @@ _ROLES = ("read", "write", "admin")
 
 
 def split_list(values):
-    """Flatten ["a,b", "c"] into ["a", "b", "c"], dropping empty items."""
+    """Flatten ["a,b", "c"] into ["a", "b", "c"], dropping empty items (None: [])."""
+    if values is None:
+        return []
     if isinstance(values, str):
         values = [values]
     return [item.strip() for value in values for item in str(value).split(",") if item.strip()]
@@ -645,16 +648,21 @@ class CredentialFile:
         return user, None
 
     def store(self, user, token):
-        kept = [f"{name}:{old}" for name, old in self.entries() if name != user]
-        write_private_file(self.path, "\n".join([f"{user}:{token}", *kept]) + "\n")
+        """Replace the user's line where it stands (the first line is the default
+        user, so order matters), or add one at the end."""
+        pairs = self.entries()
+        if user not in (name for name, _ in pairs):
+            pairs.append((user, token))
+        lines = [f"{name}:{token if name == user else old}" for name, old in pairs]
+        write_private_file(self.path, "\n".join(lines) + "\n")
 
 
-def login(http, user, password, credential_path, retain=False, stop=None):
+def login(http, user, password, credential_path, retain=False, stop=None, force=False):
     """A valid user token: the stored one if the coordinator accepts it, else a new one
     from /login (asking for the password only on a terminal). Returns (user, token)."""
     credentials = CredentialFile(credential_path)
     name, token = credentials.lookup(user)
-    if token and password is None:
+    if token and password is None and not force:
         try:
             return persist(lambda: http.api("GET", "/auth", token=token), "auth", stop), token
         except ApiError as error:
@@ -3284,6 +3292,818 @@ def stop_children(children, patience=15.0):
 
 
 # =====================================================================================
+# 5. Client: `mito.py client ...`, every operation a Mitosis user needs
+# =====================================================================================
+
+CLIENT_OPTIONS = (
+    Option("coordinator_addr", "url", "http://127.0.0.1:5000", ("-c", "--coordinator"),
+           "The address of the coordinator", "COORDINATOR_ADDR"),
+    Option("credential_path", "path", None, ("--credential-path",),
+           "The path of the user credential file (default ~/.config/mitosis/credentials)"),
+    Option("user", "str", None, ("-u", "--user"), "The username of the user"),
+    Option("password", "str", None, ("-p", "--password"), "The password of the user"),
+    Option("retain", "bool", False, ("--retain",),
+           "Keep the user's other logins valid when logging in"),
+)
+
+
+class ClientError(Exception):
+    """A request that failed: one line, exit status 1."""
+
+
+def human_size(size):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def human_age(text):
+    """"3m ago" from a coordinator timestamp."""
+    try:
+        seconds = (now_utc() - parse_timestamp(text)).total_seconds()
+    except (ValueError, TypeError):
+        return str(text)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
+        if seconds >= size or unit == "s":
+            return f"{int(max(seconds, 0) // size)}{unit} ago"
+
+
+def print_table(headers, rows):
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(str(h)), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def exit_code_of(raw_status):
+    """A shell's exit code for a raw wait status: N, or 128+S for death by signal S."""
+    code = os.waitstatus_to_exitcode(raw_status)
+    return code if code >= 0 else 128 - code
+
+
+class Progress:
+    """Bytes, rate and ETA on stderr while a transfer runs, when stderr is a terminal."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.done = what, total, 0
+        self.start = self.shown = time.monotonic()
+        self.enabled = sys.stderr.isatty()
+
+    def add(self, count):
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and (now - self.shown > 0.2 or self.done >= (self.total or 0)):
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-6)
+            eta = (self.total - self.done) / rate if self.total and rate else 0
+            total = f"/{human_size(self.total)}" if self.total else ""
+            sys.stderr.write(f"\r{self.what}: {human_size(self.done)}{total} "
+                             f"{human_size(rate)}/s ETA {eta:.0f}s   ")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+class CountingFile:
+    """A file wrapper that reports each read or write to a Progress."""
+
+    def __init__(self, handle, progress):
+        self.handle, self.progress = handle, progress
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.progress.add(len(data))
+        return data
+
+    def write(self, data):
+        self.progress.add(len(data))
+        return self.handle.write(data)
+
+    def seek(self, *args):
+        return self.handle.seek(*args)
+
+
+def safe_extract(archive, folder):
+    """Unpack a tar.gz without letting a member escape `folder`."""
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if inside(os.path.abspath(folder), member.name) is None or member.islnk() \
+                    or member.isdev():
+                raise ClientError(f"refusing to extract {member.name!r} from {archive}")
+        tar.extractall(folder)
+
+
+class Client:
+    """The client's state: settings, a lazily logged-in HTTP client and output mode."""
+
+    def __init__(self, settings, as_json=False):
+        self.settings, self.as_json = settings, as_json
+        self.http = Http(settings.coordinator_addr)
+        self.username = None
+
+    def login(self, force=False):
+        s = self.settings
+        try:
+            self.username, self.http.token = login(self.http, s.user, s.password,
+                                                   s.credential_path, s.retain, force=force)
+        except ApiError as error:
+            raise ClientError(f"login failed: {error.msg}") from None
+        except Unreachable as error:
+            raise ClientError(f"cannot reach the coordinator: {error}") from None
+
+    def call(self, method, path, payload=None, params=None):
+        if self.http.token is None:
+            self.login()
+        try:
+            return self.http.api(method, path, payload, params)
+        except ApiError as error:
+            raise ClientError(f"{method} {path} failed ({error.status}): {error.msg}") from None
+        except Unreachable as error:
+            raise ClientError(f"cannot reach the coordinator: {error}") from None
+
+    def show(self, data, render=None):
+        if self.as_json or render is None:
+            print(json.dumps(data, indent=2))
+        else:
+            render(data)
+
+    def download(self, url, path, size, what):
+        progress = Progress(what, size)
+        try:
+            with open(f"{path}.part", "wb") as handle:
+                status, _, data = self.http.exchange("GET", self.http.absolute(url),
+                                                     sink=CountingFile(handle, progress))
+            if not 200 <= status < 300:
+                raise ClientError(f"download of {what} failed ({status}): "
+                                  f"{error_message(data, status)}")
+            os.replace(f"{path}.part", path)
+        except Unreachable as error:
+            raise ClientError(f"download of {what} failed: {error}") from None
+        finally:
+            progress.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}.part")
+
+    def upload(self, url, path, what):
+        size = os.path.getsize(path)
+        progress = Progress(what, size)
+        try:
+            with open(path, "rb") as handle:
+                status, _, data = self.http.exchange(
+                    "PUT", self.http.absolute(url), CountingFile(handle, progress),
+                    {"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+            if not 200 <= status < 300:
+                raise ClientError(f"upload of {what} failed ({status}): "
+                                  f"{error_message(data, status)}")
+        except Unreachable as error:
+            raise ClientError(f"upload of {what} failed: {error}") from None
+        finally:
+            progress.close()
+
+
+# ---- client commands: one function each, wired to argparse in add_client_commands -------
+
+
+def cmd_login(client, args):
+    client.login(force=True)
+    print(f"logged in as {client.username}")
+
+
+def cmd_auth(client, args):
+    print(client.call("GET", "/auth"))
+
+
+def parse_key_value(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def parse_resource(text):
+    """attachment:KEY=LOCAL_PATH or artifact:UUID:KIND=LOCAL_PATH."""
+    spec, sep, local = text.partition("=")
+    kind, _, rest = spec.partition(":")
+    try:
+        if not sep or not local:
+            raise ValueError("missing =LOCAL_PATH")
+        if kind == "attachment" and rest:
+            return {"remote_file": {"Attachment": {"key": rest}}, "local_path": local}
+        if kind == "artifact":
+            task_uuid, _, content = rest.partition(":")
+            return {"remote_file": {"Artifact": {"uuid": str(uuidlib.UUID(task_uuid)),
+                                                 "content_type": artifact_kind(content)}},
+                    "local_path": local}
+        raise ValueError("expected attachment:KEY=LOCAL_PATH or artifact:UUID:KIND=LOCAL_PATH")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"bad resource {text!r}: {error}") from None
+
+
+def parse_watch(text):
+    task_uuid, _, state = text.rpartition(":")
+    try:
+        task_uuid = str(uuidlib.UUID(task_uuid))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad watch {text!r}: expected UUID:STATE") from None
+    if state not in EXEC_STATES:
+        raise argparse.ArgumentTypeError(f"bad watch state {state!r}: one of "
+                                         f"{', '.join(EXEC_STATES)}")
+    return [task_uuid, state]
+
+
+def parse_duration_arg(text):
+    try:
+        parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def parse_role_pair(text):
+    name, sep, role = text.rpartition(":")
+    try:
+        if not sep or not name:
+            raise ValueError(f"{text!r} is not NAME:ROLE")
+        return name, role_name(role)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def cmd_tasks_submit(client, args):
+    if not args.command_args:
+        raise UsageError("tasks submit needs a command after --")
+    if client.http.token is None:
+        client.login()
+    request = {"group_name": args.group or client.username,
+               "tags": split_list(args.tags or []), "labels": split_list(args.labels or []),
+               "timeout": args.timeout, "priority": args.priority,
+               "task_spec": {"args": args.command_args, "envs": dict(args.env or []),
+                             "resources": args.resource or [],
+                             "terminal_output": args.terminal, "watch": args.watch}}
+    answer = client.call("POST", "/tasks", request)
+    if not args.wait:
+        client.show(answer, lambda data: print(data["uuid"]))
+        return 0
+    print(answer["uuid"], file=sys.stderr)
+    return wait_and_report(client, answer["uuid"], show_output=args.terminal)
+
+
+def wait_for_task(client, task_uuid):
+    """Poll until the task has its result (archived): Finished or Cancelled."""
+    pause = 0.1
+    while True:
+        task = client.call("GET", f"/tasks/{task_uuid}")
+        if task["info"]["result"] is not None:
+            return task
+        time.sleep(pause)
+        pause = min(pause * 1.5, 2.0)
+
+
+def wait_and_report(client, task_uuid, show_output):
+    """Wait for one task, print its terminal output, exit with its exit code."""
+    task = wait_for_task(client, task_uuid)
+    result = task["info"]["result"]
+    if show_output and any(a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, task_uuid)
+    if client.as_json:
+        print(json.dumps(task, indent=2))
+    code = exit_code_of(result["exit_status"])
+    if result.get("msg"):
+        print(f"task {task_uuid} {task['info']['state'].lower()}: {result['msg']}",
+              file=sys.stderr)
+        code = code or 1
+    return code
+
+
+def print_terminal_output(client, task_uuid):
+    answer = client.call("GET", f"/tasks/{task_uuid}/download/artifacts/std-log")
+    folder = os.path.join(cache_home(), "client")
+    os.makedirs(folder, exist_ok=True)
+    archive = os.path.join(folder, f"{task_uuid}-std-log.tar.gz")
+    client.download(answer["url"], archive, answer["size"], "std-log")
+    try:
+        with tarfile.open(archive) as tar:
+            for name, stream in (("std-log/stdout.log", sys.stdout),
+                                 ("std-log/stderr.log", sys.stderr)):
+                with contextlib.suppress(KeyError):
+                    stream.flush()
+                    shutil.copyfileobj(tar.extractfile(name), stream.buffer)
+                    stream.flush()
+    finally:
+        os.unlink(archive)
+
+
+def render_task(task):
+    info = task["info"]
+    result = info["result"]
+    rows = [("uuid", info["uuid"]), ("state", info["state"]),
+            ("exit", "-" if result is None else exit_code_of(result["exit_status"])),
+            ("message", (result or {}).get("msg") or "-"),
+            ("group", info["group_name"]), ("creator", info["creator_username"]),
+            ("tags", ",".join(info["tags"]) or "-"), ("labels", ",".join(info["labels"]) or "-"),
+            ("priority", info["priority"]), ("timeout", format_duration(info["timeout"])),
+            ("created", human_age(info["created_at"])),
+            ("updated", human_age(info["updated_at"])),
+            ("command", " ".join(info["spec"]["args"]))]
+    rows += [(f"artifact {a['content_type']}", human_size(a["size"])) for a in task["artifacts"]]
+    for name, value in rows:
+        print(f"{name:>18}  {value}")
+
+
+def cmd_tasks_get(client, args):
+    client.show(client.call("GET", f"/tasks/{args.uuid}"), render_task)
+
+
+def task_filter_request(args):
+    request = {"creator_usernames": split_list(args.creators) or None,
+               "group_name": args.group, "tags": split_list(args.tags) or None,
+               "labels": split_list(args.labels) or None,
+               "states": [s.capitalize() for s in split_list(args.states)] or None,
+               "exit_status": args.exit_status, "priority": args.priority}
+    return {key: value for key, value in request.items() if value is not None}
+
+
+def render_tasks(data):
+    if not data["tasks"]:
+        print(f"{data['count']} task(s)")
+        return
+    print_table(["UUID", "STATE", "EXIT", "PRI", "GROUP", "CREATED", "COMMAND"], [
+        (t["uuid"], t["state"],
+         "-" if not t["result"] else exit_code_of(t["result"]["exit_status"]),
+         t["priority"], t["group_name"], human_age(t["created_at"]),
+         " ".join(t["spec"]["args"])[:40]) for t in data["tasks"]])
+
+
+def cmd_tasks_query(client, args):
+    request = task_filter_request(args)
+    request.update(limit=args.limit, offset=args.offset, count=args.count)
+    client.show(client.call("POST", "/tasks/query", request), render_tasks)
+
+
+def cmd_tasks_wait(client, args):
+    codes = [wait_and_report(client, task_uuid, show_output=False) for task_uuid in args.uuids]
+    return max(codes, default=0)
+
+
+def cmd_tasks_cancel(client, args):
+    if args.filter:
+        answer = client.call("POST", "/tasks/cancel", task_filter_request(args))
+    elif args.uuids:
+        answer = client.call("POST", "/tasks/cancel/list", {"uuids": args.uuids})
+    else:
+        raise UsageError("tasks cancel needs UUIDs or --filter")
+    client.show(answer, lambda data: print(f"cancelled {data['cancelled_count']} task(s)" + (
+        f"; not cancelled: {', '.join(data['failed_uuids'])}" if data.get("failed_uuids")
+        else "")))
+    return 1 if answer.get("failed_uuids") else 0
+
+
+def cmd_tasks_change(client, args):
+    change = {"tags": split_list(args.tags) if args.tags is not None else None,
+              "timeout": args.timeout, "priority": args.priority}
+    if args.command_args:
+        task = client.call("GET", f"/tasks/{args.uuid}")
+        change["task_spec"] = dict(task["info"]["spec"], args=args.command_args)
+    client.call("PUT", f"/tasks/{args.uuid}", {k: v for k, v in change.items() if v is not None})
+    print(f"changed task {args.uuid}")
+
+
+def cmd_tasks_update_labels(client, args):
+    client.call("PUT", f"/tasks/{args.uuid}/labels", {"labels": split_list(args.labels)})
+    print(f"labels of task {args.uuid} set")
+
+
+def cmd_artifacts_download(client, args):
+    kind = artifact_kind(args.kind)
+    answer = client.call("GET", f"/tasks/{args.uuid}/download/artifacts/{kind}")
+    if args.extract:
+        folder = args.output or "."
+        archive = os.path.join(cache_home(), "client", f"{args.uuid}-{kind}.tar.gz")
+        os.makedirs(os.path.dirname(archive), exist_ok=True)
+        client.download(answer["url"], archive, answer["size"], kind)
+        try:
+            safe_extract(archive, folder)
+        finally:
+            os.unlink(archive)
+        print(f"extracted {kind} of {args.uuid} into {folder}")
+    else:
+        path = args.output or f"{args.uuid}-{kind}.tar.gz"
+        client.download(answer["url"], path, answer["size"], kind)
+        print(f"saved {kind} of {args.uuid} to {path}")
+
+
+def cmd_artifacts_list(client, args):
+    task = client.call("GET", f"/tasks/{args.uuid}")
+    client.show(task["artifacts"], lambda data: print_table(
+        ["KIND", "SIZE", "UPDATED"],
+        [(a["content_type"], human_size(a["size"]), human_age(a["updated_at"])) for a in data]))
+
+
+def cmd_artifacts_delete(client, args):
+    client.call("DELETE", f"/tasks/{args.uuid}/artifacts/{artifact_kind(args.kind)}")
+    print(f"deleted {args.kind} of {args.uuid}")
+
+
+def cmd_groups_create(client, args):
+    client.call("POST", "/groups", {"group_name": args.name})
+    print(f"created group {args.name}")
+
+
+def cmd_groups_get(client, args):
+    def render(group):
+        for key in ("group_name", "creator_username", "state", "task_count", "worker_count"):
+            print(f"{key:>16}  {group[key]}")
+        print(f"{'storage':>16}  {human_size(group['storage_used'])} of "
+              f"{human_size(group['storage_quota'])}")
+        for user, role in (group.get("users_in_group") or {}).items():
+            print(f"{'member':>16}  {user} ({role})")
+    client.show(client.call("GET", f"/groups/{args.name}"), render)
+
+
+def cmd_groups_update_user(client, args):
+    client.call("PUT", f"/groups/{args.name}/users", {"relations": dict(args.pairs)})
+    print(f"updated {len(args.pairs)} member(s) of {args.name}")
+
+
+def cmd_groups_remove_user(client, args):
+    client.call("DELETE", f"/groups/{args.name}/users", params={"users": ",".join(args.users)})
+    print(f"removed {len(args.users)} member(s) from {args.name}")
+
+
+def cmd_groups_list(client, args):
+    client.show(client.call("GET", "/users/groups"),
+                lambda data: print_table(["GROUP", "ROLE"], data["groups"].items()))
+
+
+def attachment_path(group, key):
+    return f"/groups/{group}/%s/{urllib.parse.quote(key, safe='/')}"
+
+
+def cmd_attachments_upload(client, args):
+    if not os.path.isfile(args.local_file):
+        raise UsageError(f"no such file: {args.local_file}")
+    key = args.key or os.path.basename(args.local_file)
+    size = os.path.getsize(args.local_file)
+    answer = client.call("POST", f"/groups/{args.group}/attachments",
+                         {"key": key, "content_length": size})
+    client.upload(answer["url"], args.local_file, key)
+    print(f"uploaded {args.local_file} to {args.group}:{key} ({human_size(size)})")
+
+
+def cmd_attachments_download(client, args):
+    answer = client.call("GET", attachment_path(args.group, args.key) % "download/attachments")
+    path = args.output or os.path.basename(args.key)
+    client.download(answer["url"], path, answer["size"], args.key)
+    print(f"saved {args.group}:{args.key} to {path}")
+
+
+def cmd_attachments_query(client, args):
+    answer = client.call("POST", f"/groups/{args.group}/attachments/query",
+                         {"key": args.prefix, "limit": args.limit, "offset": args.offset})
+    client.show(answer, lambda data: print_table(
+        ["KEY", "SIZE", "UPDATED"],
+        [(a["key"], human_size(a["size"]), human_age(a["updated_at"]))
+         for a in data["attachments"]]))
+
+
+def cmd_attachments_delete(client, args):
+    client.call("DELETE", attachment_path(args.group, args.key) % "attachments")
+    print(f"deleted {args.group}:{args.key}")
+
+
+def render_workers(data):
+    print_table(["UUID", "STATE", "TAGS", "LABELS", "CREATOR", "HEARTBEAT", "TASK"], [
+        (w["worker_id"], w["state"], ",".join(w["tags"]) or "-", ",".join(w["labels"]) or "-",
+         w["creator_username"], human_age(w["last_heartbeat"]), w["assigned_task_id"] or "-")
+        for w in data["workers"]])
+
+
+def cmd_workers_get(client, args):
+    def render(data):
+        render_workers({"workers": [data["info"]]})
+        for group, role in data["groups"].items():
+            print(f"  group {group}: {role}")
+    client.show(client.call("GET", f"/workers/{args.uuid}"), render)
+
+
+def cmd_workers_query(client, args):
+    request = {"group_name": args.group, "role": split_list(args.role) or None,
+               "tags": split_list(args.tags) or None, "labels": split_list(args.labels) or None,
+               "creator_username": args.creator}
+    client.show(client.call("POST", "/workers/query",
+                            {k: v for k, v in request.items() if v is not None}),
+                render_workers)
+
+
+def cmd_workers_shutdown(client, args):
+    op = "Force" if args.force else "Graceful"
+    answer = client.call("POST", "/workers/shutdown/list", {"uuids": args.uuids, "op": op})
+    client.show(answer, lambda data: print(
+        f"{op.lower()} shutdown of {data['shutdown_count']} worker(s)" +
+        (f"; failed: {', '.join(data['failed_uuids'])}" if data["failed_uuids"] else "")))
+    return 1 if answer["failed_uuids"] else 0
+
+
+def cmd_workers_update_tags(client, args):
+    client.call("PUT", f"/workers/{args.uuid}/tags", {"tags": split_list(args.values)})
+    print(f"tags of worker {args.uuid} set")
+
+
+def cmd_workers_update_labels(client, args):
+    client.call("PUT", f"/workers/{args.uuid}/labels", {"labels": split_list(args.values)})
+    print(f"labels of worker {args.uuid} set")
+
+
+def cmd_workers_update_groups(client, args):
+    client.call("PUT", f"/workers/{args.uuid}/groups", {"relations": dict(args.pairs)})
+    print(f"groups of worker {args.uuid} updated")
+
+
+def cmd_workers_remove_groups(client, args):
+    client.call("DELETE", f"/workers/{args.uuid}/groups", params={"groups": ",".join(args.groups)})
+    print(f"groups removed from worker {args.uuid}")
+
+
+def ask_new_password(given, who):
+    if given is not None:
+        return given
+    if not sys.stdin.isatty():
+        raise UsageError(f"no new password for {who} given, and no terminal to ask on")
+    first = getpass.getpass(f"New password for {who}: ")
+    if first != getpass.getpass("Again: "):
+        raise UsageError("the two passwords differ")
+    return first
+
+
+def cmd_users_change_password(client, args):
+    client.login()
+    old = client.settings.password
+    if old is None:
+        old = _ask(f"Current password for {client.username}: ", getpass.getpass,
+                   "no current password")
+    new = ask_new_password(args.new_password, client.username)
+    answer = client.call("POST", f"/users/{client.username}/password",
+                         {"old_md5_password": md5_password(old),
+                          "new_md5_password": md5_password(new)})
+    CredentialFile(client.settings.credential_path).store(client.username, answer["token"])
+    print(f"password of {client.username} changed")
+
+
+def cmd_admin_users_create(client, args):
+    password = ask_new_password(args.password, args.username)
+    client.call("POST", "/admin/users", {"username": args.username,
+                                         "md5_password": md5_password(password),
+                                         "admin": args.admin})
+    print(f"created user {args.username}")
+
+
+def cmd_admin_users_delete(client, args):
+    client.call("DELETE", f"/admin/users/{args.username}")
+    print(f"deleted user {args.username}")
+
+
+def cmd_admin_users_change_password(client, args):
+    password = ask_new_password(args.password, args.username)
+    client.call("POST", f"/admin/users/{args.username}/password",
+                {"new_md5_password": md5_password(password)})
+    print(f"password of {args.username} changed")
+
+
+def cmd_admin_users_state(client, args):
+    answer = client.call("POST", f"/admin/users/{args.username}/state",
+                         {"state": args.state.capitalize()})
+    print(f"user {args.username} is {answer['state']}")
+
+
+def cmd_admin_shutdown(client, args):
+    secret = args.secret or _ask("Shutdown secret: ", getpass.getpass, "no shutdown secret")
+    client.call("POST", "/admin/shutdown", {"secret": secret})
+    print("the coordinator is shutting down")
+
+
+def add_task_filters(parser):
+    parser.add_argument("--creators", nargs="*", action="extend", help="creators' usernames")
+    parser.add_argument("-g", "--group", help="the group (default: your own)")
+    parser.add_argument("-t", "--tags", nargs="*", action="extend", help="tasks having these tags")
+    parser.add_argument("-l", "--labels", nargs="*", action="extend",
+                        help="tasks having these labels")
+    parser.add_argument("-s", "--states", nargs="*", action="extend",
+                        help="pending, ready, running, finished, cancelled")
+    parser.add_argument("--exit-status", help='e.g. "0", "!=0"')
+    parser.add_argument("--priority", help='e.g. ">5", "<=10"')
+
+
+def add_client_commands(parser, required=True):
+    """The `client` command tree; the interactive shell parses with it too (there a
+    command is required; on the command line -i may stand instead)."""
+    commands = parser.add_subparsers(dest="command", required=required, parser_class=Parser)
+
+    def command(group, name, function, help_text, *arguments):
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        for flags, kwargs in arguments:
+            sub.add_argument(*flags, **kwargs)
+        sub.set_defaults(action=function)
+        return sub
+
+    def branch(name, help_text):
+        return commands.add_parser(name, help=help_text).add_subparsers(
+            dest="subcommand", required=True, parser_class=Parser)
+
+    uuid_arg = (("uuid",), {"help": "the uuid"})
+    command(commands, "login", cmd_login, "Log in and keep the token")
+    command(commands, "auth", cmd_auth, "Show who the stored token belongs to")
+
+    tasks = branch("tasks", "Submit, follow and manage tasks")
+    submit = command(
+        tasks, "submit", cmd_tasks_submit, "Submit a task: tasks submit [options] -- COMMAND...",
+        (("-g", "--group"), {"help": "the group (default: your own)"}),
+        (("-t", "--tags"), {"nargs": "*", "action": "extend", "help": "required worker tags"}),
+        (("-l", "--labels"), {"nargs": "*", "action": "extend", "help": "labels"}),
+        (("--timeout",), {"default": "10m", "type": parse_duration_arg, "help": "e.g. 10m"}),
+        (("--priority",), {"type": int, "default": 0, "help": "higher runs first"}),
+        (("-e", "--env"), {"action": "append", "type": parse_key_value, "metavar": "KEY=VALUE"}),
+        (("--terminal",), {"action": "store_true", "help": "keep stdout and stderr"}),
+        (("--resource",), {"action": "append", "type": parse_resource,
+                           "metavar": "attachment:KEY=PATH|artifact:UUID:KIND=PATH"}),
+        (("--watch",), {"type": parse_watch, "metavar": "UUID:STATE"}),
+        (("--wait",), {"action": "store_true",
+                       "help": "wait for the task, show its output, exit with its code"}),
+        (("command_args",), {"nargs": argparse.REMAINDER, "metavar": "-- COMMAND ARGS"}))
+    submit.set_defaults(strip_dashes=True)
+    command(tasks, "get", cmd_tasks_get, "Show a task", uuid_arg)
+    query = command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
+                    (("--limit",), {"type": int}), (("--offset",), {"type": int}),
+                    (("--count",), {"action": "store_true", "help": "only count them"}))
+    add_task_filters(query)
+    command(tasks, "wait", cmd_tasks_wait, "Wait for tasks to end; exit with the last code",
+            (("uuids",), {"nargs": "+"}))
+    cancel = command(tasks, "cancel", cmd_tasks_cancel, "Cancel tasks that have not started",
+                     (("uuids",), {"nargs": "*"}),
+                     (("--filter",), {"action": "store_true",
+                                      "help": "cancel every task matching the filters"}))
+    add_task_filters(cancel)
+    change = command(tasks, "change", cmd_tasks_change, "Change a task that has not started",
+                     uuid_arg, (("-t", "--tags"), {"nargs": "*", "action": "extend"}),
+                     (("--timeout",), {"type": parse_duration_arg}),
+                     (("--priority",), {"type": int}),
+                     (("command_args",), {"nargs": argparse.REMAINDER,
+                                          "metavar": "-- COMMAND ARGS"}))
+    change.set_defaults(strip_dashes=True)
+    command(tasks, "update-labels", cmd_tasks_update_labels, "Replace a task's labels",
+            uuid_arg, (("labels",), {"nargs": "*"}))
+    artifacts = tasks.add_parser("artifacts", help="A task's artifacts").add_subparsers(
+        dest="artifacts_command", required=True, parser_class=Parser)
+    command(artifacts, "download", cmd_artifacts_download, "Download an artifact", uuid_arg,
+            (("kind",), {"help": "result, exec-log or std-log"}),
+            (("-o", "--output"), {"help": "file (or folder with --extract)"}),
+            (("--extract",), {"action": "store_true", "help": "unpack it"}))
+    command(artifacts, "list", cmd_artifacts_list, "List a task's artifacts", uuid_arg)
+    command(artifacts, "delete", cmd_artifacts_delete, "Delete an artifact", uuid_arg,
+            (("kind",), {}))
+
+    groups = branch("groups", "Groups and their members")
+    name_arg = (("name",), {"help": "the group"})
+    command(groups, "create", cmd_groups_create, "Create a group", name_arg)
+    command(groups, "get", cmd_groups_get, "Show a group", name_arg)
+    command(groups, "update-user", cmd_groups_update_user, "Add members or change roles",
+            name_arg, (("pairs",), {"nargs": "+", "type": parse_role_pair,
+                                    "metavar": "USER:ROLE"}))
+    command(groups, "remove-user", cmd_groups_remove_user, "Remove members", name_arg,
+            (("users",), {"nargs": "+"}))
+    command(groups, "list", cmd_groups_list, "Your groups and roles")
+
+    attachments = branch("attachments", "Files shared in a group")
+    group_arg = (("group",), {"help": "the group"})
+    command(attachments, "upload", cmd_attachments_upload, "Upload a file", group_arg,
+            (("local_file",), {}), (("key",), {"nargs": "?", "help": "default: file name"}))
+    command(attachments, "download", cmd_attachments_download, "Download a file", group_arg,
+            (("key",), {}), (("-o", "--output"), {}))
+    command(attachments, "query", cmd_attachments_query, "List files", group_arg,
+            (("--prefix",), {"help": "keys containing this"}),
+            (("--limit",), {"type": int}), (("--offset",), {"type": int}))
+    command(attachments, "delete", cmd_attachments_delete, "Delete a file", group_arg,
+            (("key",), {}))
+
+    workers = branch("workers", "Workers")
+    command(workers, "get", cmd_workers_get, "Show a worker", uuid_arg)
+    command(workers, "query", cmd_workers_query, "List workers",
+            (("-g", "--group"), {}), (("--role",), {"nargs": "*", "action": "extend"}),
+            (("-t", "--tags"), {"nargs": "*", "action": "extend"}),
+            (("-l", "--labels"), {"nargs": "*", "action": "extend"}), (("--creator",), {}))
+    command(workers, "shutdown", cmd_workers_shutdown, "Shut workers down",
+            (("uuids",), {"nargs": "+"}),
+            (("--force",), {"action": "store_true", "help": "now; the task is requeued"}))
+    for name, function in (("update-tags", cmd_workers_update_tags),
+                           ("update-labels", cmd_workers_update_labels)):
+        command(workers, name, function, f"Replace a worker's {name[7:]}", uuid_arg,
+                (("values",), {"nargs": "*"}))
+    command(workers, "update-groups", cmd_workers_update_groups, "Set groups' roles on a worker",
+            uuid_arg, (("pairs",), {"nargs": "+", "type": parse_role_pair,
+                                    "metavar": "GROUP:ROLE"}))
+    command(workers, "remove-groups", cmd_workers_remove_groups, "Remove groups from a worker",
+            uuid_arg, (("groups",), {"nargs": "+"}))
+
+    users = branch("users", "Your account")
+    command(users, "change-password", cmd_users_change_password, "Change your password",
+            (("--new-password",), {"help": "default: asked on the terminal"}))
+
+    admin = branch("admin", "Administration (admins only)")
+    admin_users = admin.add_parser("users", help="Manage users").add_subparsers(
+        dest="users_command", required=True, parser_class=Parser)
+    user_arg = (("username",), {})
+    command(admin_users, "create", cmd_admin_users_create, "Create a user", user_arg,
+            (("password",), {"nargs": "?"}), (("--admin",), {"action": "store_true"}))
+    command(admin_users, "delete", cmd_admin_users_delete, "Delete a user", user_arg)
+    command(admin_users, "change-password", cmd_admin_users_change_password,
+            "Set a user's password", user_arg, (("password",), {"nargs": "?"}))
+    command(admin_users, "state", cmd_admin_users_state, "Lock or unlock a user", user_arg,
+            (("state",), {"choices": ["active", "locked"]}))
+    command(admin, "shutdown", cmd_admin_shutdown, "Stop the coordinator",
+            (("secret",), {"nargs": "?"}))
+
+
+def run_client_command(client, args):
+    """Run one parsed client command; its exit status."""
+    if getattr(args, "strip_dashes", False) and args.command_args[:1] == ["--"]:
+        args.command_args = args.command_args[1:]
+    try:
+        return args.action(client, args) or 0
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+class Shell:
+    """`client -i`: the same commands, typed at a prompt (cmd-style line editing,
+    history where readline exists). Ctrl-D, exit or quit leave; Ctrl-C clears the line."""
+
+    def __init__(self, client):
+        self.client = client
+        self.parser = Parser(prog="mito>", add_help=True)
+        add_client_commands(self.parser)
+
+    def run(self):
+        history = os.path.join(cache_home(), "client-history")
+        readline = None
+        with contextlib.suppress(ImportError):
+            import readline
+            with contextlib.suppress(OSError):
+                readline.read_history_file(history)
+        status = 0
+        while True:
+            try:
+                line = input("mito> " if sys.stdin.isatty() else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                print()
+                continue
+            if line.strip() in ("exit", "quit"):
+                break
+            if line.strip():
+                status = self.one(line)
+        if readline is not None:
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(history), exist_ok=True)
+                readline.write_history_file(history)
+        return status
+
+    def one(self, line):
+        try:
+            args = self.parser.parse_args(shlex_split(line))
+            return run_client_command(self.client, args)
+        except SystemExit as exit_:
+            return exit_.code or 0
+        except UsageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print()
+            return 130
+
+
+def shlex_split(line):
+    try:
+        return shlex.split(line)
+    except ValueError as error:
+        raise UsageError(f"cannot parse the line: {error}") from None
+
+
+def run_client(args):
+    settings = load_settings("client", CLIENT_OPTIONS, vars(args), args.config)
+    CredentialFile(settings.credential_path).entries()
+    client = Client(settings, as_json=args.json)
+    if args.interactive:
+        return Shell(client).run()
+    if args.command is None:
+        fail_usage("client needs a command (see client --help), or -i for a shell")
+    return run_client_command(client, args)
+
+
+# =====================================================================================
 # 6. Command line
 # =====================================================================================
 
@@ -3330,6 +4150,17 @@ def build_parser():
     add_options(coordinator, COORDINATOR_OPTIONS)
     coordinator.add_argument("-V", "--version", action="version", version=version)
     coordinator.set_defaults(run=run_coordinator)
+
+    client = commands.add_parser("client", help="Run a mitosis client",
+                                 description="Run a mitosis client")
+    client.add_argument("--config", metavar="CONFIG", help="The path of the config file")
+    add_options(client, CLIENT_OPTIONS)
+    client.add_argument("-i", "--interactive", action="store_true",
+                        help="An interactive shell taking the same commands")
+    client.add_argument("--json", action="store_true", help="Print the API's JSON")
+    client.add_argument("-V", "--version", action="version", version=version)
+    add_client_commands(client, required=False)
+    client.set_defaults(run=run_client)
     return parser
 
 
@@ -3343,6 +4174,11 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug: one line for the user, the trace at debug level
+        log.debug("internal error", exc_info=True)
+        print(f"error: internal error: {type(error).__name__}: {error} "
+              f"(MITO_LOG_LEVEL=debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
