@@ -845,12 +845,14 @@ class ScratchDirs:
         self.new_task = os.path.join(root, "new-task.json")
 
     def reset(self):
-        """Empty every directory for the next task."""
+        """Empty every directory for the next task (touching only those that are not
+        empty already: most tasks leave most of them empty)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.new_task)
         for folder in (self.resource, self.result, self.exec, self.std, self.upload):
-            shutil.rmtree(folder, ignore_errors=True)
-            os.makedirs(folder)
+            if has_entries(folder):
+                shutil.rmtree(folder)
+            os.makedirs(folder, exist_ok=True)
 
     def remove(self):
         shutil.rmtree(self.root, ignore_errors=True)
@@ -1621,6 +1623,7 @@ _SCHEMA = [
         created_at REAL NOT NULL, updated_at REAL NOT NULL);
     CREATE INDEX tasks_queue ON tasks (state, priority DESC, id);
     CREATE INDEX tasks_group ON tasks (group_id, id);
+    CREATE INDEX tasks_upstream ON tasks (upstream) WHERE upstream IS NOT NULL;
     CREATE TABLE artifacts (
         task_uuid TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (task_uuid, kind));
@@ -2111,8 +2114,11 @@ def hash_password(md5, salt):
 class Signer:
     """HMAC-SHA256 over a JSON payload: the coordinator's tokens and blob URLs."""
 
+    CACHE = 4096
+
     def __init__(self, secret):
         self.secret = secret
+        self._verified = {}  # token -> payload: a worker presents the same token all day
 
     def sign(self, payload):
         body = b64(json.dumps(payload, separators=(",", ":")).encode())
@@ -2121,17 +2127,20 @@ class Signer:
 
     def read(self, token):
         """The payload of a token this coordinator signed and that has not expired."""
-        body, _, mac = token.partition(".")
-        try:
-            good = hmac.new(self.secret, body.encode(), hashlib.sha256).digest()
-            if not hmac.compare_digest(good, unb64(mac)):
+        payload = self._verified.get(token)
+        if payload is None:
+            body, _, mac = token.partition(".")
+            try:
+                good = hmac.new(self.secret, body.encode(), hashlib.sha256).digest()
+                if not hmac.compare_digest(good, unb64(mac)):
+                    return None
+                payload = json.loads(unb64(body))
+            except (ValueError, TypeError):
                 return None
-            payload = json.loads(unb64(body))
-        except (ValueError, TypeError):
-            return None
-        if not isinstance(payload, dict) or not payload.get("exp", 0) >= time.time():
-            return None
-        return payload
+            if len(self._verified) >= self.CACHE:
+                self._verified.clear()
+            self._verified[token] = payload
+        return payload if payload["exp"] >= time.time() else None
 
 
 def load_secret(path):
@@ -2623,11 +2632,9 @@ class Coordinator:
         time_left = req.arg("time_left", float)
         deadline = time.monotonic() + min(LONG_POLL_MAX, max(0.0, wait))
         headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX)}
+        worker = req.worker
         while True:
             generation = self.store.generation
-            worker = self.store.worker(req.worker["uuid"])
-            if worker is None:
-                raise HttpError(401, "this worker was shut down")
             task = self.store.claim(worker, time_left)
             remaining = deadline - time.monotonic()
             if task is not None or remaining <= 0 or self.stopping.is_set():
@@ -2635,6 +2642,9 @@ class Coordinator:
             with self.store.changed:
                 if self.store.generation == generation:
                     self.store.changed.wait(remaining)
+            worker = self.store.worker(worker["uuid"])  # its tags or groups may have changed
+            if worker is None:
+                raise HttpError(401, "this worker was shut down")
 
     def report_task(self, req):
         body = req.body()
@@ -3199,8 +3209,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self._headers_buffer.append(b"\r\n" + payload)  # headers and body in one send
+        self.flush_headers()
+
+    _date = (0, "")
+
+    def date_time_string(self, timestamp=None):
+        """The Date header, formatted once a second rather than once a request."""
+        second = int(time.time()) if timestamp is None else int(timestamp)
+        if self._date[0] != second:
+            ApiHandler._date = (second, super().date_time_string(second))
+        return self._date[1]
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), format % args)
