@@ -425,6 +425,10 @@ class Unreachable(Exception):
     """No HTTP answer at all: refused, reset, timed out or not resolved."""
 
 
+class CertificateRefused(Exception):
+    """The coordinator's TLS certificate did not verify: retrying will not help."""
+
+
 class Stopped(Exception):
     """The process is leaving; whatever was in progress is abandoned."""
 
@@ -506,6 +510,10 @@ class Http:
                 self._drop(parts)
                 if not (reused and attempt == 1):
                     raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
+            except ssl.SSLCertVerificationError as error:
+                self._drop(parts)
+                raise CertificateRefused(f"{parts.netloc}: {error.verify_message} (give "
+                                         f"--ca-cert for a self-signed certificate)") from None
             except (OSError, http.client.HTTPException) as error:
                 self._drop(parts)
                 raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
@@ -574,6 +582,25 @@ def decode_body(data, headers):
     return data.decode("utf-8", "replace")
 
 
+def client_ssl_context(settings):
+    """Verify HTTPS with the system store, or with `ca_cert` when given."""
+    if not settings.coordinator_addr.startswith("https:"):
+        return None
+    try:
+        return ssl.create_default_context(cafile=settings.ca_cert)
+    except (OSError, ssl.SSLError) as error:
+        fail_usage(f"bad value for ca_cert: cannot load {settings.ca_cert}: {error}")
+
+
+def warn_plain_http(url):
+    """Tokens travel in the clear over http: say so, once, unless it stays on this host."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if url.startswith("http:") and host != "localhost" and not host.startswith("127.") \
+            and host != "::1":
+        log.warning("talking plain HTTP to %s: tokens and data travel unencrypted "
+                    "(use https:// with a coordinator started with --tls-cert)", host)
+
+
 class Backoff:
     """Capped exponential backoff with full jitter, so that many clients retrying a
     recovering coordinator spread out instead of arriving in lockstep."""
@@ -592,18 +619,25 @@ class Backoff:
         return pause
 
 
-def persist(call, what, stop=None):
+def persist(call, what, stop=None, reach=None):
     """Run `call` until it gets an answer from the coordinator, backing off between
-    connection failures and logging each one. Other errors pass through."""
+    connection failures and logging each one. Other errors pass through. `reach`, if
+    given, hears of each success and failure (and may give up)."""
     backoff = Backoff()
     while True:
         if stop is not None and stop.is_set():
             raise Stopped()
         try:
-            return call()
+            answer = call()
         except Unreachable as error:
+            if reach is not None:
+                reach.failed()
             log.warning("%s: coordinator unreachable (%s); retrying", what, error)
             backoff.sleep(stop)
+            continue
+        if reach is not None:
+            reach.succeeded()
+        return answer
 
 
 # ---- credentials --------------------------------------------------------------------
@@ -657,14 +691,19 @@ class CredentialFile:
         write_private_file(self.path, "\n".join(lines) + "\n")
 
 
-def login(http, user, password, credential_path, retain=False, stop=None, force=False):
+def login(http, user, password, credential_path, retain=False, stop=None, force=False,
+          reach=None, patient=True):
     """A valid user token: the stored one if the coordinator accepts it, else a new one
-    from /login (asking for the password only on a terminal). Returns (user, token)."""
+    from /login (asking for the password only on a terminal). Returns (user, token).
+    A `patient` caller (a worker) waits out an unreachable coordinator."""
     credentials = CredentialFile(credential_path)
     name, token = credentials.lookup(user)
+
+    def ask(call, what):
+        return persist(call, what, stop, reach) if patient else call()
     if token and password is None and not force:
         try:
-            return persist(lambda: http.api("GET", "/auth", token=token), "auth", stop), token
+            return ask(lambda: http.api("GET", "/auth", token=token), "auth"), token
         except ApiError as error:
             if error.status != 401:
                 raise
@@ -674,7 +713,7 @@ def login(http, user, password, credential_path, retain=False, stop=None, force=
         password = _ask(f"Password for {name}: ", getpass.getpass,
                         f"no valid token for {name} in {credentials.path} and no password")
     request = {"username": name, "md5_password": md5_password(password), "retain": retain}
-    token = persist(lambda: http.api("POST", "/login", request), "login", stop)["token"]
+    token = ask(lambda: http.api("POST", "/login", request), "login")["token"]
     credentials.store(name, token)
     return name, token
 
@@ -814,6 +853,22 @@ WORKER_OPTIONS = (
            "Keep the user's other logins valid when logging in"),
     Option("skip_redis", "bool", False, ("--skip-redis",),
            "Accepted for compatibility; there is no Redis here"),
+    Option("concurrency", "int", 1, ("--concurrency",),
+           "Run N tasks at once: the process registers N workers", "N"),
+    Option("idle_timeout", "duration", None, ("--idle-timeout",),
+           "Leave after this long with no task (0s: drain the queue once, then leave)"),
+    Option("max_tasks", "int", None, ("--max-tasks",), "Leave after N tasks", "N"),
+    Option("walltime_margin", "duration", "2m", ("--walltime-margin",),
+           "Inside a SLURM or PBS job, leave this long before the job ends"),
+    Option("no_batch_detect", "bool", False, ("--no-batch-detect",),
+           "Do not look for a SLURM or PBS job's end"),
+    Option("lock_file", "path", None, ("--lock-file",),
+           "Hold an exclusive lock on this file; exit at once if another worker holds it"),
+    Option("give_up_after", "duration", None, ("--give-up-after",),
+           "Leave when the coordinator has been unreachable this long (default: never)"),
+    Option("ca_cert", "path", None, ("--ca-cert",),
+           "Verify the coordinator's TLS certificate with this CA file (default: the "
+           "system store)"),
 )
 
 KILL_GRACE = 10.0         # seconds between SIGTERM and SIGKILL for a task past its timeout
@@ -1139,62 +1194,63 @@ class TaskRun:
 
 
 class Worker:
-    """A worker process: log in, register, then a heartbeat thread and a fetch loop
-    thread, while the main thread waits for a signal or the end of the lifetime."""
+    """One registered Mitosis worker (a slot of the process): its token, heartbeat
+    thread, fetch loop and scratch directory."""
 
-    def __init__(self, settings):
-        self.settings = settings
-        self.http = Http(settings.coordinator_addr)
-        self.stop = threading.Event()
+    def __init__(self, process):
+        self.process, self.settings, self.stop = process, process.settings, process.stop
+        self.http = Http(self.settings.coordinator_addr, ssl_context=process.ssl_context)
         self.worker_id = None
         self.scratch = None
         self.current = None
         self.long_poll = False
         self.unauthorized = False
-        self.exit_status = 0
-        self._signals = 0
+        self.finished = threading.Event()  # the fetch loop has ended
+        self.idle_since = time.monotonic()
+        self.saw_empty_queue = False
 
     # -- the coordinator
 
-    def call(self, method, path, payload=None, what=None, persistent=True, **kwargs):
+    def call(self, method, path, payload=None, what=None, persistent=True, reply=False,
+             **kwargs):
         """An API call with the worker token; 401 -> Unauthorized. With `persistent`,
-        connection failures are retried until the coordinator answers."""
+        connection failures are retried until the coordinator answers. With `reply`,
+        the whole Reply (headers too) rather than its data."""
+        reach = self.process.reach
+        send = self.http.api_reply if reply else self.http.api
+
         def attempt():
-            return self.http.api(method, path, payload, **kwargs)
+            try:
+                answer = send(method, path, payload, **kwargs)
+            except Unreachable:
+                if not persistent:
+                    reach.failed()
+                raise
+            reach.succeeded()
+            return answer
         try:
-            return persist(attempt, what or path, self.stop) if persistent else attempt()
+            return persist(attempt, what or path, self.stop, reach) if persistent else attempt()
         except ApiError as error:
             if error.status == 401:
                 raise Unauthorized(error.msg) from None
             raise
 
-    def register(self):
+    def register(self, user_token, lifetime):
         settings = self.settings
-        user, token = login(self.http, settings.user, settings.password,
-                            settings.credential_path, settings.retain, self.stop)
-        request = register_request(settings.tags, settings.labels, settings.groups,
-                                   settings.lifetime)
-        answer = persist(lambda: self.http.api("POST", "/workers", request, token=token),
-                         "register", self.stop)
+        request = register_request(settings.tags, settings.labels, settings.groups, lifetime)
+        answer = persist(lambda: self.http.api("POST", "/workers", request, token=user_token),
+                         "register", self.stop, self.process.reach)
         self.worker_id, self.http.token = answer["worker_id"], answer["token"]
-        self.add_file_logs()
-        log.info("worker %s registered with %s as %s (tags %s, groups %s)", self.worker_id,
-                 settings.coordinator_addr, user, settings.tags, settings.groups)
+        self.scratch = ScratchDirs(os.path.join(cache_home(), "worker", self.worker_id))
 
-    def add_file_logs(self):
-        settings, folder = self.settings, os.path.join(cache_home(), "worker")
-        if settings.file_log:
-            add_rolling_file_log(settings.log_path
-                                 or os.path.join(folder, f"{self.worker_id}.log"))
-        elif settings.log_path:
-            log.warning("log_path is set but file_log is not: not logging to %s",
-                        settings.log_path)
-        if settings.shared_log:
-            shared = os.path.dirname(os.path.abspath(settings.log_path)) \
-                if settings.log_path else folder
-            handler = SharedDailyLogHandler(shared, f"worker:{self.worker_id}")
-            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-            log.addHandler(handler)
+    def start(self):
+        for target in (self.heartbeat_loop, self.fetch_loop):
+            threading.Thread(target=target, name=f"worker:{self.worker_id}",
+                             daemon=True).start()
+
+    @property
+    def busy(self):
+        return self.current is not None
 
     # -- the two threads
 
@@ -1204,99 +1260,417 @@ class Worker:
                 self.call("POST", "/workers/heartbeat", persistent=False)
             except Unauthorized as error:
                 self.leave_unauthorized(error)
+                return
             except (ApiError, Unreachable) as error:
                 log.warning("heartbeat failed: %s", error)
+            except GaveUp:
+                self.process.give_up()
+                return
 
     def fetch_loop(self):
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and self.process.may_fetch():
                 task = self.fetch()
+                if task is not None and self.process.draining.is_set():
+                    break  # taken while draining: leaving unregistered requeues it
                 if task is not None:
-                    self.current = TaskRun(self, task)
-                    self.current.run()
-                    self.current = None
-                elif not self.long_poll:
+                    self.run(task)
+                elif not self.long_poll or self.process.fetch_wait() == 0:
                     self.stop.wait(self.settings.polling_interval)
         except Stopped:
             pass
         except Unauthorized as error:
             self.leave_unauthorized(error)
+        except GaveUp:
+            self.process.give_up()
         except Exception:  # a bug: say so in the log and leave cleanly rather than hang
             log.exception("worker loop failed")
-            self.exit_status = 1
+            self.process.exit_status = 1
             self.stop.set()
+        finally:
+            self.finished.set()
+            self.process.wake()
+
+    def run(self, task):
+        self.current = TaskRun(self, task)
+        try:
+            self.current.run()
+        finally:
+            self.current = None
+            self.idle_since = time.monotonic()
+            self.saw_empty_queue = False
+            self.process.task_done()
 
     def fetch(self):
         """GET /workers/tasks, long-polling where the coordinator supports it."""
-        wait = max(1, min(LONG_POLL_CAP, math.ceil(self.settings.polling_interval)))
+        params = {"wait": self.process.fetch_wait()}
+        time_left = self.process.time_left()
+        if time_left is not None:
+            params["time_left"] = int(time_left)
+        ticket = self.process.take_ticket()
+        if not ticket:
+            raise Stopped()
         try:
-            reply = persist(lambda: self.http.api_reply(
-                "GET", "/workers/tasks", params={"wait": wait}, timeout=wait + 30),
-                "fetch", self.stop)
+            reply = self.call("GET", "/workers/tasks", what="fetch", params=params,
+                              timeout=params["wait"] + 30, reply=True)
         except ApiError as error:
-            if error.status == 401:
-                raise Unauthorized(error.msg) from None
             log.warning("fetch failed: %s", error)
             self.long_poll = False
             return None
+        finally:
+            self.process.return_ticket()
         self.long_poll = "X-Mito-Long-Poll" in reply.headers
-        return reply.data if isinstance(reply.data, dict) else None
+        task = reply.data if isinstance(reply.data, dict) else None
+        if task is None:
+            self.saw_empty_queue = True
+            self.process.wake()
+        else:
+            self.process.task_started()
+        return task
 
     # -- leaving
 
     def leave_unauthorized(self, error):
         if self.stop.is_set():
             return  # already leaving: a 401 after our own DELETE /workers is expected
-        log.info("the coordinator no longer accepts this worker (%s); leaving", error)
+        log.info("the coordinator no longer accepts worker %s (%s); it leaves",
+                 self.worker_id, error)
         self.unauthorized = True
-        self.stop.set()
+        self.finished.set()
+        self.process.wake()
+
+    def kill(self):
+        run = self.current
+        if run is not None:
+            run.kill()
+
+    def leave(self):
+        """Kill the running task (it is requeued, not committed), unregister, clean up."""
+        self.kill()
+        if not self.unauthorized:
+            try:
+                self.http.api("DELETE", "/workers", timeout=3)
+            except (ApiError, Unreachable) as error:
+                log.warning("worker %s could not unregister: %s", self.worker_id, error)
+        self.scratch.remove()
+        log.info("worker %s stopped", self.worker_id)
+
+
+class GaveUp(Exception):
+    """The coordinator has been unreachable for longer than give_up_after."""
+
+
+class Reachability:
+    """Since when the coordinator has been unreachable, shared by every thread of the
+    process; past `patience` (give_up_after), failed() raises GaveUp."""
+
+    def __init__(self, patience):
+        self.patience, self.since = patience, None
+
+    def succeeded(self):
+        self.since = None
+
+    def failed(self):
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        elif self.patience is not None and now - self.since >= self.patience:
+            raise GaveUp()
+
+
+class WorkerProcess:
+    """One `mito.py worker` process: the lock file, signals, login, logs, lifetime and
+    batch-job walltime, idle and task limits, around `concurrency` registered workers
+    (slots) that share one shutdown. The main thread supervises."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.ssl_context = client_ssl_context(settings)
+        self.stop = threading.Event()        # leave now: running tasks are killed
+        self.draining = threading.Event()    # finish the running tasks, take no new one
+        self.changed = threading.Condition()
+        self.reach = Reachability(settings.give_up_after)
+        self.slots = []
+        self.deadline = None
+        self.started = self.in_flight = 0
+        self.exit_status = 0
+        self._signals = 0
+        self._lock_handle = None
+
+    # -- what the slots ask
+
+    def may_fetch(self):
+        return not (self.draining.is_set() or self.stop.is_set())
+
+    def fetch_wait(self):
+        """Seconds a fetch may be held: none in burst mode (idle_timeout 0s)."""
+        if self.settings.idle_timeout == 0:
+            return 0
+        return max(1, min(LONG_POLL_CAP, math.ceil(self.settings.polling_interval)))
+
+    def time_left(self):
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def take_ticket(self):
+        """Reserve the right to fetch one task (max_tasks counts what was taken)."""
+        with self.changed:
+            limit = self.settings.max_tasks
+            if limit is not None and self.started + self.in_flight >= limit:
+                return False
+            self.in_flight += 1
+            return True
+
+    def return_ticket(self):
+        with self.changed:
+            self.in_flight -= 1
+
+    def task_started(self):
+        with self.changed:
+            self.started += 1
+
+    def task_done(self):
+        self.wake()
+
+    def wake(self):
+        with self.changed:
+            self.changed.notify_all()
+
+    def give_up(self):
+        if not self.stop.is_set():
+            log.error("the coordinator has been unreachable for %s; giving up",
+                      format_duration(self.settings.give_up_after))
+            self.stop.set()
+            self.wake()
+
+    # -- signals
 
     def on_signal(self, number, _frame):
+        if number == signal.SIGUSR1:
+            log.info("received SIGUSR1: finishing the running tasks, then leaving")
+            self.draining.set()
+            self.wake()
+            return
         self._signals += 1
         if self._signals > 1 and number == signal.SIGINT:
             os._exit(130)
         log.info("received %s; leaving", signal.Signals(number).name)
         self.stop.set()
-        if self.current is not None:
-            self.current.kill()
+        for slot in self.slots:
+            slot.kill()
+        self.wake()
+
+    # -- the life of the process
 
     def main(self):
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self.on_signal)
-        try:
-            self.register()
-        except Stopped:
+        if self.settings.lock_file and not self.take_lock(self.settings.lock_file):
             return 0
-        except ApiError as error:
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(number, self.on_signal)
+        warn_plain_http(self.settings.coordinator_addr)
+        lifetime = self.plan_lifetime()
+        if lifetime is not None and lifetime <= 0:
+            log.warning("the batch job ends within the walltime margin: nothing to do")
+            return 0
+        try:
+            user, token = login(Http(self.settings.coordinator_addr,
+                                     ssl_context=self.ssl_context),
+                                self.settings.user, self.settings.password,
+                                self.settings.credential_path, self.settings.retain,
+                                self.stop, reach=self.reach)
+            for _ in range(self.settings.concurrency):
+                slot = Worker(self)
+                slot.register(token, lifetime)
+                self.slots.append(slot)
+        except (Stopped, GaveUp):
+            return self.leave()
+        except (ApiError, CertificateRefused) as error:
             log.error("cannot register with %s: %s", self.settings.coordinator_addr, error)
+            self.leave()
             return 1
-        self.scratch = ScratchDirs(os.path.join(cache_home(), "worker", self.worker_id))
-        for target in (self.heartbeat_loop, self.fetch_loop):
-            threading.Thread(target=target, name=target.__name__, daemon=True).start()
-        if not self.stop.wait(self.settings.lifetime):
-            log.info("worker lifetime of %s is over; leaving",
-                     format_duration(self.settings.lifetime))
-            self.stop.set()
+        self.add_file_logs()
+        log.info("%s registered with %s as %s (tags %s, groups %s)",
+                 ", ".join(f"worker {slot.worker_id}" for slot in self.slots),
+                 self.settings.coordinator_addr, user, self.settings.tags, self.settings.groups)
+        for slot in self.slots:
+            slot.start()
+        self.supervise()
         return self.leave()
 
+    def plan_lifetime(self):
+        """The lifetime to register with: the configured one, cut short to end a margin
+        before the batch job does. Sets the deadline the process leaves at."""
+        settings, lifetime = self.settings, self.settings.lifetime
+        if not settings.no_batch_detect:
+            job_left = batch_time_left()
+            if job_left is not None:
+                usable = job_left - settings.walltime_margin
+                log.info("batch job ends in %s; leaving %s before", format_duration(job_left),
+                         format_duration(settings.walltime_margin))
+                lifetime = usable if lifetime is None else min(lifetime, usable)
+        if lifetime is not None:
+            self.deadline = time.monotonic() + lifetime
+        return lifetime
+
+    def supervise(self):
+        """Wait until a reason to leave: a signal, the end of the lifetime, idleness,
+        the task limit, draining done, or every slot let go by the coordinator."""
+        with self.changed:
+            while True:
+                reason = self.reason_to_leave()
+                if reason:
+                    break
+                self.changed.wait(self.next_check())
+        if reason is not True:
+            log.info("%s; leaving", reason)
+        self.stop.set()
+
+    def reason_to_leave(self):
+        settings, now = self.settings, time.monotonic()
+        if self.stop.is_set():
+            return True
+        if all(slot.finished.is_set() for slot in self.slots):
+            return "no worker left to fetch tasks"
+        busy = any(slot.busy for slot in self.slots)
+        if self.draining.is_set() and not busy:
+            return "drained"
+        if self.deadline is not None and now >= self.deadline:
+            return "the worker's lifetime is over"
+        limit = settings.max_tasks
+        if limit is not None and self.started >= limit and not busy:
+            return f"{limit} task(s) done"
+        if settings.idle_timeout is not None and not busy:
+            idle = min(now - slot.idle_since for slot in self.slots)
+            if settings.idle_timeout == 0:
+                if all(slot.saw_empty_queue for slot in self.slots):
+                    return "the queue is empty"
+            elif idle >= settings.idle_timeout:
+                return f"idle for {format_duration(settings.idle_timeout)}"
+        return None
+
+    def next_check(self):
+        waits = [1.0]
+        if self.deadline is not None:
+            waits.append(self.deadline - time.monotonic())
+        if self.settings.idle_timeout:
+            waits.append(self.settings.idle_timeout / 4)
+        return max(0.01, min(waits))
+
     def leave(self):
-        """Kill the running task (it is requeued, not committed), unregister, clean up."""
-        if self.current is not None:
-            self.current.kill()
-        if not self.unauthorized:
-            try:
-                self.http.api("DELETE", "/workers", timeout=3)
-            except (ApiError, Unreachable) as error:
-                log.warning("could not unregister: %s", error)
-        self.scratch.remove()
-        log.info("worker %s stopped", self.worker_id)
+        """Every slot: kill its task, unregister (in parallel, 3 s each), clean up."""
+        self.stop.set()
+        threads = [threading.Thread(target=slot.leave, daemon=True) for slot in self.slots]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
         return self.exit_status
+
+    # -- the shared parts
+
+    def take_lock(self, path):
+        """Hold an exclusive flock on `path` for the life of the process; False (and a
+        log line) when another worker holds it."""
+        import fcntl
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            log.info("another worker (pid %s) holds %s; exiting", holder, path)
+            handle.close()
+            return False
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_handle = handle
+        return True
+
+    def add_file_logs(self):
+        settings, folder = self.settings, os.path.join(cache_home(), "worker")
+        first = self.slots[0].worker_id
+        if settings.file_log:
+            add_rolling_file_log(settings.log_path or os.path.join(folder, f"{first}.log"))
+        elif settings.log_path:
+            log.warning("log_path is set but file_log is not: not logging to %s",
+                        settings.log_path)
+        if settings.shared_log:
+            shared = os.path.dirname(os.path.abspath(settings.log_path)) \
+                if settings.log_path else folder
+            handler = SharedDailyLogHandler(shared, f"worker:{first}")
+            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+            log.addHandler(handler)
+
+
+# ---- batch systems: when does this job end? --------------------------------------------
+
+
+def batch_time_left():
+    """Seconds until the SLURM or PBS job this process runs in ends, or None (not in a
+    job, no end known, or the batch commands are missing: a log line, not an error)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        job = os.environ["SLURM_JOB_ID"]
+        left = parse_clock(run_quietly(["squeue", "-h", "-j", job, "-o", "%L"]))
+        if left is None:
+            left = slurm_end_from_scontrol(run_quietly(["scontrol", "show", "job", job]))
+        return left
+    if os.environ.get("PBS_JOBID"):
+        return pbs_time_left(run_quietly(["qstat", "-f", os.environ["PBS_JOBID"]]))
+    return None
+
+
+def run_quietly(argv):
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.info("cannot ask the batch system (%s): %s", argv[0], error)
+        return ""
+    if done.returncode != 0:
+        log.info("%s failed: %s", " ".join(argv), done.stderr.strip()[:200])
+        return ""
+    return done.stdout
+
+
+def parse_clock(text):
+    """Seconds from SLURM's "[days-]hours:minutes:seconds" (or "minutes:seconds")."""
+    match = re.fullmatch(r"\s*(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)\s*", text or "")
+    if not match:
+        return None
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def slurm_end_from_scontrol(text):
+    match = re.search(r"\bEndTime=(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})", text or "")
+    if not match:
+        return None
+    end = datetime.datetime.fromisoformat(match.group(1))  # the cluster's local time
+    return (end - datetime.datetime.now()).total_seconds()
+
+
+def pbs_time_left(text):
+    """From `qstat -f`: Walltime.Remaining (Torque), else the requested walltime less
+    the used one (PBS Pro)."""
+    remaining = re.search(r"Walltime\.Remaining\s*=\s*(\d+)", text or "")
+    if remaining:
+        return int(remaining.group(1))
+    wanted = re.search(r"Resource_List\.walltime\s*=\s*([\d:]+)", text or "")
+    if not wanted:
+        return None
+    used = re.search(r"resources_used\.walltime\s*=\s*([\d:]+)", text)
+    return parse_clock(wanted.group(1)) - (parse_clock(used.group(1)) if used else 0)
 
 
 def run_worker(args):
     settings = load_settings("worker", WORKER_OPTIONS, vars(args), args.config)
+    if settings.concurrency < 1:
+        fail_usage(f"bad value for concurrency: {settings.concurrency} (1 or more)")
+    if settings.max_tasks is not None and settings.max_tasks < 1:
+        fail_usage(f"bad value for max_tasks: {settings.max_tasks} (1 or more)")
     CredentialFile(settings.credential_path).entries()  # unreadable: fail before contact
-    return Worker(settings).main()
+    return WorkerProcess(settings).main()
 
 
 # =====================================================================================
@@ -1326,6 +1700,9 @@ COORDINATOR_OPTIONS = (
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
     Option("shutdown_secret", "str", None, ("--shutdown-secret",),
            "The secret POST /admin/shutdown must present (unset: shutdown refused)"),
+    Option("tls_cert", "path", None, ("--tls-cert",),
+           "Serve HTTPS with this certificate (PEM; with --tls-key)"),
+    Option("tls_key", "path", None, ("--tls-key",), "The private key of --tls-cert (PEM)"),
 )
 
 READ, WRITE, ADMIN = 1, 2, 3
@@ -3254,10 +3631,25 @@ class ApiServer(http.server.ThreadingHTTPServer):
         return getattr(self.coordinator, name)(req, **params)
 
 
-def local_worker_command(url, credentials):
+def local_worker_command(url, credentials, ca_cert):
     """How the coordinator starts one of its --workers: this very file."""
-    return [sys.executable, os.path.abspath(__file__), "worker", "-c", url,
-            "--credential-path", credentials, "--polling-interval", "30s"]
+    command = [sys.executable, os.path.abspath(__file__), "worker", "-c", url,
+               "--credential-path", credentials, "--polling-interval", "30s"]
+    return command + (["--ca-cert", ca_cert] if ca_cert else [])
+
+
+def server_ssl_context(settings):
+    """TLS for the coordinator when --tls-cert is given (the key may be in the cert)."""
+    if not settings.tls_cert:
+        if settings.tls_key:
+            fail_usage("bad value for tls_key: it needs tls_cert too")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        fail_usage(f"bad value for tls_cert/tls_key: cannot load {settings.tls_cert}: {error}")
+    return context
 
 
 def run_coordinator(args):
@@ -3270,6 +3662,7 @@ def run_coordinator(args):
     if settings.file_log:
         add_rolling_file_log(settings.log_path
                              or os.path.join(cache_home(), "coordinator", "coordinator.log"))
+    tls = server_ssl_context(settings)
     coordinator = Coordinator(settings)
     credentials = coordinator.bootstrap_admin()
     host, port = settings.bind
@@ -3278,14 +3671,19 @@ def run_coordinator(args):
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", host, port, error.strerror)
         return 1
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{server.server_port}"
+    if tls is not None:  # the handshake happens in the connection's own thread
+        server.socket = tls.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
+    scheme = "https" if tls else "http"
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"{scheme}://{local}:{server.server_port}"
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     threading.Thread(target=coordinator.reap_forever, name="reaper", daemon=True).start()
     log.info("coordinator listening on %s (state in %s)", url, coordinator.state_dir)
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: coordinator.stopping.set())
-    children = [subprocess.Popen(local_worker_command(url, credentials), stdin=subprocess.DEVNULL)
-                for _ in range(settings.workers)]
+    children = [subprocess.Popen(local_worker_command(url, credentials, settings.tls_cert),
+                                 stdin=subprocess.DEVNULL) for _ in range(settings.workers)]
     coordinator.stopping.wait()
     log.info("coordinator stopping")
     stop_children(children)
@@ -3323,6 +3721,9 @@ CLIENT_OPTIONS = (
     Option("password", "str", None, ("-p", "--password"), "The password of the user"),
     Option("retain", "bool", False, ("--retain",),
            "Keep the user's other logins valid when logging in"),
+    Option("ca_cert", "path", None, ("--ca-cert",),
+           "Verify the coordinator's TLS certificate with this CA file (default: the "
+           "system store)"),
 )
 
 
@@ -3350,7 +3751,7 @@ def human_age(text):
 
 def print_table(headers, rows):
     rows = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(str(h)), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(str(h))] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
     for row in [headers, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
@@ -3420,17 +3821,18 @@ class Client:
 
     def __init__(self, settings, as_json=False):
         self.settings, self.as_json = settings, as_json
-        self.http = Http(settings.coordinator_addr)
+        self.http = Http(settings.coordinator_addr, ssl_context=client_ssl_context(settings))
         self.username = None
 
     def login(self, force=False):
         s = self.settings
         try:
             self.username, self.http.token = login(self.http, s.user, s.password,
-                                                   s.credential_path, s.retain, force=force)
+                                                   s.credential_path, s.retain, force=force,
+                                                   patient=False)
         except ApiError as error:
             raise ClientError(f"login failed: {error.msg}") from None
-        except Unreachable as error:
+        except (Unreachable, CertificateRefused) as error:
             raise ClientError(f"cannot reach the coordinator: {error}") from None
 
     def call(self, method, path, payload=None, params=None):
@@ -3440,7 +3842,7 @@ class Client:
             return self.http.api(method, path, payload, params)
         except ApiError as error:
             raise ClientError(f"{method} {path} failed ({error.status}): {error.msg}") from None
-        except Unreachable as error:
+        except (Unreachable, CertificateRefused) as error:
             raise ClientError(f"cannot reach the coordinator: {error}") from None
 
     def show(self, data, render=None):
