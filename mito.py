@@ -1436,9 +1436,11 @@ class WorkerProcess:
             self.changed.notify_all()
 
     def give_up(self):
+        """Leave with status 1: a supervisor (systemd, cron, a job script) should know."""
         if not self.stop.is_set():
             log.error("the coordinator has been unreachable for %s; giving up",
                       format_duration(self.settings.give_up_after))
+            self.exit_status = 1
             self.stop.set()
             self.wake()
 
@@ -1481,7 +1483,10 @@ class WorkerProcess:
                 slot = Worker(self)
                 slot.register(token, lifetime)
                 self.slots.append(slot)
-        except (Stopped, GaveUp):
+        except GaveUp:
+            self.give_up()
+            return self.leave()
+        except Stopped:
             return self.leave()
         except (ApiError, CertificateRefused) as error:
             log.error("cannot register with %s: %s", self.settings.coordinator_addr, error)
@@ -1528,11 +1533,11 @@ class WorkerProcess:
         settings, now = self.settings, time.monotonic()
         if self.stop.is_set():
             return True
-        if all(slot.finished.is_set() for slot in self.slots):
-            return "no worker left to fetch tasks"
         busy = any(slot.busy for slot in self.slots)
         if self.draining.is_set() and not busy:
             return "drained"
+        if all(slot.finished.is_set() for slot in self.slots):
+            return "no worker left to fetch tasks"
         if self.deadline is not None and now >= self.deadline:
             return "the worker's lifetime is over"
         limit = settings.max_tasks
