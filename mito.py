@@ -2898,7 +2898,7 @@ class Coordinator:
         self.store.check_quota(row["id"], old["size"] if old else 0, size)
         url = self.blobs.url(req.base_url(), "PUT", ("attachment", row["id"], key), size,
                              row["id"])
-        return {"url": url}
+        return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
         row = self.group_of(req, group, READ)
@@ -3052,7 +3052,7 @@ class Coordinator:
         self.store.check_quota(task["group_id"], old["size"] if old else 0, size)
         self.store.set_task_state(task["id"], task["state"])  # an upload is a sign of life
         return {"url": self.blobs.url(req.base_url(), "PUT", ("artifact", task["uuid"], kind),
-                                      size, task["group_id"])}
+                                      size, task["group_id"]), "exist": old is not None}
 
     def report_commit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
@@ -3273,8 +3273,7 @@ class Coordinator:
         return {"cancelled_count": cancelled, "failed_uuids": failed}
 
     def upload_artifact(self, req, task):
-        row = self.task_of(req, task, WRITE)
-        return {"url": self.report_upload(req, row, req.body())["url"]}
+        return self.report_upload(req, self.task_of(req, task, WRITE), req.body())
 
     def download_artifact(self, req, task, kind):
         row = self.task_of(req, task, READ)
