@@ -429,6 +429,10 @@ class CertificateRefused(Exception):
     """The coordinator's TLS certificate did not verify: retrying will not help."""
 
 
+class _StaleConnection(Exception):
+    """A kept-alive connection turned out closed before the request got an answer."""
+
+
 class Stopped(Exception):
     """The process is leaving; whatever was in progress is abandoned."""
 
@@ -482,41 +486,56 @@ class Http:
     def exchange(self, method, url, body=None, headers=None, timeout=None, sink=None):
         """One request; the answer's body goes to `sink` (a file) on 2xx, else to memory.
 
-        A request on a kept-alive connection the server has meanwhile closed is sent
-        once more on a fresh one; any other failure to get an answer is Unreachable.
+        A request on a kept-alive connection that the server closed meanwhile (it fails
+        before any answer arrives) is sent once more on a fresh connection. Any other
+        failure, including one in the middle of an answer, is Unreachable: the caller
+        decides whether to start over.
         """
         parts = urllib.parse.urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for attempt in (1, 2):
             conn = self._connection(parts, timeout or self.timeout)
             reused = conn.sock is not None
             try:
-                if not reused:
-                    conn.connect()
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if hasattr(body, "seek"):
-                    body.seek(0)
-                conn.request(method, target or "/", body=body, headers=headers or {})
-                response = conn.getresponse()
-                if sink is not None and 200 <= response.status < 300:
-                    shutil.copyfileobj(response, sink, 1 << 16)
-                    data = b""
-                else:
-                    data = response.read()
-                if response.will_close:
-                    self._drop(parts)
-                return response.status, response.headers, data
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as error:
+                with self._failures(parts):
+                    try:
+                        if not reused:
+                            conn.connect()
+                            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        if hasattr(body, "seek"):
+                            body.seek(0)
+                        conn.request(method, target, body=body, headers=headers or {})
+                        response = conn.getresponse()
+                    except (http.client.RemoteDisconnected, ConnectionError):
+                        if reused and attempt == 1:
+                            raise _StaleConnection() from None
+                        raise
+                    if sink is not None and 200 <= response.status < 300:
+                        shutil.copyfileobj(response, sink, 1 << 16)
+                        data = b""
+                    else:
+                        data = response.read()
+            except _StaleConnection:
+                continue
+            if response.will_close:
                 self._drop(parts)
-                if not (reused and attempt == 1):
-                    raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
-            except ssl.SSLCertVerificationError as error:
-                self._drop(parts)
-                raise CertificateRefused(f"{parts.netloc}: {error.verify_message} (give "
-                                         f"--ca-cert for a self-signed certificate)") from None
-            except (OSError, http.client.HTTPException) as error:
-                self._drop(parts)
-                raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
+            return response.status, response.headers, data
+
+    @contextlib.contextmanager
+    def _failures(self, parts):
+        """Translate transport failures; the connection is dropped after any of them."""
+        try:
+            yield
+        except _StaleConnection:
+            self._drop(parts)
+            raise
+        except ssl.SSLCertVerificationError as error:
+            self._drop(parts)
+            raise CertificateRefused(f"{parts.netloc}: {error.verify_message} (give "
+                                     f"--ca-cert for a self-signed certificate)") from None
+        except (OSError, http.client.HTTPException) as error:
+            self._drop(parts)
+            raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
 
     def api(self, method, path, payload=None, params=None, timeout=None, token=None):
         """Call the coordinator; JSON in and out. Raises ApiError or Unreachable."""
@@ -1716,6 +1735,7 @@ ROLE_LEVELS = {name: level for level, name in ROLE_NAMES.items()}
 LONG_POLL_MAX = 30
 REQUEUE_GRACE = 60          # a running task this far past its timeout is taken back
 JSON_BODY_LIMIT = 1 << 20
+DRAIN_LIMIT = 16 << 20      # a larger refused body is not read: the connection is closed
 URL_LIFETIME = 3600
 DEFAULT_STORAGE_QUOTA = 100 << 30
 DEFAULT_GROUP_QUOTA = 10
@@ -1864,7 +1884,10 @@ def a_comparison(value):
     if not match:
         raise ValueError(f"{value!r}: expected [=|!=|>|>=|<|<=]NUMBER")
     operator = {"==": "=", None: "="}.get(match.group(1), match.group(1))
-    return operator, int(match.group(2))
+    number = int(match.group(2))
+    if abs(number) >= 2**63:
+        raise ValueError(f"{value!r}: the number is out of range")
+    return operator, number
 
 
 def envs_map(value):
@@ -1938,7 +1961,7 @@ def task_filter(data):
 
 def worker_filter(data):
     return {"group_name": field(data, "group_name", a_str, None),
-            "roles": [a_role(r) for r in field(data, "role", strs, [])] or None,
+            "roles": field(data, "role", lambda v: [a_role(r) for r in strs(v)], []) or None,
             "tags": field(data, "tags", strs, None),
             "labels": field(data, "labels", strs, None),
             "creator_username": field(data, "creator_username", a_str, None)}
@@ -1962,13 +1985,14 @@ def parse_size(text):
     return int(float(match.group(1)) * scale)
 
 
-def adjust(current, text, parse):
-    """Apply "+N", "-N", "=N" or "N" to `current`, never below zero."""
+def adjust(current, text, parse, limit=2**63 - 1):
+    """Apply "+N", "-N", "=N" or "N" to `current`, kept within 0..limit (saturating,
+    as the Rust coordinator does)."""
     text = a_str(text).strip()
     sign = text[:1] if text[:1] in "+-=" else "="
     amount = parse(text[1:] if text[:1] in "+-=" else text)
     value = {"+": current + amount, "-": current - amount, "=": amount}[sign]
-    return max(0, value)
+    return min(limit, max(0, value))
 
 
 # ---- the Store: every SQL statement lives here ------------------------------------------
@@ -2373,9 +2397,9 @@ class Store:
     def change_task(self, task_id, changes):
         changes = {k: json.dumps(v) if k in ("tags", "labels", "spec") else v
                    for k, v in changes.items()}
-        columns = ", ".join(f"{name} = :{name}" for name in changes)
+        columns = "".join(f"{name} = :{name}, " for name in changes)
         with self.write() as db:
-            db.execute(f"UPDATE tasks SET {columns}, updated_at = :now WHERE id = :id",
+            db.execute(f"UPDATE tasks SET {columns}updated_at = :now WHERE id = :id",
                        {**changes, "now": time.time(), "id": task_id})
         self.wake_fetchers()
 
@@ -3190,7 +3214,10 @@ class Coordinator:
     # -- tasks
 
     def submit_one(self, req, value):
-        request = a_submission(value)
+        try:
+            request = a_submission(value)
+        except (ValueError, TypeError) as error:
+            raise HttpError(400, f"bad task: {error}") from None
         group = self.group_of(req, request["group_name"] or req.user["username"], WRITE)
         task_id, task_uuid = self.store.insert_tasks(req.user["id"], [(group["id"], request)])[0]
         return {"task_id": task_id, "uuid": task_uuid}
@@ -3382,7 +3409,7 @@ class Coordinator:
     def admin_group_quota(self, req, username):
         user = self.existing_user(username)
         quota = field(req.body(), "group_quota",
-                      lambda text: adjust(user["group_quota"], text, int))
+                      lambda text: adjust(user["group_quota"], text, int, 2**31 - 1))
         return {"group_quota": self.store.update_user(username, group_quota=quota)["group_quota"]}
 
     def admin_storage_quota(self, req, group):
@@ -3561,6 +3588,14 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             raise HttpError(400, "bad Content-Length") from None
         if length > JSON_BODY_LIMIT:
+            if length <= DRAIN_LIMIT:  # read it, so that the client hears the answer
+                remaining = length
+                while remaining > 0:
+                    chunk = self.rfile.read(min(1 << 16, remaining))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                self.body_read = remaining == 0
             raise HttpError(413, f"body of {length} bytes is over the {JSON_BODY_LIMIT} limit")
         data = self.rfile.read(length) if length > 0 else b""
         self.body_read = True
