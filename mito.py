@@ -4568,8 +4568,30 @@ def run_client(args):
 # =====================================================================================
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Options shown as the Rust mito shows them: `-c, --coordinator <COORDINATOR_ADDR>`,
+    `-g, --groups [<GROUPS>...]`, long-only options indented under the short ones."""
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        flags = ", ".join(action.option_strings)
+        if len(action.option_strings) == 1 and flags.startswith("--"):
+            flags = "    " + flags
+        if action.nargs == 0:
+            return flags
+        metavar = self._metavar_formatter(action, action.dest.upper())(1)[0]
+        if action.nargs == "*":
+            return f"{flags} [<{metavar}>...]"
+        return f"{flags} <{metavar}>"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the problem, exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -4598,21 +4620,24 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     worker = commands.add_parser("worker", help="Run a mitosis worker",
-                                 description="Run a mitosis worker")
+                                 description="Run a mitosis worker",
+                                 usage="%(prog)s [OPTIONS]")
     worker.add_argument("--config", metavar="CONFIG", help="The path of the config file")
     add_options(worker, WORKER_OPTIONS)
     worker.add_argument("-V", "--version", action="version", version=version)
     worker.set_defaults(run=run_worker)
 
     coordinator = commands.add_parser("coordinator", help="Run a mitosis coordinator",
-                                      description="Run a mitosis coordinator")
+                                      description="Run a mitosis coordinator",
+                                      usage="%(prog)s [OPTIONS]")
     coordinator.add_argument("--config", metavar="CONFIG", help="The path of the config file")
     add_options(coordinator, COORDINATOR_OPTIONS)
     coordinator.add_argument("-V", "--version", action="version", version=version)
     coordinator.set_defaults(run=run_coordinator)
 
     client = commands.add_parser("client", help="Run a mitosis client",
-                                 description="Run a mitosis client")
+                                 description="Run a mitosis client",
+                                 usage="%(prog)s [OPTIONS] <COMMAND> ...")
     client.add_argument("--config", metavar="CONFIG", help="The path of the config file")
     add_options(client, CLIENT_OPTIONS)
     client.add_argument("-i", "--interactive", action="store_true",

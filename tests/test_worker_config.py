@@ -383,3 +383,8 @@ def test_worker_help_lists_every_option(mito):
                    "--log-path", "--file-log", "--shared-log", "--lifetime", "--retain",
                    "--skip-redis", "-h", "--help", "-V", "--version"):
         assert re.search(rf"(^|[\s,\[]){re.escape(option)}\b", result.stdout), option
+    # the value names as the Rust mito shows them (the user's own help text)
+    for shown in ("--config <CONFIG>", "-c, --coordinator <COORDINATOR_ADDR>",
+                  "-g, --groups [<GROUPS>...]", "-t, --tags [<TAGS>...]",
+                  "--lifetime <LIFETIME>", "-V, --version"):
+        assert shown in result.stdout, shown
