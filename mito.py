@@ -2887,25 +2887,28 @@ class Coordinator:
                 "worker_count": workers,
                 "users_in_group": role_names(self.store.group_members(row["id"]))}
 
-    def users_by_name(self, names):
+    @staticmethod
+    def ids_of(names, lookup, what):
+        """{name: id} of existing users or groups; 404 naming the first that is not."""
         found = {}
         for name in names:
-            user = self.store.user(name)
-            if user is None:
-                raise not_found(f"user {name}")
-            found[name] = user["id"]
+            row = lookup(name)
+            if row is None:
+                raise not_found(f"{what} {name}")
+            found[name] = row["id"]
         return found
 
     def update_members(self, req, group):
         row = self.group_of(req, group, ADMIN)
         relations = field(req.body(), "relations", roles_map)
-        ids = self.users_by_name(relations)
+        ids = self.ids_of(relations, self.store.user, "user")
         self.store.set_members(row["id"], {ids[name]: role for name, role in relations.items()})
 
     def remove_members(self, req, group):
         row = self.group_of(req, group, ADMIN)
         names = split_list(req.query.get("users", []))
-        self.store.remove_members(row["id"], self.users_by_name(names).values())
+        self.store.remove_members(row["id"],
+                                  self.ids_of(names, self.store.user, "user").values())
 
     # -- attachments
 
@@ -3191,25 +3194,17 @@ class Coordinator:
         row = self.worker_of(req, worker, ADMIN)
         self.store.update_worker(row["id"], labels=field(req.body(), "labels", strs))
 
-    def groups_by_name(self, names):
-        found = {}
-        for name in names:
-            group = self.store.group(name)
-            if group is None:
-                raise not_found(f"group {name}")
-            found[name] = group["id"]
-        return found
-
     def worker_groups(self, req, worker):
         row = self.worker_of(req, worker, ADMIN)
         relations = field(req.body(), "relations", roles_map)
-        ids = self.groups_by_name(relations)
+        ids = self.ids_of(relations, self.store.group, "group")
         self.store.set_worker_groups(row["id"], {ids[n]: role for n, role in relations.items()})
 
     def remove_worker_groups(self, req, worker):
         row = self.worker_of(req, worker, ADMIN)
         names = split_list(req.query.get("groups", []))
-        self.store.remove_worker_groups(row["id"], self.groups_by_name(names).values())
+        self.store.remove_worker_groups(row["id"],
+                                        self.ids_of(names, self.store.group, "group").values())
 
     # -- tasks
 
