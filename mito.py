@@ -737,10 +737,12 @@ def login(http, user, password, credential_path, retain=False, stop=None, force=
     return name, token
 
 
-def _ask(prompt, reader, problem):
+_LOGIN_HINT = "give --user/--password, or a --credential-path holding a valid token"
+
+
+def _ask(prompt, reader, problem, hint=_LOGIN_HINT):
     if not sys.stdin.isatty():
-        fail_usage(f"{problem}: give --user/--password, or a --credential-path "
-                   f"holding a valid token")
+        fail_usage(f"{problem}: {hint}")
     try:
         return reader(prompt)
     except (EOFError, KeyboardInterrupt):
@@ -3886,6 +3888,8 @@ class Client:
             render(data)
 
     def download(self, url, path, size, what):
+        if os.path.isdir(path):
+            raise ClientError(f"cannot save {what} to {path}: it is a directory")
         progress = Progress(what, size)
         try:
             with open(f"{path}.part", "wb") as handle:
@@ -3897,6 +3901,9 @@ class Client:
             os.replace(f"{path}.part", path)
         except Unreachable as error:
             raise ClientError(f"download of {what} failed: {error}") from None
+        except OSError as error:
+            raise ClientError(f"cannot save {what} to {path}: "
+                              f"{error.strerror or error}") from None
         finally:
             progress.close()
             with contextlib.suppress(FileNotFoundError):
@@ -3957,6 +3964,13 @@ def parse_resource(text):
         raise argparse.ArgumentTypeError(f"bad resource {text!r}: {error}") from None
 
 
+def parse_artifact_kind(text):
+    try:
+        return artifact_kind(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_watch(text):
     task_uuid, _, state = text.rpartition(":")
     try:
@@ -3975,6 +3989,24 @@ def parse_duration_arg(text):
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def parse_role(text):
+    try:
+        return role_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def exit_status_filter(text):
+    """An exit-code comparison ("3", "!=0") as the API's raw wait-status one."""
+    try:
+        operator, number = a_comparison(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not 0 <= number < 256:
+        raise argparse.ArgumentTypeError(f"{text!r}: exit codes are 0..255")
+    return f"{operator}{number << 8}"
 
 
 def parse_role_pair(text):
@@ -4021,10 +4053,10 @@ def wait_and_report(client, task_uuid, show_output):
     """Wait for one task, print its terminal output, exit with its exit code."""
     task = wait_for_task(client, task_uuid)
     result = task["info"]["result"]
-    if show_output and any(a["content_type"] == "std-log" for a in task["artifacts"]):
-        print_terminal_output(client, task_uuid)
-    if client.as_json:
+    if client.as_json:  # stdout stays one JSON document; the output is an artifact
         print(json.dumps(task, indent=2))
+    elif show_output and any(a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, task_uuid)
     code = exit_code_of(result["exit_status"])
     if result.get("msg"):
         print(f"task {task_uuid} {task['info']['state'].lower()}: {result['msg']}",
@@ -4298,7 +4330,7 @@ def cmd_users_change_password(client, args):
     old = client.settings.password
     if old is None:
         old = _ask(f"Current password for {client.username}: ", getpass.getpass,
-                   "no current password")
+                   "no current password", "give it with -p/--password")
     new = ask_new_password(args.new_password, client.username)
     answer = client.call("POST", f"/users/{client.username}/password",
                          {"old_md5_password": md5_password(old),
@@ -4308,7 +4340,7 @@ def cmd_users_change_password(client, args):
 
 
 def cmd_admin_users_create(client, args):
-    password = ask_new_password(args.password, args.username)
+    password = ask_new_password(args.new_password, args.username)
     client.call("POST", "/admin/users", {"username": args.username,
                                          "md5_password": md5_password(password),
                                          "admin": args.admin})
@@ -4321,7 +4353,7 @@ def cmd_admin_users_delete(client, args):
 
 
 def cmd_admin_users_change_password(client, args):
-    password = ask_new_password(args.password, args.username)
+    password = ask_new_password(args.new_password, args.username)
     client.call("POST", f"/admin/users/{args.username}/password",
                 {"new_md5_password": md5_password(password)})
     print(f"password of {args.username} changed")
@@ -4334,7 +4366,8 @@ def cmd_admin_users_state(client, args):
 
 
 def cmd_admin_shutdown(client, args):
-    secret = args.secret or _ask("Shutdown secret: ", getpass.getpass, "no shutdown secret")
+    secret = args.secret or _ask("Shutdown secret: ", getpass.getpass, "no shutdown secret",
+                                 "give it as an argument: admin shutdown SECRET")
     client.call("POST", "/admin/shutdown", {"secret": secret})
     print("the coordinator is shutting down")
 
@@ -4347,14 +4380,16 @@ def add_task_filters(parser):
                         help="tasks having these labels")
     parser.add_argument("-s", "--states", nargs="*", action="extend",
                         help="pending, ready, running, finished, cancelled")
-    parser.add_argument("--exit-status", help='e.g. "0", "!=0"')
+    parser.add_argument("--exit-status", type=exit_status_filter,
+                        help='exit codes as shown, e.g. "0", "!=0", ">=2"')
     parser.add_argument("--priority", help='e.g. ">5", "<=10"')
 
 
 def add_client_commands(parser, required=True):
     """The `client` command tree; the interactive shell parses with it too (there a
     command is required; on the command line -i may stand instead)."""
-    commands = parser.add_subparsers(dest="command", required=required, parser_class=Parser)
+    commands = parser.add_subparsers(dest="command", required=required, parser_class=Parser,
+                                     prog=parser.prog)
 
     def command(group, name, function, help_text, *arguments):
         sub = group.add_parser(name, help=help_text, description=help_text)
@@ -4385,39 +4420,38 @@ def add_client_commands(parser, required=True):
                            "metavar": "attachment:KEY=PATH|artifact:UUID:KIND=PATH"}),
         (("--watch",), {"type": parse_watch, "metavar": "UUID:STATE"}),
         (("--wait",), {"action": "store_true",
-                       "help": "wait for the task, show its output, exit with its code"}),
-        (("command_args",), {"nargs": argparse.REMAINDER, "metavar": "-- COMMAND ARGS"}))
-    submit.set_defaults(strip_dashes=True)
+                       "help": "wait for the task, show its output (with --terminal), "
+                               "exit with its exit code"}),
+        (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
     command(tasks, "get", cmd_tasks_get, "Show a task", uuid_arg)
     query = command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
                     (("--limit",), {"type": int}), (("--offset",), {"type": int}),
                     (("--count",), {"action": "store_true", "help": "only count them"}))
     add_task_filters(query)
-    command(tasks, "wait", cmd_tasks_wait, "Wait for tasks to end; exit with the last code",
+    command(tasks, "wait", cmd_tasks_wait, "Wait for tasks to end; exit with the highest code",
             (("uuids",), {"nargs": "+"}))
     cancel = command(tasks, "cancel", cmd_tasks_cancel, "Cancel tasks that have not started",
                      (("uuids",), {"nargs": "*"}),
                      (("--filter",), {"action": "store_true",
                                       "help": "cancel every task matching the filters"}))
     add_task_filters(cancel)
-    change = command(tasks, "change", cmd_tasks_change, "Change a task that has not started",
-                     uuid_arg, (("-t", "--tags"), {"nargs": "*", "action": "extend"}),
-                     (("--timeout",), {"type": parse_duration_arg}),
-                     (("--priority",), {"type": int}),
-                     (("command_args",), {"nargs": argparse.REMAINDER,
-                                          "metavar": "-- COMMAND ARGS"}))
-    change.set_defaults(strip_dashes=True)
+    command(tasks, "change", cmd_tasks_change,
+            "Change a task that has not started: tasks change UUID [options] [-- COMMAND...]",
+            uuid_arg, (("-t", "--tags"), {"nargs": "*", "action": "extend"}),
+            (("--timeout",), {"type": parse_duration_arg}),
+            (("--priority",), {"type": int}),
+            (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
     command(tasks, "update-labels", cmd_tasks_update_labels, "Replace a task's labels",
             uuid_arg, (("labels",), {"nargs": "*"}))
     artifacts = tasks.add_parser("artifacts", help="A task's artifacts").add_subparsers(
         dest="artifacts_command", required=True, parser_class=Parser)
     command(artifacts, "download", cmd_artifacts_download, "Download an artifact", uuid_arg,
-            (("kind",), {"help": "result, exec-log or std-log"}),
+            (("kind",), {"type": parse_artifact_kind, "help": "result, exec-log or std-log"}),
             (("-o", "--output"), {"help": "file (or folder with --extract)"}),
             (("--extract",), {"action": "store_true", "help": "unpack it"}))
     command(artifacts, "list", cmd_artifacts_list, "List a task's artifacts", uuid_arg)
     command(artifacts, "delete", cmd_artifacts_delete, "Delete an artifact", uuid_arg,
-            (("kind",), {}))
+            (("kind",), {"type": parse_artifact_kind, "help": "result, exec-log or std-log"}))
 
     groups = branch("groups", "Groups and their members")
     name_arg = (("name",), {"help": "the group"})
@@ -4445,7 +4479,8 @@ def add_client_commands(parser, required=True):
     workers = branch("workers", "Workers")
     command(workers, "get", cmd_workers_get, "Show a worker", uuid_arg)
     command(workers, "query", cmd_workers_query, "List workers",
-            (("-g", "--group"), {}), (("--role",), {"nargs": "*", "action": "extend"}),
+            (("-g", "--group"), {}),
+            (("--role",), {"nargs": "*", "action": "extend", "type": parse_role}),
             (("-t", "--tags"), {"nargs": "*", "action": "extend"}),
             (("-l", "--labels"), {"nargs": "*", "action": "extend"}), (("--creator",), {}))
     command(workers, "shutdown", cmd_workers_shutdown, "Shut workers down",
@@ -4470,20 +4505,36 @@ def add_client_commands(parser, required=True):
         dest="users_command", required=True, parser_class=Parser)
     user_arg = (("username",), {})
     command(admin_users, "create", cmd_admin_users_create, "Create a user", user_arg,
-            (("password",), {"nargs": "?"}), (("--admin",), {"action": "store_true"}))
+            (("new_password",), {"nargs": "?", "metavar": "password"}),
+            (("--admin",), {"action": "store_true"}))
     command(admin_users, "delete", cmd_admin_users_delete, "Delete a user", user_arg)
     command(admin_users, "change-password", cmd_admin_users_change_password,
-            "Set a user's password", user_arg, (("password",), {"nargs": "?"}))
+            "Set a user's password", user_arg,
+            (("new_password",), {"nargs": "?", "metavar": "password"}))
     command(admin_users, "state", cmd_admin_users_state, "Lock or unlock a user", user_arg,
             (("state",), {"choices": ["active", "locked"]}))
     command(admin, "shutdown", cmd_admin_shutdown, "Stop the coordinator",
             (("secret",), {"nargs": "?"}))
 
 
+def parse_command_line(parser, argv):
+    """argparse, except that what follows the first "--" is a task's command, kept
+    whole: options may stand anywhere before it, and none after it is taken for ours."""
+    argv = list(argv)
+    command = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(argv)
+    if command is not None:
+        if not hasattr(args, "command_args"):
+            parser.error(f"unexpected arguments after --: {' '.join(command)}")
+        args.command_args = (args.command_args or []) + command
+    return args
+
+
 def run_client_command(client, args):
     """Run one parsed client command; its exit status."""
-    if getattr(args, "strip_dashes", False) and args.command_args[:1] == ["--"]:
-        args.command_args = args.command_args[1:]
     try:
         return args.action(client, args) or 0
     except ClientError as error:
@@ -4528,7 +4579,7 @@ class Shell:
 
     def one(self, line):
         try:
-            args = self.parser.parse_args(shlex_split(line))
+            args = parse_command_line(self.parser, shlex_split(line))
             return run_client_command(self.client, args)
         except SystemExit as exit_:
             return exit_.code or 0
@@ -4645,7 +4696,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
         setup_console_logging()
         return args.run(args)
