@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -614,8 +615,11 @@ def client_ssl_context(settings):
 def warn_plain_http(url):
     """Tokens travel in the clear over http: say so, once, unless it stays on this host."""
     host = urllib.parse.urlsplit(url).hostname or ""
-    if url.startswith("http:") and host != "localhost" and not host.startswith("127.") \
-            and host != "::1":
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if url.startswith("http:") and not local:
         log.warning("talking plain HTTP to %s: tokens and data travel unencrypted "
                     "(use https:// with a coordinator started with --tls-cert)", host)
 
@@ -1242,7 +1246,8 @@ class Worker:
 
         def attempt():
             try:
-                answer = send(method, path, payload, **kwargs)
+                with reach.request((kwargs.get("params") or {}).get("wait", 0)):
+                    answer = send(method, path, payload, **kwargs)
             except Unreachable:
                 if not persistent:
                     reach.failed()
@@ -1293,7 +1298,8 @@ class Worker:
             while not self.stop.is_set() and self.process.may_fetch():
                 task = self.fetch()
                 if task is not None and self.process.draining.is_set():
-                    break  # taken while draining: leaving unregistered requeues it
+                    self.give_back(task)  # taken while draining: requeue it now
+                    break
                 if task is not None:
                     self.run(task)
                 elif not self.long_poll or self.process.fetch_wait() == 0:
@@ -1345,14 +1351,26 @@ class Worker:
         if task is None:
             self.saw_empty_queue = True
             self.process.wake()
-        else:
+        else:  # not idle from now on, even before run() marks the slot busy
+            self.saw_empty_queue, self.idle_since = False, time.monotonic()
             self.process.task_started()
         return task
 
     # -- leaving
 
+    def give_back(self, task):
+        """A task handed out while the process drains: unregister this slot now, so
+        that the coordinator requeues the task at once, not when the busy slots are
+        done (which may be hours away)."""
+        log.info("task %s: taken while draining; giving it back", task["uuid"])
+        try:
+            self.http.api("DELETE", "/workers", timeout=3)
+            self.unauthorized = True  # gone already: leave() must not unregister again
+        except (ApiError, Unreachable) as error:
+            log.warning("worker %s could not unregister: %s", self.worker_id, error)
+
     def leave_unauthorized(self, error):
-        if self.stop.is_set():
+        if self.stop.is_set() or self.unauthorized:
             return  # already leaving: a 401 after our own DELETE /workers is expected
         log.info("the coordinator no longer accepts worker %s (%s); it leaves",
                  self.worker_id, error)
@@ -1383,20 +1401,36 @@ class GaveUp(Exception):
 
 class Reachability:
     """Since when the coordinator has been unreachable, shared by every thread of the
-    process; past `patience` (give_up_after), failed() raises GaveUp."""
+    process; past `patience` (give_up_after), failed() raises GaveUp. A request still
+    unanswered `patience` after its answer was due counts too (overdue(), which the
+    supervisor checks): a hung coordinator does not answer, nor does it refuse."""
 
     def __init__(self, patience):
         self.patience, self.since = patience, None
+        self.pending = {}  # thread id -> when its request in flight should be answered
+
+    @contextlib.contextmanager
+    def request(self, hold=0.0):
+        self.pending[threading.get_ident()] = time.monotonic() + hold
+        try:
+            yield
+        finally:
+            self.pending.pop(threading.get_ident(), None)
 
     def succeeded(self):
         self.since = None
 
     def failed(self):
-        now = time.monotonic()
         if self.since is None:
-            self.since = now
-        elif self.patience is not None and now - self.since >= self.patience:
+            self.since = time.monotonic()
+        elif self.overdue():
             raise GaveUp()
+
+    def overdue(self):
+        if self.patience is None:
+            return False
+        times = list(self.pending.values()) + ([self.since] if self.since is not None else [])
+        return any(time.monotonic() - moment >= self.patience for moment in times)
 
 
 class WorkerProcess:
@@ -1529,7 +1563,7 @@ class WorkerProcess:
         if not settings.no_batch_detect:
             job_left = batch_time_left()
             if job_left is not None:
-                usable = job_left - settings.walltime_margin
+                usable = math.floor(job_left - settings.walltime_margin)
                 log.info("batch job ends in %s; leaving %s before", format_duration(job_left),
                          format_duration(settings.walltime_margin))
                 lifetime = usable if lifetime is None else min(lifetime, usable)
@@ -1553,6 +1587,9 @@ class WorkerProcess:
     def reason_to_leave(self):
         settings, now = self.settings, time.monotonic()
         if self.stop.is_set():
+            return True
+        if self.reach.overdue():
+            self.give_up()
             return True
         busy = any(slot.busy for slot in self.slots)
         if self.draining.is_set() and not busy:
@@ -1660,7 +1697,7 @@ def run_quietly(argv):
 
 
 def parse_clock(text):
-    """Seconds from SLURM's "[days-]hours:minutes:seconds" (or "minutes:seconds")."""
+    """Seconds from "[days-]hours:minutes:seconds", "minutes:seconds" (SLURM, PBS)."""
     match = re.fullmatch(r"\s*(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)\s*", text or "")
     if not match:
         return None
@@ -1686,7 +1723,8 @@ def pbs_time_left(text):
     if not wanted:
         return None
     used = re.search(r"resources_used\.walltime\s*=\s*([\d:]+)", text)
-    return parse_clock(wanted.group(1)) - (parse_clock(used.group(1)) if used else 0)
+    wanted, used = parse_clock(wanted.group(1)), parse_clock(used.group(1)) if used else 0
+    return None if wanted is None or used is None else wanted - used
 
 
 def run_worker(args):
@@ -2032,6 +2070,7 @@ _SCHEMA = [
     CREATE INDEX tasks_queue ON tasks (state, priority DESC, id);
     CREATE INDEX tasks_group ON tasks (group_id, id);
     CREATE INDEX tasks_upstream ON tasks (upstream) WHERE upstream IS NOT NULL;
+    CREATE INDEX tasks_worker ON tasks (worker_id) WHERE worker_id IS NOT NULL;
     CREATE TABLE artifacts (
         task_uuid TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (task_uuid, kind));
@@ -2264,17 +2303,17 @@ class Store:
         self.wake_fetchers()
 
     def _requeue(self, db, worker_id):
-        row = db.execute("SELECT task_id FROM workers WHERE id = ?", (worker_id,)).fetchone()
-        if row and row["task_id"] is not None:
-            task = db.execute("SELECT uuid FROM tasks WHERE id = ? AND committed = 0",
-                              (row["task_id"],)).fetchone()
-            if task:
-                db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = "
-                           "NULL, updated_at = ? WHERE id = ?", (time.time(), row["task_id"]))
-                # what the abandoned run submitted downstream would be submitted twice
-                db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
-                           (task["uuid"],))
-                log.info("task %s requeued", task["uuid"])
+        """Put every uncommitted task still on the worker back in the queue; how many."""
+        held = db.execute("SELECT id, uuid FROM tasks WHERE worker_id = ? AND committed = 0",
+                          (worker_id,)).fetchall()
+        for task in held:
+            db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = NULL, "
+                       "updated_at = ? WHERE id = ?", (time.time(), task["id"]))
+            # what the abandoned run submitted downstream would be submitted twice
+            db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
+                       (task["uuid"],))
+            log.info("task %s requeued", task["uuid"])
+        return len(held)
 
     def shutdown_workers(self, rows, force):
         """Force: remove now. Graceful: remove the idle ones, mark the busy ones to be
@@ -2360,15 +2399,23 @@ class Store:
         if time_left is not None:
             sql += "AND t.timeout <= :time_left "
         sql += "ORDER BY t.priority DESC, t.id LIMIT 1"
+        task = None
         with self.write() as db:
+            # A worker fetches only when it holds no task: one still on it is a task whose
+            # fetch answer was lost (or that it dropped). Back to the queue with it, or it
+            # would stay Running for ever on a worker that does not know of it.
+            requeued = self._requeue(db, worker["id"])
             row = db.execute(sql, {"worker": worker["id"], "tags": worker["tags"],
                                    "time_left": time_left}).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
-                       "WHERE id = ?", (worker["id"], time.time(), row["id"]))
-            db.execute("UPDATE workers SET task_id = ? WHERE id = ?", (row["id"], worker["id"]))
-            return db.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
+            if row is not None:
+                db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
+                           "WHERE id = ?", (worker["id"], time.time(), row["id"]))
+                task = db.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
+            db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
+                       (row and row["id"], worker["id"]))
+        if requeued:
+            self.wake_fetchers()
+        return task
 
     def assigned_task(self, worker_id, task_id):
         return self.one("SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
@@ -3041,12 +3088,15 @@ class Coordinator:
         up to S seconds (at most 30) until one is submitted or requeued."""
         wait = req.arg("wait", float, 0.0)
         time_left = req.arg("time_left", float)
-        deadline = time.monotonic() + min(LONG_POLL_MAX, max(0.0, wait))
+        arrived = time.monotonic()
+        deadline = arrived + min(LONG_POLL_MAX, max(0.0, wait))
         headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX)}
-        worker = req.worker
+        worker, held = req.worker, 0.0
         while True:
             generation = self.store.generation
-            task = self.store.claim(worker, time_left)
+            # time_left was measured when the worker sent the request: the time it has
+            # been held since counts against it
+            task = self.store.claim(worker, None if time_left is None else time_left - held)
             remaining = deadline - time.monotonic()
             if task is not None or remaining <= 0 or self.stopping.is_set():
                 return Answer(body=worker_task(task) if task else None, headers=headers)
@@ -3056,6 +3106,7 @@ class Coordinator:
             worker = self.store.worker(worker["uuid"])  # its tags or groups may have changed
             if worker is None:
                 raise HttpError(401, "this worker was shut down")
+            held = time.monotonic() - arrived
 
     def report_task(self, req):
         body = req.body()
@@ -3094,6 +3145,8 @@ class Coordinator:
         if task["state"] not in ("Finished", "Cancelled"):
             raise HttpError(400, "task can not spawn new tasks before Finish or Cancel")
         request = a_submission(value)
+        if task["downstream"]:  # a retried Submit whose answer was lost: one is enough
+            return {"url": None, "uuid": task["downstream"]}
         group = self.store.one("SELECT * FROM groups WHERE id = ?", task["group_id"])
         if request["group_name"] not in (None, group["name"]):
             raise HttpError(400, f"a downstream task must stay in group {group['name']}")
