@@ -1,0 +1,235 @@
+"""The embedded coordinator end to end with real workers: a task's whole life, a worker
+killed mid-task, the coordinator killed mid-run, and `coordinator --workers N`."""
+
+import collections
+import contextlib
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from e2e import (ADMIN, Sandbox, cluster, free_port, mito, raw_request, sh,  # noqa: F401
+                 untar, wait_until)
+
+
+# ---- 1. a task's whole life ---------------------------------------------------------------
+
+
+LIFE_SCRIPT = """
+echo "out of $MITO_TASK_UUID"
+echo "err line" >&2
+mkdir -p "$MITO_RESULT_DIR/sub"
+printf 'result data' > "$MITO_RESULT_DIR/sub/answer.txt"
+printf 'exec data' > "$MITO_EXEC_DIR/exec.txt"
+exit 3
+"""
+
+
+def test_task_whole_life_with_artifacts(cluster):
+    c = cluster()
+    alice = c.user("alice")
+    worker = c.worker("alice")
+    task_uuid = c.submit(alice, sh(LIFE_SCRIPT, terminal_output=True))
+    killed_uuid = c.submit(alice, sh("kill -TERM $$"))
+
+    info = c.wait_task(alice, task_uuid)
+    assert info["state"] == "Finished"
+    assert info["result"] == {"exit_status": 3 << 8, "msg": None}  # raw wait status
+    assert os.waitstatus_to_exitcode(info["result"]["exit_status"]) == 3
+    assert info["reporter_uuid"] == worker.uuid
+    assert info["creator_username"] == "alice" and info["group_name"] == "alice"
+
+    killed = c.wait_task(alice, killed_uuid)
+    assert killed["result"] == {"exit_status": signal.SIGTERM, "msg": None}
+
+    answer = c.task(alice, task_uuid)
+    sizes = {a["content_type"]: a["size"] for a in answer["artifacts"]}
+    assert set(sizes) == {"result", "exec-log", "std-log"}
+    assert c.task(alice, killed_uuid)["artifacts"] == []  # nothing to pack: no artifact
+
+    contents = {}
+    for kind, size in sizes.items():
+        link = alice.api("GET", f"/tasks/{task_uuid}/download/artifacts/{kind}")
+        assert link["size"] == size
+        # the URL is followed without any Authorization header
+        status, _, data = raw_request(c.url, "GET", link["url"])
+        assert status == 200
+        assert len(data) == size
+        contents[kind] = untar(data)
+
+    assert contents["result"]["result/sub/answer.txt"] == b"result data"
+    assert contents["exec-log"]["exec-log/exec.txt"] == b"exec data"
+    assert contents["std-log"]["std-log/stdout.log"] == f"out of {task_uuid}\n".encode()
+    assert contents["std-log"]["std-log/stderr.log"] == b"err line\n"
+    # the kind's aliases name the same artifact
+    for alias, kind in (("std", "std-log"), ("exec", "exec-log"), ("Result", "result")):
+        link = alice.api("GET", f"/tasks/{task_uuid}/download/artifacts/{alias}")
+        assert link["size"] == sizes[kind]
+
+    # the URL is the credential: a forged one is refused (as S3 does); a missing
+    # artifact has no URL
+    link = alice.api("GET", f"/tasks/{task_uuid}/download/artifacts/result")["url"]
+    assert raw_request(c.url, "GET", link[:-3] + ("AAA" if not link.endswith("AAA")
+                                                  else "BBB"))[0] == 403
+    with pytest.raises(mito.ApiError) as missing:
+        alice.api("GET", f"/tasks/{killed_uuid}/download/artifacts/result")
+    assert missing.value.status == 404
+
+
+# ---- 5. a worker killed with kill -9 mid-task -----------------------------------------------
+
+
+def test_worker_killed_mid_task_is_requeued_to_another(cluster):
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    first = c.worker("alice", name="first")
+    runs = c.sandbox.root / "runs.txt"
+    task_uuid = c.submit(alice, sh(f'echo "$MITO_TASK_UUID" >> {runs}; sleep 3'))
+
+    def running_on_first():
+        info = c.task(alice, task_uuid)["info"]
+        return info["state"] == "Running" and runs.exists()
+    wait_until(running_on_first, what="the first worker to run the task")
+    assert c.workers(alice)[first.uuid]["assigned_task_id"] == task_uuid
+
+    second = c.worker("alice", name="second")
+    first.kill9()
+    started = time.monotonic()
+
+    info = c.wait_task(alice, task_uuid)
+    assert info["result"] == {"exit_status": 0, "msg": None}
+    assert info["reporter_uuid"] == second.uuid
+    # removed after 2 s of silence (not before), then run again in full (3 s)
+    assert time.monotonic() - started > 3.0
+    assert runs.read_text().split() == [task_uuid, task_uuid]
+    assert first.uuid not in c.workers(alice)
+    assert second.alive()
+
+
+# ---- 6. the coordinator killed with kill -9 mid-run --------------------------------------
+
+
+def test_coordinator_killed_mid_run_every_task_ends_once(cluster):
+    c = cluster(heartbeat_timeout="3s")
+    alice = c.user("alice")
+    workers = [c.worker("alice", name=f"w{n}") for n in range(3)]
+    runs = c.sandbox.root / "runs.txt"
+    script = f'echo "$MITO_TASK_UUID" >> {runs}; sleep 0.2'
+    tasks = [c.submit(alice, sh(script)) for _ in range(30)]
+
+    def finished():
+        answer = alice.api("POST", "/tasks/query", {"states": ["Finished"], "count": True})
+        return answer["count"]
+    wait_until(lambda: finished() >= 5, what="a few tasks to finish")
+    c.kill9()
+    with contextlib.closing(sqlite3.connect(c.state_dir / "mitosis.db")) as db:
+        committed_before = db.execute("SELECT SUM(committed) FROM tasks").fetchone()[0]
+    assert committed_before < 30  # killed mid-run indeed
+    time.sleep(1.0)  # the workers find it gone: their calls fail and are retried
+    assert all(w.alive() for w in workers)
+    c.restart()
+
+    def all_done():
+        rows = alice.api("POST", "/tasks/query", {})["tasks"]
+        return len(rows) == 30 and all(r["result"] is not None for r in rows) and rows
+    rows = wait_until(all_done, 60, interval=0.2, what="every task to be committed")
+
+    worker_ids = {w.uuid for w in workers}
+    assert sorted(r["uuid"] for r in rows) == sorted(tasks)
+    for row in rows:
+        assert row["state"] == "Finished", row
+        assert row["result"] == {"exit_status": 0, "msg": None}, row
+        assert row["reporter_uuid"] in worker_ids, row
+
+    # A committed task stays committed: nothing runs it again and its result stands.
+    time.sleep(1.5)
+    again = {r["uuid"]: r for r in alice.api("POST", "/tasks/query", {})["tasks"]}
+    assert again == {r["uuid"]: r for r in rows}
+    lines = runs.read_text().split()
+    assert set(lines) == set(tasks)
+    # A task runs more than once only if the coordinator took it back from a worker
+    # (and then that worker's run was never committed).
+    requeued = {u for u in tasks if f"task {u} requeued" in c.log()}
+    twice = {u for u, n in collections.Counter(lines).items() if n > 1}
+    assert twice <= requeued, c.log()[-3000:]
+
+    # The workers kept running through the restart, under their first registration.
+    assert all(w.alive() for w in workers)
+    assert set(c.workers(alice)) == worker_ids
+
+    # One row, one commit, per task: no duplicate task was created by a retried call.
+    c.coordinator.stop()
+    with contextlib.closing(sqlite3.connect(c.state_dir / "mitosis.db")) as db:
+        assert db.execute("SELECT COUNT(*), SUM(committed) FROM tasks").fetchone() == (30, 30)
+
+
+# ---- 11. coordinator --workers N ------------------------------------------------------------
+
+
+def test_coordinator_with_local_workers(tmp_path):
+    sandbox = Sandbox(tmp_path / "local")
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        coordinator = sandbox.spawn("coordinator", "--workers", "2", "-b", f"127.0.0.1:{port}",
+                                    name="coordinator")
+        credentials = sandbox.config_home / "mitosis" / "credentials"
+        token = wait_until(lambda: credentials.exists() and credentials.read_text().strip(),
+                           what="the admin credentials").split("\n")[0]
+        assert token.startswith(f"{ADMIN}:")
+        admin = mito.Http(url, token.partition(":")[2])
+        # the generated password is kept in the default state dir
+        assert (sandbox.data_home / "mitosis" / "admin-password").exists()
+
+        def two_workers():
+            try:
+                return admin.api("POST", "/workers/query", {})["count"] == 2
+            except (mito.ApiError, mito.Unreachable):
+                return False
+        wait_until(two_workers, what="two local workers to register")
+
+        task_uuid = admin.api("POST", "/tasks", {"task_spec": {"args": ["true"]}})["uuid"]
+
+        def committed():
+            info = admin.api("GET", f"/tasks/{task_uuid}")["info"]
+            return info if info["result"] is not None else None
+        info = wait_until(committed, what="the task to be committed")
+        assert info["state"] == "Finished"
+        assert info["result"] == {"exit_status": 0, "msg": None}
+
+        others = [pid for pid in sandbox.marked_pids() if pid != coordinator.pid]
+        assert len(others) >= 2  # the two workers
+        coordinator.signal(signal.SIGINT)
+        assert coordinator.wait(30) == 0
+        assert sandbox.marked_pids() == []
+    finally:
+        sandbox.cleanup()
+
+
+def test_coordinator_stops_promptly_during_long_polls(cluster):
+    """SIGTERM while fetches are held open: the polls end and the process exits 0."""
+    c = cluster()
+    alice = c.user("alice")
+    workers = [c.register(alice)[1] for _ in range(3)]
+    answers = []
+
+    def poll(worker):
+        try:
+            answers.append(c.fetch(worker, wait=25))
+        except (mito.ApiError, mito.Unreachable) as error:
+            answers.append(error)
+    threads = [threading.Thread(target=poll, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    c.coordinator.signal(signal.SIGTERM)
+    assert c.coordinator.wait(20) == 0
+    for thread in threads:
+        thread.join(20)
+    assert time.monotonic() - started < 10
+    assert len(answers) == 3 and all(a is None or isinstance(a, mito.Unreachable)
+                                     for a in answers), answers
