@@ -189,7 +189,7 @@ def write_private_file(path, text):
 @dataclasses.dataclass(frozen=True)
 class Option:
     key: str
-    kind: str  # str url duration bool list groups path int bind
+    kind: str  # str url duration interval (> 0) bool list groups path int bind
     default: object = None
     flags: tuple = ()
     help: str = ""
@@ -263,12 +263,20 @@ def _duration_or_none(value):
     return parse_duration(value)
 
 
+def _positive_duration(value):
+    seconds = _duration_or_none(value)
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"{value!r} must be longer than 0s")
+    return seconds
+
+
 _COERCE = {
     "str": _string,
     "path": lambda value: os.path.expanduser(_string(value)),
     "url": lambda value: check_url(_string(value)),
     "bind": lambda value: check_bind(_string(value)),
     "duration": _duration_or_none,
+    "interval": _positive_duration,
     "bool": lambda value: value if isinstance(value, bool) else _truthy(value),
     "int": _whole_number,
     "list": split_list,
@@ -853,9 +861,9 @@ def watch_reached(state, result, target):
 WORKER_OPTIONS = (
     Option("coordinator_addr", "url", "http://127.0.0.1:5000", ("-c", "--coordinator"),
            "The address of the coordinator", "COORDINATOR_ADDR"),
-    Option("polling_interval", "duration", "3m", ("--polling-interval",),
+    Option("polling_interval", "interval", "3m", ("--polling-interval",),
            "The interval to poll tasks or resources"),
-    Option("heartbeat_interval", "duration", "5m", ("--heartbeat-interval",),
+    Option("heartbeat_interval", "interval", "5m", ("--heartbeat-interval",),
            "The interval to send heartbeat"),
     Option("credential_path", "path", None, ("--credential-path",),
            "The path of the user credential file (default ~/.config/mitosis/credentials)"),
@@ -872,7 +880,7 @@ WORKER_OPTIONS = (
     Option("file_log", "bool", False, ("--file-log",), "Enable logging to file"),
     Option("shared_log", "bool", False, ("--shared-log",),
            "Also log to one daily file shared by every worker on this machine"),
-    Option("lifetime", "duration", None, ("--lifetime",),
+    Option("lifetime", "interval", None, ("--lifetime",),
            "The lifetime of the worker to alive (e.g., 7d, 1year)"),
     Option("retain", "bool", False, ("--retain",),
            "Keep the user's other logins valid when logging in"),
@@ -889,7 +897,7 @@ WORKER_OPTIONS = (
            "Do not look for a SLURM or PBS job's end"),
     Option("lock_file", "path", None, ("--lock-file",),
            "Hold an exclusive lock on this file; exit at once if another worker holds it"),
-    Option("give_up_after", "duration", None, ("--give-up-after",),
+    Option("give_up_after", "interval", None, ("--give-up-after",),
            "Leave when the coordinator has been unreachable this long (default: never)"),
     Option("ca_cert", "path", None, ("--ca-cert",),
            "Verify the coordinator's TLS certificate with this CA file (default: the "
@@ -1750,9 +1758,9 @@ COORDINATOR_OPTIONS = (
            "The admin user created on first start"),
     Option("admin_password", "str", None, ("--admin-password",),
            "The admin's password on first start (default: generated, kept in the state dir)"),
-    Option("access_token_expires_in", "duration", "7d", ("--access-token-expires-in",),
+    Option("access_token_expires_in", "interval", "7d", ("--access-token-expires-in",),
            "How long a login token is valid"),
-    Option("heartbeat_timeout", "duration", "600s", ("--heartbeat-timeout",),
+    Option("heartbeat_timeout", "interval", "600s", ("--heartbeat-timeout",),
            "A worker silent for longer is removed and its task requeued"),
     Option("file_log", "bool", False, ("--file-log",), "Enable logging to file"),
     Option("log_path", "path", None, ("--log-path",),

@@ -211,6 +211,7 @@ def bad_inputs():
         ("unknown key in global", {"global": '[worker]\ntag = ["a"]\n'}, {}, [],
          [re.compile(r"\btag\b"), "tags"]),
         ("bad duration flag", {}, {}, ["--polling-interval", "5x"], ["polling", "5x"]),
+        ("zero interval", {}, {}, ["--heartbeat-interval", "0s"], ["heartbeat", "0s"]),
         ("bad duration toml", {"given": '[worker]\nheartbeat_interval = "5x"\n'}, {}, [],
          ["heartbeat_interval", "5x"]),
         ("duration not a string", {"given": "[worker]\npolling_interval = 5\n"}, {}, [],
