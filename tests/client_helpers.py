@@ -5,7 +5,8 @@ A `Box` is an isolated home (HOME and XDG_{CONFIG,CACHE,DATA}_HOME under one fol
 no MITO_* variable, and a working directory of its own so that no ./config.toml is
 picked up). Every process it starts carries a marker variable, which the workers hand
 down to their tasks, so that at teardown anything still carrying it is killed: no
-process outlives a test module.
+process outlives a test module. The generic pieces (the box is a `support.Sandbox`,
+free_port, wait_until) live in `support`.
 
 A `Cluster` is a box plus one coordinator whose admin token sits in the box's default
 credential file, so a `client` run needs no login flags. It also talks to the API
@@ -17,47 +18,25 @@ Imported by the test modules as `client_helpers` (pytest puts tests/ on sys.path
 
 import contextlib
 import hashlib
-import http.client
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-MITO_PY = Path(__file__).resolve().parent.parent / "mito.py"
+import support
+from support import TIMEOUT, Proc, answers_health, free_port, wait_until  # noqa: F401
+
+MITO_PY = support.MITO_PY
 ADMIN = "mitosis_admin"
 ADMIN_PASSWORD = "admin-pw"
 MARKER = "CLIENT_TEST_BOX"
-TIMEOUT = 30.0
 
 
 # ---- small things -----------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout=TIMEOUT, interval=0.05, what="condition"):
-    """Poll `predicate` until it returns something truthy; return that, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def md5_password(password):
@@ -124,115 +103,22 @@ class Run:
 # ---- processes ------------------------------------------------------------------------------
 
 
-class Proc:
-    """A background subprocess whose stdout and stderr go to one log file."""
+class Box(support.Sandbox):
+    """An isolated home for mito.py processes, and their reaper; its marker is
+    CLIENT_TEST_BOX."""
 
-    def __init__(self, popen, log_path):
-        self.popen, self.pid, self.log_path = popen, popen.pid, log_path
-        self.uuid = None
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self):
-        return self.popen.poll() is None
-
-    def wait(self, timeout=TIMEOUT):
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process {self.pid} still running after {timeout}s; log:\n"
-                        f"{self.log()[-3000:]}")
-
-    def stop(self, grace=10.0):
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self.popen.wait()
-
-
-class Box:
-    """An isolated home for mito.py processes, and their reaper."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.id = uuid.uuid4().hex
-        for name in ("home", "config", "cache", "data", "cwd"):
-            (self.root / name).mkdir(exist_ok=True)
-        self.config_home = self.root / "config"
-        self.cache_home = self.root / "cache"
-        self.cwd = self.root / "cwd"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MITO_")}
-        self.env.update(HOME=str(self.root / "home"), XDG_CONFIG_HOME=str(self.config_home),
-                        XDG_CACHE_HOME=str(self.cache_home),
-                        XDG_DATA_HOME=str(self.root / "data"), PYTHONDONTWRITEBYTECODE="1",
-                        PYTHONUNBUFFERED="1", **{MARKER: self.id})
-        self.procs = []
+    marker = MARKER
 
     @property
     def default_credentials(self):
         """$XDG_CONFIG_HOME/mitosis/credentials"""
         return self.config_home / "mitosis" / "credentials"
 
-    def argv(self, *args):
-        return [sys.executable, str(MITO_PY), *map(str, args)]
-
-    def spawn(self, *args, name="proc"):
-        log_path = self.root / f"{name}-{len(self.procs)}.log"
-        with open(log_path, "wb") as out:
-            popen = subprocess.Popen(self.argv(*args), env=self.env, cwd=self.cwd,
-                                     stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        proc = Proc(popen, log_path)
-        self.procs.append(proc)
-        return proc
-
     def run(self, *args, input=None, timeout=60.0):
-        """Run `mito.py ARGS...` to the end (stdin: `input`, else /dev/null)."""
-        argv = self.argv(*args)
+        """Run `mito.py ARGS...` to the end (stdin: `input`, else /dev/null): a `Run`."""
         start = time.monotonic()
-        try:
-            completed = subprocess.run(
-                argv, env=self.env, cwd=self.cwd, capture_output=True, text=True,
-                timeout=timeout, input=input,
-                stdin=None if input is not None else subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{' '.join(map(str, args))!r} still running after {timeout}s")
-        return Run(argv, completed, time.monotonic() - start)
-
-    def marked_pids(self):
-        """Live processes (not zombies) that carry this box's marker."""
-        needle = f"{MARKER}={self.id}".encode()
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as handle:
-                    if needle not in handle.read().split(b"\0"):
-                        continue
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                        continue
-            except OSError:
-                continue
-            found.append(int(entry))
-        return found
-
-    def cleanup(self):
-        for proc in self.procs:
-            with contextlib.suppress(Exception):
-                proc.stop(grace=10.0)
-        deadline = time.monotonic() + 10
-        while (pids := self.marked_pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
+        completed = super().run(*args, input=input, timeout=timeout)
+        return Run(completed.args, completed, time.monotonic() - start)
 
 
 # ---- a coordinator --------------------------------------------------------------------------
@@ -259,13 +145,8 @@ class Cluster:
         return self
 
     def healthy(self):
-        if not self.coordinator.alive():
-            pytest.fail(f"coordinator exited ({self.coordinator.popen.returncode}):\n"
-                        f"{self.coordinator.log()[-3000:]}")
-        with contextlib.suppress(OSError, http.client.HTTPException, ApiFailed):
-            return self.request("GET", "/health", timeout=2)[0] == 200 and \
-                self.box.default_credentials.exists()
-        return False
+        return answers_health(self.coordinator, self.url) and \
+            self.box.default_credentials.exists()
 
     def cleanup(self):
         self.box.cleanup()
@@ -274,25 +155,18 @@ class Cluster:
 
     def request(self, method, path, body=None, token=None, params=None, timeout=30.0):
         """(status, decoded body) of one API call on a fresh connection."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            headers = {"Accept": "application/json"}
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-            data = None
-            if body is not None:
-                data = json.dumps(body).encode()
-                headers["Content-Type"] = "application/json"
-            if params:
-                path += "?" + "&".join(f"{k}={v}" for k, v in params.items())
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-            kind = response.headers.get("Content-Type") or ""
-            decoded = json.loads(raw) if raw and "json" in kind else raw.decode(errors="replace")
-            return response.status, decoded
-        finally:
-            conn.close()
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if params:
+            path += "?" + "&".join(f"{k}={v}" for k, v in params.items())
+        status, response_headers, raw = support.raw_request(
+            self.url, method, path, body=data, headers=headers, token=token, timeout=timeout)
+        kind = response_headers.get("Content-Type") or ""
+        decoded = json.loads(raw) if raw and "json" in kind else raw.decode(errors="replace")
+        return status, decoded
 
     def api(self, method, path, body=None, token=None, **kwargs):
         """The decoded answer of an API call as the admin (or `token`); ApiFailed else."""
@@ -358,8 +232,7 @@ class Cluster:
                               *args, name=name)
 
         def registered():
-            if not proc.alive():
-                pytest.fail(f"worker exited ({proc.popen.returncode}):\n{proc.log()[-3000:]}")
+            proc.assert_alive("worker")
             return re.search(r"worker ([0-9a-f-]{36}) registered", proc.log())
         proc.uuid = wait_until(registered, what="the worker to register").group(1)
         return proc

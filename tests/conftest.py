@@ -4,40 +4,30 @@ Every test gets its own HOME and XDG_{CONFIG,CACHE,DATA}_HOME under tmp_path, an
 environment without any MITO_* variable, so nothing on the machine running the tests
 (a real ~/.config/mitosis, a MITO_COORDINATOR_ADDR in the shell) leaks in. Processes
 started with `mito.spawn()` are stopped at teardown: SIGTERM first (a worker then kills
-its task and leaves cleanly), SIGKILL if that does not end them.
+its task and leaves cleanly), SIGKILL if that does not end them. The generic pieces
+(the isolated environment, stopping a process) live in `support`.
 """
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-MITO_PY = Path(__file__).resolve().parent.parent / "mito.py"
+import support
+from support import wait_until  # noqa: F401  (some test modules import it from here)
+
+MITO_PY = support.MITO_PY
 
 
-def wait_until(predicate, timeout=30.0, interval=0.05, what="condition"):
-    """Poll `predicate` until it returns something truthy; return that, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Process:
+class Process(support.Process):
     """A running `mito.py` subprocess whose stdout/stderr go to files (never a pipe
     that could fill up and block it)."""
 
+    grace = 15.0
+
     def __init__(self, popen, stdout_path, stderr_path):
-        self.popen = popen
-        self.pid = popen.pid
+        super().__init__(popen)
         self.stdout_path, self.stderr_path = stdout_path, stderr_path
 
     def stdout(self):
@@ -46,33 +36,8 @@ class Process:
     def stderr(self):
         return self.stderr_path.read_text(errors="replace")
 
-    def alive(self):
-        return self.popen.poll() is None
-
-    def signal(self, number):
-        if self.alive():
-            self.popen.send_signal(number)
-
-    def wait(self, timeout=30.0):
-        """The exit status; fails the test if the process is still running."""
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process {self.pid} still running after {timeout}s; stderr:\n"
-                        f"{self.stderr()[-3000:]}")
-
-    def stop(self, grace=15.0):
-        """SIGTERM, then SIGKILL after `grace` seconds. Returns the exit status."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        rc = self.popen.wait()
-        if self.popen.stdin:
-            self.popen.stdin.close()
-        return rc
+    def tail(self):
+        return f"stderr:\n{self.stderr()[-3000:]}"
 
 
 class Mito:
@@ -86,11 +51,8 @@ class Mito:
         self.data_home = self.root / "xdg-data"
         for folder in (self.home, self.config_home, self.cache_home, self.data_home):
             folder.mkdir(parents=True, exist_ok=True)
-        self.env = {name: value for name, value in os.environ.items()
-                    if not name.startswith("MITO_")}
-        self.env.update(HOME=str(self.home), XDG_CONFIG_HOME=str(self.config_home),
-                        XDG_CACHE_HOME=str(self.cache_home),
-                        XDG_DATA_HOME=str(self.data_home), PYTHONDONTWRITEBYTECODE="1")
+        self.env = support.isolated_env(self.home, self.config_home, self.cache_home,
+                                        self.data_home)
         self.cwd = self.root / "cwd"
         self.cwd.mkdir(exist_ok=True)
         self.processes = []

@@ -6,7 +6,9 @@ without any MITO_* variable, and a marker variable (E2E_SANDBOX) that every proc
 it starts inherits -- and so do the workers' tasks and a coordinator's --workers
 children, even those that live in a session of their own. At teardown it stops the
 processes it started (SIGTERM, then SIGKILL) and then SIGKILLs anything still
-carrying its marker, so no process outlives a test.
+carrying its marker, so no process outlives a test. The generic pieces (the sandbox,
+processes, free_port, wait_until, raw_request, untar) live in `support`; they are
+re-exported here.
 
 A `Cluster` is a sandbox plus one coordinator, its admin client and shortcuts for
 the API calls the tests make over and over (users, groups, workers, tasks).
@@ -15,24 +17,21 @@ Imported by the test modules as `e2e` (pytest puts tests/ on sys.path).
 """
 
 import contextlib
-import http.client
-import io
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tarfile
-import time
 import urllib.parse
 import uuid
 from pathlib import Path
 
 import pytest
 
-MAIN = Path(__file__).resolve().parent.parent
+import support
+from support import (TIMEOUT, Proc, answers_health, free_port, raw_request,  # noqa: F401
+                     untar, wait_until)
+
+MAIN = support.MAIN
 # E2E_MITO_PY runs the processes from another copy (e.g. one with a fix applied)
-MITO_PY = Path(os.environ.get("E2E_MITO_PY") or MAIN / "mito.py")
+MITO_PY = Path(os.environ.get("E2E_MITO_PY") or support.MITO_PY)
 if str(MAIN) not in sys.path:
     sys.path.insert(0, str(MAIN))
 
@@ -41,55 +40,9 @@ import mito  # noqa: E402
 ADMIN = "mitosis_admin"
 ADMIN_PASSWORD = "admin-pw"
 MARKER = "E2E_SANDBOX"
-TIMEOUT = 30.0
 
 
 # ---- small things -------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout=TIMEOUT, interval=0.05, what="condition"):
-    """Poll `predicate` until it returns something truthy; return that, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def raw_request(base_url, method, path, body=None, headers=None, token=None, timeout=30.0):
-    """One request on a fresh connection: (status, headers, body bytes). No retry, no
-    JSON encoding: for what mito.Http would not send (bad bodies, no auth...)."""
-    parts = urllib.parse.urlsplit(base_url if path.startswith("/") else path)
-    target = path if path.startswith("/") else parts.path + (
-        f"?{parts.query}" if parts.query else "")
-    conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
-    try:
-        headers = dict(headers or {})
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        conn.request(method, target, body=body, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
-def untar(data):
-    """{name: bytes, or None for a directory} of a tar.gz held in memory."""
-    members = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        for member in tar:
-            members[member.name] = tar.extractfile(member).read() if member.isfile() else None
-    return members
 
 
 def status_of(call):
@@ -112,108 +65,12 @@ def sh(script, **more):
 # ---- processes ----------------------------------------------------------------------------
 
 
-class Proc:
-    """A subprocess whose stdout and stderr go to one log file (never a pipe)."""
+class Sandbox(support.Sandbox):
+    """An isolated home for mito.py processes (those of MITO_PY), and their reaper; its
+    marker is E2E_SANDBOX."""
 
-    def __init__(self, popen, log_path):
-        self.popen, self.pid, self.log_path = popen, popen.pid, log_path
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self):
-        return self.popen.poll() is None
-
-    def signal(self, number):
-        if self.alive():
-            self.popen.send_signal(number)
-
-    def kill9(self):
-        self.signal(signal.SIGKILL)
-        self.popen.wait()
-
-    def wait(self, timeout=TIMEOUT):
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process {self.pid} still running after {timeout}s; log:\n"
-                        f"{self.log()[-3000:]}")
-
-    def stop(self, grace=10.0):
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self.popen.wait()
-
-
-class Sandbox:
-    """An isolated home for mito.py processes, and their reaper."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.id = uuid.uuid4().hex
-        folders = {name: self.root / name for name in ("home", "config", "cache", "data", "cwd")}
-        for folder in folders.values():
-            folder.mkdir(exist_ok=True)
-        self.config_home, self.data_home = folders["config"], folders["data"]
-        self.cache_home, self.cwd = folders["cache"], folders["cwd"]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MITO_")}
-        self.env.update(HOME=str(folders["home"]), XDG_CONFIG_HOME=str(folders["config"]),
-                        XDG_CACHE_HOME=str(folders["cache"]), XDG_DATA_HOME=str(folders["data"]),
-                        PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", **{MARKER: self.id})
-        self.procs = []
-
-    def spawn(self, *args, name="proc"):
-        log_path = self.root / f"{name}-{len(self.procs)}.log"
-        with open(log_path, "wb") as out:
-            popen = subprocess.Popen([sys.executable, str(MITO_PY), *map(str, args)],
-                                     env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        proc = Proc(popen, log_path)
-        self.procs.append(proc)
-        return proc
-
-    def marked_pids(self):
-        """Live processes (not zombies) that carry this sandbox's marker."""
-        needle = f"{MARKER}={self.id}".encode()
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as handle:
-                    if needle not in handle.read().split(b"\0"):
-                        continue
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                        continue
-            except OSError:
-                continue
-            found.append(int(entry))
-        return found
-
-    def cleanup(self):
-        """SIGTERM everything (workers before coordinators), SIGKILL what lingers."""
-        for proc in reversed(self.procs):
-            proc.signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for proc in reversed(self.procs):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            if proc.alive():
-                proc.popen.kill()
-                proc.popen.wait()
-        deadline = time.monotonic() + 10
-        while (pids := self.marked_pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
+    marker = MARKER
+    mito_py = MITO_PY
 
 
 # ---- a coordinator and the API ------------------------------------------------------------
@@ -264,14 +121,9 @@ class Cluster:
         wait_until(self.healthy, what="the coordinator to answer /health")
 
     def healthy(self):
-        if not self.coordinator.alive():
-            if "cannot listen" in self.coordinator.log():
-                raise PortTaken()
-            pytest.fail(f"coordinator exited ({self.coordinator.popen.returncode}):\n"
-                        f"{self.coordinator.log()[-3000:]}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            return raw_request(self.url, "GET", "/health", timeout=2)[0] == 200
-        return False
+        if not self.coordinator.alive() and "cannot listen" in self.coordinator.log():
+            raise PortTaken()
+        return answers_health(self.coordinator, self.url)
 
     def kill9(self):
         self.coordinator.kill9()
@@ -342,8 +194,7 @@ class Cluster:
             "--heartbeat-interval", "200ms", *args, name=name)
 
         def registered():
-            if not proc.alive():
-                pytest.fail(f"worker exited ({proc.popen.returncode}):\n{proc.log()[-3000:]}")
+            proc.assert_alive("worker")
             return set(self.workers()) - before
         new = wait_until(registered, what="the worker to register")
         assert len(new) == 1, f"one worker process registered {len(new)} workers"

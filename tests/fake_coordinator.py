@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import wait_until
+from support import wait_until
 
 ARTIFACT_KINDS = ("result", "exec-log", "std-log")
 RESULT_MESSAGES = ("FetchResourceTimeout", "ExecTimeout", "UploadResultTimeout",

@@ -121,18 +121,18 @@ def never_claimed(task):
 
 def run_client(c, *args, timeout=60.0):
     """Run `mito.py client ...` to completion in the cluster's sandbox."""
-    return subprocess.run([sys.executable, str(e2e.MITO_PY), "client", *map(str, args)],
-                          env=c.sandbox.env, cwd=c.sandbox.cwd, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
+    return c.sandbox.run("client", *args, timeout=timeout)
 
 
-def gated(tmp_path, name="task"):
-    """A task that says when it started, then waits for a release file: the test decides
-    when it ends. Returns (spec, started, release)."""
+def start_gated(c, client, tmp_path, name="task"):
+    """Submit a task that says when it started, then waits for a release file (the test
+    decides when it ends), and wait until it has started. Returns (task uuid, release)."""
     started, release = tmp_path / f"{name}.started", tmp_path / f"{name}.release"
     script = (f'touch "{started}"; while [ ! -e "{release}" ]; do sleep 0.05; done; '
               f'echo finished > "$MITO_RESULT_DIR/out"')
-    return sh(script), started, release
+    task_uuid = c.submit(client, sh(script))
+    wait_until(started.exists, what="the task to start")
+    return task_uuid, release
 
 
 # ---- 1. slots ------------------------------------------------------------------------------
@@ -531,9 +531,7 @@ def test_sigusr1_finishes_the_task_then_leaves(coordinator, tmp_path):
     alice = c.user("alice")
     worker = spawn_worker(c, "alice")
     worker_id, = wait_registered(worker)
-    task_spec, started, release = gated(tmp_path)
-    first = c.submit(alice, task_spec)
-    wait_until(started.exists, what="the task to start")
+    first, release = start_gated(c, alice, tmp_path)
     ran = tmp_path / "second-ran"
     second = c.submit(alice, sh(f'touch "{ran}"'))
 
@@ -564,9 +562,7 @@ def test_sigusr1_with_an_idle_slot_holds_no_task_back(coordinator, tmp_path):
     alice = c.user("alice")
     worker = spawn_worker(c, "alice", "--concurrency", "2", "--polling-interval", "5s")
     wait_registered(worker, count=2)
-    task_spec, started, release = gated(tmp_path)
-    first = c.submit(alice, task_spec)
-    wait_until(started.exists, what="the task to start")
+    first, release = start_gated(c, alice, tmp_path)
 
     worker.signal(signal.SIGUSR1)
     wait_until(lambda: "received SIGUSR1" in worker.log(), what="the worker to hear SIGUSR1")
@@ -621,9 +617,7 @@ def test_client_workers_shutdown_lets_the_task_finish(coordinator, tmp_path):
     alice = c.user("alice")
     worker = spawn_worker(c, "alice")
     worker_id, = wait_registered(worker)
-    task_spec, started, release = gated(tmp_path)
-    task_uuid = c.submit(alice, task_spec)
-    wait_until(started.exists, what="the task to start")
+    task_uuid, release = start_gated(c, alice, tmp_path)
 
     run = run_client(c, "-c", c.url, "-u", "alice", "-p", "pw", "--retain",
                      "workers", "shutdown", worker_id)

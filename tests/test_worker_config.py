@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from support import wait_until
 from fake_coordinator import FakeCoordinator, fake  # noqa: F401
 
 TOKEN = "user-token-for-alice"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from support import wait_until
 from fake_coordinator import error, fake, process_dead, start_worker  # noqa: F401
 
 LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[,.]\d+ +"

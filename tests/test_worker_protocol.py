@@ -14,18 +14,9 @@ import uuid
 
 import pytest
 
-from conftest import wait_until
 from fake_coordinator import (ARTIFACT_KINDS, Response, error, fake,  # noqa: F401
                               process_dead, start_worker)
-
-
-def untar(data):
-    """{name: bytes or None (a directory)} of a tar.gz held in memory."""
-    members = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        for member in tar:
-            members[member.name] = tar.extractfile(member).read() if member.isfile() else None
-    return members
+from support import untar, wait_until
 
 
 def uploads_of(fake, task):
