@@ -1826,16 +1826,19 @@ def field(data, key, check, default=_MISSING):
         raise HttpError(400, f"bad field {key!r}: {error}") from None
 
 
-def an_object(value):
-    if not isinstance(value, dict):
-        raise ValueError("expected a JSON object")
-    return value
+def of_type(kind, what):
+    """A check that a JSON value is of one Python type."""
+    def check(value):
+        if not isinstance(value, kind):
+            raise ValueError(f"expected {what}")
+        return value
+    return check
 
 
-def a_str(value):
-    if not isinstance(value, str):
-        raise ValueError("expected a string")
-    return value
+an_object = of_type(dict, "a JSON object")
+a_str = of_type(str, "a string")
+a_bool = of_type(bool, "true or false")
+list_of = of_type(list, "a list")
 
 
 def an_int(value):
@@ -1847,12 +1850,6 @@ def an_int(value):
 def a_size(value):
     if an_int(value) < 0:
         raise ValueError("must not be negative")
-    return value
-
-
-def a_bool(value):
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
     return value
 
 
@@ -1974,12 +1971,6 @@ def a_task_spec(value):
             "resources": [a_resource(item) for item in field(value, "resources", list_of, [])],
             "terminal_output": field(value, "terminal_output", a_bool, False),
             "watch": field(value, "watch", a_watch, None)}
-
-
-def list_of(value):
-    if not isinstance(value, list):
-        raise ValueError("expected a list")
-    return value
 
 
 def a_submission(value):
@@ -4468,7 +4459,7 @@ def add_client_commands(parser, required=True):
     command(commands, "auth", cmd_auth, "Show who the stored token belongs to")
 
     tasks = branch("tasks", "Submit, follow and manage tasks")
-    submit = command(
+    command(
         tasks, "submit", cmd_tasks_submit, "Submit a task: tasks submit [options] -- COMMAND...",
         (("-g", "--group"), {"help": "the group (default: your own)"}),
         (("-t", "--tags"), {"nargs": "*", "action": "extend", "help": "required worker tags"}),
@@ -4726,33 +4717,23 @@ def build_parser():
     parser.add_argument("-V", "--version", action="version", version=version)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    worker = commands.add_parser("worker", help="Run a mitosis worker",
-                                 description="Run a mitosis worker",
-                                 usage="%(prog)s [OPTIONS]")
-    worker.add_argument("--config", metavar="CONFIG", help="The path of the config file")
-    add_options(worker, WORKER_OPTIONS)
-    worker.add_argument("-V", "--version", action="version", version=version)
-    worker.set_defaults(run=run_worker)
+    def command(name, options, run, usage="%(prog)s [OPTIONS]"):
+        """worker, coordinator, client: --config, the section's options, -V."""
+        sub = commands.add_parser(name, help=f"Run a mitosis {name}", usage=usage,
+                                  description=f"Run a mitosis {name}")
+        sub.add_argument("--config", metavar="CONFIG", help="The path of the config file")
+        add_options(sub, options)
+        sub.add_argument("-V", "--version", action="version", version=version)
+        sub.set_defaults(run=run)
+        return sub
 
-    coordinator = commands.add_parser("coordinator", help="Run a mitosis coordinator",
-                                      description="Run a mitosis coordinator",
-                                      usage="%(prog)s [OPTIONS]")
-    coordinator.add_argument("--config", metavar="CONFIG", help="The path of the config file")
-    add_options(coordinator, COORDINATOR_OPTIONS)
-    coordinator.add_argument("-V", "--version", action="version", version=version)
-    coordinator.set_defaults(run=run_coordinator)
-
-    client = commands.add_parser("client", help="Run a mitosis client",
-                                 description="Run a mitosis client",
-                                 usage="%(prog)s [OPTIONS] <COMMAND> ...")
-    client.add_argument("--config", metavar="CONFIG", help="The path of the config file")
-    add_options(client, CLIENT_OPTIONS)
+    command("worker", WORKER_OPTIONS, run_worker)
+    command("coordinator", COORDINATOR_OPTIONS, run_coordinator)
+    client = command("client", CLIENT_OPTIONS, run_client, "%(prog)s [OPTIONS] <COMMAND> ...")
     client.add_argument("-i", "--interactive", action="store_true",
                         help="An interactive shell taking the same commands")
     client.add_argument("--json", action="store_true", help="Print the API's JSON")
-    client.add_argument("-V", "--version", action="version", version=version)
     add_client_commands(client, required=False)
-    client.set_defaults(run=run_client)
     return parser
 
 
