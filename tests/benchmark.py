@@ -5,8 +5,9 @@ Prints, in one run:
   1. the raw rate of spawning `true` with subprocess (the limit for any worker),
   2. the end-to-end throughput of N `true` tasks through the embedded coordinator with
      2 local workers (submit in batches, wait until every task is committed),
-  3. the p50/p99 latency from submit to start with an idle worker (the task `touch`es a
-     file; its mtime is the start).
+  3. the p50/p99 latency from submit to start with an idle worker (the task is
+     `sh -c 'date +%s.%N > FILE'`: the time it writes, read from the same clock as the
+     submit time, is an upper bound on the start, sh's and date's own start included).
 
     python3 tests/benchmark.py [--tasks 2000] [--samples 200]
 
@@ -69,9 +70,9 @@ class System:
                 raise SystemExit("the coordinator or its workers did not come up")
             time.sleep(0.1)
 
-    def submit(self, args, count):
+    def submit(self, args, count, envs=None):
         request = {"group_name": "mitosis_admin", "tags": [], "labels": [], "timeout": "1m",
-                   "priority": 0, "task_spec": {"args": args}}
+                   "priority": 0, "task_spec": {"args": args, "envs": envs or {}}}
         return self.http.api("POST", "/tasks/submit", {"tasks": [request] * count})["results"]
 
     def finished(self):
@@ -99,10 +100,12 @@ def latencies(system, samples):
     for number in range(samples):
         path = os.path.join(folder, str(number))
         submitted = time.time()
-        system.submit(["touch", path], 1)
+        system.submit(["sh", "-c", 'date +%s.%N > "$OUT.part" && mv "$OUT.part" "$OUT"'], 1,
+                      {"OUT": path})
         while not os.path.exists(path):
             time.sleep(0.0005)
-        found.append(os.stat(path).st_mtime - submitted)
+        with open(path) as handle:
+            found.append(float(handle.read()) - submitted)
         time.sleep(0.02)  # let the worker go back to its long poll: it is idle again
     shutil.rmtree(folder, ignore_errors=True)
     return found
