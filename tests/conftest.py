@@ -10,9 +10,14 @@ its task and leaves cleanly), SIGKILL if that does not end them. The generic pie
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# hypothesis keeps caches in ./.hypothesis: keep them out of the project's top level
+set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "mito-tests-hypothesis"))
 
 import support
 from support import wait_until  # noqa: F401  (some test modules import it from here)
