@@ -1253,17 +1253,18 @@ class Worker:
         send = self.http.api_reply if reply else self.http.api
 
         def attempt():
+            with reach.request((kwargs.get("params") or {}).get("wait", 0)):
+                return send(method, path, payload, **kwargs)
+        try:
+            if persistent:
+                return persist(attempt, what or path, self.stop, reach)
             try:
-                with reach.request((kwargs.get("params") or {}).get("wait", 0)):
-                    answer = send(method, path, payload, **kwargs)
+                answer = attempt()
             except Unreachable:
-                if not persistent:
-                    reach.failed()
+                reach.failed()
                 raise
             reach.succeeded()
             return answer
-        try:
-            return persist(attempt, what or path, self.stop, reach) if persistent else attempt()
         except ApiError as error:
             if error.status == 401:
                 raise Unauthorized(error.msg) from None
