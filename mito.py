@@ -2393,13 +2393,12 @@ class Store:
 
     def claim(self, worker, time_left=None):
         """Atomically give the worker the best task it may take, or None."""
-        sql = ("SELECT t.id FROM tasks t WHERE t.state = 'Ready' AND t.group_id IN "
+        sql = ("SELECT t.* FROM tasks t WHERE t.state = 'Ready' AND t.group_id IN "
                "(SELECT group_id FROM group_workers WHERE worker_id = :worker AND role >= 2) "
                f"AND {self.tag_rule} ")
         if time_left is not None:
             sql += "AND t.timeout <= :time_left "
         sql += "ORDER BY t.priority DESC, t.id LIMIT 1"
-        task = None
         with self.write() as db:
             # A worker fetches only when it holds no task: one still on it is a task whose
             # fetch answer was lost (or that it dropped). Back to the queue with it, or it
@@ -2410,12 +2409,11 @@ class Store:
             if row is not None:
                 db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
                            "WHERE id = ?", (worker["id"], time.time(), row["id"]))
-                task = db.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
             db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
                        (row and row["id"], worker["id"]))
         if requeued:
             self.wake_fetchers()
-        return task
+        return row  # as it was when claimed: what a worker is sent does not change
 
     def assigned_task(self, worker_id, task_id):
         return self.one("SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
@@ -3688,7 +3686,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return self._date[1]
 
     def log_message(self, format, *args):
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # one line per request: only when asked
+            log.debug("%s %s", self.address_string(), format % args)
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
