@@ -2851,11 +2851,6 @@ class Coordinator:
         return (user["admin"] or worker["creator_id"] == user["id"]
                 or self.store.worker_role_for_user(worker["id"], user["id"]) >= need)
 
-    def visible_groups(self, req, group_name):
-        """Group ids a query may cover: the named group (needing Read), else the
-        caller's own group, as the Rust coordinator does."""
-        return [self.group_of(req, group_name or req.user["username"], READ)["id"]]
-
     # -- liveness
 
     def reap_forever(self):
@@ -3313,6 +3308,8 @@ class Coordinator:
                                  f"task can be cancelled")
 
     def matching_tasks(self, req, body, need, count=False):
+        """(filters, tasks) of one group: the named one (needing role `need`), else the
+        caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
         group_ids = [self.group_of(req, filters["group_name"] or req.user["username"],
                                    need)["id"]]
