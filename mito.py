@@ -570,28 +570,32 @@ class Http:
         """Presigned URLs may be relative to the coordinator."""
         return urllib.parse.urljoin(self.base_url + "/", url)
 
-    def put_file(self, url, path, timeout=None):
-        """Stream a file from disk to a presigned URL, with Content-Length."""
+    def put_file(self, url, path, timeout=None, wrap=None):
+        """Stream a file from disk to a presigned URL, with Content-Length. `wrap` may
+        wrap the open file (the client counts what goes, for its progress line)."""
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
             status, _, data = self.exchange(
-                "PUT", self.absolute(url), handle,
+                "PUT", self.absolute(url), wrap(handle) if wrap else handle,
                 {"Content-Length": str(size), "Content-Type": "application/octet-stream"},
                 timeout)
         if not 200 <= status < 300:
             raise ApiError(status, error_message(data, status))
 
-    def get_file(self, url, path, timeout=None):
-        """Stream a presigned URL to `path` (written under a temporary name first)."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    def get_file(self, url, path, timeout=None, wrap=None):
+        """Stream a presigned URL to `path`, written under a temporary name and renamed
+        when complete; a failed transfer leaves nothing behind."""
         temporary = f"{path}.part"
-        with open(temporary, "wb") as handle:
-            status, _, data = self.exchange("GET", self.absolute(url), sink=handle,
-                                            timeout=timeout)
-        if not 200 <= status < 300:
-            os.unlink(temporary)
-            raise ApiError(status, error_message(data, status))
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "wb") as handle:
+                status, _, data = self.exchange("GET", self.absolute(url), timeout=timeout,
+                                                sink=wrap(handle) if wrap else handle)
+            if not 200 <= status < 300:
+                raise ApiError(status, error_message(data, status))
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
 
 
 def error_message(data, status):
@@ -1071,6 +1075,7 @@ class TaskRun:
         while True:
             try:
                 answer = self.worker.call("GET", path, persistent=False)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
                 self.worker.http.get_file(answer["url"], target)
                 return None
             except ApiError as error:
@@ -3941,13 +3946,10 @@ class Client:
             raise ClientError(f"cannot save {what} to {path}: it is a directory")
         progress = Progress(what, size)
         try:
-            with open(f"{path}.part", "wb") as handle:
-                status, _, data = self.http.exchange("GET", self.http.absolute(url),
-                                                     sink=CountingFile(handle, progress))
-            if not 200 <= status < 300:
-                raise ClientError(f"download of {what} failed ({status}): "
-                                  f"{error_message(data, status)}")
-            os.replace(f"{path}.part", path)
+            self.http.get_file(url, path, wrap=lambda handle: CountingFile(handle, progress))
+        except ApiError as error:
+            raise ClientError(f"download of {what} failed ({error.status}): {error.msg}") \
+                from None
         except Unreachable as error:
             raise ClientError(f"download of {what} failed: {error}") from None
         except OSError as error:
@@ -3955,20 +3957,14 @@ class Client:
                               f"{error.strerror or error}") from None
         finally:
             progress.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{path}.part")
 
     def upload(self, url, path, what):
-        size = os.path.getsize(path)
-        progress = Progress(what, size)
+        progress = Progress(what, os.path.getsize(path))
         try:
-            with open(path, "rb") as handle:
-                status, _, data = self.http.exchange(
-                    "PUT", self.http.absolute(url), CountingFile(handle, progress),
-                    {"Content-Length": str(size), "Content-Type": "application/octet-stream"})
-            if not 200 <= status < 300:
-                raise ClientError(f"upload of {what} failed ({status}): "
-                                  f"{error_message(data, status)}")
+            self.http.put_file(url, path, wrap=lambda handle: CountingFile(handle, progress))
+        except ApiError as error:
+            raise ClientError(f"upload of {what} failed ({error.status}): {error.msg}") \
+                from None
         except Unreachable as error:
             raise ClientError(f"upload of {what} failed: {error}") from None
         finally:
