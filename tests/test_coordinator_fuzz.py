@@ -145,7 +145,7 @@ def test_random_reports_on_a_real_task_never_500(world, op, finish_first):
 
 HUGE = "99999999999999999999"
 EDGES = [
-    ("PUT", "/tasks/{task}", {}, (200,)),  # a change that changes nothing
+    ("PUT", "/tasks/{task}", {}, (400,)),  # a change that changes nothing: 400 upstream
     ("POST", "/tasks/submit", {"tasks": [None, 1, "x", []]}, (200,)),  # each item an Err
     ("POST", "/workers/query", {"role": ["bogus"]}, (400,)),
     ("POST", "/workers/shutdown", {"role": ["bogus"]}, (400,)),
@@ -233,6 +233,6 @@ def test_the_server_keeps_serving_after_bad_requests(world):
     client = mito.Http(c.url, c.admin.token)
     for _ in range(3):
         with pytest.raises(mito.ApiError) as error:
-            client.api("POST", "/tasks", {"task_spec": {"args": []}})
+            client.api("POST", "/tasks", {"task_spec": {"args": "not a list"}})
         assert error.value.status == 400
         assert client.api("GET", "/auth") == "mitosis_admin"
