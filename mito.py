@@ -17,6 +17,7 @@ Client, and the command line.
 
 import argparse
 import base64
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -31,6 +32,7 @@ import json
 import logging
 import logging.handlers
 import math
+import operator
 import os
 import random
 import re
@@ -1781,6 +1783,9 @@ COORDINATOR_OPTIONS = (
     Option("tls_cert", "path", None, ("--tls-cert",),
            "Serve HTTPS with this certificate (PEM; with --tls-key)"),
     Option("tls_key", "path", None, ("--tls-key",), "The private key of --tls-cert (PEM)"),
+    Option("metrics_public", "bool", False, ("--metrics-public",),
+           "Serve GET /metrics without a token (for a Prometheus scraper on a trusted "
+           "network; by default it needs an admin's token)"),
 )
 
 READ, WRITE, ADMIN = 1, 2, 3
@@ -2083,6 +2088,16 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
+    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
+    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    """
+    CREATE TABLE task_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
+        at REAL NOT NULL, worker TEXT);
+    CREATE INDEX task_events_task ON task_events (task_id, id);
+    CREATE INDEX task_events_at ON task_events (at);
+    CREATE INDEX tasks_group_state ON tasks (group_id, state);
+    """,
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -2149,6 +2164,14 @@ class Store:
         with self.changed:
             self.generation += 1
             self.changed.notify_all()
+
+    @staticmethod
+    def _record(db, task_ids, event, worker=None):
+        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
+        the history of tasks, inside the transaction that made it happen."""
+        now = time.time()
+        db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
+                       [(task_id, event, now, worker) for task_id in task_ids])
 
     # -- users and groups
 
@@ -2258,6 +2281,9 @@ class Store:
                            [(group_id, worker_id, role) for group_id, role in group_roles.items()])
         return worker_uuid
 
+    def worker_by_id(self, worker_id):
+        return self.one("SELECT * FROM workers WHERE id = ?", worker_id)
+
     def worker_groups(self, worker_id):
         return {row["name"]: row["role"] for row in self.all(
             "SELECT g.name, gw.role FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
@@ -2314,6 +2340,7 @@ class Store:
         for task in held:
             db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = NULL, "
                        "updated_at = ? WHERE id = ?", (time.time(), task["id"]))
+            self._record(db, [task["id"]], "Requeued")
             # what the abandoned run submitted downstream would be submitted twice
             db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
                        (task["uuid"],))
@@ -2389,6 +2416,7 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
+            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
@@ -2414,6 +2442,7 @@ class Store:
             if row is not None:
                 db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
                            "WHERE id = ?", (worker["id"], time.time(), row["id"]))
+                self._record(db, [row["id"]], "Started", worker["uuid"])
             db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
                        (row and row["id"], worker["id"]))
         if requeued:
@@ -2438,9 +2467,11 @@ class Store:
                        "worker_id = NULL, updated_at = ? WHERE id = ?",
                        (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
             db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
+            self._record(db, [task["id"]], state, worker["uuid"])
             released = db.execute("UPDATE tasks SET state = 'Ready', updated_at = ? "
-                                  "WHERE upstream = ? AND state = 'Pending'",
-                                  (time.time(), task["uuid"])).rowcount
+                                  "WHERE upstream = ? AND state = 'Pending' RETURNING id",
+                                  (time.time(), task["uuid"])).fetchall()
+            self._record(db, [row["id"] for row in released], "Released")
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         elif released:
@@ -2459,10 +2490,12 @@ class Store:
         """Archive not-yet-running tasks as cancelled by their user; returns how many."""
         result = json.dumps({"exit_status": 0, "msg": "UserCancellation"})
         with self.write() as db:
-            return sum(db.execute(
+            cancelled = [task_id for task_id in task_ids if db.execute(
                 "UPDATE tasks SET state = 'Cancelled', result = ?, committed = 1, "
                 "updated_at = ? WHERE id = ? AND state IN ('Ready', 'Pending')",
-                (result, time.time(), task_id)).rowcount for task_id in task_ids)
+                (result, time.time(), task_id)).rowcount]
+            self._record(db, cancelled, "Cancelled")
+        return len(cancelled)
 
     def query_tasks(self, filters, group_ids, count=False):
         """Tasks of the groups `group_ids` (None: all) that match `filters`."""
@@ -2551,6 +2584,93 @@ class Store:
             db.execute("UPDATE groups SET storage_used = MAX(0, storage_used - ?) WHERE id = ?",
                        (old["size"], group_id))
             return True
+
+    # -- what the dashboard, `client status` and /metrics read (groups None: all)
+
+    @staticmethod
+    def _in_groups(column, group_ids):
+        if group_ids is None:
+            return "1=1"
+        return f"{column} IN ({','.join(str(int(g)) for g in group_ids) or 'NULL'})"
+
+    def user_group_ids(self, user_id):
+        return [row[0] for row in self.all("SELECT group_id FROM user_groups WHERE user_id = ?",
+                                           user_id)]
+
+    def group_names(self, group_ids):
+        return [row[0] for row in self.all(
+            f"SELECT name FROM groups WHERE {self._in_groups('id', group_ids)} ORDER BY name")]
+
+    def task_counts(self, group_ids):
+        """[(group name, state, count)], from the (group_id, state) index."""
+        return self.all(
+            "SELECT g.name AS group_name, c.state, c.n FROM (SELECT group_id, state, "
+            "COUNT(*) AS n FROM tasks WHERE "
+            f"{self._in_groups('group_id', group_ids)} GROUP BY group_id, state) c "
+            "JOIN groups g ON g.id = c.group_id ORDER BY g.name, c.state")
+
+    def running_tasks(self, group_ids, limit=100):
+        """Running tasks, longest running first, with when they started and on which worker."""
+        return self.all(
+            "SELECT t.uuid, g.name AS group_name, t.spec, w.uuid AS worker, "
+            "(SELECT MAX(at) FROM task_events e WHERE e.task_id = t.id AND e.event = 'Started') "
+            "AS started_at FROM tasks t JOIN groups g ON g.id = t.group_id "
+            "LEFT JOIN workers w ON w.id = t.worker_id WHERE t.state = 'Running' AND "
+            f"{self._in_groups('t.group_id', group_ids)} ORDER BY started_at, t.id LIMIT ?",
+            limit)
+
+    def ended_per_minute(self, since, group_ids):
+        """{minute index since `since`: tasks that ended in it}."""
+        return {row[0]: row[1] for row in self.all(
+            "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) FROM task_events e "
+            "JOIN tasks t ON t.id = e.task_id WHERE e.at >= ? AND e.event IN "
+            f"('Finished', 'Cancelled') AND {self._in_groups('t.group_id', group_ids)} "
+            "GROUP BY minute", since, since)}
+
+    def recent_failures(self, group_ids, limit=10):
+        """The last tasks that ended with a non-zero exit or a failure message (a user's
+        cancellation is no failure)."""
+        return self.all(
+            "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
+            "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
+            "g.id = t.group_id WHERE e.event IN ('Finished', 'Cancelled') AND "
+            "(json_extract(t.result, '$.exit_status') != 0 OR "
+            "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != 'UserCancellation')"
+            f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?", limit)
+
+    def oldest_ready(self, group_ids):
+        return self.one(
+            "SELECT t.*, g.name AS group_name FROM tasks t JOIN groups g ON g.id = t.group_id "
+            f"WHERE t.state = 'Ready' AND {self._in_groups('t.group_id', group_ids)} "
+            "ORDER BY t.id LIMIT 1")
+
+    def candidates(self, task):
+        """(workers serving the task's group with Write, those whose tags also match,
+        those of them that are idle): why a Ready task waits."""
+        rule = self.tag_rule.replace(":tags", "wk.tags")  # the claim rule, per worker
+        row = self.one(
+            "SELECT COUNT(*), COALESCE(SUM(matches), 0), COALESCE(SUM(matches AND idle), 0) "
+            f"FROM (SELECT ({rule}) AS matches, wk.task_id IS NULL AS idle FROM workers wk "
+            "JOIN group_workers gw ON gw.worker_id = wk.id JOIN tasks t ON t.id = ? "
+            "WHERE gw.group_id = t.group_id AND gw.role >= 2)", task["id"])
+        return tuple(row)
+
+    def task_history(self, task_id):
+        return self.all("SELECT event, at, worker FROM task_events WHERE task_id = ? "
+                        "ORDER BY id", task_id)
+
+    def last_event_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def events_after(self, event_id, limit=10000):
+        """Events newer than `event_id`, with their task's creation time and result."""
+        return self.all(
+            "SELECT e.id, e.event, e.at, t.created_at, t.result FROM task_events e "
+            "JOIN tasks t ON t.id = e.task_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
+            event_id, limit)
+
+    def blob_bytes(self):
+        return self.one("SELECT COALESCE(SUM(storage_used), 0) FROM groups")[0]
 
 
 # ---- secrets, passwords, tokens and signed URLs --------------------------------------------
@@ -2712,6 +2832,7 @@ class Answer:
     headers: dict = dataclasses.field(default_factory=dict)
     text: str = None
     file: str = None
+    content_type: str = None    # of `text`: text/plain unless said (the dashboard's page)
 
 
 # ---- the rules and the handlers -----------------------------------------------------------
@@ -2774,6 +2895,7 @@ class Coordinator:
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
         self.stopping = threading.Event()
         self.store.forgive_silence()
+        self.dashboard = DashboardViews(self)
 
     # -- first start
 
@@ -3508,10 +3630,14 @@ def a_user_state(value):
 
 # ---- the routing table --------------------------------------------------------------------
 # (method, path, handler, who may call: None = anyone, "user", "admin", "worker", or
-# "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself)
+# "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself).
+# A handler is a Coordinator method, or one of a family it holds ("dashboard.status").
 
 ROUTES = [
     ("GET", "/health", "health", None),
+    ("GET", "/status", "dashboard.status", "user"),
+    ("GET", "/metrics", "dashboard.metrics", None),
+    ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
     ("POST", "/login", "login", None),
     ("GET", "/auth", "auth", "user"),
     ("GET", "/redis", "redis", "user"),
@@ -3615,7 +3741,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms stalls
 
     def do_request(self):
-        self.body_read = False
+        self.body_read, self.route, started = False, "unmatched", time.perf_counter()
         try:
             answer = self.server.coordinator_dispatch(self)
         except HttpError as error:
@@ -3626,6 +3752,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if not self.body_read and int(self.headers.get("Content-Length") or 0):
             self.close_connection = True  # the unread body would poison the connection
         self.send_answer(answer if isinstance(answer, Answer) else Answer(body=answer))
+        self.server.coordinator.dashboard.metrics_of.observe_request(self.route, started)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_request
 
@@ -3667,7 +3794,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 shutil.copyfileobj(handle, self.wfile, 1 << 16)
             return
         if answer.text is not None:
-            payload, content_type = answer.text.encode(), "text/plain; charset=utf-8"
+            payload = answer.text.encode()
+            content_type = answer.content_type or "text/plain; charset=utf-8"
         else:
             payload, content_type = json.dumps(answer.body).encode(), "application/json"
         self.send_response(answer.status)
@@ -3718,7 +3846,8 @@ class ApiServer(http.server.ThreadingHTTPServer):
             req.data = handler.read_json()
         if auth in ("user", "admin", "worker"):
             self.coordinator.authenticate(req, auth)
-        return getattr(self.coordinator, name)(req, **params)
+        handler.route = name
+        return operator.attrgetter(name)(self.coordinator)(req, **params)
 
 
 def local_worker_command(url, credentials, ca_cert):
@@ -3797,6 +3926,282 @@ def stop_children(children, patience=15.0):
             child.kill()
             child.wait()
 
+
+# =====================================================================================
+# 4b. Dashboard: what the system is doing, for people (a page) and machines (/metrics)
+# =====================================================================================
+# Store (task_events, counts) -> DashboardViews (JSON: /status, a task's history and
+# output) -> the page's script and `client status`; Metrics -> GET /metrics as
+# Prometheus text. No SQL here (the Store's), no HTML outside DashboardPage.
+
+STALE_FRACTION = 2 / 3      # silent this part of --heartbeat-timeout: a worker is "stale"
+THROUGHPUT_WINDOW = 3600    # the overview's chart: tasks ended per minute, last hour
+OUTPUT_TAIL = 4096          # bytes of stdout/stderr shown on a finished task's page
+TAIL_ARCHIVE_LIMIT = 8 << 20  # a larger std-log archive is not unpacked on a request
+
+
+def outcome_of(result):
+    """A finished task's outcome label: its result message, else success/failure."""
+    result = result if isinstance(result, dict) else json.loads(result or "null") or {}
+    if result.get("msg"):
+        return result["msg"]
+    return "success" if result.get("exit_status") == 0 else "failure"
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, bounds):
+        self.bounds, self.counts = bounds, [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name, labels=""):
+        """The _bucket, _sum and _count samples; `labels` is 'k="v",' or empty."""
+        out, total = [], 0
+        for bound, count in zip([*map(prometheus_number, self.bounds), "+Inf"], self.counts):
+            total += count
+            out.append(f'{name}_bucket{{{labels}le="{bound}"}} {total}')
+        braces = f"{{{labels.rstrip(',')}}}" if labels else ""
+        out += [f"{name}_sum{braces} {prometheus_number(self.sum)}",
+                f"{name}_count{braces} {total}"]
+        return out
+
+
+def prometheus_number(value):
+    return repr(float(value)) if isinstance(value, float) and not value.is_integer() \
+        else str(int(value))
+
+
+def prometheus_label(value):
+    """A label value escaped as the text format requires: backslash, quote, newline."""
+    return str(value).replace("\\", r"\\").replace('"', r'\"').replace("\n", r"\n")
+
+
+class Metrics:
+    """GET /metrics in the Prometheus text format (version 0.0.4). Counters and
+    histograms count since this coordinator started: request durations as requests end,
+    task events by reading the Store's history on from where the last scrape stopped,
+    so a scrape costs what happened since the last one. Gauges are read at each scrape.
+    `lock` guards the counts: requests end on many threads."""
+
+    LATENCY_BOUNDS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+    REQUEST_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30)
+
+    def __init__(self, store):
+        self.store, self.lock = store, threading.Lock()
+        self.last_event = store.last_event_id()
+        self.submitted, self.ended = 0, {}
+        self.latency = Histogram(self.LATENCY_BOUNDS)
+        self.requests = {}
+
+    def observe_request(self, route, started):
+        """The network layer calls this once a request is answered (`started` is its
+        time.perf_counter() on arrival); `route` names the handler, or "unmatched"."""
+        with self.lock:
+            histogram = self.requests.get(route)
+            if histogram is None:
+                histogram = self.requests[route] = Histogram(self.REQUEST_BOUNDS)
+            histogram.observe(time.perf_counter() - started)
+
+    def catch_up(self):
+        """Count the task events since the last scrape."""
+        while True:
+            events = self.store.events_after(self.last_event)
+            for event in events:
+                if event["event"] == "Submitted":
+                    self.submitted += 1
+                elif event["event"] == "Started":
+                    self.latency.observe(max(0.0, event["at"] - event["created_at"]))
+                elif event["event"] in ("Finished", "Cancelled"):
+                    outcome = outcome_of(event["result"])
+                    self.ended[outcome] = self.ended.get(outcome, 0) + 1
+                self.last_event = event["id"]
+            if len(events) < 10000:
+                return
+
+    def text(self, stale_before):
+        with self.lock:
+            self.catch_up()
+            lines = self.task_lines() + self.worker_lines(stale_before)
+            lines += ["# HELP mito_http_request_duration_seconds Time to answer a request, "
+                      "by handler.", "# TYPE mito_http_request_duration_seconds histogram"]
+            for route, histogram in sorted(self.requests.items()):
+                lines += histogram.lines("mito_http_request_duration_seconds",
+                                         f'handler="{prometheus_label(route)}",')
+        lines += ["# HELP mito_blob_bytes Bytes of artifacts and attachments stored.",
+                  "# TYPE mito_blob_bytes gauge", f"mito_blob_bytes {self.store.blob_bytes()}"]
+        return "\n".join(lines) + "\n"
+
+    def task_lines(self):
+        lines = ["# HELP mito_tasks Tasks by state and group.", "# TYPE mito_tasks gauge"]
+        lines += [f'mito_tasks{{group="{prometheus_label(row["group_name"])}",'
+                  f'state="{row["state"]}"}} {row["n"]}' for row in self.store.task_counts(None)]
+        lines += ["# HELP mito_tasks_submitted_total Tasks submitted since the start.",
+                  "# TYPE mito_tasks_submitted_total counter",
+                  f"mito_tasks_submitted_total {self.submitted}",
+                  "# HELP mito_tasks_ended_total Tasks ended since the start, by outcome "
+                  "(success, failure, or the result message).",
+                  "# TYPE mito_tasks_ended_total counter"]
+        lines += [f'mito_tasks_ended_total{{outcome="{prometheus_label(outcome)}"}} {count}'
+                  for outcome, count in sorted(self.ended.items())]
+        lines += ["# HELP mito_task_start_latency_seconds From submission to start.",
+                  "# TYPE mito_task_start_latency_seconds histogram"]
+        return lines + self.latency.lines("mito_task_start_latency_seconds")
+
+    def worker_lines(self, stale_before):
+        counts = dict.fromkeys(("busy", "idle", "stale"), 0)
+        for row in self.store.query_workers(None, worker_filter({})):
+            counts[worker_activity(row, stale_before)] += 1
+        return ["# HELP mito_workers Workers by activity.", "# TYPE mito_workers gauge",
+                *(f'mito_workers{{state="{name}"}} {count}' for name, count in counts.items())]
+
+
+def worker_activity(row, stale_before):
+    """busy, idle, or stale (silent for long: it may be gone)."""
+    if row["last_heartbeat"] < stale_before:
+        return "stale"
+    return "idle" if row["task_id"] is None else "busy"
+
+
+class DashboardViews:
+    """The JSON behind the dashboard page and `client status`: what one user may see of
+    the whole system (admins: everything; others: their groups and workers), from Store
+    methods. Routes reach it as "dashboard.<method>"."""
+
+    def __init__(self, coordinator):
+        self.coordinator, self.store = coordinator, coordinator.store
+        self.metrics_of = Metrics(self.store)
+
+    def visible_groups(self, user):
+        return None if user["admin"] else self.store.user_group_ids(user["id"])
+
+    def stale_before(self, now):
+        return now - self.coordinator.settings.heartbeat_timeout * STALE_FRACTION
+
+    def metrics(self, req):
+        if not self.coordinator.settings.metrics_public:
+            self.coordinator.authenticate(req, "admin")
+        return Answer(text=self.metrics_of.text(self.stale_before(time.time())),
+                      content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def status(self, req):
+        """GET /status: queues, workers, running tasks, throughput, the oldest waiting
+        task and why it waits, recent failures."""
+        now, groups = time.time(), self.visible_groups(req.user)
+        by_state, by_group = {}, {}
+        for row in self.store.task_counts(groups):
+            by_state[row["state"]] = by_state.get(row["state"], 0) + row["n"]
+            by_group.setdefault(row["group_name"], {})[row["state"]] = row["n"]
+        return {"at": stamp(now), "admin": bool(req.user["admin"]),
+                "username": req.user["username"], "groups": self.store.group_names(groups),
+                "tasks": {"by_state": by_state, "by_group": by_group},
+                "workers": self.workers(req.user, now),
+                "running": [self.running_entry(row, now)
+                            for row in self.store.running_tasks(groups)],
+                "throughput": self.throughput(groups, now),
+                "oldest_waiting": self.oldest_waiting(groups, now),
+                "recent_failures": [self.failure_entry(row)
+                                    for row in self.store.recent_failures(groups)]}
+
+    def workers(self, user, now):
+        stale_before = self.stale_before(now)
+        rows = self.store.query_workers(None if user["admin"] else user["id"],
+                                        worker_filter({}))
+        listed = []
+        for row in rows:
+            entry = self.coordinator.worker_answer(row)
+            entry.update(activity=worker_activity(row, stale_before),
+                         groups=role_names(self.store.worker_groups(row["id"])),
+                         may_shutdown=bool(self.coordinator.may_manage(user, row, ADMIN)))
+            listed.append(entry)
+        counts = {name: sum(w["activity"] == name for w in listed)
+                  for name in ("busy", "idle", "stale")}
+        return {**counts, "stale_after_seconds": now - stale_before, "list": listed}
+
+    @staticmethod
+    def running_entry(row, now):
+        started = row["started_at"] or now
+        return {"uuid": row["uuid"], "group_name": row["group_name"], "worker": row["worker"],
+                "started_at": stamp(started), "age_seconds": round(now - started, 1),
+                "command": json.loads(row["spec"]).get("args", [])}
+
+    @staticmethod
+    def failure_entry(row):
+        result = json.loads(row["result"] or "null") or {}
+        return {"uuid": row["uuid"], "group_name": row["group_name"],
+                "exit_status": result.get("exit_status"), "msg": result.get("msg"),
+                "ended_at": stamp(row["ended_at"]), "worker": row["worker"],
+                "command": json.loads(row["spec"]).get("args", [])}
+
+    def throughput(self, groups, now):
+        since = now - THROUGHPUT_WINDOW
+        minutes = self.store.ended_per_minute(since, groups)
+        per_minute = [minutes.get(index, 0) for index in range(THROUGHPUT_WINDOW // 60)]
+        return {"last_minute": per_minute[-1], "last_hour": sum(per_minute),
+                "per_minute": per_minute}
+
+    def oldest_waiting(self, groups, now):
+        row = self.store.oldest_ready(groups)
+        if row is None:
+            return None
+        return {"uuid": row["uuid"], "group_name": row["group_name"],
+                "tags": json.loads(row["tags"]), "created_at": stamp(row["created_at"]),
+                "age_seconds": round(now - row["created_at"], 1), "why": self.why_waiting(row)}
+
+    def why_waiting(self, task):
+        """One sentence: what a Ready task waits for."""
+        serving, matching, idle = self.store.candidates(task)
+        group, tags = task["group_name"], json.loads(task["tags"])
+        if not serving:
+            return f"no worker serves group {group} (with the Write role)"
+        if not matching:
+            rule = self.coordinator.settings.tag_matching
+            return (f"none of the {serving} worker(s) serving group {group} has tags "
+                    f"matching the task's {tags or '(none)'} (rule: {rule})")
+        if not idle:
+            return f"all {matching} worker(s) that can take it are busy"
+        return f"{idle} idle worker(s) can take it: it goes at their next fetch"
+
+    def task(self, req, task):
+        """A task's history and the tail of its output (from its std-log artifact)."""
+        row = self.coordinator.task_of(req, task, READ)
+        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                   for e in self.store.task_history(row["id"])]
+        return {**self.coordinator.task_answer(row), "history": history,
+                "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
+
+    def running_worker(self, row):
+        if row["worker_id"] is None:
+            return row["reporter"]
+        worker = self.store.worker_by_id(row["worker_id"])
+        return worker and worker["uuid"]
+
+    def output_tail(self, task_uuid):
+        """{"stdout": ..., "stderr": ...}: the last OUTPUT_TAIL bytes of each, or None
+        without a std-log artifact (or one too large to unpack here)."""
+        artifact = self.store.artifact(task_uuid, "std-log")
+        if artifact is None or artifact["size"] > TAIL_ARCHIVE_LIMIT:
+            return None
+        tails = {}
+        try:
+            with tarfile.open(self.coordinator.blobs.path(("artifact", task_uuid,
+                                                           "std-log"))) as tar:
+                for name in ("stdout", "stderr"):
+                    with contextlib.suppress(KeyError):
+                        member = tar.getmember(f"std-log/{name}.log")
+                        if not member.isfile():
+                            continue
+                        handle = tar.extractfile(member)
+                        handle.seek(max(0, member.size - OUTPUT_TAIL))
+                        tails[name] = handle.read().decode(errors="replace")
+        except (OSError, tarfile.TarError) as error:
+            log.warning("cannot read std-log of %s: %s", task_uuid, error)
+            return None
+        return tails
 
 # =====================================================================================
 # 5. Client: `mito.py client ...`, every operation a Mitosis user needs
@@ -4417,6 +4822,54 @@ def cmd_admin_shutdown(client, args):
     print("the coordinator is shutting down")
 
 
+# ---- client status: the system on one terminal screen ------------------------------------
+
+STATUS_ROWS = 8     # running tasks and failures listed; the rest are counted
+
+
+def render_counts(counts):
+    order = {state: index for index, state in enumerate(TASK_STATES)}
+    return "  ".join(f"{state} {count}" for state, count in
+                     sorted(counts.items(), key=lambda item: order.get(item[0], 99))) or "none"
+
+
+def render_status(data):
+    tasks, workers = data["tasks"], data["workers"]
+    print(f"tasks      {render_counts(tasks['by_state'])}")
+    for group, counts in tasks["by_group"].items():
+        print(f"  {group:<16} {render_counts(counts)}")
+    print(f"workers    {workers['busy']} busy, {workers['idle']} idle, {workers['stale']} stale")
+    throughput = data["throughput"]
+    print(f"throughput {throughput['last_minute']} ended in the last minute, "
+          f"{throughput['last_hour']} in the last hour")
+    waiting = data["oldest_waiting"]
+    if waiting:
+        print(f"oldest waiting task {waiting['uuid']} (group {waiting['group_name']}, waiting "
+              f"{format_duration(int(waiting['age_seconds']))}): {waiting['why']}")
+    listed(f"running ({len(data['running'])})", ["UUID", "GROUP", "WORKER", "AGE", "COMMAND"],
+           [(r["uuid"], r["group_name"], r["worker"] or "-",
+             format_duration(int(r["age_seconds"])), shlex.join(r["command"])[:40])
+            for r in data["running"]])
+    listed("recent failures", ["UUID", "GROUP", "EXIT", "WHY", "ENDED"],
+           [(f["uuid"], f["group_name"], f["exit_status"], f["msg"] or "-",
+             human_age(f["ended_at"])) for f in data["recent_failures"]])
+
+
+def listed(title, headers, rows):
+    """A titled table of at most STATUS_ROWS rows, and how many more there are."""
+    if not rows:
+        return
+    print(f"{title}:")
+    print_table(headers, rows[:STATUS_ROWS])
+    if len(rows) > STATUS_ROWS:
+        print(f"... and {len(rows) - STATUS_ROWS} more")
+
+
+def cmd_status(client, args):
+    client.as_json = client.as_json or args.status_json
+    client.show(client.call("GET", "/status"), render_status)
+
+
 def add_task_filters(parser):
     parser.add_argument("--creators", nargs="*", action="extend", help="creators' usernames")
     parser.add_argument("-g", "--group", help="the group (default: your own)")
@@ -4450,6 +4903,10 @@ def add_client_commands(parser, required=True):
     uuid_arg = (("uuid",), {"help": "the uuid"})
     command(commands, "login", cmd_login, "Log in and keep the token")
     command(commands, "auth", cmd_auth, "Show who the stored token belongs to")
+    command(commands, "status", cmd_status, "The system at a glance: queues, workers, "
+            "running tasks, throughput, why the oldest waiting task waits",
+            (("--json",), {"action": "store_true", "dest": "status_json",
+                           "help": "Print the API's JSON"}))
 
     tasks = branch("tasks", "Submit, follow and manage tasks")
     command(
