@@ -18,6 +18,7 @@ Client, and the command line.
 import argparse
 import base64
 import bisect
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -831,6 +832,23 @@ def submit_op(request):
     return {"Submit": request}
 
 
+# Live output, an addition to upstream's protocol. A coordinator that takes it says so on
+# every fetch answer with `X-Mito-Output: N` (at most N bytes of one stream in one
+# increment), as `X-Mito-Long-Poll` announces long polls: a worker that never sees the
+# header (the Rust coordinator) sends nothing. The std-log artifact is unchanged.
+OUTPUT_HEADER = "X-Mito-Output"
+OUTPUT_STREAMS = ("stdout", "stderr")
+
+
+def output_request(increments, finished):
+    """POST /workers/tasks/{uuid}/output: {stream: (byte offset, bytes)} -> the body,
+    bytes in base64 (output need not be UTF-8, nor cut at a character's end)."""
+    body = {stream: {"offset": offset, "data": base64.b64encode(data).decode()}
+            for stream, (offset, data) in increments.items()}
+    body["finished"] = finished
+    return body
+
+
 _FAILURE_TARGETS = {
     "ExecTimeout": "ExecTimeout", "FetchResourceTimeout": "FetchResourceTimeout",
     "UploadResultTimeout": "UploadResultTimeout", "WatchTimeout": "WatchTimeout",
@@ -1021,7 +1039,8 @@ class TaskRun:
                 self.report("Cancel")
                 self.report(commit_op(0, reason))
                 return
-            status, timed_out = self.execute()
+            with self.tail_output():
+                status, timed_out = self.execute()
             self.report("Cancel" if timed_out else "Finish")
             msg = "ExecTimeout" if timed_out else None
             if not self.upload_artifacts():
@@ -1122,6 +1141,13 @@ class TaskRun:
         if self.upstream:
             env["MITO_UPSTREAM_TASK_UUID"] = self.upstream
         return env
+
+    def tail_output(self):
+        """Send the output as it grows, where the coordinator takes it (OutputTail)."""
+        limit = self.worker.output_limit
+        if not (limit and self.spec.get("terminal_output")):
+            return contextlib.nullcontext()
+        return OutputTail(self.worker.http, self.uuid, self.dirs.std, limit)
 
     def execute(self):
         """Run the command; return (raw wait status, timed out?)."""
@@ -1233,6 +1259,73 @@ class TaskRun:
             return False
 
 
+OUTPUT_INTERVAL = 1.0  # seconds between two increments of a running task's output
+OUTPUT_SEND_TIMEOUT = 10.0
+
+
+def output_limit(headers):
+    """The X-Mito-Output answer header: bytes per increment the coordinator takes."""
+    try:
+        return max(0, int(headers.get(OUTPUT_HEADER) or 0))
+    except ValueError:
+        return 0
+
+
+class OutputTail:
+    """A thread that sends what a task appends to std/stdout.log and std/stderr.log to
+    the coordinator every OUTPUT_INTERVAL and once more when the process has ended
+    (`with OutputTail(...)` around it). An increment holds at most `limit` bytes per
+    stream: a stream that grew faster skips to its last `limit` bytes. A failed send is
+    tried again next time and never touches the task."""
+
+    def __init__(self, http, task_uuid, folder, limit, interval=OUTPUT_INTERVAL):
+        self.http, self.uuid, self.limit, self.interval = http, task_uuid, limit, interval
+        self.paths = {stream: os.path.join(folder, f"{stream}.log") for stream in OUTPUT_STREAMS}
+        self.sent = dict.fromkeys(OUTPUT_STREAMS, 0)  # bytes of each stream the coordinator has
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name=f"output:{task_uuid}",
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, error, trace):
+        self.done.set()
+        self.thread.join()
+        if kind is None:  # the process ended: the last increment says so
+            self.send(finished=True)
+
+    def loop(self):
+        while not self.done.wait(self.interval):
+            self.send(finished=False)
+
+    def increments(self):
+        found = {}
+        for stream, path in self.paths.items():
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                start = max(self.sent[stream], size - self.limit)
+                handle.seek(start)
+                data = handle.read(min(self.limit, size - start))
+                if data:
+                    found[stream] = (start, data)
+        return found
+
+    def send(self, finished):
+        increments = self.increments()
+        if not increments and not finished:
+            return
+        try:
+            self.http.api("POST", f"/workers/tasks/{self.uuid}/output",
+                          output_request(increments, finished), timeout=OUTPUT_SEND_TIMEOUT)
+        except (ApiError, Unreachable) as error:
+            log.debug("task %s: output not sent: %s", self.uuid, error)
+            return
+        for stream, (start, data) in increments.items():
+            self.sent[stream] = start + len(data)
+
+
 class Worker:
     """One registered Mitosis worker (a slot of the process): its token, heartbeat
     thread, fetch loop and scratch directory."""
@@ -1244,6 +1337,7 @@ class Worker:
         self.scratch = None
         self.current = None
         self.long_poll = False
+        self.output_limit = 0  # bytes per output increment the coordinator takes; 0: none
         self.unauthorized = False
         self.finished = threading.Event()  # the fetch loop has ended
         self.idle_since = time.monotonic()
@@ -1363,6 +1457,7 @@ class Worker:
         finally:
             self.process.return_ticket()
         self.long_poll = "X-Mito-Long-Poll" in reply.headers
+        self.output_limit = output_limit(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
         if task is None:
             self.saw_empty_queue = True
@@ -2785,6 +2880,97 @@ class BlobStore:
             os.unlink(self.path(ref))
 
 
+# ---- live task output ---------------------------------------------------------------------
+# worker POST /workers/tasks/{uuid}/output -> TaskOutputs (memory) -> GET /tasks/{uuid}/output
+# Offsets count bytes from the start of the task's stream, so a reader that asks from
+# where it stopped misses nothing that is still kept, and sees a gap when it is not.
+
+OUTPUT_INCREMENT_MAX = 64 << 10   # bytes of one stream in one increment (X-Mito-Output)
+OUTPUT_KEEP = 1 << 20             # the tail of each stream kept per task
+OUTPUT_KEEP_TOTAL = 64 << 20      # all tasks together: the least recently written go first
+OUTPUT_ANSWER_MAX = 256 << 10     # bytes in one GET answer; the reader asks again for more
+
+
+@dataclasses.dataclass
+class KeptOutput:
+    """The kept tail of one stream: `data` starts at byte `start` of the stream."""
+    worker_id: int
+    start: int = 0
+    data: bytearray = dataclasses.field(default_factory=bytearray)
+    finished: bool = False
+
+    @property
+    def end(self):
+        return self.start + len(self.data)
+
+
+def utf8_whole(data):
+    """The length of `data` without an incomplete UTF-8 character at its end (the rest
+    comes with the next increment)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the lead byte of the last character
+            need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else \
+                4 if byte >> 3 == 0b11110 else 1
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+class TaskOutputs:
+    """What running tasks write to stdout and stderr, as their workers send it: the
+    last OUTPUT_KEEP bytes of each stream, in memory and bounded in total. A restart
+    forgets it; the std-log artifact holds the whole output once a task ends."""
+
+    def __init__(self, keep=OUTPUT_KEEP, total=OUTPUT_KEEP_TOTAL):
+        self.keep, self.total, self.size = keep, total, 0
+        self.lock = threading.Lock()
+        self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
+
+    def append(self, task_uuid, stream, worker_id, offset, data, finished):
+        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
+        (the task was requeued) starts the stream afresh."""
+        with self.lock:
+            kept = self.kept.pop((task_uuid, stream), None)
+            if kept is None or kept.worker_id != worker_id:
+                kept = self._replace(kept, KeptOutput(worker_id, offset))
+            if offset > kept.end:  # the worker skipped what it could not send in time
+                self.size -= len(kept.data)
+                kept.start, kept.data = offset, bytearray()
+            fresh = data[kept.end - offset:]
+            kept.data += fresh
+            self.size += len(fresh)
+            surplus = len(kept.data) - self.keep
+            if surplus > 0:
+                del kept.data[:surplus]
+                kept.start += surplus
+                self.size -= surplus
+            kept.finished = kept.finished or finished
+            self.kept[(task_uuid, stream)] = kept
+            while self.size > self.total:
+                self.size -= len(self.kept.popitem(last=False)[1].data)
+
+    def _replace(self, old, new):
+        if old is not None:
+            self.size -= len(old.data)
+        return new
+
+    def read(self, task_uuid, stream, offset, ended):
+        """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
+        `ended`: the task is over, so what is kept is all there will be."""
+        with self.lock:
+            kept = self.kept.get((task_uuid, stream))
+            if kept is None:
+                return b"", offset, offset, ended
+            if not kept.start <= offset <= kept.end:  # dropped, or from an earlier run
+                offset = kept.start
+            data = bytes(kept.data[offset - kept.start:][:OUTPUT_ANSWER_MAX])
+            last = offset + len(data) == kept.end
+            finished = last and (kept.finished or ended)
+        if not finished:
+            data = data[:utf8_whole(data)]
+        return data, offset, offset + len(data), finished
+
+
 # ---- wire encodings of the coordinator's rows ---------------------------------------------
 
 
@@ -2893,6 +3079,7 @@ class Coordinator:
         self.signer = Signer(load_secret(os.path.join(self.state_dir, "secret")))
         self.store = Store(os.path.join(self.state_dir, "mitosis.db"), settings.tag_matching)
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
+        self.outputs = TaskOutputs()
         self.stopping = threading.Event()
         self.store.forgive_silence()
         self.dashboard = DashboardViews(self)
@@ -3210,7 +3397,8 @@ class Coordinator:
         time_left = req.arg("time_left", float)
         arrived = time.monotonic()
         deadline = arrived + min(LONG_POLL_MAX, max(0.0, wait))
-        headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX)}
+        headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX),
+                   OUTPUT_HEADER: str(OUTPUT_INCREMENT_MAX)}
         worker, held = req.worker, 0.0
         while True:
             generation = self.store.generation
@@ -3282,6 +3470,30 @@ class Coordinator:
         if row is None:
             raise not_found(f"task {task}")
         return self.task_answer(row)
+
+    def worker_task_output(self, req, task):
+        """An increment of a running task's output (the X-Mito-Output addition)."""
+        row = self.store.task(path_uuid(task))
+        if row is None or row["worker_id"] != req.worker["id"] or row["committed"]:
+            raise not_found(f"task {task}")
+        body = req.body()
+        finished = field(body, "finished", a_bool, False)
+        for stream in OUTPUT_STREAMS:
+            increment = field(body, stream, an_output_increment, None)
+            if increment is not None:
+                self.outputs.append(row["uuid"], stream, req.worker["id"], *increment,
+                                    finished)
+
+    def task_output(self, req, task):
+        """What a task has written so far to one stream, from a byte offset."""
+        row = self.task_of(req, task, READ)
+        stream = req.arg("stream", an_output_stream, "stdout")
+        offset = req.arg("offset", a_natural, 0)
+        ended = row["state"] in ("Finished", "Cancelled")
+        data, start, following, finished = self.outputs.read(row["uuid"], stream, offset,
+                                                             ended)
+        return {"data": data.decode("utf-8", "replace"), "offset": start, "next": following,
+                "finished": finished, "state": row["state"]}
 
     def worker_artifact(self, req, task, kind):
         return self.artifact_download(req, path_uuid(task), path_kind(kind))
@@ -3622,6 +3834,31 @@ def a_result_message(value):
     return value
 
 
+def an_output_stream(value):
+    if value not in OUTPUT_STREAMS:
+        raise ValueError(f"{value!r} is not stdout or stderr")
+    return value
+
+
+def a_natural(value):
+    """A query parameter's whole number >= 0."""
+    if not value.isdigit() or len(value) > 18:
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
+def an_output_increment(value):
+    """{"offset": N, "data": base64} -> (N, bytes), at most OUTPUT_INCREMENT_MAX bytes."""
+    offset = field(an_object(value), "offset", a_size)
+    try:
+        data = base64.b64decode(field(value, "data", a_str), validate=True)
+    except ValueError:
+        raise ValueError("data is not base64") from None
+    if len(data) > OUTPUT_INCREMENT_MAX:
+        raise ValueError(f"{len(data)} bytes, more than {OUTPUT_INCREMENT_MAX} in one increment")
+    return offset, data
+
+
 def a_user_state(value):
     if value not in ("Active", "Locked", "Deleted"):
         raise ValueError(f"{value!r}: Active, Locked or Deleted")
@@ -3662,6 +3899,7 @@ ROUTES = [
     ("GET", "/workers/tasks", "fetch_task", "worker"),
     ("POST", "/workers/tasks", "report_task", "worker"),
     ("GET", "/workers/tasks/{task}", "worker_get_task", "worker"),
+    ("POST", "/workers/tasks/{task}/output", "worker_task_output", "worker"),
     ("GET", "/workers/tasks/{task}/artifacts/{kind}", "worker_artifact", "worker"),
     ("GET", "/workers/tasks/{task}/attachments/{key*}", "worker_attachment", "worker"),
     ("POST", "/workers/query", "query_workers", "user"),
@@ -3686,6 +3924,7 @@ ROUTES = [
     ("PUT", "/tasks/{task}", "change_task", "user"),
     ("DELETE", "/tasks/{task}", "cancel_task", "user"),
     ("PUT", "/tasks/{task}/labels", "task_labels", "user"),
+    ("GET", "/tasks/{task}/output", "task_output", "user"),
     ("POST", "/tasks/{task}/artifacts", "upload_artifact", "user"),
     ("DELETE", "/tasks/{task}/artifacts/{kind}", "delete_artifact", "user"),
     ("GET", "/tasks/{task}/download/artifacts/{kind}", "download_artifact", "user"),
