@@ -1897,11 +1897,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 class HttpError(Exception):
-    """An API answer other than 200: status and the `msg` of its JSON body."""
+    """An API answer other than 200: status and the `msg` of its JSON body (and any
+    header the status calls for, such as the `Allow` of a 405)."""
 
-    def __init__(self, status, msg):
+    def __init__(self, status, msg, headers=None):
         super().__init__(msg)
-        self.status, self.msg = status, msg
+        self.status, self.msg, self.headers = status, msg, headers or {}
 
 
 def not_found(what):
@@ -2205,6 +2206,32 @@ _TAG_RULES = {
 }
 
 
+class RowCache:
+    """Rows read on every request (the caller's user or worker row), kept in memory.
+    Store.invalidate_auth_cache() empties it on every write that changes them; a row
+    read while such a write happened is not kept (the generation moved on)."""
+
+    def __init__(self):
+        self.rows = {}
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def get(self, key, load):
+        row = self.rows.get(key)
+        if row is None:
+            generation = self.generation
+            row = load()
+            with self.lock:
+                if row is not None and generation == self.generation:
+                    self.rows[key] = row
+        return row
+
+    def clear(self):
+        with self.lock:
+            self.generation += 1
+            self.rows.clear()
+
+
 class Store:
     """The coordinator's state in one SQLite file (WAL). Writes are serialised by one
     lock and run in one transaction each; reads use the calling thread's connection.
@@ -2217,6 +2244,7 @@ class Store:
         self._write_lock = threading.Lock()
         self.changed = threading.Condition()
         self.generation = 0
+        self.auth_rows = RowCache()
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -2268,6 +2296,22 @@ class Store:
         db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
                        [(task_id, event, now, worker) for task_id in task_ids])
 
+    # -- the rows authentication reads, cached
+
+    def auth_user(self, username):
+        """The user row by name, from memory: for authentication, on every request."""
+        return self.auth_rows.get(("user", username), lambda: self.user(username))
+
+    def auth_worker(self, worker_uuid):
+        """The worker row by uuid, from memory; its task_id and last_heartbeat may be
+        stale (read them with worker())."""
+        return self.auth_rows.get(("worker", worker_uuid), lambda: self.worker(worker_uuid))
+
+    def invalidate_auth_cache(self):
+        """Call after every write that changes a user (state, password, sign, admin,
+        quota) or a worker (state, tags, deletion): the next request re-reads them."""
+        self.auth_rows.clear()
+
     # -- users and groups
 
     def user(self, username):
@@ -2318,6 +2362,7 @@ class Store:
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
+        self.invalidate_auth_cache()
         return self.user(username)
 
     def group(self, name):
@@ -2405,6 +2450,7 @@ class Store:
         with self.write() as db:
             db.execute(f"UPDATE workers SET {columns}, updated_at = :now WHERE id = :id",
                        {**changes, "now": time.time(), "id": worker_id})
+        self.invalidate_auth_cache()
         self.wake_fetchers()
 
     def set_worker_groups(self, worker_id, group_roles):
@@ -2426,6 +2472,7 @@ class Store:
                 self._requeue(db, worker_id)
                 db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
                 db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        self.invalidate_auth_cache()
         self.wake_fetchers()
 
     def _requeue(self, db, worker_id):
@@ -2449,6 +2496,7 @@ class Store:
         with self.write() as db:
             db.executemany("UPDATE workers SET state = 'GracefulShutdown' WHERE id = ?",
                            [(worker_id,) for worker_id in busy])
+        self.invalidate_auth_cache()
         self.remove_workers([row["id"] for row in rows if row["id"] not in busy])
 
     def query_workers(self, visible_to, filters, group_id=None):
@@ -3025,13 +3073,24 @@ class Answer:
 
 
 class Request:
-    """One API request as the handlers see it."""
+    """One API request as the handlers see it: what the network layer parsed (method,
+    path, query, headers under lower-case names), where it came from, and its JSON body
+    once read. Blob routes read their body themselves from `body_stream`."""
 
-    def __init__(self, handler, url, params):
-        self.handler, self.params = handler, params
+    def __init__(self, method, target, headers, peer=None, scheme="http",
+                 local_address=("127.0.0.1", 0)):
+        url = urllib.parse.urlsplit(target)
+        self.method, self.path, self.headers = method, url.path, headers
         self.query = urllib.parse.parse_qs(url.query)
+        self.peer, self.scheme, self.local_address = peer, scheme, local_address
+        self.params = {}
+        self.body_stream = None
+        self.body_consumed = False
         self.user = self.worker = None
         self.data = None
+
+    def header(self, name):
+        return self.headers.get(name.lower())
 
     def body(self):
         """The JSON body, which must be an object."""
@@ -3049,9 +3108,8 @@ class Request:
             raise HttpError(400, f"bad query parameter {name!r}: {error}") from None
 
     def base_url(self):
-        scheme = "https" if isinstance(self.handler.connection, ssl.SSLSocket) else "http"
-        host = self.handler.headers.get("Host") or "%s:%d" % self.handler.server.server_address[:2]
-        return f"{scheme}://{host}"
+        host = self.header("Host") or "%s:%d" % self.local_address[:2]
+        return f"{self.scheme}://{host}"
 
 
 def path_uuid(text):
@@ -3116,17 +3174,18 @@ class Coordinator:
     # -- authentication and roles
 
     def authenticate(self, req, kind):
-        header = req.handler.headers.get("Authorization") or ""
+        header = req.header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         payload = self.signer.read(token.strip()) if scheme.lower() == "bearer" else None
         if payload is None:
             raise HttpError(401, "invalid or expired token" if header else "missing token")
         if kind == "worker":
-            req.worker = payload.get("k") == "worker" and self.store.worker(payload.get("sub"))
+            req.worker = (payload.get("k") == "worker"
+                          and self.store.auth_worker(payload.get("sub")))
             if not req.worker:
                 raise HttpError(401, "this worker is not registered (or was shut down)")
             return
-        user = payload.get("k") == "user" and self.store.user(payload.get("sub"))
+        user = payload.get("k") == "user" and self.store.auth_user(payload.get("sub"))
         if not user or user["sign"] != payload.get("sign"):
             raise HttpError(401, "invalid token: log in again")
         if user["state"] != "Active":
@@ -3740,15 +3799,15 @@ class Coordinator:
 
     def blob_put(self, req, token):
         grant = self.blobs.grant(token, "PUT")
-        length = req.handler.headers.get("Content-Length")
+        length = req.header("Content-Length")
         if length is None or not length.isdigit():
             raise HttpError(411, "Content-Length required")
         if int(length) != grant["n"]:
             raise HttpError(400, f"Content-Length {length} differs from the announced "
                                  f"{grant['n']}")
         kind, owner, name = grant["r"]
-        self.blobs.receive(req.handler.rfile, int(length), self.blobs.path(grant["r"]))
-        req.handler.body_read = True
+        self.blobs.receive(req.body_stream, int(length), self.blobs.path(grant["r"]))
+        req.body_consumed = True
         if kind == "artifact":
             keys = {"task_uuid": owner, "kind": name}
         else:
@@ -3944,28 +4003,99 @@ ROUTES = [
 ]
 
 
-def compile_route(path):
-    pattern = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.+)", path)
-    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+# Methods a route could have: any other is 501 Not Implemented (RFC 9110 §15.6.2).
+API_METHODS = ("GET", "POST", "PUT", "DELETE")
 
 
-_COMPILED_ROUTES = [(method, compile_route(path), name, auth)
-                    for method, path, name, auth in ROUTES]
+class Router:
+    """Method and path -> (handler name, auth, params), from ROUTES. Paths without
+    parameters are one dict lookup; the others try only the regexes of routes under
+    the same first path segment, in table order (as bottle's Router tries its static
+    dict first)."""
+
+    def __init__(self, routes):
+        self.literal = {}   # path -> {method: (name, auth)}
+        self.patterns = {}  # first segment -> [(regex, method, name, auth)]
+        for method, path, name, auth in routes:
+            if "{" not in path:
+                self.literal.setdefault(path, {})[method] = (name, auth)
+            else:
+                self.patterns.setdefault(self.segment(path), []).append(
+                    (self.compile(path), method, name, auth))
+
+    @staticmethod
+    def segment(path):
+        return path.split("/", 2)[1]
+
+    @staticmethod
+    def compile(path):
+        pattern = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.+)", path)
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+    def match(self, method, path):
+        """(handler name, auth, params); HttpError 404, 405 (with Allow) or 501."""
+        allowed = dict(self.literal.get(path, {}))
+        if method in allowed:
+            return (*allowed[method], {})
+        for pattern, route_method, name, auth in self.patterns.get(self.segment(path), ()):
+            found = pattern.match(path)
+            if found and route_method == method:
+                return name, auth, {k: urllib.parse.unquote(v)
+                                    for k, v in found.groupdict().items()}
+            if found:
+                allowed.setdefault(route_method, None)
+        if allowed:
+            methods = ", ".join(m for m in API_METHODS if m in allowed)
+            raise HttpError(405, f"method {method} not allowed on {path} (allowed: {methods})",
+                            {"Allow": methods})
+        if method not in API_METHODS:
+            raise HttpError(501, f"method {method} is not implemented")
+        raise HttpError(404, f"no such endpoint: {method} {path}")
 
 
-def match_route(method, path):
-    """(handler name, auth, params) for a request, or HttpError 404/405."""
-    allowed = False
-    for route_method, pattern, name, auth in _COMPILED_ROUTES:
-        match = pattern.match(path)
-        if match:
-            if route_method == method:
-                return name, auth, {k: urllib.parse.unquote(v) for k, v in
-                                    match.groupdict().items()}
-            allowed = True
-    if allowed:
-        raise HttpError(405, f"method {method} not allowed on {path}")
-    raise HttpError(404, f"no such endpoint: {method} {path}")
+ROUTER = Router(ROUTES)
+
+
+def parse_json_body(data):
+    """A request's JSON body, or None when it is empty. A lone surrogate (\\ud800, or
+    its raw UTF-8 bytes) is refused here, once for every route, naming where it is:
+    no handler or SQLite call then meets a string that cannot be encoded."""
+    if not data.strip():
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise HttpError(400, f"malformed JSON body: {str(error)[:200]}") from None
+    if b"\\u" in data or b"\xed" in data:
+        try:
+            where = find_lone_surrogate(value, "$")
+        except RecursionError:
+            raise HttpError(400, "malformed JSON body: nested too deeply") from None
+        if where:
+            raise HttpError(400, f"malformed JSON body: a lone surrogate in the string at "
+                                 f"{where}")
+    return value
+
+
+def find_lone_surrogate(value, where):
+    """The JSON path of the first string (or key) holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = find_lone_surrogate(item, f"{where}[{index}]")
+            if found:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = (find_lone_surrogate(key, f"{where} (a key)")
+                     or find_lone_surrogate(item, f"{where}.{key}"))
+            if found:
+                return found
+    return None
 
 
 # ---- the HTTP server ----------------------------------------------------------------------
@@ -3980,29 +4110,38 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms stalls
 
     def do_request(self):
-        self.body_read, self.route, started = False, "unmatched", time.perf_counter()
+        self.req, self.route, started = None, "unmatched", time.perf_counter()
         try:
             answer = self.server.coordinator_dispatch(self)
         except HttpError as error:
-            answer = Answer(error.status, {"msg": error.msg})
+            answer = Answer(error.status, {"msg": error.msg}, error.headers)
         except Exception as error:  # a bug: answer 500 with msg, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
             answer = Answer(500, {"msg": f"internal error: {type(error).__name__}"})
-        if not self.body_read and int(self.headers.get("Content-Length") or 0):
+        if not (self.req and self.req.body_consumed) and self.headers.get("Content-Length",
+                                                                           "0") != "0":
             self.close_connection = True  # the unread body would poison the connection
         self.send_answer(answer if isinstance(answer, Answer) else Answer(body=answer))
         self.server.coordinator.dashboard.metrics_of.observe_request(self.route, started)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_request
+    def __getattr__(self, name):
+        if name.startswith("do_"):  # every method goes to the router: 405 or 501 there
+            return self.do_request
+        raise AttributeError(name)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, HTTP/2...) in JSON too."""
+        self.close_connection = True
+        self.send_answer(Answer(code, {"msg": message or explain or "bad request"}))
 
     def read_json(self):
         """The request's JSON body (None when it has none)."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise HttpError(411, "Content-Length required")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise HttpError(400, "bad Content-Length") from None
+        length = self.headers.get("Content-Length") or "0"
+        if not re.fullmatch(r"[0-9]{1,18}", length):
+            raise HttpError(400, f"bad Content-Length {length!r}")
+        length = int(length)
         if length > JSON_BODY_LIMIT:
             if length <= DRAIN_LIMIT:  # read it, so that the client hears the answer
                 remaining = length
@@ -4011,16 +4150,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     if not chunk:
                         break
                     remaining -= len(chunk)
-                self.body_read = remaining == 0
+                self.req.body_consumed = remaining == 0
             raise HttpError(413, f"body of {length} bytes is over the {JSON_BODY_LIMIT} limit")
         data = self.rfile.read(length) if length > 0 else b""
-        self.body_read = True
-        if not data.strip():
-            return None
-        try:
-            return json.loads(data)
-        except (ValueError, RecursionError) as error:
-            raise HttpError(400, f"malformed JSON body: {str(error)[:200]}") from None
+        self.req.body_consumed = True
+        return parse_json_body(data)
 
     def send_answer(self, answer):
         if answer.file is not None:
@@ -4078,15 +4212,18 @@ class ApiServer(http.server.ThreadingHTTPServer):
 
     def coordinator_dispatch(self, handler):
         """Route, read the body, authenticate, then call the handler."""
-        url = urllib.parse.urlsplit(handler.path)
-        name, auth, params = match_route(handler.command, url.path)
-        req = Request(handler, url, params)
+        scheme = "https" if isinstance(handler.connection, ssl.SSLSocket) else "http"
+        req = handler.req = Request(handler.command, handler.path,
+                                    {k.lower(): v for k, v in handler.headers.items()},
+                                    handler.client_address, scheme, self.server_address)
+        name, auth, req.params = ROUTER.match(req.method, req.path)
+        req.body_stream = handler.rfile
         if auth != "blob":
             req.data = handler.read_json()
         if auth in ("user", "admin", "worker"):
             self.coordinator.authenticate(req, auth)
         handler.route = name
-        return operator.attrgetter(name)(self.coordinator)(req, **params)
+        return operator.attrgetter(name)(self.coordinator)(req, **req.params)
 
 
 def local_worker_command(url, credentials, ca_cert):
