@@ -4015,6 +4015,8 @@ def a_user_state(value):
 
 ROUTES = [
     ("GET", "/health", "health", None),
+    ("GET", "/", "dashboard.page", None),
+    ("GET", "/ui/{asset}", "dashboard.asset", None),
     ("GET", "/status", "dashboard.status", "user"),
     ("GET", "/metrics", "dashboard.metrics", None),
     ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
@@ -4684,6 +4686,12 @@ class DashboardViews:
     def stale_before(self, now):
         return now - self.coordinator.settings.heartbeat_timeout * STALE_FRACTION
 
+    def page(self, req):
+        return DashboardPage.answer()
+
+    def asset(self, req, asset):
+        return DashboardPage.answer(asset)
+
     def metrics(self, req):
         if not self.coordinator.settings.metrics_public:
             self.coordinator.authenticate(req, "admin")
@@ -4804,6 +4812,589 @@ class DashboardViews:
             log.warning("cannot read std-log of %s: %s", task_uuid, error)
             return None
         return tails
+
+class DashboardPage:
+    """The dashboard: one HTML page, its stylesheet and its script, served from here
+    with a Content-Security-Policy that lets the page load nothing but these three
+    and talk to nothing but this coordinator. The script calls the same JSON API as
+    the client (and /status, /dashboard/tasks/{uuid}); it builds every element with
+    textContent and attributes, so user-supplied text (commands, labels, keys) shows
+    literally. The token stays in the tab's sessionStorage, sent as a Bearer header."""
+
+    CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+           "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+    HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+    HTML = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mito.py dashboard</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/ui/app.css">
+<script src="/ui/app.js" defer></script>
+</head>
+<body>
+<section id="login" hidden>
+  <form id="login-form">
+    <h1>mito.py</h1>
+    <label>Username <input id="username" name="username" autocomplete="username" required></label>
+    <label>Password <input id="password" name="password" type="password" autocomplete="current-password"></label>
+    <button type="submit">Log in</button>
+    <p id="login-error" class="error" role="alert"></p>
+  </form>
+</section>
+<div id="app" hidden>
+  <header>
+    <strong class="brand">mito.py</strong>
+    <nav>
+      <a href="#/" data-view="overview">Overview</a>
+      <a href="#/tasks" data-view="tasks">Tasks</a>
+      <a href="#/workers" data-view="workers">Workers</a>
+      <a href="#/groups" data-view="groups">Groups</a>
+    </nav>
+    <span class="user"><span id="who"></span> <button id="logout" type="button">Log out</button></span>
+  </header>
+  <p id="error" class="error" role="alert"></p>
+  <main id="view"></main>
+</div>
+</body>
+</html>
+'''
+
+    CSS = r''':root { --fg: #1d2330; --muted: #5f6b7a; --line: #d8dde4; --bg: #f6f7f9; --card: #fff;
+        --accent: #2557a7; --bad: #b42318; --good: #18794e; --warn: #a15c00; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+       color: var(--fg); background: var(--bg); }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem 1.25rem;
+         padding: .6rem 1rem; background: var(--fg); color: #fff; }
+header a { color: #cfd8e6; text-decoration: none; padding: .2rem .1rem; }
+header a.active { color: #fff; border-bottom: 2px solid #fff; }
+nav { display: flex; gap: 1rem; flex-wrap: wrap; }
+.brand { font-size: 1.1rem; }
+.user { margin-left: auto; }
+main { padding: .5rem 1rem 2rem; max-width: 1200px; margin: 0 auto; }
+h2 { font-size: 1.1rem; margin: 1.2rem 0 .5rem; }
+h3 { font-size: .95rem; margin: 0 0 .3rem; color: var(--muted); }
+section { margin-bottom: 1rem; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: .75rem; margin-top: .75rem; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .7rem .9rem; }
+.count { display: inline-block; margin: 0 .8rem .2rem 0; white-space: nowrap; }
+.scroll { overflow-x: auto; background: var(--card); border: 1px solid var(--line); border-radius: 8px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .4rem .6rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: .8rem; text-transform: uppercase; letter-spacing: .03em; color: var(--muted); white-space: nowrap; }
+tr:last-child td { border-bottom: none; }
+td code { white-space: pre-wrap; word-break: break-all; }
+.mono, code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: .85rem; }
+.muted { color: var(--muted); }
+.error { color: var(--bad); margin: .4rem 1rem; min-height: 1em; }
+.error:empty { display: none; }
+.badge { display: inline-block; padding: 0 .45rem; border-radius: 999px; font-size: .8rem;
+         background: #e8ebf0; color: var(--fg); white-space: nowrap; }
+.badge.running, .badge.busy { background: #dbe7fb; color: var(--accent); }
+.badge.finished, .badge.idle { background: #dcf2e6; color: var(--good); }
+.badge.cancelled, .badge.stale { background: #fde7e4; color: var(--bad); }
+.badge.ready, .badge.pending { background: #fff1d6; color: var(--warn); }
+.chart { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .5rem .7rem; }
+.chart svg { display: block; width: 100%; height: 110px; }
+.chart figcaption { display: flex; justify-content: space-between; font-size: .8rem; color: var(--muted); }
+.chart .bar { fill: var(--accent); }
+.chart .axis { stroke: var(--line); }
+.facts { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; background: var(--card);
+         border: 1px solid var(--line); border-radius: 8px; padding: .7rem .9rem; margin: .5rem 0; }
+.facts dt { color: var(--muted); }
+.facts dd { margin: 0; overflow-wrap: anywhere; }
+.panes { display: grid; grid-template-columns: 1fr 1fr; gap: .75rem; }
+.output { background: #10141b; color: #e4e8ee; padding: .6rem; border-radius: 8px; min-height: 4rem;
+          max-height: 24rem; overflow: auto; white-space: pre-wrap; word-break: break-all; margin: 0; }
+details pre { background: var(--card); border: 1px solid var(--line); padding: .6rem; border-radius: 8px; overflow-x: auto; }
+.filters { display: flex; flex-wrap: wrap; gap: .5rem .9rem; align-items: end; margin: .75rem 0; }
+.filters label, #login-form label { display: flex; flex-direction: column; font-size: .85rem; color: var(--muted); }
+input, select, button { font: inherit; padding: .35rem .55rem; border: 1px solid var(--line); border-radius: 6px; background: #fff; }
+button { cursor: pointer; background: var(--accent); color: #fff; border-color: var(--accent); }
+button.danger { background: var(--bad); border-color: var(--bad); }
+header button { background: transparent; border-color: #6b7687; }
+.actions { display: flex; gap: .4rem; }
+.pager { display: flex; gap: 1rem; justify-content: center; }
+#login { display: grid; place-items: center; min-height: 100vh; }
+#login[hidden], #app[hidden] { display: none; }
+#login-form { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 1.5rem;
+              display: flex; flex-direction: column; gap: .8rem; width: min(22rem, 92vw); }
+#login-form h1 { margin: 0; font-size: 1.3rem; }
+@media (max-width: 640px) {
+  body { font-size: 14px; }
+  main { padding: .25rem .5rem 2rem; }
+  .panes { grid-template-columns: 1fr; }
+  th, td { padding: .35rem .4rem; }
+}
+'''
+
+    JS = r'''// mito.py dashboard. Every value from the coordinator reaches the page as text
+// (textContent, text nodes, attributes that are not URLs or handlers): never as HTML.
+"use strict";
+
+const REFRESH_MS = 3000;
+const PAGE_SIZE = 25;
+const STATES = ["Pending", "Ready", "Running", "Finished", "Cancelled"];
+const STORE = window.sessionStorage;   // the token lives in this tab only
+let current = null;
+let refreshing = false;
+
+// ---- small DOM helpers ----------------------------------------------------------------
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props || {})) {
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (name === "class") node.className = value;
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value);
+  }
+  node.append(...children.flat(Infinity).filter((c) => c !== null && c !== undefined)
+    .map((c) => (c instanceof Node ? c : String(c))));
+  return node;
+}
+
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  node.append(...children);
+  return node;
+}
+
+const $ = (id) => document.getElementById(id);
+const link = (href, text, cls) => el("a", {href: href, class: cls}, text);
+const short = (uuid) => (uuid ? uuid.slice(0, 8) : "-");
+const table = (headers, rows, empty) => rows.length === 0 ? el("p", {class: "muted"}, empty || "none") :
+  el("div", {class: "scroll"}, el("table", null,
+    el("thead", null, el("tr", null, headers.map((h) => el("th", null, h)))),
+    el("tbody", null, rows.map((cells) => el("tr", null, cells.map((c) => el("td", null, c)))))));
+const section = (title, ...body) => el("section", null, el("h2", null, title), ...body);
+
+function when(text) {
+  // "2024-01-15 10:30:00.123456 +00:00:00" -> milliseconds
+  return text ? Date.parse(text.slice(0, 26).replace(" ", "T") + "Z") : NaN;
+}
+
+function duration(seconds) {
+  seconds = Math.max(0, Math.floor(seconds));
+  for (const [size, unit] of [[86400, "d"], [3600, "h"], [60, "m"]]) {
+    if (seconds >= size) return Math.floor(seconds / size) + unit + (seconds % size >= 60 && unit !== "m" ? " " + Math.floor(seconds % size / 60) + "m" : "");
+  }
+  return seconds + "s";
+}
+
+const ago = (text) => el("span", {title: text || ""}, text ? duration((Date.now() - when(text)) / 1000) + " ago" : "-");
+const command = (args) => (args || []).map((a) => /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\"'\"'") + "'").join(" ");
+const badge = (state) => el("span", {class: "badge " + String(state).toLowerCase()}, state);
+
+function exitOf(result) {
+  if (!result) return "-";
+  const status = result.exit_status;
+  const code = (status & 0x7f) ? 128 + (status & 0x7f) : status >> 8;
+  return result.msg ? code + " " + result.msg : String(code);
+}
+
+// ---- the API --------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(method, path, body) {
+  const headers = {"Authorization": "Bearer " + STORE.getItem("mito-token")};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {method: method, headers: headers, cache: "no-store",
+    body: body === undefined ? undefined : JSON.stringify(body)});
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (error) { data = text; }
+  if (response.status === 401 && path !== "/login") { logout("Your session ended: log in again."); }
+  if (!response.ok) throw new ApiError(response.status, (data && data.msg) || response.statusText);
+  return data;
+}
+
+function md5(text) {
+  // RFC 1321, as the protocol sends passwords: the digest as 16 byte values
+  const bytes = new TextEncoder().encode(text);
+  const blocks = ((bytes.length + 8) >>> 6) + 1;
+  const words = new Uint32Array(blocks * 16);
+  bytes.forEach((byte, i) => { words[i >> 2] |= byte << ((i % 4) * 8); });
+  words[bytes.length >> 2] |= 0x80 << ((bytes.length % 4) * 8);
+  words[blocks * 16 - 2] = bytes.length * 8;
+  const shifts = [7, 12, 17, 22, 5, 9, 14, 20, 4, 11, 16, 23, 6, 10, 15, 21];
+  const k = Array.from({length: 64}, (_, i) => Math.floor(Math.abs(Math.sin(i + 1)) * 2 ** 32) >>> 0);
+  const state = [0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476];
+  for (let block = 0; block < words.length; block += 16) {
+    let [a, b, c, d] = state;
+    for (let i = 0; i < 64; i++) {
+      const round = i >> 4;
+      const f = [(b & c) | (~b & d), (d & b) | (~d & c), b ^ c ^ d, c ^ (b | ~d)][round];
+      const g = [i, (5 * i + 1) % 16, (3 * i + 5) % 16, (7 * i) % 16][round];
+      const s = shifts[round * 4 + (i % 4)];
+      const x = (a + f + k[i] + words[block + g]) >>> 0;
+      [a, d, c] = [d, c, b];
+      b = (b + ((x << s) | (x >>> (32 - s)))) >>> 0;
+    }
+    [a, b, c, d].forEach((value, i) => { state[i] = (state[i] + value) >>> 0; });
+  }
+  return state.flatMap((value) => [0, 8, 16, 24].map((shift) => (value >>> shift) & 255));
+}
+
+// ---- login, logout and the frame --------------------------------------------------------
+
+async function login(event) {
+  event.preventDefault();
+  const username = $("username").value;
+  try {
+    const answer = await api("POST", "/login", {username: username,
+      md5_password: md5($("password").value), retain: true});
+    STORE.setItem("mito-token", answer.token);
+    STORE.setItem("mito-user", username);
+    $("password").value = "";
+    $("login-error").textContent = "";
+    show();
+  } catch (error) {
+    $("login-error").textContent = error.message;
+  }
+}
+
+function logout(why) {
+  STORE.removeItem("mito-token");
+  STORE.removeItem("mito-user");
+  current = null;
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = typeof why === "string" ? why : "";
+  $("username").focus();
+}
+
+function route() {
+  const [path, query] = location.hash.replace(/^#\/?/, "").split("?");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  return {name: parts[0] || "overview", arg: parts.slice(1).join("/"),
+          params: new URLSearchParams(query || "")};
+}
+
+function show() {
+  if (!STORE.getItem("mito-token")) { logout(); return; }
+  const where = route();
+  const view = VIEWS[where.name] || VIEWS.overview;
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("who").textContent = STORE.getItem("mito-user") || "";
+  const tab = {task: "tasks"}[where.name] || (VIEWS[where.name] ? where.name : "overview");
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === tab);
+  current = {view: view, route: where, parts: {}, state: {}};
+  $("view").replaceChildren(view.mount(current));
+  refresh();
+}
+
+async function refresh() {
+  if (!current || refreshing || document.hidden) return;
+  const shown = current;
+  refreshing = true;
+  try {
+    await shown.view.update(shown);
+    $("error").textContent = "";
+  } catch (error) {
+    if (shown === current) $("error").textContent = error.message;
+  } finally {
+    refreshing = false;
+  }
+}
+
+// A part of a view: a container whose children are replaced in one step, so a refresh
+// neither flickers nor moves the scroll position.
+function part(ctx, name) {
+  ctx.parts[name] = ctx.parts[name] || el("div", {class: "part", id: "part-" + name});
+  return ctx.parts[name];
+}
+const fill = (ctx, name, ...children) => part(ctx, name).replaceChildren(...children.flat());
+
+// ---- overview ---------------------------------------------------------------------------
+
+function chart(perMinute) {
+  const top = Math.max(1, ...perMinute);
+  const bars = perMinute.map((count, i) => {
+    const height = 100 * count / top;
+    return svg("rect", {x: i * 10 + 1, y: 110 - height, width: 8, height: height, class: "bar"},
+      svg("title", null, (perMinute.length - i) + " min ago: " + count));
+  });
+  return el("figure", {class: "chart"}, el("figcaption", null, el("span", null, "60 min ago"),
+    el("span", null, "top: " + top + "/min"), el("span", null, "now")),
+    svg("svg", {viewBox: "0 0 600 112", preserveAspectRatio: "none", role: "img",
+      "aria-label": "tasks ended per minute, last hour"},
+      svg("line", {x1: 0, y1: 110.5, x2: 600, y2: 110.5, class: "axis"}), ...bars));
+}
+
+const counts = (byState) => STATES.filter((s) => byState[s] !== undefined)
+  .map((s) => el("span", {class: "count"}, badge(s), " ", String(byState[s])));
+
+function workerRows(workers) {
+  return workers.map((w) => [short(w.worker_id), el("span", {class: "badge " + w.activity}, w.activity),
+    w.tags.join(", ") || "-", w.assigned_task_id ? link("#/task/" + w.assigned_task_id, short(w.assigned_task_id)) : "-",
+    ago(w.last_heartbeat)]);
+}
+
+const VIEWS = {};
+
+VIEWS.overview = {
+  mount(ctx) {
+    return el("div", null, part(ctx, "cards"), section("Tasks ended per minute, last hour", part(ctx, "chart")),
+      section("Oldest waiting task", part(ctx, "waiting")), section("By group", part(ctx, "groups")),
+      section("Running", part(ctx, "running")), section("Workers", part(ctx, "workers")),
+      section("Recent failures", part(ctx, "failures")));
+  },
+  async update(ctx) {
+    const s = await api("GET", "/status");
+    const w = s.workers, t = s.throughput;
+    fill(ctx, "cards", el("div", {class: "cards"},
+      el("div", {class: "card"}, el("h3", null, "Tasks"), counts(s.tasks.by_state).length ? counts(s.tasks.by_state) : "none"),
+      el("div", {class: "card"}, el("h3", null, "Workers"), w.busy + " busy · " + w.idle + " idle · " + w.stale + " stale"),
+      el("div", {class: "card"}, el("h3", null, "Throughput"), t.last_minute + " last minute · " + t.last_hour + " last hour")));
+    fill(ctx, "chart", chart(t.per_minute));
+    const o = s.oldest_waiting;
+    fill(ctx, "waiting", o ? el("p", null, link("#/task/" + o.uuid, short(o.uuid), "mono"),
+      " in " + o.group_name + ", waiting " + duration(o.age_seconds) + ": ", el("strong", null, o.why))
+      : el("p", {class: "muted"}, "no task is waiting"));
+    fill(ctx, "groups", table(["Group", "Tasks"], Object.entries(s.tasks.by_group).map(([g, c]) =>
+      [link("#/tasks?group=" + encodeURIComponent(g), g), counts(c)]), "no tasks"));
+    fill(ctx, "running", table(["Task", "Group", "Worker", "Running for", "Command"], s.running.map((r) =>
+      [link("#/task/" + r.uuid, short(r.uuid), "mono"), r.group_name, short(r.worker), duration(r.age_seconds),
+       el("code", null, command(r.command))]), "nothing is running"));
+    fill(ctx, "workers", table(["Worker", "Activity", "Tags", "Task", "Heartbeat"], workerRows(w.list), "no workers"));
+    fill(ctx, "failures", table(["Task", "Group", "Exit", "Ended", "Command"], s.recent_failures.map((f) =>
+      [link("#/task/" + f.uuid, short(f.uuid), "mono"), f.group_name, exitOf(f), ago(f.ended_at),
+       el("code", null, command(f.command))]), "no failures"));
+  },
+};
+
+// ---- tasks --------------------------------------------------------------------------------
+
+VIEWS.tasks = {
+  mount(ctx) {
+    const p = ctx.route.params;
+    const input = (name, label) => el("label", null, label, el("input", {name: name, value: p.get(name) || "", placeholder: "any"}));
+    const form = el("form", {class: "filters", onsubmit: (event) => {
+      event.preventDefault();
+      const query = new URLSearchParams();
+      for (const [name, value] of new FormData(form)) if (value) query.set(name, value);
+      location.hash = "#/tasks?" + query;
+    }},
+      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "my own"))),
+      el("label", null, "State", el("select", {name: "state"}, el("option", {value: ""}, "any"),
+        STATES.map((s) => el("option", {value: s, selected: p.get("state") === s ? "" : null}, s)))),
+      input("label", "Label"), input("creator", "Creator"), el("button", {type: "submit"}, "Filter"));
+    return el("div", null, form, part(ctx, "table"), part(ctx, "pager"));
+  },
+  async update(ctx) {
+    const p = ctx.route.params;
+    if (!ctx.state.groups) {
+      ctx.state.groups = (await api("GET", "/status")).groups;
+      $("filter-group").append(...ctx.state.groups.map((g) => el("option", {value: g, selected: p.get("group") === g ? "" : null}, g)));
+    }
+    const filter = {group_name: p.get("group") || null, states: p.get("state") ? [p.get("state")] : null,
+      labels: p.get("label") ? [p.get("label")] : null, creator_usernames: p.get("creator") ? [p.get("creator")] : null};
+    const total = (await api("POST", "/tasks/query", {...filter, count: true})).count;
+    const pages = Math.max(1, Math.ceil(total / PAGE_SIZE));
+    const page = Math.min(Math.max(1, Number(p.get("page")) || 1), pages);
+    // newest first: the API lists oldest first, so read the page from the end
+    const end = total - (page - 1) * PAGE_SIZE;
+    const offset = Math.max(0, end - PAGE_SIZE);
+    const rows = end <= 0 ? [] : (await api("POST", "/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
+    fill(ctx, "table", table(["Task", "State", "Exit", "Group", "Creator", "Labels", "Created", "Command"], rows.map((t) =>
+      [link("#/task/" + t.uuid, short(t.uuid), "mono"), badge(t.state), exitOf(t.result), t.group_name, t.creator_username,
+       t.labels.join(", ") || "-", ago(t.created_at), el("code", null, command(t.spec.args))]), "no tasks match"));
+    const go = (n) => { const q = new URLSearchParams(p); q.set("page", n); return "#/tasks?" + q; };
+    fill(ctx, "pager", el("p", {class: "pager"}, page > 1 ? link(go(page - 1), "← newer") : "",
+      " page " + page + " of " + pages + " (" + total + " tasks) ", page < pages ? link(go(page + 1), "older →") : ""));
+  },
+};
+
+// ---- one task ------------------------------------------------------------------------------
+
+VIEWS.task = {
+  mount(ctx) {
+    ctx.state.offsets = {stdout: 0, stderr: 0};
+    ctx.state.live = true;
+    const pane = (name) => el("div", null, el("h3", null, name), el("pre", {class: "output", id: "out-" + name}));
+    return el("div", null, el("h2", {class: "mono"}, "Task " + ctx.route.arg), part(ctx, "actions"),
+      part(ctx, "details"), section("History", part(ctx, "history")), section("Artifacts", part(ctx, "artifacts")),
+      section("Output", part(ctx, "live"), el("div", {class: "panes"}, pane("stdout"), pane("stderr"))));
+  },
+  async update(ctx) {
+    const uuid = ctx.route.arg;
+    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(uuid));
+    const t = view.info;
+    const cancel = el("button", {id: "cancel", onclick: () => act(() => api("DELETE", "/tasks/" + uuid))}, "Cancel task");
+    fill(ctx, "actions", ["Ready", "Pending"].includes(t.state) ? cancel : "");
+    const facts = [["State", badge(t.state)], ["Exit", exitOf(t.result)], ["Group", t.group_name],
+      ["Creator", t.creator_username], ["Worker", view.worker || "-"], ["Priority", t.priority],
+      ["Timeout", duration(t.timeout)], ["Tags", t.tags.join(", ") || "-"], ["Labels", t.labels.join(", ") || "-"],
+      ["Created", ago(t.created_at)], ["Updated", ago(t.updated_at)], ["Command", el("code", null, command(t.spec.args))]];
+    fill(ctx, "details", el("dl", {class: "facts"}, facts.map(([k, v]) => [el("dt", null, k), el("dd", null, v)])),
+      el("details", null, el("summary", null, "Spec"), el("pre", null, JSON.stringify(t.spec, null, 2))));
+    fill(ctx, "history", table(["Event", "At", "Worker"], view.history.map((e) =>
+      [e.event, el("span", {title: e.at}, e.at.slice(0, 19)), short(e.worker)]), "no history recorded"));
+    fill(ctx, "artifacts", table(["Kind", "Size", ""], view.artifacts.map((a) =>
+      [a.content_type, bytes(a.size), el("button", {onclick: () => download("/tasks/" + uuid + "/download/artifacts/" + a.content_type,
+        uuid + "-" + a.content_type + ".tar.gz")}, "Download")]), "no artifacts"));
+    await followOutput(ctx, uuid, view);
+  },
+};
+
+async function followOutput(ctx, uuid, view) {
+  const state = ctx.state;
+  let finished = true;
+  if (state.live) {
+    for (const stream of ["stdout", "stderr"]) {
+      try {
+        const answer = await api("GET", "/tasks/" + uuid + "/output?stream=" + stream + "&offset=" + state.offsets[stream]);
+        if (answer.offset !== state.offsets[stream]) $("out-" + stream).textContent = "";
+        if (answer.data) append($("out-" + stream), answer.data);
+        state.offsets[stream] = answer.next;
+        finished = finished && answer.finished;
+      } catch (error) {
+        if (error.status !== 404 || state.offsets[stream] > 0) throw error;
+        state.live = false;   // this coordinator keeps no live output
+      }
+    }
+  }
+  const empty = !state.offsets.stdout && !state.offsets.stderr;
+  if ((!state.live || (finished && empty)) && view.output) {
+    for (const stream of ["stdout", "stderr"]) {
+      const pre = $("out-" + stream);
+      if (pre.textContent !== (view.output[stream] || "")) pre.textContent = view.output[stream] || "";
+    }
+  }
+  fill(ctx, "live", el("p", {class: "muted"}, !state.live ? "live output is not available from this coordinator" :
+    finished ? "the output is complete" : "following the output as the task runs…"));
+}
+
+function append(pre, text) {
+  const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.append(text);
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
+}
+
+const bytes = (n) => { for (const unit of ["B", "KiB", "MiB", "GiB"]) { if (n < 1024 || unit === "GiB") return (unit === "B" ? n : n.toFixed(1)) + " " + unit; n /= 1024; } };
+
+async function act(call) {
+  try { await call(); $("error").textContent = ""; } catch (error) { $("error").textContent = error.message; }
+  refresh();
+}
+
+async function download(path, name) {
+  await act(async () => {
+    const answer = await api("GET", path);
+    const a = el("a", {href: answer.url, download: name, hidden: ""});
+    document.body.append(a);
+    a.click();
+    a.remove();
+  });
+}
+
+// ---- workers ----------------------------------------------------------------------------
+
+function shutdown(worker, op) {
+  if (op === "Force" && !window.confirm("Stop worker " + short(worker) + " now? Its task goes back to the queue.")) return;
+  act(() => api("DELETE", "/workers/" + worker + "?op=" + op));
+}
+
+VIEWS.workers = {
+  mount(ctx) { return section("Workers", part(ctx, "workers")); },
+  async update(ctx) {
+    const s = await api("GET", "/status");
+    fill(ctx, "workers", table(["Worker", "Activity", "State", "Tags", "Labels", "Groups", "Task", "Heartbeat", "Creator", ""],
+      s.workers.list.map((w) => [el("span", {class: "mono", title: w.worker_id}, short(w.worker_id)),
+        el("span", {class: "badge " + w.activity}, w.activity), w.state, w.tags.join(", ") || "-", w.labels.join(", ") || "-",
+        Object.entries(w.groups).map(([g, r]) => g + " (" + r + ")").join(", ") || "-",
+        w.assigned_task_id ? link("#/task/" + w.assigned_task_id, short(w.assigned_task_id), "mono") : "-",
+        ago(w.last_heartbeat), w.creator_username,
+        w.may_shutdown ? el("span", {class: "actions"},
+          el("button", {onclick: () => shutdown(w.worker_id, "Graceful"), title: "finish the current task, then leave"}, "Drain"),
+          el("button", {class: "danger", onclick: () => shutdown(w.worker_id, "Force"), title: "leave now; the task is requeued"}, "Force")) : ""]),
+      "no workers"));
+  },
+};
+
+// ---- groups and attachments ----------------------------------------------------------------
+
+const attachmentPath = (group, key) => encodeURIComponent(group) + "/download/attachments/" + key.split("/").map(encodeURIComponent).join("/");
+
+async function upload(group, form) {
+  const file = form.elements.file.files[0];
+  if (!file) throw new Error("choose a file to upload");
+  const key = form.elements.key.value || file.name;
+  const answer = await api("POST", "/groups/" + encodeURIComponent(group) + "/attachments",
+    {key: key, content_length: file.size});
+  const put = await fetch(answer.url, {method: "PUT", body: file});
+  if (!put.ok) throw new Error("upload of " + key + " failed: " + put.status);
+  form.reset();
+}
+
+VIEWS.groups = {
+  mount(ctx) {
+    const group = ctx.route.arg;
+    if (!group) return section("Groups", part(ctx, "list"));
+    const form = el("form", {class: "filters", onsubmit: (event) => { event.preventDefault(); act(() => upload(group, form)); }},
+      el("label", null, "File", el("input", {type: "file", name: "file"})),
+      el("label", null, "Key", el("input", {name: "key", placeholder: "the file's name"})),
+      el("button", {type: "submit"}, "Upload"));
+    return el("div", null, el("h2", null, "Group " + group), part(ctx, "group"),
+      section("Attachments", form, part(ctx, "attachments")));
+  },
+  async update(ctx) {
+    const group = ctx.route.arg;
+    if (!group) {
+      const s = await api("GET", "/status");
+      const mine = (await api("GET", "/users/groups")).groups;
+      fill(ctx, "list", table(["Group", "Your role", "Tasks"], s.groups.map((g) =>
+        [link("#/groups/" + encodeURIComponent(g), g), mine[g] || "(admin)", counts(s.tasks.by_group[g] || {})]), "no groups"));
+      return;
+    }
+    const g = await api("GET", "/groups/" + encodeURIComponent(group));
+    fill(ctx, "group", el("dl", {class: "facts"}, [["Creator", g.creator_username], ["Tasks", g.task_count],
+      ["Workers", g.worker_count], ["Storage", bytes(g.storage_used) + " of " + bytes(g.storage_quota)],
+      ["Members", Object.entries(g.users_in_group || {}).map(([u, r]) => u + " (" + r + ")").join(", ")]]
+      .map(([k, v]) => [el("dt", null, k), el("dd", null, v)])));
+    const list = await api("POST", "/groups/" + encodeURIComponent(group) + "/attachments/query", {});
+    fill(ctx, "attachments", table(["Key", "Size", "Updated", ""], list.attachments.map((a) =>
+      [el("span", {class: "mono"}, a.key), bytes(a.size), ago(a.updated_at),
+       el("button", {onclick: () => download("/groups/" + attachmentPath(group, a.key), a.key.split("/").pop())}, "Download")]),
+      "no attachments"));
+  },
+};
+
+// ---- start ------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", () => logout());
+  window.addEventListener("hashchange", show);
+  document.addEventListener("visibilitychange", refresh);
+  setInterval(refresh, REFRESH_MS);
+  show();
+});
+'''
+
+    ASSETS = {"app.css": ("text/css; charset=utf-8", CSS),
+              "app.js": ("text/javascript; charset=utf-8", JS)}
+
+    @classmethod
+    def answer(cls, name=None):
+        """The page (no name) or one of its assets; 404 for any other name."""
+        if name is None:
+            content_type, text = "text/html; charset=utf-8", cls.HTML
+        elif name in cls.ASSETS:
+            content_type, text = cls.ASSETS[name]
+        else:
+            raise not_found(f"dashboard file {name}")
+        return Answer(text=text, content_type=content_type, headers=dict(cls.HEADERS))
 
 # =====================================================================================
 # 5. Client: `mito.py client ...`, every operation a Mitosis user needs
