@@ -1869,7 +1869,7 @@ COORDINATOR_OPTIONS = (
     Option("log_path", "path", None, ("--log-path",),
            "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
     Option("workers", "int", 0, ("--workers",),
-           "Also start N local workers, logged in as the admin", "N"),
+           "Also start N local workers, serving the admin's own group", "N"),
     Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
            "worker-subset: a worker takes a task when the worker's tags are a subset of "
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
@@ -1878,6 +1878,8 @@ COORDINATOR_OPTIONS = (
     Option("tls_cert", "path", None, ("--tls-cert",),
            "Serve HTTPS with this certificate (PEM; with --tls-key)"),
     Option("tls_key", "path", None, ("--tls-key",), "The private key of --tls-cert (PEM)"),
+    Option("public_url", "url", None, ("--public-url",),
+           "The address put in upload and download URLs (default: the bound address)"),
     Option("metrics_public", "bool", False, ("--metrics-public",),
            "Serve GET /metrics without a token (for a Prometheus scraper on a trusted "
            "network; by default it needs an admin's token)"),
@@ -2354,7 +2356,10 @@ class Store:
             self._insert_group(db, name, creator["id"], now)
 
     def update_user(self, username, **changes):
-        """Set columns of a user; a new password or state also rotates its sign."""
+        """Set columns of a user; a new password or state also rotates its sign. A user
+        who is no longer Active loses the workers it registered (their tokens with
+        them; their tasks go back to the queue): revocation is a fact of the database,
+        not of a cache."""
         if "password" in changes or "state" in changes:
             changes["sign"] = random.getrandbits(62)
         changes["updated_at"] = time.time()
@@ -2363,7 +2368,11 @@ class Store:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
         self.invalidate_auth_cache()
-        return self.user(username)
+        user = self.user(username)
+        if user["state"] != "Active":
+            revoked = self.all("SELECT id FROM workers WHERE creator_id = ?", user["id"])
+            self.remove_workers([row["id"] for row in revoked])
+        return user
 
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
@@ -2428,6 +2437,11 @@ class Store:
         return {row["name"]: row["role"] for row in self.all(
             "SELECT g.name, gw.role FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
             "WHERE gw.worker_id = ? ORDER BY g.name", worker_id)}
+
+    def serves(self, worker_id, group_id):
+        """Whether the worker takes the group's tasks (the Write role or more)."""
+        return self.one("SELECT 1 FROM group_workers WHERE worker_id = ? AND group_id = ? "
+                        "AND role >= ?", worker_id, group_id, WRITE) is not None
 
     def worker_role_for_user(self, worker_id, user_id):
         """The strongest role the worker grants to any group the user is a member of,
@@ -2532,9 +2546,12 @@ class Store:
             "OR t.updated_at + t.timeout + ? < ?", silent_since, now, REQUEUE_GRACE, now)
 
     def forgive_silence(self):
-        """After a restart, every worker gets a full heartbeat timeout to come back."""
+        """After a restart, every worker gets a full heartbeat timeout to come back,
+        and every running task its full timeout again: the outage was not theirs."""
+        now = time.time()
         with self.write() as db:
-            db.execute("UPDATE workers SET last_heartbeat = ?", (time.time(),))
+            db.execute("UPDATE workers SET last_heartbeat = ?", (now,))
+            db.execute("UPDATE tasks SET updated_at = ? WHERE state = 'Running'", (now,))
 
     # -- tasks
 
@@ -2702,13 +2719,30 @@ class Store:
         if group["storage_used"] - old_size + new_size > group["storage_quota"]:
             raise forbidden("resource quota exceeded")
 
-    def record_blob(self, table, keys, size, group_id):
-        """Record a completed upload (artifact or attachment) and its group's usage."""
+    def check_upload(self, table, keys, grant, db=None):
+        """Refuse a used upload URL: each carries `was`, the updated_at of the blob it
+        replaces (0: none), so it works once; a worker's (`w`) dies with its task's
+        commit. Checked before the body is read and again in the recording transaction."""
+        db = db or self.db()
+        where = " AND ".join(f"{name} = ?" for name in keys)
+        old = db.execute(f"SELECT size, updated_at FROM {table} WHERE {where}",
+                         tuple(keys.values())).fetchone()
+        if (old["updated_at"] if old else 0) != grant.get("was"):
+            raise forbidden("this upload URL was already used")
+        if grant.get("w") is not None and not db.execute(
+                "SELECT 1 FROM tasks WHERE uuid = ? AND worker_id = ? AND committed = 0",
+                (keys.get("task_uuid"), grant["w"])).fetchone():
+            raise forbidden("this upload URL died with its task's commit")
+        return old
+
+    def record_blob(self, table, keys, size, group_id, grant, place):
+        """Record a completed upload (artifact or attachment) and its group's usage;
+        `place()` puts the received file where it belongs, inside the transaction."""
         now = time.time()
         where = " AND ".join(f"{name} = ?" for name in keys)
         with self.write() as db:
-            old = db.execute(f"SELECT size FROM {table} WHERE {where}", tuple(keys.values())
-                             ).fetchone()
+            old = self.check_upload(table, keys, grant, db)
+            place()
             db.execute(f"DELETE FROM {table} WHERE {where}", tuple(keys.values()))
             columns = ", ".join([*keys, "size", "created_at", "updated_at"])
             db.execute(f"INSERT INTO {table} ({columns}) VALUES "
@@ -2893,9 +2927,10 @@ class BlobStore:
         digest = hashlib.sha256(name.encode()).hexdigest()
         return os.path.join(self.root, "attachments", str(int(owner)), digest)
 
-    def url(self, base, method, ref, size, group_id, lifetime=URL_LIFETIME):
+    def url(self, base, method, ref, size, group_id, lifetime=URL_LIFETIME, **guard):
+        """A signed URL; `guard` (see Store.check_upload) makes an upload URL one-shot."""
         token = self.signer.sign({"m": method, "r": list(ref), "n": size, "g": group_id,
-                                  "exp": time.time() + lifetime})
+                                  "exp": time.time() + lifetime, **guard})
         return f"{base}/blobs/{token}"
 
     def grant(self, token, method):
@@ -2904,8 +2939,11 @@ class BlobStore:
             raise forbidden("invalid or expired URL")
         return payload
 
+    @contextlib.contextmanager
     def receive(self, stream, length, path):
-        """Copy exactly `length` bytes from `stream` to `path`; a short body is dropped."""
+        """Copy exactly `length` bytes from `stream` to a temporary file beside `path`;
+        yields the call that moves it to `path`. A short body, or a refusal before
+        that call, leaves nothing behind."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{uuidlib.uuid4().hex}.part"
         try:
@@ -2918,7 +2956,7 @@ class BlobStore:
                                              f"{length} bytes")
                     handle.write(chunk)
                     remaining -= len(chunk)
-            os.replace(temporary, path)
+            yield lambda: os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
@@ -3107,10 +3145,6 @@ class Request:
         except (ValueError, TypeError) as error:
             raise HttpError(400, f"bad query parameter {name!r}: {error}") from None
 
-    def base_url(self):
-        host = self.header("Host") or "%s:%d" % self.local_address[:2]
-        return f"{self.scheme}://{host}"
-
 
 def path_uuid(text):
     try:
@@ -3134,38 +3168,16 @@ class Coordinator:
         self.settings = settings
         self.state_dir = settings.state_dir or data_home()
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.lock = lock_state_dir(self.state_dir)
         self.signer = Signer(load_secret(os.path.join(self.state_dir, "secret")))
         self.store = Store(os.path.join(self.state_dir, "mitosis.db"), settings.tag_matching)
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
         self.outputs = TaskOutputs()
         self.stopping = threading.Event()
+        self.public_url = settings.public_url  # run_coordinator sets the bound one if None
+        self.run_id = b64(os.urandom(12))  # local workers' tokens are valid for this run only
         self.store.forgive_silence()
         self.dashboard = DashboardViews(self)
-
-    # -- first start
-
-    def bootstrap_admin(self):
-        """Create the admin on first start and leave a token where a worker or client
-        run by this Unix user finds it. Returns the credential file for local workers."""
-        settings = self.settings
-        name = settings.admin_user
-        if self.store.user(name) is None:
-            password = settings.admin_password
-            if password is None:
-                password = b64(os.urandom(18))
-                saved = os.path.join(self.state_dir, "admin-password")
-                write_private_file(saved, password + "\n")
-                log.warning("created admin user %r; its generated password is in %s",
-                            name, saved)
-            salt = os.urandom(16)
-            self.store.create_user(name, hash_password(md5_bytes(md5_password(password)), salt),
-                                   salt, admin=True)
-        admin = self.store.user(name)
-        token = self.user_token(admin)
-        local = os.path.join(self.state_dir, "admin-credentials")
-        for path in (local, default_credential_path()):
-            CredentialFile(path).store(name, token)
-        return local
 
     def user_token(self, user):
         return self.signer.sign({"k": "user", "sub": user["username"], "sign": user["sign"],
@@ -3185,14 +3197,24 @@ class Coordinator:
             if not req.worker:
                 raise HttpError(401, "this worker is not registered (or was shut down)")
             return
-        user = payload.get("k") == "user" and self.store.auth_user(payload.get("sub"))
-        if not user or user["sign"] != payload.get("sign"):
+        user = self.token_user(payload, kind)
+        if not user:
             raise HttpError(401, "invalid token: log in again")
         if user["state"] != "Active":
             raise forbidden(f"user {user['username']} is {user['state']}")
         if kind == "admin" and not user["admin"]:
             raise forbidden("admin only")
         req.user = user
+
+    def token_user(self, payload, kind):
+        """The user row a token speaks for: a login's while its sign is current; a
+        local worker's (LocalWorkers) only where registering is all it asks, and only
+        during the run that minted it."""
+        if payload.get("k") == "local":
+            valid = kind == "registrar" and payload.get("run") == self.run_id
+            return valid and self.store.auth_user(payload.get("sub"))
+        user = payload.get("k") == "user" and self.store.auth_user(payload.get("sub"))
+        return user if user and user["sign"] == payload.get("sign") else None
 
     def group_of(self, req, name, need):
         """The group, if the user holds at least role `need` in it (admins always do)."""
@@ -3317,18 +3339,30 @@ class Coordinator:
         row = self.group_of(req, group, ADMIN)
         relations = field(req.body(), "relations", roles_map)
         ids = self.ids_of(relations, self.store.user, "user")
-        self.store.set_members(row["id"], {ids[name]: role for name, role in relations.items()})
+        roles = {ids[name]: role for name, role in relations.items()}
+        if roles.get(row["creator_id"], ADMIN) < ADMIN:
+            self.protect_creator(req, row)
+        self.store.set_members(row["id"], roles)
 
     def remove_members(self, req, group):
         row = self.group_of(req, group, ADMIN)
         names = split_list(req.query.get("users", []))
-        self.store.remove_members(row["id"],
-                                  self.ids_of(names, self.store.user, "user").values())
+        ids = self.ids_of(names, self.store.user, "user").values()
+        if row["creator_id"] in ids:
+            self.protect_creator(req, row)
+        self.store.remove_members(row["id"], ids)
+
+    @staticmethod
+    def protect_creator(req, group):
+        """A group's creator stays its Admin: only a site admin may demote or remove
+        them, so that no group Admin can lock the creator out of their own group."""
+        if not req.user["admin"]:
+            raise forbidden(f"the creator of group {group['name']} keeps the Admin role")
 
     # -- attachments
 
     def attachment_url(self, req, group, key, method):
-        return self.blobs.url(req.base_url(), method, ("attachment", group["id"], key),
+        return self.blobs.url(self.public_url, method, ("attachment", group["id"], key),
                               None, group["id"])
 
     def upload_attachment(self, req, group):
@@ -3338,8 +3372,8 @@ class Coordinator:
         size = field(body, "content_length", a_size)
         old = self.store.attachment(row["id"], key)
         self.store.check_quota(row["id"], old["size"] if old else 0, size)
-        url = self.blobs.url(req.base_url(), "PUT", ("attachment", row["id"], key), size,
-                             row["id"])
+        url = self.blobs.url(self.public_url, "PUT", ("attachment", row["id"], key), size,
+                             row["id"], was=old["updated_at"] if old else 0)
         return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
@@ -3424,23 +3458,38 @@ class Coordinator:
         labels = field(body, "labels", strs, [])
         entries = field(body, "groups", strs, [])
         lifetime = field(body, "lifetime", a_duration, None)
-        roles = {}
+        requested = {}
         for entry in entries:
             name, _, role = entry.partition(":")
             try:
-                level = ROLE_LEVELS[role_name(role)] if role else WRITE
+                requested[name] = ROLE_LEVELS[role_name(role)] if role else WRITE
             except ValueError as error:
                 raise HttpError(400, f"bad group {entry!r}: {error}") from None
-            group = self.store.group(name)
-            if group is None:
-                raise not_found(f"group {name}")
-            roles[group["id"]] = level
+        roles, refused = self.servable_groups(req.user, requested)
         roles[self.store.group(req.user["username"])["id"]] = ADMIN
         expires = time.time() + (lifetime or self.settings.access_token_expires_in)
         worker_uuid = self.store.register_worker(req.user["id"], tags, labels, roles, expires)
         token = self.signer.sign({"k": "worker", "sub": worker_uuid, "exp": expires})
         log.info("worker %s registered by %s", worker_uuid, req.user["username"])
+        if refused:
+            log.warning("worker %s registered by %s without groups %s: unknown, or %s lacks "
+                        "the Write role there", worker_uuid, req.user["username"],
+                        ", ".join(refused), req.user["username"])
         return {"worker_id": worker_uuid, "token": token, "redis_url": None}
+
+    def servable_groups(self, user, requested):
+        """({group id: worker role}, [refused names]) of {group name: role}: a user may
+        put a worker only into groups where it holds the Write role or more (admins
+        anywhere); the others are left out, as upstream leaves out unknown groups."""
+        roles, refused = {}, []
+        for name, level in requested.items():
+            group = self.store.group(name)
+            if group and (user["admin"] or
+                          self.store.group_role(user["id"], group["id"]) >= WRITE):
+                roles[group["id"]] = level
+            else:
+                refused.append(name)
+        return roles, refused
 
     def unregister_worker(self, req):
         self.store.remove_workers([req.worker["id"]])
@@ -3498,8 +3547,11 @@ class Coordinator:
         old = self.store.artifact(task["uuid"], kind)
         self.store.check_quota(task["group_id"], old["size"] if old else 0, size)
         self.store.set_task_state(task["id"], task["state"])  # an upload is a sign of life
-        return {"url": self.blobs.url(req.base_url(), "PUT", ("artifact", task["uuid"], kind),
-                                      size, task["group_id"]), "exist": old is not None}
+        # a worker's upload URL dies when it commits the task
+        url = self.blobs.url(self.public_url, "PUT", ("artifact", task["uuid"], kind), size,
+                             task["group_id"], was=old["updated_at"] if old else 0,
+                             w=req.worker["id"] if req.worker else None)
+        return {"url": url, "exist": old is not None}
 
     def report_commit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
@@ -3525,10 +3577,7 @@ class Coordinator:
         return {"url": None, "uuid": new_uuid}
 
     def worker_get_task(self, req, task):
-        row = self.store.task(path_uuid(task))
-        if row is None:
-            raise not_found(f"task {task}")
-        return self.task_answer(row)
+        return self.task_answer(self.task_for_worker(req.worker, task))
 
     def worker_task_output(self, req, task):
         """An increment of a running task's output (the X-Mito-Output addition)."""
@@ -3555,23 +3604,40 @@ class Coordinator:
                 "finished": finished, "state": row["state"]}
 
     def worker_artifact(self, req, task, kind):
-        return self.artifact_download(req, path_uuid(task), path_kind(kind))
+        row = self.task_for_worker(req.worker, task)
+        return self.artifact_download(req, row["uuid"], path_kind(kind))
 
     def worker_attachment(self, req, task, key):
-        row = self.store.task(path_uuid(task))
-        if row is None:
-            raise not_found(f"task {task}")
+        row = self.task_for_worker(req.worker, task)
         attachment = self.store.attachment(row["group_id"], key)
         if attachment is None:
             raise not_found(f"attachment {key} of group {row['group_name']}")
         group = self.store.group(row["group_name"])
         return {"url": self.attachment_url(req, group, key, "GET"), "size": attachment["size"]}
 
+    def task_for_worker(self, worker, task_uuid):
+        """A task the worker may read: one of a group it serves, the one it holds, or
+        one its task watches or takes an artifact from when that task's creator may
+        read it (so a worker cannot be used to reach into another group)."""
+        worker = self.store.worker(worker["uuid"])  # the cached row's task_id may be stale
+        row = self.store.task(path_uuid(task_uuid))
+        if row is None:
+            raise not_found(f"task {task_uuid}")
+        if row["id"] == worker["task_id"] or self.store.serves(worker["id"], row["group_id"]):
+            return row
+        held = worker["task_id"] and self.store.one("SELECT * FROM tasks WHERE id = ?",
+                                                    worker["task_id"])
+        if held and row["uuid"] in referenced_tasks(json.loads(held["spec"])):
+            creator = self.store.user_by_id(held["creator_id"])
+            if creator["admin"] or self.store.group_role(creator["id"], row["group_id"]) >= READ:
+                return row
+        raise forbidden(f"worker {worker['uuid']} may not read task {row['uuid']}")
+
     def artifact_download(self, req, task_uuid, kind):
         artifact = self.store.artifact(task_uuid, kind)
         if artifact is None:
             raise not_found(f"artifact {kind} of task {task_uuid}")
-        url = self.blobs.url(req.base_url(), "GET", ("artifact", task_uuid, kind), None, None)
+        url = self.blobs.url(self.public_url, "GET", ("artifact", task_uuid, kind), None, None)
         return {"url": url, "size": artifact["size"]}
 
     # -- workers: what users do with them
@@ -3644,7 +3710,11 @@ class Coordinator:
         row = self.worker_of(req, worker, ADMIN)
         relations = field(req.body(), "relations", roles_map)
         ids = self.ids_of(relations, self.store.group, "group")
-        self.store.set_worker_groups(row["id"], {ids[n]: role for n, role in relations.items()})
+        roles, refused = self.servable_groups(req.user, relations)
+        if refused:
+            raise forbidden(f"user {req.user['username']} needs the Write role in group "
+                            f"{refused[0]} to let a worker serve it")
+        self.store.set_worker_groups(row["id"], roles)
 
     def remove_worker_groups(self, req, worker):
         row = self.worker_of(req, worker, ADMIN)
@@ -3806,13 +3876,13 @@ class Coordinator:
             raise HttpError(400, f"Content-Length {length} differs from the announced "
                                  f"{grant['n']}")
         kind, owner, name = grant["r"]
-        self.blobs.receive(req.body_stream, int(length), self.blobs.path(grant["r"]))
-        req.body_consumed = True
-        if kind == "artifact":
-            keys = {"task_uuid": owner, "kind": name}
-        else:
-            keys = {"group_id": owner, "key": name}
-        self.store.record_blob(f"{kind}s", keys, int(length), grant["g"])
+        keys = {"task_uuid": owner, "kind": name} if kind == "artifact" else {
+            "group_id": owner, "key": name}
+        self.store.check_upload(f"{kind}s", keys, grant)
+        with self.blobs.receive(req.body_stream, int(length),
+                                self.blobs.path(grant["r"])) as place:
+            req.body_consumed = True
+            self.store.record_blob(f"{kind}s", keys, int(length), grant["g"], grant, place)
 
     def blob_get(self, req, token):
         path = self.blobs.path(self.blobs.grant(token, "GET")["r"])
@@ -3881,6 +3951,19 @@ class Coordinator:
         self.stopping.set()
 
 
+def referenced_tasks(spec):
+    """The uuids of the tasks a task spec watches or takes artifacts from."""
+    found = set()
+    watch = spec.get("watch")
+    if isinstance(watch, list) and watch:
+        found.add(str(watch[0]))
+    for resource in spec.get("resources") or []:
+        artifact = (resource.get("remote_file") or {}).get("Artifact") or {}
+        if artifact.get("uuid"):
+            found.add(str(artifact["uuid"]))
+    return found
+
+
 def an_object_or_400(value):
     if not isinstance(value, dict):
         raise HttpError(400, "bad field 'op': expected a JSON object inside")
@@ -3925,7 +4008,8 @@ def a_user_state(value):
 
 
 # ---- the routing table --------------------------------------------------------------------
-# (method, path, handler, who may call: None = anyone, "user", "admin", "worker", or
+# (method, path, handler, who may call: None = anyone, "user", "admin", "worker",
+# "registrar" = a user or a local worker's token (what a worker needs to register), or
 # "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself).
 # A handler is a Coordinator method, or one of a family it holds ("dashboard.status").
 
@@ -3937,7 +4021,7 @@ ROUTES = [
     ("GET", "/metrics", "dashboard.metrics", None),
     ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
     ("POST", "/login", "login", None),
-    ("GET", "/auth", "auth", "user"),
+    ("GET", "/auth", "auth", "registrar"),
     ("GET", "/redis", "redis", "user"),
     ("POST", "/users/{username}/password", "change_password", "user"),
     ("GET", "/users/groups", "my_groups", "user"),
@@ -3954,7 +4038,7 @@ ROUTES = [
     ("GET", "/groups/{group}/download/attachments/{key*}", "download_attachment", "user"),
     ("POST", "/groups/{group}/delete/attachments", "delete_attachments_filter", "user"),
     ("POST", "/groups/{group}/delete/attachments/list", "delete_attachments_list", "user"),
-    ("POST", "/workers", "register_worker", "user"),
+    ("POST", "/workers", "register_worker", "registrar"),
     ("DELETE", "/workers", "unregister_worker", "worker"),
     ("POST", "/workers/heartbeat", "heartbeat", "worker"),
     ("GET", "/workers/tasks", "fetch_task", "worker"),
@@ -4222,17 +4306,10 @@ class ApiServer(http.server.ThreadingHTTPServer):
         req.body_stream = handler.rfile
         if auth != "blob":
             req.data = handler.read_json()
-        if auth in ("user", "admin", "worker"):
+        if auth in ("user", "admin", "worker", "registrar"):
             self.coordinator.authenticate(req, auth)
         handler.route = name
         return operator.attrgetter(name)(self.coordinator)(req, **req.params)
-
-
-def local_worker_command(url, credentials, ca_cert):
-    """How the coordinator starts one of its --workers: this very file."""
-    command = [sys.executable, os.path.abspath(__file__), "worker", "-c", url,
-               "--credential-path", credentials, "--polling-interval", "30s"]
-    return command + (["--ca-cert", ca_cert] if ca_cert else [])
 
 
 def server_ssl_context(settings):
@@ -4249,6 +4326,162 @@ def server_ssl_context(settings):
     return context
 
 
+# ---- the state dir's lock, the admin account and the local workers -----------------------
+
+
+class StateDirBusy(Exception):
+    """Another coordinator holds the state dir."""
+
+
+def lock_state_dir(state_dir):
+    """Hold an exclusive flock on `<state dir>/lock` for the life of the process: two
+    coordinators on one database would hand the same task out twice."""
+    import fcntl
+    handle = open(os.path.join(state_dir, "lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise StateDirBusy(f"state dir {state_dir} is in use by another coordinator "
+                           f"(pid {holder})") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def token_expired(token):
+    """Whether a token, ours or another coordinator's (a JWT), says it has expired;
+    False when it cannot be read."""
+    for part in token.split(".")[:2]:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            expiry = json.loads(unb64(part)).get("exp")
+            if isinstance(expiry, (int, float)):
+                return expiry < time.time()
+    return False
+
+
+class AdminAccount:
+    """The admin user, created on first start, and the admin token left for this Unix
+    user's client: in the state dir on every start, and in the user's credential file
+    only when the admin was created now, once the port is bound, and never over a
+    token that may still work for another coordinator."""
+
+    def __init__(self, coordinator):
+        self.coordinator = coordinator
+        self.name = coordinator.settings.admin_user
+        self.created = False
+
+    def ensure(self):
+        """Create the admin if the database has none."""
+        store, state_dir = self.coordinator.store, self.coordinator.state_dir
+        if store.user(self.name) is not None:
+            return
+        password = self.coordinator.settings.admin_password
+        if password is None:
+            password = b64(os.urandom(18))
+            saved = os.path.join(state_dir, "admin-password")
+            write_private_file(saved, password + "\n")
+            log.warning("created admin user %r; its generated password is in %s",
+                        self.name, saved)
+        salt = os.urandom(16)
+        store.create_user(self.name, hash_password(md5_bytes(md5_password(password)), salt),
+                          salt, admin=True)
+        self.created = True
+
+    def publish(self):
+        """Write the admin's token where the client finds it (see the class)."""
+        coordinator = self.coordinator
+        token = coordinator.user_token(coordinator.store.user(self.name))
+        local = os.path.join(coordinator.state_dir, "admin-credentials")
+        CredentialFile(local).store(self.name, token)
+        if not self.created:
+            return
+        shared = CredentialFile(default_credential_path())
+        _, old = shared.lookup(self.name)
+        if old and not token_expired(old) and coordinator.signer.read(old) is None:
+            log.warning("%s holds a token for %s that may work for another coordinator: "
+                        "left as it is; this coordinator's admin token is in %s",
+                        shared.path, self.name, local)
+            return
+        shared.store(self.name, token)
+
+
+class LocalWorkers:
+    """The coordinator's `--workers N`: child processes of this very file, serving the
+    admin's own group. They register with a token minted here (not a login, so an
+    admin's login cannot invalidate it) that only registers and dies with this run.
+    One that exits while the coordinator runs is restarted, with backoff."""
+
+    BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0
+    STEADY = 60.0  # a worker that ran this long before exiting restarts without delay
+
+    def __init__(self, coordinator, count, url, ca_cert):
+        self.coordinator, self.url, self.ca_cert = coordinator, url, ca_cert
+        self.credentials = os.path.join(coordinator.state_dir, "local-worker-credentials")
+        if count:
+            admin = coordinator.settings.admin_user
+            token = coordinator.signer.sign({"k": "local", "sub": admin,
+                                             "run": coordinator.run_id,
+                                             "exp": time.time() + 10 * 365 * 86400})
+            write_private_file(self.credentials, f"{admin}:{token}\n")
+        self.children = [None] * count
+        self.started = [0.0] * count
+        self.delays = [0.0] * count
+        self.due = [0.0] * count  # when a dead slot may start again (monotonic)
+
+    def command(self):
+        command = [sys.executable, os.path.abspath(__file__), "worker", "-c", self.url,
+                   "--credential-path", self.credentials, "--polling-interval", "30s"]
+        return command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+
+    def supervise_forever(self):
+        """Start the slots, then restart those that exit until the coordinator stops."""
+        while not self.coordinator.stopping.is_set():
+            now = time.monotonic()
+            for slot, child in enumerate(self.children):
+                if child is not None and child.poll() is not None:
+                    self.died(slot, child, now)
+                elif child is None and now >= self.due[slot]:
+                    self.children[slot] = subprocess.Popen(self.command(),
+                                                           stdin=subprocess.DEVNULL)
+                    self.started[slot] = now
+            self.coordinator.stopping.wait(0.5)
+
+    def died(self, slot, child, now):
+        """Log a worker's exit loudly and plan its restart."""
+        ran = now - self.started[slot]
+        delay = 0.0 if ran >= self.STEADY else min(self.BACKOFF_CAP, max(
+            self.BACKOFF_FIRST, 2 * self.delays[slot]))
+        log.error("local worker %d (pid %d) exited with status %s after %.0fs; restarting "
+                  "it in %.0fs", slot + 1, child.pid, child.returncode, ran, delay)
+        self.children[slot], self.delays[slot], self.due[slot] = None, delay, now + delay
+
+    def stop(self, patience=15.0):
+        """SIGTERM the local workers and wait for them to unregister (they may already
+        have had the terminal's SIGINT); SIGKILL any that linger."""
+        children = [child for child in self.children if child is not None]
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + patience
+        for child in children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def public_address(scheme, host, port):
+    """The bound address as others reach it: a wildcard bind is reached by host name."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def run_coordinator(args):
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
@@ -4260,8 +4493,13 @@ def run_coordinator(args):
         add_rolling_file_log(settings.log_path
                              or os.path.join(cache_home(), "coordinator", "coordinator.log"))
     tls = server_ssl_context(settings)
-    coordinator = Coordinator(settings)
-    credentials = coordinator.bootstrap_admin()
+    try:
+        coordinator = Coordinator(settings)
+    except StateDirBusy as error:
+        log.error("%s", error)
+        return 1
+    admin = AdminAccount(coordinator)
+    admin.ensure()
     host, port = settings.bind
     try:
         server = ApiServer((host, port), coordinator)
@@ -4274,35 +4512,23 @@ def run_coordinator(args):
     scheme = "https" if tls else "http"
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"{scheme}://{local}:{server.server_port}"
+    coordinator.public_url = settings.public_url or public_address(scheme, host,
+                                                                   server.server_port)
+    admin.publish()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     threading.Thread(target=coordinator.reap_forever, name="reaper", daemon=True).start()
-    log.info("coordinator listening on %s (state in %s)", url, coordinator.state_dir)
+    log.info("coordinator listening on %s (state in %s; URLs it signs start with %s)",
+             url, coordinator.state_dir, coordinator.public_url)
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: coordinator.stopping.set())
-    children = [subprocess.Popen(local_worker_command(url, credentials, settings.tls_cert),
-                                 stdin=subprocess.DEVNULL) for _ in range(settings.workers)]
-    coordinator.stopping.wait()
+    workers = LocalWorkers(coordinator, settings.workers, url, settings.tls_cert)
+    workers.supervise_forever()  # until stopping is set
     log.info("coordinator stopping")
-    stop_children(children)
+    workers.stop()
     coordinator.store.wake_fetchers()
     server.shutdown()
     server.server_close()
     return 0
-
-
-def stop_children(children, patience=15.0):
-    """SIGTERM the local workers and wait for them to unregister (they may already have
-    had the terminal's SIGINT); SIGKILL any that linger."""
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + patience
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 # =====================================================================================
