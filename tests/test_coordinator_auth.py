@@ -10,7 +10,7 @@ from e2e import cluster, mito, module_cluster, raw_request, spec, status_of  # n
 
 FAKE_PARAMS = {"username": "nobody", "group": "nogroup", "key": "some/key",
                "worker": str(uuid.uuid4()), "task": str(uuid.uuid4()), "kind": "result",
-               "token": "not-a-token"}
+               "token": "not-a-token", "asset": "app.js"}
 
 
 def concrete(path):
@@ -20,7 +20,9 @@ def concrete(path):
     return path
 
 
-ROUTES = [(method, path, auth) for method, path, _, auth in mito.ROUTES]
+# GET /metrics is open to anyone only with --metrics-public: by default it takes an admin
+ROUTES = [(method, path, "admin" if path == "/metrics" else auth)
+          for method, path, _, auth in mito.ROUTES]
 ROUTE_IDS = [f"{method} {path}" for method, path, _ in ROUTES]
 
 
