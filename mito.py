@@ -4621,7 +4621,8 @@ def run_coordinator(args):
 STALE_FRACTION = 2 / 3      # silent this part of --heartbeat-timeout: a worker is "stale"
 THROUGHPUT_WINDOW = 3600    # the overview's chart: tasks ended per minute, last hour
 OUTPUT_TAIL = 4096          # bytes of stdout/stderr shown on a finished task's page
-TAIL_ARCHIVE_LIMIT = 8 << 20  # a larger std-log archive is not unpacked on a request
+TAIL_ARCHIVE_LIMIT = 1 << 20  # a larger std-log archive is not unpacked on a request:
+                              # reading a tar.gz's last bytes means inflating all of it
 
 
 def outcome_of(result):
@@ -4672,7 +4673,7 @@ class Metrics:
     so a scrape costs what happened since the last one. Gauges are read at each scrape.
     `lock` guards the counts: requests end on many threads."""
 
-    LATENCY_BOUNDS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+    LATENCY_BOUNDS = (0.01, 0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
     REQUEST_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30)
 
     def __init__(self, store):
@@ -5351,8 +5352,20 @@ async function followOutput(ctx, uuid, view) {
       if (pre.textContent !== (view.output[stream] || "")) pre.textContent = view.output[stream] || "";
     }
   }
-  fill(ctx, "live", el("p", {class: "muted"}, !state.live ? "live output is not available from this coordinator" :
-    finished ? "the output is complete" : "following the output as the task runs…"));
+  fill(ctx, "live", el("p", {class: "muted"}, outputNote(state.live, finished, empty, view)));
+}
+
+function outputNote(live, finished, empty, view) {
+  const stdLog = view.artifacts.some((a) => a.content_type === "std-log");
+  if (live && !finished) {
+    return view.info.state === "Running" ? "following the output as the task runs…" : "no output yet: the task has not started";
+  }
+  if (!empty || (view.output && (view.output.stdout || view.output.stderr))) {
+    return live ? "the output is complete" : "the end of the output (live output is not available from this coordinator)";
+  }
+  if (stdLog && !view.output) return "the output is too large to show here: download the std-log artifact";
+  if (!view.info.spec.terminal_output) return "no output is kept: the task was not submitted with terminal output";
+  return ["Finished", "Cancelled"].includes(view.info.state) ? "the task wrote no output" : "no output yet";
 }
 
 function append(pre, text) {
@@ -6124,7 +6137,8 @@ def render_status(data):
              format_duration(int(r["age_seconds"])), shlex.join(r["command"])[:40])
             for r in data["running"]])
     listed("recent failures", ["UUID", "GROUP", "EXIT", "WHY", "ENDED"],
-           [(f["uuid"], f["group_name"], f["exit_status"], f["msg"] or "-",
+           [(f["uuid"], f["group_name"], "-" if f["exit_status"] is None
+             else exit_code_of(f["exit_status"]), f["msg"] or "-",
              human_age(f["ended_at"])) for f in data["recent_failures"]])
 
 
