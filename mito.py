@@ -19,6 +19,7 @@ import argparse
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -3470,6 +3471,77 @@ def hash_password(md5, salt):
     return hashlib.scrypt(md5, salt=salt, n=1 << 14, r=8, p=1, dklen=32)
 
 
+class PasswordGuard:
+    """Keeps guessing passwords slow for the guesser and cheap for the coordinator.
+    After FAILURES wrong passwords within WINDOW seconds for one user, or from one
+    address, the next attempts answer 429 with Retry-After (before any hashing) until
+    the oldest of them ages out. An unknown user costs the same scrypt as a known one
+    (no user enumeration by timing), and at most HASHERS hashes run at once: scrypt
+    takes 16 MiB each, so 64 concurrent logins must not take 1 GiB. The hashes run on
+    HASHERS threads of their own: glibc keeps a freed 16 MiB block in the arena of the
+    thread that used it, so hashing on every request thread kept one per arena."""
+
+    FAILURES, WINDOW = 5, 60.0
+    HASHERS = 2
+    HASH_WAIT = 30.0    # seconds a login waits for a hasher before 503
+    REMEMBERED = 10000  # failure records kept; the oldest go first
+
+    def __init__(self):
+        self.failures = {}  # ("user", name) or ("address", ip) -> [monotonic times]
+        self.lock = threading.Lock()
+        self.hashers = concurrent.futures.ThreadPoolExecutor(self.HASHERS, "scrypt")
+        self.dummy_salt = os.urandom(16)
+
+    def hash(self, md5, salt):
+        job = self.hashers.submit(hash_password, md5, salt)
+        try:
+            return job.result(timeout=self.HASH_WAIT)
+        except concurrent.futures.TimeoutError:
+            job.cancel()
+            raise HttpError(503, "too many logins at once: try again",
+                            {"Retry-After": "1"}) from None
+
+    def verify(self, md5, user):
+        """Whether `md5` is the password of `user` (a row, or None: unknown user)."""
+        if user is None:
+            self.hash(md5, self.dummy_salt)
+            return False
+        return hmac.compare_digest(self.hash(md5, user["salt"]), user["password"])
+
+    def check(self, keys):
+        """429 when any of `keys` failed too often lately."""
+        now = time.monotonic()
+        with self.lock:
+            waits = [times[0] + self.WINDOW - now for key in keys
+                     if len(times := self.recent(key, now)) >= self.FAILURES]
+        if waits:
+            wait = max(1, math.ceil(max(waits)))
+            raise HttpError(429, f"too many failed logins: try again in {wait}s",
+                            {"Retry-After": str(wait)})
+
+    def recent(self, key, now):
+        times = [t for t in self.failures.get(key, ()) if t > now - self.WINDOW]
+        if times:
+            self.failures[key] = times
+        else:
+            self.failures.pop(key, None)
+        return times
+
+    def failed(self, keys):
+        now = time.monotonic()
+        with self.lock:
+            for key in keys:
+                times = [*self.recent(key, now), now][-self.FAILURES:]
+                self.failures.pop(key, None)  # re-inserted last: dicts keep order
+                self.failures[key] = times
+            while len(self.failures) > self.REMEMBERED:
+                del self.failures[next(iter(self.failures))]
+
+    def forget(self, key):
+        with self.lock:
+            self.failures.pop(key, None)
+
+
 class Signer:
     """HMAC-SHA256 over a JSON payload: the coordinator's tokens and blob URLs."""
 
@@ -3823,6 +3895,7 @@ class Coordinator:
         self.stopping = threading.Event()
         self.public_url = settings.public_url  # run_coordinator sets the bound one if None
         self.run_id = b64(os.urandom(12))  # local workers' tokens are valid for this run only
+        self.passwords = PasswordGuard()
         self.store.forgive_silence()
         self.dashboard = DashboardViews(self)
 
@@ -3921,10 +3994,13 @@ class Coordinator:
         name = field(body, "username", a_str)
         md5 = field(body, "md5_password", md5_bytes)
         retain = field(body, "retain", a_bool, False)
+        keys = (("user", name), ("address", req.peer[0] if req.peer else None))
+        self.passwords.check(keys)
         user = self.store.user(name)
-        if user is None or not hmac.compare_digest(hash_password(md5, user["salt"]),
-                                                   user["password"]):
+        if not self.passwords.verify(md5, user):
+            self.passwords.failed(keys)
             raise HttpError(401, "wrong username or password")
+        self.passwords.forget(("user", name))
         if user["state"] != "Active":
             raise forbidden(f"user {name} is {user['state']}")
         if not retain:
@@ -3946,13 +4022,17 @@ class Coordinator:
         user = self.store.user(username)
         if user is None:
             raise not_found(f"user {username}")
-        if not hmac.compare_digest(hash_password(old, user["salt"]), user["password"]):
+        keys = (("user", username),)
+        self.passwords.check(keys)
+        if not self.passwords.verify(old, user):
+            self.passwords.failed(keys)
             raise forbidden("wrong old password")
         return {"token": self.user_token(self.set_password(username, new))}
 
     def set_password(self, username, md5):
         salt = os.urandom(16)
-        return self.store.update_user(username, password=hash_password(md5, salt), salt=salt)
+        return self.store.update_user(username, password=self.passwords.hash(md5, salt),
+                                      salt=salt)
 
     def my_groups(self, req):
         return {"groups": role_names(self.store.user_groups(req.user["id"]))}
@@ -4585,7 +4665,7 @@ class Coordinator:
         name = field(body, "username", a_name)
         md5 = field(body, "md5_password", md5_bytes)
         salt = os.urandom(16)
-        self.store.create_user(name, hash_password(md5, salt), salt,
+        self.store.create_user(name, self.passwords.hash(md5, salt), salt,
                                field(body, "admin", a_bool, False))
 
     def existing_user(self, username):
