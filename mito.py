@@ -17,6 +17,7 @@ Client, and the command line.
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -32,6 +33,7 @@ import json
 import logging
 import logging.handlers
 import math
+import operator
 import os
 import random
 import re
@@ -1876,6 +1878,9 @@ COORDINATOR_OPTIONS = (
     Option("tls_cert", "path", None, ("--tls-cert",),
            "Serve HTTPS with this certificate (PEM; with --tls-key)"),
     Option("tls_key", "path", None, ("--tls-key",), "The private key of --tls-cert (PEM)"),
+    Option("metrics_public", "bool", False, ("--metrics-public",),
+           "Serve GET /metrics without a token (for a Prometheus scraper on a trusted "
+           "network; by default it needs an admin's token)"),
 )
 
 READ, WRITE, ADMIN = 1, 2, 3
@@ -1892,11 +1897,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 class HttpError(Exception):
-    """An API answer other than 200: status and the `msg` of its JSON body."""
+    """An API answer other than 200: status and the `msg` of its JSON body (and any
+    header the status calls for, such as the `Allow` of a 405)."""
 
-    def __init__(self, status, msg):
+    def __init__(self, status, msg, headers=None):
         super().__init__(msg)
-        self.status, self.msg = status, msg
+        self.status, self.msg, self.headers = status, msg, headers or {}
 
 
 def not_found(what):
@@ -2178,6 +2184,16 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
+    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
+    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    """
+    CREATE TABLE task_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
+        at REAL NOT NULL, worker TEXT);
+    CREATE INDEX task_events_task ON task_events (task_id, id);
+    CREATE INDEX task_events_at ON task_events (at);
+    CREATE INDEX tasks_group_state ON tasks (group_id, state);
+    """,
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -2188,6 +2204,32 @@ _TAG_RULES = {
     "task-subset": "NOT EXISTS (SELECT 1 FROM json_each(t.tags) x WHERE x.value NOT IN "
                    "(SELECT value FROM json_each(:tags)))",
 }
+
+
+class RowCache:
+    """Rows read on every request (the caller's user or worker row), kept in memory.
+    Store.invalidate_auth_cache() empties it on every write that changes them; a row
+    read while such a write happened is not kept (the generation moved on)."""
+
+    def __init__(self):
+        self.rows = {}
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def get(self, key, load):
+        row = self.rows.get(key)
+        if row is None:
+            generation = self.generation
+            row = load()
+            with self.lock:
+                if row is not None and generation == self.generation:
+                    self.rows[key] = row
+        return row
+
+    def clear(self):
+        with self.lock:
+            self.generation += 1
+            self.rows.clear()
 
 
 class Store:
@@ -2202,6 +2244,7 @@ class Store:
         self._write_lock = threading.Lock()
         self.changed = threading.Condition()
         self.generation = 0
+        self.auth_rows = RowCache()
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -2244,6 +2287,30 @@ class Store:
         with self.changed:
             self.generation += 1
             self.changed.notify_all()
+
+    @staticmethod
+    def _record(db, task_ids, event, worker=None):
+        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
+        the history of tasks, inside the transaction that made it happen."""
+        now = time.time()
+        db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
+                       [(task_id, event, now, worker) for task_id in task_ids])
+
+    # -- the rows authentication reads, cached
+
+    def auth_user(self, username):
+        """The user row by name, from memory: for authentication, on every request."""
+        return self.auth_rows.get(("user", username), lambda: self.user(username))
+
+    def auth_worker(self, worker_uuid):
+        """The worker row by uuid, from memory; its task_id and last_heartbeat may be
+        stale (read them with worker())."""
+        return self.auth_rows.get(("worker", worker_uuid), lambda: self.worker(worker_uuid))
+
+    def invalidate_auth_cache(self):
+        """Call after every write that changes a user (state, password, sign, admin,
+        quota) or a worker (state, tags, deletion): the next request re-reads them."""
+        self.auth_rows.clear()
 
     # -- users and groups
 
@@ -2295,6 +2362,7 @@ class Store:
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
+        self.invalidate_auth_cache()
         return self.user(username)
 
     def group(self, name):
@@ -2353,6 +2421,9 @@ class Store:
                            [(group_id, worker_id, role) for group_id, role in group_roles.items()])
         return worker_uuid
 
+    def worker_by_id(self, worker_id):
+        return self.one("SELECT * FROM workers WHERE id = ?", worker_id)
+
     def worker_groups(self, worker_id):
         return {row["name"]: row["role"] for row in self.all(
             "SELECT g.name, gw.role FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
@@ -2379,6 +2450,7 @@ class Store:
         with self.write() as db:
             db.execute(f"UPDATE workers SET {columns}, updated_at = :now WHERE id = :id",
                        {**changes, "now": time.time(), "id": worker_id})
+        self.invalidate_auth_cache()
         self.wake_fetchers()
 
     def set_worker_groups(self, worker_id, group_roles):
@@ -2400,6 +2472,7 @@ class Store:
                 self._requeue(db, worker_id)
                 db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
                 db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        self.invalidate_auth_cache()
         self.wake_fetchers()
 
     def _requeue(self, db, worker_id):
@@ -2409,6 +2482,7 @@ class Store:
         for task in held:
             db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = NULL, "
                        "updated_at = ? WHERE id = ?", (time.time(), task["id"]))
+            self._record(db, [task["id"]], "Requeued")
             # what the abandoned run submitted downstream would be submitted twice
             db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
                        (task["uuid"],))
@@ -2422,6 +2496,7 @@ class Store:
         with self.write() as db:
             db.executemany("UPDATE workers SET state = 'GracefulShutdown' WHERE id = ?",
                            [(worker_id,) for worker_id in busy])
+        self.invalidate_auth_cache()
         self.remove_workers([row["id"] for row in rows if row["id"] not in busy])
 
     def query_workers(self, visible_to, filters, group_id=None):
@@ -2484,6 +2559,7 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
+            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
@@ -2509,6 +2585,7 @@ class Store:
             if row is not None:
                 db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
                            "WHERE id = ?", (worker["id"], time.time(), row["id"]))
+                self._record(db, [row["id"]], "Started", worker["uuid"])
             db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
                        (row and row["id"], worker["id"]))
         if requeued:
@@ -2533,9 +2610,11 @@ class Store:
                        "worker_id = NULL, updated_at = ? WHERE id = ?",
                        (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
             db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
+            self._record(db, [task["id"]], state, worker["uuid"])
             released = db.execute("UPDATE tasks SET state = 'Ready', updated_at = ? "
-                                  "WHERE upstream = ? AND state = 'Pending'",
-                                  (time.time(), task["uuid"])).rowcount
+                                  "WHERE upstream = ? AND state = 'Pending' RETURNING id",
+                                  (time.time(), task["uuid"])).fetchall()
+            self._record(db, [row["id"] for row in released], "Released")
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         elif released:
@@ -2554,10 +2633,12 @@ class Store:
         """Archive not-yet-running tasks as cancelled by their user; returns how many."""
         result = json.dumps({"exit_status": 0, "msg": "UserCancellation"})
         with self.write() as db:
-            return sum(db.execute(
+            cancelled = [task_id for task_id in task_ids if db.execute(
                 "UPDATE tasks SET state = 'Cancelled', result = ?, committed = 1, "
                 "updated_at = ? WHERE id = ? AND state IN ('Ready', 'Pending')",
-                (result, time.time(), task_id)).rowcount for task_id in task_ids)
+                (result, time.time(), task_id)).rowcount]
+            self._record(db, cancelled, "Cancelled")
+        return len(cancelled)
 
     def query_tasks(self, filters, group_ids, count=False):
         """Tasks of the groups `group_ids` (None: all) that match `filters`."""
@@ -2646,6 +2727,93 @@ class Store:
             db.execute("UPDATE groups SET storage_used = MAX(0, storage_used - ?) WHERE id = ?",
                        (old["size"], group_id))
             return True
+
+    # -- what the dashboard, `client status` and /metrics read (groups None: all)
+
+    @staticmethod
+    def _in_groups(column, group_ids):
+        if group_ids is None:
+            return "1=1"
+        return f"{column} IN ({','.join(str(int(g)) for g in group_ids) or 'NULL'})"
+
+    def user_group_ids(self, user_id):
+        return [row[0] for row in self.all("SELECT group_id FROM user_groups WHERE user_id = ?",
+                                           user_id)]
+
+    def group_names(self, group_ids):
+        return [row[0] for row in self.all(
+            f"SELECT name FROM groups WHERE {self._in_groups('id', group_ids)} ORDER BY name")]
+
+    def task_counts(self, group_ids):
+        """[(group name, state, count)], from the (group_id, state) index."""
+        return self.all(
+            "SELECT g.name AS group_name, c.state, c.n FROM (SELECT group_id, state, "
+            "COUNT(*) AS n FROM tasks WHERE "
+            f"{self._in_groups('group_id', group_ids)} GROUP BY group_id, state) c "
+            "JOIN groups g ON g.id = c.group_id ORDER BY g.name, c.state")
+
+    def running_tasks(self, group_ids, limit=100):
+        """Running tasks, longest running first, with when they started and on which worker."""
+        return self.all(
+            "SELECT t.uuid, g.name AS group_name, t.spec, w.uuid AS worker, "
+            "(SELECT MAX(at) FROM task_events e WHERE e.task_id = t.id AND e.event = 'Started') "
+            "AS started_at FROM tasks t JOIN groups g ON g.id = t.group_id "
+            "LEFT JOIN workers w ON w.id = t.worker_id WHERE t.state = 'Running' AND "
+            f"{self._in_groups('t.group_id', group_ids)} ORDER BY started_at, t.id LIMIT ?",
+            limit)
+
+    def ended_per_minute(self, since, group_ids):
+        """{minute index since `since`: tasks that ended in it}."""
+        return {row[0]: row[1] for row in self.all(
+            "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) FROM task_events e "
+            "JOIN tasks t ON t.id = e.task_id WHERE e.at >= ? AND e.event IN "
+            f"('Finished', 'Cancelled') AND {self._in_groups('t.group_id', group_ids)} "
+            "GROUP BY minute", since, since)}
+
+    def recent_failures(self, group_ids, limit=10):
+        """The last tasks that ended with a non-zero exit or a failure message (a user's
+        cancellation is no failure)."""
+        return self.all(
+            "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
+            "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
+            "g.id = t.group_id WHERE e.event IN ('Finished', 'Cancelled') AND "
+            "(json_extract(t.result, '$.exit_status') != 0 OR "
+            "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != 'UserCancellation')"
+            f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?", limit)
+
+    def oldest_ready(self, group_ids):
+        return self.one(
+            "SELECT t.*, g.name AS group_name FROM tasks t JOIN groups g ON g.id = t.group_id "
+            f"WHERE t.state = 'Ready' AND {self._in_groups('t.group_id', group_ids)} "
+            "ORDER BY t.id LIMIT 1")
+
+    def candidates(self, task):
+        """(workers serving the task's group with Write, those whose tags also match,
+        those of them that are idle): why a Ready task waits."""
+        rule = self.tag_rule.replace(":tags", "wk.tags")  # the claim rule, per worker
+        row = self.one(
+            "SELECT COUNT(*), COALESCE(SUM(matches), 0), COALESCE(SUM(matches AND idle), 0) "
+            f"FROM (SELECT ({rule}) AS matches, wk.task_id IS NULL AS idle FROM workers wk "
+            "JOIN group_workers gw ON gw.worker_id = wk.id JOIN tasks t ON t.id = ? "
+            "WHERE gw.group_id = t.group_id AND gw.role >= 2)", task["id"])
+        return tuple(row)
+
+    def task_history(self, task_id):
+        return self.all("SELECT event, at, worker FROM task_events WHERE task_id = ? "
+                        "ORDER BY id", task_id)
+
+    def last_event_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def events_after(self, event_id, limit=10000):
+        """Events newer than `event_id`, with their task's creation time and result."""
+        return self.all(
+            "SELECT e.id, e.event, e.at, t.created_at, t.result FROM task_events e "
+            "JOIN tasks t ON t.id = e.task_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
+            event_id, limit)
+
+    def blob_bytes(self):
+        return self.one("SELECT COALESCE(SUM(storage_used), 0) FROM groups")[0]
 
 
 # ---- secrets, passwords, tokens and signed URLs --------------------------------------------
@@ -2898,19 +3066,31 @@ class Answer:
     headers: dict = dataclasses.field(default_factory=dict)
     text: str = None
     file: str = None
+    content_type: str = None    # of `text`: text/plain unless said (the dashboard's page)
 
 
 # ---- the rules and the handlers -----------------------------------------------------------
 
 
 class Request:
-    """One API request as the handlers see it."""
+    """One API request as the handlers see it: what the network layer parsed (method,
+    path, query, headers under lower-case names), where it came from, and its JSON body
+    once read. Blob routes read their body themselves from `body_stream`."""
 
-    def __init__(self, handler, url, params):
-        self.handler, self.params = handler, params
+    def __init__(self, method, target, headers, peer=None, scheme="http",
+                 local_address=("127.0.0.1", 0)):
+        url = urllib.parse.urlsplit(target)
+        self.method, self.path, self.headers = method, url.path, headers
         self.query = urllib.parse.parse_qs(url.query)
+        self.peer, self.scheme, self.local_address = peer, scheme, local_address
+        self.params = {}
+        self.body_stream = None
+        self.body_consumed = False
         self.user = self.worker = None
         self.data = None
+
+    def header(self, name):
+        return self.headers.get(name.lower())
 
     def body(self):
         """The JSON body, which must be an object."""
@@ -2928,9 +3108,8 @@ class Request:
             raise HttpError(400, f"bad query parameter {name!r}: {error}") from None
 
     def base_url(self):
-        scheme = "https" if isinstance(self.handler.connection, ssl.SSLSocket) else "http"
-        host = self.handler.headers.get("Host") or "%s:%d" % self.handler.server.server_address[:2]
-        return f"{scheme}://{host}"
+        host = self.header("Host") or "%s:%d" % self.local_address[:2]
+        return f"{self.scheme}://{host}"
 
 
 def path_uuid(text):
@@ -2961,6 +3140,7 @@ class Coordinator:
         self.outputs = TaskOutputs()
         self.stopping = threading.Event()
         self.store.forgive_silence()
+        self.dashboard = DashboardViews(self)
 
     # -- first start
 
@@ -2994,17 +3174,18 @@ class Coordinator:
     # -- authentication and roles
 
     def authenticate(self, req, kind):
-        header = req.handler.headers.get("Authorization") or ""
+        header = req.header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         payload = self.signer.read(token.strip()) if scheme.lower() == "bearer" else None
         if payload is None:
             raise HttpError(401, "invalid or expired token" if header else "missing token")
         if kind == "worker":
-            req.worker = payload.get("k") == "worker" and self.store.worker(payload.get("sub"))
+            req.worker = (payload.get("k") == "worker"
+                          and self.store.auth_worker(payload.get("sub")))
             if not req.worker:
                 raise HttpError(401, "this worker is not registered (or was shut down)")
             return
-        user = payload.get("k") == "user" and self.store.user(payload.get("sub"))
+        user = payload.get("k") == "user" and self.store.auth_user(payload.get("sub"))
         if not user or user["sign"] != payload.get("sign"):
             raise HttpError(401, "invalid token: log in again")
         if user["state"] != "Active":
@@ -3618,15 +3799,15 @@ class Coordinator:
 
     def blob_put(self, req, token):
         grant = self.blobs.grant(token, "PUT")
-        length = req.handler.headers.get("Content-Length")
+        length = req.header("Content-Length")
         if length is None or not length.isdigit():
             raise HttpError(411, "Content-Length required")
         if int(length) != grant["n"]:
             raise HttpError(400, f"Content-Length {length} differs from the announced "
                                  f"{grant['n']}")
         kind, owner, name = grant["r"]
-        self.blobs.receive(req.handler.rfile, int(length), self.blobs.path(grant["r"]))
-        req.handler.body_read = True
+        self.blobs.receive(req.body_stream, int(length), self.blobs.path(grant["r"]))
+        req.body_consumed = True
         if kind == "artifact":
             keys = {"task_uuid": owner, "kind": name}
         else:
@@ -3745,10 +3926,14 @@ def a_user_state(value):
 
 # ---- the routing table --------------------------------------------------------------------
 # (method, path, handler, who may call: None = anyone, "user", "admin", "worker", or
-# "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself)
+# "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself).
+# A handler is a Coordinator method, or one of a family it holds ("dashboard.status").
 
 ROUTES = [
     ("GET", "/health", "health", None),
+    ("GET", "/status", "dashboard.status", "user"),
+    ("GET", "/metrics", "dashboard.metrics", None),
+    ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
     ("POST", "/login", "login", None),
     ("GET", "/auth", "auth", "user"),
     ("GET", "/redis", "redis", "user"),
@@ -3818,28 +4003,99 @@ ROUTES = [
 ]
 
 
-def compile_route(path):
-    pattern = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.+)", path)
-    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+# Methods a route could have: any other is 501 Not Implemented (RFC 9110 §15.6.2).
+API_METHODS = ("GET", "POST", "PUT", "DELETE")
 
 
-_COMPILED_ROUTES = [(method, compile_route(path), name, auth)
-                    for method, path, name, auth in ROUTES]
+class Router:
+    """Method and path -> (handler name, auth, params), from ROUTES. Paths without
+    parameters are one dict lookup; the others try only the regexes of routes under
+    the same first path segment, in table order (as bottle's Router tries its static
+    dict first)."""
+
+    def __init__(self, routes):
+        self.literal = {}   # path -> {method: (name, auth)}
+        self.patterns = {}  # first segment -> [(regex, method, name, auth)]
+        for method, path, name, auth in routes:
+            if "{" not in path:
+                self.literal.setdefault(path, {})[method] = (name, auth)
+            else:
+                self.patterns.setdefault(self.segment(path), []).append(
+                    (self.compile(path), method, name, auth))
+
+    @staticmethod
+    def segment(path):
+        return path.split("/", 2)[1]
+
+    @staticmethod
+    def compile(path):
+        pattern = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.+)", path)
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+    def match(self, method, path):
+        """(handler name, auth, params); HttpError 404, 405 (with Allow) or 501."""
+        allowed = dict(self.literal.get(path, {}))
+        if method in allowed:
+            return (*allowed[method], {})
+        for pattern, route_method, name, auth in self.patterns.get(self.segment(path), ()):
+            found = pattern.match(path)
+            if found and route_method == method:
+                return name, auth, {k: urllib.parse.unquote(v)
+                                    for k, v in found.groupdict().items()}
+            if found:
+                allowed.setdefault(route_method, None)
+        if allowed:
+            methods = ", ".join(m for m in API_METHODS if m in allowed)
+            raise HttpError(405, f"method {method} not allowed on {path} (allowed: {methods})",
+                            {"Allow": methods})
+        if method not in API_METHODS:
+            raise HttpError(501, f"method {method} is not implemented")
+        raise HttpError(404, f"no such endpoint: {method} {path}")
 
 
-def match_route(method, path):
-    """(handler name, auth, params) for a request, or HttpError 404/405."""
-    allowed = False
-    for route_method, pattern, name, auth in _COMPILED_ROUTES:
-        match = pattern.match(path)
-        if match:
-            if route_method == method:
-                return name, auth, {k: urllib.parse.unquote(v) for k, v in
-                                    match.groupdict().items()}
-            allowed = True
-    if allowed:
-        raise HttpError(405, f"method {method} not allowed on {path}")
-    raise HttpError(404, f"no such endpoint: {method} {path}")
+ROUTER = Router(ROUTES)
+
+
+def parse_json_body(data):
+    """A request's JSON body, or None when it is empty. A lone surrogate (\\ud800, or
+    its raw UTF-8 bytes) is refused here, once for every route, naming where it is:
+    no handler or SQLite call then meets a string that cannot be encoded."""
+    if not data.strip():
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise HttpError(400, f"malformed JSON body: {str(error)[:200]}") from None
+    if b"\\u" in data or b"\xed" in data:
+        try:
+            where = find_lone_surrogate(value, "$")
+        except RecursionError:
+            raise HttpError(400, "malformed JSON body: nested too deeply") from None
+        if where:
+            raise HttpError(400, f"malformed JSON body: a lone surrogate in the string at "
+                                 f"{where}")
+    return value
+
+
+def find_lone_surrogate(value, where):
+    """The JSON path of the first string (or key) holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = find_lone_surrogate(item, f"{where}[{index}]")
+            if found:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = (find_lone_surrogate(key, f"{where} (a key)")
+                     or find_lone_surrogate(item, f"{where}.{key}"))
+            if found:
+                return found
+    return None
 
 
 # ---- the HTTP server ----------------------------------------------------------------------
@@ -3854,28 +4110,38 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms stalls
 
     def do_request(self):
-        self.body_read = False
+        self.req, self.route, started = None, "unmatched", time.perf_counter()
         try:
             answer = self.server.coordinator_dispatch(self)
         except HttpError as error:
-            answer = Answer(error.status, {"msg": error.msg})
+            answer = Answer(error.status, {"msg": error.msg}, error.headers)
         except Exception as error:  # a bug: answer 500 with msg, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
             answer = Answer(500, {"msg": f"internal error: {type(error).__name__}"})
-        if not self.body_read and int(self.headers.get("Content-Length") or 0):
+        if not (self.req and self.req.body_consumed) and self.headers.get("Content-Length",
+                                                                           "0") != "0":
             self.close_connection = True  # the unread body would poison the connection
         self.send_answer(answer if isinstance(answer, Answer) else Answer(body=answer))
+        self.server.coordinator.dashboard.metrics_of.observe_request(self.route, started)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_request
+    def __getattr__(self, name):
+        if name.startswith("do_"):  # every method goes to the router: 405 or 501 there
+            return self.do_request
+        raise AttributeError(name)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, HTTP/2...) in JSON too."""
+        self.close_connection = True
+        self.send_answer(Answer(code, {"msg": message or explain or "bad request"}))
 
     def read_json(self):
         """The request's JSON body (None when it has none)."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise HttpError(411, "Content-Length required")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise HttpError(400, "bad Content-Length") from None
+        length = self.headers.get("Content-Length") or "0"
+        if not re.fullmatch(r"[0-9]{1,18}", length):
+            raise HttpError(400, f"bad Content-Length {length!r}")
+        length = int(length)
         if length > JSON_BODY_LIMIT:
             if length <= DRAIN_LIMIT:  # read it, so that the client hears the answer
                 remaining = length
@@ -3884,16 +4150,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     if not chunk:
                         break
                     remaining -= len(chunk)
-                self.body_read = remaining == 0
+                self.req.body_consumed = remaining == 0
             raise HttpError(413, f"body of {length} bytes is over the {JSON_BODY_LIMIT} limit")
         data = self.rfile.read(length) if length > 0 else b""
-        self.body_read = True
-        if not data.strip():
-            return None
-        try:
-            return json.loads(data)
-        except (ValueError, RecursionError) as error:
-            raise HttpError(400, f"malformed JSON body: {str(error)[:200]}") from None
+        self.req.body_consumed = True
+        return parse_json_body(data)
 
     def send_answer(self, answer):
         if answer.file is not None:
@@ -3906,7 +4167,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 shutil.copyfileobj(handle, self.wfile, 1 << 16)
             return
         if answer.text is not None:
-            payload, content_type = answer.text.encode(), "text/plain; charset=utf-8"
+            payload = answer.text.encode()
+            content_type = answer.content_type or "text/plain; charset=utf-8"
         else:
             payload, content_type = json.dumps(answer.body).encode(), "application/json"
         self.send_response(answer.status)
@@ -3950,14 +4212,18 @@ class ApiServer(http.server.ThreadingHTTPServer):
 
     def coordinator_dispatch(self, handler):
         """Route, read the body, authenticate, then call the handler."""
-        url = urllib.parse.urlsplit(handler.path)
-        name, auth, params = match_route(handler.command, url.path)
-        req = Request(handler, url, params)
+        scheme = "https" if isinstance(handler.connection, ssl.SSLSocket) else "http"
+        req = handler.req = Request(handler.command, handler.path,
+                                    {k.lower(): v for k, v in handler.headers.items()},
+                                    handler.client_address, scheme, self.server_address)
+        name, auth, req.params = ROUTER.match(req.method, req.path)
+        req.body_stream = handler.rfile
         if auth != "blob":
             req.data = handler.read_json()
         if auth in ("user", "admin", "worker"):
             self.coordinator.authenticate(req, auth)
-        return getattr(self.coordinator, name)(req, **params)
+        handler.route = name
+        return operator.attrgetter(name)(self.coordinator)(req, **req.params)
 
 
 def local_worker_command(url, credentials, ca_cert):
@@ -4036,6 +4302,282 @@ def stop_children(children, patience=15.0):
             child.kill()
             child.wait()
 
+
+# =====================================================================================
+# 4b. Dashboard: what the system is doing, for people (a page) and machines (/metrics)
+# =====================================================================================
+# Store (task_events, counts) -> DashboardViews (JSON: /status, a task's history and
+# output) -> the page's script and `client status`; Metrics -> GET /metrics as
+# Prometheus text. No SQL here (the Store's), no HTML outside DashboardPage.
+
+STALE_FRACTION = 2 / 3      # silent this part of --heartbeat-timeout: a worker is "stale"
+THROUGHPUT_WINDOW = 3600    # the overview's chart: tasks ended per minute, last hour
+OUTPUT_TAIL = 4096          # bytes of stdout/stderr shown on a finished task's page
+TAIL_ARCHIVE_LIMIT = 8 << 20  # a larger std-log archive is not unpacked on a request
+
+
+def outcome_of(result):
+    """A finished task's outcome label: its result message, else success/failure."""
+    result = result if isinstance(result, dict) else json.loads(result or "null") or {}
+    if result.get("msg"):
+        return result["msg"]
+    return "success" if result.get("exit_status") == 0 else "failure"
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, bounds):
+        self.bounds, self.counts = bounds, [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name, labels=""):
+        """The _bucket, _sum and _count samples; `labels` is 'k="v",' or empty."""
+        out, total = [], 0
+        for bound, count in zip([*map(prometheus_number, self.bounds), "+Inf"], self.counts):
+            total += count
+            out.append(f'{name}_bucket{{{labels}le="{bound}"}} {total}')
+        braces = f"{{{labels.rstrip(',')}}}" if labels else ""
+        out += [f"{name}_sum{braces} {prometheus_number(self.sum)}",
+                f"{name}_count{braces} {total}"]
+        return out
+
+
+def prometheus_number(value):
+    return repr(float(value)) if isinstance(value, float) and not value.is_integer() \
+        else str(int(value))
+
+
+def prometheus_label(value):
+    """A label value escaped as the text format requires: backslash, quote, newline."""
+    return str(value).replace("\\", r"\\").replace('"', r'\"').replace("\n", r"\n")
+
+
+class Metrics:
+    """GET /metrics in the Prometheus text format (version 0.0.4). Counters and
+    histograms count since this coordinator started: request durations as requests end,
+    task events by reading the Store's history on from where the last scrape stopped,
+    so a scrape costs what happened since the last one. Gauges are read at each scrape.
+    `lock` guards the counts: requests end on many threads."""
+
+    LATENCY_BOUNDS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+    REQUEST_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30)
+
+    def __init__(self, store):
+        self.store, self.lock = store, threading.Lock()
+        self.last_event = store.last_event_id()
+        self.submitted, self.ended = 0, {}
+        self.latency = Histogram(self.LATENCY_BOUNDS)
+        self.requests = {}
+
+    def observe_request(self, route, started):
+        """The network layer calls this once a request is answered (`started` is its
+        time.perf_counter() on arrival); `route` names the handler, or "unmatched"."""
+        with self.lock:
+            histogram = self.requests.get(route)
+            if histogram is None:
+                histogram = self.requests[route] = Histogram(self.REQUEST_BOUNDS)
+            histogram.observe(time.perf_counter() - started)
+
+    def catch_up(self):
+        """Count the task events since the last scrape."""
+        while True:
+            events = self.store.events_after(self.last_event)
+            for event in events:
+                if event["event"] == "Submitted":
+                    self.submitted += 1
+                elif event["event"] == "Started":
+                    self.latency.observe(max(0.0, event["at"] - event["created_at"]))
+                elif event["event"] in ("Finished", "Cancelled"):
+                    outcome = outcome_of(event["result"])
+                    self.ended[outcome] = self.ended.get(outcome, 0) + 1
+                self.last_event = event["id"]
+            if len(events) < 10000:
+                return
+
+    def text(self, stale_before):
+        with self.lock:
+            self.catch_up()
+            lines = self.task_lines() + self.worker_lines(stale_before)
+            lines += ["# HELP mito_http_request_duration_seconds Time to answer a request, "
+                      "by handler.", "# TYPE mito_http_request_duration_seconds histogram"]
+            for route, histogram in sorted(self.requests.items()):
+                lines += histogram.lines("mito_http_request_duration_seconds",
+                                         f'handler="{prometheus_label(route)}",')
+        lines += ["# HELP mito_blob_bytes Bytes of artifacts and attachments stored.",
+                  "# TYPE mito_blob_bytes gauge", f"mito_blob_bytes {self.store.blob_bytes()}"]
+        return "\n".join(lines) + "\n"
+
+    def task_lines(self):
+        lines = ["# HELP mito_tasks Tasks by state and group.", "# TYPE mito_tasks gauge"]
+        lines += [f'mito_tasks{{group="{prometheus_label(row["group_name"])}",'
+                  f'state="{row["state"]}"}} {row["n"]}' for row in self.store.task_counts(None)]
+        lines += ["# HELP mito_tasks_submitted_total Tasks submitted since the start.",
+                  "# TYPE mito_tasks_submitted_total counter",
+                  f"mito_tasks_submitted_total {self.submitted}",
+                  "# HELP mito_tasks_ended_total Tasks ended since the start, by outcome "
+                  "(success, failure, or the result message).",
+                  "# TYPE mito_tasks_ended_total counter"]
+        lines += [f'mito_tasks_ended_total{{outcome="{prometheus_label(outcome)}"}} {count}'
+                  for outcome, count in sorted(self.ended.items())]
+        lines += ["# HELP mito_task_start_latency_seconds From submission to start.",
+                  "# TYPE mito_task_start_latency_seconds histogram"]
+        return lines + self.latency.lines("mito_task_start_latency_seconds")
+
+    def worker_lines(self, stale_before):
+        counts = dict.fromkeys(("busy", "idle", "stale"), 0)
+        for row in self.store.query_workers(None, worker_filter({})):
+            counts[worker_activity(row, stale_before)] += 1
+        return ["# HELP mito_workers Workers by activity.", "# TYPE mito_workers gauge",
+                *(f'mito_workers{{state="{name}"}} {count}' for name, count in counts.items())]
+
+
+def worker_activity(row, stale_before):
+    """busy, idle, or stale (silent for long: it may be gone)."""
+    if row["last_heartbeat"] < stale_before:
+        return "stale"
+    return "idle" if row["task_id"] is None else "busy"
+
+
+class DashboardViews:
+    """The JSON behind the dashboard page and `client status`: what one user may see of
+    the whole system (admins: everything; others: their groups and workers), from Store
+    methods. Routes reach it as "dashboard.<method>"."""
+
+    def __init__(self, coordinator):
+        self.coordinator, self.store = coordinator, coordinator.store
+        self.metrics_of = Metrics(self.store)
+
+    def visible_groups(self, user):
+        return None if user["admin"] else self.store.user_group_ids(user["id"])
+
+    def stale_before(self, now):
+        return now - self.coordinator.settings.heartbeat_timeout * STALE_FRACTION
+
+    def metrics(self, req):
+        if not self.coordinator.settings.metrics_public:
+            self.coordinator.authenticate(req, "admin")
+        return Answer(text=self.metrics_of.text(self.stale_before(time.time())),
+                      content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def status(self, req):
+        """GET /status: queues, workers, running tasks, throughput, the oldest waiting
+        task and why it waits, recent failures."""
+        now, groups = time.time(), self.visible_groups(req.user)
+        by_state, by_group = {}, {}
+        for row in self.store.task_counts(groups):
+            by_state[row["state"]] = by_state.get(row["state"], 0) + row["n"]
+            by_group.setdefault(row["group_name"], {})[row["state"]] = row["n"]
+        return {"at": stamp(now), "admin": bool(req.user["admin"]),
+                "username": req.user["username"], "groups": self.store.group_names(groups),
+                "tasks": {"by_state": by_state, "by_group": by_group},
+                "workers": self.workers(req.user, now),
+                "running": [self.running_entry(row, now)
+                            for row in self.store.running_tasks(groups)],
+                "throughput": self.throughput(groups, now),
+                "oldest_waiting": self.oldest_waiting(groups, now),
+                "recent_failures": [self.failure_entry(row)
+                                    for row in self.store.recent_failures(groups)]}
+
+    def workers(self, user, now):
+        stale_before = self.stale_before(now)
+        rows = self.store.query_workers(None if user["admin"] else user["id"],
+                                        worker_filter({}))
+        listed = []
+        for row in rows:
+            entry = self.coordinator.worker_answer(row)
+            entry.update(activity=worker_activity(row, stale_before),
+                         groups=role_names(self.store.worker_groups(row["id"])),
+                         may_shutdown=bool(self.coordinator.may_manage(user, row, ADMIN)))
+            listed.append(entry)
+        counts = {name: sum(w["activity"] == name for w in listed)
+                  for name in ("busy", "idle", "stale")}
+        return {**counts, "stale_after_seconds": now - stale_before, "list": listed}
+
+    @staticmethod
+    def running_entry(row, now):
+        started = row["started_at"] or now
+        return {"uuid": row["uuid"], "group_name": row["group_name"], "worker": row["worker"],
+                "started_at": stamp(started), "age_seconds": round(now - started, 1),
+                "command": json.loads(row["spec"]).get("args", [])}
+
+    @staticmethod
+    def failure_entry(row):
+        result = json.loads(row["result"] or "null") or {}
+        return {"uuid": row["uuid"], "group_name": row["group_name"],
+                "exit_status": result.get("exit_status"), "msg": result.get("msg"),
+                "ended_at": stamp(row["ended_at"]), "worker": row["worker"],
+                "command": json.loads(row["spec"]).get("args", [])}
+
+    def throughput(self, groups, now):
+        since = now - THROUGHPUT_WINDOW
+        minutes = self.store.ended_per_minute(since, groups)
+        per_minute = [minutes.get(index, 0) for index in range(THROUGHPUT_WINDOW // 60)]
+        return {"last_minute": per_minute[-1], "last_hour": sum(per_minute),
+                "per_minute": per_minute}
+
+    def oldest_waiting(self, groups, now):
+        row = self.store.oldest_ready(groups)
+        if row is None:
+            return None
+        return {"uuid": row["uuid"], "group_name": row["group_name"],
+                "tags": json.loads(row["tags"]), "created_at": stamp(row["created_at"]),
+                "age_seconds": round(now - row["created_at"], 1), "why": self.why_waiting(row)}
+
+    def why_waiting(self, task):
+        """One sentence: what a Ready task waits for."""
+        serving, matching, idle = self.store.candidates(task)
+        group, tags = task["group_name"], json.loads(task["tags"])
+        if not serving:
+            return f"no worker serves group {group} (with the Write role)"
+        if not matching:
+            rule = self.coordinator.settings.tag_matching
+            return (f"none of the {serving} worker(s) serving group {group} has tags "
+                    f"matching the task's {tags or '(none)'} (rule: {rule})")
+        if not idle:
+            return f"all {matching} worker(s) that can take it are busy"
+        return f"{idle} idle worker(s) can take it: it goes at their next fetch"
+
+    def task(self, req, task):
+        """A task's history and the tail of its output (from its std-log artifact)."""
+        row = self.coordinator.task_of(req, task, READ)
+        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                   for e in self.store.task_history(row["id"])]
+        return {**self.coordinator.task_answer(row), "history": history,
+                "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
+
+    def running_worker(self, row):
+        if row["worker_id"] is None:
+            return row["reporter"]
+        worker = self.store.worker_by_id(row["worker_id"])
+        return worker and worker["uuid"]
+
+    def output_tail(self, task_uuid):
+        """{"stdout": ..., "stderr": ...}: the last OUTPUT_TAIL bytes of each, or None
+        without a std-log artifact (or one too large to unpack here)."""
+        artifact = self.store.artifact(task_uuid, "std-log")
+        if artifact is None or artifact["size"] > TAIL_ARCHIVE_LIMIT:
+            return None
+        tails = {}
+        try:
+            with tarfile.open(self.coordinator.blobs.path(("artifact", task_uuid,
+                                                           "std-log"))) as tar:
+                for name in ("stdout", "stderr"):
+                    with contextlib.suppress(KeyError):
+                        member = tar.getmember(f"std-log/{name}.log")
+                        if not member.isfile():
+                            continue
+                        handle = tar.extractfile(member)
+                        handle.seek(max(0, member.size - OUTPUT_TAIL))
+                        tails[name] = handle.read().decode(errors="replace")
+        except (OSError, tarfile.TarError) as error:
+            log.warning("cannot read std-log of %s: %s", task_uuid, error)
+            return None
+        return tails
 
 # =====================================================================================
 # 5. Client: `mito.py client ...`, every operation a Mitosis user needs
@@ -4967,6 +5509,54 @@ def cmd_admin_shutdown(client, args):
     print("the coordinator is shutting down")
 
 
+# ---- client status: the system on one terminal screen ------------------------------------
+
+STATUS_ROWS = 8     # running tasks and failures listed; the rest are counted
+
+
+def render_counts(counts):
+    order = {state: index for index, state in enumerate(TASK_STATES)}
+    return "  ".join(f"{state} {count}" for state, count in
+                     sorted(counts.items(), key=lambda item: order.get(item[0], 99))) or "none"
+
+
+def render_status(data):
+    tasks, workers = data["tasks"], data["workers"]
+    print(f"tasks      {render_counts(tasks['by_state'])}")
+    for group, counts in tasks["by_group"].items():
+        print(f"  {group:<16} {render_counts(counts)}")
+    print(f"workers    {workers['busy']} busy, {workers['idle']} idle, {workers['stale']} stale")
+    throughput = data["throughput"]
+    print(f"throughput {throughput['last_minute']} ended in the last minute, "
+          f"{throughput['last_hour']} in the last hour")
+    waiting = data["oldest_waiting"]
+    if waiting:
+        print(f"oldest waiting task {waiting['uuid']} (group {waiting['group_name']}, waiting "
+              f"{format_duration(int(waiting['age_seconds']))}): {waiting['why']}")
+    listed(f"running ({len(data['running'])})", ["UUID", "GROUP", "WORKER", "AGE", "COMMAND"],
+           [(r["uuid"], r["group_name"], r["worker"] or "-",
+             format_duration(int(r["age_seconds"])), shlex.join(r["command"])[:40])
+            for r in data["running"]])
+    listed("recent failures", ["UUID", "GROUP", "EXIT", "WHY", "ENDED"],
+           [(f["uuid"], f["group_name"], f["exit_status"], f["msg"] or "-",
+             human_age(f["ended_at"])) for f in data["recent_failures"]])
+
+
+def listed(title, headers, rows):
+    """A titled table of at most STATUS_ROWS rows, and how many more there are."""
+    if not rows:
+        return
+    print(f"{title}:")
+    print_table(headers, rows[:STATUS_ROWS])
+    if len(rows) > STATUS_ROWS:
+        print(f"... and {len(rows) - STATUS_ROWS} more")
+
+
+def cmd_status(client, args):
+    client.as_json = client.as_json or args.status_json
+    client.show(client.call("GET", "/status"), render_status)
+
+
 def add_task_filters(parser):
     parser.add_argument("--creators", nargs="*", action="extend", help="creators' usernames")
     parser.add_argument("-g", "--group", help="the group (default: your own)")
@@ -5000,6 +5590,10 @@ def add_client_commands(parser, required=True):
     uuid_arg = (("uuid",), {"help": "the uuid"})
     command(commands, "login", cmd_login, "Log in and keep the token")
     command(commands, "auth", cmd_auth, "Show who the stored token belongs to")
+    command(commands, "status", cmd_status, "The system at a glance: queues, workers, "
+            "running tasks, throughput, why the oldest waiting task waits",
+            (("--json",), {"action": "store_true", "dest": "status_json",
+                           "help": "Print the API's JSON"}))
 
     tasks = branch("tasks", "Submit, follow and manage tasks")
     command(
