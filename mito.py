@@ -4799,7 +4799,8 @@ class Client:
         self.http = Http(settings.coordinator_addr, ssl_context=client_ssl_context(settings))
         self.username = None
 
-    def login(self, force=False):
+    def login(self, force=False, patient=False):
+        """Log in (or take the stored token); `patient`: Unreachable passes, for call()."""
         s = self.settings
         try:
             self.username, self.http.token = login(self.http, s.user, s.password,
@@ -4808,16 +4809,18 @@ class Client:
         except ApiError as error:
             raise ClientError(f"login failed: {error.msg}") from None
         except (Unreachable, CertificateRefused) as error:
+            if patient and isinstance(error, Unreachable):
+                raise
             raise ClientError(f"cannot reach the coordinator: {error}") from None
 
     def call(self, method, path, payload=None, params=None, patient=False):
         """One API request. `patient` (waits): a coordinator that is restarting is
         waited for, saying so once, rather than an error."""
-        if self.http.token is None:
-            self.login()
         backoff, said = Backoff(cap=5.0), False
         while True:
             try:
+                if self.http.token is None:
+                    self.login(patient=patient)
                 return self.http.api(method, path, payload, params)
             except ApiError as error:
                 if not (patient and error.status in (502, 503, 504)):
@@ -4829,7 +4832,8 @@ class Client:
                     raise ClientError(f"cannot reach the coordinator: {error}") from None
                 problem = error
             if not said:
-                print(f"\rcoordinator unreachable ({problem}); retrying", file=sys.stderr)
+                clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # a status line
+                print(f"{clear}coordinator unreachable ({problem}); retrying", file=sys.stderr)
                 said = True
             backoff.sleep(None)
 
