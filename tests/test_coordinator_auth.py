@@ -10,7 +10,7 @@ from e2e import cluster, mito, module_cluster, raw_request, spec, status_of  # n
 
 FAKE_PARAMS = {"username": "nobody", "group": "nogroup", "key": "some/key",
                "worker": str(uuid.uuid4()), "task": str(uuid.uuid4()), "kind": "result",
-               "token": "not-a-token"}
+               "token": "not-a-token", "asset": "app.js"}
 
 
 def concrete(path):
@@ -20,7 +20,9 @@ def concrete(path):
     return path
 
 
-ROUTES = [(method, path, auth) for method, path, _, auth in mito.ROUTES]
+# GET /metrics is open to anyone only with --metrics-public: by default it takes an admin
+ROUTES = [(method, path, "admin" if path == "/metrics" else auth)
+          for method, path, _, auth in mito.ROUTES]
 ROUTE_IDS = [f"{method} {path}" for method, path, _ in ROUTES]
 
 
@@ -47,12 +49,14 @@ def call(c, method, path, token=None, body=None):
 @pytest.mark.parametrize("method, path, auth", ROUTES, ids=ROUTE_IDS)
 def test_route_without_token(world, method, path, auth):
     status = call(world, method, concrete(path))
-    if auth in ("user", "admin", "worker"):
+    if auth in ("user", "admin", "worker", "registrar"):
         assert status == 401
     elif auth == "blob":
         assert status == 403  # the URL is the credential; a bad one is refused
+    elif path == "/metrics":
+        assert status == 401  # admin only, unless the coordinator runs with --metrics-public
     else:
-        assert status in (200, 400)  # /health; /login without a body
+        assert status in (200, 400)  # /health, the dashboard's page; /login without a body
 
 
 @pytest.mark.parametrize("method, path, auth", ROUTES, ids=ROUTE_IDS)
@@ -60,7 +64,7 @@ def test_route_with_the_wrong_kind_of_token(world, method, path, auth):
     c = world
     user_token, worker_token = c.plain.token, c.worker_client.token
     garbage = user_token[:-4] + ("AAAA" if not user_token.endswith("AAAA") else "BBBB")
-    if auth in ("user", "admin"):
+    if auth in ("user", "admin", "registrar"):
         assert call(c, method, concrete(path), worker_token) == 401
         assert call(c, method, concrete(path), garbage) == 401
     if auth == "worker":

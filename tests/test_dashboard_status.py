@@ -111,15 +111,20 @@ def test_client_status_fits_a_screen_and_says_why(cluster):
     c = cluster(heartbeat_timeout="60s")
     c.user("alice")
     alice = c.login("alice", "pw")
+    failed = c.submit(alice, spec("false"), group="alice")
+    _, worker = c.register(alice, groups=["alice"])
+    c.finish(worker, c.fetch(worker), exit_status=3 << 8)
     waiting = c.submit(alice, spec("true"))
     args = ("client", "-c", c.url, "-u", "alice", "-p", "pw", "--credential-path",
             c.sandbox.root / "cred")
     shown = c.sandbox.run(*args, "status")
     assert shown.returncode == 0, shown.stderr
-    assert "Ready 1" in shown.stdout
-    assert "0 busy, 0 idle, 0 stale" in shown.stdout
+    assert "Ready 1  Finished 1" in shown.stdout
+    assert "0 busy, 1 idle, 0 stale" in shown.stdout
+    [failure] = [line for line in shown.stdout.splitlines() if line.startswith(failed)]
+    assert failure.split()[2] == "3"  # the exit code, as a shell shows it
     assert f"oldest waiting task {waiting}" in shown.stdout
-    assert "no worker serves group alice" in shown.stdout
+    assert "1 idle worker(s) can take it" in shown.stdout
     assert len(shown.stdout.splitlines()) <= 24
     as_json = c.sandbox.run(*args, "status", "--json")
     assert json.loads(as_json.stdout)["oldest_waiting"]["uuid"] == waiting
