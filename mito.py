@@ -6220,11 +6220,115 @@ def human_age(text):
             return f"{int(max(seconds, 0) // size)}{unit} ago"
 
 
-def print_table(headers, rows):
+def print_table(headers, rows, room=None):
+    """Columns two spaces apart; with `room` (a terminal's width), the widest columns
+    are narrowed until a row fits, their cut cells ending in "…"."""
     rows = [[str(cell) for cell in row] for row in rows]
     widths = [max([len(str(h))] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    if room is not None:
+        widths = fit_widths(widths, room)
     for row in [headers, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(clip(str(cell), width).ljust(width)
+                        for cell, width in zip(row, widths)).rstrip())
+
+
+MIN_COLUMN = 8  # a column narrowed to fit a terminal keeps at least this many characters
+
+
+def fit_widths(widths, room):
+    widths = list(widths)
+    excess = sum(widths) + 2 * (len(widths) - 1) - room
+    while excess > 0 and max(widths) > MIN_COLUMN:
+        widest = widths.index(max(widths))
+        widths[widest] -= 1
+        excess -= 1
+    return widths
+
+
+def clip(text, width):
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# ---- uuids on a terminal: shortened as git does, unique prefixes accepted ----------------
+
+SHORT_UUID = 8
+MIN_PREFIX = 4
+QUERY_PAGE = 1000
+
+
+def short_uuids(uuids):
+    """Each uuid -> its first SHORT_UUID characters, or more where another of `uuids`
+    shares them (git's abbreviated hashes)."""
+    ordered = sorted(set(uuids))
+    names = {}
+    for i, one in enumerate(ordered):
+        shared = max((len(os.path.commonprefix([one, ordered[j]]))
+                      for j in (i - 1, i + 1) if 0 <= j < len(ordered)), default=0)
+        names[one] = one[:max(SHORT_UUID, shared + 1)]
+    return names
+
+
+def full_uuid(text):
+    with contextlib.suppress(ValueError):
+        return str(uuidlib.UUID(text))
+    return None
+
+
+def uuid_prefix(text):
+    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): UsageError else."""
+    prefix = text.strip().lower()
+    if len(prefix.replace("-", "")) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f-]{1,36}", prefix):
+        raise UsageError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
+                         f"hex digits")
+    return prefix
+
+
+def one_match(text, candidates, what):
+    """The one uuid among `candidates` that starts with prefix `text`."""
+    found = sorted({c for c in candidates if c.startswith(text)})
+    if not found:
+        raise ClientError(f"no {what} uuid starts with {text}")
+    if len(found) > 1:
+        raise UsageError(f"{what} uuid prefix {text} is ambiguous: {', '.join(found)}")
+    return found[0]
+
+
+def resolve_task(client, text):
+    """A task's uuid from a unique prefix, looked up in the tasks of the user's groups."""
+    prefix = uuid_prefix(text)
+    if full_uuid(prefix):
+        return full_uuid(prefix)
+    candidates = []
+    for group in client.call("GET", "/users/groups")["groups"]:
+        offset = 0
+        while True:
+            page = client.call("POST", "/tasks/query", {"group_name": group, "limit": QUERY_PAGE,
+                                                        "offset": offset})["tasks"]
+            candidates += [task["uuid"] for task in page]
+            offset += len(page)
+            if len(page) < QUERY_PAGE:
+                break
+    return one_match(prefix, candidates, "task")
+
+
+def resolve_worker(client, text):
+    prefix = uuid_prefix(text)
+    if full_uuid(prefix):
+        return full_uuid(prefix)
+    workers = client.call("POST", "/workers/query", {})["workers"]
+    return one_match(prefix, [worker["worker_id"] for worker in workers], "worker")
+
+
+def resolve_uuid_args(client, args):
+    """Wherever a command takes task or worker uuids (`uuid`, `uuids`), a unique prefix
+    stands for the whole uuid."""
+    resolve = {"tasks": resolve_task, "workers": resolve_worker}.get(args.command)
+    if resolve is None:
+        return
+    if isinstance(getattr(args, "uuid", None), str):
+        args.uuid = resolve(client, args.uuid)
+    if getattr(args, "uuids", None):
+        args.uuids = [resolve(client, text) for text in args.uuids]
 
 
 def exit_code_of(raw_status):
@@ -6290,12 +6394,13 @@ def safe_extract(archive, folder):
 class Client:
     """The client's state: settings, a lazily logged-in HTTP client and output mode."""
 
-    def __init__(self, settings, as_json=False):
-        self.settings, self.as_json = settings, as_json
+    def __init__(self, settings, as_json=False, verbose=False):
+        self.settings, self.as_json, self.verbose = settings, as_json, verbose
         self.http = Http(settings.coordinator_addr, ssl_context=client_ssl_context(settings))
         self.username = None
 
-    def login(self, force=False):
+    def login(self, force=False, patient=False):
+        """Log in (or take the stored token); `patient`: Unreachable passes, for call()."""
         s = self.settings
         try:
             self.username, self.http.token = login(self.http, s.user, s.password,
@@ -6304,17 +6409,46 @@ class Client:
         except ApiError as error:
             raise ClientError(f"login failed: {error.msg}") from None
         except (Unreachable, CertificateRefused) as error:
+            if patient and isinstance(error, Unreachable):
+                raise
             raise ClientError(f"cannot reach the coordinator: {error}") from None
 
-    def call(self, method, path, payload=None, params=None):
-        if self.http.token is None:
-            self.login()
-        try:
-            return self.http.api(method, path, payload, params)
-        except ApiError as error:
-            raise ClientError(f"{method} {path} failed ({error.status}): {error.msg}") from None
-        except (Unreachable, CertificateRefused) as error:
-            raise ClientError(f"cannot reach the coordinator: {error}") from None
+    def call(self, method, path, payload=None, params=None, patient=False):
+        """One API request. `patient` (waits): a coordinator that is restarting is
+        waited for, saying so once, rather than an error."""
+        backoff, said = Backoff(cap=5.0), False
+        while True:
+            try:
+                if self.http.token is None:
+                    self.login(patient=patient)
+                return self.http.api(method, path, payload, params)
+            except ApiError as error:
+                if not (patient and error.status in (502, 503, 504)):
+                    raise ClientError(f"{method} {path} failed ({error.status}): "
+                                      f"{error.msg}") from None
+                problem = error.msg
+            except (Unreachable, CertificateRefused) as error:
+                if not patient or isinstance(error, CertificateRefused):
+                    raise ClientError(f"cannot reach the coordinator: {error}") from None
+                problem = error
+            if not said:
+                clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # a status line
+                print(f"{clear}coordinator unreachable ({problem}); retrying", file=sys.stderr)
+                said = True
+            backoff.sleep(None)
+
+    @property
+    def full_view(self):
+        """Full uuids and unclipped tables: --json, -v, or output that is not a terminal."""
+        return self.as_json or self.verbose or not sys.stdout.isatty()
+
+    def uuid_names(self, uuids):
+        uuids = [u for u in uuids if u]
+        return {u: u for u in uuids} if self.full_view else short_uuids(uuids)
+
+    def table(self, headers, rows):
+        room = None if self.full_view else shutil.get_terminal_size().columns
+        print_table(headers, rows, room)
 
     def show(self, data, render=None):
         if self.as_json or render is None:
@@ -6460,38 +6594,164 @@ def cmd_tasks_submit(client, args):
     if not args.wait:
         client.show(answer, lambda data: print(data["uuid"]))
         return 0
-    print(answer["uuid"], file=sys.stderr)
-    return wait_and_report(client, answer["uuid"], show_output=args.terminal)
+    return wait_and_report(client, answer["uuid"], wait_deadline(args.wait_timeout),
+                           show_output=args.terminal)
 
 
-def wait_for_task(client, task_uuid):
-    """Poll until the task has its result (archived): Finished or Cancelled."""
-    pause = 0.1
-    while True:
-        task = client.call("GET", f"/tasks/{task_uuid}")
-        if task["info"]["result"] is not None:
-            return task
-        time.sleep(pause)
-        pause = min(pause * 1.5, 2.0)
+# ---- waiting and following: say what is waited for ---------------------------------------
+# A wait polls GET /tasks/{uuid} (patiently: a coordinator restart is ridden out); on a
+# terminal a status line says the state, the time waited and the worker, and the wait
+# says once when no registered worker may take the task. `tasks logs -f` follows the
+# live output (GET /tasks/{uuid}/output) the same way.
+
+WAIT_POLL_CAP = 2.0       # seconds between two looks at a waited-for task, at the most
+WORKERS_LOOK_EVERY = 5.0  # seconds between two looks at the workers (who runs it, who may)
+WAIT_TIMED_OUT = 124      # the exit status of a wait that hit --timeout, as timeout(1)
 
 
-def wait_and_report(client, task_uuid, show_output):
-    """Wait for one task, print its terminal output, exit with its exit code."""
-    task = wait_for_task(client, task_uuid)
-    result = task["info"]["result"]
-    if client.as_json:  # stdout stays one JSON document; the output is an artifact
-        print(json.dumps(task, indent=2))
-    elif show_output and any(a["content_type"] == "std-log" for a in task["artifacts"]):
-        print_terminal_output(client, task_uuid)
+class WaitTimedOut(Exception):
+    """A wait reached its --timeout: the task goes on."""
+
+
+class StatusLine:
+    """One line on stderr, rewritten in place, when stderr is a terminal."""
+
+    def __init__(self):
+        self.enabled, self.shown = sys.stderr.isatty(), False
+
+    def show(self, text):
+        if self.enabled:
+            width = shutil.get_terminal_size().columns - 1
+            sys.stderr.write("\r\x1b[K" + clip(text, width))
+            sys.stderr.flush()
+            self.shown = True
+
+    def say(self, text):
+        """A line of its own, above the status line."""
+        self.clear()
+        print(text, file=sys.stderr)
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def tags_may_match(worker_tags, task_tags):
+    """Either coordinator rule (worker-subset here, task-subset in Rust) could match."""
+    return set(worker_tags) <= set(task_tags) or set(task_tags) <= set(worker_tags)
+
+
+def why_no_worker(info, workers):
+    """Why no registered worker may take the task, or None when one may."""
+    group, tags = info["group_name"], info["tags"]
+    if not workers:
+        return f"no registered worker serves group {group}"
+    if not any(tags_may_match(w["tags"], tags) for w in workers):
+        return (f"no worker of group {group} matches the task's tags "
+                f"[{', '.join(tags)}] (theirs: "
+                f"{'; '.join(sorted({','.join(w['tags']) or '-' for w in workers}))})")
+    return None
+
+
+class TaskWait:
+    """Waiting for one task to end, saying what it waits for."""
+
+    def __init__(self, client, task_uuid, deadline=None):
+        self.client, self.uuid, self.deadline = client, task_uuid, deadline
+        self.line = StatusLine()
+        self.start = time.monotonic()
+        self.looked, self.worker, self.hinted = None, None, False
+
+    def run(self):
+        """The task once it has its result; WaitTimedOut past the deadline."""
+        pause = 0.1
+        try:
+            while True:
+                task = self.client.call("GET", f"/tasks/{self.uuid}", patient=True)
+                if task["info"]["result"] is not None:
+                    return task
+                now = time.monotonic()
+                if self.deadline is not None and now >= self.deadline:
+                    raise WaitTimedOut()
+                self.look_at_workers(task["info"])
+                self.line.show(self.status(task["info"], now - self.start))
+                time.sleep(pause if self.deadline is None else
+                           max(0.0, min(pause, self.deadline - now)))
+                pause = min(pause * 1.5, WAIT_POLL_CAP)
+        finally:
+            self.line.clear()
+
+    def status(self, info, waited):
+        where = f" on worker {self.worker[:SHORT_UUID]}" if self.worker else ""
+        return (f"task {self.uuid[:SHORT_UUID]}: {info['state']} "
+                f"{format_duration(int(waited)) or '0s'}{where}")
+
+    def look_at_workers(self, info):
+        """Every few seconds: which worker runs the task, or why none may take it."""
+        now = time.monotonic()
+        if self.looked is not None and now - self.looked < WORKERS_LOOK_EVERY:
+            return
+        self.looked = now
+        try:
+            workers = self.client.call("POST", "/workers/query",
+                                       {"group_name": info["group_name"]})["workers"]
+        except ClientError:  # the user may not see them: no hint rather than a failure
+            return
+        self.worker = next((w["worker_id"] for w in workers
+                            if w["assigned_task_id"] == self.uuid), None)
+        why = why_no_worker(info, workers) if info["state"] in ("Ready", "Pending") else None
+        if why and not self.hinted:
+            self.line.say(f"task {self.uuid} waits: {why}")
+        self.hinted = bool(why)
+
+
+def task_exit(task):
+    """The exit status a wait ends with: the task's code, 1 if it failed otherwise."""
+    info = task["info"]
+    result = info["result"]
     code = exit_code_of(result["exit_status"])
     if result.get("msg"):
-        print(f"task {task_uuid} {task['info']['state'].lower()}: {result['msg']}",
+        print(f"task {info['uuid']} {info['state'].lower()}: {result['msg']}",
               file=sys.stderr)
         code = code or 1
     return code
 
 
-def print_terminal_output(client, task_uuid):
+def wait_deadline(timeout):
+    """The monotonic time a --timeout DURATION ends at (None: no timeout)."""
+    return None if timeout is None else time.monotonic() + parse_duration(timeout)
+
+
+def wait_task(client, task_uuid, deadline):
+    """TaskWait.run, with what to do next when it is cut short (timeout, Ctrl-C)."""
+    try:
+        return TaskWait(client, task_uuid, deadline).run()
+    except (WaitTimedOut, KeyboardInterrupt) as stop:
+        state = client.call("GET", f"/tasks/{task_uuid}")["info"]["state"]
+        why = "still" if isinstance(stop, WaitTimedOut) else "\nstopped waiting: it is"
+        print(f"{why} {state}: task {task_uuid} " + (
+            f"keeps waiting in the queue; cancel it with: mito.py client tasks cancel "
+            f"{task_uuid}" if state in ("Ready", "Pending") else
+            "keeps running (a task that has started cannot be cancelled)"), file=sys.stderr)
+        raise SystemExit(WAIT_TIMED_OUT if isinstance(stop, WaitTimedOut) else 130) from None
+
+
+def wait_and_report(client, task_uuid, deadline, show_output):
+    """Print the uuid, wait for the task, print its terminal output, return its code."""
+    if not client.as_json:
+        print(task_uuid, flush=True)
+    task = wait_task(client, task_uuid, deadline)
+    if client.as_json:  # stdout stays one JSON document; the output is an artifact
+        print(json.dumps(task, indent=2))
+    elif show_output and any(a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, task_uuid)
+    return task_exit(task)
+
+
+def print_terminal_output(client, task_uuid, streams=("stdout", "stderr")):
+    """The task's std-log artifact, each stream to ours: the whole output."""
     answer = client.call("GET", f"/tasks/{task_uuid}/download/artifacts/std-log")
     folder = os.path.join(cache_home(), "client")
     os.makedirs(folder, exist_ok=True)
@@ -6499,28 +6759,69 @@ def print_terminal_output(client, task_uuid):
     client.download(answer["url"], archive, answer["size"], "std-log")
     try:
         with tarfile.open(archive) as tar:
-            for name, stream in (("std-log/stdout.log", sys.stdout),
-                                 ("std-log/stderr.log", sys.stderr)):
+            for name in streams:
+                target = sys.stdout if name == "stdout" or len(streams) == 1 else sys.stderr
                 with contextlib.suppress(KeyError):
-                    stream.flush()
-                    shutil.copyfileobj(tar.extractfile(name), stream.buffer)
-                    stream.flush()
+                    target.flush()
+                    shutil.copyfileobj(tar.extractfile(f"std-log/{name}.log"), target.buffer)
+                    target.flush()
     finally:
         os.unlink(archive)
+
+
+FOLLOW_EVERY = 1.0  # seconds between two looks at a followed task's output
+
+
+def print_live_output(client, task_uuid, stream, follow):
+    """Print the stream's kept output from its start; with `follow`, until the
+    coordinator says no more will come. Whether anything was printed."""
+    offset, printed = 0, False
+    while True:
+        answer = client.call("GET", f"/tasks/{task_uuid}/output", patient=follow,
+                             params={"stream": stream, "offset": offset})
+        if answer["offset"] > offset:
+            print(f"[mito: {answer['offset'] - offset} bytes of {stream} not kept]",
+                  file=sys.stderr)
+        sys.stdout.write(answer["data"])
+        sys.stdout.flush()
+        printed = printed or bool(answer["data"])
+        moved, offset = answer["next"] != offset, answer["next"]
+        if answer["finished"] or (not follow and not moved):
+            return printed
+        if not moved:
+            time.sleep(FOLLOW_EVERY)
+
+
+def cmd_tasks_logs(client, args):
+    task = client.call("GET", f"/tasks/{args.uuid}")
+    if not task["info"]["spec"].get("terminal_output"):
+        raise ClientError(f"task {args.uuid} was submitted without --terminal: it keeps "
+                          f"no output")
+    stream = "stderr" if args.stderr else "stdout"
+    try:
+        printed = print_live_output(client, args.uuid, stream, args.follow)
+    except KeyboardInterrupt:
+        return 130
+    if args.follow:
+        task = wait_task(client, args.uuid, None)
+    if not printed and task["info"]["result"] is not None and any(
+            a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, args.uuid, (stream,))  # nothing live: a restart
+    return task_exit(task) if args.follow else 0
 
 
 def render_task(task):
     info = task["info"]
     result = info["result"]
     rows = [("uuid", info["uuid"]), ("state", info["state"]),
-            ("exit", "-" if result is None else exit_code_of(result["exit_status"])),
+            ("exit", shown_exit(info)),
             ("message", (result or {}).get("msg") or "-"),
             ("group", info["group_name"]), ("creator", info["creator_username"]),
             ("tags", ",".join(info["tags"]) or "-"), ("labels", ",".join(info["labels"]) or "-"),
             ("priority", info["priority"]), ("timeout", format_duration(info["timeout"])),
             ("created", human_age(info["created_at"])),
             ("updated", human_age(info["updated_at"])),
-            ("command", " ".join(info["spec"]["args"]))]
+            ("command", shlex.join(info["spec"]["args"]))]
     rows += [(f"artifact {a['content_type']}", human_size(a["size"])) for a in task["artifacts"]]
     for name, value in rows:
         print(f"{name:>18}  {value}")
@@ -6539,25 +6840,36 @@ def task_filter_request(args):
     return {key: value for key, value in request.items() if value is not None}
 
 
-def render_tasks(data):
+def shown_exit(info):
+    """A task's exit code, or "-" when it has none: not ended yet, or cancelled before
+    any worker ran it (its result then says exit 0, which it never had)."""
+    result = info["result"]
+    if not result or (result.get("msg") == "UserCancellation" and not info.get("reporter_uuid")):
+        return "-"
+    return exit_code_of(result["exit_status"])
+
+
+def render_tasks(client, data):
     if not data["tasks"]:
         print(f"{data['count']} task(s)")
         return
-    print_table(["UUID", "STATE", "EXIT", "PRI", "GROUP", "CREATED", "COMMAND"], [
-        (t["uuid"], t["state"],
-         "-" if not t["result"] else exit_code_of(t["result"]["exit_status"]),
-         t["priority"], t["group_name"], human_age(t["created_at"]),
-         " ".join(t["spec"]["args"])[:40]) for t in data["tasks"]])
+    names = client.uuid_names(t["uuid"] for t in data["tasks"])
+    client.table(["UUID", "STATE", "EXIT", "PRI", "GROUP", "CREATED", "COMMAND"], [
+        (names[t["uuid"]], t["state"], shown_exit(t), t["priority"], t["group_name"],
+         human_age(t["created_at"]), shlex.join(t["spec"]["args"])) for t in data["tasks"]])
 
 
 def cmd_tasks_query(client, args):
     request = task_filter_request(args)
     request.update(limit=args.limit, offset=args.offset, count=args.count)
-    client.show(client.call("POST", "/tasks/query", request), render_tasks)
+    client.show(client.call("POST", "/tasks/query", request),
+                lambda data: render_tasks(client, data))
 
 
 def cmd_tasks_wait(client, args):
-    codes = [wait_and_report(client, task_uuid, show_output=False) for task_uuid in args.uuids]
+    deadline = wait_deadline(args.timeout)
+    codes = [wait_and_report(client, task_uuid, deadline, show_output=False)
+             for task_uuid in args.uuids]
     return max(codes, default=0)
 
 
@@ -6687,16 +6999,19 @@ def cmd_attachments_delete(client, args):
     print(f"deleted {args.group}:{args.key}")
 
 
-def render_workers(data):
-    print_table(["UUID", "STATE", "TAGS", "LABELS", "CREATOR", "HEARTBEAT", "TASK"], [
-        (w["worker_id"], w["state"], ",".join(w["tags"]) or "-", ",".join(w["labels"]) or "-",
-         w["creator_username"], human_age(w["last_heartbeat"]), w["assigned_task_id"] or "-")
-        for w in data["workers"]])
+def render_workers(client, data):
+    workers = data["workers"]
+    names = client.uuid_names([w["worker_id"] for w in workers] +
+                              [w["assigned_task_id"] for w in workers])
+    client.table(["UUID", "STATE", "TAGS", "LABELS", "CREATOR", "HEARTBEAT", "TASK"], [
+        (names[w["worker_id"]], w["state"], ",".join(w["tags"]) or "-",
+         ",".join(w["labels"]) or "-", w["creator_username"], human_age(w["last_heartbeat"]),
+         names.get(w["assigned_task_id"], "-")) for w in workers])
 
 
 def cmd_workers_get(client, args):
     def render(data):
-        render_workers({"workers": [data["info"]]})
+        render_workers(client, {"workers": [data["info"]]})
         for group, role in data["groups"].items():
             print(f"  group {group}: {role}")
     client.show(client.call("GET", f"/workers/{args.uuid}"), render)
@@ -6708,7 +7023,7 @@ def cmd_workers_query(client, args):
                "creator_username": args.creator}
     client.show(client.call("POST", "/workers/query",
                             {k: v for k, v in request.items() if v is not None}),
-                render_workers)
+                lambda data: render_workers(client, data))
 
 
 def cmd_workers_shutdown(client, args):
@@ -6899,8 +7214,11 @@ def add_client_commands(parser, required=True):
                            "metavar": "attachment:KEY=PATH|artifact:UUID:KIND=PATH"}),
         (("--watch",), {"type": parse_watch, "metavar": "UUID:STATE"}),
         (("--wait",), {"action": "store_true",
-                       "help": "wait for the task, show its output (with --terminal), "
-                               "exit with its exit code"}),
+                       "help": "print the uuid, wait for the task, show its output (with "
+                               "--terminal), exit with its exit code"}),
+        (("--wait-timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
+                               "help": f"stop waiting after this long (exit status "
+                                       f"{WAIT_TIMED_OUT}; the task goes on)"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
     command(tasks, "get", cmd_tasks_get, "Show a task", uuid_arg)
     query = command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
@@ -6908,7 +7226,16 @@ def add_client_commands(parser, required=True):
                     (("--count",), {"action": "store_true", "help": "only count them"}))
     add_task_filters(query)
     command(tasks, "wait", cmd_tasks_wait, "Wait for tasks to end; exit with the highest code",
-            (("uuids",), {"nargs": "+"}))
+            (("uuids",), {"nargs": "+"}),
+            (("--timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
+                              "help": f"stop waiting after this long (exit status "
+                                      f"{WAIT_TIMED_OUT}; the tasks go on)"}))
+    command(tasks, "logs", cmd_tasks_logs,
+            "Print what a task (submitted with --terminal) has written so far",
+            uuid_arg, (("-f", "--follow"), {"action": "store_true",
+                                            "help": "follow it until the task ends; exit "
+                                                    "with its exit code"}),
+            (("--stderr",), {"action": "store_true", "help": "stderr instead of stdout"}))
     cancel = command(tasks, "cancel", cmd_tasks_cancel, "Cancel tasks that have not started",
                      (("uuids",), {"nargs": "*"}),
                      (("--filter",), {"action": "store_true",
@@ -7015,6 +7342,7 @@ def parse_command_line(parser, argv):
 def run_client_command(client, args):
     """Run one parsed client command; its exit status."""
     try:
+        resolve_uuid_args(client, args)
         return args.action(client, args) or 0
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -7080,7 +7408,7 @@ def shlex_split(line):
 def run_client(args):
     settings = load_settings("client", CLIENT_OPTIONS, vars(args), args.config)
     CredentialFile(settings.credential_path).entries()
-    client = Client(settings, as_json=args.json)
+    client = Client(settings, as_json=args.json, verbose=args.verbose)
     if args.interactive:
         return Shell(client).run()
     if args.command is None:
@@ -7160,6 +7488,8 @@ def build_parser():
     client.add_argument("-i", "--interactive", action="store_true",
                         help="An interactive shell taking the same commands")
     client.add_argument("--json", action="store_true", help="Print the API's JSON")
+    client.add_argument("-v", "--verbose", action="store_true",
+                        help="Full uuids and columns in tables, even on a terminal")
     add_client_commands(client, required=False)
     return parser
 
