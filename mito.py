@@ -3417,7 +3417,10 @@ class Coordinator:
         self.store.create_group(name, req.user)
 
     def get_group(self, req, group):
+        """GroupQueryInfo; its members only for those who manage them (upstream shows
+        users_in_group to the group's Admins only)."""
         row = self.group_of(req, group, READ)
+        manager = req.user["admin"] or self.store.group_role(req.user["id"], row["id"]) >= ADMIN
         tasks, workers = self.store.group_counts(row["id"])
         creator = self.store.user_by_id(row["creator_id"])
         return {"group_name": row["name"], "creator_username": creator["username"],
@@ -3425,22 +3428,24 @@ class Coordinator:
                 "state": row["state"], "task_count": tasks,
                 "storage_quota": row["storage_quota"], "storage_used": row["storage_used"],
                 "worker_count": workers,
-                "users_in_group": role_names(self.store.group_members(row["id"]))}
+                "users_in_group": role_names(self.store.group_members(row["id"]))
+                if manager else None}
 
     @staticmethod
     def ids_of(names, lookup, what):
-        """{name: id} of existing users or groups; 404 naming the first that is not."""
-        found = {}
-        for name in names:
-            row = lookup(name)
-            if row is None:
-                raise not_found(f"{what} {name}")
-            found[name] = row["id"]
-        return found
+        """{name: id} of a non-empty list of existing users or groups; 400 naming those
+        that do not exist, as upstream answers (service/group.rs, worker/mod.rs)."""
+        if not names:
+            raise HttpError(400, f"no {what} given")
+        found = {name: lookup(name) for name in names}
+        missing = sorted(name for name, row in found.items() if row is None)
+        if missing:
+            raise HttpError(400, f"some {what}s do not exist: {', '.join(missing)}")
+        return {name: row["id"] for name, row in found.items()}
 
     def update_members(self, req, group):
-        row = self.group_of(req, group, ADMIN)
         relations = field(req.body(), "relations", roles_map)
+        row = self.group_of(req, group, ADMIN)
         ids = self.ids_of(relations, self.store.user, "user")
         roles = {ids[name]: role for name, role in relations.items()}
         if roles.get(row["creator_id"], ADMIN) < ADMIN:
@@ -3818,10 +3823,8 @@ class Coordinator:
 
     def worker_groups(self, req, worker):
         relations = field(req.body(), "relations", roles_map)
-        if not relations:
-            raise HttpError(400, "empty group relations")
         row = self.worker_of(req, worker, ADMIN)
-        self.existing_groups(relations)  # 400 for an unknown one, as upstream
+        self.ids_of(relations, self.store.group, "group")
         roles, refused = self.servable_groups(req.user, relations)
         if refused:
             raise forbidden(f"user {req.user['username']} needs the Write role in group "
@@ -3837,18 +3840,9 @@ class Coordinator:
         self.drop_worker_groups(req, worker, field(req.body(), "groups", strs))
 
     def drop_worker_groups(self, req, worker, names):
-        if not names:
-            raise HttpError(400, "empty group names")
         row = self.worker_of(req, worker, ADMIN)
-        self.store.remove_worker_groups(row["id"], self.existing_groups(names).values())
-
-    def existing_groups(self, names):
-        """{name: id}; 400 if one does not exist, as upstream answers for worker groups."""
-        found = {name: self.store.group(name) for name in names}
-        missing = sorted(name for name, row in found.items() if row is None)
-        if missing:
-            raise HttpError(400, f"some groups do not exist: {', '.join(missing)}")
-        return {name: row["id"] for name, row in found.items()}
+        self.store.remove_worker_groups(row["id"],
+                                        self.ids_of(names, self.store.group, "group").values())
 
     # -- tasks
 
