@@ -1994,9 +1994,10 @@ def uuids(value):
 def some_of(check, what):
     """`check`, and at least one item: upstream refuses an empty batch with 400."""
     def non_empty(value):
-        if not check(value):
+        checked = check(value)
+        if not checked:
             raise ValueError(f"the list of {what} cannot be empty")
-        return value
+        return checked
     return non_empty
 
 
@@ -3329,6 +3330,13 @@ class Coordinator:
                             f"in group {name}")
         return group
 
+    def listed_group(self, req, name, need):
+        """group_of for the list and batch routes, where upstream's check_task_list_query
+        answers an unknown group with 400, not 404."""
+        if self.store.group(name) is None:
+            raise HttpError(400, f"group {name} not found")
+        return self.group_of(req, name, need)
+
     def task_of(self, req, task_uuid, need):
         task = self.store.task(path_uuid(task_uuid))
         if task is None:
@@ -3492,7 +3500,7 @@ class Coordinator:
         return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
-        row = self.group_of(req, group, READ)
+        row = self.listed_group(req, group, READ)
         body = req.body()
         part = field(body, "key", a_str, None) or field(body, "key_prefix", a_str, None)
         limit, offset = field(body, "limit", a_size, None), field(body, "offset", a_size, None)
@@ -3528,7 +3536,7 @@ class Coordinator:
         return found
 
     def attachments_by_filter(self, req, group, need):
-        row = self.group_of(req, group, need)
+        row = self.listed_group(req, group, need)
         body = req.body()
         rows = self.store.query_attachments(row["id"], field(body, "key", a_str, None),
                                             field(body, "limit", a_size, None),
@@ -3540,8 +3548,8 @@ class Coordinator:
         return self.attachment_downloads(req, row, keys)
 
     def download_attachments_list(self, req, group):
-        row = self.group_of(req, group, READ)
-        keys = field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, READ)
+        keys = field(req.body(), "keys", some_of(strs, "keys"))
         return self.attachment_downloads(req, row, keys)
 
     def attachment_downloads(self, req, group, keys):
@@ -3559,8 +3567,8 @@ class Coordinator:
         return {"deleted_count": deleted, "group_name": group}
 
     def delete_attachments_list(self, req, group):
-        row = self.group_of(req, group, WRITE)
-        failed = [key for key in field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, WRITE)
+        failed = [key for key in field(req.body(), "keys", some_of(strs, "keys"))
                   if not self.drop_attachment(row["id"], key)]
         return {"deleted_count": len(req.body()["keys"]) - len(failed), "failed_keys": failed,
                 "group_name": group}
@@ -3906,9 +3914,7 @@ class Coordinator:
         caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
         name = filters["group_name"] or req.user["username"]
-        if self.store.group(name) is None:  # 400 as upstream's check_task_list_query
-            raise HttpError(400, f"group {name} not found")
-        group_ids = [self.group_of(req, name, need)["id"]]
+        group_ids = [self.listed_group(req, name, need)["id"]]
         return filters, self.store.query_tasks(filters, group_ids, count)
 
     def query_tasks(self, req):
@@ -3970,7 +3976,7 @@ class Coordinator:
         body = req.body()
         kind = field(body, "content_type", a_kind)
         rows, failed = [], []
-        for task_uuid in field(body, "uuids", uuids):
+        for task_uuid in field(body, "uuids", some_uuids):
             try:
                 rows.append(self.task_of(req, task_uuid, need))
             except HttpError:
