@@ -570,7 +570,10 @@ class Http:
                             body.seek(0)
                         conn.request(method, target, body=body, headers=headers or {})
                         response = conn.getresponse()
-                    except (http.client.RemoteDisconnected, ConnectionError):
+                    except (http.client.RemoteDisconnected, ConnectionError,
+                            http.client.ImproperConnectionState):
+                        # closed by the server meanwhile, or left mid-request by an
+                        # interrupted call (Ctrl-C): nothing was sent, a fresh one will do
                         if reused and attempt == 1:
                             raise _StaleConnection() from None
                         raise
