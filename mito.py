@@ -570,7 +570,10 @@ class Http:
                             body.seek(0)
                         conn.request(method, target, body=body, headers=headers or {})
                         response = conn.getresponse()
-                    except (http.client.RemoteDisconnected, ConnectionError):
+                    except (http.client.RemoteDisconnected, ConnectionError,
+                            http.client.ImproperConnectionState):
+                        # closed by the server meanwhile, or left mid-request by an
+                        # interrupted call (Ctrl-C): nothing was sent, a fresh one will do
                         if reused and attempt == 1:
                             raise _StaleConnection() from None
                         raise
@@ -6748,17 +6751,26 @@ def wait_deadline(timeout):
 
 
 def wait_task(client, task_uuid, deadline):
-    """TaskWait.run, with what to do next when it is cut short (timeout, Ctrl-C)."""
+    """TaskWait.run; cut short (timeout, Ctrl-C), it says what becomes of the task."""
     try:
         return TaskWait(client, task_uuid, deadline).run()
-    except (WaitTimedOut, KeyboardInterrupt) as stop:
+    except WaitTimedOut:
+        raise SystemExit(task_goes_on(client, task_uuid, "timed out")) from None
+    except KeyboardInterrupt:
+        raise SystemExit(task_goes_on(client, task_uuid, "stopped")) from None
+
+
+def task_goes_on(client, task_uuid, how):
+    """Say that the task goes on without us, and how to cancel it; the exit status."""
+    try:
         state = client.call("GET", f"/tasks/{task_uuid}")["info"]["state"]
-        why = "still" if isinstance(stop, WaitTimedOut) else "\nstopped waiting: it is"
-        print(f"{why} {state}: task {task_uuid} " + (
-            f"keeps waiting in the queue; cancel it with: mito.py client tasks cancel "
-            f"{task_uuid}" if state in ("Ready", "Pending") else
-            "keeps running (a task that has started cannot be cancelled)"), file=sys.stderr)
-        raise SystemExit(WAIT_TIMED_OUT if isinstance(stop, WaitTimedOut) else 130) from None
+    except ClientError:
+        state = "state unknown"
+    print(f"{how} waiting for task {task_uuid} ({state}): it " + (
+        f"keeps waiting in the queue; cancel it with: mito.py client tasks cancel "
+        f"{task_uuid}" if state in ("Ready", "Pending") else
+        "keeps running (a task that has started cannot be cancelled)"), file=sys.stderr)
+    return WAIT_TIMED_OUT if how == "timed out" else 130
 
 
 def wait_and_report(client, task_uuid, deadline, show_output):
@@ -6821,15 +6833,20 @@ def cmd_tasks_logs(client, args):
         raise ClientError(f"task {args.uuid} was submitted without --terminal: it keeps "
                           f"no output")
     stream = "stderr" if args.stderr else "stdout"
-    try:
-        printed = print_live_output(client, args.uuid, stream, args.follow)
-    except KeyboardInterrupt:
-        return 130
-    if args.follow:
+    if task["info"]["result"] is None:  # not ended: its live output
+        try:
+            printed = print_live_output(client, args.uuid, stream, args.follow)
+        except KeyboardInterrupt:
+            return task_goes_on(client, args.uuid, "stopped")
+        if not args.follow:
+            return 0
         task = wait_task(client, args.uuid, None)
-    if not printed and task["info"]["result"] is not None and any(
-            a["content_type"] == "std-log" for a in task["artifacts"]):
-        print_terminal_output(client, args.uuid, (stream,))  # nothing live: a restart
+        if printed:
+            return task_exit(task)
+    # ended: the std-log artifact holds the whole output (the live one keeps a tail,
+    # and a coordinator restart forgets it)
+    if any(a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, args.uuid, (stream,))
     return task_exit(task) if args.follow else 0
 
 
@@ -6945,7 +6962,7 @@ def cmd_artifacts_download(client, args):
 
 def cmd_artifacts_list(client, args):
     task = client.call("GET", f"/tasks/{args.uuid}")
-    client.show(task["artifacts"], lambda data: print_table(
+    client.show(task["artifacts"], lambda data: client.table(
         ["KIND", "SIZE", "UPDATED"],
         [(a["content_type"], human_size(a["size"]), human_age(a["updated_at"])) for a in data]))
 
@@ -6983,7 +7000,7 @@ def cmd_groups_remove_user(client, args):
 
 def cmd_groups_list(client, args):
     client.show(client.call("GET", "/users/groups"),
-                lambda data: print_table(["GROUP", "ROLE"], data["groups"].items()))
+                lambda data: client.table(["GROUP", "ROLE"], data["groups"].items()))
 
 
 def attachment_path(group, key):
@@ -7011,7 +7028,7 @@ def cmd_attachments_download(client, args):
 def cmd_attachments_query(client, args):
     answer = client.call("POST", f"/groups/{args.group}/attachments/query",
                          {"key": args.prefix, "limit": args.limit, "offset": args.offset})
-    client.show(answer, lambda data: print_table(
+    client.show(answer, lambda data: client.table(
         ["KEY", "SIZE", "UPDATED"],
         [(a["key"], human_size(a["size"]), human_age(a["updated_at"]))
          for a in data["attachments"]]))
