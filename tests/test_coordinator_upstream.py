@@ -8,6 +8,7 @@ Real `mito.py coordinator` processes on 127.0.0.1 (see `e2e`)."""
 
 import json
 import sqlite3
+import uuid
 
 import pytest
 
@@ -237,3 +238,247 @@ def walk_workers(call, admin, worker_uuid):
     call(admin, "DELETE", f"/admin/workers/{others[1]}?op=force")
     call(admin, "POST", "/workers/shutdown/list", {"uuids": [others[2]], "op": "Force"})
     call(admin, "POST", "/workers/shutdown", {"tags": ["nothing-has-this"], "op": "Graceful"})
+
+
+# ---- one rule at a time ------------------------------------------------------------------------
+
+
+def fresh_user(c, admin=False):
+    """(name, client) of a new user: its own group keeps each test's tasks apart."""
+    name = f"u{uuid.uuid4().hex[:10]}"
+    return name, c.user(name, admin=admin)
+
+
+def running_task(c, client, **submit):
+    """(worker client, fetched task) of a task submitted by `client` and fetched by a
+    worker it registered."""
+    c.submit(client, spec("true"), **submit)
+    _, worker = c.register(client)
+    return worker, c.fetch(worker)
+
+
+def report(worker, task, op):
+    return worker.api("POST", "/workers/tasks", {"id": task["id"], "op": op})
+
+
+def test_every_report_op_is_answered_with_a_report_task_resp(world):
+    c = world
+    name, alice = fresh_user(c)
+    worker, task = running_task(c, alice)
+    assert report(worker, task, "Finish") == {"url": None}
+    upload = report(worker, task, {"Upload": {"content_type": "result", "content_length": 1}})
+    assert list(upload) == ["url"] and upload["url"].startswith("http")
+    assert report(worker, task, {"Submit": submission(name)}) == {"url": None}
+    assert report(worker, task, {"Commit": {"exit_status": 0, "msg": None}}) == {"url": None}
+    worker, task = running_task(c, alice)
+    assert report(worker, task, "Cancel") == {"url": None}
+
+
+def test_status_codes_upstream_clients_branch_on(world):
+    c = world
+    name, alice = fresh_user(c)
+    worker, task = running_task(c, alice)
+    ready = c.submit(alice, spec("true"))
+
+    def status(method, path, body=None):
+        return status_of(lambda: alice.api(method, path, body))
+    nothing = {"tags": None, "timeout": None, "priority": None, "task_spec": None}
+    assert status("PUT", f"/tasks/{ready}", nothing) == 400  # no change specified
+    assert status("PUT", f"/tasks/{task['uuid']}", {"priority": 1}) == 404  # not Ready
+    assert status("DELETE", f"/tasks/{task['uuid']}") == 404  # no longer cancellable
+    assert status("POST", "/tasks/cancel/list", {"uuids": []}) == 400
+    assert status("POST", "/tasks/submit", {"tasks": []}) == 400
+    assert status("POST", "/workers/shutdown/list", {"uuids": [], "op": "Force"}) == 400
+    assert status("POST", "/tasks/query", {"group_name": "no-such-group"}) == 400
+    for key in ("tags", "labels", "states", "creator_usernames"):
+        assert status("POST", "/tasks/query", {key: []}) == 400, key
+    assert status("PUT", f"/tasks/{ready}", {"priority": 3}) == 200
+    assert status("DELETE", f"/tasks/{ready}") == 200
+    assert c.task(alice, task["uuid"])["info"]["state"] == "Running"
+
+
+def test_a_zero_timeout_and_empty_args_are_taken_as_upstream_takes_them(world):
+    c = world
+    name, alice = fresh_user(c)
+    task_uuid = c.submit(alice, spec(), timeout="0s")
+    assert c.task(alice, task_uuid)["info"]["timeout"] == 0
+    alice.api("PUT", f"/tasks/{task_uuid}", {"timeout": "0s"})
+    _, worker = c.register(alice)
+    task = c.fetch(worker)
+    assert (task["timeout"], task["spec"]["args"]) == ("0s", [])
+
+
+def test_a_worker_with_unknown_groups_and_roles_registers_as_upstream_does(world):
+    c = world
+    name, alice = fresh_user(c)
+    c.group(f"{name}-a", {name: "Write"})
+    c.group(f"{name}-b", {name: "Write"})
+    answer = alice.api("POST", "/workers", {
+        "tags": [], "labels": [], "lifetime": None,
+        "groups": ["no-such-group", f"{name}-a:owner", f"{name}-b:READ", f"{name}-a:x:y"]})
+    groups = alice.api("GET", f"/workers/{answer['worker_id']}")["groups"]
+    assert groups == {name: "Admin", f"{name}-a": "Write", f"{name}-b": "Read"}
+
+
+WIDE_SUBMISSIONS = [
+    {"priority": 2**31}, {"priority": -2**31 - 1}, {"priority": 2**63},
+    {"timeout": "11years"}, {"timeout": "1000y"}, {"timeout": "1" + "0" * 300 + "s"},
+    {"timeout": "9" * 400 + "s"},
+]
+
+
+@pytest.mark.parametrize("wide", WIDE_SUBMISSIONS, ids=lambda w: json.dumps(w)[:30])
+def test_values_wider_than_upstreams_types_are_refused_at_submit(world, wide):
+    c = world
+    name, alice = fresh_user(c)
+    assert status_of(lambda: alice.api("POST", "/tasks", {**submission(name), **wide})) == 400
+    ready = c.submit(alice, spec("true"))
+    assert status_of(lambda: alice.api("PUT", f"/tasks/{ready}", wide)) == 400
+    results = alice.api("POST", "/tasks/submit", {"tasks": [{**submission(name), **wide}]})
+    assert list(results["results"][0]) == ["Err"]
+    assert alice.api("POST", "/tasks/query", {"count": True})["count"] == 1
+
+
+def test_the_widest_upstream_values_are_taken(world):
+    c = world
+    name, alice = fresh_user(c)
+    for priority in (2**31 - 1, -2**31):
+        c.submit(alice, spec("true"), priority=priority, timeout="10years")
+    worker, task = running_task(c, alice)
+    assert task["timeout"] == "10years"
+    report(worker, task, "Finish")
+    for status in (2**31, -2**31 - 1):
+        assert status_of(lambda: report(worker, task, {"Commit": {"exit_status": status}})) \
+            == 400
+    report(worker, task, {"Commit": {"exit_status": -2**31, "msg": None}})
+    for bad in (">2147483648", "<-2147483649"):
+        assert status_of(lambda: alice.api("POST", "/tasks/query", {"priority": bad})) == 400
+    assert alice.api("POST", "/tasks/query", {"exit_status": "-2147483648"})["count"] == 1
+
+
+BAD_LOCAL_PATHS = ["/etc/passwd", "../escape", "a/../../escape", "a/..", "", "a\0b",
+                   "x" * 256, "a/" * 2048 + "b", "sub/\ud800"]
+
+
+@pytest.mark.parametrize("path", BAD_LOCAL_PATHS, ids=lambda p: repr(p)[:20])
+def test_resource_paths_no_worker_could_use_are_refused(world, path):
+    c = world
+    name, alice = fresh_user(c)
+    resource = {"remote_file": {"Attachment": {"key": "k"}}, "local_path": path}
+    body = submission(name)
+    body["task_spec"]["resources"] = [resource]
+    raw = json.dumps(body).encode()  # ensure_ascii: a lone surrogate goes as "\ud800"
+    status, _, data = raw_request(c.url, "POST", "/tasks", raw,
+                                  {"Content-Type": "application/json"}, token=alice.token)
+    assert status == 400, data
+    worker, task = running_task(c, alice)
+    report(worker, task, "Finish")
+    assert status_of(lambda: report(worker, task, {"Submit": body})) == 400
+    good = dict(resource, local_path="in/data..txt")
+    c.submit(alice, spec("true", resources=[good]))
+
+
+def test_args_and_envs_no_process_could_take_are_refused(world):
+    c = world
+    name, alice = fresh_user(c)
+    for task_spec in (spec("a\0b"), spec("true", envs={"A=B": "1"}), spec("true", envs={"": "1"}),
+                      spec("true", envs={"A": "x\0y"})):
+        assert status_of(lambda: c.submit(alice, task_spec)) == 400, task_spec
+
+
+@pytest.mark.parametrize("stored", [1e300, float("inf"), -5.0])
+def test_a_stored_timeout_past_any_bound_never_stalls_the_queue(world, stored):
+    """Rows written before the submit-time bound (issue 8: a "1e300s" timeout made every
+    fetch a 500 and the task stuck Running)."""
+    c = world
+    name, alice = fresh_user(c)
+    task_uuid = c.submit(alice, spec("true"))
+    with sqlite3.connect(c.state_dir / "mitosis.db") as db:
+        db.execute("UPDATE tasks SET timeout = ? WHERE uuid = ?", (stored, task_uuid))
+    assert 0 <= c.task(alice, task_uuid)["info"]["timeout"] <= TEN_YEARS
+    worker, task = running_task(c, alice)
+    assert task["uuid"] == task_uuid
+    assert task["timeout"] in ("10years", "0s")
+    report(worker, task, "Finish")
+    report(worker, task, {"Commit": {"exit_status": 0, "msg": None}})
+    assert c.task(alice, task_uuid)["info"]["state"] == "Finished"
+
+
+def test_the_artifact_list_routes_require_uuids(world):
+    c = world
+    name, alice = fresh_user(c)
+    worker, task = running_task(c, alice)
+    report(worker, task, "Finish")
+    upload = report(worker, task, {"Upload": {"content_type": "result", "content_length": 2}})
+    assert raw_request(c.url, "PUT", upload["url"], b"ok")[0] == 200
+    report(worker, task, {"Commit": {"exit_status": 0, "msg": None}})
+    for path in ("/tasks/delete/artifacts/list", "/tasks/download/artifacts/list"):
+        assert status_of(lambda: alice.api("POST", path, {"content_type": "result"})) == 400
+    assert c.task(alice, task["uuid"])["artifacts"]  # not deleted by filter
+    answer = alice.api("POST", "/tasks/delete/artifacts/list",
+                       {"uuids": [task["uuid"], ZERO], "content_type": "result"})
+    assert answer == {"deleted_count": 1, "failed_uuids": [str(uuid.UUID(ZERO))]}
+
+
+def test_members_and_worker_groups_are_removed_by_upstreams_body_routes(world):
+    c = world
+    name, alice = fresh_user(c)
+    other, _ = fresh_user(c)
+    group = c.group(f"{name}-g", {name: "Admin", other: "Read"}, creator=alice)
+    alice.api("POST", f"/groups/{group}/users/remove", {"users": [other]})
+    assert other not in alice.api("GET", f"/groups/{group}")["users_in_group"]
+    worker_uuid, _ = c.register(alice, groups=[group])
+    path = f"/workers/{worker_uuid}/groups/remove"
+    for body, status in (({"groups": []}, 400), ({"groups": [group, "no-such"]}, 400),
+                         ({"groups": [group]}, 200)):
+        assert status_of(lambda: alice.api("DELETE", path, body)) == status, body
+    assert group not in alice.api("GET", f"/workers/{worker_uuid}")["groups"]
+    assert status_of(lambda: alice.api("PUT", f"/workers/{worker_uuid}/groups",
+                                       {"relations": {"no-such": "Write"}})) == 400
+
+
+def test_a_worker_runs_what_upstream_accepts_and_goes_on(world):
+    c = world
+    name, alice = fresh_user(c)
+    worker = c.worker(name)
+    empty = c.submit(alice, spec())
+    instant = c.submit(alice, spec("sleep", "30"), timeout="0s")
+    assert c.wait_task(alice, empty, states=("Finished", "Cancelled"))["result"] is not None
+    info = c.wait_task(alice, instant, states=("Cancelled",))
+    assert info["result"]["msg"] == "ExecTimeout"
+    worker.assert_alive("worker")
+    assert c.wait_task(alice, c.submit(alice, spec("true")))["result"]["exit_status"] == 0
+
+
+def test_group_members_are_managed_with_upstreams_status_codes(world):
+    c = world
+    name, alice = fresh_user(c)
+    reader, bob = fresh_user(c)
+    group = c.group(f"{name}-m", {name: "Admin", reader: "Read"}, creator=alice)
+    members = f"/groups/{group}/users"
+    for method, path, body in (("PUT", members, {"relations": {}}),
+                               ("PUT", members, {"relations": {"no-such-user": "Read"}}),
+                               ("POST", f"{members}/remove", {"users": []}),
+                               ("POST", f"{members}/remove", {"users": ["no-such-user"]})):
+        assert status_of(lambda: alice.api(method, path, body)) == 400, (path, body)
+    assert status_of(lambda: alice.api("DELETE", members)) == 400  # no ?users=
+    # the member list is for the group's Admins, as upstream shows it
+    assert bob.api("GET", f"/groups/{group}")["users_in_group"] is None
+    assert set(alice.api("GET", f"/groups/{group}")["users_in_group"]) == {name, reader}
+
+
+def test_list_and_batch_routes_answer_upstreams_400s(world):
+    c = world
+    name, alice = fresh_user(c)
+    bad = [("/tasks/query", {"group_name": "no-such-group", "count": False}),
+           ("/tasks/cancel", {"group_name": "no-such-group"}),
+           ("/tasks/download/artifacts", {"group_name": "no-such-group",
+                                          "content_type": "result"}),
+           ("/groups/no-such-group/attachments/query", {"count": False}),
+           ("/groups/no-such-group/download/attachments", {}),
+           (f"/groups/{name}/download/attachments/list", {"keys": []}),
+           (f"/groups/{name}/delete/attachments/list", {"keys": []}),
+           ("/tasks/download/artifacts/list", {"uuids": [], "content_type": "result"}),
+           ("/tasks/delete/artifacts/list", {"uuids": [], "content_type": "result"})]
+    for path, body in bad:
+        assert status_of(lambda: alice.api("POST", path, body)) == 400, path
