@@ -3908,9 +3908,12 @@ class Liveness:
         self.store = store
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
         self.drops = {}  # uuid -> None, oldest first; dict operations are atomic
+        self.written = {}  # worker id -> when heard_from last wrote (the row may be cached)
 
     def heard_from(self, worker):
-        if time.time() - worker["last_heartbeat"] >= self.every:
+        now = time.time()
+        if now - max(worker["last_heartbeat"], self.written.get(worker["id"], 0)) >= self.every:
+            self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
 
     def dropped(self, uuids):
