@@ -2794,8 +2794,9 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
-    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
-    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    # A task's history after its submission, for the dashboard, `client status` and
+    # /metrics: ids grow in commit order (writes hold one lock), so a reader can follow
+    # it incrementally.
     """
     CREATE TABLE task_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
@@ -2922,8 +2923,9 @@ class Store:
 
     @staticmethod
     def _record(db, task_ids, event, worker=None):
-        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
-        the history of tasks, inside the transaction that made it happen."""
+        """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
+        of tasks, inside the transaction that made it happen. (A task's submission is
+        its row's created_at: a batch of submissions costs no extra rows.)"""
         now = time.time()
         db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
                        [(task_id, event, now, worker) for task_id in task_ids])
@@ -3207,7 +3209,6 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
-            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
@@ -3469,6 +3470,14 @@ class Store:
 
     def last_event_id(self):
         return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def last_task_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM tasks")[0]
+
+    def tasks_after(self, task_id):
+        """(how many tasks were submitted after task `task_id`, the newest one's id)."""
+        count, newest = self.one("SELECT COUNT(*), MAX(id) FROM tasks WHERE id > ?", task_id)
+        return count, newest or task_id
 
     def events_after(self, event_id, limit=10000):
         """Events newer than `event_id`, with their task's creation time and result."""
@@ -5396,7 +5405,7 @@ class Metrics:
 
     def __init__(self, store):
         self.store, self.lock = store, threading.Lock()
-        self.last_event = store.last_event_id()
+        self.last_event, self.last_task = store.last_event_id(), store.last_task_id()
         self.submitted, self.ended = 0, {}
         self.latency = Histogram(self.LATENCY_BOUNDS)
         self.requests = {}
@@ -5411,13 +5420,13 @@ class Metrics:
             histogram.observe(time.perf_counter() - started)
 
     def catch_up(self):
-        """Count the task events since the last scrape."""
+        """Count the tasks submitted and the task events since the last scrape."""
+        submitted, self.last_task = self.store.tasks_after(self.last_task)
+        self.submitted += submitted
         while True:
             events = self.store.events_after(self.last_event)
             for event in events:
-                if event["event"] == "Submitted":
-                    self.submitted += 1
-                elif event["event"] == "Started":
+                if event["event"] == "Started":
                     self.latency.observe(max(0.0, event["at"] - event["created_at"]))
                 elif event["event"] in ("Finished", "Cancelled"):
                     outcome = outcome_of(event["result"])
@@ -5578,8 +5587,9 @@ class DashboardViews:
     def task(self, req, task):
         """A task's history and the tail of its output (from its std-log artifact)."""
         row = self.coordinator.task_of(req, task, READ)
-        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
-                   for e in self.store.task_history(row["id"])]
+        history = [{"event": "Submitted", "at": stamp(row["created_at"]), "worker": None}]
+        history += [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                    for e in self.store.task_history(row["id"])]
         return {**self.coordinator.task_answer(row), "history": history,
                 "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
 
