@@ -2508,9 +2508,10 @@ def uuids(value):
 def some_of(check, what):
     """`check`, and at least one item: upstream refuses an empty batch with 400."""
     def non_empty(value):
-        if not check(value):
+        checked = check(value)
+        if not checked:
             raise ValueError(f"the list of {what} cannot be empty")
-        return value
+        return checked
     return non_empty
 
 
@@ -2527,8 +2528,8 @@ def md5_bytes(value):
 
 def a_duration(value):
     seconds = parse_duration(a_str(value))
-    if seconds <= 0:
-        raise ValueError("must be positive")
+    if not 0 < seconds < 2**64:
+        raise ValueError("must be positive and within upstream's u64 seconds")
     return seconds
 
 
@@ -2793,8 +2794,9 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
-    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
-    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    # A task's history after its submission, for the dashboard, `client status` and
+    # /metrics: ids grow in commit order (writes hold one lock), so a reader can follow
+    # it incrementally.
     """
     CREATE TABLE task_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
@@ -2921,8 +2923,9 @@ class Store:
 
     @staticmethod
     def _record(db, task_ids, event, worker=None):
-        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
-        the history of tasks, inside the transaction that made it happen."""
+        """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
+        of tasks, inside the transaction that made it happen. (A task's submission is
+        its row's created_at: a batch of submissions costs no extra rows.)"""
         now = time.time()
         db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
                        [(task_id, event, now, worker) for task_id in task_ids])
@@ -3206,7 +3209,6 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
-            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
@@ -3468,6 +3470,14 @@ class Store:
 
     def last_event_id(self):
         return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def last_task_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM tasks")[0]
+
+    def tasks_after(self, task_id):
+        """(how many tasks were submitted after task `task_id`, the newest one's id)."""
+        count, newest = self.one("SELECT COUNT(*), MAX(id) FROM tasks WHERE id > ?", task_id)
+        return count, newest or task_id
 
     def events_after(self, event_id, limit=10000):
         """Events newer than `event_id`, with their task's creation time and result."""
@@ -3972,6 +3982,13 @@ class Coordinator:
                             f"in group {name}")
         return group
 
+    def listed_group(self, req, name, need):
+        """group_of for the list and batch routes, where upstream's check_task_list_query
+        answers an unknown group with 400, not 404."""
+        if self.store.group(name) is None:
+            raise HttpError(400, f"group {name} not found")
+        return self.group_of(req, name, need)
+
     def task_of(self, req, task_uuid, need):
         task = self.store.task(path_uuid(task_uuid))
         if task is None:
@@ -4069,7 +4086,10 @@ class Coordinator:
         self.store.create_group(name, req.user)
 
     def get_group(self, req, group):
+        """GroupQueryInfo; its members only for those who manage them (upstream shows
+        users_in_group to the group's Admins only)."""
         row = self.group_of(req, group, READ)
+        manager = req.user["admin"] or self.store.group_role(req.user["id"], row["id"]) >= ADMIN
         tasks, workers = self.store.group_counts(row["id"])
         creator = self.store.user_by_id(row["creator_id"])
         return {"group_name": row["name"], "creator_username": creator["username"],
@@ -4077,22 +4097,24 @@ class Coordinator:
                 "state": row["state"], "task_count": tasks,
                 "storage_quota": row["storage_quota"], "storage_used": row["storage_used"],
                 "worker_count": workers,
-                "users_in_group": role_names(self.store.group_members(row["id"]))}
+                "users_in_group": role_names(self.store.group_members(row["id"]))
+                if manager else None}
 
     @staticmethod
     def ids_of(names, lookup, what):
-        """{name: id} of existing users or groups; 404 naming the first that is not."""
-        found = {}
-        for name in names:
-            row = lookup(name)
-            if row is None:
-                raise not_found(f"{what} {name}")
-            found[name] = row["id"]
-        return found
+        """{name: id} of a non-empty list of existing users or groups; 400 naming those
+        that do not exist, as upstream answers (service/group.rs, worker/mod.rs)."""
+        if not names:
+            raise HttpError(400, f"no {what} given")
+        found = {name: lookup(name) for name in names}
+        missing = sorted(name for name, row in found.items() if row is None)
+        if missing:
+            raise HttpError(400, f"some {what}s do not exist: {', '.join(missing)}")
+        return {name: row["id"] for name, row in found.items()}
 
     def update_members(self, req, group):
-        row = self.group_of(req, group, ADMIN)
         relations = field(req.body(), "relations", roles_map)
+        row = self.group_of(req, group, ADMIN)
         ids = self.ids_of(relations, self.store.user, "user")
         roles = {ids[name]: role for name, role in relations.items()}
         if roles.get(row["creator_id"], ADMIN) < ADMIN:
@@ -4139,7 +4161,7 @@ class Coordinator:
         return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
-        row = self.group_of(req, group, READ)
+        row = self.listed_group(req, group, READ)
         body = req.body()
         part = field(body, "key", a_str, None) or field(body, "key_prefix", a_str, None)
         limit, offset = field(body, "limit", a_size, None), field(body, "offset", a_size, None)
@@ -4175,7 +4197,7 @@ class Coordinator:
         return found
 
     def attachments_by_filter(self, req, group, need):
-        row = self.group_of(req, group, need)
+        row = self.listed_group(req, group, need)
         body = req.body()
         rows = self.store.query_attachments(row["id"], field(body, "key", a_str, None),
                                             field(body, "limit", a_size, None),
@@ -4187,8 +4209,8 @@ class Coordinator:
         return self.attachment_downloads(req, row, keys)
 
     def download_attachments_list(self, req, group):
-        row = self.group_of(req, group, READ)
-        keys = field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, READ)
+        keys = field(req.body(), "keys", some_of(strs, "keys"))
         return self.attachment_downloads(req, row, keys)
 
     def attachment_downloads(self, req, group, keys):
@@ -4206,8 +4228,8 @@ class Coordinator:
         return {"deleted_count": deleted, "group_name": group}
 
     def delete_attachments_list(self, req, group):
-        row = self.group_of(req, group, WRITE)
-        failed = [key for key in field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, WRITE)
+        failed = [key for key in field(req.body(), "keys", some_of(strs, "keys"))
                   if not self.drop_attachment(row["id"], key)]
         return {"deleted_count": len(req.body()["keys"]) - len(failed), "failed_keys": failed,
                 "group_name": group}
@@ -4418,6 +4440,8 @@ class Coordinator:
         filters = worker_filter(body)
         group_id = None
         if filters["group_name"]:
+            if self.store.group(filters["group_name"]) is None:  # upstream: 403, not 404
+                raise forbidden(f"no group {filters['group_name']} of yours")
             group_id = self.group_of(req, filters["group_name"], READ)["id"]
         visible_to = None if req.user["admin"] else req.user["id"]
         return filters, self.store.query_workers(visible_to, filters, group_id)
@@ -4470,10 +4494,8 @@ class Coordinator:
 
     def worker_groups(self, req, worker):
         relations = field(req.body(), "relations", roles_map)
-        if not relations:
-            raise HttpError(400, "empty group relations")
         row = self.worker_of(req, worker, ADMIN)
-        self.existing_groups(relations)  # 400 for an unknown one, as upstream
+        self.ids_of(relations, self.store.group, "group")
         roles, refused = self.servable_groups(req.user, relations)
         if refused:
             raise forbidden(f"user {req.user['username']} needs the Write role in group "
@@ -4489,18 +4511,9 @@ class Coordinator:
         self.drop_worker_groups(req, worker, field(req.body(), "groups", strs))
 
     def drop_worker_groups(self, req, worker, names):
-        if not names:
-            raise HttpError(400, "empty group names")
         row = self.worker_of(req, worker, ADMIN)
-        self.store.remove_worker_groups(row["id"], self.existing_groups(names).values())
-
-    def existing_groups(self, names):
-        """{name: id}; 400 if one does not exist, as upstream answers for worker groups."""
-        found = {name: self.store.group(name) for name in names}
-        missing = sorted(name for name, row in found.items() if row is None)
-        if missing:
-            raise HttpError(400, f"some groups do not exist: {', '.join(missing)}")
-        return {name: row["id"] for name, row in found.items()}
+        self.store.remove_worker_groups(row["id"],
+                                        self.ids_of(names, self.store.group, "group").values())
 
     # -- tasks
 
@@ -4564,9 +4577,7 @@ class Coordinator:
         caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
         name = filters["group_name"] or req.user["username"]
-        if self.store.group(name) is None:  # 400 as upstream's check_task_list_query
-            raise HttpError(400, f"group {name} not found")
-        group_ids = [self.group_of(req, name, need)["id"]]
+        group_ids = [self.listed_group(req, name, need)["id"]]
         return filters, self.store.query_tasks(filters, group_ids, count)
 
     def query_tasks(self, req):
@@ -4628,7 +4639,7 @@ class Coordinator:
         body = req.body()
         kind = field(body, "content_type", a_kind)
         rows, failed = [], []
-        for task_uuid in field(body, "uuids", uuids):
+        for task_uuid in field(body, "uuids", some_uuids):
             try:
                 rows.append(self.task_of(req, task_uuid, need))
             except HttpError:
@@ -5394,7 +5405,7 @@ class Metrics:
 
     def __init__(self, store):
         self.store, self.lock = store, threading.Lock()
-        self.last_event = store.last_event_id()
+        self.last_event, self.last_task = store.last_event_id(), store.last_task_id()
         self.submitted, self.ended = 0, {}
         self.latency = Histogram(self.LATENCY_BOUNDS)
         self.requests = {}
@@ -5409,13 +5420,13 @@ class Metrics:
             histogram.observe(time.perf_counter() - started)
 
     def catch_up(self):
-        """Count the task events since the last scrape."""
+        """Count the tasks submitted and the task events since the last scrape."""
+        submitted, self.last_task = self.store.tasks_after(self.last_task)
+        self.submitted += submitted
         while True:
             events = self.store.events_after(self.last_event)
             for event in events:
-                if event["event"] == "Submitted":
-                    self.submitted += 1
-                elif event["event"] == "Started":
+                if event["event"] == "Started":
                     self.latency.observe(max(0.0, event["at"] - event["created_at"]))
                 elif event["event"] in ("Finished", "Cancelled"):
                     outcome = outcome_of(event["result"])
@@ -5576,8 +5587,9 @@ class DashboardViews:
     def task(self, req, task):
         """A task's history and the tail of its output (from its std-log artifact)."""
         row = self.coordinator.task_of(req, task, READ)
-        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
-                   for e in self.store.task_history(row["id"])]
+        history = [{"event": "Submitted", "at": stamp(row["created_at"]), "worker": None}]
+        history += [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                    for e in self.store.task_history(row["id"])]
         return {**self.coordinator.task_answer(row), "history": history,
                 "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
 
