@@ -2528,8 +2528,8 @@ def md5_bytes(value):
 
 def a_duration(value):
     seconds = parse_duration(a_str(value))
-    if seconds <= 0:
-        raise ValueError("must be positive")
+    if not 0 < seconds < 2**64:
+        raise ValueError("must be positive and within upstream's u64 seconds")
     return seconds
 
 
@@ -4440,6 +4440,8 @@ class Coordinator:
         filters = worker_filter(body)
         group_id = None
         if filters["group_name"]:
+            if self.store.group(filters["group_name"]) is None:  # upstream: 403, not 404
+                raise forbidden(f"no group {filters['group_name']} of yours")
             group_id = self.group_of(req, filters["group_name"], READ)["id"]
         visible_to = None if req.user["admin"] else req.user["id"]
         return filters, self.store.query_workers(visible_to, filters, group_id)
