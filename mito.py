@@ -7180,7 +7180,7 @@ def cmd_admin_shutdown(client, args):
 
 # ---- client status: the system on one terminal screen ------------------------------------
 
-STATUS_ROWS = 8     # running tasks and failures listed; the rest are counted
+STATUS_ROWS = 6     # groups, running tasks, failures listed: the rest are counted
 
 
 def render_counts(counts):
@@ -7192,8 +7192,11 @@ def render_counts(counts):
 def render_status(data):
     tasks, workers = data["tasks"], data["workers"]
     print(f"tasks      {render_counts(tasks['by_state'])}")
-    for group, counts in tasks["by_group"].items():
+    groups = list(tasks["by_group"].items())
+    for group, counts in groups[:STATUS_ROWS]:
         print(f"  {group:<16} {render_counts(counts)}")
+    if len(groups) > STATUS_ROWS:
+        print(f"  ... and {len(groups) - STATUS_ROWS} more groups (--json shows all)")
     print(f"workers    {workers['busy']} busy, {workers['idle']} idle, {workers['stale']} stale")
     throughput = data["throughput"]
     print(f"throughput {throughput['last_minute']} ended in the last minute, "
@@ -7219,7 +7222,7 @@ def listed(title, headers, rows):
     print(f"{title}:")
     print_table(headers, rows[:STATUS_ROWS])
     if len(rows) > STATUS_ROWS:
-        print(f"... and {len(rows) - STATUS_ROWS} more")
+        print(f"... and {len(rows) - STATUS_ROWS} more (--json shows all)")
 
 
 def cmd_status(client, args):
