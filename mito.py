@@ -2534,8 +2534,8 @@ def md5_bytes(value):
 
 def a_duration(value):
     seconds = parse_duration(a_str(value))
-    if seconds <= 0:
-        raise ValueError("must be positive")
+    if not 0 < seconds < 2**64:
+        raise ValueError("must be positive and within upstream's u64 seconds")
     return seconds
 
 
@@ -2800,8 +2800,9 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
-    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
-    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    # A task's history after its submission, for the dashboard, `client status` and
+    # /metrics: ids grow in commit order (writes hold one lock), so a reader can follow
+    # it incrementally.
     """
     CREATE TABLE task_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
@@ -2926,8 +2927,9 @@ class Store:
 
     @staticmethod
     def _record(db, task_ids, event, worker=None):
-        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
-        the history of tasks, inside the transaction that made it happen."""
+        """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
+        of tasks, inside the transaction that made it happen. (A task's submission is
+        its row's created_at: a batch of submissions costs no extra rows.)"""
         now = time.time()
         db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
                        [(task_id, event, now, worker) for task_id in task_ids])
@@ -3214,7 +3216,6 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
-            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
@@ -3491,6 +3492,14 @@ class Store:
 
     def last_event_id(self):
         return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def last_task_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM tasks")[0]
+
+    def tasks_after(self, task_id):
+        """(how many tasks were submitted after task `task_id`, the newest one's id)."""
+        count, newest = self.one("SELECT COUNT(*), MAX(id) FROM tasks WHERE id > ?", task_id)
+        return count, newest or task_id
 
     def events_after(self, event_id, limit=10000):
         """Events newer than `event_id`, with their task's creation time and result."""
@@ -4439,6 +4448,8 @@ class Coordinator:
         filters = worker_filter(body)
         group_id = None
         if filters["group_name"]:
+            if self.store.group(filters["group_name"]) is None:  # upstream: 403, not 404
+                raise forbidden(f"no group {filters['group_name']} of yours")
             group_id = self.group_of(req, filters["group_name"], READ)["id"]
         visible_to = None if req.user["admin"] else req.user["id"]
         return filters, self.store.query_workers(visible_to, filters, group_id)
@@ -5466,7 +5477,7 @@ class Metrics:
 
     def __init__(self, store):
         self.store, self.lock = store, threading.Lock()
-        self.last_event = store.last_event_id()
+        self.last_event, self.last_task = store.last_event_id(), store.last_task_id()
         self.submitted, self.ended = 0, {}
         self.latency = Histogram(self.LATENCY_BOUNDS)
         self.requests = {}
@@ -5481,13 +5492,13 @@ class Metrics:
             histogram.observe(time.perf_counter() - started)
 
     def catch_up(self):
-        """Count the task events since the last scrape."""
+        """Count the tasks submitted and the task events since the last scrape."""
+        submitted, self.last_task = self.store.tasks_after(self.last_task)
+        self.submitted += submitted
         while True:
             events = self.store.events_after(self.last_event)
             for event in events:
-                if event["event"] == "Submitted":
-                    self.submitted += 1
-                elif event["event"] == "Started":
+                if event["event"] == "Started":
                     self.latency.observe(max(0.0, event["at"] - event["created_at"]))
                 elif event["event"] in ("Finished", "Cancelled"):
                     outcome = outcome_of(event["result"])
@@ -5648,8 +5659,9 @@ class DashboardViews:
     def task(self, req, task):
         """A task's history and the tail of its output (from its std-log artifact)."""
         row = self.coordinator.task_of(req, task, READ)
-        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
-                   for e in self.store.task_history(row["id"])]
+        history = [{"event": "Submitted", "at": stamp(row["created_at"]), "worker": None}]
+        history += [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                    for e in self.store.task_history(row["id"])]
         return {**self.coordinator.task_answer(row), "history": history,
                 "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
 
@@ -7087,13 +7099,20 @@ def full_uuid(text):
     return None
 
 
-def uuid_prefix(text):
-    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): UsageError else."""
+def a_uuid_prefix(text):
+    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): ValueError else."""
     prefix = text.strip().lower()
     if len(prefix.replace("-", "")) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f-]{1,36}", prefix):
-        raise UsageError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
+        raise ValueError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
                          f"hex digits")
     return prefix
+
+
+def uuid_prefix(text):
+    try:
+        return a_uuid_prefix(text)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def one_match(text, candidates, what):
@@ -7142,6 +7161,12 @@ def resolve_uuid_args(client, args):
         args.uuid = resolve(client, args.uuid)
     if getattr(args, "uuids", None):
         args.uuids = [resolve(client, text) for text in args.uuids]
+    if getattr(args, "watch", None):  # submit --watch UUID:STATE
+        args.watch[0] = resolve_task(client, args.watch[0])
+    for resource in getattr(args, "resource", None) or []:  # --resource artifact:UUID:...
+        artifact = resource["remote_file"].get("Artifact")
+        if artifact:
+            artifact["uuid"] = resolve_task(client, artifact["uuid"])
 
 
 def exit_code_of(raw_status):
@@ -7329,7 +7354,7 @@ def parse_resource(text):
             return {"remote_file": {"Attachment": {"key": rest}}, "local_path": local}
         if kind == "artifact":
             task_uuid, _, content = rest.partition(":")
-            return {"remote_file": {"Artifact": {"uuid": str(uuidlib.UUID(task_uuid)),
+            return {"remote_file": {"Artifact": {"uuid": a_uuid_prefix(task_uuid),
                                                  "content_type": artifact_kind(content)}},
                     "local_path": local}
         raise ValueError("expected attachment:KEY=LOCAL_PATH or artifact:UUID:KIND=LOCAL_PATH")
@@ -7347,7 +7372,7 @@ def parse_artifact_kind(text):
 def parse_watch(text):
     task_uuid, _, state = text.rpartition(":")
     try:
-        task_uuid = str(uuidlib.UUID(task_uuid))
+        task_uuid = a_uuid_prefix(task_uuid)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad watch {text!r}: expected UUID:STATE") from None
     if state not in EXEC_STATES:
@@ -7942,7 +7967,7 @@ def cmd_admin_shutdown(client, args):
 
 # ---- client status: the system on one terminal screen ------------------------------------
 
-STATUS_ROWS = 8     # running tasks and failures listed; the rest are counted
+STATUS_ROWS = 6     # groups, running tasks, failures listed: the rest are counted
 
 
 def render_counts(counts):
@@ -7954,8 +7979,11 @@ def render_counts(counts):
 def render_status(data):
     tasks, workers = data["tasks"], data["workers"]
     print(f"tasks      {render_counts(tasks['by_state'])}")
-    for group, counts in tasks["by_group"].items():
+    groups = list(tasks["by_group"].items())
+    for group, counts in groups[:STATUS_ROWS]:
         print(f"  {group:<16} {render_counts(counts)}")
+    if len(groups) > STATUS_ROWS:
+        print(f"  ... and {len(groups) - STATUS_ROWS} more groups (--json shows all)")
     print(f"workers    {workers['busy']} busy, {workers['idle']} idle, {workers['stale']} stale")
     throughput = data["throughput"]
     print(f"throughput {throughput['last_minute']} ended in the last minute, "
@@ -7981,7 +8009,7 @@ def listed(title, headers, rows):
     print(f"{title}:")
     print_table(headers, rows[:STATUS_ROWS])
     if len(rows) > STATUS_ROWS:
-        print(f"... and {len(rows) - STATUS_ROWS} more")
+        print(f"... and {len(rows) - STATUS_ROWS} more (--json shows all)")
 
 
 def cmd_status(client, args):

@@ -318,6 +318,9 @@ def test_a_worker_with_unknown_groups_and_roles_registers_as_upstream_does(world
         "groups": ["no-such-group", f"{name}-a:owner", f"{name}-b:READ", f"{name}-a:x:y"]})
     groups = alice.api("GET", f"/workers/{answer['worker_id']}")["groups"]
     assert groups == {name: "Admin", f"{name}-a": "Write", f"{name}-b": "Read"}
+    for lifetime in ("0s", "1" + "0" * 20 + "s", "9" * 400 + "s"):  # upstream: u64 seconds
+        body = {"tags": [], "labels": [], "groups": [], "lifetime": lifetime}
+        assert status_of(lambda: alice.api("POST", "/workers", body)) == 400, lifetime
 
 
 WIDE_SUBMISSIONS = [
@@ -482,3 +485,6 @@ def test_list_and_batch_routes_answer_upstreams_400s(world):
            ("/tasks/delete/artifacts/list", {"uuids": [], "content_type": "result"})]
     for path, body in bad:
         assert status_of(lambda: alice.api("POST", path, body)) == 400, path
+    for path, body in (("/workers/query", {"group_name": "no-such-group", "count": False}),
+                       ("/workers/shutdown", {"group_name": "no-such-group", "op": "Force"})):
+        assert status_of(lambda: alice.api("POST", path, body)) == 403, path
