@@ -570,7 +570,10 @@ class Http:
                             body.seek(0)
                         conn.request(method, target, body=body, headers=headers or {})
                         response = conn.getresponse()
-                    except (http.client.RemoteDisconnected, ConnectionError):
+                    except (http.client.RemoteDisconnected, ConnectionError,
+                            http.client.ImproperConnectionState):
+                        # closed by the server meanwhile, or left mid-request by an
+                        # interrupted call (Ctrl-C): nothing was sent, a fresh one will do
                         if reused and attempt == 1:
                             raise _StaleConnection() from None
                         raise
@@ -2505,9 +2508,10 @@ def uuids(value):
 def some_of(check, what):
     """`check`, and at least one item: upstream refuses an empty batch with 400."""
     def non_empty(value):
-        if not check(value):
+        checked = check(value)
+        if not checked:
             raise ValueError(f"the list of {what} cannot be empty")
-        return value
+        return checked
     return non_empty
 
 
@@ -2524,8 +2528,8 @@ def md5_bytes(value):
 
 def a_duration(value):
     seconds = parse_duration(a_str(value))
-    if seconds <= 0:
-        raise ValueError("must be positive")
+    if not 0 < seconds < 2**64:
+        raise ValueError("must be positive and within upstream's u64 seconds")
     return seconds
 
 
@@ -2790,8 +2794,9 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
-    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
-    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    # A task's history after its submission, for the dashboard, `client status` and
+    # /metrics: ids grow in commit order (writes hold one lock), so a reader can follow
+    # it incrementally.
     """
     CREATE TABLE task_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
@@ -2800,6 +2805,27 @@ _SCHEMA = [
     CREATE INDEX task_events_at ON task_events (at);
     CREATE INDEX tasks_group_state ON tasks (group_id, state);
     """,
+    # Tasks by group and state, kept by triggers in the writing transaction, so that
+    # counting costs the same with a million finished tasks as with none. (Statements
+    # one by one: trigger bodies hold semicolons.)
+    (
+        "DROP INDEX tasks_group_state",
+        "CREATE TABLE task_counts (group_id INTEGER NOT NULL, state TEXT NOT NULL, "
+        "n INTEGER NOT NULL, PRIMARY KEY (group_id, state)) WITHOUT ROWID",
+        "INSERT INTO task_counts SELECT group_id, state, COUNT(*) FROM tasks "
+        "GROUP BY group_id, state",
+        "CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN "
+        "INSERT INTO task_counts VALUES (new.group_id, new.state, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER task_counts_update AFTER UPDATE OF state, group_id ON tasks "
+        "WHEN old.state IS NOT new.state OR old.group_id IS NOT new.group_id BEGIN "
+        "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
+        "INSERT INTO task_counts VALUES (new.group_id, new.state, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN "
+        "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
+        "END",
+    ),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -2855,8 +2881,9 @@ class Store:
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         for number, script in enumerate(_SCHEMA[version:], version + 1):
+            statements = script if isinstance(script, tuple) else script.split(";")
             with self.write() as db:
-                for statement in filter(str.strip, script.split(";")):
+                for statement in filter(str.strip, statements):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={number}")
 
@@ -2896,8 +2923,9 @@ class Store:
 
     @staticmethod
     def _record(db, task_ids, event, worker=None):
-        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
-        the history of tasks, inside the transaction that made it happen."""
+        """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
+        of tasks, inside the transaction that made it happen. (A task's submission is
+        its row's created_at: a batch of submissions costs no extra rows.)"""
         now = time.time()
         db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
                        [(task_id, event, now, worker) for task_id in task_ids])
@@ -3181,7 +3209,6 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
-            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
@@ -3384,12 +3411,11 @@ class Store:
             f"SELECT name FROM groups WHERE {self._in_groups('id', group_ids)} ORDER BY name")]
 
     def task_counts(self, group_ids):
-        """[(group name, state, count)], from the (group_id, state) index."""
+        """[(group name, state, count)], from the counts the triggers keep."""
         return self.all(
-            "SELECT g.name AS group_name, c.state, c.n FROM (SELECT group_id, state, "
-            "COUNT(*) AS n FROM tasks WHERE "
-            f"{self._in_groups('group_id', group_ids)} GROUP BY group_id, state) c "
-            "JOIN groups g ON g.id = c.group_id ORDER BY g.name, c.state")
+            "SELECT g.name AS group_name, c.state, c.n FROM task_counts c "
+            "JOIN groups g ON g.id = c.group_id WHERE c.n > 0 AND "
+            f"{self._in_groups('c.group_id', group_ids)} ORDER BY g.name, c.state")
 
     def running_tasks(self, group_ids, limit=100):
         """Running tasks, longest running first, with when they started and on which worker."""
@@ -3409,16 +3435,17 @@ class Store:
             f"('Finished', 'Cancelled') AND {self._in_groups('t.group_id', group_ids)} "
             "GROUP BY minute", since, since)}
 
-    def recent_failures(self, group_ids, limit=10):
-        """The last tasks that ended with a non-zero exit or a failure message (a user's
-        cancellation is no failure)."""
+    def recent_failures(self, group_ids, since, limit=10):
+        """The last tasks that ended since `since` with a non-zero exit or a failure
+        message (a user's cancellation is no failure)."""
         return self.all(
             "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
             "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
-            "g.id = t.group_id WHERE e.event IN ('Finished', 'Cancelled') AND "
+            "g.id = t.group_id WHERE e.at >= ? AND e.event IN ('Finished', 'Cancelled') AND "
             "(json_extract(t.result, '$.exit_status') != 0 OR "
             "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != 'UserCancellation')"
-            f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?", limit)
+            f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?",
+            since, limit)
 
     def oldest_ready(self, group_ids):
         return self.one(
@@ -3443,6 +3470,14 @@ class Store:
 
     def last_event_id(self):
         return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def last_task_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM tasks")[0]
+
+    def tasks_after(self, task_id):
+        """(how many tasks were submitted after task `task_id`, the newest one's id)."""
+        count, newest = self.one("SELECT COUNT(*), MAX(id) FROM tasks WHERE id > ?", task_id)
+        return count, newest or task_id
 
     def events_after(self, event_id, limit=10000):
         """Events newer than `event_id`, with their task's creation time and result."""
@@ -3947,6 +3982,13 @@ class Coordinator:
                             f"in group {name}")
         return group
 
+    def listed_group(self, req, name, need):
+        """group_of for the list and batch routes, where upstream's check_task_list_query
+        answers an unknown group with 400, not 404."""
+        if self.store.group(name) is None:
+            raise HttpError(400, f"group {name} not found")
+        return self.group_of(req, name, need)
+
     def task_of(self, req, task_uuid, need):
         task = self.store.task(path_uuid(task_uuid))
         if task is None:
@@ -4044,7 +4086,10 @@ class Coordinator:
         self.store.create_group(name, req.user)
 
     def get_group(self, req, group):
+        """GroupQueryInfo; its members only for those who manage them (upstream shows
+        users_in_group to the group's Admins only)."""
         row = self.group_of(req, group, READ)
+        manager = req.user["admin"] or self.store.group_role(req.user["id"], row["id"]) >= ADMIN
         tasks, workers = self.store.group_counts(row["id"])
         creator = self.store.user_by_id(row["creator_id"])
         return {"group_name": row["name"], "creator_username": creator["username"],
@@ -4052,22 +4097,24 @@ class Coordinator:
                 "state": row["state"], "task_count": tasks,
                 "storage_quota": row["storage_quota"], "storage_used": row["storage_used"],
                 "worker_count": workers,
-                "users_in_group": role_names(self.store.group_members(row["id"]))}
+                "users_in_group": role_names(self.store.group_members(row["id"]))
+                if manager else None}
 
     @staticmethod
     def ids_of(names, lookup, what):
-        """{name: id} of existing users or groups; 404 naming the first that is not."""
-        found = {}
-        for name in names:
-            row = lookup(name)
-            if row is None:
-                raise not_found(f"{what} {name}")
-            found[name] = row["id"]
-        return found
+        """{name: id} of a non-empty list of existing users or groups; 400 naming those
+        that do not exist, as upstream answers (service/group.rs, worker/mod.rs)."""
+        if not names:
+            raise HttpError(400, f"no {what} given")
+        found = {name: lookup(name) for name in names}
+        missing = sorted(name for name, row in found.items() if row is None)
+        if missing:
+            raise HttpError(400, f"some {what}s do not exist: {', '.join(missing)}")
+        return {name: row["id"] for name, row in found.items()}
 
     def update_members(self, req, group):
-        row = self.group_of(req, group, ADMIN)
         relations = field(req.body(), "relations", roles_map)
+        row = self.group_of(req, group, ADMIN)
         ids = self.ids_of(relations, self.store.user, "user")
         roles = {ids[name]: role for name, role in relations.items()}
         if roles.get(row["creator_id"], ADMIN) < ADMIN:
@@ -4114,7 +4161,7 @@ class Coordinator:
         return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
-        row = self.group_of(req, group, READ)
+        row = self.listed_group(req, group, READ)
         body = req.body()
         part = field(body, "key", a_str, None) or field(body, "key_prefix", a_str, None)
         limit, offset = field(body, "limit", a_size, None), field(body, "offset", a_size, None)
@@ -4150,7 +4197,7 @@ class Coordinator:
         return found
 
     def attachments_by_filter(self, req, group, need):
-        row = self.group_of(req, group, need)
+        row = self.listed_group(req, group, need)
         body = req.body()
         rows = self.store.query_attachments(row["id"], field(body, "key", a_str, None),
                                             field(body, "limit", a_size, None),
@@ -4162,8 +4209,8 @@ class Coordinator:
         return self.attachment_downloads(req, row, keys)
 
     def download_attachments_list(self, req, group):
-        row = self.group_of(req, group, READ)
-        keys = field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, READ)
+        keys = field(req.body(), "keys", some_of(strs, "keys"))
         return self.attachment_downloads(req, row, keys)
 
     def attachment_downloads(self, req, group, keys):
@@ -4181,8 +4228,8 @@ class Coordinator:
         return {"deleted_count": deleted, "group_name": group}
 
     def delete_attachments_list(self, req, group):
-        row = self.group_of(req, group, WRITE)
-        failed = [key for key in field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, WRITE)
+        failed = [key for key in field(req.body(), "keys", some_of(strs, "keys"))
                   if not self.drop_attachment(row["id"], key)]
         return {"deleted_count": len(req.body()["keys"]) - len(failed), "failed_keys": failed,
                 "group_name": group}
@@ -4393,6 +4440,8 @@ class Coordinator:
         filters = worker_filter(body)
         group_id = None
         if filters["group_name"]:
+            if self.store.group(filters["group_name"]) is None:  # upstream: 403, not 404
+                raise forbidden(f"no group {filters['group_name']} of yours")
             group_id = self.group_of(req, filters["group_name"], READ)["id"]
         visible_to = None if req.user["admin"] else req.user["id"]
         return filters, self.store.query_workers(visible_to, filters, group_id)
@@ -4445,10 +4494,8 @@ class Coordinator:
 
     def worker_groups(self, req, worker):
         relations = field(req.body(), "relations", roles_map)
-        if not relations:
-            raise HttpError(400, "empty group relations")
         row = self.worker_of(req, worker, ADMIN)
-        self.existing_groups(relations)  # 400 for an unknown one, as upstream
+        self.ids_of(relations, self.store.group, "group")
         roles, refused = self.servable_groups(req.user, relations)
         if refused:
             raise forbidden(f"user {req.user['username']} needs the Write role in group "
@@ -4464,18 +4511,9 @@ class Coordinator:
         self.drop_worker_groups(req, worker, field(req.body(), "groups", strs))
 
     def drop_worker_groups(self, req, worker, names):
-        if not names:
-            raise HttpError(400, "empty group names")
         row = self.worker_of(req, worker, ADMIN)
-        self.store.remove_worker_groups(row["id"], self.existing_groups(names).values())
-
-    def existing_groups(self, names):
-        """{name: id}; 400 if one does not exist, as upstream answers for worker groups."""
-        found = {name: self.store.group(name) for name in names}
-        missing = sorted(name for name, row in found.items() if row is None)
-        if missing:
-            raise HttpError(400, f"some groups do not exist: {', '.join(missing)}")
-        return {name: row["id"] for name, row in found.items()}
+        self.store.remove_worker_groups(row["id"],
+                                        self.ids_of(names, self.store.group, "group").values())
 
     # -- tasks
 
@@ -4539,9 +4577,7 @@ class Coordinator:
         caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
         name = filters["group_name"] or req.user["username"]
-        if self.store.group(name) is None:  # 400 as upstream's check_task_list_query
-            raise HttpError(400, f"group {name} not found")
-        group_ids = [self.group_of(req, name, need)["id"]]
+        group_ids = [self.listed_group(req, name, need)["id"]]
         return filters, self.store.query_tasks(filters, group_ids, count)
 
     def query_tasks(self, req):
@@ -4603,7 +4639,7 @@ class Coordinator:
         body = req.body()
         kind = field(body, "content_type", a_kind)
         rows, failed = [], []
-        for task_uuid in field(body, "uuids", uuids):
+        for task_uuid in field(body, "uuids", some_uuids):
             try:
                 rows.append(self.task_of(req, task_uuid, need))
             except HttpError:
@@ -5318,6 +5354,7 @@ def run_coordinator(args):
 
 STALE_FRACTION = 2 / 3      # silent this part of --heartbeat-timeout: a worker is "stale"
 THROUGHPUT_WINDOW = 3600    # the overview's chart: tasks ended per minute, last hour
+FAILURES_WINDOW = 86400     # "recent failures": those of the last day
 OUTPUT_TAIL = 4096          # bytes of stdout/stderr shown on a finished task's page
 TAIL_ARCHIVE_LIMIT = 1 << 20  # a larger std-log archive is not unpacked on a request:
                               # reading a tar.gz's last bytes means inflating all of it
@@ -5376,7 +5413,7 @@ class Metrics:
 
     def __init__(self, store):
         self.store, self.lock = store, threading.Lock()
-        self.last_event = store.last_event_id()
+        self.last_event, self.last_task = store.last_event_id(), store.last_task_id()
         self.submitted, self.ended = 0, {}
         self.latency = Histogram(self.LATENCY_BOUNDS)
         self.requests = {}
@@ -5391,13 +5428,13 @@ class Metrics:
             histogram.observe(time.perf_counter() - started)
 
     def catch_up(self):
-        """Count the task events since the last scrape."""
+        """Count the tasks submitted and the task events since the last scrape."""
+        submitted, self.last_task = self.store.tasks_after(self.last_task)
+        self.submitted += submitted
         while True:
             events = self.store.events_after(self.last_event)
             for event in events:
-                if event["event"] == "Submitted":
-                    self.submitted += 1
-                elif event["event"] == "Started":
+                if event["event"] == "Started":
                     self.latency.observe(max(0.0, event["at"] - event["created_at"]))
                 elif event["event"] in ("Finished", "Cancelled"):
                     outcome = outcome_of(event["result"])
@@ -5493,8 +5530,8 @@ class DashboardViews:
                             for row in self.store.running_tasks(groups)],
                 "throughput": self.throughput(groups, now),
                 "oldest_waiting": self.oldest_waiting(groups, now),
-                "recent_failures": [self.failure_entry(row)
-                                    for row in self.store.recent_failures(groups)]}
+                "recent_failures": [self.failure_entry(row) for row in
+                                    self.store.recent_failures(groups, now - FAILURES_WINDOW)]}
 
     def workers(self, user, now):
         stale_before = self.stale_before(now)
@@ -5558,8 +5595,9 @@ class DashboardViews:
     def task(self, req, task):
         """A task's history and the tail of its output (from its std-log artifact)."""
         row = self.coordinator.task_of(req, task, READ)
-        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
-                   for e in self.store.task_history(row["id"])]
+        history = [{"event": "Submitted", "at": stamp(row["created_at"]), "worker": None}]
+        history += [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                    for e in self.store.task_history(row["id"])]
         return {**self.coordinator.task_answer(row), "history": history,
                 "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
 
@@ -6733,17 +6771,26 @@ def wait_deadline(timeout):
 
 
 def wait_task(client, task_uuid, deadline):
-    """TaskWait.run, with what to do next when it is cut short (timeout, Ctrl-C)."""
+    """TaskWait.run; cut short (timeout, Ctrl-C), it says what becomes of the task."""
     try:
         return TaskWait(client, task_uuid, deadline).run()
-    except (WaitTimedOut, KeyboardInterrupt) as stop:
+    except WaitTimedOut:
+        raise SystemExit(task_goes_on(client, task_uuid, "timed out")) from None
+    except KeyboardInterrupt:
+        raise SystemExit(task_goes_on(client, task_uuid, "stopped")) from None
+
+
+def task_goes_on(client, task_uuid, how):
+    """Say that the task goes on without us, and how to cancel it; the exit status."""
+    try:
         state = client.call("GET", f"/tasks/{task_uuid}")["info"]["state"]
-        why = "still" if isinstance(stop, WaitTimedOut) else "\nstopped waiting: it is"
-        print(f"{why} {state}: task {task_uuid} " + (
-            f"keeps waiting in the queue; cancel it with: mito.py client tasks cancel "
-            f"{task_uuid}" if state in ("Ready", "Pending") else
-            "keeps running (a task that has started cannot be cancelled)"), file=sys.stderr)
-        raise SystemExit(WAIT_TIMED_OUT if isinstance(stop, WaitTimedOut) else 130) from None
+    except ClientError:
+        state = "state unknown"
+    print(f"{how} waiting for task {task_uuid} ({state}): it " + (
+        f"keeps waiting in the queue; cancel it with: mito.py client tasks cancel "
+        f"{task_uuid}" if state in ("Ready", "Pending") else
+        "keeps running (a task that has started cannot be cancelled)"), file=sys.stderr)
+    return WAIT_TIMED_OUT if how == "timed out" else 130
 
 
 def wait_and_report(client, task_uuid, deadline, show_output):
@@ -6806,15 +6853,20 @@ def cmd_tasks_logs(client, args):
         raise ClientError(f"task {args.uuid} was submitted without --terminal: it keeps "
                           f"no output")
     stream = "stderr" if args.stderr else "stdout"
-    try:
-        printed = print_live_output(client, args.uuid, stream, args.follow)
-    except KeyboardInterrupt:
-        return 130
-    if args.follow:
+    if task["info"]["result"] is None:  # not ended: its live output
+        try:
+            printed = print_live_output(client, args.uuid, stream, args.follow)
+        except KeyboardInterrupt:
+            return task_goes_on(client, args.uuid, "stopped")
+        if not args.follow:
+            return 0
         task = wait_task(client, args.uuid, None)
-    if not printed and task["info"]["result"] is not None and any(
-            a["content_type"] == "std-log" for a in task["artifacts"]):
-        print_terminal_output(client, args.uuid, (stream,))  # nothing live: a restart
+        if printed:
+            return task_exit(task)
+    # ended: the std-log artifact holds the whole output (the live one keeps a tail,
+    # and a coordinator restart forgets it)
+    if any(a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, args.uuid, (stream,))
     return task_exit(task) if args.follow else 0
 
 
@@ -6930,7 +6982,7 @@ def cmd_artifacts_download(client, args):
 
 def cmd_artifacts_list(client, args):
     task = client.call("GET", f"/tasks/{args.uuid}")
-    client.show(task["artifacts"], lambda data: print_table(
+    client.show(task["artifacts"], lambda data: client.table(
         ["KIND", "SIZE", "UPDATED"],
         [(a["content_type"], human_size(a["size"]), human_age(a["updated_at"])) for a in data]))
 
@@ -6968,7 +7020,7 @@ def cmd_groups_remove_user(client, args):
 
 def cmd_groups_list(client, args):
     client.show(client.call("GET", "/users/groups"),
-                lambda data: print_table(["GROUP", "ROLE"], data["groups"].items()))
+                lambda data: client.table(["GROUP", "ROLE"], data["groups"].items()))
 
 
 def attachment_path(group, key):
@@ -6996,7 +7048,7 @@ def cmd_attachments_download(client, args):
 def cmd_attachments_query(client, args):
     answer = client.call("POST", f"/groups/{args.group}/attachments/query",
                          {"key": args.prefix, "limit": args.limit, "offset": args.offset})
-    client.show(answer, lambda data: print_table(
+    client.show(answer, lambda data: client.table(
         ["KEY", "SIZE", "UPDATED"],
         [(a["key"], human_size(a["size"]), human_age(a["updated_at"]))
          for a in data["attachments"]]))
@@ -7123,7 +7175,7 @@ def cmd_admin_shutdown(client, args):
 
 # ---- client status: the system on one terminal screen ------------------------------------
 
-STATUS_ROWS = 8     # running tasks and failures listed; the rest are counted
+STATUS_ROWS = 6     # groups, running tasks, failures listed: the rest are counted
 
 
 def render_counts(counts):
@@ -7135,8 +7187,11 @@ def render_counts(counts):
 def render_status(data):
     tasks, workers = data["tasks"], data["workers"]
     print(f"tasks      {render_counts(tasks['by_state'])}")
-    for group, counts in tasks["by_group"].items():
+    groups = list(tasks["by_group"].items())
+    for group, counts in groups[:STATUS_ROWS]:
         print(f"  {group:<16} {render_counts(counts)}")
+    if len(groups) > STATUS_ROWS:
+        print(f"  ... and {len(groups) - STATUS_ROWS} more groups (--json shows all)")
     print(f"workers    {workers['busy']} busy, {workers['idle']} idle, {workers['stale']} stale")
     throughput = data["throughput"]
     print(f"throughput {throughput['last_minute']} ended in the last minute, "
@@ -7162,7 +7217,7 @@ def listed(title, headers, rows):
     print(f"{title}:")
     print_table(headers, rows[:STATUS_ROWS])
     if len(rows) > STATUS_ROWS:
-        print(f"... and {len(rows) - STATUS_ROWS} more")
+        print(f"... and {len(rows) - STATUS_ROWS} more (--json shows all)")
 
 
 def cmd_status(client, args):

@@ -91,6 +91,19 @@ def test_logs_follow_prints_while_the_task_runs_and_exits_with_its_code(cluster,
     assert rest == b"last\n", (rest, err)
 
 
+def test_ctrl_c_on_logs_follow_says_the_task_keeps_running(cluster, tmp_path):
+    go, wait_for_go = gate(tmp_path)
+    task = submit(cluster, f"echo started; {wait_for_go}")
+    proc, _ = start_client(cluster, "tasks", "logs", "-f", task)
+    assert proc.stdout.readline() == b"started\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"stopped waiting for task {task} (Running): it keeps running".encode() in err, err
+    go.touch()
+    cluster.wait_task(task)
+
+
 def test_logs_prints_what_is_there_so_far_and_stderr_on_request(cluster, tmp_path):
     go, wait_for_go = gate(tmp_path)
     task = submit(cluster, f"echo so-far; echo complaint >&2; {wait_for_go}; echo later")
@@ -153,7 +166,7 @@ def test_a_wait_names_a_group_that_no_worker_serves(cluster):
     run = cluster.client("tasks", "wait", "--timeout", "1s", task)
     assert run.rc == mito.WAIT_TIMED_OUT, run
     assert f"no registered worker serves group {group}" in run.err, run
-    assert f"still Ready: task {task} keeps waiting" in run.err, run
+    assert f"timed out waiting for task {task} (Ready): it keeps waiting" in run.err, run
     assert "\r" not in run.err and run.out.strip() == task  # no status line off a terminal
 
 

@@ -318,6 +318,9 @@ def test_a_worker_with_unknown_groups_and_roles_registers_as_upstream_does(world
         "groups": ["no-such-group", f"{name}-a:owner", f"{name}-b:READ", f"{name}-a:x:y"]})
     groups = alice.api("GET", f"/workers/{answer['worker_id']}")["groups"]
     assert groups == {name: "Admin", f"{name}-a": "Write", f"{name}-b": "Read"}
+    for lifetime in ("0s", "1" + "0" * 20 + "s", "9" * 400 + "s"):  # upstream: u64 seconds
+        body = {"tags": [], "labels": [], "groups": [], "lifetime": lifetime}
+        assert status_of(lambda: alice.api("POST", "/workers", body)) == 400, lifetime
 
 
 WIDE_SUBMISSIONS = [
@@ -448,3 +451,40 @@ def test_a_worker_runs_what_upstream_accepts_and_goes_on(world):
     assert info["result"]["msg"] == "ExecTimeout"
     worker.assert_alive("worker")
     assert c.wait_task(alice, c.submit(alice, spec("true")))["result"]["exit_status"] == 0
+
+
+def test_group_members_are_managed_with_upstreams_status_codes(world):
+    c = world
+    name, alice = fresh_user(c)
+    reader, bob = fresh_user(c)
+    group = c.group(f"{name}-m", {name: "Admin", reader: "Read"}, creator=alice)
+    members = f"/groups/{group}/users"
+    for method, path, body in (("PUT", members, {"relations": {}}),
+                               ("PUT", members, {"relations": {"no-such-user": "Read"}}),
+                               ("POST", f"{members}/remove", {"users": []}),
+                               ("POST", f"{members}/remove", {"users": ["no-such-user"]})):
+        assert status_of(lambda: alice.api(method, path, body)) == 400, (path, body)
+    assert status_of(lambda: alice.api("DELETE", members)) == 400  # no ?users=
+    # the member list is for the group's Admins, as upstream shows it
+    assert bob.api("GET", f"/groups/{group}")["users_in_group"] is None
+    assert set(alice.api("GET", f"/groups/{group}")["users_in_group"]) == {name, reader}
+
+
+def test_list_and_batch_routes_answer_upstreams_400s(world):
+    c = world
+    name, alice = fresh_user(c)
+    bad = [("/tasks/query", {"group_name": "no-such-group", "count": False}),
+           ("/tasks/cancel", {"group_name": "no-such-group"}),
+           ("/tasks/download/artifacts", {"group_name": "no-such-group",
+                                          "content_type": "result"}),
+           ("/groups/no-such-group/attachments/query", {"count": False}),
+           ("/groups/no-such-group/download/attachments", {}),
+           (f"/groups/{name}/download/attachments/list", {"keys": []}),
+           (f"/groups/{name}/delete/attachments/list", {"keys": []}),
+           ("/tasks/download/artifacts/list", {"uuids": [], "content_type": "result"}),
+           ("/tasks/delete/artifacts/list", {"uuids": [], "content_type": "result"})]
+    for path, body in bad:
+        assert status_of(lambda: alice.api("POST", path, body)) == 400, path
+    for path, body in (("/workers/query", {"group_name": "no-such-group", "count": False}),
+                       ("/workers/shutdown", {"group_name": "no-such-group", "op": "Force"})):
+        assert status_of(lambda: alice.api("POST", path, body)) == 403, path

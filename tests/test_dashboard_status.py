@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from e2e import cluster, raw_request, spec, status_of  # noqa: F401
+from e2e import cluster, mito, raw_request, spec, status_of  # noqa: F401
 
 
 def status(client):
@@ -247,3 +247,66 @@ def test_metrics_public_on_a_trusted_network(cluster):
     c = cluster("--metrics-public")
     got, _, body = raw_request(c.url, "GET", "/metrics")
     assert got == 200 and "mito_tasks_submitted_total 0\n" in body.decode()
+
+
+# ---- the counts the triggers keep -------------------------------------------------------------
+
+
+def test_task_counts_are_kept_by_triggers_and_filled_by_the_migration(tmp_path, monkeypatch):
+    path = str(tmp_path / "mitosis.db")
+    monkeypatch.setattr(mito, "_SCHEMA", mito._SCHEMA[:2])  # a database from before them
+    old = mito.Store(path)
+    old.create_user("alice", b"hash", b"salt", False)
+    alice, group = old.user("alice"), old.group("alice")
+    request = {"tags": [], "labels": [], "timeout": 60, "priority": 0,
+               "task_spec": {"args": ["true"]}}
+    old.insert_tasks(alice["id"], [(group["id"], request)] * 3)
+    monkeypatch.undo()
+
+    store = mito.Store(path)
+    counts = lambda: {row["state"]: row["n"] for row in store.task_counts(None)}  # noqa: E731
+    assert counts() == {"Ready": 3}
+    worker_uuid = store.register_worker(alice["id"], [], [], {group["id"]: 2}, 2e9)
+    worker = store.worker(worker_uuid)
+    task = store.claim(worker)
+    assert counts() == {"Ready": 2, "Running": 1}
+    store.set_task_state(task["id"], "Finished")
+    store.commit_task(store.task(task["uuid"]), store.worker(worker_uuid),
+                      {"exit_status": 0, "msg": None})
+    store.cancel_tasks([row["id"] for row in store.all("SELECT id FROM tasks")])
+    assert counts() == {"Finished": 1, "Cancelled": 2}
+    assert store.task_counts([group["id"] + 1]) == []
+
+
+def test_client_status_stays_on_one_screen_with_many_groups_and_tasks(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice = c.user("alice")
+    c.admin.api("POST", "/admin/users/alice/group-quota", {"group_quota": "=100"})
+    for number in range(12):
+        group = c.group(f"g{number:02}", creator=alice)
+        c.submit(alice, spec("true"), group=group)
+    _, worker = c.register(alice, groups=["alice", *(f"g{n:02}" for n in range(12))])
+    for _ in range(10):  # ten tasks end with exit 1: ten recent failures
+        c.finish(worker, c.fetch(worker), exit_status=256)
+    shown = c.sandbox.run("client", "-c", c.url, "-u", "alice", "-p", "pw",
+                          "--credential-path", c.sandbox.root / "cred", "status")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) <= 24, shown.stdout
+    assert "  ... and 6 more groups (--json shows all)" in lines
+    assert "... and 4 more (--json shows all)" in lines
+
+
+def test_label_values_and_histograms_are_written_as_the_text_format_says():
+    histogram = mito.Histogram((0.5, 1))
+    for seconds in (0.1, 0.7, 3):
+        histogram.observe(seconds)
+    label = mito.prometheus_label('a "quoted" back\\slash\nnewline')
+    text = "\n".join(["# HELP h A histogram.", "# TYPE h histogram",
+                      *histogram.lines("h", f'handler="{label}",')]) + "\n"
+    samples = parse_prometheus(text)["h"]["samples"]
+    key = ("handler", r'a \"quoted\" back\\slash\nnewline')
+    assert samples[("h_bucket", (key, ("le", "0.5")))] == 1
+    assert samples[("h_bucket", (key, ("le", "1")))] == 2
+    assert samples[("h_bucket", (key, ("le", "+Inf")))] == 3
+    assert samples[("h_count", (key,))] == 3 and samples[("h_sum", (key,))] == 3.8
