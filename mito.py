@@ -6320,13 +6320,20 @@ def full_uuid(text):
     return None
 
 
-def uuid_prefix(text):
-    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): UsageError else."""
+def a_uuid_prefix(text):
+    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): ValueError else."""
     prefix = text.strip().lower()
     if len(prefix.replace("-", "")) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f-]{1,36}", prefix):
-        raise UsageError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
+        raise ValueError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
                          f"hex digits")
     return prefix
+
+
+def uuid_prefix(text):
+    try:
+        return a_uuid_prefix(text)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def one_match(text, candidates, what):
@@ -6375,6 +6382,12 @@ def resolve_uuid_args(client, args):
         args.uuid = resolve(client, args.uuid)
     if getattr(args, "uuids", None):
         args.uuids = [resolve(client, text) for text in args.uuids]
+    if getattr(args, "watch", None):  # submit --watch UUID:STATE
+        args.watch[0] = resolve_task(client, args.watch[0])
+    for resource in getattr(args, "resource", None) or []:  # --resource artifact:UUID:...
+        artifact = resource["remote_file"].get("Artifact")
+        if artifact:
+            artifact["uuid"] = resolve_task(client, artifact["uuid"])
 
 
 def exit_code_of(raw_status):
@@ -6562,7 +6575,7 @@ def parse_resource(text):
             return {"remote_file": {"Attachment": {"key": rest}}, "local_path": local}
         if kind == "artifact":
             task_uuid, _, content = rest.partition(":")
-            return {"remote_file": {"Artifact": {"uuid": str(uuidlib.UUID(task_uuid)),
+            return {"remote_file": {"Artifact": {"uuid": a_uuid_prefix(task_uuid),
                                                  "content_type": artifact_kind(content)}},
                     "local_path": local}
         raise ValueError("expected attachment:KEY=LOCAL_PATH or artifact:UUID:KIND=LOCAL_PATH")
@@ -6580,7 +6593,7 @@ def parse_artifact_kind(text):
 def parse_watch(text):
     task_uuid, _, state = text.rpartition(":")
     try:
-        task_uuid = str(uuidlib.UUID(task_uuid))
+        task_uuid = a_uuid_prefix(task_uuid)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad watch {text!r}: expected UUID:STATE") from None
     if state not in EXEC_STATES:
