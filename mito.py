@@ -2257,7 +2257,7 @@ class WorkerProcess:
         """The logs at a given log_path open before anything is contacted, so that an
         unwritable path is a one-line error (exit 2)."""
         settings = self.settings
-        if settings.log_path and not settings.file_log:
+        if settings.log_path and not (settings.file_log or settings.shared_log):
             log.warning("log_path is set but file_log is not: not logging to %s",
                         settings.log_path)
         if not settings.log_path:
@@ -5362,14 +5362,22 @@ def run_coordinator(args):
     if settings.max_connections < 1:
         fail_usage(f"bad value for max_connections: {settings.max_connections} (1 or more)")
     if settings.file_log:
-        add_rolling_file_log(settings.log_path
-                             or os.path.join(cache_home(), "coordinator", "coordinator.log"))
+        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
+                                                     "coordinator.log")
+        try:
+            add_rolling_file_log(log_path)
+        except OSError as error:
+            fail_usage(f"bad value for log_path: cannot write {log_path}: "
+                       f"{error.strerror or error}")
     tls = server_ssl_context(settings)
     try:
         coordinator = Coordinator(settings)
     except StateDirBusy as error:
         log.error("%s", error)
         return 1
+    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
+        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
+                   f"{getattr(error, 'strerror', None) or error}")
     admin = AdminAccount(coordinator)
     admin.ensure()
     host, port = settings.bind
