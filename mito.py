@@ -3756,18 +3756,16 @@ class TaskOutputs:
         self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
 
     def append(self, task_uuid, stream, worker_id, offset, data, finished):
-        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
-        (the task was requeued) starts the stream afresh."""
+        """Add an increment at byte `offset` of the stream."""
         with self.lock:
             kept = self.kept.pop((task_uuid, stream), None)
-            if kept is None or kept.worker_id != worker_id:
-                kept = self._replace(kept, KeptOutput(worker_id, offset))
-            if offset > kept.end:  # the worker skipped what it could not send in time
-                self.size -= len(kept.data)
-                kept.start, kept.data = offset, bytearray()
-            fresh = data[kept.end - offset:]
-            kept.data += fresh
-            self.size += len(fresh)
+            if kept is not None and kept.worker_id == worker_id and offset <= kept.end:
+                data = data[kept.end - offset:]  # a resent increment overlaps what is kept
+            else:  # the first, a requeued task's new run, or after bytes the worker skipped
+                self.size -= len(kept.data) if kept else 0
+                kept = KeptOutput(worker_id, offset)
+            kept.data += data
+            self.size += len(data)
             surplus = len(kept.data) - self.keep
             if surplus > 0:
                 del kept.data[:surplus]
@@ -3777,11 +3775,6 @@ class TaskOutputs:
             self.kept[(task_uuid, stream)] = kept
             while self.size > self.total:
                 self.size -= len(self.kept.popitem(last=False)[1].data)
-
-    def _replace(self, old, new):
-        if old is not None:
-            self.size -= len(old.data)
-        return new
 
     def read(self, task_uuid, stream, offset, ended):
         """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
