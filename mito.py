@@ -3489,6 +3489,16 @@ class Store:
             "WHERE gw.group_id = t.group_id AND gw.role >= 2)", task["id"])
         return tuple(row)
 
+    def worker_details(self, worker_ids):
+        """{worker id: (task_uuid, group_roles: JSON {group: role})}, in one query
+        however many workers the dashboard lists."""
+        ids = ",".join(str(int(worker_id)) for worker_id in worker_ids) or "NULL"
+        return {row["id"]: row for row in self.all(
+            "SELECT w.id, t.uuid AS task_uuid, (SELECT json_group_object(g.name, gw.role) "
+            "FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
+            "WHERE gw.worker_id = w.id) AS group_roles FROM workers w "
+            f"LEFT JOIN tasks t ON t.id = w.task_id WHERE w.id IN ({ids})")}
+
     def task_history(self, task_id):
         return self.all("SELECT event, at, worker FROM task_events WHERE task_id = ? "
                         "ORDER BY id", task_id)
@@ -3749,18 +3759,16 @@ class TaskOutputs:
         self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
 
     def append(self, task_uuid, stream, worker_id, offset, data, finished):
-        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
-        (the task was requeued) starts the stream afresh."""
+        """Add an increment at byte `offset` of the stream."""
         with self.lock:
             kept = self.kept.pop((task_uuid, stream), None)
-            if kept is None or kept.worker_id != worker_id:
-                kept = self._replace(kept, KeptOutput(worker_id, offset))
-            if offset > kept.end:  # the worker skipped what it could not send in time
-                self.size -= len(kept.data)
-                kept.start, kept.data = offset, bytearray()
-            fresh = data[kept.end - offset:]
-            kept.data += fresh
-            self.size += len(fresh)
+            if kept is not None and kept.worker_id == worker_id and offset <= kept.end:
+                data = data[kept.end - offset:]  # a resent increment overlaps what is kept
+            else:  # the first, a requeued task's new run, or after bytes the worker skipped
+                self.size -= len(kept.data) if kept else 0
+                kept = KeptOutput(worker_id, offset)
+            kept.data += data
+            self.size += len(data)
             surplus = len(kept.data) - self.keep
             if surplus > 0:
                 del kept.data[:surplus]
@@ -3770,11 +3778,6 @@ class TaskOutputs:
             self.kept[(task_uuid, stream)] = kept
             while self.size > self.total:
                 self.size -= len(self.kept.popitem(last=False)[1].data)
-
-    def _replace(self, old, new):
-        if old is not None:
-            self.size -= len(old.data)
-        return new
 
     def read(self, task_uuid, stream, offset, ended):
         """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
@@ -5620,13 +5623,15 @@ class DashboardViews:
         stale_before = self.stale_before(now)
         rows = self.store.query_workers(None if user["admin"] else user["id"],
                                         worker_filter({}))
-        listed = []
-        for row in rows:
-            entry = self.coordinator.worker_answer(row)
-            entry.update(activity=worker_activity(row, stale_before),
-                         groups=role_names(self.store.worker_groups(row["id"])),
-                         may_shutdown=bool(self.coordinator.may_manage(user, row, ADMIN)))
-            listed.append(entry)
+        details = self.store.worker_details([row["id"] for row in rows])
+        listed = [{"worker_id": row["uuid"], "creator_username": row["creator"],
+                   "tags": json.loads(row["tags"]), "labels": json.loads(row["labels"]),
+                   "state": row["state"], "last_heartbeat": stamp(row["last_heartbeat"]),
+                   "assigned_task_id": details[row["id"]]["task_uuid"],
+                   "groups": role_names(json.loads(details[row["id"]]["group_roles"])),
+                   "activity": worker_activity(row, stale_before),
+                   "may_shutdown": bool(self.coordinator.may_manage(user, row, ADMIN))}
+                  for row in rows]
         counts = {name: sum(w["activity"] == name for w in listed)
                   for name in ("busy", "idle", "stale")}
         return {**counts, "stale_after_seconds": now - stale_before, "list": listed}
@@ -5843,6 +5848,7 @@ const STATES = ["Pending", "Ready", "Running", "Finished", "Cancelled"];
 const STORE = window.sessionStorage;   // the token lives in this tab only
 let current = null;
 let refreshing = false;
+let refreshAgain = false;
 
 // ---- small DOM helpers ----------------------------------------------------------------
 
@@ -5993,8 +5999,15 @@ function show() {
   refresh();
 }
 
+async function tick() {
+  // refresh again once this refresh is over: a slow coordinator is never asked twice
+  await refresh();
+  window.setTimeout(tick, (current && current.view.every) || REFRESH_MS);
+}
+
 async function refresh() {
-  if (!current || refreshing || document.hidden) return;
+  if (refreshing) { refreshAgain = true; return; }   // a view shown meanwhile: once more
+  if (!current || document.hidden) return;
   const shown = current;
   refreshing = true;
   try {
@@ -6005,6 +6018,7 @@ async function refresh() {
   } finally {
     refreshing = false;
   }
+  if (refreshAgain) { refreshAgain = false; refresh(); }
 }
 
 // A part of a view: a container whose children are replaced in one step, so a refresh
@@ -6118,6 +6132,7 @@ VIEWS.tasks = {
 // ---- one task ------------------------------------------------------------------------------
 
 VIEWS.task = {
+  every: 1000,   // its output, while it runs
   mount(ctx) {
     ctx.state.offsets = {stdout: 0, stderr: 0};
     ctx.state.live = true;
@@ -6289,7 +6304,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("logout").addEventListener("click", () => logout());
   window.addEventListener("hashchange", show);
   document.addEventListener("visibilitychange", refresh);
-  setInterval(refresh, REFRESH_MS);
+  tick();
   show();
 });
 '''
