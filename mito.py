@@ -3003,15 +3003,19 @@ class Store:
             changes["sign"] = random.getrandbits(62)
         changes["updated_at"] = time.time()
         columns = ", ".join(f"{name} = :{name}" for name in changes)
+        revoked = requeued = ()
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
+            if changes.get("state", "Active") != "Active":
+                revoked = [row[0] for row in db.execute(
+                    "SELECT w.id FROM workers w JOIN users u ON u.id = w.creator_id "
+                    "WHERE u.username = ?", (username,))]
+                requeued = self._delete_workers(db, revoked)
         self.invalidate_auth_cache()
-        user = self.user(username)
-        if user["state"] != "Active":
-            revoked = self.all("SELECT id FROM workers WHERE creator_id = ?", user["id"])
-            self.remove_workers([row["id"] for row in revoked])
-        return user
+        if revoked:
+            self.wake_fetchers(requeued, revoked)
+        return self.user(username)
 
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
@@ -3120,14 +3124,19 @@ class Store:
 
     def remove_workers(self, worker_ids):
         """Delete workers; each one's unfinished task goes back to Ready."""
-        requeued = []
         with self.write() as db:
-            for worker_id in worker_ids:
-                requeued += self._requeue(db, worker_id)
-                db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
-                db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            requeued = self._delete_workers(db, worker_ids)
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
+
+    def _delete_workers(self, db, worker_ids):
+        """Delete workers inside a transaction; the ids of the tasks requeued."""
+        requeued = []
+        for worker_id in worker_ids:
+            requeued += self._requeue(db, worker_id)
+            db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        return requeued
 
     def _requeue(self, db, worker_id):
         """Put every uncommitted task still on the worker back in the queue; their ids."""
