@@ -2385,6 +2385,9 @@ COORDINATOR_OPTIONS = (
            "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
     Option("workers", "int", 0, ("--workers",),
            "Also start N local workers, serving the admin's own group", "N"),
+    Option("local_worker_groups", "groups", [], ("--local-worker-groups",),
+           "Other groups the local workers serve (GROUP or GROUP:read|write|admin); their "
+           "tasks run as the coordinator's Unix user and can read its state dir"),
     Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
            "worker-subset: a worker takes a task when the worker's tags are a subset of "
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
@@ -3756,18 +3759,16 @@ class TaskOutputs:
         self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
 
     def append(self, task_uuid, stream, worker_id, offset, data, finished):
-        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
-        (the task was requeued) starts the stream afresh."""
+        """Add an increment at byte `offset` of the stream."""
         with self.lock:
             kept = self.kept.pop((task_uuid, stream), None)
-            if kept is None or kept.worker_id != worker_id:
-                kept = self._replace(kept, KeptOutput(worker_id, offset))
-            if offset > kept.end:  # the worker skipped what it could not send in time
-                self.size -= len(kept.data)
-                kept.start, kept.data = offset, bytearray()
-            fresh = data[kept.end - offset:]
-            kept.data += fresh
-            self.size += len(fresh)
+            if kept is not None and kept.worker_id == worker_id and offset <= kept.end:
+                data = data[kept.end - offset:]  # a resent increment overlaps what is kept
+            else:  # the first, a requeued task's new run, or after bytes the worker skipped
+                self.size -= len(kept.data) if kept else 0
+                kept = KeptOutput(worker_id, offset)
+            kept.data += data
+            self.size += len(data)
             surplus = len(kept.data) - self.keep
             if surplus > 0:
                 del kept.data[:surplus]
@@ -3777,11 +3778,6 @@ class TaskOutputs:
             self.kept[(task_uuid, stream)] = kept
             while self.size > self.total:
                 self.size -= len(self.kept.popitem(last=False)[1].data)
-
-    def _replace(self, old, new):
-        if old is not None:
-            self.size -= len(old.data)
-        return new
 
     def read(self, task_uuid, stream, offset, ended):
         """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
@@ -5322,7 +5318,9 @@ class LocalWorkers:
     def command(self):
         command = [sys.executable, os.path.abspath(__file__), "worker", "-c", self.url,
                    "--credential-path", self.credentials, "--polling-interval", "30s"]
-        return command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+        groups = self.coordinator.settings.local_worker_groups
+        return (command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+                + (["-g", ",".join(groups)] if groups else []))
 
     def supervise_forever(self):
         """Start the slots, then restart those that exit until the coordinator stops."""
@@ -5369,7 +5367,8 @@ def public_address(scheme, host, port):
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run_coordinator(args):
+def coordinator_settings(args):
+    """The coordinator's settings, with the checks their types do not make."""
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
         fail_usage(f"bad value for tag_matching: {settings.tag_matching!r} "
@@ -5378,6 +5377,11 @@ def run_coordinator(args):
         fail_usage(f"bad value for workers: {settings.workers} (0 or more)")
     if settings.max_connections < 1:
         fail_usage(f"bad value for max_connections: {settings.max_connections} (1 or more)")
+    return settings
+
+
+def run_coordinator(args):
+    settings = coordinator_settings(args)
     if settings.file_log:
         log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
                                                      "coordinator.log")
