@@ -166,14 +166,14 @@ def test_tasks_submitted_through_the_api_appear_newest_first_shown_literally(
 
 def test_a_task_page_follows_the_output_while_the_task_runs(system, page, tmp_path):
     c = system
-    task_uuid = c.submit(c.alice, sh("for i in 1 2 3 4 5 6; do echo line$i; sleep 0.7; done; "
+    task_uuid = c.submit(c.alice, sh("for i in $(seq 1 10); do echo line$i; sleep 0.7; done; "
                                      "echo oops >&2", terminal_output=True))
     go(page, f"#/task/{task_uuid}")
     wait_for(page, lambda: "line1" in text_of(page, "out-stdout")
              and "Running" in text_of(page, "part-details"), "output while it runs")
-    wait_for(page, lambda: "line6" in text_of(page, "out-stdout")
+    wait_for(page, lambda: "line10" in text_of(page, "out-stdout")
              and "Finished" in text_of(page, "part-details"), "the end of the task")
-    assert text_of(page, "out-stdout").split() == [f"line{i}" for i in range(1, 7)]
+    assert text_of(page, "out-stdout").split() == [f"line{i}" for i in range(1, 11)]
     wait_for(page, lambda: "oops" in text_of(page, "out-stderr"), "stderr")
     history = text_of(page, "part-history")
     assert "Submitted" in history and "Started" in history and "Finished" in history
