@@ -7544,10 +7544,10 @@ class TaskWait:
                 task = self.client.call("GET", f"/tasks/{self.uuid}", patient=True)
                 if task["info"]["result"] is not None:
                     return task
+                self.look_at_workers(task["info"])  # first: even a short wait says why
                 now = time.monotonic()
                 if self.deadline is not None and now >= self.deadline:
                     raise WaitTimedOut()
-                self.look_at_workers(task["info"])
                 self.line.show(self.status(task["info"], now - self.start))
                 time.sleep(pause if self.deadline is None else
                            max(0.0, min(pause, self.deadline - now)))

@@ -16,7 +16,7 @@ import pytest
 
 import support
 
-from client_helpers import ADMIN, POOL, SHARED, ApiFailed, cluster, wait_until  # noqa: F401
+from client_helpers import ADMIN, POOL, ApiFailed, cluster, wait_until  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mito  # noqa: E402
