@@ -239,14 +239,16 @@ def test_upload_and_download_an_attachment(system, page, tmp_path):
     wait_for(page, lambda: [p for p in page.downloads.iterdir() if p.name.endswith("data.txt")
                             and p.read_bytes() == b"attached bytes\n"],
              f"the download in {page.downloads}")
+    screenshot(page, tmp_path, "group")
 
 
-def test_drain_a_worker_from_the_workers_page(system, page):
+def test_drain_a_worker_from_the_workers_page(system, page, tmp_path):
     c = system
     worker_uuid, _ = c.register(c.alice, groups=["alice"], tags=["drain-me"])
     go(page, "#/workers")
     row = wait_for(page, lambda: [r for r in page.find_elements(By.CSS_SELECTOR, "#part-workers tr")
                                   if "drain-me" in r.text], "the worker in the table")[0]
+    screenshot(page, tmp_path, "workers")
     row.find_element(By.XPATH, ".//button[text()='Drain']").click()
     wait_for(page, lambda: worker_uuid not in c.workers(c.alice), "the worker to go")
     wait_for(page, lambda: "drain-me" not in text_of(page, "part-workers"), "the table to update")
