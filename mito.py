@@ -2257,7 +2257,7 @@ class WorkerProcess:
         """The logs at a given log_path open before anything is contacted, so that an
         unwritable path is a one-line error (exit 2)."""
         settings = self.settings
-        if settings.log_path and not settings.file_log:
+        if settings.log_path and not (settings.file_log or settings.shared_log):
             log.warning("log_path is set but file_log is not: not logging to %s",
                         settings.log_path)
         if not settings.log_path:
@@ -2385,6 +2385,9 @@ COORDINATOR_OPTIONS = (
            "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
     Option("workers", "int", 0, ("--workers",),
            "Also start N local workers, serving the admin's own group", "N"),
+    Option("local_worker_groups", "groups", [], ("--local-worker-groups",),
+           "Other groups the local workers serve (GROUP or GROUP:read|write|admin); their "
+           "tasks run as the coordinator's Unix user and can read its state dir"),
     Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
            "worker-subset: a worker takes a task when the worker's tags are a subset of "
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
@@ -3034,15 +3037,19 @@ class Store:
             changes["sign"] = random.getrandbits(62)
         changes["updated_at"] = time.time()
         columns = ", ".join(f"{name} = :{name}" for name in changes)
+        revoked = requeued = ()
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
+            if changes.get("state", "Active") != "Active":
+                revoked = [row[0] for row in db.execute(
+                    "SELECT w.id FROM workers w JOIN users u ON u.id = w.creator_id "
+                    "WHERE u.username = ?", (username,))]
+                requeued = self._delete_workers(db, revoked)
         self.invalidate_auth_cache()
-        user = self.user(username)
-        if user["state"] != "Active":
-            revoked = self.all("SELECT id FROM workers WHERE creator_id = ?", user["id"])
-            self.remove_workers([row["id"] for row in revoked])
-        return user
+        if revoked:
+            self.wake_fetchers(requeued, revoked)
+        return self.user(username)
 
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
@@ -3151,14 +3158,19 @@ class Store:
 
     def remove_workers(self, worker_ids):
         """Delete workers; each one's unfinished task goes back to Ready."""
-        requeued = []
         with self.write() as db:
-            for worker_id in worker_ids:
-                requeued += self._requeue(db, worker_id)
-                db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
-                db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            requeued = self._delete_workers(db, worker_ids)
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
+
+    def _delete_workers(self, db, worker_ids):
+        """Delete workers inside a transaction; the ids of the tasks requeued."""
+        requeued = []
+        for worker_id in worker_ids:
+            requeued += self._requeue(db, worker_id)
+            db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        return requeued
 
     def _requeue(self, db, worker_id):
         """Put every uncommitted task still on the worker back in the queue; their ids."""
@@ -3545,6 +3557,16 @@ class Store:
             "WHERE gw.group_id = t.group_id AND gw.role >= 2)", task["id"])
         return tuple(row)
 
+    def worker_details(self, worker_ids):
+        """{worker id: (task_uuid, group_roles: JSON {group: role})}, in one query
+        however many workers the dashboard lists."""
+        ids = ",".join(str(int(worker_id)) for worker_id in worker_ids) or "NULL"
+        return {row["id"]: row for row in self.all(
+            "SELECT w.id, t.uuid AS task_uuid, (SELECT json_group_object(g.name, gw.role) "
+            "FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
+            "WHERE gw.worker_id = w.id) AS group_roles FROM workers w "
+            f"LEFT JOIN tasks t ON t.id = w.task_id WHERE w.id IN ({ids})")}
+
     def task_history(self, task_id):
         return self.all("SELECT event, at, worker FROM task_events WHERE task_id = ? "
                         "ORDER BY id", task_id)
@@ -3805,18 +3827,16 @@ class TaskOutputs:
         self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
 
     def append(self, task_uuid, stream, worker_id, offset, data, finished):
-        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
-        (the task was requeued) starts the stream afresh."""
+        """Add an increment at byte `offset` of the stream."""
         with self.lock:
             kept = self.kept.pop((task_uuid, stream), None)
-            if kept is None or kept.worker_id != worker_id:
-                kept = self._replace(kept, KeptOutput(worker_id, offset))
-            if offset > kept.end:  # the worker skipped what it could not send in time
-                self.size -= len(kept.data)
-                kept.start, kept.data = offset, bytearray()
-            fresh = data[kept.end - offset:]
-            kept.data += fresh
-            self.size += len(fresh)
+            if kept is not None and kept.worker_id == worker_id and offset <= kept.end:
+                data = data[kept.end - offset:]  # a resent increment overlaps what is kept
+            else:  # the first, a requeued task's new run, or after bytes the worker skipped
+                self.size -= len(kept.data) if kept else 0
+                kept = KeptOutput(worker_id, offset)
+            kept.data += data
+            self.size += len(data)
             surplus = len(kept.data) - self.keep
             if surplus > 0:
                 del kept.data[:surplus]
@@ -3826,11 +3846,6 @@ class TaskOutputs:
             self.kept[(task_uuid, stream)] = kept
             while self.size > self.total:
                 self.size -= len(self.kept.popitem(last=False)[1].data)
-
-    def _replace(self, old, new):
-        if old is not None:
-            self.size -= len(old.data)
-        return new
 
     def read(self, task_uuid, stream, offset, ended):
         """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
@@ -5371,7 +5386,9 @@ class LocalWorkers:
     def command(self):
         command = [sys.executable, os.path.abspath(__file__), "worker", "-c", self.url,
                    "--credential-path", self.credentials, "--polling-interval", "30s"]
-        return command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+        groups = self.coordinator.settings.local_worker_groups
+        return (command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+                + (["-g", ",".join(groups)] if groups else []))
 
     def supervise_forever(self):
         """Start the slots, then restart those that exit until the coordinator stops."""
@@ -5418,7 +5435,8 @@ def public_address(scheme, host, port):
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run_coordinator(args):
+def coordinator_settings(args):
+    """The coordinator's settings, with the checks their types do not make."""
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
         fail_usage(f"bad value for tag_matching: {settings.tag_matching!r} "
@@ -5427,15 +5445,28 @@ def run_coordinator(args):
         fail_usage(f"bad value for workers: {settings.workers} (0 or more)")
     if settings.max_connections < 1:
         fail_usage(f"bad value for max_connections: {settings.max_connections} (1 or more)")
+    return settings
+
+
+def run_coordinator(args):
+    settings = coordinator_settings(args)
     if settings.file_log:
-        add_rolling_file_log(settings.log_path
-                             or os.path.join(cache_home(), "coordinator", "coordinator.log"))
+        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
+                                                     "coordinator.log")
+        try:
+            add_rolling_file_log(log_path)
+        except OSError as error:
+            fail_usage(f"bad value for log_path: cannot write {log_path}: "
+                       f"{error.strerror or error}")
     tls = server_ssl_context(settings)
     try:
         coordinator = Coordinator(settings)
     except StateDirBusy as error:
         log.error("%s", error)
         return 1
+    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
+        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
+                   f"{getattr(error, 'strerror', None) or error}")
     admin = AdminAccount(coordinator)
     admin.ensure()
     host, port = settings.bind
@@ -5660,13 +5691,15 @@ class DashboardViews:
         stale_before = self.stale_before(now)
         rows = self.store.query_workers(None if user["admin"] else user["id"],
                                         worker_filter({}))
-        listed = []
-        for row in rows:
-            entry = self.coordinator.worker_answer(row)
-            entry.update(activity=worker_activity(row, stale_before),
-                         groups=role_names(self.store.worker_groups(row["id"])),
-                         may_shutdown=bool(self.coordinator.may_manage(user, row, ADMIN)))
-            listed.append(entry)
+        details = self.store.worker_details([row["id"] for row in rows])
+        listed = [{"worker_id": row["uuid"], "creator_username": row["creator"],
+                   "tags": json.loads(row["tags"]), "labels": json.loads(row["labels"]),
+                   "state": row["state"], "last_heartbeat": stamp(row["last_heartbeat"]),
+                   "assigned_task_id": details[row["id"]]["task_uuid"],
+                   "groups": role_names(json.loads(details[row["id"]]["group_roles"])),
+                   "activity": worker_activity(row, stale_before),
+                   "may_shutdown": bool(self.coordinator.may_manage(user, row, ADMIN))}
+                  for row in rows]
         counts = {name: sum(w["activity"] == name for w in listed)
                   for name in ("busy", "idle", "stale")}
         return {**counts, "stale_after_seconds": now - stale_before, "list": listed}
@@ -5883,6 +5916,7 @@ const STATES = ["Pending", "Ready", "Running", "Finished", "Cancelled"];
 const STORE = window.sessionStorage;   // the token lives in this tab only
 let current = null;
 let refreshing = false;
+let refreshAgain = false;
 
 // ---- small DOM helpers ----------------------------------------------------------------
 
@@ -6033,8 +6067,15 @@ function show() {
   refresh();
 }
 
+async function tick() {
+  // refresh again once this refresh is over: a slow coordinator is never asked twice
+  await refresh();
+  window.setTimeout(tick, (current && current.view.every) || REFRESH_MS);
+}
+
 async function refresh() {
-  if (!current || refreshing || document.hidden) return;
+  if (refreshing) { refreshAgain = true; return; }   // a view shown meanwhile: once more
+  if (!current || document.hidden) return;
   const shown = current;
   refreshing = true;
   try {
@@ -6045,6 +6086,7 @@ async function refresh() {
   } finally {
     refreshing = false;
   }
+  if (refreshAgain) { refreshAgain = false; refresh(); }
 }
 
 // A part of a view: a container whose children are replaced in one step, so a refresh
@@ -6158,6 +6200,7 @@ VIEWS.tasks = {
 // ---- one task ------------------------------------------------------------------------------
 
 VIEWS.task = {
+  every: 1000,   // its output, while it runs
   mount(ctx) {
     ctx.state.offsets = {stdout: 0, stderr: 0};
     ctx.state.live = true;
@@ -6329,7 +6372,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("logout").addEventListener("click", () => logout());
   window.addEventListener("hashchange", show);
   document.addEventListener("visibilitychange", refresh);
-  setInterval(refresh, REFRESH_MS);
+  tick();
   show();
 });
 '''
@@ -7569,10 +7612,10 @@ class TaskWait:
                 task = self.client.call("GET", f"/tasks/{self.uuid}", patient=True)
                 if task["info"]["result"] is not None:
                     return task
+                self.look_at_workers(task["info"])  # first: even a short wait says why
                 now = time.monotonic()
                 if self.deadline is not None and now >= self.deadline:
                     raise WaitTimedOut()
-                self.look_at_workers(task["info"])
                 self.line.show(self.status(task["info"], now - self.start))
                 time.sleep(pause if self.deadline is None else
                            max(0.0, min(pause, self.deadline - now)))

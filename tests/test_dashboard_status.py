@@ -53,6 +53,9 @@ def test_status_counts_tasks_workers_running_throughput_and_failures(cluster):
     assert now["tasks"]["by_state"] == {"Ready": 2, "Running": 1}
     assert now["tasks"]["by_group"] == {"alice": {"Ready": 2, "Running": 1}}
     assert (now["workers"]["busy"], now["workers"]["idle"], now["workers"]["stale"]) == (1, 1, 0)
+    busy = [w for w in now["workers"]["list"] if w["activity"] == "busy"]
+    assert [(w["worker_id"], w["assigned_task_id"], w["groups"]) for w in busy] == \
+        [(worker_uuid, task["uuid"], alice.api("GET", f"/workers/{worker_uuid}")["groups"])]
     [running] = now["running"]
     assert (running["uuid"], running["worker"]) == (task["uuid"], worker_uuid)
     assert running["command"] == ["sh", "-c", "exit 3"] and running["age_seconds"] >= 0
