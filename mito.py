@@ -604,6 +604,9 @@ class Http:
         except (OSError, http.client.HTTPException) as error:
             self._drop(parts)
             raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
+        except Exception:  # e.g. the sink refused to write: the answer is half read
+            self._drop(parts)
+            raise
 
     def api(self, method, path, payload=None, params=None, timeout=None, token=None):
         """Call the coordinator; JSON in and out. Raises ApiError or Unreachable."""
@@ -1366,6 +1369,21 @@ class OrphanGuard:
             self.proc.wait(5)
 
 
+class TaskFileWriter:
+    """A file the worker writes for a task (a resource): a failed write, such as a
+    full disk, ends the task; it is not a network failure to retry for 30 minutes."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            raise TaskFailed(SPEC_REFUSED, f"cannot write a resource: "
+                                           f"{error.strerror or error}") from None
+
+
 class TaskRun:
     """One fetched task, from its resources to its commit (PROTOCOL.md "Running one
     task"): the only task boundary. Whatever the spec holds or the command does, the
@@ -1487,7 +1505,7 @@ class TaskRun:
             try:
                 answer = self.worker.call("GET", path, persistent=False)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                self.worker.http.get_file(answer["url"], target)
+                self.worker.http.get_file(answer["url"], target, wrap=TaskFileWriter)
                 return None
             except ApiError as error:
                 if error.status in (403, 404):
