@@ -5387,6 +5387,24 @@ def public_address(scheme, host, port):
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def open_coordinator(settings):
+    """The log file and the state dir, opened before anything listens or is written:
+    a bad path, or a mitosis.db that is not a database, is one line and exit 2."""
+    if settings.file_log:
+        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
+                                                     "coordinator.log")
+        try:
+            add_rolling_file_log(log_path)
+        except OSError as error:
+            fail_usage(f"bad value for log_path: cannot write {log_path}: "
+                       f"{error.strerror or error}")
+    try:
+        return Coordinator(settings)
+    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
+        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
+                   f"{getattr(error, 'strerror', None) or error}")
+
+
 def run_coordinator(args):
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
@@ -5396,23 +5414,12 @@ def run_coordinator(args):
         fail_usage(f"bad value for workers: {settings.workers} (0 or more)")
     if settings.max_connections < 1:
         fail_usage(f"bad value for max_connections: {settings.max_connections} (1 or more)")
-    if settings.file_log:
-        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
-                                                     "coordinator.log")
-        try:
-            add_rolling_file_log(log_path)
-        except OSError as error:
-            fail_usage(f"bad value for log_path: cannot write {log_path}: "
-                       f"{error.strerror or error}")
     tls = server_ssl_context(settings)
     try:
-        coordinator = Coordinator(settings)
+        coordinator = open_coordinator(settings)
     except StateDirBusy as error:
         log.error("%s", error)
         return 1
-    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
-        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
-                   f"{getattr(error, 'strerror', None) or error}")
     admin = AdminAccount(coordinator)
     admin.ensure()
     host, port = settings.bind
