@@ -2662,10 +2662,26 @@ def a_watch(value):
     return [a_uuid(value[0]), value[1]]
 
 
+def resources_list(value):
+    """The resources of a task; two that would land on one path, or one inside the
+    other ("x" then "x/y"), cannot both be fetched: refused."""
+    resources = [a_resource(item) for item in list_of(value)]
+    seen = {}
+    for resource in resources:
+        parts = tuple(p for p in resource["local_path"].split("/") if p not in ("", "."))
+        for other in seen:
+            shorter, longer = sorted((parts, other), key=len)
+            if longer[:len(shorter)] == shorter:
+                raise ValueError(f"local paths {'/'.join(other)!r} and {'/'.join(parts)!r} "
+                                 f"collide")
+        seen[parts] = True
+    return resources
+
+
 def a_task_spec(value):
     value = an_object(value)
     return {"args": field(value, "args", plain_strs), "envs": field(value, "envs", envs_map, {}),
-            "resources": [a_resource(item) for item in field(value, "resources", list_of, [])],
+            "resources": field(value, "resources", resources_list, []),
             "terminal_output": field(value, "terminal_output", a_bool, False),
             "watch": field(value, "watch", a_watch, None)}
 
