@@ -2385,6 +2385,9 @@ COORDINATOR_OPTIONS = (
            "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
     Option("workers", "int", 0, ("--workers",),
            "Also start N local workers, serving the admin's own group", "N"),
+    Option("local_worker_groups", "groups", [], ("--local-worker-groups",),
+           "Other groups the local workers serve (GROUP or GROUP:read|write|admin); their "
+           "tasks run as the coordinator's Unix user and can read its state dir"),
     Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
            "worker-subset: a worker takes a task when the worker's tags are a subset of "
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
@@ -3016,15 +3019,19 @@ class Store:
             changes["sign"] = random.getrandbits(62)
         changes["updated_at"] = time.time()
         columns = ", ".join(f"{name} = :{name}" for name in changes)
+        revoked = requeued = ()
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
+            if changes.get("state", "Active") != "Active":
+                revoked = [row[0] for row in db.execute(
+                    "SELECT w.id FROM workers w JOIN users u ON u.id = w.creator_id "
+                    "WHERE u.username = ?", (username,))]
+                requeued = self._delete_workers(db, revoked)
         self.invalidate_auth_cache()
-        user = self.user(username)
-        if user["state"] != "Active":
-            revoked = self.all("SELECT id FROM workers WHERE creator_id = ?", user["id"])
-            self.remove_workers([row["id"] for row in revoked])
-        return user
+        if revoked:
+            self.wake_fetchers(requeued, revoked)
+        return self.user(username)
 
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
@@ -3133,14 +3140,19 @@ class Store:
 
     def remove_workers(self, worker_ids):
         """Delete workers; each one's unfinished task goes back to Ready."""
-        requeued = []
         with self.write() as db:
-            for worker_id in worker_ids:
-                requeued += self._requeue(db, worker_id)
-                db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
-                db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            requeued = self._delete_workers(db, worker_ids)
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
+
+    def _delete_workers(self, db, worker_ids):
+        """Delete workers inside a transaction; the ids of the tasks requeued."""
+        requeued = []
+        for worker_id in worker_ids:
+            requeued += self._requeue(db, worker_id)
+            db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        return requeued
 
     def _requeue(self, db, worker_id):
         """Put every uncommitted task still on the worker back in the queue; their ids."""
@@ -5331,7 +5343,9 @@ class LocalWorkers:
     def command(self):
         command = [sys.executable, os.path.abspath(__file__), "worker", "-c", self.url,
                    "--credential-path", self.credentials, "--polling-interval", "30s"]
-        return command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+        groups = self.coordinator.settings.local_worker_groups
+        return (command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+                + (["-g", ",".join(groups)] if groups else []))
 
     def supervise_forever(self):
         """Start the slots, then restart those that exit until the coordinator stops."""
@@ -5378,7 +5392,8 @@ def public_address(scheme, host, port):
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run_coordinator(args):
+def coordinator_settings(args):
+    """The coordinator's settings, with the checks their types do not make."""
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
         fail_usage(f"bad value for tag_matching: {settings.tag_matching!r} "
@@ -5387,6 +5402,11 @@ def run_coordinator(args):
         fail_usage(f"bad value for workers: {settings.workers} (0 or more)")
     if settings.max_connections < 1:
         fail_usage(f"bad value for max_connections: {settings.max_connections} (1 or more)")
+    return settings
+
+
+def run_coordinator(args):
+    settings = coordinator_settings(args)
     if settings.file_log:
         log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
                                                      "coordinator.log")
@@ -7549,10 +7569,10 @@ class TaskWait:
                 task = self.client.call("GET", f"/tasks/{self.uuid}", patient=True)
                 if task["info"]["result"] is not None:
                     return task
+                self.look_at_workers(task["info"])  # first: even a short wait says why
                 now = time.monotonic()
                 if self.deadline is not None and now >= self.deadline:
                     raise WaitTimedOut()
-                self.look_at_workers(task["info"])
                 self.line.show(self.status(task["info"], now - self.start))
                 time.sleep(pause if self.deadline is None else
                            max(0.0, min(pause, self.deadline - now)))
