@@ -560,3 +560,11 @@ def test_any_upstream_valid_registration_is_taken(world, prop_user, body):
         body["lifetime"] = None  # upstream's worker would be dead at once: we refuse it
     answer = Upstream(c)(alice.token, "POST", "/workers", body)
     assert alice.api("GET", f"/workers/{answer['worker_id']}")["groups"][name] == "Admin"
+
+
+@pytest.mark.parametrize("route", upstream.ROUTES, ids=repr)
+def test_the_fakes_minimal_values_fit_its_own_structs(route):
+    upstream.check_response(route.method, route.path, 200, upstream.minimal(route.answer),
+                            route)
+    if route.body is not None:
+        route.body.check(upstream.minimal(route.body), "", "refuse")
