@@ -2403,6 +2403,9 @@ COORDINATOR_OPTIONS = (
            "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
     Option("workers", "int", 0, ("--workers",),
            "Also start N local workers, serving the admin's own group", "N"),
+    Option("local_worker_groups", "groups", [], ("--local-worker-groups",),
+           "Other groups the local workers serve (GROUP or GROUP:read|write|admin); their "
+           "tasks run as the coordinator's Unix user and can read its state dir"),
     Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
            "worker-subset: a worker takes a task when the worker's tags are a subset of "
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
@@ -2680,10 +2683,26 @@ def a_watch(value):
     return [a_uuid(value[0]), value[1]]
 
 
+def resources_list(value):
+    """The resources of a task; two that would land on one path, or one inside the
+    other ("x" then "x/y"), cannot both be fetched: refused."""
+    resources = [a_resource(item) for item in list_of(value)]
+    seen = {}
+    for resource in resources:
+        parts = tuple(p for p in resource["local_path"].split("/") if p not in ("", "."))
+        for other in seen:
+            shorter, longer = sorted((parts, other), key=len)
+            if longer[:len(shorter)] == shorter:
+                raise ValueError(f"local paths {'/'.join(other)!r} and {'/'.join(parts)!r} "
+                                 f"collide")
+        seen[parts] = True
+    return resources
+
+
 def a_task_spec(value):
     value = an_object(value)
     return {"args": field(value, "args", plain_strs), "envs": field(value, "envs", envs_map, {}),
-            "resources": [a_resource(item) for item in field(value, "resources", list_of, [])],
+            "resources": field(value, "resources", resources_list, []),
             "terminal_output": field(value, "terminal_output", a_bool, False),
             "watch": field(value, "watch", a_watch, None)}
 
@@ -3018,15 +3037,19 @@ class Store:
             changes["sign"] = random.getrandbits(62)
         changes["updated_at"] = time.time()
         columns = ", ".join(f"{name} = :{name}" for name in changes)
+        revoked = requeued = ()
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
+            if changes.get("state", "Active") != "Active":
+                revoked = [row[0] for row in db.execute(
+                    "SELECT w.id FROM workers w JOIN users u ON u.id = w.creator_id "
+                    "WHERE u.username = ?", (username,))]
+                requeued = self._delete_workers(db, revoked)
         self.invalidate_auth_cache()
-        user = self.user(username)
-        if user["state"] != "Active":
-            revoked = self.all("SELECT id FROM workers WHERE creator_id = ?", user["id"])
-            self.remove_workers([row["id"] for row in revoked])
-        return user
+        if revoked:
+            self.wake_fetchers(requeued, revoked)
+        return self.user(username)
 
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
@@ -3135,14 +3158,19 @@ class Store:
 
     def remove_workers(self, worker_ids):
         """Delete workers; each one's unfinished task goes back to Ready."""
-        requeued = []
         with self.write() as db:
-            for worker_id in worker_ids:
-                requeued += self._requeue(db, worker_id)
-                db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
-                db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            requeued = self._delete_workers(db, worker_ids)
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
+
+    def _delete_workers(self, db, worker_ids):
+        """Delete workers inside a transaction; the ids of the tasks requeued."""
+        requeued = []
+        for worker_id in worker_ids:
+            requeued += self._requeue(db, worker_id)
+            db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        return requeued
 
     def _requeue(self, db, worker_id):
         """Put every uncommitted task still on the worker back in the queue; their ids."""
@@ -3774,18 +3802,16 @@ class TaskOutputs:
         self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
 
     def append(self, task_uuid, stream, worker_id, offset, data, finished):
-        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
-        (the task was requeued) starts the stream afresh."""
+        """Add an increment at byte `offset` of the stream."""
         with self.lock:
             kept = self.kept.pop((task_uuid, stream), None)
-            if kept is None or kept.worker_id != worker_id:
-                kept = self._replace(kept, KeptOutput(worker_id, offset))
-            if offset > kept.end:  # the worker skipped what it could not send in time
-                self.size -= len(kept.data)
-                kept.start, kept.data = offset, bytearray()
-            fresh = data[kept.end - offset:]
-            kept.data += fresh
-            self.size += len(fresh)
+            if kept is not None and kept.worker_id == worker_id and offset <= kept.end:
+                data = data[kept.end - offset:]  # a resent increment overlaps what is kept
+            else:  # the first, a requeued task's new run, or after bytes the worker skipped
+                self.size -= len(kept.data) if kept else 0
+                kept = KeptOutput(worker_id, offset)
+            kept.data += data
+            self.size += len(data)
             surplus = len(kept.data) - self.keep
             if surplus > 0:
                 del kept.data[:surplus]
@@ -3795,11 +3821,6 @@ class TaskOutputs:
             self.kept[(task_uuid, stream)] = kept
             while self.size > self.total:
                 self.size -= len(self.kept.popitem(last=False)[1].data)
-
-    def _replace(self, old, new):
-        if old is not None:
-            self.size -= len(old.data)
-        return new
 
     def read(self, task_uuid, stream, offset, ended):
         """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
@@ -5340,7 +5361,9 @@ class LocalWorkers:
     def command(self):
         command = [sys.executable, os.path.abspath(__file__), "worker", "-c", self.url,
                    "--credential-path", self.credentials, "--polling-interval", "30s"]
-        return command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+        groups = self.coordinator.settings.local_worker_groups
+        return (command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+                + (["-g", ",".join(groups)] if groups else []))
 
     def supervise_forever(self):
         """Start the slots, then restart those that exit until the coordinator stops."""
@@ -5405,7 +5428,8 @@ def open_coordinator(settings):
                    f"{getattr(error, 'strerror', None) or error}")
 
 
-def run_coordinator(args):
+def coordinator_settings(args):
+    """The coordinator's settings, with the checks their types do not make."""
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
         fail_usage(f"bad value for tag_matching: {settings.tag_matching!r} "
@@ -5414,6 +5438,11 @@ def run_coordinator(args):
         fail_usage(f"bad value for workers: {settings.workers} (0 or more)")
     if settings.max_connections < 1:
         fail_usage(f"bad value for max_connections: {settings.max_connections} (1 or more)")
+    return settings
+
+
+def run_coordinator(args):
+    settings = coordinator_settings(args)
     tls = server_ssl_context(settings)
     try:
         coordinator = open_coordinator(settings)
@@ -7565,10 +7594,10 @@ class TaskWait:
                 task = self.client.call("GET", f"/tasks/{self.uuid}", patient=True)
                 if task["info"]["result"] is not None:
                     return task
+                self.look_at_workers(task["info"])  # first: even a short wait says why
                 now = time.monotonic()
                 if self.deadline is not None and now >= self.deadline:
                     raise WaitTimedOut()
-                self.look_at_workers(task["info"])
                 self.line.show(self.status(task["info"], now - self.start))
                 time.sleep(pause if self.deadline is None else
                            max(0.0, min(pause, self.deadline - now)))

@@ -7,6 +7,7 @@ upstream accepts and what no worker could run.
 Real `mito.py coordinator` processes on 127.0.0.1 (see `e2e`)."""
 
 import json
+import re
 import sqlite3
 import uuid
 
@@ -381,6 +382,16 @@ def test_resource_paths_no_worker_could_use_are_refused(world, path):
     c.submit(alice, spec("true", resources=[good]))
 
 
+@pytest.mark.parametrize("paths", [["x", "x/y"], ["a/b", "./a/b"], ["a/b/c", "a/b"]])
+def test_resources_that_would_land_on_one_path_are_refused(world, paths):
+    c = world
+    name, alice = fresh_user(c)
+    resources = [{"remote_file": {"Attachment": {"key": "k"}}, "local_path": path}
+                 for path in paths]
+    assert status_of(lambda: c.submit(alice, spec("true", resources=resources))) == 400
+    c.submit(alice, spec("true", resources=resources[:1]))
+
+
 def test_args_and_envs_no_process_could_take_are_refused(world):
     c = world
     name, alice = fresh_user(c)
@@ -488,3 +499,72 @@ def test_list_and_batch_routes_answer_upstreams_400s(world):
     for path, body in (("/workers/query", {"group_name": "no-such-group", "count": False}),
                        ("/workers/shutdown", {"group_name": "no-such-group", "op": "Force"})):
         assert status_of(lambda: alice.api("POST", path, body)) == 403, path
+
+
+# ---- any upstream-valid request --------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=list(HealthCheck))
+SAFE_NAME = st.text("abcxyz_.-", min_size=1, max_size=6)
+# what a worker can run: our refusals (issue 8) are not upstream's, so keep clear of them
+SAFE_PATH = st.lists(SAFE_NAME.filter(lambda n: n not in (".", "..")), min_size=1,
+                    max_size=3).map("/".join)
+RUNNABLE = {"local_path": SAFE_PATH, "key": SAFE_PATH,
+            "envs": st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,5}", fullmatch=True),
+                                    SAFE_NAME, max_size=3)}
+
+
+@pytest.fixture(scope="module")
+def prop_user(world):
+    return fresh_user(world)
+
+
+@PROPERTY
+@given(body=upstream.values(upstream.SubmitTaskReq, RUNNABLE))
+def test_any_upstream_valid_submission_is_taken_and_read_back(world, prop_user, body):
+    c, (name, alice) = world, prop_user
+    body["group_name"] = name
+    for index, resource in enumerate(body["task_spec"].get("resources", [])):
+        resource["local_path"] = f"r{index}/{resource['local_path']}"  # one place each
+    call = Upstream(c)
+    task_uuid = call(alice.token, "POST", "/tasks", body)["uuid"]
+    info = call(alice.token, "GET", f"/tasks/{task_uuid}")["info"]
+    assert info["priority"] == body["priority"]
+    call(alice.token, "PUT", f"/tasks/{task_uuid}", {"timeout": None, "priority": 1})
+
+
+@PROPERTY
+@given(body=upstream.values(upstream.TasksQueryReq, {"group_name": st.none(),
+                                                     "reporter_uuid": st.none()}))
+def test_any_upstream_valid_task_query_is_answered_in_upstreams_shape(world, prop_user, body):
+    c, (name, alice) = world, prop_user
+    expect_400 = any(body.get(key) == [] for key in ("tags", "labels", "states",
+                                                     "creator_usernames"))
+    expect_400 |= any(not comparison(body.get(key)) for key in ("priority", "exit_status"))
+    Upstream(c)(alice.token, "POST", "/tasks/query", body, status=400 if expect_400 else 200)
+
+
+def comparison(text):
+    """Whether upstream's parse_operators_with_number takes this filter (None: absent)."""
+    return text is None or bool(re.fullmatch(r"(>=|<=|!=|=|>|<)?-?\d+", text)) and \
+        -2**31 <= int(re.sub(r"^[<>=!]+", "", text)) < 2**31
+
+
+@PROPERTY
+@given(body=upstream.values(upstream.RegisterWorkerReq))
+def test_any_upstream_valid_registration_is_taken(world, prop_user, body):
+    c, (name, alice) = world, prop_user
+    if body.get("lifetime") in ("0s", "0m", "0h", "0ms", "0min"):
+        body["lifetime"] = None  # upstream's worker would be dead at once: we refuse it
+    answer = Upstream(c)(alice.token, "POST", "/workers", body)
+    assert alice.api("GET", f"/workers/{answer['worker_id']}")["groups"][name] == "Admin"
+
+
+@pytest.mark.parametrize("route", upstream.ROUTES, ids=repr)
+def test_the_fakes_minimal_values_fit_its_own_structs(route):
+    upstream.check_response(route.method, route.path, 200, upstream.minimal(route.answer),
+                            route)
+    if route.body is not None:
+        route.body.check(upstream.minimal(route.body), "", "refuse")
