@@ -604,6 +604,9 @@ class Http:
         except (OSError, http.client.HTTPException) as error:
             self._drop(parts)
             raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
+        except Exception:  # e.g. the sink refused to write: the answer is half read
+            self._drop(parts)
+            raise
 
     def api(self, method, path, payload=None, params=None, timeout=None, token=None):
         """Call the coordinator; JSON in and out. Raises ApiError or Unreachable."""
@@ -1366,6 +1369,21 @@ class OrphanGuard:
             self.proc.wait(5)
 
 
+class TaskFileWriter:
+    """A file the worker writes for a task (a resource): a failed write, such as a
+    full disk, ends the task; it is not a network failure to retry for 30 minutes."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            raise TaskFailed(SPEC_REFUSED, f"cannot write a resource: "
+                                           f"{error.strerror or error}") from None
+
+
 class TaskRun:
     """One fetched task, from its resources to its commit (PROTOCOL.md "Running one
     task"): the only task boundary. Whatever the spec holds or the command does, the
@@ -1487,7 +1505,7 @@ class TaskRun:
             try:
                 answer = self.worker.call("GET", path, persistent=False)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                self.worker.http.get_file(answer["url"], target)
+                self.worker.http.get_file(answer["url"], target, wrap=TaskFileWriter)
                 return None
             except ApiError as error:
                 if error.status in (403, 404):
@@ -2665,10 +2683,26 @@ def a_watch(value):
     return [a_uuid(value[0]), value[1]]
 
 
+def resources_list(value):
+    """The resources of a task; two that would land on one path, or one inside the
+    other ("x" then "x/y"), cannot both be fetched: refused."""
+    resources = [a_resource(item) for item in list_of(value)]
+    seen = {}
+    for resource in resources:
+        parts = tuple(p for p in resource["local_path"].split("/") if p not in ("", "."))
+        for other in seen:
+            shorter, longer = sorted((parts, other), key=len)
+            if longer[:len(shorter)] == shorter:
+                raise ValueError(f"local paths {'/'.join(other)!r} and {'/'.join(parts)!r} "
+                                 f"collide")
+        seen[parts] = True
+    return resources
+
+
 def a_task_spec(value):
     value = an_object(value)
     return {"args": field(value, "args", plain_strs), "envs": field(value, "envs", envs_map, {}),
-            "resources": [a_resource(item) for item in field(value, "resources", list_of, [])],
+            "resources": field(value, "resources", resources_list, []),
             "terminal_output": field(value, "terminal_output", a_bool, False),
             "watch": field(value, "watch", a_watch, None)}
 
@@ -5435,6 +5469,24 @@ def public_address(scheme, host, port):
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def open_coordinator(settings):
+    """The log file and the state dir, opened before anything listens or is written:
+    a bad path, or a mitosis.db that is not a database, is one line and exit 2."""
+    if settings.file_log:
+        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
+                                                     "coordinator.log")
+        try:
+            add_rolling_file_log(log_path)
+        except OSError as error:
+            fail_usage(f"bad value for log_path: cannot write {log_path}: "
+                       f"{error.strerror or error}")
+    try:
+        return Coordinator(settings)
+    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
+        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
+                   f"{getattr(error, 'strerror', None) or error}")
+
+
 def coordinator_settings(args):
     """The coordinator's settings, with the checks their types do not make."""
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
@@ -5450,23 +5502,12 @@ def coordinator_settings(args):
 
 def run_coordinator(args):
     settings = coordinator_settings(args)
-    if settings.file_log:
-        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
-                                                     "coordinator.log")
-        try:
-            add_rolling_file_log(log_path)
-        except OSError as error:
-            fail_usage(f"bad value for log_path: cannot write {log_path}: "
-                       f"{error.strerror or error}")
     tls = server_ssl_context(settings)
     try:
-        coordinator = Coordinator(settings)
+        coordinator = open_coordinator(settings)
     except StateDirBusy as error:
         log.error("%s", error)
         return 1
-    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
-        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
-                   f"{getattr(error, 'strerror', None) or error}")
     admin = AdminAccount(coordinator)
     admin.ensure()
     host, port = settings.bind
