@@ -6442,8 +6442,8 @@ document.addEventListener("DOMContentLoaded", () => {
 # connection or a parked long poll costs a file descriptor and a few objects, not a
 # thread. Handlers run inline on the loop (SQLite calls take tens of microseconds);
 # the slow ones (password hashing, blob bodies streamed to and from disk) run on a
-# small fixed pool. Limits: MAX_CONNECTIONS-style cap (503 past it), a read timeout per
-# request (408), and the parser's limits on lines, headers and bodies.
+# small fixed pool. Limits: `max_connections` (503 past it), `request_timeout` (408),
+# and the parser's limits on lines, headers and bodies.
 
 REQUEST_LINE_LIMIT = 8 << 10    # longer: 414 (RFC 9112 §3 recommends at least 8000)
 HEADER_SECTION_LIMIT = 64 << 10  # all header lines together; longer: 431 (RFC 6585 §5)
