@@ -1,332 +1,103 @@
-"""Upstream's request shapes (stack-rs/mitosis 0.6.8, `netmito/src/schema.rs` and the
-routers in `netmito/src/api/`) as data, with a checker that reads a JSON body the way
-serde would, only stricter where our client must be exact.
+"""A strict fake of upstream's wire schema: the request and response structs of
+stack-rs/mitosis 0.6.8 (`netmito/src/schema.rs`) behind the routes of its routers
+(`netmito/src/api/*.rs`), parsed the way axum and serde parse them.
 
-Shared by both sides of the wire: the client tests run every request the client can
-send through `check_request()`, and the coordinator tests may check that our
-coordinator takes whatever upstream's structs take. One table, so the two cannot drift.
+    route = check_request("POST", "/tasks", body, headers)   # SchemaError if upstream refuses
+    check_response("POST", "/tasks", 200, answer)            # SchemaError if the Rust client could not parse
 
-How serde reads these structs (none of them has `deny_unknown_fields`):
-- a field that is not `Option` and has no `#[serde(default)]` must be present;
-- `Option<T>` may be absent or null, EXCEPT with `#[serde(with = "humantime_serde")]`,
-  where the field must be present (null allowed): `ChangeTaskReq.timeout`;
-- `HashSet`/`Vec` are JSON arrays, `HashMap<String, _>` objects, `[u8; 16]` an array of
-  16 integers 0..255, `Duration` with humantime_serde a string such as "10m" or "1h 30m";
-- an unknown field is ignored by serde. `check_request(strict=True)` (the default)
-  still reports it: our client sends upstream's shapes exactly, nothing more.
+What it mirrors, so a test can tell whether a Rust coordinator would take a request
+our client sends, and whether a Rust client could read an answer our coordinator
+sends:
+- Routes: every (method, path) upstream's routers declare, with its path parameter
+  types (`Uuid`, `ArtifactContentType`: a bad one is 400), its query struct and its
+  JSON body struct. Anything else is 404 (unknown path) or 405 (known path).
+- Bodies (axum's `Json` extractor): without `Content-Type: application/json` 415; JSON
+  that does not parse (also NaN, a lone surrogate) 400; a body that parses but does
+  not fit the struct 422.
+- serde: no struct in schema.rs has `deny_unknown_fields`, so unknown fields are
+  ignored (pass `unknown="refuse"` to flag them: a field upstream ignores is a bug in
+  a sender that meant something by it). `Option<T>` may be missing or null, except
+  with `#[serde(with = ...)]` and no `#[serde(default)]` (`ChangeTaskReq.timeout`),
+  where it must be present (null allowed). A `bool` without `#[serde(default)]` is
+  required (`TasksQueryReq.count`). Integers must be JSON integers within the Rust
+  type (i32, i64, u64, u8); durations are humantime strings within u64 seconds;
+  enums are externally tagged, unit variants bare strings, with serde's aliases.
+- Responses: the response struct of each route; timestamps in the `time` crate's
+  human-readable form; every non-2xx answer is `{"msg": "..."}`.
 """
 
+import json
 import re
+import urllib.parse
 import uuid as uuidlib
 
-# ---- types ----------------------------------------------------------------------------
-# A type is a string: "str", "bool", "u64", "i32", "i64", "uuid", "duration", "md5",
-# "list<T>", "set<T>", "map<T>" (string keys), "opt<T>" (null allowed), "enum:<Name>",
-# "watch" (a (Uuid, TaskExecState) pair) or the name of a struct or tagged enum below.
-
-ENUMS = {
-    "UserState": {"Active", "Locked", "Deleted"},
-    "TaskState": {"Pending", "Ready", "Running", "Finished", "Cancelled", "Unknown"},
-    "TaskExecState": {"WorkerExited", "FetchResource", "FetchResourceFinished",
-                      "FetchResourceError", "FetchResourceTimeout", "FetchResourceNotFound",
-                      "FetchResourceForbidden", "Watch", "WatchFinished", "WatchTimeout",
-                      "ExecPending", "ExecSpawned", "ExecFinished", "ExecTimeout",
-                      "UploadResult", "UploadFinishedResult", "UploadCancelledResult",
-                      "UploadResultFinished", "UploadResultTimeout", "TaskCommitted",
-                      "Unknown"},
-    # entity/role.rs: #[serde(alias = "read", alias = "READ")] ...
-    "Role": {"Read", "read", "READ", "Write", "write", "WRITE", "Admin", "admin", "ADMIN"},
-    "ArtifactContentType": {"result", "exec-log", "std-log"},
-    # schema.rs: WorkerShutdownOp, #[serde(alias = "graceful")] ...
-    "WorkerShutdownOp": {"Graceful", "graceful", "Force", "force"},
-    "TaskResultMessage": {"FetchResourceTimeout", "ExecTimeout", "UploadResultTimeout",
-                          "ResourceNotFound", "ResourceForbidden", "WatchTimeout",
-                          "UserCancellation", "SubmitNewTaskFailed"},
-}
-
-REQUIRED, OPTIONAL = "required", "optional"
-
-# struct -> {field: (type, REQUIRED|OPTIONAL)}
-STRUCTS = {
-    "CreateUserReq": {"username": ("str", REQUIRED), "md5_password": ("md5", REQUIRED),
-                      "admin": ("bool", REQUIRED)},
-    "UserLoginReq": {"username": ("str", REQUIRED), "md5_password": ("md5", REQUIRED),
-                     "retain": ("bool", OPTIONAL)},
-    "UserChangePasswordReq": {"old_md5_password": ("md5", REQUIRED),
-                              "new_md5_password": ("md5", REQUIRED)},
-    "AdminChangePasswordReq": {"new_md5_password": ("md5", REQUIRED)},
-    "ChangeUserStateReq": {"state": ("enum:UserState", REQUIRED)},
-    "ChangeGroupStorageQuotaReq": {"storage_quota": ("str", REQUIRED)},
-    "ChangeUserGroupQuota": {"group_quota": ("str", REQUIRED)},
-    "CreateGroupReq": {"group_name": ("str", REQUIRED)},
-    "RegisterWorkerReq": {"tags": ("set<str>", REQUIRED), "labels": ("set<str>", REQUIRED),
-                          "groups": ("set<str>", REQUIRED),
-                          "lifetime": ("opt<duration>", OPTIONAL)},
-    "TaskSpec": {"args": ("list<str>", REQUIRED), "envs": ("map<str>", OPTIONAL),
-                 "resources": ("list<RemoteResourceDownload>", OPTIONAL),
-                 "terminal_output": ("bool", OPTIONAL), "watch": ("opt<watch>", OPTIONAL)},
-    "RemoteResourceDownload": {"remote_file": ("RemoteResource", REQUIRED),
-                               "local_path": ("str", REQUIRED)},
-    "ArtifactRef": {"uuid": ("uuid", REQUIRED),
-                    "content_type": ("enum:ArtifactContentType", REQUIRED)},
-    "AttachmentRef": {"key": ("str", REQUIRED)},
-    "UploadAttachmentReq": {"key": ("str", REQUIRED), "content_length": ("u64", REQUIRED)},
-    "UploadArtifactReq": {"content_type": ("enum:ArtifactContentType", REQUIRED),
-                          "content_length": ("u64", REQUIRED)},
-    "SubmitTaskReq": {"group_name": ("str", REQUIRED), "tags": ("set<str>", REQUIRED),
-                      "labels": ("set<str>", REQUIRED), "timeout": ("duration", REQUIRED),
-                      "priority": ("i32", REQUIRED), "task_spec": ("TaskSpec", REQUIRED)},
-    "ChangeTaskReq": {"tags": ("opt<set<str>>", OPTIONAL),
-                      # humantime_serde on an Option: the key must be there (null is fine)
-                      "timeout": ("opt<duration>", REQUIRED),
-                      "priority": ("opt<i32>", OPTIONAL),
-                      "task_spec": ("opt<TaskSpec>", OPTIONAL)},
-    "UpdateTaskLabelsReq": {"labels": ("set<str>", REQUIRED)},
-    "TasksQueryReq": {"creator_usernames": ("opt<set<str>>", OPTIONAL),
-                      "group_name": ("opt<str>", OPTIONAL),
-                      "tags": ("opt<set<str>>", OPTIONAL),
-                      "labels": ("opt<set<str>>", OPTIONAL),
-                      "states": ("opt<set<enum:TaskState>>", OPTIONAL),
-                      "exit_status": ("opt<str>", OPTIONAL),
-                      "priority": ("opt<str>", OPTIONAL),
-                      "reporter_uuid": ("opt<uuid>", OPTIONAL),
-                      "limit": ("opt<u64>", OPTIONAL), "offset": ("opt<u64>", OPTIONAL),
-                      "count": ("bool", REQUIRED)},
-    "TasksCancelByUuidsReq": {"uuids": ("list<uuid>", REQUIRED)},
-    "AttachmentsQueryReq": {"key": ("opt<str>", OPTIONAL), "limit": ("opt<u64>", OPTIONAL),
-                            "offset": ("opt<u64>", OPTIONAL), "count": ("bool", REQUIRED)},
-    "WorkersQueryReq": {"group_name": ("opt<str>", OPTIONAL),
-                        "role": ("opt<set<enum:Role>>", OPTIONAL),
-                        "tags": ("opt<set<str>>", OPTIONAL),
-                        "labels": ("opt<set<str>>", OPTIONAL),
-                        "creator_username": ("opt<str>", OPTIONAL),
-                        "count": ("bool", REQUIRED)},
-    "WorkersShutdownByUuidsReq": {"uuids": ("list<uuid>", REQUIRED),
-                                  "op": ("enum:WorkerShutdownOp", REQUIRED)},
-    "ReplaceWorkerTagsReq": {"tags": ("set<str>", REQUIRED)},
-    "ReplaceWorkerLabelsReq": {"labels": ("set<str>", REQUIRED)},
-    "UpdateGroupWorkerRoleReq": {"relations": ("map<enum:Role>", REQUIRED)},
-    "RemoveGroupWorkerRoleReq": {"groups": ("set<str>", REQUIRED)},
-    "UpdateUserGroupRoleReq": {"relations": ("map<enum:Role>", REQUIRED)},
-    "RemoveUserGroupRoleReq": {"users": ("set<str>", REQUIRED)},
-    "ShutdownReq": {"secret": ("str", REQUIRED)},
-    "ArtifactsDownloadByUuidsReq": {"uuids": ("list<uuid>", REQUIRED),
-                                    "content_type": ("enum:ArtifactContentType", REQUIRED)},
-    "AttachmentsDownloadByFilterReq": {"key": ("opt<str>", OPTIONAL),
-                                       "limit": ("opt<u64>", OPTIONAL),
-                                       "offset": ("opt<u64>", OPTIONAL)},
-    "AttachmentsDownloadByKeysReq": {"keys": ("list<str>", REQUIRED)},
-    "TasksSubmitReq": {"tasks": ("list<SubmitTaskReq>", REQUIRED)},
-    "TaskResultSpec": {"exit_status": ("i32", REQUIRED),
-                       "msg": ("opt<enum:TaskResultMessage>", OPTIONAL)},
-    "UploadOp": {"content_type": ("enum:ArtifactContentType", REQUIRED),
-                 "content_length": ("u64", REQUIRED)},
-    "ReportTaskReq": {"id": ("i64", REQUIRED), "op": ("ReportTaskOp", REQUIRED)},
-}
-_TASK_FILTER = {key: STRUCTS["TasksQueryReq"][key] for key in (
-    "creator_usernames", "group_name", "tags", "labels", "states", "exit_status", "priority")}
-_WORKER_FILTER = {key: STRUCTS["WorkersQueryReq"][key] for key in (
-    "group_name", "role", "tags", "labels", "creator_username")}
-STRUCTS.update({
-    "TasksCancelByFilterReq": dict(_TASK_FILTER),
-    "WorkersShutdownByFilterReq": dict(_WORKER_FILTER,
-                                       op=("enum:WorkerShutdownOp", REQUIRED)),
-    "ArtifactsDownloadByFilterReq": dict(_TASK_FILTER,
-                                         reporter_uuid=("opt<uuid>", OPTIONAL),
-                                         content_type=("enum:ArtifactContentType", REQUIRED)),
-    "ArtifactsDeleteByFilterReq": dict(_TASK_FILTER, reporter_uuid=("opt<uuid>", OPTIONAL),
-                                       content_type=("enum:ArtifactContentType", REQUIRED)),
-    "ArtifactsDeleteByUuidsReq": dict(STRUCTS["ArtifactsDownloadByUuidsReq"]),
-    "AttachmentsDeleteByFilterReq": dict(STRUCTS["AttachmentsDownloadByFilterReq"]),
-    "AttachmentsDeleteByKeysReq": dict(STRUCTS["AttachmentsDownloadByKeysReq"]),
-})
-
-# Externally tagged enums (serde's default): {"Variant": payload} or "UnitVariant".
-TAGGED = {
-    "RemoteResource": {"Artifact": "ArtifactRef", "Attachment": "AttachmentRef"},
-    "ReportTaskOp": {"Finish": None, "Cancel": None, "Submit": "SubmitTaskReq",
-                     "Commit": "TaskResultSpec", "Upload": "UploadOp"},
-}
-
-# Query strings (axum's Query / axum_extra's Query, which takes repeated keys):
-# struct -> {name: (type, REQUIRED|OPTIONAL, repeated)}
-QUERIES = {
-    "WorkerShutdown": {"op": ("enum:WorkerShutdownOp", OPTIONAL, False)},
-    "RemoveUserGroupRoleParams": {"users": ("str", OPTIONAL, True)},
-    "RemoveGroupWorkerRoleParams": {"groups": ("str", OPTIONAL, True)},
-    "NoQuery": {},
-}
-
-# ---- routes ---------------------------------------------------------------------------
-# (method, path pattern, body struct or None, query struct) for every user-side route
-# of upstream's routers (api/mod.rs, users.rs, groups.rs, tasks.rs, workers.rs, admin.rs).
-# "{*key}" matches the rest of the path.
-
-ROUTES = [
-    ("GET", "/auth", None, "NoQuery"),
-    ("GET", "/health", None, "NoQuery"),
-    ("POST", "/login", "UserLoginReq", "NoQuery"),
-    ("GET", "/redis", None, "NoQuery"),
-    ("POST", "/users/{username}/password", "UserChangePasswordReq", "NoQuery"),
-    ("GET", "/users/groups", None, "NoQuery"),
-    ("POST", "/admin/users", "CreateUserReq", "NoQuery"),
-    ("DELETE", "/admin/users/{username}", None, "NoQuery"),
-    ("POST", "/admin/users/{username}/password", "AdminChangePasswordReq", "NoQuery"),
-    ("POST", "/admin/users/{username}/group-quota", "ChangeUserGroupQuota", "NoQuery"),
-    ("POST", "/admin/users/{username}/state", "ChangeUserStateReq", "NoQuery"),
-    ("POST", "/admin/groups/{group}/storage-quota", "ChangeGroupStorageQuotaReq", "NoQuery"),
-    ("DELETE", "/admin/workers/{uuid}", None, "WorkerShutdown"),
-    ("DELETE", "/admin/groups/{group}/attachments/{*key}", None, "NoQuery"),
-    ("DELETE", "/admin/tasks/{uuid}/artifacts/{content_type}", None, "NoQuery"),
-    ("POST", "/admin/shutdown", "ShutdownReq", "NoQuery"),
-    ("POST", "/groups", "CreateGroupReq", "NoQuery"),
-    ("GET", "/groups/{group}", None, "NoQuery"),
-    ("POST", "/groups/{group}/users/remove", "RemoveUserGroupRoleReq", "NoQuery"),
-    ("PUT", "/groups/{group}/users", "UpdateUserGroupRoleReq", "NoQuery"),
-    ("DELETE", "/groups/{group}/users", None, "RemoveUserGroupRoleParams"),
-    ("GET", "/groups/{group}/download/attachments/{*key}", None, "NoQuery"),
-    ("POST", "/groups/{group}/attachments/query", "AttachmentsQueryReq", "NoQuery"),
-    ("GET", "/groups/{group}/attachments/{*key}", None, "NoQuery"),
-    ("DELETE", "/groups/{group}/attachments/{*key}", None, "NoQuery"),
-    ("POST", "/groups/{group}/attachments", "UploadAttachmentReq", "NoQuery"),
-    ("POST", "/groups/{group}/download/attachments/list", "AttachmentsDownloadByKeysReq",
-     "NoQuery"),
-    ("POST", "/groups/{group}/download/attachments", "AttachmentsDownloadByFilterReq",
-     "NoQuery"),
-    ("POST", "/groups/{group}/delete/attachments/list", "AttachmentsDeleteByKeysReq",
-     "NoQuery"),
-    ("POST", "/groups/{group}/delete/attachments", "AttachmentsDeleteByFilterReq", "NoQuery"),
-    ("POST", "/tasks", "SubmitTaskReq", "NoQuery"),
-    ("POST", "/tasks/query", "TasksQueryReq", "NoQuery"),
-    ("POST", "/tasks/cancel/list", "TasksCancelByUuidsReq", "NoQuery"),
-    ("POST", "/tasks/cancel", "TasksCancelByFilterReq", "NoQuery"),
-    ("POST", "/tasks/download/artifacts/list", "ArtifactsDownloadByUuidsReq", "NoQuery"),
-    ("POST", "/tasks/download/artifacts", "ArtifactsDownloadByFilterReq", "NoQuery"),
-    ("POST", "/tasks/delete/artifacts/list", "ArtifactsDeleteByUuidsReq", "NoQuery"),
-    ("POST", "/tasks/delete/artifacts", "ArtifactsDeleteByFilterReq", "NoQuery"),
-    ("POST", "/tasks/submit", "TasksSubmitReq", "NoQuery"),
-    ("GET", "/tasks/{uuid}", None, "NoQuery"),
-    ("PUT", "/tasks/{uuid}", "ChangeTaskReq", "NoQuery"),
-    ("DELETE", "/tasks/{uuid}", None, "NoQuery"),
-    ("PUT", "/tasks/{uuid}/labels", "UpdateTaskLabelsReq", "NoQuery"),
-    ("GET", "/tasks/{uuid}/download/artifacts/{content_type}", None, "NoQuery"),
-    ("DELETE", "/tasks/{uuid}/artifacts/{content_type}", None, "NoQuery"),
-    ("POST", "/tasks/{uuid}/artifacts", "UploadArtifactReq", "NoQuery"),
-    ("POST", "/workers", "RegisterWorkerReq", "NoQuery"),
-    ("POST", "/workers/query", "WorkersQueryReq", "NoQuery"),
-    ("POST", "/workers/shutdown/list", "WorkersShutdownByUuidsReq", "NoQuery"),
-    ("POST", "/workers/shutdown", "WorkersShutdownByFilterReq", "NoQuery"),
-    ("GET", "/workers/{uuid}", None, "NoQuery"),
-    ("DELETE", "/workers/{uuid}", None, "WorkerShutdown"),
-    ("PUT", "/workers/{uuid}/tags", "ReplaceWorkerTagsReq", "NoQuery"),
-    ("PUT", "/workers/{uuid}/labels", "ReplaceWorkerLabelsReq", "NoQuery"),
-    ("DELETE", "/workers/{uuid}/groups/remove", "RemoveGroupWorkerRoleReq", "NoQuery"),
-    ("PUT", "/workers/{uuid}/groups", "UpdateGroupWorkerRoleReq", "NoQuery"),
-    ("DELETE", "/workers/{uuid}/groups", None, "RemoveGroupWorkerRoleParams"),
-]
-
-# path parameters that upstream's axum extractors parse as a type
-PATH_TYPES = {"uuid": "uuid", "content_type": "enum:ArtifactContentType"}
+I32 = (-2**31, 2**31 - 1)
+I64 = (-2**63, 2**63 - 1)
+U64 = (0, 2**64 - 1)
+U8 = (0, 255)
 
 
-def _route_pattern(path):
-    pattern = re.sub(r"\{\*(\w+)\}", r"(?P<\1>.+)", path)
-    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+class SchemaError(ValueError):
+    """What upstream would answer instead of handling the request: a status and why."""
+
+    def __init__(self, status, where, problem):
+        super().__init__(f"{status} at {where or 'body'}: {problem}")
+        self.status, self.where, self.problem = status, where, problem
 
 
-_COMPILED = [(method, _route_pattern(path), path, body, query)
-             for method, path, body, query in ROUTES]
+# ---- value types: each check(value, where, unknown) returns nothing or raises ------------
 
 
-def find_route(method, path):
-    """(route path, body struct, query struct, path params) or None when upstream has no
-    such route. The first match wins, as the routers' literal segments do."""
-    for route_method, pattern, route, body, query in _COMPILED:
-        match = pattern.match(path)
-        if match and route_method == method:
-            return route, body, query, match.groupdict()
-    return None
+class Type:
+    name = "value"
+
+    def check(self, value, where, unknown):
+        raise NotImplementedError
+
+    def fail(self, where, problem):
+        raise SchemaError(422, where, problem)
 
 
-# ---- values ---------------------------------------------------------------------------
+class Str(Type):
+    name = "a string"
 
-_HUMANTIME_UNITS = {"nsec", "ns", "usec", "us", "µs", "msec", "ms", "seconds", "second",
-                    "sec", "s", "minutes", "minute", "min", "m", "hours", "hour", "hr", "h",
-                    "days", "day", "d", "weeks", "week", "w", "months", "month", "M",
-                    "years", "year", "y"}
-_HUMANTIME_PART = re.compile(r"\s*(\d+)\s*([a-zA-Zµ]+)")
-_BOUNDS = {"u64": (0, 2**64 - 1), "i32": (-2**31, 2**31 - 1), "i64": (-2**63, 2**63 - 1)}
+    def check(self, value, where, unknown):
+        if not isinstance(value, str):
+            self.fail(where, f"invalid type: expected {self.name}, got {value!r}")
 
 
-def is_humantime(text):
-    """humantime::parse_duration: integers with units, "1h 30m", no fractions."""
-    if not isinstance(text, str) or not text.strip():
-        return False
-    pos = 0
-    for match in _HUMANTIME_PART.finditer(text):
-        if match.start() != pos or match.group(2) not in _HUMANTIME_UNITS:
-            return False
-        pos = match.end()
-    return text[pos:].strip() == "" and pos > 0
+class Bool(Type):
+    name = "a boolean"
+
+    def check(self, value, where, unknown):
+        if not isinstance(value, bool):
+            self.fail(where, f"invalid type: expected a boolean, got {value!r}")
 
 
-def _inner(kind, prefix):
-    return kind[len(prefix):-1]
+class Int(Type):
+    """A Rust integer: a JSON integer (not a float, not a bool) within its range."""
+
+    def __init__(self, bounds, name):
+        self.bounds, self.name = bounds, name
+
+    def check(self, value, where, unknown):
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, f"invalid type: expected {self.name}, got {value!r}")
+        low, high = self.bounds
+        if not low <= value <= high:
+            self.fail(where, f"invalid value: {value} does not fit {self.name}")
 
 
-def check_value(kind, value, where, strict=True):
-    """The problems (a list of strings) of `value` read as upstream type `kind`."""
-    if kind.startswith("opt<"):
-        return [] if value is None else check_value(_inner(kind, "opt<"), value, where, strict)
-    if value is None:
-        return [f"{where}: null where {kind} is required"]
-    if kind.startswith(("list<", "set<")):
-        if not isinstance(value, list):
-            return [f"{where}: {value!r} is not an array ({kind})"]
-        inner = _inner(kind, kind[:kind.index("<") + 1])
-        return [p for i, item in enumerate(value)
-                for p in check_value(inner, item, f"{where}[{i}]", strict)]
-    if kind.startswith("map<"):
-        if not isinstance(value, dict):
-            return [f"{where}: {value!r} is not an object ({kind})"]
-        return [p for key, item in value.items()
-                for p in check_value(_inner(kind, "map<"), item, f"{where}.{key}", strict)]
-    if kind.startswith("enum:"):
-        allowed = ENUMS[kind[5:]]
-        ok = isinstance(value, str) and value in allowed
-        return [] if ok else [f"{where}: {value!r} is not one of {sorted(allowed)}"]
-    if kind in STRUCTS:
-        return check_struct(kind, value, where, strict)
-    if kind in TAGGED:
-        return _check_tagged(kind, value, where, strict)
-    return _check_scalar(kind, value, where)
+class Uuid(Str):
+    name = "a UUID"
+
+    def check(self, value, where, unknown):
+        super().check(value, where, unknown)
+        if not parses_as_uuid(value):
+            self.fail(where, f"invalid value: {value!r} is not a UUID")
 
 
-def _check_scalar(kind, value, where):
-    if kind == "str":
-        ok = isinstance(value, str)
-    elif kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind in _BOUNDS:
-        low, high = _BOUNDS[kind]
-        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-    elif kind == "uuid":
-        ok = isinstance(value, str) and _is_uuid(value)
-    elif kind == "duration":
-        ok = is_humantime(value)
-    elif kind == "md5":
-        ok = (isinstance(value, list) and len(value) == 16 and
-              all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
-                  for b in value))
-    elif kind == "watch":
-        ok = (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-              and _is_uuid(value[0]) and value[1] in ENUMS["TaskExecState"])
-    else:
-        raise KeyError(f"unknown upstream type {kind!r}")
-    return [] if ok else [f"{where}: {value!r} is not a {kind}"]
-
-
-def _is_uuid(text):
+def parses_as_uuid(text):
     try:
         uuidlib.UUID(text)
     except ValueError:
@@ -334,63 +105,644 @@ def _is_uuid(text):
     return True
 
 
-def _check_tagged(kind, value, where, strict):
-    variants = TAGGED[kind]
-    if isinstance(value, str) and value in variants and variants[value] is None:
-        return []
-    if isinstance(value, dict) and len(value) == 1:
-        (name, payload), = value.items()
-        if name in variants and variants[name] is not None:
-            return check_value(variants[name], payload, f"{where}.{name}", strict)
-    return [f"{where}: {value!r} is not a {kind} (one of {sorted(variants)})"]
+# humantime 2.x `parse_duration`: digits (spaces allowed) then a unit, repeated
+_HUMANTIME_UNITS = {
+    "nanos": 1, "nsec": 1, "ns": 1, "usec": 10**3, "us": 10**3, "µs": 10**3,
+    "millis": 10**6, "msec": 10**6, "ms": 10**6,
+    "seconds": 10**9, "second": 10**9, "secs": 10**9, "sec": 10**9, "s": 10**9,
+    "minutes": 60 * 10**9, "minute": 60 * 10**9, "min": 60 * 10**9, "mins": 60 * 10**9,
+    "m": 60 * 10**9,
+    "hours": 3600 * 10**9, "hour": 3600 * 10**9, "hr": 3600 * 10**9, "hrs": 3600 * 10**9,
+    "h": 3600 * 10**9,
+    "days": 86400 * 10**9, "day": 86400 * 10**9, "d": 86400 * 10**9,
+    "weeks": 604800 * 10**9, "week": 604800 * 10**9, "w": 604800 * 10**9,
+    "months": 2630016 * 10**9, "month": 2630016 * 10**9, "M": 2630016 * 10**9,
+    "years": 31557600 * 10**9, "year": 31557600 * 10**9, "y": 31557600 * 10**9,
+}
+_HUMANTIME_PART = re.compile(r"\s*([0-9][0-9\s]*?)\s*([a-zA-Zµ]+)\s*")
 
 
-def check_struct(name, body, where="body", strict=True):
-    """The problems of `body` read as upstream struct `name`: missing required fields,
-    wrong types, and (strict) fields upstream does not know."""
-    if not isinstance(body, dict):
-        return [f"{where}: {body!r} is not an object ({name})"]
-    fields = STRUCTS[name]
-    problems = [f"{where}.{field}: missing (required by {name})"
-                for field, (_, presence) in fields.items()
-                if presence == REQUIRED and field not in body]
-    for field, value in body.items():
-        if field in fields:
-            problems += check_value(fields[field][0], value, f"{where}.{field}", strict)
-        elif strict:
-            problems.append(f"{where}.{field}: not a field of {name}")
-    return problems
+def humantime_nanos(text):
+    """Nanoseconds of a humantime duration, or ValueError as humantime refuses it."""
+    if not text.strip():
+        raise ValueError("value was empty")
+    total, pos = 0, 0
+    for match in _HUMANTIME_PART.finditer(text):
+        if match.start() != pos:
+            break
+        unit = match.group(2)
+        if unit not in _HUMANTIME_UNITS:
+            raise ValueError(f"unknown time unit {unit!r}")
+        number = int(re.sub(r"\s", "", match.group(1)))
+        if number >= 2**64:
+            raise ValueError("number is too large")
+        total += number * _HUMANTIME_UNITS[unit]
+        pos = match.end()
+    if pos != len(text):
+        raise ValueError(f"{text!r} is not a humantime duration")
+    if total // 10**9 >= 2**64:
+        raise ValueError("number is too large")
+    return total
 
 
-def check_query(name, query, strict=True):
-    """The problems of a parsed query string (name -> list of values)."""
-    fields = QUERIES[name]
-    problems = []
-    for key, values in query.items():
-        if key not in fields:
-            if strict:
-                problems.append(f"query {key}: not a parameter of {name}")
-            continue
-        kind, _, repeated = fields[key]
-        if len(values) > 1 and not repeated:
-            problems.append(f"query {key}: given {len(values)} times")
-        problems += [p for value in values for p in check_value(kind, value, f"query {key}")]
-    return problems
+class Duration(Str):
+    name = "a humantime duration"
+
+    def check(self, value, where, unknown):
+        super().check(value, where, unknown)
+        try:
+            humantime_nanos(value)
+        except ValueError as error:
+            self.fail(where, f"invalid value: {value!r}: {error}")
 
 
-def check_request(method, path, query, body, strict=True):
-    """Every problem upstream's coordinator (or a stricter reading of it) would have with
-    one request: no such route, bad path parameters, bad query, bad JSON body."""
-    found = find_route(method, path)
-    if found is None:
-        return [f"{method} {path}: upstream has no such route"]
-    route, struct, query_struct, params = found
-    problems = [p for name, value in params.items() if name in PATH_TYPES
-                for p in check_value(PATH_TYPES[name], value, f"path {name}")]
-    problems += check_query(query_struct, query or {}, strict)
-    if struct is None:
-        if body not in (None, b"", ""):
-            problems.append(f"{method} {route}: a body where upstream reads none")
-    else:
-        problems += check_struct(struct, body, strict=strict)
-    return problems
+_TIME_CRATE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,9})? "
+                         r"[+-]\d{2}:\d{2}:\d{2}$")
+
+
+class Timestamp(Str):
+    """OffsetDateTime as the `time` crate's serde writes and reads it."""
+    name = "a timestamp like \"2024-01-15 10:30:00.123456 +00:00:00\""
+
+    def check(self, value, where, unknown):
+        super().check(value, where, unknown)
+        if not _TIME_CRATE.match(value):
+            self.fail(where, f"invalid value: {value!r} is not {self.name}")
+
+
+class Any(Type):
+    """serde_json::Value."""
+
+    def check(self, value, where, unknown):
+        pass
+
+
+class Opt(Type):
+    """Option<T>: null or a T; a struct field of this type may be missing."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, f"null or {inner.name}"
+
+    def check(self, value, where, unknown):
+        if value is not None:
+            self.inner.check(value, where, unknown)
+
+
+class Present(Opt):
+    """Option<T> with `#[serde(with = ...)]` and no default: null allowed, missing not."""
+
+
+class Default(Type):
+    """A field with `#[serde(default)]`: may be missing, else must be a T (not null)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def check(self, value, where, unknown):
+        self.inner.check(value, where, unknown)
+
+
+class List(Type):
+    """Vec<T> and HashSet<T> (serde merges a set's duplicates silently)."""
+
+    def __init__(self, inner, length=None):
+        self.inner, self.length = inner, length
+        self.name = f"a list of {inner.name}"
+
+    def check(self, value, where, unknown):
+        if not isinstance(value, list):
+            self.fail(where, f"invalid type: expected {self.name}, got {value!r}")
+        if self.length is not None and len(value) != self.length:
+            self.fail(where, f"invalid length {len(value)}, expected {self.length}")
+        for index, item in enumerate(value):
+            self.inner.check(item, f"{where}[{index}]", unknown)
+
+
+class Tuple(Type):
+    def __init__(self, *items):
+        self.items = items
+        self.name = "[" + ", ".join(item.name for item in items) + "]"
+
+    def check(self, value, where, unknown):
+        if not isinstance(value, list) or len(value) != len(self.items):
+            self.fail(where, f"invalid type: expected {self.name}, got {value!r}")
+        for index, (item, kind) in enumerate(zip(value, self.items)):
+            kind.check(item, f"{where}[{index}]", unknown)
+
+
+class Map(Type):
+    """HashMap<String, T>."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, f"a map of {inner.name}"
+
+    def check(self, value, where, unknown):
+        if not isinstance(value, dict):
+            self.fail(where, f"invalid type: expected {self.name}, got {value!r}")
+        for key, item in value.items():
+            self.inner.check(item, f"{where}.{key}", unknown)
+
+
+class Enum(Type):
+    """A unit-only enum: the variant's name or one of its serde aliases."""
+
+    def __init__(self, name, variants, aliases=()):
+        self.name, self.variants = name, set(variants) | set(aliases)
+
+    def check(self, value, where, unknown):
+        if not isinstance(value, str) or value not in self.variants:
+            self.fail(where, f"unknown variant {value!r} of {self.name}")
+
+
+class Tagged(Type):
+    """An externally tagged enum: "Unit" or {"Variant": payload} (serde also takes
+    {"Unit": null})."""
+
+    def __init__(self, name, variants):
+        self.name, self.variants = name, variants  # variant -> payload type or None
+
+    def check(self, value, where, unknown):
+        if isinstance(value, str) and self.variants.get(value, 0) is None:
+            return
+        if not isinstance(value, dict) or len(value) != 1:
+            self.fail(where, f"invalid type: expected {self.name}, got {value!r}")
+        (variant, payload), = value.items()
+        if variant not in self.variants:
+            self.fail(where, f"unknown variant {variant!r} of {self.name}")
+        kind = self.variants[variant]
+        if kind is None:
+            if payload is not None:
+                self.fail(where, f"{variant} of {self.name} carries no value")
+            return
+        kind.check(payload, f"{where}.{variant}", unknown)
+
+
+class Struct(Type):
+    """A `#[derive(Deserialize)]` struct: its fields by name, unknown ones ignored."""
+
+    def __init__(self, name, **fields):
+        self.name, self.fields = name, fields
+
+    def check(self, value, where, unknown):
+        if not isinstance(value, dict):
+            self.fail(where, f"invalid type: expected struct {self.name}, got {value!r}")
+        duplicates = getattr(value, "duplicates", ())
+        if duplicates:
+            self.fail(where, f"duplicate field `{duplicates[0]}`")
+        for key, kind in self.fields.items():
+            inside = f"{where}.{key}" if where else key
+            if key not in value:
+                if not isinstance(kind, (Default, Opt)) or isinstance(kind, Present):
+                    self.fail(where, f"missing field `{key}` of {self.name}")
+                continue
+            kind.check(value[key], inside, unknown)
+        extra = sorted(set(value) - set(self.fields))
+        if extra and unknown == "refuse":
+            self.fail(where, f"unknown field `{extra[0]}` (upstream's {self.name} "
+                             f"ignores it)")
+
+
+class Unit(Type):
+    """`()`: upstream answers an empty body (`Json(())` answers `null`)."""
+    name = "nothing"
+
+    def check(self, value, where, unknown):
+        if value not in (None, b"", ""):
+            self.fail(where, f"expected no content, got {value!r}")
+
+
+class Text(Str):
+    name = "plain text"
+
+
+# ---- schema.rs ---------------------------------------------------------------------------
+
+STRING, BOOL = Str(), Bool()
+I32_, I64_, U64_ = Int(I32, "i32"), Int(I64, "i64"), Int(U64, "u64")
+STRINGS = List(STRING)
+MD5 = List(Int(U8, "u8"), length=16)
+UUID, DURATION, TIME = Uuid(), Duration(), Timestamp()
+
+_ROLE_ALIASES = ("read", "READ", "write", "WRITE", "admin", "ADMIN")
+USER_GROUP_ROLE = Enum("UserGroupRole", ("Read", "Write", "Admin"), _ROLE_ALIASES)
+GROUP_WORKER_ROLE = Enum("GroupWorkerRole", ("Read", "Write", "Admin"), _ROLE_ALIASES)
+USER_STATE = Enum("UserState", ("Active", "Locked", "Deleted"))
+GROUP_STATE = Enum("GroupState", ("Active", "Locked", "Deleted"))
+WORKER_STATE = Enum("WorkerState", ("Normal", "GracefulShutdown"))
+TASK_STATE = Enum("TaskState", ("Pending", "Ready", "Running", "Finished", "Cancelled",
+                                "Unknown"))
+TASK_EXEC_STATE = Enum("TaskExecState", (
+    "WorkerExited", "FetchResource", "FetchResourceFinished", "FetchResourceError",
+    "FetchResourceTimeout", "FetchResourceNotFound", "FetchResourceForbidden", "Watch",
+    "WatchFinished", "WatchTimeout", "ExecPending", "ExecSpawned", "ExecFinished",
+    "ExecTimeout", "UploadResult", "UploadFinishedResult", "UploadCancelledResult",
+    "UploadResultFinished", "UploadResultTimeout", "TaskCommitted", "Unknown"))
+ARTIFACT_CONTENT_TYPE = Enum("ArtifactContentType", ("result", "exec-log", "std-log"))
+ATTACHMENT_CONTENT_TYPE = Enum("AttachmentContentType", ("application/octet-stream",))
+TASK_RESULT_MESSAGE = Enum("TaskResultMessage", (
+    "FetchResourceTimeout", "ExecTimeout", "UploadResultTimeout", "ResourceNotFound",
+    "ResourceForbidden", "WatchTimeout", "UserCancellation", "SubmitNewTaskFailed"))
+WORKER_SHUTDOWN_OP = Enum("WorkerShutdownOp", ("Graceful", "Force"), ("graceful", "force"))
+
+CreateUserReq = Struct("CreateUserReq", username=STRING, md5_password=MD5, admin=BOOL)
+UserLoginReq = Struct("UserLoginReq", username=STRING, md5_password=MD5,
+                      retain=Default(BOOL))
+UserChangePasswordReq = Struct("UserChangePasswordReq", old_md5_password=MD5,
+                               new_md5_password=MD5)
+AdminChangePasswordReq = Struct("AdminChangePasswordReq", new_md5_password=MD5)
+ChangeUserStateReq = Struct("ChangeUserStateReq", state=USER_STATE)
+ChangeGroupStorageQuotaReq = Struct("ChangeGroupStorageQuotaReq", storage_quota=STRING)
+ChangeUserGroupQuota = Struct("ChangeUserGroupQuota", group_quota=STRING)
+CreateGroupReq = Struct("CreateGroupReq", group_name=STRING)
+RegisterWorkerReq = Struct("RegisterWorkerReq", tags=STRINGS, labels=STRINGS,
+                           groups=STRINGS, lifetime=Default(Opt(DURATION)))
+RemoteResource = Tagged("RemoteResource", {
+    "Artifact": Struct("Artifact", uuid=UUID, content_type=ARTIFACT_CONTENT_TYPE),
+    "Attachment": Struct("Attachment", key=STRING)})
+RemoteResourceDownload = Struct("RemoteResourceDownload", remote_file=RemoteResource,
+                                local_path=STRING)
+TaskSpec = Struct("TaskSpec", args=STRINGS, envs=Default(Map(STRING)),
+                  resources=Default(List(RemoteResourceDownload)),
+                  terminal_output=Default(BOOL), watch=Opt(Tuple(UUID, TASK_EXEC_STATE)))
+SubmitTaskReq = Struct("SubmitTaskReq", group_name=STRING, tags=STRINGS, labels=STRINGS,
+                       timeout=DURATION, priority=I32_, task_spec=TaskSpec)
+TaskResultSpec = Struct("TaskResultSpec", exit_status=I32_, msg=Opt(TASK_RESULT_MESSAGE))
+ReportTaskOp = Tagged("ReportTaskOp", {
+    "Finish": None, "Cancel": None, "Submit": SubmitTaskReq, "Commit": TaskResultSpec,
+    "Upload": Struct("Upload", content_type=ARTIFACT_CONTENT_TYPE, content_length=U64_)})
+ReportTaskReq = Struct("ReportTaskReq", id=I64_, op=ReportTaskOp)
+UploadAttachmentReq = Struct("UploadAttachmentReq", key=STRING, content_length=U64_)
+UploadArtifactReq = Struct("UploadArtifactReq", content_type=ARTIFACT_CONTENT_TYPE,
+                           content_length=U64_)
+ChangeTaskReq = Struct("ChangeTaskReq", tags=Opt(STRINGS), timeout=Present(DURATION),
+                       priority=Opt(I32_), task_spec=Opt(TaskSpec))
+UpdateTaskLabelsReq = Struct("UpdateTaskLabelsReq", labels=STRINGS)
+_TASK_FILTER = dict(creator_usernames=Opt(STRINGS), group_name=Opt(STRING),
+                    tags=Opt(STRINGS), labels=Opt(STRINGS), states=Opt(List(TASK_STATE)),
+                    exit_status=Opt(STRING), priority=Opt(STRING))
+TasksQueryReq = Struct("TasksQueryReq", **_TASK_FILTER, reporter_uuid=Opt(UUID),
+                       limit=Opt(U64_), offset=Opt(U64_), count=BOOL)
+TasksCancelByFilterReq = Struct("TasksCancelByFilterReq", **_TASK_FILTER)
+TasksCancelByUuidsReq = Struct("TasksCancelByUuidsReq", uuids=List(UUID))
+AttachmentsQueryReq = Struct("AttachmentsQueryReq", key=Opt(STRING), limit=Opt(U64_),
+                             offset=Opt(U64_), count=BOOL)
+_WORKER_FILTER = dict(group_name=Opt(STRING), role=Opt(List(GROUP_WORKER_ROLE)),
+                      tags=Opt(STRINGS), labels=Opt(STRINGS), creator_username=Opt(STRING))
+WorkersQueryReq = Struct("WorkersQueryReq", **_WORKER_FILTER, count=BOOL)
+WorkersShutdownByFilterReq = Struct("WorkersShutdownByFilterReq", **_WORKER_FILTER,
+                                    op=WORKER_SHUTDOWN_OP)
+WorkersShutdownByUuidsReq = Struct("WorkersShutdownByUuidsReq", uuids=List(UUID),
+                                   op=WORKER_SHUTDOWN_OP)
+ReplaceWorkerTagsReq = Struct("ReplaceWorkerTagsReq", tags=STRINGS)
+UpdateGroupWorkerRoleReq = Struct("UpdateGroupWorkerRoleReq",
+                                  relations=Map(GROUP_WORKER_ROLE))
+RemoveGroupWorkerRoleReq = Struct("RemoveGroupWorkerRoleReq", groups=STRINGS)
+UpdateUserGroupRoleReq = Struct("UpdateUserGroupRoleReq", relations=Map(USER_GROUP_ROLE))
+RemoveUserGroupRoleReq = Struct("RemoveUserGroupRoleReq", users=STRINGS)
+ShutdownReq = Struct("ShutdownReq", secret=STRING)
+_ARTIFACT_FILTER = dict(**_TASK_FILTER, reporter_uuid=Opt(UUID),
+                        content_type=ARTIFACT_CONTENT_TYPE)
+ArtifactsDownloadByFilterReq = Struct("ArtifactsDownloadByFilterReq", **_ARTIFACT_FILTER)
+ArtifactsDownloadByUuidsReq = Struct("ArtifactsDownloadByUuidsReq", uuids=List(UUID),
+                                     content_type=ARTIFACT_CONTENT_TYPE)
+ArtifactsDeleteByFilterReq = Struct("ArtifactsDeleteByFilterReq", **_ARTIFACT_FILTER)
+ArtifactsDeleteByUuidsReq = Struct("ArtifactsDeleteByUuidsReq", uuids=List(UUID),
+                                   content_type=ARTIFACT_CONTENT_TYPE)
+_ATTACHMENT_FILTER = dict(key=Opt(STRING), limit=Opt(U64_), offset=Opt(U64_))
+AttachmentsDownloadByFilterReq = Struct("AttachmentsDownloadByFilterReq",
+                                        **_ATTACHMENT_FILTER)
+AttachmentsDownloadByKeysReq = Struct("AttachmentsDownloadByKeysReq", keys=STRINGS)
+AttachmentsDeleteByFilterReq = Struct("AttachmentsDeleteByFilterReq", **_ATTACHMENT_FILTER)
+AttachmentsDeleteByKeysReq = Struct("AttachmentsDeleteByKeysReq", keys=STRINGS)
+TasksSubmitReq = Struct("TasksSubmitReq", tasks=List(SubmitTaskReq))
+
+# query strings (axum's Query / axum_extra's Query: repeated keys make a set)
+WorkerShutdown = Struct("WorkerShutdown", op=Opt(WORKER_SHUTDOWN_OP))
+RemoveGroupWorkerRoleParams = Struct("RemoveGroupWorkerRoleParams", groups=Default(STRINGS))
+RemoveUserGroupRoleParams = Struct("RemoveUserGroupRoleParams", users=Default(STRINGS))
+
+# responses
+ErrorMsg = Struct("ErrorMsg", msg=STRING)
+Health = Struct("health", status=STRING)
+UserLoginResp = Struct("UserLoginResp", token=STRING)
+UserChangePasswordResp = Struct("UserChangePasswordResp", token=STRING)
+UserStateResp = Struct("UserStateResp", state=USER_STATE)
+GroupStorageQuotaResp = Struct("GroupStorageQuotaResp", storage_quota=I64_)
+UserGroupQuotaResp = Struct("UserGroupQuotaResp", group_quota=I32_)
+GroupQueryInfo = Struct("GroupQueryInfo", group_name=STRING, creator_username=STRING,
+                        created_at=TIME, updated_at=TIME, state=GROUP_STATE,
+                        task_count=I64_, storage_quota=I64_, storage_used=I64_,
+                        worker_count=I64_, users_in_group=Opt(Map(USER_GROUP_ROLE)))
+RegisterWorkerResp = Struct("RegisterWorkerResp", worker_id=UUID, token=STRING,
+                            redis_url=Opt(STRING))
+WorkerTaskResp = Struct("WorkerTaskResp", id=I64_, uuid=UUID, timeout=DURATION,
+                        upstream_task_uuid=Opt(UUID), spec=TaskSpec)
+ReportTaskResp = Struct("ReportTaskResp", url=Opt(STRING))
+UploadAttachmentResp = Struct("UploadAttachmentResp", exist=BOOL, url=STRING)
+UploadArtifactResp = Struct("UploadArtifactResp", exist=BOOL, url=STRING)
+SubmitTaskResp = Struct("SubmitTaskResp", task_id=I64_, uuid=UUID)
+ArtifactQueryResp = Struct("ArtifactQueryResp", content_type=ARTIFACT_CONTENT_TYPE,
+                           size=I64_, created_at=TIME, updated_at=TIME)
+_TASK_INFO = dict(uuid=UUID, creator_username=STRING, group_name=STRING, task_id=I64_,
+                  tags=STRINGS, labels=STRINGS, created_at=TIME, updated_at=TIME,
+                  state=TASK_STATE, timeout=I64_, priority=I32_,
+                  upstream_task_uuid=Opt(UUID), downstream_task_uuid=Opt(UUID),
+                  reporter_uuid=Opt(UUID))
+TaskQueryInfo = Struct("TaskQueryInfo", **_TASK_INFO, spec=Any(), result=Opt(Any()))
+ParsedTaskQueryInfo = Struct("ParsedTaskQueryInfo", **_TASK_INFO, spec=TaskSpec,
+                             result=Opt(TaskResultSpec))
+TaskQueryResp = Struct("TaskQueryResp", info=ParsedTaskQueryInfo,
+                       artifacts=List(ArtifactQueryResp))
+TasksQueryResp = Struct("TasksQueryResp", count=U64_, tasks=List(TaskQueryInfo),
+                        group_name=STRING)
+TasksCancelByFilterResp = Struct("TasksCancelByFilterResp", cancelled_count=U64_,
+                                 group_name=STRING)
+TasksCancelByUuidsResp = Struct("TasksCancelByUuidsResp", cancelled_count=U64_,
+                                failed_uuids=List(UUID))
+AttachmentMetadata = Struct("AttachmentMetadata", content_type=ATTACHMENT_CONTENT_TYPE,
+                            size=I64_, created_at=TIME, updated_at=TIME)
+AttachmentQueryInfo = Struct("AttachmentQueryInfo", key=STRING,
+                             content_type=ATTACHMENT_CONTENT_TYPE, size=I64_,
+                             created_at=TIME, updated_at=TIME)
+AttachmentsQueryResp = Struct("AttachmentsQueryResp", count=U64_,
+                              attachments=List(AttachmentQueryInfo), group_name=STRING)
+WorkerQueryInfo = Struct("WorkerQueryInfo", worker_id=UUID, creator_username=STRING,
+                         tags=STRINGS, labels=STRINGS, created_at=TIME, updated_at=TIME,
+                         state=WORKER_STATE, last_heartbeat=TIME,
+                         assigned_task_id=Opt(UUID))
+WorkerQueryResp = Struct("WorkerQueryResp", info=WorkerQueryInfo,
+                         groups=Map(GROUP_WORKER_ROLE))
+WorkersQueryResp = Struct("WorkersQueryResp", count=U64_, workers=List(WorkerQueryInfo),
+                          group_name=STRING)
+WorkersShutdownByFilterResp = Struct("WorkersShutdownByFilterResp", shutdown_count=U64_,
+                                     group_name=STRING)
+WorkersShutdownByUuidsResp = Struct("WorkersShutdownByUuidsResp", shutdown_count=U64_,
+                                    failed_uuids=List(UUID))
+RedisConnectionInfo = Struct("RedisConnectionInfo", url=Opt(STRING))
+RemoteResourceDownloadResp = Struct("RemoteResourceDownloadResp", url=STRING, size=I64_)
+GroupsQueryResp = Struct("GroupsQueryResp", groups=Map(USER_GROUP_ROLE))
+ArtifactsDownloadListResp = Struct("ArtifactsDownloadListResp", downloads=List(Struct(
+    "ArtifactDownloadItem", uuid=UUID, url=STRING, size=I64_)))
+AttachmentsDownloadListResp = Struct("AttachmentsDownloadListResp", downloads=List(Struct(
+    "AttachmentDownloadItem", key=STRING, url=STRING, size=I64_)), group_name=STRING)
+ArtifactsDeleteByFilterResp = Struct("ArtifactsDeleteByFilterResp", deleted_count=U64_)
+ArtifactsDeleteByUuidsResp = Struct("ArtifactsDeleteByUuidsResp", deleted_count=U64_,
+                                    failed_uuids=List(UUID))
+AttachmentsDeleteByFilterResp = Struct("AttachmentsDeleteByFilterResp", deleted_count=U64_,
+                                       group_name=STRING)
+AttachmentsDeleteByKeysResp = Struct("AttachmentsDeleteByKeysResp", deleted_count=U64_,
+                                     failed_keys=STRINGS, group_name=STRING)
+TasksSubmitResp = Struct("TasksSubmitResp", results=List(Tagged(
+    "Result<SubmitTaskResp, ErrorMsg>", {"Ok": SubmitTaskResp, "Err": ErrorMsg})))
+NULL = Unit()  # `Json(())`: the body is `null`
+EMPTY = Unit()  # `()`: the body is empty
+
+
+# ---- the routers (netmito/src/api/*.rs) ---------------------------------------------------
+
+
+class Route:
+    """One upstream route: who calls it, its path parameters' types, its query and
+    body structs (None: not read), and the struct it answers with."""
+
+    def __init__(self, method, path, auth, body, answer, query=None, **params):
+        self.method, self.path, self.auth = method, path, auth
+        self.body, self.answer, self.query, self.params = body, answer, query, params
+        pattern = re.sub(r"\{\*(\w+)\}", r"(?P<\1>.+)", path)
+        self.pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+    def __repr__(self):
+        return f"{self.method} {self.path}"
+
+
+_UUID_PARAM = {"uuid": UUID}
+_ARTIFACT_PARAMS = {"uuid": UUID, "content_type": ARTIFACT_CONTENT_TYPE}
+
+ROUTES = [
+    # api/mod.rs and api/users.rs
+    Route("GET", "/auth", "user", None, Text()),
+    Route("GET", "/health", None, None, Health),
+    Route("POST", "/login", None, UserLoginReq, UserLoginResp),
+    Route("GET", "/redis", "user", None, RedisConnectionInfo),
+    Route("POST", "/users/{username}/password", "user", UserChangePasswordReq,
+          UserChangePasswordResp),
+    Route("GET", "/users/groups", "user", None, GroupsQueryResp),
+    # api/admin.rs
+    Route("POST", "/admin/users", "admin", CreateUserReq, EMPTY),
+    Route("DELETE", "/admin/users/{username}", "admin", None, UserStateResp),
+    Route("POST", "/admin/users/{username}/password", "admin", AdminChangePasswordReq, EMPTY),
+    Route("POST", "/admin/users/{username}/group-quota", "admin", ChangeUserGroupQuota,
+          UserGroupQuotaResp),
+    Route("POST", "/admin/users/{username}/state", "admin", ChangeUserStateReq,
+          UserStateResp),
+    Route("POST", "/admin/groups/{group_name}/storage-quota", "admin",
+          ChangeGroupStorageQuotaReq, GroupStorageQuotaResp),
+    Route("DELETE", "/admin/workers/{uuid}", "admin", None, EMPTY, WorkerShutdown,
+          **_UUID_PARAM),
+    Route("DELETE", "/admin/groups/{group_name}/attachments/{*key}", "admin", None, EMPTY),
+    Route("DELETE", "/admin/tasks/{uuid}/artifacts/{content_type}", "admin", None, EMPTY,
+          **_ARTIFACT_PARAMS),
+    Route("POST", "/admin/shutdown", "admin", ShutdownReq, EMPTY),
+    # api/groups.rs
+    Route("POST", "/groups", "user", CreateGroupReq, EMPTY),
+    Route("GET", "/groups/{group_name}", "user", None, GroupQueryInfo),
+    Route("POST", "/groups/{group_name}/users/remove", "user", RemoveUserGroupRoleReq, EMPTY),
+    Route("PUT", "/groups/{group_name}/users", "user", UpdateUserGroupRoleReq, EMPTY),
+    Route("DELETE", "/groups/{group_name}/users", "user", None, EMPTY,
+          RemoveUserGroupRoleParams),
+    Route("POST", "/groups/{group_name}/attachments/query", "user", AttachmentsQueryReq,
+          AttachmentsQueryResp),
+    Route("GET", "/groups/{group_name}/download/attachments/{*key}", "user", None,
+          RemoteResourceDownloadResp),
+    Route("GET", "/groups/{group_name}/attachments/{*key}", "user", None, AttachmentMetadata),
+    Route("DELETE", "/groups/{group_name}/attachments/{*key}", "user", None, EMPTY),
+    Route("POST", "/groups/{group_name}/attachments", "user", UploadAttachmentReq,
+          UploadAttachmentResp),
+    Route("POST", "/groups/{group_name}/download/attachments", "user",
+          AttachmentsDownloadByFilterReq, AttachmentsDownloadListResp),
+    Route("POST", "/groups/{group_name}/download/attachments/list", "user",
+          AttachmentsDownloadByKeysReq, AttachmentsDownloadListResp),
+    Route("POST", "/groups/{group_name}/delete/attachments", "user",
+          AttachmentsDeleteByFilterReq, AttachmentsDeleteByFilterResp),
+    Route("POST", "/groups/{group_name}/delete/attachments/list", "user",
+          AttachmentsDeleteByKeysReq, AttachmentsDeleteByKeysResp),
+    # api/workers.rs: the worker's own calls
+    Route("DELETE", "/workers", "worker", None, NULL),
+    Route("POST", "/workers/heartbeat", "worker", None, NULL),
+    Route("POST", "/workers/tasks", "worker", ReportTaskReq, ReportTaskResp),
+    Route("GET", "/workers/tasks", "worker", None, Opt(WorkerTaskResp)),
+    Route("GET", "/workers/tasks/{uuid}", "worker", None, TaskQueryResp, **_UUID_PARAM),
+    Route("GET", "/workers/tasks/{uuid}/artifacts/{content_type}", "worker", None,
+          RemoteResourceDownloadResp, **_ARTIFACT_PARAMS),
+    Route("GET", "/workers/tasks/{uuid}/attachments/{*key}", "worker", None,
+          RemoteResourceDownloadResp, **_UUID_PARAM),
+    # api/workers.rs: users managing workers
+    Route("POST", "/workers/query", "user", WorkersQueryReq, WorkersQueryResp),
+    Route("POST", "/workers/shutdown", "user", WorkersShutdownByFilterReq,
+          WorkersShutdownByFilterResp),
+    Route("POST", "/workers/shutdown/list", "user", WorkersShutdownByUuidsReq,
+          WorkersShutdownByUuidsResp),
+    Route("GET", "/workers/{uuid}", "user", None, WorkerQueryResp, **_UUID_PARAM),
+    Route("DELETE", "/workers/{uuid}", "user", None, EMPTY, WorkerShutdown, **_UUID_PARAM),
+    Route("PUT", "/workers/{uuid}/tags", "user", ReplaceWorkerTagsReq, EMPTY, **_UUID_PARAM),
+    Route("PUT", "/workers/{uuid}/labels", "user", UpdateTaskLabelsReq, EMPTY,
+          **_UUID_PARAM),
+    Route("DELETE", "/workers/{uuid}/groups/remove", "user", RemoveGroupWorkerRoleReq, EMPTY,
+          **_UUID_PARAM),
+    Route("PUT", "/workers/{uuid}/groups", "user", UpdateGroupWorkerRoleReq, EMPTY,
+          **_UUID_PARAM),
+    Route("DELETE", "/workers/{uuid}/groups", "user", None, EMPTY,
+          RemoveGroupWorkerRoleParams, **_UUID_PARAM),
+    Route("POST", "/workers", "user", RegisterWorkerReq, RegisterWorkerResp),
+    # api/tasks.rs
+    Route("POST", "/tasks", "user", SubmitTaskReq, SubmitTaskResp),
+    Route("POST", "/tasks/query", "user", TasksQueryReq, TasksQueryResp),
+    Route("POST", "/tasks/cancel", "user", TasksCancelByFilterReq, TasksCancelByFilterResp),
+    Route("POST", "/tasks/cancel/list", "user", TasksCancelByUuidsReq,
+          TasksCancelByUuidsResp),
+    Route("POST", "/tasks/download/artifacts", "user", ArtifactsDownloadByFilterReq,
+          ArtifactsDownloadListResp),
+    Route("POST", "/tasks/download/artifacts/list", "user", ArtifactsDownloadByUuidsReq,
+          ArtifactsDownloadListResp),
+    Route("POST", "/tasks/delete/artifacts", "user", ArtifactsDeleteByFilterReq,
+          ArtifactsDeleteByFilterResp),
+    Route("POST", "/tasks/delete/artifacts/list", "user", ArtifactsDeleteByUuidsReq,
+          ArtifactsDeleteByUuidsResp),
+    Route("POST", "/tasks/submit", "user", TasksSubmitReq, TasksSubmitResp),
+    Route("GET", "/tasks/{uuid}", "user", None, TaskQueryResp, **_UUID_PARAM),
+    Route("PUT", "/tasks/{uuid}", "user", ChangeTaskReq, EMPTY, **_UUID_PARAM),
+    Route("DELETE", "/tasks/{uuid}", "user", None, EMPTY, **_UUID_PARAM),
+    Route("PUT", "/tasks/{uuid}/labels", "user", UpdateTaskLabelsReq, EMPTY, **_UUID_PARAM),
+    Route("GET", "/tasks/{uuid}/download/artifacts/{content_type}", "user", None,
+          RemoteResourceDownloadResp, **_ARTIFACT_PARAMS),
+    Route("DELETE", "/tasks/{uuid}/artifacts/{content_type}", "user", None, EMPTY,
+          **_ARTIFACT_PARAMS),
+    Route("POST", "/tasks/{uuid}/artifacts", "user", UploadArtifactReq, UploadArtifactResp,
+          **_UUID_PARAM),
+]
+
+
+def _literal_first(route):
+    """axum (matchit) prefers a literal segment to a parameter: /tasks/query before
+    /tasks/{uuid}."""
+    return [segment.startswith("{") for segment in route.path.split("/")]
+
+
+_BY_PRECEDENCE = sorted(ROUTES, key=_literal_first)
+
+
+def find_route(method, path):
+    """(route, path parameters) as upstream's router picks them: the path first (a
+    literal segment before a parameter), then the method; SchemaError 404/405."""
+    path = urllib.parse.urlsplit(path).path
+    template = next((route.path for route in _BY_PRECEDENCE if route.pattern.match(path)),
+                    None)
+    if template is None:
+        raise SchemaError(404, "path", f"no upstream route {method} {path}")
+    route = next((r for r in ROUTES if r.path == template and r.method == method), None)
+    if route is None:
+        raise SchemaError(405, "path", f"upstream has no {method} {template}")
+    params = {k: urllib.parse.unquote(v) for k, v in route.pattern.match(path).groupdict().items()}
+    for name, kind in route.params.items():
+        check_param(kind, params[name], name)
+    return route, params
+
+
+def check_param(kind, value, name):
+    try:
+        kind.check(value, name, "ignore")
+    except SchemaError as error:
+        raise SchemaError(400, name, f"bad path parameter: {error.problem}") from None
+
+
+# ---- the checks ---------------------------------------------------------------------------
+
+
+class _Object(dict):
+    """A decoded JSON object that remembers its duplicate keys (serde refuses those in
+    a struct)."""
+    duplicates = ()
+
+
+def _object(pairs):
+    obj = _Object(pairs)
+    keys = [key for key, _ in pairs]
+    obj.duplicates = [key for index, key in enumerate(keys) if key in keys[:index]]
+    return obj
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_surrogates(value):
+    if isinstance(value, str):
+        if any(0xD800 <= ord(char) <= 0xDFFF for char in value):
+            raise ValueError("lone surrogate in a string")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_surrogates(key)
+            _no_surrogates(item)
+    elif isinstance(value, list):
+        for item in value:
+            _no_surrogates(item)
+
+
+def decode_json(raw):
+    """What serde_json reads from bytes; SchemaError 400 where it finds no JSON."""
+    try:
+        value = json.loads(raw, object_pairs_hook=_object, parse_constant=_refuse_constant)
+        _no_surrogates(value)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SchemaError(400, "body", f"Failed to parse the request body as JSON: "
+                                       f"{error}") from None
+    return value
+
+
+def check_request(method, target, body=None, headers=None, unknown="ignore"):
+    """The upstream route that would handle this request, or SchemaError with the
+    status upstream would answer. `target` is the path with its query string; `body`
+    is the raw bytes, or the JSON value already decoded (None: no body); `headers`,
+    when given, are checked for axum's `Content-Type: application/json`."""
+    route, _ = find_route(method, target)
+    if route.query is not None:
+        check_query(route.query, urllib.parse.urlsplit(target).query, unknown)
+    if route.body is None:
+        return route
+    if headers is not None:
+        content_type = {k.lower(): v for k, v in headers.items()}.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise SchemaError(415, "headers", "Expected request with "
+                                              "`Content-Type: application/json`")
+    if body is None:
+        raise SchemaError(400, "body", "Failed to parse the request body as JSON: EOF")
+    value = decode_json(body) if isinstance(body, (bytes, str)) else body
+    route.body.check(value, "", unknown)
+    return route
+
+
+def check_query(struct, query, unknown):
+    """serde_urlencoded into the query struct: lists from repeated keys."""
+    values = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        values.setdefault(key, []).append(value)
+    decoded = {key: items if isinstance(struct.fields.get(key), Default) else items[-1]
+               for key, items in values.items()}
+    try:
+        struct.check(decoded, "query", unknown)
+    except SchemaError as error:
+        raise SchemaError(400, error.where, f"Failed to deserialize query string: "
+                                            f"{error.problem}") from None
+
+
+def check_response(method, target, status, body, route=None):
+    """That the Rust client could read this answer: the route's response struct for a
+    2xx (the JSON value, or raw bytes to decode), else `{"msg": ...}`."""
+    route = route or find_route(method, target)[0]
+    if isinstance(body, bytes):
+        body = body.decode() if isinstance(route.answer, Text) else (
+            decode_json(body) if body.strip() else None)
+    if not 200 <= status < 300:
+        ErrorMsg.check(body, "answer", "ignore")
+        return
+    route.answer.check(body, "answer", "ignore")
