@@ -441,9 +441,10 @@ def test_a_failed_request_is_exit_1_with_one_line(cluster):
     missing = str(uuid.uuid4())
     line = cluster.client("tasks", "get", missing).failed(1, "404", missing)
     assert "not found" in line
-    cluster.client("tasks", "get", "not-a-uuid").failed(1, "400")
+    # what the client can tell is wrong it refuses itself (exit 2), naming the value
+    cluster.client("tasks", "get", "not-a-uuid").failed(2, "not-a-uuid")
     cluster.client("tasks", "submit", "-g", unique("nogroup"), "--", "true").failed(1, "404")
-    cluster.client("tasks", "query", "-s", "sometimes").failed(1, "400", "sometimes")
+    cluster.client("tasks", "query", "-s", "sometimes").failed(2, "sometimes")
     cluster.client("tasks", "query", "--exit-status", "sometimes").failed(2, "exit-status")
 
 
