@@ -17,6 +17,8 @@ Client, and the command line.
 
 import argparse
 import base64
+import bisect
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -31,6 +33,7 @@ import json
 import logging
 import logging.handlers
 import math
+import operator
 import os
 import posixpath
 import random
@@ -830,6 +833,23 @@ def submit_op(request):
     return {"Submit": request}
 
 
+# Live output, an addition to upstream's protocol. A coordinator that takes it says so on
+# every fetch answer with `X-Mito-Output: N` (at most N bytes of one stream in one
+# increment), as `X-Mito-Long-Poll` announces long polls: a worker that never sees the
+# header (the Rust coordinator) sends nothing. The std-log artifact is unchanged.
+OUTPUT_HEADER = "X-Mito-Output"
+OUTPUT_STREAMS = ("stdout", "stderr")
+
+
+def output_request(increments, finished):
+    """POST /workers/tasks/{uuid}/output: {stream: (byte offset, bytes)} -> the body,
+    bytes in base64 (output need not be UTF-8, nor cut at a character's end)."""
+    body = {stream: {"offset": offset, "data": base64.b64encode(data).decode()}
+            for stream, (offset, data) in increments.items()}
+    body["finished"] = finished
+    return body
+
+
 _FAILURE_TARGETS = {
     "ExecTimeout": "ExecTimeout", "FetchResourceTimeout": "FetchResourceTimeout",
     "UploadResultTimeout": "UploadResultTimeout", "WatchTimeout": "WatchTimeout",
@@ -1020,7 +1040,8 @@ class TaskRun:
                 self.report("Cancel")
                 self.report(commit_op(0, reason))
                 return
-            status, timed_out = self.execute()
+            with self.tail_output():
+                status, timed_out = self.execute()
             self.report("Cancel" if timed_out else "Finish")
             msg = "ExecTimeout" if timed_out else None
             if not self.upload_artifacts():
@@ -1121,6 +1142,13 @@ class TaskRun:
         if self.upstream:
             env["MITO_UPSTREAM_TASK_UUID"] = self.upstream
         return env
+
+    def tail_output(self):
+        """Send the output as it grows, where the coordinator takes it (OutputTail)."""
+        limit = self.worker.output_limit
+        if not (limit and self.spec.get("terminal_output")):
+            return contextlib.nullcontext()
+        return OutputTail(self.worker.http, self.uuid, self.dirs.std, limit)
 
     def execute(self):
         """Run the command; return (raw wait status, timed out?)."""
@@ -1232,6 +1260,73 @@ class TaskRun:
             return False
 
 
+OUTPUT_INTERVAL = 1.0  # seconds between two increments of a running task's output
+OUTPUT_SEND_TIMEOUT = 10.0
+
+
+def output_limit(headers):
+    """The X-Mito-Output answer header: bytes per increment the coordinator takes."""
+    try:
+        return max(0, int(headers.get(OUTPUT_HEADER) or 0))
+    except ValueError:
+        return 0
+
+
+class OutputTail:
+    """A thread that sends what a task appends to std/stdout.log and std/stderr.log to
+    the coordinator every OUTPUT_INTERVAL and once more when the process has ended
+    (`with OutputTail(...)` around it). An increment holds at most `limit` bytes per
+    stream: a stream that grew faster skips to its last `limit` bytes. A failed send is
+    tried again next time and never touches the task."""
+
+    def __init__(self, http, task_uuid, folder, limit, interval=OUTPUT_INTERVAL):
+        self.http, self.uuid, self.limit, self.interval = http, task_uuid, limit, interval
+        self.paths = {stream: os.path.join(folder, f"{stream}.log") for stream in OUTPUT_STREAMS}
+        self.sent = dict.fromkeys(OUTPUT_STREAMS, 0)  # bytes of each stream the coordinator has
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name=f"output:{task_uuid}",
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, error, trace):
+        self.done.set()
+        self.thread.join()
+        if kind is None:  # the process ended: the last increment says so
+            self.send(finished=True)
+
+    def loop(self):
+        while not self.done.wait(self.interval):
+            self.send(finished=False)
+
+    def increments(self):
+        found = {}
+        for stream, path in self.paths.items():
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                start = max(self.sent[stream], size - self.limit)
+                handle.seek(start)
+                data = handle.read(min(self.limit, size - start))
+                if data:
+                    found[stream] = (start, data)
+        return found
+
+    def send(self, finished):
+        increments = self.increments()
+        if not increments and not finished:
+            return
+        try:
+            self.http.api("POST", f"/workers/tasks/{self.uuid}/output",
+                          output_request(increments, finished), timeout=OUTPUT_SEND_TIMEOUT)
+        except (ApiError, Unreachable) as error:
+            log.debug("task %s: output not sent: %s", self.uuid, error)
+            return
+        for stream, (start, data) in increments.items():
+            self.sent[stream] = start + len(data)
+
+
 class Worker:
     """One registered Mitosis worker (a slot of the process): its token, heartbeat
     thread, fetch loop and scratch directory."""
@@ -1243,6 +1338,7 @@ class Worker:
         self.scratch = None
         self.current = None
         self.long_poll = False
+        self.output_limit = 0  # bytes per output increment the coordinator takes; 0: none
         self.unauthorized = False
         self.finished = threading.Event()  # the fetch loop has ended
         self.idle_since = time.monotonic()
@@ -1362,6 +1458,7 @@ class Worker:
         finally:
             self.process.return_ticket()
         self.long_poll = "X-Mito-Long-Poll" in reply.headers
+        self.output_limit = output_limit(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
         if task is None:
             self.saw_empty_queue = True
@@ -1773,7 +1870,7 @@ COORDINATOR_OPTIONS = (
     Option("log_path", "path", None, ("--log-path",),
            "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
     Option("workers", "int", 0, ("--workers",),
-           "Also start N local workers, logged in as the admin", "N"),
+           "Also start N local workers, serving the admin's own group", "N"),
     Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
            "worker-subset: a worker takes a task when the worker's tags are a subset of "
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
@@ -1782,6 +1879,11 @@ COORDINATOR_OPTIONS = (
     Option("tls_cert", "path", None, ("--tls-cert",),
            "Serve HTTPS with this certificate (PEM; with --tls-key)"),
     Option("tls_key", "path", None, ("--tls-key",), "The private key of --tls-cert (PEM)"),
+    Option("public_url", "url", None, ("--public-url",),
+           "The address put in upload and download URLs (default: the bound address)"),
+    Option("metrics_public", "bool", False, ("--metrics-public",),
+           "Serve GET /metrics without a token (for a Prometheus scraper on a trusted "
+           "network; by default it needs an admin's token)"),
 )
 
 READ, WRITE, ADMIN = 1, 2, 3
@@ -1798,11 +1900,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 class HttpError(Exception):
-    """An API answer other than 200: status and the `msg` of its JSON body."""
+    """An API answer other than 200: status and the `msg` of its JSON body (and any
+    header the status calls for, such as the `Allow` of a 405)."""
 
-    def __init__(self, status, msg):
+    def __init__(self, status, msg, headers=None):
         super().__init__(msg)
-        self.status, self.msg = status, msg
+        self.status, self.msg, self.headers = status, msg, headers or {}
 
 
 def not_found(what):
@@ -2084,6 +2187,16 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
+    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
+    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    """
+    CREATE TABLE task_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
+        at REAL NOT NULL, worker TEXT);
+    CREATE INDEX task_events_task ON task_events (task_id, id);
+    CREATE INDEX task_events_at ON task_events (at);
+    CREATE INDEX tasks_group_state ON tasks (group_id, state);
+    """,
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -2094,6 +2207,32 @@ _TAG_RULES = {
     "task-subset": "NOT EXISTS (SELECT 1 FROM json_each(t.tags) x WHERE x.value NOT IN "
                    "(SELECT value FROM json_each(:tags)))",
 }
+
+
+class RowCache:
+    """Rows read on every request (the caller's user or worker row), kept in memory.
+    Store.invalidate_auth_cache() empties it on every write that changes them; a row
+    read while such a write happened is not kept (the generation moved on)."""
+
+    def __init__(self):
+        self.rows = {}
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def get(self, key, load):
+        row = self.rows.get(key)
+        if row is None:
+            generation = self.generation
+            row = load()
+            with self.lock:
+                if row is not None and generation == self.generation:
+                    self.rows[key] = row
+        return row
+
+    def clear(self):
+        with self.lock:
+            self.generation += 1
+            self.rows.clear()
 
 
 class Store:
@@ -2108,6 +2247,7 @@ class Store:
         self._write_lock = threading.Lock()
         self.changed = threading.Condition()
         self.generation = 0
+        self.auth_rows = RowCache()
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -2151,6 +2291,30 @@ class Store:
             self.generation += 1
             self.changed.notify_all()
 
+    @staticmethod
+    def _record(db, task_ids, event, worker=None):
+        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
+        the history of tasks, inside the transaction that made it happen."""
+        now = time.time()
+        db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
+                       [(task_id, event, now, worker) for task_id in task_ids])
+
+    # -- the rows authentication reads, cached
+
+    def auth_user(self, username):
+        """The user row by name, from memory: for authentication, on every request."""
+        return self.auth_rows.get(("user", username), lambda: self.user(username))
+
+    def auth_worker(self, worker_uuid):
+        """The worker row by uuid, from memory; its task_id and last_heartbeat may be
+        stale (read them with worker())."""
+        return self.auth_rows.get(("worker", worker_uuid), lambda: self.worker(worker_uuid))
+
+    def invalidate_auth_cache(self):
+        """Call after every write that changes a user (state, password, sign, admin,
+        quota) or a worker (state, tags, deletion): the next request re-reads them."""
+        self.auth_rows.clear()
+
     # -- users and groups
 
     def user(self, username):
@@ -2193,7 +2357,10 @@ class Store:
             self._insert_group(db, name, creator["id"], now)
 
     def update_user(self, username, **changes):
-        """Set columns of a user; a new password or state also rotates its sign."""
+        """Set columns of a user; a new password or state also rotates its sign. A user
+        who is no longer Active loses the workers it registered (their tokens with
+        them; their tasks go back to the queue): revocation is a fact of the database,
+        not of a cache."""
         if "password" in changes or "state" in changes:
             changes["sign"] = random.getrandbits(62)
         changes["updated_at"] = time.time()
@@ -2201,7 +2368,12 @@ class Store:
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
-        return self.user(username)
+        self.invalidate_auth_cache()
+        user = self.user(username)
+        if user["state"] != "Active":
+            revoked = self.all("SELECT id FROM workers WHERE creator_id = ?", user["id"])
+            self.remove_workers([row["id"] for row in revoked])
+        return user
 
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
@@ -2259,10 +2431,18 @@ class Store:
                            [(group_id, worker_id, role) for group_id, role in group_roles.items()])
         return worker_uuid
 
+    def worker_by_id(self, worker_id):
+        return self.one("SELECT * FROM workers WHERE id = ?", worker_id)
+
     def worker_groups(self, worker_id):
         return {row["name"]: row["role"] for row in self.all(
             "SELECT g.name, gw.role FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
             "WHERE gw.worker_id = ? ORDER BY g.name", worker_id)}
+
+    def serves(self, worker_id, group_id):
+        """Whether the worker takes the group's tasks (the Write role or more)."""
+        return self.one("SELECT 1 FROM group_workers WHERE worker_id = ? AND group_id = ? "
+                        "AND role >= ?", worker_id, group_id, WRITE) is not None
 
     def worker_role_for_user(self, worker_id, user_id):
         """The strongest role the worker grants to any group the user is a member of,
@@ -2285,6 +2465,7 @@ class Store:
         with self.write() as db:
             db.execute(f"UPDATE workers SET {columns}, updated_at = :now WHERE id = :id",
                        {**changes, "now": time.time(), "id": worker_id})
+        self.invalidate_auth_cache()
         self.wake_fetchers()
 
     def set_worker_groups(self, worker_id, group_roles):
@@ -2306,6 +2487,7 @@ class Store:
                 self._requeue(db, worker_id)
                 db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
                 db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        self.invalidate_auth_cache()
         self.wake_fetchers()
 
     def _requeue(self, db, worker_id):
@@ -2315,6 +2497,7 @@ class Store:
         for task in held:
             db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = NULL, "
                        "updated_at = ? WHERE id = ?", (time.time(), task["id"]))
+            self._record(db, [task["id"]], "Requeued")
             # what the abandoned run submitted downstream would be submitted twice
             db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
                        (task["uuid"],))
@@ -2328,6 +2511,7 @@ class Store:
         with self.write() as db:
             db.executemany("UPDATE workers SET state = 'GracefulShutdown' WHERE id = ?",
                            [(worker_id,) for worker_id in busy])
+        self.invalidate_auth_cache()
         self.remove_workers([row["id"] for row in rows if row["id"] not in busy])
 
     def query_workers(self, visible_to, filters, group_id=None):
@@ -2363,9 +2547,12 @@ class Store:
             "OR t.updated_at + t.timeout + ? < ?", silent_since, now, REQUEUE_GRACE, now)
 
     def forgive_silence(self):
-        """After a restart, every worker gets a full heartbeat timeout to come back."""
+        """After a restart, every worker gets a full heartbeat timeout to come back,
+        and every running task its full timeout again: the outage was not theirs."""
+        now = time.time()
         with self.write() as db:
-            db.execute("UPDATE workers SET last_heartbeat = ?", (time.time(),))
+            db.execute("UPDATE workers SET last_heartbeat = ?", (now,))
+            db.execute("UPDATE tasks SET updated_at = ? WHERE state = 'Running'", (now,))
 
     # -- tasks
 
@@ -2390,6 +2577,7 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
+            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
@@ -2415,6 +2603,7 @@ class Store:
             if row is not None:
                 db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
                            "WHERE id = ?", (worker["id"], time.time(), row["id"]))
+                self._record(db, [row["id"]], "Started", worker["uuid"])
             db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
                        (row and row["id"], worker["id"]))
         if requeued:
@@ -2439,9 +2628,11 @@ class Store:
                        "worker_id = NULL, updated_at = ? WHERE id = ?",
                        (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
             db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
+            self._record(db, [task["id"]], state, worker["uuid"])
             released = db.execute("UPDATE tasks SET state = 'Ready', updated_at = ? "
-                                  "WHERE upstream = ? AND state = 'Pending'",
-                                  (time.time(), task["uuid"])).rowcount
+                                  "WHERE upstream = ? AND state = 'Pending' RETURNING id",
+                                  (time.time(), task["uuid"])).fetchall()
+            self._record(db, [row["id"] for row in released], "Released")
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         elif released:
@@ -2460,10 +2651,12 @@ class Store:
         """Archive not-yet-running tasks as cancelled by their user; returns how many."""
         result = json.dumps({"exit_status": 0, "msg": "UserCancellation"})
         with self.write() as db:
-            return sum(db.execute(
+            cancelled = [task_id for task_id in task_ids if db.execute(
                 "UPDATE tasks SET state = 'Cancelled', result = ?, committed = 1, "
                 "updated_at = ? WHERE id = ? AND state IN ('Ready', 'Pending')",
-                (result, time.time(), task_id)).rowcount for task_id in task_ids)
+                (result, time.time(), task_id)).rowcount]
+            self._record(db, cancelled, "Cancelled")
+        return len(cancelled)
 
     def query_tasks(self, filters, group_ids, count=False):
         """Tasks of the groups `group_ids` (None: all) that match `filters`."""
@@ -2527,13 +2720,30 @@ class Store:
         if group["storage_used"] - old_size + new_size > group["storage_quota"]:
             raise forbidden("resource quota exceeded")
 
-    def record_blob(self, table, keys, size, group_id):
-        """Record a completed upload (artifact or attachment) and its group's usage."""
+    def check_upload(self, table, keys, grant, db=None):
+        """Refuse a used upload URL: each carries `was`, the updated_at of the blob it
+        replaces (0: none), so it works once; a worker's (`w`) dies with its task's
+        commit. Checked before the body is read and again in the recording transaction."""
+        db = db or self.db()
+        where = " AND ".join(f"{name} = ?" for name in keys)
+        old = db.execute(f"SELECT size, updated_at FROM {table} WHERE {where}",
+                         tuple(keys.values())).fetchone()
+        if (old["updated_at"] if old else 0) != grant.get("was"):
+            raise forbidden("this upload URL was already used")
+        if grant.get("w") is not None and not db.execute(
+                "SELECT 1 FROM tasks WHERE uuid = ? AND worker_id = ? AND committed = 0",
+                (keys.get("task_uuid"), grant["w"])).fetchone():
+            raise forbidden("this upload URL died with its task's commit")
+        return old
+
+    def record_blob(self, table, keys, size, group_id, grant, place):
+        """Record a completed upload (artifact or attachment) and its group's usage;
+        `place()` puts the received file where it belongs, inside the transaction."""
         now = time.time()
         where = " AND ".join(f"{name} = ?" for name in keys)
         with self.write() as db:
-            old = db.execute(f"SELECT size FROM {table} WHERE {where}", tuple(keys.values())
-                             ).fetchone()
+            old = self.check_upload(table, keys, grant, db)
+            place()
             db.execute(f"DELETE FROM {table} WHERE {where}", tuple(keys.values()))
             columns = ", ".join([*keys, "size", "created_at", "updated_at"])
             db.execute(f"INSERT INTO {table} ({columns}) VALUES "
@@ -2552,6 +2762,93 @@ class Store:
             db.execute("UPDATE groups SET storage_used = MAX(0, storage_used - ?) WHERE id = ?",
                        (old["size"], group_id))
             return True
+
+    # -- what the dashboard, `client status` and /metrics read (groups None: all)
+
+    @staticmethod
+    def _in_groups(column, group_ids):
+        if group_ids is None:
+            return "1=1"
+        return f"{column} IN ({','.join(str(int(g)) for g in group_ids) or 'NULL'})"
+
+    def user_group_ids(self, user_id):
+        return [row[0] for row in self.all("SELECT group_id FROM user_groups WHERE user_id = ?",
+                                           user_id)]
+
+    def group_names(self, group_ids):
+        return [row[0] for row in self.all(
+            f"SELECT name FROM groups WHERE {self._in_groups('id', group_ids)} ORDER BY name")]
+
+    def task_counts(self, group_ids):
+        """[(group name, state, count)], from the (group_id, state) index."""
+        return self.all(
+            "SELECT g.name AS group_name, c.state, c.n FROM (SELECT group_id, state, "
+            "COUNT(*) AS n FROM tasks WHERE "
+            f"{self._in_groups('group_id', group_ids)} GROUP BY group_id, state) c "
+            "JOIN groups g ON g.id = c.group_id ORDER BY g.name, c.state")
+
+    def running_tasks(self, group_ids, limit=100):
+        """Running tasks, longest running first, with when they started and on which worker."""
+        return self.all(
+            "SELECT t.uuid, g.name AS group_name, t.spec, w.uuid AS worker, "
+            "(SELECT MAX(at) FROM task_events e WHERE e.task_id = t.id AND e.event = 'Started') "
+            "AS started_at FROM tasks t JOIN groups g ON g.id = t.group_id "
+            "LEFT JOIN workers w ON w.id = t.worker_id WHERE t.state = 'Running' AND "
+            f"{self._in_groups('t.group_id', group_ids)} ORDER BY started_at, t.id LIMIT ?",
+            limit)
+
+    def ended_per_minute(self, since, group_ids):
+        """{minute index since `since`: tasks that ended in it}."""
+        return {row[0]: row[1] for row in self.all(
+            "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) FROM task_events e "
+            "JOIN tasks t ON t.id = e.task_id WHERE e.at >= ? AND e.event IN "
+            f"('Finished', 'Cancelled') AND {self._in_groups('t.group_id', group_ids)} "
+            "GROUP BY minute", since, since)}
+
+    def recent_failures(self, group_ids, limit=10):
+        """The last tasks that ended with a non-zero exit or a failure message (a user's
+        cancellation is no failure)."""
+        return self.all(
+            "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
+            "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
+            "g.id = t.group_id WHERE e.event IN ('Finished', 'Cancelled') AND "
+            "(json_extract(t.result, '$.exit_status') != 0 OR "
+            "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != 'UserCancellation')"
+            f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?", limit)
+
+    def oldest_ready(self, group_ids):
+        return self.one(
+            "SELECT t.*, g.name AS group_name FROM tasks t JOIN groups g ON g.id = t.group_id "
+            f"WHERE t.state = 'Ready' AND {self._in_groups('t.group_id', group_ids)} "
+            "ORDER BY t.id LIMIT 1")
+
+    def candidates(self, task):
+        """(workers serving the task's group with Write, those whose tags also match,
+        those of them that are idle): why a Ready task waits."""
+        rule = self.tag_rule.replace(":tags", "wk.tags")  # the claim rule, per worker
+        row = self.one(
+            "SELECT COUNT(*), COALESCE(SUM(matches), 0), COALESCE(SUM(matches AND idle), 0) "
+            f"FROM (SELECT ({rule}) AS matches, wk.task_id IS NULL AS idle FROM workers wk "
+            "JOIN group_workers gw ON gw.worker_id = wk.id JOIN tasks t ON t.id = ? "
+            "WHERE gw.group_id = t.group_id AND gw.role >= 2)", task["id"])
+        return tuple(row)
+
+    def task_history(self, task_id):
+        return self.all("SELECT event, at, worker FROM task_events WHERE task_id = ? "
+                        "ORDER BY id", task_id)
+
+    def last_event_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def events_after(self, event_id, limit=10000):
+        """Events newer than `event_id`, with their task's creation time and result."""
+        return self.all(
+            "SELECT e.id, e.event, e.at, t.created_at, t.result FROM task_events e "
+            "JOIN tasks t ON t.id = e.task_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
+            event_id, limit)
+
+    def blob_bytes(self):
+        return self.one("SELECT COALESCE(SUM(storage_used), 0) FROM groups")[0]
 
 
 # ---- secrets, passwords, tokens and signed URLs --------------------------------------------
@@ -2631,9 +2928,10 @@ class BlobStore:
         digest = hashlib.sha256(name.encode()).hexdigest()
         return os.path.join(self.root, "attachments", str(int(owner)), digest)
 
-    def url(self, base, method, ref, size, group_id, lifetime=URL_LIFETIME):
+    def url(self, base, method, ref, size, group_id, lifetime=URL_LIFETIME, **guard):
+        """A signed URL; `guard` (see Store.check_upload) makes an upload URL one-shot."""
         token = self.signer.sign({"m": method, "r": list(ref), "n": size, "g": group_id,
-                                  "exp": time.time() + lifetime})
+                                  "exp": time.time() + lifetime, **guard})
         return f"{base}/blobs/{token}"
 
     def grant(self, token, method):
@@ -2642,8 +2940,11 @@ class BlobStore:
             raise forbidden("invalid or expired URL")
         return payload
 
+    @contextlib.contextmanager
     def receive(self, stream, length, path):
-        """Copy exactly `length` bytes from `stream` to `path`; a short body is dropped."""
+        """Copy exactly `length` bytes from `stream` to a temporary file beside `path`;
+        yields the call that moves it to `path`. A short body, or a refusal before
+        that call, leaves nothing behind."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{uuidlib.uuid4().hex}.part"
         try:
@@ -2656,7 +2957,7 @@ class BlobStore:
                                              f"{length} bytes")
                     handle.write(chunk)
                     remaining -= len(chunk)
-            os.replace(temporary, path)
+            yield lambda: os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
@@ -2664,6 +2965,97 @@ class BlobStore:
     def remove(self, ref):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(ref))
+
+
+# ---- live task output ---------------------------------------------------------------------
+# worker POST /workers/tasks/{uuid}/output -> TaskOutputs (memory) -> GET /tasks/{uuid}/output
+# Offsets count bytes from the start of the task's stream, so a reader that asks from
+# where it stopped misses nothing that is still kept, and sees a gap when it is not.
+
+OUTPUT_INCREMENT_MAX = 64 << 10   # bytes of one stream in one increment (X-Mito-Output)
+OUTPUT_KEEP = 1 << 20             # the tail of each stream kept per task
+OUTPUT_KEEP_TOTAL = 64 << 20      # all tasks together: the least recently written go first
+OUTPUT_ANSWER_MAX = 256 << 10     # bytes in one GET answer; the reader asks again for more
+
+
+@dataclasses.dataclass
+class KeptOutput:
+    """The kept tail of one stream: `data` starts at byte `start` of the stream."""
+    worker_id: int
+    start: int = 0
+    data: bytearray = dataclasses.field(default_factory=bytearray)
+    finished: bool = False
+
+    @property
+    def end(self):
+        return self.start + len(self.data)
+
+
+def utf8_whole(data):
+    """The length of `data` without an incomplete UTF-8 character at its end (the rest
+    comes with the next increment)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the lead byte of the last character
+            need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else \
+                4 if byte >> 3 == 0b11110 else 1
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+class TaskOutputs:
+    """What running tasks write to stdout and stderr, as their workers send it: the
+    last OUTPUT_KEEP bytes of each stream, in memory and bounded in total. A restart
+    forgets it; the std-log artifact holds the whole output once a task ends."""
+
+    def __init__(self, keep=OUTPUT_KEEP, total=OUTPUT_KEEP_TOTAL):
+        self.keep, self.total, self.size = keep, total, 0
+        self.lock = threading.Lock()
+        self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
+
+    def append(self, task_uuid, stream, worker_id, offset, data, finished):
+        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
+        (the task was requeued) starts the stream afresh."""
+        with self.lock:
+            kept = self.kept.pop((task_uuid, stream), None)
+            if kept is None or kept.worker_id != worker_id:
+                kept = self._replace(kept, KeptOutput(worker_id, offset))
+            if offset > kept.end:  # the worker skipped what it could not send in time
+                self.size -= len(kept.data)
+                kept.start, kept.data = offset, bytearray()
+            fresh = data[kept.end - offset:]
+            kept.data += fresh
+            self.size += len(fresh)
+            surplus = len(kept.data) - self.keep
+            if surplus > 0:
+                del kept.data[:surplus]
+                kept.start += surplus
+                self.size -= surplus
+            kept.finished = kept.finished or finished
+            self.kept[(task_uuid, stream)] = kept
+            while self.size > self.total:
+                self.size -= len(self.kept.popitem(last=False)[1].data)
+
+    def _replace(self, old, new):
+        if old is not None:
+            self.size -= len(old.data)
+        return new
+
+    def read(self, task_uuid, stream, offset, ended):
+        """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
+        `ended`: the task is over, so what is kept is all there will be."""
+        with self.lock:
+            kept = self.kept.get((task_uuid, stream))
+            if kept is None:
+                return b"", offset, offset, ended
+            if not kept.start <= offset <= kept.end:  # dropped, or from an earlier run
+                offset = kept.start
+            data = bytes(kept.data[offset - kept.start:][:OUTPUT_ANSWER_MAX])
+            last = offset + len(data) == kept.end
+            finished = last and (kept.finished or ended)
+        if not finished:
+            data = data[:utf8_whole(data)]
+        return data, offset, offset + len(data), finished
 
 
 # ---- wire encodings of the coordinator's rows ---------------------------------------------
@@ -2713,19 +3105,31 @@ class Answer:
     headers: dict = dataclasses.field(default_factory=dict)
     text: str = None
     file: str = None
+    content_type: str = None    # of `text`: text/plain unless said (the dashboard's page)
 
 
 # ---- the rules and the handlers -----------------------------------------------------------
 
 
 class Request:
-    """One API request as the handlers see it."""
+    """One API request as the handlers see it: what the network layer parsed (method,
+    path, query, headers under lower-case names), where it came from, and its JSON body
+    once read. Blob routes read their body themselves from `body_stream`."""
 
-    def __init__(self, handler, url, params):
-        self.handler, self.params = handler, params
+    def __init__(self, method, target, headers, peer=None, scheme="http",
+                 local_address=("127.0.0.1", 0)):
+        url = urllib.parse.urlsplit(target)
+        self.method, self.path, self.headers = method, url.path, headers
         self.query = urllib.parse.parse_qs(url.query)
+        self.peer, self.scheme, self.local_address = peer, scheme, local_address
+        self.params = {}
+        self.body_stream = None
+        self.body_consumed = False
         self.user = self.worker = None
         self.data = None
+
+    def header(self, name):
+        return self.headers.get(name.lower())
 
     def body(self):
         """The JSON body, which must be an object."""
@@ -2741,11 +3145,6 @@ class Request:
             return check(values[-1])
         except (ValueError, TypeError) as error:
             raise HttpError(400, f"bad query parameter {name!r}: {error}") from None
-
-    def base_url(self):
-        scheme = "https" if isinstance(self.handler.connection, ssl.SSLSocket) else "http"
-        host = self.handler.headers.get("Host") or "%s:%d" % self.handler.server.server_address[:2]
-        return f"{scheme}://{host}"
 
 
 def path_uuid(text):
@@ -2770,36 +3169,16 @@ class Coordinator:
         self.settings = settings
         self.state_dir = settings.state_dir or data_home()
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.lock = lock_state_dir(self.state_dir)
         self.signer = Signer(load_secret(os.path.join(self.state_dir, "secret")))
         self.store = Store(os.path.join(self.state_dir, "mitosis.db"), settings.tag_matching)
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
+        self.outputs = TaskOutputs()
         self.stopping = threading.Event()
+        self.public_url = settings.public_url  # run_coordinator sets the bound one if None
+        self.run_id = b64(os.urandom(12))  # local workers' tokens are valid for this run only
         self.store.forgive_silence()
-
-    # -- first start
-
-    def bootstrap_admin(self):
-        """Create the admin on first start and leave a token where a worker or client
-        run by this Unix user finds it. Returns the credential file for local workers."""
-        settings = self.settings
-        name = settings.admin_user
-        if self.store.user(name) is None:
-            password = settings.admin_password
-            if password is None:
-                password = b64(os.urandom(18))
-                saved = os.path.join(self.state_dir, "admin-password")
-                write_private_file(saved, password + "\n")
-                log.warning("created admin user %r; its generated password is in %s",
-                            name, saved)
-            salt = os.urandom(16)
-            self.store.create_user(name, hash_password(md5_bytes(md5_password(password)), salt),
-                                   salt, admin=True)
-        admin = self.store.user(name)
-        token = self.user_token(admin)
-        local = os.path.join(self.state_dir, "admin-credentials")
-        for path in (local, default_credential_path()):
-            CredentialFile(path).store(name, token)
-        return local
+        self.dashboard = DashboardViews(self)
 
     def user_token(self, user):
         return self.signer.sign({"k": "user", "sub": user["username"], "sign": user["sign"],
@@ -2808,24 +3187,35 @@ class Coordinator:
     # -- authentication and roles
 
     def authenticate(self, req, kind):
-        header = req.handler.headers.get("Authorization") or ""
+        header = req.header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         payload = self.signer.read(token.strip()) if scheme.lower() == "bearer" else None
         if payload is None:
             raise HttpError(401, "invalid or expired token" if header else "missing token")
         if kind == "worker":
-            req.worker = payload.get("k") == "worker" and self.store.worker(payload.get("sub"))
+            req.worker = (payload.get("k") == "worker"
+                          and self.store.auth_worker(payload.get("sub")))
             if not req.worker:
                 raise HttpError(401, "this worker is not registered (or was shut down)")
             return
-        user = payload.get("k") == "user" and self.store.user(payload.get("sub"))
-        if not user or user["sign"] != payload.get("sign"):
+        user = self.token_user(payload, kind)
+        if not user:
             raise HttpError(401, "invalid token: log in again")
         if user["state"] != "Active":
             raise forbidden(f"user {user['username']} is {user['state']}")
         if kind == "admin" and not user["admin"]:
             raise forbidden("admin only")
         req.user = user
+
+    def token_user(self, payload, kind):
+        """The user row a token speaks for: a login's while its sign is current; a
+        local worker's (LocalWorkers) only where registering is all it asks, and only
+        during the run that minted it."""
+        if payload.get("k") == "local":
+            valid = kind == "registrar" and payload.get("run") == self.run_id
+            return valid and self.store.auth_user(payload.get("sub"))
+        user = payload.get("k") == "user" and self.store.auth_user(payload.get("sub"))
+        return user if user and user["sign"] == payload.get("sign") else None
 
     def group_of(self, req, name, need):
         """The group, if the user holds at least role `need` in it (admins always do)."""
@@ -2950,18 +3340,30 @@ class Coordinator:
         row = self.group_of(req, group, ADMIN)
         relations = field(req.body(), "relations", roles_map)
         ids = self.ids_of(relations, self.store.user, "user")
-        self.store.set_members(row["id"], {ids[name]: role for name, role in relations.items()})
+        roles = {ids[name]: role for name, role in relations.items()}
+        if roles.get(row["creator_id"], ADMIN) < ADMIN:
+            self.protect_creator(req, row)
+        self.store.set_members(row["id"], roles)
 
     def remove_members(self, req, group):
         row = self.group_of(req, group, ADMIN)
         names = split_list(req.query.get("users", []))
-        self.store.remove_members(row["id"],
-                                  self.ids_of(names, self.store.user, "user").values())
+        ids = self.ids_of(names, self.store.user, "user").values()
+        if row["creator_id"] in ids:
+            self.protect_creator(req, row)
+        self.store.remove_members(row["id"], ids)
+
+    @staticmethod
+    def protect_creator(req, group):
+        """A group's creator stays its Admin: only a site admin may demote or remove
+        them, so that no group Admin can lock the creator out of their own group."""
+        if not req.user["admin"]:
+            raise forbidden(f"the creator of group {group['name']} keeps the Admin role")
 
     # -- attachments
 
     def attachment_url(self, req, group, key, method):
-        return self.blobs.url(req.base_url(), method, ("attachment", group["id"], key),
+        return self.blobs.url(self.public_url, method, ("attachment", group["id"], key),
                               None, group["id"])
 
     def upload_attachment(self, req, group):
@@ -2971,8 +3373,8 @@ class Coordinator:
         size = field(body, "content_length", a_size)
         old = self.store.attachment(row["id"], key)
         self.store.check_quota(row["id"], old["size"] if old else 0, size)
-        url = self.blobs.url(req.base_url(), "PUT", ("attachment", row["id"], key), size,
-                             row["id"])
+        url = self.blobs.url(self.public_url, "PUT", ("attachment", row["id"], key), size,
+                             row["id"], was=old["updated_at"] if old else 0)
         return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
@@ -3057,23 +3459,38 @@ class Coordinator:
         labels = field(body, "labels", strs, [])
         entries = field(body, "groups", strs, [])
         lifetime = field(body, "lifetime", a_duration, None)
-        roles = {}
+        requested = {}
         for entry in entries:
             name, _, role = entry.partition(":")
             try:
-                level = ROLE_LEVELS[role_name(role)] if role else WRITE
+                requested[name] = ROLE_LEVELS[role_name(role)] if role else WRITE
             except ValueError as error:
                 raise HttpError(400, f"bad group {entry!r}: {error}") from None
-            group = self.store.group(name)
-            if group is None:
-                raise not_found(f"group {name}")
-            roles[group["id"]] = level
+        roles, refused = self.servable_groups(req.user, requested)
         roles[self.store.group(req.user["username"])["id"]] = ADMIN
         expires = time.time() + (lifetime or self.settings.access_token_expires_in)
         worker_uuid = self.store.register_worker(req.user["id"], tags, labels, roles, expires)
         token = self.signer.sign({"k": "worker", "sub": worker_uuid, "exp": expires})
         log.info("worker %s registered by %s", worker_uuid, req.user["username"])
+        if refused:
+            log.warning("worker %s registered by %s without groups %s: unknown, or %s lacks "
+                        "the Write role there", worker_uuid, req.user["username"],
+                        ", ".join(refused), req.user["username"])
         return {"worker_id": worker_uuid, "token": token, "redis_url": None}
+
+    def servable_groups(self, user, requested):
+        """({group id: worker role}, [refused names]) of {group name: role}: a user may
+        put a worker only into groups where it holds the Write role or more (admins
+        anywhere); the others are left out, as upstream leaves out unknown groups."""
+        roles, refused = {}, []
+        for name, level in requested.items():
+            group = self.store.group(name)
+            if group and (user["admin"] or
+                          self.store.group_role(user["id"], group["id"]) >= WRITE):
+                roles[group["id"]] = level
+            else:
+                refused.append(name)
+        return roles, refused
 
     def unregister_worker(self, req):
         self.store.remove_workers([req.worker["id"]])
@@ -3089,7 +3506,8 @@ class Coordinator:
         time_left = req.arg("time_left", float)
         arrived = time.monotonic()
         deadline = arrived + min(LONG_POLL_MAX, max(0.0, wait))
-        headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX)}
+        headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX),
+                   OUTPUT_HEADER: str(OUTPUT_INCREMENT_MAX)}
         worker, held = req.worker, 0.0
         while True:
             generation = self.store.generation
@@ -3130,8 +3548,11 @@ class Coordinator:
         old = self.store.artifact(task["uuid"], kind)
         self.store.check_quota(task["group_id"], old["size"] if old else 0, size)
         self.store.set_task_state(task["id"], task["state"])  # an upload is a sign of life
-        return {"url": self.blobs.url(req.base_url(), "PUT", ("artifact", task["uuid"], kind),
-                                      size, task["group_id"]), "exist": old is not None}
+        # a worker's upload URL dies when it commits the task
+        url = self.blobs.url(self.public_url, "PUT", ("artifact", task["uuid"], kind), size,
+                             task["group_id"], was=old["updated_at"] if old else 0,
+                             w=req.worker["id"] if req.worker else None)
+        return {"url": url, "exist": old is not None}
 
     def report_commit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
@@ -3157,29 +3578,67 @@ class Coordinator:
         return {"url": None, "uuid": new_uuid}
 
     def worker_get_task(self, req, task):
+        return self.task_answer(self.task_for_worker(req.worker, task))
+
+    def worker_task_output(self, req, task):
+        """An increment of a running task's output (the X-Mito-Output addition)."""
         row = self.store.task(path_uuid(task))
-        if row is None:
+        if row is None or row["worker_id"] != req.worker["id"] or row["committed"]:
             raise not_found(f"task {task}")
-        return self.task_answer(row)
+        body = req.body()
+        finished = field(body, "finished", a_bool, False)
+        for stream in OUTPUT_STREAMS:
+            increment = field(body, stream, an_output_increment, None)
+            if increment is not None:
+                self.outputs.append(row["uuid"], stream, req.worker["id"], *increment,
+                                    finished)
+
+    def task_output(self, req, task):
+        """What a task has written so far to one stream, from a byte offset."""
+        row = self.task_of(req, task, READ)
+        stream = req.arg("stream", an_output_stream, "stdout")
+        offset = req.arg("offset", a_natural, 0)
+        ended = row["state"] in ("Finished", "Cancelled")
+        data, start, following, finished = self.outputs.read(row["uuid"], stream, offset,
+                                                             ended)
+        return {"data": data.decode("utf-8", "replace"), "offset": start, "next": following,
+                "finished": finished, "state": row["state"]}
 
     def worker_artifact(self, req, task, kind):
-        return self.artifact_download(req, path_uuid(task), path_kind(kind))
+        row = self.task_for_worker(req.worker, task)
+        return self.artifact_download(req, row["uuid"], path_kind(kind))
 
     def worker_attachment(self, req, task, key):
-        row = self.store.task(path_uuid(task))
-        if row is None:
-            raise not_found(f"task {task}")
+        row = self.task_for_worker(req.worker, task)
         attachment = self.store.attachment(row["group_id"], key)
         if attachment is None:
             raise not_found(f"attachment {key} of group {row['group_name']}")
         group = self.store.group(row["group_name"])
         return {"url": self.attachment_url(req, group, key, "GET"), "size": attachment["size"]}
 
+    def task_for_worker(self, worker, task_uuid):
+        """A task the worker may read: one of a group it serves, the one it holds, or
+        one its task watches or takes an artifact from when that task's creator may
+        read it (so a worker cannot be used to reach into another group)."""
+        worker = self.store.worker(worker["uuid"])  # the cached row's task_id may be stale
+        row = self.store.task(path_uuid(task_uuid))
+        if row is None:
+            raise not_found(f"task {task_uuid}")
+        if row["id"] == worker["task_id"] or self.store.serves(worker["id"], row["group_id"]):
+            return row
+        held = worker["task_id"] and self.store.one("SELECT * FROM tasks WHERE id = ?",
+                                                    worker["task_id"])
+        if held and row["uuid"] in referenced_tasks(json.loads(held["spec"])):
+            creator = self.store.user_by_id(held["creator_id"])
+            if creator["admin"] or self.store.group_role(creator["id"], row["group_id"]) >= READ:
+                return row
+        raise forbidden(f"worker {worker['uuid']} may not read task {row['uuid']}")
+
     def artifact_download(self, req, task_uuid, kind):
         artifact = self.store.artifact(task_uuid, kind)
         if artifact is None:
             raise not_found(f"artifact {kind} of task {task_uuid}")
-        url = self.blobs.url(req.base_url(), "GET", ("artifact", task_uuid, kind), None, None)
+        url = self.blobs.url(self.public_url, "GET", ("artifact", task_uuid, kind), None, None)
         return {"url": url, "size": artifact["size"]}
 
     # -- workers: what users do with them
@@ -3252,7 +3711,11 @@ class Coordinator:
         row = self.worker_of(req, worker, ADMIN)
         relations = field(req.body(), "relations", roles_map)
         ids = self.ids_of(relations, self.store.group, "group")
-        self.store.set_worker_groups(row["id"], {ids[n]: role for n, role in relations.items()})
+        roles, refused = self.servable_groups(req.user, relations)
+        if refused:
+            raise forbidden(f"user {req.user['username']} needs the Write role in group "
+                            f"{refused[0]} to let a worker serve it")
+        self.store.set_worker_groups(row["id"], roles)
 
     def remove_worker_groups(self, req, worker):
         row = self.worker_of(req, worker, ADMIN)
@@ -3407,20 +3870,20 @@ class Coordinator:
 
     def blob_put(self, req, token):
         grant = self.blobs.grant(token, "PUT")
-        length = req.handler.headers.get("Content-Length")
+        length = req.header("Content-Length")
         if length is None or not length.isdigit():
             raise HttpError(411, "Content-Length required")
         if int(length) != grant["n"]:
             raise HttpError(400, f"Content-Length {length} differs from the announced "
                                  f"{grant['n']}")
         kind, owner, name = grant["r"]
-        self.blobs.receive(req.handler.rfile, int(length), self.blobs.path(grant["r"]))
-        req.handler.body_read = True
-        if kind == "artifact":
-            keys = {"task_uuid": owner, "kind": name}
-        else:
-            keys = {"group_id": owner, "key": name}
-        self.store.record_blob(f"{kind}s", keys, int(length), grant["g"])
+        keys = {"task_uuid": owner, "kind": name} if kind == "artifact" else {
+            "group_id": owner, "key": name}
+        self.store.check_upload(f"{kind}s", keys, grant)
+        with self.blobs.receive(req.body_stream, int(length),
+                                self.blobs.path(grant["r"])) as place:
+            req.body_consumed = True
+            self.store.record_blob(f"{kind}s", keys, int(length), grant["g"], grant, place)
 
     def blob_get(self, req, token):
         path = self.blobs.path(self.blobs.grant(token, "GET")["r"])
@@ -3489,6 +3952,19 @@ class Coordinator:
         self.stopping.set()
 
 
+def referenced_tasks(spec):
+    """The uuids of the tasks a task spec watches or takes artifacts from."""
+    found = set()
+    watch = spec.get("watch")
+    if isinstance(watch, list) and watch:
+        found.add(str(watch[0]))
+    for resource in spec.get("resources") or []:
+        artifact = (resource.get("remote_file") or {}).get("Artifact") or {}
+        if artifact.get("uuid"):
+            found.add(str(artifact["uuid"]))
+    return found
+
+
 def an_object_or_400(value):
     if not isinstance(value, dict):
         raise HttpError(400, "bad field 'op': expected a JSON object inside")
@@ -3501,6 +3977,31 @@ def a_result_message(value):
     return value
 
 
+def an_output_stream(value):
+    if value not in OUTPUT_STREAMS:
+        raise ValueError(f"{value!r} is not stdout or stderr")
+    return value
+
+
+def a_natural(value):
+    """A query parameter's whole number >= 0."""
+    if not value.isdigit() or len(value) > 18:
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
+def an_output_increment(value):
+    """{"offset": N, "data": base64} -> (N, bytes), at most OUTPUT_INCREMENT_MAX bytes."""
+    offset = field(an_object(value), "offset", a_size)
+    try:
+        data = base64.b64decode(field(value, "data", a_str), validate=True)
+    except ValueError:
+        raise ValueError("data is not base64") from None
+    if len(data) > OUTPUT_INCREMENT_MAX:
+        raise ValueError(f"{len(data)} bytes, more than {OUTPUT_INCREMENT_MAX} in one increment")
+    return offset, data
+
+
 def a_user_state(value):
     if value not in ("Active", "Locked", "Deleted"):
         raise ValueError(f"{value!r}: Active, Locked or Deleted")
@@ -3508,13 +4009,20 @@ def a_user_state(value):
 
 
 # ---- the routing table --------------------------------------------------------------------
-# (method, path, handler, who may call: None = anyone, "user", "admin", "worker", or
-# "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself)
+# (method, path, handler, who may call: None = anyone, "user", "admin", "worker",
+# "registrar" = a user or a local worker's token (what a worker needs to register), or
+# "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself).
+# A handler is a Coordinator method, or one of a family it holds ("dashboard.status").
 
 ROUTES = [
     ("GET", "/health", "health", None),
+    ("GET", "/", "dashboard.page", None),
+    ("GET", "/ui/{asset}", "dashboard.asset", None),
+    ("GET", "/status", "dashboard.status", "user"),
+    ("GET", "/metrics", "dashboard.metrics", None),
+    ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
     ("POST", "/login", "login", None),
-    ("GET", "/auth", "auth", "user"),
+    ("GET", "/auth", "auth", "registrar"),
     ("GET", "/redis", "redis", "user"),
     ("POST", "/users/{username}/password", "change_password", "user"),
     ("GET", "/users/groups", "my_groups", "user"),
@@ -3531,12 +4039,13 @@ ROUTES = [
     ("GET", "/groups/{group}/download/attachments/{key*}", "download_attachment", "user"),
     ("POST", "/groups/{group}/delete/attachments", "delete_attachments_filter", "user"),
     ("POST", "/groups/{group}/delete/attachments/list", "delete_attachments_list", "user"),
-    ("POST", "/workers", "register_worker", "user"),
+    ("POST", "/workers", "register_worker", "registrar"),
     ("DELETE", "/workers", "unregister_worker", "worker"),
     ("POST", "/workers/heartbeat", "heartbeat", "worker"),
     ("GET", "/workers/tasks", "fetch_task", "worker"),
     ("POST", "/workers/tasks", "report_task", "worker"),
     ("GET", "/workers/tasks/{task}", "worker_get_task", "worker"),
+    ("POST", "/workers/tasks/{task}/output", "worker_task_output", "worker"),
     ("GET", "/workers/tasks/{task}/artifacts/{kind}", "worker_artifact", "worker"),
     ("GET", "/workers/tasks/{task}/attachments/{key*}", "worker_attachment", "worker"),
     ("POST", "/workers/query", "query_workers", "user"),
@@ -3561,6 +4070,7 @@ ROUTES = [
     ("PUT", "/tasks/{task}", "change_task", "user"),
     ("DELETE", "/tasks/{task}", "cancel_task", "user"),
     ("PUT", "/tasks/{task}/labels", "task_labels", "user"),
+    ("GET", "/tasks/{task}/output", "task_output", "user"),
     ("POST", "/tasks/{task}/artifacts", "upload_artifact", "user"),
     ("DELETE", "/tasks/{task}/artifacts/{kind}", "delete_artifact", "user"),
     ("GET", "/tasks/{task}/download/artifacts/{kind}", "download_artifact", "user"),
@@ -3580,28 +4090,99 @@ ROUTES = [
 ]
 
 
-def compile_route(path):
-    pattern = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.+)", path)
-    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+# Methods a route could have: any other is 501 Not Implemented (RFC 9110 §15.6.2).
+API_METHODS = ("GET", "POST", "PUT", "DELETE")
 
 
-_COMPILED_ROUTES = [(method, compile_route(path), name, auth)
-                    for method, path, name, auth in ROUTES]
+class Router:
+    """Method and path -> (handler name, auth, params), from ROUTES. Paths without
+    parameters are one dict lookup; the others try only the regexes of routes under
+    the same first path segment, in table order (as bottle's Router tries its static
+    dict first)."""
+
+    def __init__(self, routes):
+        self.literal = {}   # path -> {method: (name, auth)}
+        self.patterns = {}  # first segment -> [(regex, method, name, auth)]
+        for method, path, name, auth in routes:
+            if "{" not in path:
+                self.literal.setdefault(path, {})[method] = (name, auth)
+            else:
+                self.patterns.setdefault(self.segment(path), []).append(
+                    (self.compile(path), method, name, auth))
+
+    @staticmethod
+    def segment(path):
+        return path.split("/", 2)[1]
+
+    @staticmethod
+    def compile(path):
+        pattern = re.sub(r"\{(\w+)\*\}", r"(?P<\1>.+)", path)
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+    def match(self, method, path):
+        """(handler name, auth, params); HttpError 404, 405 (with Allow) or 501."""
+        allowed = dict(self.literal.get(path, {}))
+        if method in allowed:
+            return (*allowed[method], {})
+        for pattern, route_method, name, auth in self.patterns.get(self.segment(path), ()):
+            found = pattern.match(path)
+            if found and route_method == method:
+                return name, auth, {k: urllib.parse.unquote(v)
+                                    for k, v in found.groupdict().items()}
+            if found:
+                allowed.setdefault(route_method, None)
+        if allowed:
+            methods = ", ".join(m for m in API_METHODS if m in allowed)
+            raise HttpError(405, f"method {method} not allowed on {path} (allowed: {methods})",
+                            {"Allow": methods})
+        if method not in API_METHODS:
+            raise HttpError(501, f"method {method} is not implemented")
+        raise HttpError(404, f"no such endpoint: {method} {path}")
 
 
-def match_route(method, path):
-    """(handler name, auth, params) for a request, or HttpError 404/405."""
-    allowed = False
-    for route_method, pattern, name, auth in _COMPILED_ROUTES:
-        match = pattern.match(path)
-        if match:
-            if route_method == method:
-                return name, auth, {k: urllib.parse.unquote(v) for k, v in
-                                    match.groupdict().items()}
-            allowed = True
-    if allowed:
-        raise HttpError(405, f"method {method} not allowed on {path}")
-    raise HttpError(404, f"no such endpoint: {method} {path}")
+ROUTER = Router(ROUTES)
+
+
+def parse_json_body(data):
+    """A request's JSON body, or None when it is empty. A lone surrogate (\\ud800, or
+    its raw UTF-8 bytes) is refused here, once for every route, naming where it is:
+    no handler or SQLite call then meets a string that cannot be encoded."""
+    if not data.strip():
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise HttpError(400, f"malformed JSON body: {str(error)[:200]}") from None
+    if b"\\u" in data or b"\xed" in data:
+        try:
+            where = find_lone_surrogate(value, "$")
+        except RecursionError:
+            raise HttpError(400, "malformed JSON body: nested too deeply") from None
+        if where:
+            raise HttpError(400, f"malformed JSON body: a lone surrogate in the string at "
+                                 f"{where}")
+    return value
+
+
+def find_lone_surrogate(value, where):
+    """The JSON path of the first string (or key) holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = find_lone_surrogate(item, f"{where}[{index}]")
+            if found:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = (find_lone_surrogate(key, f"{where} (a key)")
+                     or find_lone_surrogate(item, f"{where}.{key}"))
+            if found:
+                return found
+    return None
 
 
 # ---- the HTTP server ----------------------------------------------------------------------
@@ -3616,28 +4197,38 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms stalls
 
     def do_request(self):
-        self.body_read = False
+        self.req, self.route, started = None, "unmatched", time.perf_counter()
         try:
             answer = self.server.coordinator_dispatch(self)
         except HttpError as error:
-            answer = Answer(error.status, {"msg": error.msg})
+            answer = Answer(error.status, {"msg": error.msg}, error.headers)
         except Exception as error:  # a bug: answer 500 with msg, keep serving
             log.exception("internal error on %s %s", self.command, self.path)
             answer = Answer(500, {"msg": f"internal error: {type(error).__name__}"})
-        if not self.body_read and int(self.headers.get("Content-Length") or 0):
+        if not (self.req and self.req.body_consumed) and self.headers.get("Content-Length",
+                                                                           "0") != "0":
             self.close_connection = True  # the unread body would poison the connection
         self.send_answer(answer if isinstance(answer, Answer) else Answer(body=answer))
+        self.server.coordinator.dashboard.metrics_of.observe_request(self.route, started)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_request
+    def __getattr__(self, name):
+        if name.startswith("do_"):  # every method goes to the router: 405 or 501 there
+            return self.do_request
+        raise AttributeError(name)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, HTTP/2...) in JSON too."""
+        self.close_connection = True
+        self.send_answer(Answer(code, {"msg": message or explain or "bad request"}))
 
     def read_json(self):
         """The request's JSON body (None when it has none)."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise HttpError(411, "Content-Length required")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise HttpError(400, "bad Content-Length") from None
+        length = self.headers.get("Content-Length") or "0"
+        if not re.fullmatch(r"[0-9]{1,18}", length):
+            raise HttpError(400, f"bad Content-Length {length!r}")
+        length = int(length)
         if length > JSON_BODY_LIMIT:
             if length <= DRAIN_LIMIT:  # read it, so that the client hears the answer
                 remaining = length
@@ -3646,16 +4237,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     if not chunk:
                         break
                     remaining -= len(chunk)
-                self.body_read = remaining == 0
+                self.req.body_consumed = remaining == 0
             raise HttpError(413, f"body of {length} bytes is over the {JSON_BODY_LIMIT} limit")
         data = self.rfile.read(length) if length > 0 else b""
-        self.body_read = True
-        if not data.strip():
-            return None
-        try:
-            return json.loads(data)
-        except (ValueError, RecursionError) as error:
-            raise HttpError(400, f"malformed JSON body: {str(error)[:200]}") from None
+        self.req.body_consumed = True
+        return parse_json_body(data)
 
     def send_answer(self, answer):
         if answer.file is not None:
@@ -3668,7 +4254,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 shutil.copyfileobj(handle, self.wfile, 1 << 16)
             return
         if answer.text is not None:
-            payload, content_type = answer.text.encode(), "text/plain; charset=utf-8"
+            payload = answer.text.encode()
+            content_type = answer.content_type or "text/plain; charset=utf-8"
         else:
             payload, content_type = json.dumps(answer.body).encode(), "application/json"
         self.send_response(answer.status)
@@ -3712,21 +4299,18 @@ class ApiServer(http.server.ThreadingHTTPServer):
 
     def coordinator_dispatch(self, handler):
         """Route, read the body, authenticate, then call the handler."""
-        url = urllib.parse.urlsplit(handler.path)
-        name, auth, params = match_route(handler.command, url.path)
-        req = Request(handler, url, params)
+        scheme = "https" if isinstance(handler.connection, ssl.SSLSocket) else "http"
+        req = handler.req = Request(handler.command, handler.path,
+                                    {k.lower(): v for k, v in handler.headers.items()},
+                                    handler.client_address, scheme, self.server_address)
+        name, auth, req.params = ROUTER.match(req.method, req.path)
+        req.body_stream = handler.rfile
         if auth != "blob":
             req.data = handler.read_json()
-        if auth in ("user", "admin", "worker"):
+        if auth in ("user", "admin", "worker", "registrar"):
             self.coordinator.authenticate(req, auth)
-        return getattr(self.coordinator, name)(req, **params)
-
-
-def local_worker_command(url, credentials, ca_cert):
-    """How the coordinator starts one of its --workers: this very file."""
-    command = [sys.executable, os.path.abspath(__file__), "worker", "-c", url,
-               "--credential-path", credentials, "--polling-interval", "30s"]
-    return command + (["--ca-cert", ca_cert] if ca_cert else [])
+        handler.route = name
+        return operator.attrgetter(name)(self.coordinator)(req, **req.params)
 
 
 def server_ssl_context(settings):
@@ -3743,6 +4327,162 @@ def server_ssl_context(settings):
     return context
 
 
+# ---- the state dir's lock, the admin account and the local workers -----------------------
+
+
+class StateDirBusy(Exception):
+    """Another coordinator holds the state dir."""
+
+
+def lock_state_dir(state_dir):
+    """Hold an exclusive flock on `<state dir>/lock` for the life of the process: two
+    coordinators on one database would hand the same task out twice."""
+    import fcntl
+    handle = open(os.path.join(state_dir, "lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise StateDirBusy(f"state dir {state_dir} is in use by another coordinator "
+                           f"(pid {holder})") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def token_expired(token):
+    """Whether a token, ours or another coordinator's (a JWT), says it has expired;
+    False when it cannot be read."""
+    for part in token.split(".")[:2]:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            expiry = json.loads(unb64(part)).get("exp")
+            if isinstance(expiry, (int, float)):
+                return expiry < time.time()
+    return False
+
+
+class AdminAccount:
+    """The admin user, created on first start, and the admin token left for this Unix
+    user's client: in the state dir on every start, and in the user's credential file
+    only when the admin was created now, once the port is bound, and never over a
+    token that may still work for another coordinator."""
+
+    def __init__(self, coordinator):
+        self.coordinator = coordinator
+        self.name = coordinator.settings.admin_user
+        self.created = False
+
+    def ensure(self):
+        """Create the admin if the database has none."""
+        store, state_dir = self.coordinator.store, self.coordinator.state_dir
+        if store.user(self.name) is not None:
+            return
+        password = self.coordinator.settings.admin_password
+        if password is None:
+            password = b64(os.urandom(18))
+            saved = os.path.join(state_dir, "admin-password")
+            write_private_file(saved, password + "\n")
+            log.warning("created admin user %r; its generated password is in %s",
+                        self.name, saved)
+        salt = os.urandom(16)
+        store.create_user(self.name, hash_password(md5_bytes(md5_password(password)), salt),
+                          salt, admin=True)
+        self.created = True
+
+    def publish(self):
+        """Write the admin's token where the client finds it (see the class)."""
+        coordinator = self.coordinator
+        token = coordinator.user_token(coordinator.store.user(self.name))
+        local = os.path.join(coordinator.state_dir, "admin-credentials")
+        CredentialFile(local).store(self.name, token)
+        if not self.created:
+            return
+        shared = CredentialFile(default_credential_path())
+        _, old = shared.lookup(self.name)
+        if old and not token_expired(old) and coordinator.signer.read(old) is None:
+            log.warning("%s holds a token for %s that may work for another coordinator: "
+                        "left as it is; this coordinator's admin token is in %s",
+                        shared.path, self.name, local)
+            return
+        shared.store(self.name, token)
+
+
+class LocalWorkers:
+    """The coordinator's `--workers N`: child processes of this very file, serving the
+    admin's own group. They register with a token minted here (not a login, so an
+    admin's login cannot invalidate it) that only registers and dies with this run.
+    One that exits while the coordinator runs is restarted, with backoff."""
+
+    BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0
+    STEADY = 60.0  # a worker that ran this long before exiting restarts without delay
+
+    def __init__(self, coordinator, count, url, ca_cert):
+        self.coordinator, self.url, self.ca_cert = coordinator, url, ca_cert
+        self.credentials = os.path.join(coordinator.state_dir, "local-worker-credentials")
+        if count:
+            admin = coordinator.settings.admin_user
+            token = coordinator.signer.sign({"k": "local", "sub": admin,
+                                             "run": coordinator.run_id,
+                                             "exp": time.time() + 10 * 365 * 86400})
+            write_private_file(self.credentials, f"{admin}:{token}\n")
+        self.children = [None] * count
+        self.started = [0.0] * count
+        self.delays = [0.0] * count
+        self.due = [0.0] * count  # when a dead slot may start again (monotonic)
+
+    def command(self):
+        command = [sys.executable, os.path.abspath(__file__), "worker", "-c", self.url,
+                   "--credential-path", self.credentials, "--polling-interval", "30s"]
+        return command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+
+    def supervise_forever(self):
+        """Start the slots, then restart those that exit until the coordinator stops."""
+        while not self.coordinator.stopping.is_set():
+            now = time.monotonic()
+            for slot, child in enumerate(self.children):
+                if child is not None and child.poll() is not None:
+                    self.died(slot, child, now)
+                elif child is None and now >= self.due[slot]:
+                    self.children[slot] = subprocess.Popen(self.command(),
+                                                           stdin=subprocess.DEVNULL)
+                    self.started[slot] = now
+            self.coordinator.stopping.wait(0.5)
+
+    def died(self, slot, child, now):
+        """Log a worker's exit loudly and plan its restart."""
+        ran = now - self.started[slot]
+        delay = 0.0 if ran >= self.STEADY else min(self.BACKOFF_CAP, max(
+            self.BACKOFF_FIRST, 2 * self.delays[slot]))
+        log.error("local worker %d (pid %d) exited with status %s after %.0fs; restarting "
+                  "it in %.0fs", slot + 1, child.pid, child.returncode, ran, delay)
+        self.children[slot], self.delays[slot], self.due[slot] = None, delay, now + delay
+
+    def stop(self, patience=15.0):
+        """SIGTERM the local workers and wait for them to unregister (they may already
+        have had the terminal's SIGINT); SIGKILL any that linger."""
+        children = [child for child in self.children if child is not None]
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + patience
+        for child in children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def public_address(scheme, host, port):
+    """The bound address as others reach it: a wildcard bind is reached by host name."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def run_coordinator(args):
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
@@ -3754,8 +4494,13 @@ def run_coordinator(args):
         add_rolling_file_log(settings.log_path
                              or os.path.join(cache_home(), "coordinator", "coordinator.log"))
     tls = server_ssl_context(settings)
-    coordinator = Coordinator(settings)
-    credentials = coordinator.bootstrap_admin()
+    try:
+        coordinator = Coordinator(settings)
+    except StateDirBusy as error:
+        log.error("%s", error)
+        return 1
+    admin = AdminAccount(coordinator)
+    admin.ensure()
     host, port = settings.bind
     try:
         server = ApiServer((host, port), coordinator)
@@ -3768,36 +4513,902 @@ def run_coordinator(args):
     scheme = "https" if tls else "http"
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"{scheme}://{local}:{server.server_port}"
+    coordinator.public_url = settings.public_url or public_address(scheme, host,
+                                                                   server.server_port)
+    admin.publish()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     threading.Thread(target=coordinator.reap_forever, name="reaper", daemon=True).start()
-    log.info("coordinator listening on %s (state in %s)", url, coordinator.state_dir)
+    log.info("coordinator listening on %s (state in %s; URLs it signs start with %s)",
+             url, coordinator.state_dir, coordinator.public_url)
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: coordinator.stopping.set())
-    children = [subprocess.Popen(local_worker_command(url, credentials, settings.tls_cert),
-                                 stdin=subprocess.DEVNULL) for _ in range(settings.workers)]
-    coordinator.stopping.wait()
+    workers = LocalWorkers(coordinator, settings.workers, url, settings.tls_cert)
+    workers.supervise_forever()  # until stopping is set
     log.info("coordinator stopping")
-    stop_children(children)
+    workers.stop()
     coordinator.store.wake_fetchers()
     server.shutdown()
     server.server_close()
     return 0
 
 
-def stop_children(children, patience=15.0):
-    """SIGTERM the local workers and wait for them to unregister (they may already have
-    had the terminal's SIGINT); SIGKILL any that linger."""
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + patience
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+# =====================================================================================
+# 4b. Dashboard: what the system is doing, for people (a page) and machines (/metrics)
+# =====================================================================================
+# Store (task_events, counts) -> DashboardViews (JSON: /status, a task's history and
+# output) -> the page's script and `client status`; Metrics -> GET /metrics as
+# Prometheus text. No SQL here (the Store's), no HTML outside DashboardPage.
 
+STALE_FRACTION = 2 / 3      # silent this part of --heartbeat-timeout: a worker is "stale"
+THROUGHPUT_WINDOW = 3600    # the overview's chart: tasks ended per minute, last hour
+OUTPUT_TAIL = 4096          # bytes of stdout/stderr shown on a finished task's page
+TAIL_ARCHIVE_LIMIT = 1 << 20  # a larger std-log archive is not unpacked on a request:
+                              # reading a tar.gz's last bytes means inflating all of it
+
+
+def outcome_of(result):
+    """A finished task's outcome label: its result message, else success/failure."""
+    result = result if isinstance(result, dict) else json.loads(result or "null") or {}
+    if result.get("msg"):
+        return result["msg"]
+    return "success" if result.get("exit_status") == 0 else "failure"
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, bounds):
+        self.bounds, self.counts = bounds, [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name, labels=""):
+        """The _bucket, _sum and _count samples; `labels` is 'k="v",' or empty."""
+        out, total = [], 0
+        for bound, count in zip([*map(prometheus_number, self.bounds), "+Inf"], self.counts):
+            total += count
+            out.append(f'{name}_bucket{{{labels}le="{bound}"}} {total}')
+        braces = f"{{{labels.rstrip(',')}}}" if labels else ""
+        out += [f"{name}_sum{braces} {prometheus_number(self.sum)}",
+                f"{name}_count{braces} {total}"]
+        return out
+
+
+def prometheus_number(value):
+    return repr(float(value)) if isinstance(value, float) and not value.is_integer() \
+        else str(int(value))
+
+
+def prometheus_label(value):
+    """A label value escaped as the text format requires: backslash, quote, newline."""
+    return str(value).replace("\\", r"\\").replace('"', r'\"').replace("\n", r"\n")
+
+
+class Metrics:
+    """GET /metrics in the Prometheus text format (version 0.0.4). Counters and
+    histograms count since this coordinator started: request durations as requests end,
+    task events by reading the Store's history on from where the last scrape stopped,
+    so a scrape costs what happened since the last one. Gauges are read at each scrape.
+    `lock` guards the counts: requests end on many threads."""
+
+    LATENCY_BOUNDS = (0.01, 0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+    REQUEST_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30)
+
+    def __init__(self, store):
+        self.store, self.lock = store, threading.Lock()
+        self.last_event = store.last_event_id()
+        self.submitted, self.ended = 0, {}
+        self.latency = Histogram(self.LATENCY_BOUNDS)
+        self.requests = {}
+
+    def observe_request(self, route, started):
+        """The network layer calls this once a request is answered (`started` is its
+        time.perf_counter() on arrival); `route` names the handler, or "unmatched"."""
+        with self.lock:
+            histogram = self.requests.get(route)
+            if histogram is None:
+                histogram = self.requests[route] = Histogram(self.REQUEST_BOUNDS)
+            histogram.observe(time.perf_counter() - started)
+
+    def catch_up(self):
+        """Count the task events since the last scrape."""
+        while True:
+            events = self.store.events_after(self.last_event)
+            for event in events:
+                if event["event"] == "Submitted":
+                    self.submitted += 1
+                elif event["event"] == "Started":
+                    self.latency.observe(max(0.0, event["at"] - event["created_at"]))
+                elif event["event"] in ("Finished", "Cancelled"):
+                    outcome = outcome_of(event["result"])
+                    self.ended[outcome] = self.ended.get(outcome, 0) + 1
+                self.last_event = event["id"]
+            if len(events) < 10000:
+                return
+
+    def text(self, stale_before):
+        with self.lock:
+            self.catch_up()
+            lines = self.task_lines() + self.worker_lines(stale_before)
+            lines += ["# HELP mito_http_request_duration_seconds Time to answer a request, "
+                      "by handler.", "# TYPE mito_http_request_duration_seconds histogram"]
+            for route, histogram in sorted(self.requests.items()):
+                lines += histogram.lines("mito_http_request_duration_seconds",
+                                         f'handler="{prometheus_label(route)}",')
+        lines += ["# HELP mito_blob_bytes Bytes of artifacts and attachments stored.",
+                  "# TYPE mito_blob_bytes gauge", f"mito_blob_bytes {self.store.blob_bytes()}"]
+        return "\n".join(lines) + "\n"
+
+    def task_lines(self):
+        lines = ["# HELP mito_tasks Tasks by state and group.", "# TYPE mito_tasks gauge"]
+        lines += [f'mito_tasks{{group="{prometheus_label(row["group_name"])}",'
+                  f'state="{row["state"]}"}} {row["n"]}' for row in self.store.task_counts(None)]
+        lines += ["# HELP mito_tasks_submitted_total Tasks submitted since the start.",
+                  "# TYPE mito_tasks_submitted_total counter",
+                  f"mito_tasks_submitted_total {self.submitted}",
+                  "# HELP mito_tasks_ended_total Tasks ended since the start, by outcome "
+                  "(success, failure, or the result message).",
+                  "# TYPE mito_tasks_ended_total counter"]
+        lines += [f'mito_tasks_ended_total{{outcome="{prometheus_label(outcome)}"}} {count}'
+                  for outcome, count in sorted(self.ended.items())]
+        lines += ["# HELP mito_task_start_latency_seconds From submission to start.",
+                  "# TYPE mito_task_start_latency_seconds histogram"]
+        return lines + self.latency.lines("mito_task_start_latency_seconds")
+
+    def worker_lines(self, stale_before):
+        counts = dict.fromkeys(("busy", "idle", "stale"), 0)
+        for row in self.store.query_workers(None, worker_filter({})):
+            counts[worker_activity(row, stale_before)] += 1
+        return ["# HELP mito_workers Workers by activity.", "# TYPE mito_workers gauge",
+                *(f'mito_workers{{state="{name}"}} {count}' for name, count in counts.items())]
+
+
+def worker_activity(row, stale_before):
+    """busy, idle, or stale (silent for long: it may be gone)."""
+    if row["last_heartbeat"] < stale_before:
+        return "stale"
+    return "idle" if row["task_id"] is None else "busy"
+
+
+class DashboardViews:
+    """The JSON behind the dashboard page and `client status`: what one user may see of
+    the whole system (admins: everything; others: their groups and workers), from Store
+    methods. Routes reach it as "dashboard.<method>"."""
+
+    def __init__(self, coordinator):
+        self.coordinator, self.store = coordinator, coordinator.store
+        self.metrics_of = Metrics(self.store)
+
+    def visible_groups(self, user):
+        return None if user["admin"] else self.store.user_group_ids(user["id"])
+
+    def stale_before(self, now):
+        return now - self.coordinator.settings.heartbeat_timeout * STALE_FRACTION
+
+    def page(self, req):
+        return DashboardPage.answer()
+
+    def asset(self, req, asset):
+        return DashboardPage.answer(asset)
+
+    def metrics(self, req):
+        if not self.coordinator.settings.metrics_public:
+            self.coordinator.authenticate(req, "admin")
+        return Answer(text=self.metrics_of.text(self.stale_before(time.time())),
+                      content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def status(self, req):
+        """GET /status: queues, workers, running tasks, throughput, the oldest waiting
+        task and why it waits, recent failures."""
+        now, groups = time.time(), self.visible_groups(req.user)
+        by_state, by_group = {}, {}
+        for row in self.store.task_counts(groups):
+            by_state[row["state"]] = by_state.get(row["state"], 0) + row["n"]
+            by_group.setdefault(row["group_name"], {})[row["state"]] = row["n"]
+        return {"at": stamp(now), "admin": bool(req.user["admin"]),
+                "username": req.user["username"], "groups": self.store.group_names(groups),
+                "tasks": {"by_state": by_state, "by_group": by_group},
+                "workers": self.workers(req.user, now),
+                "running": [self.running_entry(row, now)
+                            for row in self.store.running_tasks(groups)],
+                "throughput": self.throughput(groups, now),
+                "oldest_waiting": self.oldest_waiting(groups, now),
+                "recent_failures": [self.failure_entry(row)
+                                    for row in self.store.recent_failures(groups)]}
+
+    def workers(self, user, now):
+        stale_before = self.stale_before(now)
+        rows = self.store.query_workers(None if user["admin"] else user["id"],
+                                        worker_filter({}))
+        listed = []
+        for row in rows:
+            entry = self.coordinator.worker_answer(row)
+            entry.update(activity=worker_activity(row, stale_before),
+                         groups=role_names(self.store.worker_groups(row["id"])),
+                         may_shutdown=bool(self.coordinator.may_manage(user, row, ADMIN)))
+            listed.append(entry)
+        counts = {name: sum(w["activity"] == name for w in listed)
+                  for name in ("busy", "idle", "stale")}
+        return {**counts, "stale_after_seconds": now - stale_before, "list": listed}
+
+    @staticmethod
+    def running_entry(row, now):
+        started = row["started_at"] or now
+        return {"uuid": row["uuid"], "group_name": row["group_name"], "worker": row["worker"],
+                "started_at": stamp(started), "age_seconds": round(now - started, 1),
+                "command": json.loads(row["spec"]).get("args", [])}
+
+    @staticmethod
+    def failure_entry(row):
+        result = json.loads(row["result"] or "null") or {}
+        return {"uuid": row["uuid"], "group_name": row["group_name"],
+                "exit_status": result.get("exit_status"), "msg": result.get("msg"),
+                "ended_at": stamp(row["ended_at"]), "worker": row["worker"],
+                "command": json.loads(row["spec"]).get("args", [])}
+
+    def throughput(self, groups, now):
+        since = now - THROUGHPUT_WINDOW
+        minutes = self.store.ended_per_minute(since, groups)
+        per_minute = [minutes.get(index, 0) for index in range(THROUGHPUT_WINDOW // 60)]
+        return {"last_minute": per_minute[-1], "last_hour": sum(per_minute),
+                "per_minute": per_minute}
+
+    def oldest_waiting(self, groups, now):
+        row = self.store.oldest_ready(groups)
+        if row is None:
+            return None
+        return {"uuid": row["uuid"], "group_name": row["group_name"],
+                "tags": json.loads(row["tags"]), "created_at": stamp(row["created_at"]),
+                "age_seconds": round(now - row["created_at"], 1), "why": self.why_waiting(row)}
+
+    def why_waiting(self, task):
+        """One sentence: what a Ready task waits for."""
+        serving, matching, idle = self.store.candidates(task)
+        group, tags = task["group_name"], json.loads(task["tags"])
+        if not serving:
+            return f"no worker serves group {group} (with the Write role)"
+        if not matching:
+            rule = self.coordinator.settings.tag_matching
+            return (f"none of the {serving} worker(s) serving group {group} has tags "
+                    f"matching the task's {tags or '(none)'} (rule: {rule})")
+        if not idle:
+            return f"all {matching} worker(s) that can take it are busy"
+        return f"{idle} idle worker(s) can take it: it goes at their next fetch"
+
+    def task(self, req, task):
+        """A task's history and the tail of its output (from its std-log artifact)."""
+        row = self.coordinator.task_of(req, task, READ)
+        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                   for e in self.store.task_history(row["id"])]
+        return {**self.coordinator.task_answer(row), "history": history,
+                "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
+
+    def running_worker(self, row):
+        if row["worker_id"] is None:
+            return row["reporter"]
+        worker = self.store.worker_by_id(row["worker_id"])
+        return worker and worker["uuid"]
+
+    def output_tail(self, task_uuid):
+        """{"stdout": ..., "stderr": ...}: the last OUTPUT_TAIL bytes of each, or None
+        without a std-log artifact (or one too large to unpack here)."""
+        artifact = self.store.artifact(task_uuid, "std-log")
+        if artifact is None or artifact["size"] > TAIL_ARCHIVE_LIMIT:
+            return None
+        tails = {}
+        try:
+            with tarfile.open(self.coordinator.blobs.path(("artifact", task_uuid,
+                                                           "std-log"))) as tar:
+                for name in ("stdout", "stderr"):
+                    with contextlib.suppress(KeyError):
+                        member = tar.getmember(f"std-log/{name}.log")
+                        if not member.isfile():
+                            continue
+                        handle = tar.extractfile(member)
+                        handle.seek(max(0, member.size - OUTPUT_TAIL))
+                        tails[name] = handle.read().decode(errors="replace")
+        except (OSError, tarfile.TarError) as error:
+            log.warning("cannot read std-log of %s: %s", task_uuid, error)
+            return None
+        return tails
+
+class DashboardPage:
+    """The dashboard: one HTML page, its stylesheet and its script, served from here
+    with a Content-Security-Policy that lets the page load nothing but these three
+    and talk to nothing but this coordinator. The script calls the same JSON API as
+    the client (and /status, /dashboard/tasks/{uuid}); it builds every element with
+    textContent and attributes, so user-supplied text (commands, labels, keys) shows
+    literally. The token stays in the tab's sessionStorage, sent as a Bearer header."""
+
+    CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+           "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+    HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+    HTML = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mito.py dashboard</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/ui/app.css">
+<script src="/ui/app.js" defer></script>
+</head>
+<body>
+<section id="login" hidden>
+  <form id="login-form">
+    <h1>mito.py</h1>
+    <label>Username <input id="username" name="username" autocomplete="username" required></label>
+    <label>Password <input id="password" name="password" type="password" autocomplete="current-password"></label>
+    <button type="submit">Log in</button>
+    <p id="login-error" class="error" role="alert"></p>
+  </form>
+</section>
+<div id="app" hidden>
+  <header>
+    <strong class="brand">mito.py</strong>
+    <nav>
+      <a href="#/" data-view="overview">Overview</a>
+      <a href="#/tasks" data-view="tasks">Tasks</a>
+      <a href="#/workers" data-view="workers">Workers</a>
+      <a href="#/groups" data-view="groups">Groups</a>
+    </nav>
+    <span class="user"><span id="who"></span> <button id="logout" type="button">Log out</button></span>
+  </header>
+  <p id="error" class="error" role="alert"></p>
+  <main id="view"></main>
+</div>
+</body>
+</html>
+'''
+
+    CSS = r''':root { --fg: #1d2330; --muted: #5f6b7a; --line: #d8dde4; --bg: #f6f7f9; --card: #fff;
+        --accent: #2557a7; --bad: #b42318; --good: #18794e; --warn: #a15c00; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+       color: var(--fg); background: var(--bg); }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem 1.25rem;
+         padding: .6rem 1rem; background: var(--fg); color: #fff; }
+header a { color: #cfd8e6; text-decoration: none; padding: .2rem .1rem; }
+header a.active { color: #fff; border-bottom: 2px solid #fff; }
+nav { display: flex; gap: 1rem; flex-wrap: wrap; }
+.brand { font-size: 1.1rem; }
+.user { margin-left: auto; }
+main { padding: .5rem 1rem 2rem; max-width: 1200px; margin: 0 auto; }
+h2 { font-size: 1.1rem; margin: 1.2rem 0 .5rem; }
+h3 { font-size: .95rem; margin: 0 0 .3rem; color: var(--muted); }
+section { margin-bottom: 1rem; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: .75rem; margin-top: .75rem; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .7rem .9rem; }
+.count { display: inline-block; margin: 0 .8rem .2rem 0; white-space: nowrap; }
+.scroll { overflow-x: auto; background: var(--card); border: 1px solid var(--line); border-radius: 8px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .4rem .6rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: .8rem; text-transform: uppercase; letter-spacing: .03em; color: var(--muted); white-space: nowrap; }
+tr:last-child td { border-bottom: none; }
+td code { white-space: pre-wrap; word-break: break-all; }
+.mono, code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: .85rem; }
+.muted { color: var(--muted); }
+.error { color: var(--bad); margin: .4rem 1rem; min-height: 1em; }
+.error:empty { display: none; }
+.badge { display: inline-block; padding: 0 .45rem; border-radius: 999px; font-size: .8rem;
+         background: #e8ebf0; color: var(--fg); white-space: nowrap; }
+.badge.running, .badge.busy { background: #dbe7fb; color: var(--accent); }
+.badge.finished, .badge.idle { background: #dcf2e6; color: var(--good); }
+.badge.cancelled, .badge.stale { background: #fde7e4; color: var(--bad); }
+.badge.ready, .badge.pending { background: #fff1d6; color: var(--warn); }
+.chart { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .5rem .7rem; }
+.chart svg { display: block; width: 100%; height: 110px; }
+.chart figcaption { display: flex; justify-content: space-between; font-size: .8rem; color: var(--muted); }
+.chart .bar { fill: var(--accent); }
+.chart .axis { stroke: var(--line); }
+.facts { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; background: var(--card);
+         border: 1px solid var(--line); border-radius: 8px; padding: .7rem .9rem; margin: .5rem 0; }
+.facts dt { color: var(--muted); }
+.facts dd { margin: 0; overflow-wrap: anywhere; }
+.panes { display: grid; grid-template-columns: 1fr 1fr; gap: .75rem; }
+.output { background: #10141b; color: #e4e8ee; padding: .6rem; border-radius: 8px; min-height: 4rem;
+          max-height: 24rem; overflow: auto; white-space: pre-wrap; word-break: break-all; margin: 0; }
+details pre { background: var(--card); border: 1px solid var(--line); padding: .6rem; border-radius: 8px; overflow-x: auto; }
+.filters { display: flex; flex-wrap: wrap; gap: .5rem .9rem; align-items: end; margin: .75rem 0; }
+.filters label, #login-form label { display: flex; flex-direction: column; font-size: .85rem; color: var(--muted); }
+input, select, button { font: inherit; padding: .35rem .55rem; border: 1px solid var(--line); border-radius: 6px; background: #fff; }
+button { cursor: pointer; background: var(--accent); color: #fff; border-color: var(--accent); }
+button.danger { background: var(--bad); border-color: var(--bad); }
+header button { background: transparent; border-color: #6b7687; }
+.actions { display: flex; gap: .4rem; }
+.pager { display: flex; gap: 1rem; justify-content: center; }
+#login { display: grid; place-items: center; min-height: 100vh; }
+#login[hidden], #app[hidden] { display: none; }
+#login-form { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 1.5rem;
+              display: flex; flex-direction: column; gap: .8rem; width: min(22rem, 92vw); }
+#login-form h1 { margin: 0; font-size: 1.3rem; }
+@media (max-width: 640px) {
+  body { font-size: 14px; }
+  main { padding: .25rem .5rem 2rem; }
+  .panes { grid-template-columns: 1fr; }
+  th, td { padding: .35rem .4rem; }
+}
+'''
+
+    JS = r'''// mito.py dashboard. Every value from the coordinator reaches the page as text
+// (textContent, text nodes, attributes that are not URLs or handlers): never as HTML.
+"use strict";
+
+const REFRESH_MS = 3000;
+const PAGE_SIZE = 25;
+const STATES = ["Pending", "Ready", "Running", "Finished", "Cancelled"];
+const STORE = window.sessionStorage;   // the token lives in this tab only
+let current = null;
+let refreshing = false;
+
+// ---- small DOM helpers ----------------------------------------------------------------
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props || {})) {
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (name === "class") node.className = value;
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value);
+  }
+  node.append(...children.flat(Infinity).filter((c) => c !== null && c !== undefined)
+    .map((c) => (c instanceof Node ? c : String(c))));
+  return node;
+}
+
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  node.append(...children);
+  return node;
+}
+
+const $ = (id) => document.getElementById(id);
+const link = (href, text, cls) => el("a", {href: href, class: cls}, text);
+const short = (uuid) => (uuid ? uuid.slice(0, 8) : "-");
+const table = (headers, rows, empty) => rows.length === 0 ? el("p", {class: "muted"}, empty || "none") :
+  el("div", {class: "scroll"}, el("table", null,
+    el("thead", null, el("tr", null, headers.map((h) => el("th", null, h)))),
+    el("tbody", null, rows.map((cells) => el("tr", null, cells.map((c) => el("td", null, c)))))));
+const section = (title, ...body) => el("section", null, el("h2", null, title), ...body);
+
+function when(text) {
+  // "2024-01-15 10:30:00.123456 +00:00:00" -> milliseconds
+  return text ? Date.parse(text.slice(0, 26).replace(" ", "T") + "Z") : NaN;
+}
+
+function duration(seconds) {
+  seconds = Math.max(0, Math.floor(seconds));
+  for (const [size, unit] of [[86400, "d"], [3600, "h"], [60, "m"]]) {
+    if (seconds >= size) return Math.floor(seconds / size) + unit + (seconds % size >= 60 && unit !== "m" ? " " + Math.floor(seconds % size / 60) + "m" : "");
+  }
+  return seconds + "s";
+}
+
+const ago = (text) => el("span", {title: text || ""}, text ? duration((Date.now() - when(text)) / 1000) + " ago" : "-");
+const command = (args) => (args || []).map((a) => /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\"'\"'") + "'").join(" ");
+const badge = (state) => el("span", {class: "badge " + String(state).toLowerCase()}, state);
+
+function exitOf(result) {
+  if (!result) return "-";
+  const status = result.exit_status;
+  const code = (status & 0x7f) ? 128 + (status & 0x7f) : status >> 8;
+  return result.msg ? code + " " + result.msg : String(code);
+}
+
+// ---- the API --------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(method, path, body) {
+  const headers = {"Authorization": "Bearer " + STORE.getItem("mito-token")};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {method: method, headers: headers, cache: "no-store",
+    body: body === undefined ? undefined : JSON.stringify(body)});
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (error) { data = text; }
+  if (response.status === 401 && path !== "/login") { logout("Your session ended: log in again."); }
+  if (!response.ok) throw new ApiError(response.status, (data && data.msg) || response.statusText);
+  return data;
+}
+
+function md5(text) {
+  // RFC 1321, as the protocol sends passwords: the digest as 16 byte values
+  const bytes = new TextEncoder().encode(text);
+  const blocks = ((bytes.length + 8) >>> 6) + 1;
+  const words = new Uint32Array(blocks * 16);
+  bytes.forEach((byte, i) => { words[i >> 2] |= byte << ((i % 4) * 8); });
+  words[bytes.length >> 2] |= 0x80 << ((bytes.length % 4) * 8);
+  words[blocks * 16 - 2] = bytes.length * 8;
+  const shifts = [7, 12, 17, 22, 5, 9, 14, 20, 4, 11, 16, 23, 6, 10, 15, 21];
+  const k = Array.from({length: 64}, (_, i) => Math.floor(Math.abs(Math.sin(i + 1)) * 2 ** 32) >>> 0);
+  const state = [0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476];
+  for (let block = 0; block < words.length; block += 16) {
+    let [a, b, c, d] = state;
+    for (let i = 0; i < 64; i++) {
+      const round = i >> 4;
+      const f = [(b & c) | (~b & d), (d & b) | (~d & c), b ^ c ^ d, c ^ (b | ~d)][round];
+      const g = [i, (5 * i + 1) % 16, (3 * i + 5) % 16, (7 * i) % 16][round];
+      const s = shifts[round * 4 + (i % 4)];
+      const x = (a + f + k[i] + words[block + g]) >>> 0;
+      [a, d, c] = [d, c, b];
+      b = (b + ((x << s) | (x >>> (32 - s)))) >>> 0;
+    }
+    [a, b, c, d].forEach((value, i) => { state[i] = (state[i] + value) >>> 0; });
+  }
+  return state.flatMap((value) => [0, 8, 16, 24].map((shift) => (value >>> shift) & 255));
+}
+
+// ---- login, logout and the frame --------------------------------------------------------
+
+async function login(event) {
+  event.preventDefault();
+  const username = $("username").value;
+  try {
+    const answer = await api("POST", "/login", {username: username,
+      md5_password: md5($("password").value), retain: true});
+    STORE.setItem("mito-token", answer.token);
+    STORE.setItem("mito-user", username);
+    $("password").value = "";
+    $("login-error").textContent = "";
+    show();
+  } catch (error) {
+    $("login-error").textContent = error.message;
+  }
+}
+
+function logout(why) {
+  STORE.removeItem("mito-token");
+  STORE.removeItem("mito-user");
+  current = null;
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = typeof why === "string" ? why : "";
+  $("username").focus();
+}
+
+function route() {
+  const [path, query] = location.hash.replace(/^#\/?/, "").split("?");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  return {name: parts[0] || "overview", arg: parts.slice(1).join("/"),
+          params: new URLSearchParams(query || "")};
+}
+
+function show() {
+  if (!STORE.getItem("mito-token")) { logout(); return; }
+  const where = route();
+  const view = VIEWS[where.name] || VIEWS.overview;
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("who").textContent = STORE.getItem("mito-user") || "";
+  const tab = {task: "tasks"}[where.name] || (VIEWS[where.name] ? where.name : "overview");
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === tab);
+  current = {view: view, route: where, parts: {}, state: {}};
+  $("view").replaceChildren(view.mount(current));
+  refresh();
+}
+
+async function refresh() {
+  if (!current || refreshing || document.hidden) return;
+  const shown = current;
+  refreshing = true;
+  try {
+    await shown.view.update(shown);
+    $("error").textContent = "";
+  } catch (error) {
+    if (shown === current) $("error").textContent = error.message;
+  } finally {
+    refreshing = false;
+  }
+}
+
+// A part of a view: a container whose children are replaced in one step, so a refresh
+// neither flickers nor moves the scroll position.
+function part(ctx, name) {
+  ctx.parts[name] = ctx.parts[name] || el("div", {class: "part", id: "part-" + name});
+  return ctx.parts[name];
+}
+const fill = (ctx, name, ...children) => part(ctx, name).replaceChildren(...children.flat());
+
+// ---- overview ---------------------------------------------------------------------------
+
+function chart(perMinute) {
+  const top = Math.max(1, ...perMinute);
+  const bars = perMinute.map((count, i) => {
+    const height = 100 * count / top;
+    return svg("rect", {x: i * 10 + 1, y: 110 - height, width: 8, height: height, class: "bar"},
+      svg("title", null, (perMinute.length - i) + " min ago: " + count));
+  });
+  return el("figure", {class: "chart"}, el("figcaption", null, el("span", null, "60 min ago"),
+    el("span", null, "top: " + top + "/min"), el("span", null, "now")),
+    svg("svg", {viewBox: "0 0 600 112", preserveAspectRatio: "none", role: "img",
+      "aria-label": "tasks ended per minute, last hour"},
+      svg("line", {x1: 0, y1: 110.5, x2: 600, y2: 110.5, class: "axis"}), ...bars));
+}
+
+const counts = (byState) => STATES.filter((s) => byState[s] !== undefined)
+  .map((s) => el("span", {class: "count"}, badge(s), " ", String(byState[s])));
+
+function workerRows(workers) {
+  return workers.map((w) => [short(w.worker_id), el("span", {class: "badge " + w.activity}, w.activity),
+    w.tags.join(", ") || "-", w.assigned_task_id ? link("#/task/" + w.assigned_task_id, short(w.assigned_task_id)) : "-",
+    ago(w.last_heartbeat)]);
+}
+
+const VIEWS = {};
+
+VIEWS.overview = {
+  mount(ctx) {
+    return el("div", null, part(ctx, "cards"), section("Tasks ended per minute, last hour", part(ctx, "chart")),
+      section("Oldest waiting task", part(ctx, "waiting")), section("By group", part(ctx, "groups")),
+      section("Running", part(ctx, "running")), section("Workers", part(ctx, "workers")),
+      section("Recent failures", part(ctx, "failures")));
+  },
+  async update(ctx) {
+    const s = await api("GET", "/status");
+    const w = s.workers, t = s.throughput;
+    fill(ctx, "cards", el("div", {class: "cards"},
+      el("div", {class: "card"}, el("h3", null, "Tasks"), counts(s.tasks.by_state).length ? counts(s.tasks.by_state) : "none"),
+      el("div", {class: "card"}, el("h3", null, "Workers"), w.busy + " busy · " + w.idle + " idle · " + w.stale + " stale"),
+      el("div", {class: "card"}, el("h3", null, "Throughput"), t.last_minute + " last minute · " + t.last_hour + " last hour")));
+    fill(ctx, "chart", chart(t.per_minute));
+    const o = s.oldest_waiting;
+    fill(ctx, "waiting", o ? el("p", null, link("#/task/" + o.uuid, short(o.uuid), "mono"),
+      " in " + o.group_name + ", waiting " + duration(o.age_seconds) + ": ", el("strong", null, o.why))
+      : el("p", {class: "muted"}, "no task is waiting"));
+    fill(ctx, "groups", table(["Group", "Tasks"], Object.entries(s.tasks.by_group).map(([g, c]) =>
+      [link("#/tasks?group=" + encodeURIComponent(g), g), counts(c)]), "no tasks"));
+    fill(ctx, "running", table(["Task", "Group", "Worker", "Running for", "Command"], s.running.map((r) =>
+      [link("#/task/" + r.uuid, short(r.uuid), "mono"), r.group_name, short(r.worker), duration(r.age_seconds),
+       el("code", null, command(r.command))]), "nothing is running"));
+    fill(ctx, "workers", table(["Worker", "Activity", "Tags", "Task", "Heartbeat"], workerRows(w.list), "no workers"));
+    fill(ctx, "failures", table(["Task", "Group", "Exit", "Ended", "Command"], s.recent_failures.map((f) =>
+      [link("#/task/" + f.uuid, short(f.uuid), "mono"), f.group_name, exitOf(f), ago(f.ended_at),
+       el("code", null, command(f.command))]), "no failures"));
+  },
+};
+
+// ---- tasks --------------------------------------------------------------------------------
+
+VIEWS.tasks = {
+  mount(ctx) {
+    const p = ctx.route.params;
+    const input = (name, label) => el("label", null, label, el("input", {name: name, value: p.get(name) || "", placeholder: "any"}));
+    const form = el("form", {class: "filters", onsubmit: (event) => {
+      event.preventDefault();
+      const query = new URLSearchParams();
+      for (const [name, value] of new FormData(form)) if (value) query.set(name, value);
+      location.hash = "#/tasks?" + query;
+    }},
+      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "my own"))),
+      el("label", null, "State", el("select", {name: "state"}, el("option", {value: ""}, "any"),
+        STATES.map((s) => el("option", {value: s, selected: p.get("state") === s ? "" : null}, s)))),
+      input("label", "Label"), input("creator", "Creator"), el("button", {type: "submit"}, "Filter"));
+    return el("div", null, form, part(ctx, "table"), part(ctx, "pager"));
+  },
+  async update(ctx) {
+    const p = ctx.route.params;
+    if (!ctx.state.groups) {
+      ctx.state.groups = (await api("GET", "/status")).groups;
+      $("filter-group").append(...ctx.state.groups.map((g) => el("option", {value: g, selected: p.get("group") === g ? "" : null}, g)));
+    }
+    const filter = {group_name: p.get("group") || null, states: p.get("state") ? [p.get("state")] : null,
+      labels: p.get("label") ? [p.get("label")] : null, creator_usernames: p.get("creator") ? [p.get("creator")] : null};
+    const total = (await api("POST", "/tasks/query", {...filter, count: true})).count;
+    const pages = Math.max(1, Math.ceil(total / PAGE_SIZE));
+    const page = Math.min(Math.max(1, Number(p.get("page")) || 1), pages);
+    // newest first: the API lists oldest first, so read the page from the end
+    const end = total - (page - 1) * PAGE_SIZE;
+    const offset = Math.max(0, end - PAGE_SIZE);
+    const rows = end <= 0 ? [] : (await api("POST", "/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
+    fill(ctx, "table", table(["Task", "State", "Exit", "Group", "Creator", "Labels", "Created", "Command"], rows.map((t) =>
+      [link("#/task/" + t.uuid, short(t.uuid), "mono"), badge(t.state), exitOf(t.result), t.group_name, t.creator_username,
+       t.labels.join(", ") || "-", ago(t.created_at), el("code", null, command(t.spec.args))]), "no tasks match"));
+    const go = (n) => { const q = new URLSearchParams(p); q.set("page", n); return "#/tasks?" + q; };
+    fill(ctx, "pager", el("p", {class: "pager"}, page > 1 ? link(go(page - 1), "← newer") : "",
+      " page " + page + " of " + pages + " (" + total + " tasks) ", page < pages ? link(go(page + 1), "older →") : ""));
+  },
+};
+
+// ---- one task ------------------------------------------------------------------------------
+
+VIEWS.task = {
+  mount(ctx) {
+    ctx.state.offsets = {stdout: 0, stderr: 0};
+    ctx.state.live = true;
+    const pane = (name) => el("div", null, el("h3", null, name), el("pre", {class: "output", id: "out-" + name}));
+    return el("div", null, el("h2", {class: "mono"}, "Task " + ctx.route.arg), part(ctx, "actions"),
+      part(ctx, "details"), section("History", part(ctx, "history")), section("Artifacts", part(ctx, "artifacts")),
+      section("Output", part(ctx, "live"), el("div", {class: "panes"}, pane("stdout"), pane("stderr"))));
+  },
+  async update(ctx) {
+    const uuid = ctx.route.arg;
+    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(uuid));
+    const t = view.info;
+    const cancel = el("button", {id: "cancel", onclick: () => act(() => api("DELETE", "/tasks/" + uuid))}, "Cancel task");
+    fill(ctx, "actions", ["Ready", "Pending"].includes(t.state) ? cancel : "");
+    const facts = [["State", badge(t.state)], ["Exit", exitOf(t.result)], ["Group", t.group_name],
+      ["Creator", t.creator_username], ["Worker", view.worker || "-"], ["Priority", t.priority],
+      ["Timeout", duration(t.timeout)], ["Tags", t.tags.join(", ") || "-"], ["Labels", t.labels.join(", ") || "-"],
+      ["Created", ago(t.created_at)], ["Updated", ago(t.updated_at)], ["Command", el("code", null, command(t.spec.args))]];
+    fill(ctx, "details", el("dl", {class: "facts"}, facts.map(([k, v]) => [el("dt", null, k), el("dd", null, v)])),
+      el("details", null, el("summary", null, "Spec"), el("pre", null, JSON.stringify(t.spec, null, 2))));
+    fill(ctx, "history", table(["Event", "At", "Worker"], view.history.map((e) =>
+      [e.event, el("span", {title: e.at}, e.at.slice(0, 19)), short(e.worker)]), "no history recorded"));
+    fill(ctx, "artifacts", table(["Kind", "Size", ""], view.artifacts.map((a) =>
+      [a.content_type, bytes(a.size), el("button", {onclick: () => download("/tasks/" + uuid + "/download/artifacts/" + a.content_type,
+        uuid + "-" + a.content_type + ".tar.gz")}, "Download")]), "no artifacts"));
+    await followOutput(ctx, uuid, view);
+  },
+};
+
+async function followOutput(ctx, uuid, view) {
+  const state = ctx.state;
+  let finished = true;
+  if (state.live) {
+    for (const stream of ["stdout", "stderr"]) {
+      try {
+        const answer = await api("GET", "/tasks/" + uuid + "/output?stream=" + stream + "&offset=" + state.offsets[stream]);
+        if (answer.offset !== state.offsets[stream]) $("out-" + stream).textContent = "";
+        if (answer.data) append($("out-" + stream), answer.data);
+        state.offsets[stream] = answer.next;
+        finished = finished && answer.finished;
+      } catch (error) {
+        if (error.status !== 404 || state.offsets[stream] > 0) throw error;
+        state.live = false;   // this coordinator keeps no live output
+      }
+    }
+  }
+  const empty = !state.offsets.stdout && !state.offsets.stderr;
+  if ((!state.live || (finished && empty)) && view.output) {
+    for (const stream of ["stdout", "stderr"]) {
+      const pre = $("out-" + stream);
+      if (pre.textContent !== (view.output[stream] || "")) pre.textContent = view.output[stream] || "";
+    }
+  }
+  fill(ctx, "live", el("p", {class: "muted"}, outputNote(state.live, finished, empty, view)));
+}
+
+function outputNote(live, finished, empty, view) {
+  const stdLog = view.artifacts.some((a) => a.content_type === "std-log");
+  if (live && !finished) {
+    return view.info.state === "Running" ? "following the output as the task runs…" : "no output yet: the task has not started";
+  }
+  if (!empty || (view.output && (view.output.stdout || view.output.stderr))) {
+    return live ? "the output is complete" : "the end of the output (live output is not available from this coordinator)";
+  }
+  if (stdLog && !view.output) return "the output is too large to show here: download the std-log artifact";
+  if (!view.info.spec.terminal_output) return "no output is kept: the task was not submitted with terminal output";
+  return ["Finished", "Cancelled"].includes(view.info.state) ? "the task wrote no output" : "no output yet";
+}
+
+function append(pre, text) {
+  const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.append(text);
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
+}
+
+const bytes = (n) => { for (const unit of ["B", "KiB", "MiB", "GiB"]) { if (n < 1024 || unit === "GiB") return (unit === "B" ? n : n.toFixed(1)) + " " + unit; n /= 1024; } };
+
+async function act(call) {
+  try { await call(); $("error").textContent = ""; } catch (error) { $("error").textContent = error.message; }
+  refresh();
+}
+
+async function download(path, name) {
+  await act(async () => {
+    const answer = await api("GET", path);
+    const a = el("a", {href: answer.url, download: name, hidden: ""});
+    document.body.append(a);
+    a.click();
+    a.remove();
+  });
+}
+
+// ---- workers ----------------------------------------------------------------------------
+
+function shutdown(worker, op) {
+  if (op === "Force" && !window.confirm("Stop worker " + short(worker) + " now? Its task goes back to the queue.")) return;
+  act(() => api("DELETE", "/workers/" + worker + "?op=" + op));
+}
+
+VIEWS.workers = {
+  mount(ctx) { return section("Workers", part(ctx, "workers")); },
+  async update(ctx) {
+    const s = await api("GET", "/status");
+    fill(ctx, "workers", table(["Worker", "Activity", "State", "Tags", "Labels", "Groups", "Task", "Heartbeat", "Creator", ""],
+      s.workers.list.map((w) => [el("span", {class: "mono", title: w.worker_id}, short(w.worker_id)),
+        el("span", {class: "badge " + w.activity}, w.activity), w.state, w.tags.join(", ") || "-", w.labels.join(", ") || "-",
+        Object.entries(w.groups).map(([g, r]) => g + " (" + r + ")").join(", ") || "-",
+        w.assigned_task_id ? link("#/task/" + w.assigned_task_id, short(w.assigned_task_id), "mono") : "-",
+        ago(w.last_heartbeat), w.creator_username,
+        w.may_shutdown ? el("span", {class: "actions"},
+          el("button", {onclick: () => shutdown(w.worker_id, "Graceful"), title: "finish the current task, then leave"}, "Drain"),
+          el("button", {class: "danger", onclick: () => shutdown(w.worker_id, "Force"), title: "leave now; the task is requeued"}, "Force")) : ""]),
+      "no workers"));
+  },
+};
+
+// ---- groups and attachments ----------------------------------------------------------------
+
+const attachmentPath = (group, key) => encodeURIComponent(group) + "/download/attachments/" + key.split("/").map(encodeURIComponent).join("/");
+
+async function upload(group, form) {
+  const file = form.elements.file.files[0];
+  if (!file) throw new Error("choose a file to upload");
+  const key = form.elements.key.value || file.name;
+  const answer = await api("POST", "/groups/" + encodeURIComponent(group) + "/attachments",
+    {key: key, content_length: file.size});
+  const put = await fetch(answer.url, {method: "PUT", body: file});
+  if (!put.ok) throw new Error("upload of " + key + " failed: " + put.status);
+  form.reset();
+}
+
+VIEWS.groups = {
+  mount(ctx) {
+    const group = ctx.route.arg;
+    if (!group) return section("Groups", part(ctx, "list"));
+    const form = el("form", {class: "filters", onsubmit: (event) => { event.preventDefault(); act(() => upload(group, form)); }},
+      el("label", null, "File", el("input", {type: "file", name: "file"})),
+      el("label", null, "Key", el("input", {name: "key", placeholder: "the file's name"})),
+      el("button", {type: "submit"}, "Upload"));
+    return el("div", null, el("h2", null, "Group " + group), part(ctx, "group"),
+      section("Attachments", form, part(ctx, "attachments")));
+  },
+  async update(ctx) {
+    const group = ctx.route.arg;
+    if (!group) {
+      const s = await api("GET", "/status");
+      const mine = (await api("GET", "/users/groups")).groups;
+      fill(ctx, "list", table(["Group", "Your role", "Tasks"], s.groups.map((g) =>
+        [link("#/groups/" + encodeURIComponent(g), g), mine[g] || "(admin)", counts(s.tasks.by_group[g] || {})]), "no groups"));
+      return;
+    }
+    const g = await api("GET", "/groups/" + encodeURIComponent(group));
+    fill(ctx, "group", el("dl", {class: "facts"}, [["Creator", g.creator_username], ["Tasks", g.task_count],
+      ["Workers", g.worker_count], ["Storage", bytes(g.storage_used) + " of " + bytes(g.storage_quota)],
+      ["Members", Object.entries(g.users_in_group || {}).map(([u, r]) => u + " (" + r + ")").join(", ")]]
+      .map(([k, v]) => [el("dt", null, k), el("dd", null, v)])));
+    const list = await api("POST", "/groups/" + encodeURIComponent(group) + "/attachments/query", {});
+    fill(ctx, "attachments", table(["Key", "Size", "Updated", ""], list.attachments.map((a) =>
+      [el("span", {class: "mono"}, a.key), bytes(a.size), ago(a.updated_at),
+       el("button", {onclick: () => download("/groups/" + attachmentPath(group, a.key), a.key.split("/").pop())}, "Download")]),
+      "no attachments"));
+  },
+};
+
+// ---- start ------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", () => logout());
+  window.addEventListener("hashchange", show);
+  document.addEventListener("visibilitychange", refresh);
+  setInterval(refresh, REFRESH_MS);
+  show();
+});
+'''
+
+    ASSETS = {"app.css": ("text/css; charset=utf-8", CSS),
+              "app.js": ("text/javascript; charset=utf-8", JS)}
+
+    @classmethod
+    def answer(cls, name=None):
+        """The page (no name) or one of its assets; 404 for any other name."""
+        if name is None:
+            content_type, text = "text/html; charset=utf-8", cls.HTML
+        elif name in cls.ASSETS:
+            content_type, text = cls.ASSETS[name]
+        else:
+            raise not_found(f"dashboard file {name}")
+        return Answer(text=text, content_type=content_type, headers=dict(cls.HEADERS))
 
 # =====================================================================================
 # 5. Client: `mito.py client ...`, every operation a Mitosis user needs
@@ -4796,6 +6407,55 @@ def cmd_admin_shutdown(client, args):
     print("the coordinator is shutting down")
 
 
+# ---- client status: the system on one terminal screen ------------------------------------
+
+STATUS_ROWS = 8     # running tasks and failures listed; the rest are counted
+
+
+def render_counts(counts):
+    order = {state: index for index, state in enumerate(TASK_STATES)}
+    return "  ".join(f"{state} {count}" for state, count in
+                     sorted(counts.items(), key=lambda item: order.get(item[0], 99))) or "none"
+
+
+def render_status(data):
+    tasks, workers = data["tasks"], data["workers"]
+    print(f"tasks      {render_counts(tasks['by_state'])}")
+    for group, counts in tasks["by_group"].items():
+        print(f"  {group:<16} {render_counts(counts)}")
+    print(f"workers    {workers['busy']} busy, {workers['idle']} idle, {workers['stale']} stale")
+    throughput = data["throughput"]
+    print(f"throughput {throughput['last_minute']} ended in the last minute, "
+          f"{throughput['last_hour']} in the last hour")
+    waiting = data["oldest_waiting"]
+    if waiting:
+        print(f"oldest waiting task {waiting['uuid']} (group {waiting['group_name']}, waiting "
+              f"{format_duration(int(waiting['age_seconds']))}): {waiting['why']}")
+    listed(f"running ({len(data['running'])})", ["UUID", "GROUP", "WORKER", "AGE", "COMMAND"],
+           [(r["uuid"], r["group_name"], r["worker"] or "-",
+             format_duration(int(r["age_seconds"])), shlex.join(r["command"])[:40])
+            for r in data["running"]])
+    listed("recent failures", ["UUID", "GROUP", "EXIT", "WHY", "ENDED"],
+           [(f["uuid"], f["group_name"], "-" if f["exit_status"] is None
+             else exit_code_of(f["exit_status"]), f["msg"] or "-",
+             human_age(f["ended_at"])) for f in data["recent_failures"]])
+
+
+def listed(title, headers, rows):
+    """A titled table of at most STATUS_ROWS rows, and how many more there are."""
+    if not rows:
+        return
+    print(f"{title}:")
+    print_table(headers, rows[:STATUS_ROWS])
+    if len(rows) > STATUS_ROWS:
+        print(f"... and {len(rows) - STATUS_ROWS} more")
+
+
+def cmd_status(client, args):
+    client.as_json = client.as_json or args.status_json
+    client.show(client.call("GET", "/status"), render_status)
+
+
 # ---- the client's command tree: upstream's commands and spellings, ours as aliases ------
 # (netmito/src/config/client/*.rs). A list option takes "a,b", "a b" or repeats, as clap's
 # `num_args = 0.., value_delimiter = ','` does.
@@ -5081,6 +6741,10 @@ def add_client_commands(parser, required=True):
                 (("--retain",), {"dest": "login_retain", "action": "store_true",
                                  "help": "Keep your other logins valid"}))
     add_command(commands, "auth", cmd_auth, "Show who the stored token belongs to")
+    add_command(commands, "status", cmd_status, "The system at a glance: queues, workers, "
+                "running tasks, throughput, why the oldest waiting task waits",
+                (("--json",), {"action": "store_true", "dest": "status_json",
+                               "help": "Print the API's JSON"}))
     add_tasks_commands(commands)
     add_groups_commands(commands)
     add_attachments_commands(commands)

@@ -121,3 +121,8 @@ def mito(tmp_path):
     runner = Mito(tmp_path)
     yield runner
     runner.cleanup()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives the dashboard in headless chromium "
+                                       "(select with -m browser, leave out with -m 'not browser')")

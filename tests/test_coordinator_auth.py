@@ -47,7 +47,7 @@ def call(c, method, path, token=None, body=None):
 @pytest.mark.parametrize("method, path, auth", ROUTES, ids=ROUTE_IDS)
 def test_route_without_token(world, method, path, auth):
     status = call(world, method, concrete(path))
-    if auth in ("user", "admin", "worker"):
+    if auth in ("user", "admin", "worker", "registrar"):
         assert status == 401
     elif auth == "blob":
         assert status == 403  # the URL is the credential; a bad one is refused
@@ -60,7 +60,7 @@ def test_route_with_the_wrong_kind_of_token(world, method, path, auth):
     c = world
     user_token, worker_token = c.plain.token, c.worker_client.token
     garbage = user_token[:-4] + ("AAAA" if not user_token.endswith("AAAA") else "BBBB")
-    if auth in ("user", "admin"):
+    if auth in ("user", "admin", "registrar"):
         assert call(c, method, concrete(path), worker_token) == 401
         assert call(c, method, concrete(path), garbage) == 401
     if auth == "worker":

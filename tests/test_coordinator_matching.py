@@ -50,7 +50,7 @@ def test_tag_matching(clusters, mode, worker_tags, task_tags, by_worker_subset,
     group = c.group(fresh("tags"))
     task_uuid = c.submit(c.admin, spec("true"), group=group, tags=task_tags)
     # a worker of another user, so that its own (Admin) group has no task at all
-    owner = c.user(fresh("owner"))
+    owner = writer_of(c, group)
     _, worker = c.register(owner, tags=worker_tags, groups=[f"{group}:write"])
     task = c.fetch(worker)
     expected = by_worker_subset if mode == "worker-subset" else by_task_subset
@@ -71,7 +71,7 @@ def test_worker_group_role_decides_whose_tasks_it_runs(clusters, role, takes):
     c = clusters["worker-subset"]
     group = c.group(fresh("roles"))
     task_uuid = c.submit(c.admin, spec("true"), group=group)
-    owner = c.user(fresh("owner"))
+    owner = writer_of(c, group)
     worker_uuid, worker = c.register(owner, groups=[f"{group}:{role}" if role else group])
     expected_role = (role or "write").capitalize()
     assert c.admin.api("GET", f"/workers/{worker_uuid}")["groups"] == {
@@ -83,6 +83,14 @@ def test_worker_group_role_decides_whose_tasks_it_runs(clusters, role, takes):
     # the worker's own group (Admin) is always served
     own = c.submit(owner, spec("true"))
     assert c.fetch(worker)["uuid"] == own
+
+
+def writer_of(c, group):
+    """A new user with the Write role in `group`, which a worker it registers needs."""
+    name = fresh("owner")
+    owner = c.user(name)
+    c.admin.api("PUT", f"/groups/{group}/users", {"relations": {name: "Write"}})
+    return owner
 
 
 def owner_name(client):
@@ -112,7 +120,7 @@ def test_real_worker_with_read_role_does_not_run_the_groups_tasks(cluster):
     c = cluster()
     c.user("alice")
     c.user("bob")
-    group = c.group("shared")
+    group = c.group("shared", members={"alice": "Write", "bob": "Write"})
     reader = c.worker("alice", "pw", "-g", f"{group}:read", name="reader")
     task_uuid = c.submit(c.admin, spec("true"), group=group)
     time.sleep(1.0)  # the reader polls ten times meanwhile
@@ -131,7 +139,7 @@ def test_higher_priority_first_then_older_first(clusters):
     priorities = [0, 5, -3, 5, 10, 0, 5, -3, 1]
     submitted = [(p, c.submit(c.admin, spec("true"), group=group, priority=p))
                  for p in priorities]
-    owner = c.user(fresh("owner"))
+    owner = writer_of(c, group)
     _, worker = c.register(owner, groups=[group])
     order = []
     while (task := c.fetch(worker)) is not None:
@@ -155,7 +163,7 @@ def test_concurrent_fetchers_never_get_the_same_task(clusters):
     c = clusters["worker-subset"]
     group = c.group(fresh("race"))
     tasks = [c.submit(c.admin, spec("true"), group=group) for _ in range(100)]
-    owner = c.user(fresh("owner"))
+    owner = writer_of(c, group)
     registered = [c.register(owner, groups=[group]) for _ in range(20)]
     workers = [client for _, client in registered]
     got = [[] for _ in workers]
@@ -196,7 +204,7 @@ def test_concurrent_fetchers_never_get_the_same_task(clusters):
 def test_long_poll_wakes_up_when_a_task_is_submitted(clusters):
     c = clusters["worker-subset"]
     group = c.group(fresh("poll"))
-    owner = c.user(fresh("owner"))
+    owner = writer_of(c, group)
     _, worker = c.register(owner, groups=[group])
     submitted = []
 
@@ -236,7 +244,7 @@ def test_long_poll_ignores_tasks_it_may_not_take(clusters):
     """A wake-up for a task of another group must not end the wait with that task."""
     c = clusters["worker-subset"]
     mine, other = c.group(fresh("mine")), c.group(fresh("other"))
-    owner = c.user(fresh("owner"))
+    owner = writer_of(c, mine)
     _, worker = c.register(owner, groups=[mine])
     timer = threading.Timer(0.3, lambda: c.submit(c.admin, spec("true"), group=other))
     timer.start()

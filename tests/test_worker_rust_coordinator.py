@@ -65,3 +65,40 @@ def test_worker_joins_a_rust_like_coordinator(httpserver, mito):
     assert all(req.args.get("wait") for req in fetches()), "the long-poll hint is sent"
     methods = [(req.method, req.path) for req, _ in httpserver.log]
     assert methods[-1] == ("DELETE", "/workers")
+
+
+def test_without_the_output_header_a_terminal_task_sends_only_its_std_log(httpserver, mito):
+    """A task that writes for longer than an output interval: against a coordinator
+    that does not advertise X-Mito-Output the worker sends no increment, only the
+    std-log artifact at the end, exactly as before."""
+    task = {"id": 8, "uuid": TASK_UUID, "timeout": "1m", "upstream_task_uuid": None,
+            "spec": {"args": ["sh", "-c", "echo one; sleep 2.5; echo two"], "envs": {},
+                     "resources": [], "terminal_output": True, "watch": None}}
+    httpserver.expect_ordered_request("/login", method="POST").respond_with_json(
+        {"token": USER_TOKEN})
+    httpserver.expect_ordered_request("/workers", method="POST").respond_with_json(
+        {"worker_id": WORKER_ID, "token": WORKER_TOKEN, "redis_url": None})
+    httpserver.expect_ordered_request("/workers/tasks", method="GET",
+                                      **as_worker()).respond_with_json(task)
+    httpserver.expect_ordered_request("/workers/tasks", method="POST", **as_worker(
+        json={"id": 8, "op": "Finish"})).respond_with_json({"url": None})
+    httpserver.expect_ordered_request("/workers/tasks", method="POST", **as_worker()
+                                      ).respond_with_json({"url": httpserver.url_for("/blob")})
+    httpserver.expect_ordered_request("/blob", method="PUT").respond_with_data("")
+    httpserver.expect_ordered_request("/workers/tasks", method="POST", **as_worker(
+        json={"id": 8, "op": {"Commit": {"exit_status": 0, "msg": None}}}
+    )).respond_with_json({"url": None})
+    httpserver.expect_request("/workers/tasks", method="GET",
+                              **as_worker()).respond_with_json(None)
+    httpserver.expect_request("/workers", method="DELETE",
+                              **as_worker()).respond_with_json(None)
+    worker = mito.spawn("worker", "-c", httpserver.url_for("/").rstrip("/"), "-u", "alice",
+                        "-p", "pw",
+                        "--polling-interval", "500ms", "--heartbeat-interval", "1h")
+    wait_until(lambda: not httpserver.ordered_handlers, what="the task's commit")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    httpserver.check_assertions()
+    upload = [req for req, _ in httpserver.log if req.method == "POST"][3]
+    assert upload.get_json()["op"]["Upload"]["content_type"] == "std-log"
+    assert not [req for req, _ in httpserver.log if "output" in req.path]

@@ -1,0 +1,249 @@
+"""GET /status, `client status` and GET /metrics against a real coordinator: what they
+count, who sees what, and why the oldest waiting task waits. The metrics are read with
+a strict reader of the Prometheus text format written here."""
+
+import json
+import math
+import re
+
+import pytest
+
+from e2e import cluster, raw_request, spec, status_of  # noqa: F401
+
+
+def status(client):
+    return client.api("GET", "/status")
+
+
+# ---- GET /status ---------------------------------------------------------------------------
+
+
+def test_status_says_why_the_oldest_task_waits_as_workers_come(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice = c.user("alice")
+    waiting = c.submit(alice, spec("true"), tags=["cpu"])
+    c.submit(alice, spec("true"), tags=["cpu"])
+    oldest = status(alice)["oldest_waiting"]
+    assert oldest["uuid"] == waiting
+    assert oldest["why"] == "no worker serves group alice (with the Write role)"
+
+    c.register(alice, tags=["gpu"], groups=["alice"])
+    why = status(alice)["oldest_waiting"]["why"]
+    assert why.startswith("none of the 1 worker(s) serving group alice has tags matching")
+    assert "cpu" in why
+
+    _, worker = c.register(alice, tags=["cpu"], groups=["alice"])
+    assert status(alice)["oldest_waiting"]["why"] == \
+        "1 idle worker(s) can take it: it goes at their next fetch"
+    c.fetch(worker)
+    assert status(alice)["oldest_waiting"]["why"] == \
+        "all 1 worker(s) that can take it are busy"
+
+
+def test_status_counts_tasks_workers_running_throughput_and_failures(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice = c.user("alice")
+    for _ in range(3):
+        c.submit(alice, spec("sh", "-c", "exit 3"), labels=["<img src=x onerror=alert(1)>"])
+    worker_uuid, worker = c.register(alice, groups=["alice"])
+    c.register(alice, groups=["alice"])
+
+    task = c.fetch(worker)
+    now = status(alice)
+    assert now["tasks"]["by_state"] == {"Ready": 2, "Running": 1}
+    assert now["tasks"]["by_group"] == {"alice": {"Ready": 2, "Running": 1}}
+    assert (now["workers"]["busy"], now["workers"]["idle"], now["workers"]["stale"]) == (1, 1, 0)
+    [running] = now["running"]
+    assert (running["uuid"], running["worker"]) == (task["uuid"], worker_uuid)
+    assert running["command"] == ["sh", "-c", "exit 3"] and running["age_seconds"] >= 0
+
+    c.finish(worker, task, exit_status=3 << 8)
+    after = status(alice)
+    assert after["tasks"]["by_state"] == {"Ready": 2, "Finished": 1}
+    assert after["throughput"]["last_minute"] == 1 == after["throughput"]["last_hour"]
+    assert len(after["throughput"]["per_minute"]) == 60
+    [failure] = after["recent_failures"]
+    assert (failure["uuid"], failure["exit_status"], failure["worker"]) == \
+        (task["uuid"], 3 << 8, worker_uuid)
+    assert after["running"] == []
+
+
+def test_a_user_sees_only_their_groups_and_an_admin_sees_all(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice, bob = c.user("alice"), c.user("bob")
+    c.submit(alice, spec("true"))
+    c.register(alice, groups=["alice"])
+    mine = status(bob)
+    assert mine["tasks"]["by_state"] == {} and mine["groups"] == ["bob"]
+    assert mine["workers"]["list"] == [] and mine["oldest_waiting"] is None
+    everything = status(c.admin)
+    assert everything["tasks"]["by_group"] == {"alice": {"Ready": 1}}
+    assert len(everything["workers"]["list"]) == 1
+    assert status_of(lambda: c.http().api("GET", "/status")) == 401
+
+
+def test_a_cancelled_task_is_no_failure_but_is_ended(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice = c.user("alice")
+    task_uuid = c.submit(alice, spec("true"))
+    alice.api("DELETE", f"/tasks/{task_uuid}")
+    now = status(alice)
+    assert now["recent_failures"] == [] and now["throughput"]["last_minute"] == 1
+
+
+def test_the_dashboard_task_view_has_the_history(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice, bob = c.user("alice"), c.user("bob")
+    worker_uuid, worker = c.register(alice, groups=["alice"])
+    task_uuid = c.submit(alice, spec("true"))
+    c.finish(worker, c.fetch(worker))
+    view = alice.api("GET", f"/dashboard/tasks/{task_uuid}")
+    assert [e["event"] for e in view["history"]] == ["Submitted", "Started", "Finished"]
+    assert view["history"][1]["worker"] == worker_uuid == view["worker"]
+    assert view["info"]["uuid"] == task_uuid and view["output"] is None
+    assert status_of(lambda: bob.api("GET", f"/dashboard/tasks/{task_uuid}")) == 403
+
+
+# ---- client status -------------------------------------------------------------------------
+
+
+def test_client_status_fits_a_screen_and_says_why(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    c.user("alice")
+    alice = c.login("alice", "pw")
+    failed = c.submit(alice, spec("false"), group="alice")
+    _, worker = c.register(alice, groups=["alice"])
+    c.finish(worker, c.fetch(worker), exit_status=3 << 8)
+    waiting = c.submit(alice, spec("true"))
+    args = ("client", "-c", c.url, "-u", "alice", "-p", "pw", "--credential-path",
+            c.sandbox.root / "cred")
+    shown = c.sandbox.run(*args, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "Ready 1  Finished 1" in shown.stdout
+    assert "0 busy, 1 idle, 0 stale" in shown.stdout
+    [failure] = [line for line in shown.stdout.splitlines() if line.startswith(failed)]
+    assert failure.split()[2] == "3"  # the exit code, as a shell shows it
+    assert f"oldest waiting task {waiting}" in shown.stdout
+    assert "1 idle worker(s) can take it" in shown.stdout
+    assert len(shown.stdout.splitlines()) <= 24
+    as_json = c.sandbox.run(*args, "status", "--json")
+    assert json.loads(as_json.stdout)["oldest_waiting"]["uuid"] == waiting
+
+
+# ---- GET /metrics, read strictly ---------------------------------------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+_SAMPLE = re.compile(rf"^({_NAME})(?:\{{((?:{_LABEL})(?:,{_LABEL})*)?\}})? (\S+)$")
+_TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+
+
+def parse_prometheus(text):
+    """{family: {"type", "help", "samples": {(name, ((label, value), ...)): float}}}.
+    Strict: every line is HELP, TYPE or a sample of a family declared before; a family
+    is declared once; samples carry the family's suffixes only; the text ends with a
+    newline; histograms have cumulative buckets ending at +Inf, which _count equals."""
+    assert text.endswith("\n"), "the exposition must end with a newline"
+    families, current = {}, None
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {number}: {line!r}"
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, keyword, name, rest = line.split(" ", 3)
+            assert re.fullmatch(_NAME, name), where
+            family = families.setdefault(name, {"samples": {}})
+            key = keyword.lower()
+            assert key not in family, f"second {keyword} for {name}: {where}"
+            if key == "type":
+                assert rest in _TYPES and not family["samples"], where
+            family[key] = rest
+            current = name
+            continue
+        assert not line.startswith("#") and line.strip() == line and line, where
+        match = _SAMPLE.match(line)
+        assert match, f"not a sample: {where}"
+        name, labels, value = match.groups()
+        suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total", "")}
+        allowed = [current + s for s in suffixes.get(families[current].get("type"), ("",))]
+        assert name in allowed, f"sample {name} outside its family {current}: {where}"
+        pairs = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or ""))
+        assert len({k for k, _ in pairs}) == len(pairs), f"repeated label: {where}"
+        assert (name, pairs) not in families[current]["samples"], f"repeated: {where}"
+        families[current]["samples"][(name, pairs)] = float(value)
+    for name, family in families.items():
+        assert "type" in family and "help" in family, name
+        if family["type"] == "histogram":
+            check_histogram(name, family["samples"])
+    return families
+
+
+def check_histogram(name, samples):
+    series = {}
+    for (sample, labels), value in samples.items():
+        rest = tuple(pair for pair in labels if pair[0] != "le")
+        series.setdefault(rest, {"buckets": []})
+        if sample.endswith("_bucket"):
+            bound = dict(labels)["le"]
+            series[rest]["buckets"].append((math.inf if bound == "+Inf" else float(bound),
+                                            value))
+        else:
+            series[rest][sample[len(name):]] = value
+    for labels, one in series.items():
+        buckets = sorted(one["buckets"])
+        assert buckets and buckets[-1][0] == math.inf, f"{name}{labels}: no +Inf bucket"
+        counts = [count for _, count in buckets]
+        assert counts == sorted(counts), f"{name}{labels}: buckets not cumulative"
+        assert one["_count"] == counts[-1] and "_sum" in one, f"{name}{labels}"
+
+
+def value(families, family, sample=None, **labels):
+    return families[family]["samples"].get(
+        (sample or family, tuple(sorted(labels.items()))), None)
+
+
+def test_the_strict_reader_refuses_what_prometheus_would():
+    good = "# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n"
+    assert parse_prometheus(good)["x_total"]["samples"] == {("x_total", ()): 1.0}
+    for bad in (good[:-1], good + "y 1\n", good.replace("counter", "count"),
+                good + "x_total{a=\"1\"} 2\nx_total{a=\"1\"} 3\n", good + "x_total{a=1} 2\n",
+                "# TYPE h histogram\n# HELP h H.\nh_bucket{le=\"1\"} 2\nh_count 2\nh_sum 1\n"):
+        with pytest.raises(AssertionError):
+            parse_prometheus(bad)
+
+
+def test_metrics_need_an_admin_and_count_what_happened(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice = c.user("alice")
+    _, worker = c.register(alice, groups=["alice"])
+    c.register(alice, groups=["alice"])
+    for _ in range(3):
+        c.submit(alice, spec("true"))
+    c.finish(worker, c.fetch(worker), exit_status=256)
+    c.finish(worker, c.fetch(worker), msg="ExecTimeout", op="Cancel")
+    status(alice)
+    assert raw_request(c.url, "GET", "/metrics")[0] == 401
+    assert status_of(lambda: alice.api("GET", "/metrics")) == 403
+
+    got, headers, body = raw_request(c.url, "GET", "/metrics", token=c.admin.token)
+    assert got == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = parse_prometheus(body.decode())
+    assert value(families, "mito_tasks", group="alice", state="Ready") == 1
+    assert value(families, "mito_tasks", group="alice", state="Finished") == 1
+    assert value(families, "mito_tasks", group="alice", state="Cancelled") == 1
+    assert value(families, "mito_tasks_submitted_total") == 3
+    assert value(families, "mito_tasks_ended_total", outcome="failure") == 1
+    assert value(families, "mito_tasks_ended_total", outcome="ExecTimeout") == 1
+    assert value(families, "mito_task_start_latency_seconds",
+                 "mito_task_start_latency_seconds_count") == 2
+    assert value(families, "mito_workers", state="idle") == 2
+    assert value(families, "mito_workers", state="busy") == 0
+    assert value(families, "mito_http_request_duration_seconds",
+                 "mito_http_request_duration_seconds_count", handler="dashboard.status") == 1
+    assert value(families, "mito_http_request_duration_seconds",
+                 "mito_http_request_duration_seconds_count", handler="submit_task") == 3
+    assert value(families, "mito_blob_bytes") == 0
+
+
+def test_metrics_public_on_a_trusted_network(cluster):
+    c = cluster("--metrics-public")
+    got, _, body = raw_request(c.url, "GET", "/metrics")
+    assert got == 200 and "mito_tasks_submitted_total 0\n" in body.decode()
