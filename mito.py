@@ -5509,17 +5509,16 @@ class CountingFile:
 
 
 def safe_extract(archive, folder):
-    """Unpack a task's tar.gz into `folder`, refusing every member that could reach
-    outside it (issue 8 §3): links, devices and FIFOs, absolute or ".." names, and names
-    that resolve elsewhere through a symlink already in `folder`. tarfile's "data" filter
-    does this where it exists; Debian's 3.11.2 lacks it, so the check is ours on every
-    version. A refused member names itself in a one-line error; nothing is unpacked."""
+    """Unpack a task's tar.gz into `folder`, never reaching outside it (issue 8 §3):
+    links, devices and FIFOs are left out, each named in a warning; a name that is
+    absolute, climbs with "..", or resolves elsewhere through a symlink already in
+    `folder` refuses the whole archive. tarfile's "data" filter is used where it exists;
+    Debian's 3.11.2 lacks it, so these checks are ours on every version."""
     root = os.path.realpath(folder)
     try:
         with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            for member in members:
-                refuse_unsafe_member(member, root, archive)
+            members = [member for member in tar.getmembers()
+                       if extractable(member, root, archive)]
             extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(root, members=members, **extra)
     except (tarfile.TarError, OSError) as error:
@@ -5527,14 +5526,19 @@ def safe_extract(archive, folder):
                           f"{getattr(error, 'strerror', None) or error}") from None
 
 
-def refuse_unsafe_member(member, root, archive):
-    if not (member.isfile() or member.isdir()):
-        kind = "link" if member.issym() or member.islnk() else "special file"
-        raise ClientError(f"refusing to extract {member.name!r} from {archive}: a {kind}")
+def extractable(member, root, archive):
+    """True for a file or folder that lands inside `root`; False (with a warning) for a
+    link or special file; ClientError for a name that would land elsewhere."""
     target = os.path.realpath(os.path.join(root, member.name))
     if os.path.isabs(member.name) or os.path.commonpath([root, target]) != root:
-        raise ClientError(f"refusing to extract {member.name!r} from {archive}: it "
-                          f"resolves outside {root}")
+        raise ClientError(f"refusing to unpack {archive}: {member.name!r} resolves "
+                          f"outside {root}")
+    if member.isfile() or member.isdir():
+        return True
+    what = (f"a link to {member.linkname!r}" if member.issym() or member.islnk()
+            else "a device or FIFO")
+    print(f"warning: not extracted: {member.name} ({what})", file=sys.stderr)
+    return False
 
 
 class Client:
@@ -6472,9 +6476,17 @@ def add_command(commands, name, function, help_text, *arguments, aliases=()):
 
 
 def add_branch(commands, name, help_text, aliases=()):
+    """A branch of the tree, with its own `help [COMMAND...]` as clap gives each one."""
     sub = commands.add_parser(name, help=help_text, description=help_text, aliases=aliases)
-    return sub.add_subparsers(dest=f"{name} subcommand", required=True,
-                              parser_class=Parser)
+    branch = sub.add_subparsers(dest=f"{name} subcommand", required=True, parser_class=Parser)
+    add_help_command(branch, sub)
+    return branch
+
+
+def add_help_command(commands, parser):
+    add_command(commands, "help", cmd_help, "Print the help of the given command(s)",
+                (("topic",), {"nargs": "*", "metavar": "COMMAND"})).set_defaults(
+        help_root=parser)
 
 
 UUID_ARG = (("uuid",), {"type": parse_uuid, "help": "The UUID"})
@@ -6609,10 +6621,10 @@ def add_groups_commands(commands):
     add_command(groups, "create", cmd_groups_create, "Create a group", name_arg)
     add_command(groups, "get", cmd_groups_get, "Show a group", name_arg)
     add_command(groups, "update-user", cmd_groups_update_user, "Add members or change roles",
-                name_arg, (("pairs",), {"nargs": "+", "type": parse_role_pair,
+                name_arg, (("pairs",), {"nargs": "*", "type": parse_role_pair,
                                         "metavar": "USER:ROLE"}))
     add_command(groups, "remove-user", cmd_groups_remove_user, "Remove members", name_arg,
-                (("users",), {"nargs": "+", "metavar": "USER"}))
+                (("users",), {"nargs": "*", "metavar": "USER"}))
     add_command(groups, "list", cmd_groups_list, "Your groups and roles")
     add_attachments_commands(groups)
 
@@ -6680,11 +6692,11 @@ def add_workers_commands(commands):
                     (("values",), {"nargs": "*", "metavar": name[7:].upper()}))
     add_command(workers, "update-roles", cmd_workers_update_roles,
                 "Set groups' roles on a worker", UUID_ARG,
-                (("pairs",), {"nargs": "+", "type": parse_role_pair, "metavar": "GROUP:ROLE"}),
+                (("pairs",), {"nargs": "*", "type": parse_role_pair, "metavar": "GROUP:ROLE"}),
                 aliases=["update-groups"])
     add_command(workers, "remove-roles", cmd_workers_remove_roles,
                 "Remove groups from a worker", UUID_ARG,
-                (("groups",), {"nargs": "+", "metavar": "GROUP"}), aliases=["remove-groups"])
+                (("groups",), {"nargs": "*", "metavar": "GROUP"}), aliases=["remove-groups"])
 
 
 def add_users_commands(commands):
@@ -6756,9 +6768,7 @@ def add_client_commands(parser, required=True):
                                      "help": "Do not merge the command into one string"}),
                 (("command_args",), {"nargs": "*", "metavar": "-- COMMAND"}))
     add_command(commands, "quit", cmd_quit, "Leave the interactive shell", aliases=["exit"])
-    add_command(commands, "help", cmd_help, "Show the help of a command",
-                (("topic",), {"nargs": "*", "metavar": "COMMAND"})).set_defaults(
-        help_root=parser)
+    add_help_command(commands, parser)
 
 
 def parse_command_line(parser, argv):

@@ -9,8 +9,11 @@ The table lists upstream's spellings of each command (issue 11), so it is also t
 proof that the client takes them.
 """
 
+import argparse
 import json
+import os
 import re
+import sys
 import urllib.parse
 
 import pytest
@@ -18,6 +21,9 @@ from werkzeug import Response
 
 import upstream_schema
 from upstream_schema import SchemaError, check_request, check_response
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mito  # noqa: E402
 
 TASK = "123e4567-e89b-12d3-a456-426614174000"
 OTHER = "0b6a9a35-2c8a-4d3e-9d43-6a5c1f1e2d01"
@@ -343,3 +349,86 @@ def test_the_table_covers_every_user_route_upstream_has():
     missing = {(r.method, r.path) for r in upstream_schema.ROUTES if r.auth in ("user", "admin")
                or r.path in ("/login", "/health")} - sent - set(not_sent)
     assert missing == set()
+
+
+# ---- upstream's whole command tree (netmito/src/config/client/*.rs), option by option ----
+# command path -> its flags (clap's -h/--help, and -V/--version where clap adds it, aside);
+# positional arguments are exercised by COMMANDS above.
+_TASK_FILTER = ["-c", "--creators", "-g", "--group", "-t", "--tags", "-l", "--labels", "-s",
+                "--state", "-e", "--exit-status", "-p", "--priority"]
+_BATCH = ["-o", "--output", "--no-download", "--pb", "--concurrent"]
+_ATTACHMENT_FILTER = ["-g", "--group", "-k", "--key", "--limit", "--offset"]
+_WORKER_FILTER = ["-g", "--group", "-r", "--role", "-t", "--tags", "-l", "--labels", "--creator"]
+UPSTREAM_TREE = {
+    "": ["--config", "-c", "--coordinator", "--credential-path", "-u", "--user", "-p",
+         "--password", "-i", "--interactive", "--retain", "-V", "--version"],
+    "admin users create": ["--admin"], "admin users delete": [],
+    "admin users change-password": [], "admin users group-quota": [], "admin shutdown": [],
+    "admin groups storage-quota": [], "admin groups attachments delete": ["-g", "--group",
+                                                                          "-s", "--smart"],
+    "admin tasks artifacts delete": [], "admin workers cancel": ["-f", "--force"],
+    "auth": [], "login": ["--retain"],
+    "users change-password": [], "users groups": [], "users my-groups": [],
+    "groups create": [], "groups get": [], "groups update-user": [], "groups remove-user": [],
+    "groups attachments delete": ["-g", "--group", "-s", "--smart"],
+    "groups attachments upload": ["-g", "--group", "--pb", "-s", "--smart"],
+    "groups attachments get": ["-g", "--group", "-s", "--smart"],
+    "groups attachments download": ["-g", "--group", "-o", "--output", "--no-download", "--pb",
+                                    "-s", "--smart"],
+    "groups attachments query": ["-g", "--group", "-k", "--key", "--limit", "--offset",
+                                 "--count"],
+    "groups attachments download-many": _ATTACHMENT_FILTER + _BATCH,
+    "groups attachments download-list": ["-g", "--group"] + _BATCH,
+    "groups attachments delete-many": _ATTACHMENT_FILTER,
+    "groups attachments delete-list": ["-g", "--group"],
+    "tasks submit": ["-g", "--group", "-t", "--tags", "-l", "--labels", "--timeout", "-p",
+                     "--priority", "-e", "--envs", "--terminal", "-r", "--resources", "--watch"],
+    "tasks submit-many": ["-f", "--file"], "tasks get": [],
+    "tasks query": _TASK_FILTER + ["--reporter-uuid", "--limit", "--offset", "-v", "--verbose",
+                                   "--count"],
+    "tasks cancel": [], "tasks cancel-many": _TASK_FILTER, "tasks cancel-list": [],
+    "tasks update-labels": [],
+    "tasks change": ["-t", "--tags", "--timeout", "-p", "--priority", "-e", "--envs",
+                     "--terminal", "--watch"],
+    "tasks artifacts delete": [], "tasks artifacts upload": ["--pb"],
+    "tasks artifacts download": ["-o", "--output", "--no-download", "--pb"],
+    "tasks artifacts download-many": _TASK_FILTER + ["--reporter-uuid"] + _BATCH,
+    "tasks artifacts download-list": _BATCH,
+    "tasks artifacts delete-many": _TASK_FILTER + ["--reporter-uuid"],
+    "tasks artifacts delete-list": [],
+    "workers cancel": ["-f", "--force"], "workers cancel-many": _WORKER_FILTER + ["-f", "--force"],
+    "workers cancel-list": ["-f", "--force"], "workers update-tags": [],
+    "workers update-labels": [], "workers update-roles": [], "workers remove-roles": [],
+    "workers get": [], "workers query": _WORKER_FILTER + ["-v", "--verbose", "--count"],
+    "cmd": ["-s", "--split"], "quit": [], "exit": [], "help": [], "tasks help": [],
+    "tasks artifacts help": [], "groups attachments help": [], "admin users help": [],
+}
+
+
+def client_parser():
+    return next(action.choices["client"] for action in mito.build_parser()._actions
+                if isinstance(action, argparse._SubParsersAction))
+
+
+def subparser(parser, path):
+    for name in path.split():
+        parser = next(action.choices[name] for action in parser._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    return parser
+
+
+@pytest.mark.parametrize("path", sorted(UPSTREAM_TREE))
+def test_every_upstream_command_and_option_is_taken(path):
+    flags = set(subparser(client_parser(), path)._option_string_actions)
+    assert set(UPSTREAM_TREE[path]) - flags == set()
+
+
+def test_the_figures_of_upstream_parity(capsys):
+    """Printed for the README's compatibility section (`pytest -s` shows them)."""
+    aliases = {"users my-groups", "exit"}
+    commands = [path for path in UPSTREAM_TREE if path and path not in aliases
+                and path.split()[-1] != "help"]
+    options = sum(len(flags) for flags in UPSTREAM_TREE.values())
+    with capsys.disabled():
+        print(f"\nupstream client: {len(commands)} commands (and the aliases "
+              f"{', '.join(sorted(aliases))}, and help), {options} option spellings; all taken")
