@@ -19,6 +19,7 @@ import argparse
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -1889,6 +1890,9 @@ COORDINATOR_OPTIONS = (
 READ, WRITE, ADMIN = 1, 2, 3
 ROLE_NAMES = {READ: "Read", WRITE: "Write", ADMIN: "Admin"}
 ROLE_LEVELS = {name: level for level, name in ROLE_NAMES.items()}
+# GroupWorkerRole::from_str upstream: these spellings only (anything else reads as Write)
+_WORKER_ROLE_SPELLINGS = {spelling: level for level, name in ROLE_NAMES.items()
+                          for spelling in (name, name.lower(), name.upper())}
 LONG_POLL_MAX = 30
 REQUEUE_GRACE = 60          # a running task this far past its timeout is taken back
 JSON_BODY_LIMIT = 1 << 20
@@ -1897,6 +1901,11 @@ URL_LIFETIME = 3600
 DEFAULT_STORAGE_QUOTA = 100 << 30
 DEFAULT_GROUP_QUOTA = 10
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# Upstream's types (netmito/src/schema.rs) bound what a request may carry: a wider value
+# stored here would make the Rust client fail to parse every answer that shows it.
+I32_MIN, I32_MAX = -2**31, 2**31 - 1          # priority, exit_status
+MAX_TASK_TIMEOUT = 10 * 31557600               # seconds (10 years): longer waits overflow clocks
+PATH_MAX, NAME_MAX = 4096, 255                 # a resource's local_path, as Linux limits it
 
 
 class HttpError(Exception):
@@ -1957,6 +1966,13 @@ def an_int(value):
     return value
 
 
+def an_i32(value):
+    """priority and exit_status: i32 upstream."""
+    if not I32_MIN <= an_int(value) <= I32_MAX:
+        raise ValueError(f"{value} is outside upstream's i32 range ({I32_MIN}..{I32_MAX})")
+    return value
+
+
 def a_size(value):
     if an_int(value) < 0:
         raise ValueError("must not be negative")
@@ -1977,6 +1993,18 @@ def uuids(value):
     return [a_uuid(item) for item in strs(value)]
 
 
+def some_of(check, what):
+    """`check`, and at least one item: upstream refuses an empty batch with 400."""
+    def non_empty(value):
+        if not check(value):
+            raise ValueError(f"the list of {what} cannot be empty")
+        return value
+    return non_empty
+
+
+some_uuids = some_of(uuids, "uuids")
+
+
 def md5_bytes(value):
     if (not isinstance(value, list) or len(value) != 16
             or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
@@ -1989,6 +2017,15 @@ def a_duration(value):
     seconds = parse_duration(a_str(value))
     if seconds <= 0:
         raise ValueError("must be positive")
+    return seconds
+
+
+def a_timeout(value):
+    """A task's timeout: 0s (as upstream takes it) up to MAX_TASK_TIMEOUT, which every
+    worker's clock can wait for."""
+    seconds = parse_duration(a_str(value))
+    if seconds > MAX_TASK_TIMEOUT:
+        raise ValueError(f"{value!r} is longer than the 10 years a task may run")
     return seconds
 
 
@@ -2040,13 +2077,47 @@ def a_comparison(value):
         raise ValueError(f"{value!r}: expected [=|!=|>|>=|<|<=]NUMBER")
     operator = {"==": "=", None: "="}.get(match.group(1), match.group(1))
     number = int(match.group(2))
-    if abs(number) >= 2**63:
-        raise ValueError(f"{value!r}: the number is out of range")
+    if not I32_MIN <= number <= I32_MAX:
+        raise ValueError(f"{value!r}: the number is outside upstream's i32 range")
     return operator, number
 
 
+def a_plain_str(value):
+    """A string a process can be given: no NUL, no lone surrogate."""
+    if "\0" in a_str(value):
+        raise ValueError(f"{value!r} contains a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{value!r} contains a lone surrogate") from None
+    return value
+
+
+def plain_strs(value):
+    return [a_plain_str(item) for item in strs(value)]
+
+
+def an_env_name(value):
+    if not a_plain_str(value) or "=" in value:
+        raise ValueError(f"{value!r} is not an environment variable name")
+    return value
+
+
 def envs_map(value):
-    return {a_str(k): a_str(v) for k, v in an_object(value).items()}
+    return {an_env_name(k): a_plain_str(v) for k, v in an_object(value).items()}
+
+
+def a_local_path(value):
+    """Where a worker puts a resource, under its resource dir: the Rust worker joins it
+    onto its cache dir as given, so a path that is absolute or climbs out with `..`
+    would write anywhere (upstream's check_task_spec refuses those too)."""
+    path = a_plain_str(value)
+    parts = path.split("/")
+    if not path or path.startswith("/") or ".." in parts:
+        raise ValueError(f"{path!r} must be a relative path that does not climb out with '..'")
+    if len(path.encode()) >= PATH_MAX or any(len(p.encode()) > NAME_MAX for p in parts):
+        raise ValueError(f"{path[:40]!r}...: over {NAME_MAX} bytes a name or {PATH_MAX} in all")
+    return path
 
 
 def a_resource(value):
@@ -2061,7 +2132,7 @@ def a_resource(value):
     else:
         remote = {"Attachment": {"key": field(field(remote, "Attachment", an_object),
                                               "key", a_key)}}
-    return {"remote_file": remote, "local_path": field(value, "local_path", a_str)}
+    return {"remote_file": remote, "local_path": field(value, "local_path", a_local_path)}
 
 
 def a_watch(value):
@@ -2074,10 +2145,7 @@ def a_watch(value):
 
 def a_task_spec(value):
     value = an_object(value)
-    args = field(value, "args", strs)
-    if not args:
-        raise ValueError("args must not be empty")
-    return {"args": args, "envs": field(value, "envs", envs_map, {}),
+    return {"args": field(value, "args", plain_strs), "envs": field(value, "envs", envs_map, {}),
             "resources": [a_resource(item) for item in field(value, "resources", list_of, [])],
             "terminal_output": field(value, "terminal_output", a_bool, False),
             "watch": field(value, "watch", a_watch, None)}
@@ -2089,23 +2157,35 @@ def a_submission(value):
     return {"group_name": field(value, "group_name", a_str, None),
             "tags": field(value, "tags", strs, []),
             "labels": field(value, "labels", strs, []),
-            "timeout": field(value, "timeout", a_duration, 600.0),
-            "priority": field(value, "priority", an_int, 0),
+            "timeout": field(value, "timeout", a_timeout, 600.0),
+            "priority": field(value, "priority", an_i32, 0),
             "task_spec": field(value, "task_spec", a_task_spec)}
 
 
+def a_limit(value):
+    """limit and offset: u64 upstream; past what SQLite counts they mean "all"."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError("expected an integer 0..2^64-1")
+    return min(value, 2**63 - 1)
+
+
 def task_filter(data):
-    """The filter fields shared by task queries, cancels and batch artifact calls."""
-    return {"creator_usernames": field(data, "creator_usernames", strs, None),
-            "group_name": field(data, "group_name", a_str, None),
-            "tags": field(data, "tags", strs, None),
-            "labels": field(data, "labels", strs, None),
-            "states": field(data, "states", states, None),
-            "exit_status": field(data, "exit_status", a_comparison, None),
-            "priority": field(data, "priority", a_comparison, None),
-            "reporter_uuid": field(data, "reporter_uuid", a_uuid, None),
-            "limit": field(data, "limit", a_size, None),
-            "offset": field(data, "offset", a_size, None)}
+    """The filter fields shared by task queries, cancels and batch artifact calls. A
+    list given empty is refused, as upstream's check_task_list_query does."""
+    filters = {"creator_usernames": field(data, "creator_usernames", strs, None),
+               "group_name": field(data, "group_name", a_str, None),
+               "tags": field(data, "tags", strs, None),
+               "labels": field(data, "labels", strs, None),
+               "states": field(data, "states", states, None),
+               "exit_status": field(data, "exit_status", a_comparison, None),
+               "priority": field(data, "priority", a_comparison, None),
+               "reporter_uuid": field(data, "reporter_uuid", a_uuid, None),
+               "limit": field(data, "limit", a_limit, None),
+               "offset": field(data, "offset", a_limit, None)}
+    for key in ("creator_usernames", "tags", "labels", "states"):
+        if filters[key] == []:
+            raise HttpError(400, f"bad field {key!r}: cannot be empty if given")
+    return filters
 
 
 def worker_filter(data):
@@ -2114,6 +2194,20 @@ def worker_filter(data):
             "tags": field(data, "tags", strs, None),
             "labels": field(data, "labels", strs, None),
             "creator_username": field(data, "creator_username", a_str, None)}
+
+
+def worker_group_entries(entries):
+    """({group name: worker role}, [entries left out]) of a registration's "group[:role]"
+    entries, read as upstream reads them (service/worker register_worker): a role it
+    does not spell is Write; an entry with two ':' is left out."""
+    requested, malformed = {}, []
+    for entry in entries:
+        name, *role = entry.split(":")
+        if len(role) > 1:
+            malformed.append(entry)
+        else:
+            requested[name] = _WORKER_ROLE_SPELLINGS.get(role[0] if role else "", WRITE)
+    return requested, malformed
 
 
 def shutdown_op(value):
@@ -2867,6 +2961,77 @@ def hash_password(md5, salt):
     return hashlib.scrypt(md5, salt=salt, n=1 << 14, r=8, p=1, dklen=32)
 
 
+class PasswordGuard:
+    """Keeps guessing passwords slow for the guesser and cheap for the coordinator.
+    After FAILURES wrong passwords within WINDOW seconds for one user, or from one
+    address, the next attempts answer 429 with Retry-After (before any hashing) until
+    the oldest of them ages out. An unknown user costs the same scrypt as a known one
+    (no user enumeration by timing), and at most HASHERS hashes run at once: scrypt
+    takes 16 MiB each, so 64 concurrent logins must not take 1 GiB. The hashes run on
+    HASHERS threads of their own: glibc keeps a freed 16 MiB block in the arena of the
+    thread that used it, so hashing on every request thread kept one per arena."""
+
+    FAILURES, WINDOW = 5, 60.0
+    HASHERS = 2
+    HASH_WAIT = 30.0    # seconds a login waits for a hasher before 503
+    REMEMBERED = 10000  # failure records kept; the oldest go first
+
+    def __init__(self):
+        self.failures = {}  # ("user", name) or ("address", ip) -> [monotonic times]
+        self.lock = threading.Lock()
+        self.hashers = concurrent.futures.ThreadPoolExecutor(self.HASHERS, "scrypt")
+        self.dummy_salt = os.urandom(16)
+
+    def hash(self, md5, salt):
+        job = self.hashers.submit(hash_password, md5, salt)
+        try:
+            return job.result(timeout=self.HASH_WAIT)
+        except concurrent.futures.TimeoutError:
+            job.cancel()
+            raise HttpError(503, "too many logins at once: try again",
+                            {"Retry-After": "1"}) from None
+
+    def verify(self, md5, user):
+        """Whether `md5` is the password of `user` (a row, or None: unknown user)."""
+        if user is None:
+            self.hash(md5, self.dummy_salt)
+            return False
+        return hmac.compare_digest(self.hash(md5, user["salt"]), user["password"])
+
+    def check(self, keys):
+        """429 when any of `keys` failed too often lately."""
+        now = time.monotonic()
+        with self.lock:
+            waits = [times[0] + self.WINDOW - now for key in keys
+                     if len(times := self.recent(key, now)) >= self.FAILURES]
+        if waits:
+            wait = max(1, math.ceil(max(waits)))
+            raise HttpError(429, f"too many failed logins: try again in {wait}s",
+                            {"Retry-After": str(wait)})
+
+    def recent(self, key, now):
+        times = [t for t in self.failures.get(key, ()) if t > now - self.WINDOW]
+        if times:
+            self.failures[key] = times
+        else:
+            self.failures.pop(key, None)
+        return times
+
+    def failed(self, keys):
+        now = time.monotonic()
+        with self.lock:
+            for key in keys:
+                times = [*self.recent(key, now), now][-self.FAILURES:]
+                self.failures.pop(key, None)  # re-inserted last: dicts keep order
+                self.failures[key] = times
+            while len(self.failures) > self.REMEMBERED:
+                del self.failures[next(iter(self.failures))]
+
+    def forget(self, key):
+        with self.lock:
+            self.failures.pop(key, None)
+
+
 class Signer:
     """HMAC-SHA256 over a JSON payload: the coordinator's tokens and blob URLs."""
 
@@ -3065,13 +3230,23 @@ def stamp(seconds):
     return format_timestamp(datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc))
 
 
+def stored_timeout(row):
+    """A task's timeout as every worker can wait for it. Rows stored before the
+    submit-time bound (a "1e300s" timeout, issue 8) read as MAX_TASK_TIMEOUT instead of
+    overflowing each fetch into a 500 that stalls the group's queue."""
+    timeout = row["timeout"]
+    if not isinstance(timeout, (int, float)) or not timeout <= MAX_TASK_TIMEOUT:
+        return MAX_TASK_TIMEOUT  # also NaN and NULL
+    return max(timeout, 0)
+
+
 def task_info(row):
     """ParsedTaskQueryInfo / TaskQueryInfo."""
     return {"uuid": row["uuid"], "creator_username": row["creator"],
             "group_name": row["group_name"], "task_id": row["id"],
             "tags": json.loads(row["tags"]), "labels": json.loads(row["labels"]),
             "created_at": stamp(row["created_at"]), "updated_at": stamp(row["updated_at"]),
-            "state": row["state"], "timeout": int(row["timeout"]), "priority": row["priority"],
+            "state": row["state"], "timeout": int(stored_timeout(row)), "priority": row["priority"],
             "spec": json.loads(row["spec"]),
             "result": json.loads(row["result"]) if row["result"] else None,
             "upstream_task_uuid": row["upstream"], "downstream_task_uuid": row["downstream"],
@@ -3080,7 +3255,7 @@ def task_info(row):
 
 def worker_task(row):
     """WorkerTaskResp: what a worker fetches."""
-    return {"id": row["id"], "uuid": row["uuid"], "timeout": format_duration(row["timeout"]),
+    return {"id": row["id"], "uuid": row["uuid"], "timeout": format_duration(stored_timeout(row)),
             "upstream_task_uuid": row["upstream"], "spec": json.loads(row["spec"])}
 
 
@@ -3177,6 +3352,7 @@ class Coordinator:
         self.stopping = threading.Event()
         self.public_url = settings.public_url  # run_coordinator sets the bound one if None
         self.run_id = b64(os.urandom(12))  # local workers' tokens are valid for this run only
+        self.passwords = PasswordGuard()
         self.store.forgive_silence()
         self.dashboard = DashboardViews(self)
 
@@ -3272,10 +3448,13 @@ class Coordinator:
         name = field(body, "username", a_str)
         md5 = field(body, "md5_password", md5_bytes)
         retain = field(body, "retain", a_bool, False)
+        keys = (("user", name), ("address", req.peer[0] if req.peer else None))
+        self.passwords.check(keys)
         user = self.store.user(name)
-        if user is None or not hmac.compare_digest(hash_password(md5, user["salt"]),
-                                                   user["password"]):
+        if not self.passwords.verify(md5, user):
+            self.passwords.failed(keys)
             raise HttpError(401, "wrong username or password")
+        self.passwords.forget(("user", name))
         if user["state"] != "Active":
             raise forbidden(f"user {name} is {user['state']}")
         if not retain:
@@ -3297,13 +3476,17 @@ class Coordinator:
         user = self.store.user(username)
         if user is None:
             raise not_found(f"user {username}")
-        if not hmac.compare_digest(hash_password(old, user["salt"]), user["password"]):
+        keys = (("user", username),)
+        self.passwords.check(keys)
+        if not self.passwords.verify(old, user):
+            self.passwords.failed(keys)
             raise forbidden("wrong old password")
         return {"token": self.user_token(self.set_password(username, new))}
 
     def set_password(self, username, md5):
         salt = os.urandom(16)
-        return self.store.update_user(username, password=hash_password(md5, salt), salt=salt)
+        return self.store.update_user(username, password=self.passwords.hash(md5, salt),
+                                      salt=salt)
 
     def my_groups(self, req):
         return {"groups": role_names(self.store.user_groups(req.user["id"]))}
@@ -3346,8 +3529,15 @@ class Coordinator:
         self.store.set_members(row["id"], roles)
 
     def remove_members(self, req, group):
+        """DELETE .../users?users=a&users=b: upstream's query form."""
+        self.drop_members(req, group, split_list(req.query.get("users", [])))
+
+    def remove_members_listed(self, req, group):
+        """POST .../users/remove {"users": [...]}: upstream's body form."""
+        self.drop_members(req, group, field(req.body(), "users", strs))
+
+    def drop_members(self, req, group, names):
         row = self.group_of(req, group, ADMIN)
-        names = split_list(req.query.get("users", []))
         ids = self.ids_of(names, self.store.user, "user").values()
         if row["creator_id"] in ids:
             self.protect_creator(req, row)
@@ -3459,14 +3649,9 @@ class Coordinator:
         labels = field(body, "labels", strs, [])
         entries = field(body, "groups", strs, [])
         lifetime = field(body, "lifetime", a_duration, None)
-        requested = {}
-        for entry in entries:
-            name, _, role = entry.partition(":")
-            try:
-                requested[name] = ROLE_LEVELS[role_name(role)] if role else WRITE
-            except ValueError as error:
-                raise HttpError(400, f"bad group {entry!r}: {error}") from None
+        requested, malformed = worker_group_entries(entries)
         roles, refused = self.servable_groups(req.user, requested)
+        refused += malformed
         roles[self.store.group(req.user["username"])["id"]] = ADMIN
         expires = time.time() + (lifetime or self.settings.access_token_expires_in)
         worker_uuid = self.store.register_worker(req.user["id"], tags, labels, roles, expires)
@@ -3540,9 +3725,14 @@ class Coordinator:
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
                                  "{\"Upload\"|\"Commit\"|\"Submit\": ...}")
         name, value = next(iter(op.items()))
-        return getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
+        url = getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
+        return {"url": url}  # ReportTaskResp: the Rust worker parses every report's answer
 
     def report_upload(self, req, task, value):
+        return self.artifact_upload(req, task, value)[0]
+
+    def artifact_upload(self, req, task, value):
+        """(upload URL, whether the artifact exists already) for an UploadArtifactReq."""
         kind = field(value, "content_type", a_kind)
         size = field(value, "content_length", a_size)
         old = self.store.artifact(task["uuid"], kind)
@@ -3552,12 +3742,12 @@ class Coordinator:
         url = self.blobs.url(self.public_url, "PUT", ("artifact", task["uuid"], kind), size,
                              task["group_id"], was=old["updated_at"] if old else 0,
                              w=req.worker["id"] if req.worker else None)
-        return {"url": url, "exist": old is not None}
+        return url, old is not None
 
     def report_commit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
             raise HttpError(400, "task can not be marked as done before Finish or Cancel")
-        exit_status = field(value, "exit_status", an_int)
+        exit_status = field(value, "exit_status", an_i32)
         msg = field(value, "msg", a_result_message, None)
         self.store.commit_task(task, req.worker, {"exit_status": exit_status, "msg": msg})
 
@@ -3566,7 +3756,7 @@ class Coordinator:
             raise HttpError(400, "task can not spawn new tasks before Finish or Cancel")
         request = a_submission(value)
         if task["downstream"]:  # a retried Submit whose answer was lost: one is enough
-            return {"url": None, "uuid": task["downstream"]}
+            return None
         group = self.store.one("SELECT * FROM groups WHERE id = ?", task["group_id"])
         if request["group_name"] not in (None, group["name"]):
             raise HttpError(400, f"a downstream task must stay in group {group['name']}")
@@ -3575,7 +3765,7 @@ class Coordinator:
             raise forbidden(f"user {creator['username']} is {creator['state']}")
         _, new_uuid = self.store.insert_tasks(creator["id"], [(group["id"], request)],
                                               upstream=task["uuid"])[0]
-        return {"url": None, "uuid": new_uuid}
+        log.info("task %s submitted downstream task %s", task["uuid"], new_uuid)
 
     def worker_get_task(self, req, task):
         return self.task_answer(self.task_for_worker(req.worker, task))
@@ -3690,7 +3880,7 @@ class Coordinator:
         body = req.body()
         force = field(body, "op", shutdown_op, "graceful") == "force"
         rows, failed = [], []
-        for worker_uuid in field(body, "uuids", uuids):
+        for worker_uuid in field(body, "uuids", some_uuids):
             row = self.store.worker(worker_uuid)
             if row and self.may_manage(req.user, row, ADMIN):
                 rows.append(row)
@@ -3708,9 +3898,11 @@ class Coordinator:
         self.store.update_worker(row["id"], labels=field(req.body(), "labels", strs))
 
     def worker_groups(self, req, worker):
-        row = self.worker_of(req, worker, ADMIN)
         relations = field(req.body(), "relations", roles_map)
-        ids = self.ids_of(relations, self.store.group, "group")
+        if not relations:
+            raise HttpError(400, "empty group relations")
+        row = self.worker_of(req, worker, ADMIN)
+        self.existing_groups(relations)  # 400 for an unknown one, as upstream
         roles, refused = self.servable_groups(req.user, relations)
         if refused:
             raise forbidden(f"user {req.user['username']} needs the Write role in group "
@@ -3718,10 +3910,26 @@ class Coordinator:
         self.store.set_worker_groups(row["id"], roles)
 
     def remove_worker_groups(self, req, worker):
+        """DELETE .../groups?groups=a&groups=b: upstream's query form."""
+        self.drop_worker_groups(req, worker, split_list(req.query.get("groups", [])))
+
+    def remove_worker_groups_listed(self, req, worker):
+        """DELETE .../groups/remove {"groups": [...]}: upstream's body form."""
+        self.drop_worker_groups(req, worker, field(req.body(), "groups", strs))
+
+    def drop_worker_groups(self, req, worker, names):
+        if not names:
+            raise HttpError(400, "empty group names")
         row = self.worker_of(req, worker, ADMIN)
-        names = split_list(req.query.get("groups", []))
-        self.store.remove_worker_groups(row["id"],
-                                        self.ids_of(names, self.store.group, "group").values())
+        self.store.remove_worker_groups(row["id"], self.existing_groups(names).values())
+
+    def existing_groups(self, names):
+        """{name: id}; 400 if one does not exist, as upstream answers for worker groups."""
+        found = {name: self.store.group(name) for name in names}
+        missing = sorted(name for name, row in found.items() if row is None)
+        if missing:
+            raise HttpError(400, f"some groups do not exist: {', '.join(missing)}")
+        return {name: row["id"] for name, row in found.items()}
 
     # -- tasks
 
@@ -3739,7 +3947,7 @@ class Coordinator:
 
     def submit_batch(self, req):
         results = []
-        for value in field(req.body(), "tasks", list_of):
+        for value in field(req.body(), "tasks", some_of(list_of, "tasks")):
             try:
                 results.append({"Ok": self.submit_one(req, value)})
             except HttpError as error:
@@ -3754,16 +3962,20 @@ class Coordinator:
         return self.task_answer(self.task_of(req, task, READ))
 
     def change_task(self, req, task):
-        row = self.task_of(req, task, WRITE)
-        if row["state"] not in ("Ready", "Pending"):
-            raise HttpError(400, f"task {task} is {row['state']}: only a task that has not "
-                                 f"started can be changed")
         body = req.body()
         changes = {"tags": field(body, "tags", strs, None),
-                   "timeout": field(body, "timeout", a_duration, None),
-                   "priority": field(body, "priority", an_int, None),
+                   "timeout": field(body, "timeout", a_timeout, None),
+                   "priority": field(body, "priority", an_i32, None),
                    "spec": field(body, "task_spec", a_task_spec, None)}
-        self.store.change_task(row["id"], {k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            raise HttpError(400, "no change specified: give tags, timeout, priority or "
+                                 "task_spec")
+        row = self.task_of(req, task, WRITE)
+        if row["state"] not in ("Ready", "Pending"):  # 404 as upstream: no such Ready task
+            raise HttpError(404, f"task {task} is {row['state']}: only a task that has not "
+                                 f"started can be changed")
+        self.store.change_task(row["id"], changes)
 
     def task_labels(self, req, task):
         row = self.task_of(req, task, WRITE)
@@ -3772,16 +3984,18 @@ class Coordinator:
 
     def cancel_task(self, req, task):
         row = self.task_of(req, task, WRITE)
-        if not self.store.cancel_tasks([row["id"]]):
-            raise HttpError(400, f"task {task} is {row['state']}: only a Ready or Pending "
+        if not self.store.cancel_tasks([row["id"]]):  # 404 as upstream: no such Ready task
+            raise HttpError(404, f"task {task} is {row['state']}: only a Ready or Pending "
                                  f"task can be cancelled")
 
     def matching_tasks(self, req, body, need, count=False):
         """(filters, tasks) of one group: the named one (needing role `need`), else the
         caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
-        group_ids = [self.group_of(req, filters["group_name"] or req.user["username"],
-                                   need)["id"]]
+        name = filters["group_name"] or req.user["username"]
+        if self.store.group(name) is None:  # 400 as upstream's check_task_list_query
+            raise HttpError(400, f"group {name} not found")
+        group_ids = [self.group_of(req, name, need)["id"]]
         return filters, self.store.query_tasks(filters, group_ids, count)
 
     def query_tasks(self, req):
@@ -3796,8 +4010,8 @@ class Coordinator:
 
     def cancel_filter(self, req):
         body = dict(req.body())
-        body["states"] = [s for s in field(body, "states", states, ["Ready", "Pending"])
-                          if s in ("Ready", "Pending")] or ["Ready"]
+        body["states"] = [s for s in field(body, "states", states, [])
+                          if s in ("Ready", "Pending")] or ["Ready", "Pending"]
         filters, rows = self.matching_tasks(req, body, WRITE)
         cancelled = self.store.cancel_tasks([row["id"] for row in rows])
         return {"cancelled_count": cancelled,
@@ -3805,7 +4019,7 @@ class Coordinator:
 
     def cancel_list(self, req):
         cancelled, failed = 0, []
-        for task_uuid in field(req.body(), "uuids", uuids):
+        for task_uuid in field(req.body(), "uuids", some_uuids):
             try:
                 self.cancel_task(req, task_uuid)
                 cancelled += 1
@@ -3814,7 +4028,8 @@ class Coordinator:
         return {"cancelled_count": cancelled, "failed_uuids": failed}
 
     def upload_artifact(self, req, task):
-        return self.report_upload(req, self.task_of(req, task, WRITE), req.body())
+        url, exist = self.artifact_upload(req, self.task_of(req, task, WRITE), req.body())
+        return {"url": url, "exist": exist}
 
     def download_artifact(self, req, task, kind):
         row = self.task_of(req, task, READ)
@@ -3831,12 +4046,16 @@ class Coordinator:
         self.blobs.remove(("artifact", row["uuid"], kind))
         return found
 
-    def artifact_batch(self, req, need):
-        """(kind, tasks, failed uuids) for the batch artifact calls, by filter or list."""
+    def artifacts_by_filter(self, req, need):
+        """(kind, tasks) for the batch artifact calls by filter."""
+        body = req.body()
+        return field(body, "content_type", a_kind), self.matching_tasks(req, body, need)[1]
+
+    def artifacts_by_uuids(self, req, need):
+        """(kind, tasks, failed uuids) for the batch artifact calls by list: `uuids` is
+        required, as upstream's ArtifactsDeleteByUuidsReq has it (no silent filter)."""
         body = req.body()
         kind = field(body, "content_type", a_kind)
-        if "uuids" not in body:
-            return kind, self.matching_tasks(req, body, need)[1], []
         rows, failed = [], []
         for task_uuid in field(body, "uuids", uuids):
             try:
@@ -3846,7 +4065,12 @@ class Coordinator:
         return kind, rows, failed
 
     def download_artifacts(self, req):
-        kind, rows, _ = self.artifact_batch(req, READ)
+        return self.artifact_downloads(req, *self.artifacts_by_filter(req, READ))
+
+    def download_artifacts_list(self, req):
+        return self.artifact_downloads(req, *self.artifacts_by_uuids(req, READ)[:2])
+
+    def artifact_downloads(self, req, kind, rows):
         downloads = []
         for row in rows:
             with contextlib.suppress(HttpError):
@@ -3855,16 +4079,13 @@ class Coordinator:
         return {"downloads": downloads}
 
     def delete_artifacts(self, req):
-        kind, rows, failed = self.artifact_batch(req, WRITE)
-        deleted = 0
-        for row in rows:
-            if self.drop_artifact(row, kind):
-                deleted += 1
-            else:
-                failed.append(row["uuid"])
-        if "uuids" in req.body():
-            return {"deleted_count": deleted, "failed_uuids": failed}
-        return {"deleted_count": deleted}
+        kind, rows = self.artifacts_by_filter(req, WRITE)
+        return {"deleted_count": sum(self.drop_artifact(row, kind) for row in rows)}
+
+    def delete_artifacts_list(self, req):
+        kind, rows, refused = self.artifacts_by_uuids(req, WRITE)
+        missing = [row["uuid"] for row in rows if not self.drop_artifact(row, kind)]
+        return {"deleted_count": len(rows) - len(missing), "failed_uuids": refused + missing}
 
     # -- blobs: the signed URLs handed out above
 
@@ -3898,7 +4119,7 @@ class Coordinator:
         name = field(body, "username", a_name)
         md5 = field(body, "md5_password", md5_bytes)
         salt = os.urandom(16)
-        self.store.create_user(name, hash_password(md5, salt), salt,
+        self.store.create_user(name, self.passwords.hash(md5, salt), salt,
                                field(body, "admin", a_bool, False))
 
     def existing_user(self, username):
@@ -4030,6 +4251,7 @@ ROUTES = [
     ("GET", "/groups/{group}", "get_group", "user"),
     ("PUT", "/groups/{group}/users", "update_members", "user"),
     ("DELETE", "/groups/{group}/users", "remove_members", "user"),
+    ("POST", "/groups/{group}/users/remove", "remove_members_listed", "user"),
     ("POST", "/groups/{group}/attachments", "upload_attachment", "user"),
     ("POST", "/groups/{group}/attachments/query", "query_attachments", "user"),
     ("GET", "/groups/{group}/attachments/{key*}", "attachment_meta", "user"),
@@ -4057,15 +4279,16 @@ ROUTES = [
     ("PUT", "/workers/{worker}/labels", "worker_labels", "user"),
     ("PUT", "/workers/{worker}/groups", "worker_groups", "user"),
     ("DELETE", "/workers/{worker}/groups", "remove_worker_groups", "user"),
+    ("DELETE", "/workers/{worker}/groups/remove", "remove_worker_groups_listed", "user"),
     ("POST", "/tasks", "submit_task", "user"),
     ("POST", "/tasks/submit", "submit_batch", "user"),
     ("POST", "/tasks/query", "query_tasks", "user"),
     ("POST", "/tasks/cancel", "cancel_filter", "user"),
     ("POST", "/tasks/cancel/list", "cancel_list", "user"),
     ("POST", "/tasks/download/artifacts", "download_artifacts", "user"),
-    ("POST", "/tasks/download/artifacts/list", "download_artifacts", "user"),
+    ("POST", "/tasks/download/artifacts/list", "download_artifacts_list", "user"),
     ("POST", "/tasks/delete/artifacts", "delete_artifacts", "user"),
-    ("POST", "/tasks/delete/artifacts/list", "delete_artifacts", "user"),
+    ("POST", "/tasks/delete/artifacts/list", "delete_artifacts_list", "user"),
     ("GET", "/tasks/{task}", "get_task", "user"),
     ("PUT", "/tasks/{task}", "change_task", "user"),
     ("DELETE", "/tasks/{task}", "cancel_task", "user"),

@@ -307,7 +307,7 @@ def test_tasks_change_options_before_the_uuid_and_the_command(cluster):
     # a task that has run cannot be changed
     done = submit(cluster, "-t", POOL, "--", "true")
     cluster.wait_task(done)
-    cluster.client("tasks", "change", "--priority", "2", done).failed(1, "400")
+    cluster.client("tasks", "change", "--priority", "2", done).failed(1, "404")
 
 
 def test_tasks_update_labels(cluster):

@@ -10,7 +10,7 @@ from e2e import cluster, mito, module_cluster, raw_request, spec, status_of  # n
 
 FAKE_PARAMS = {"username": "nobody", "group": "nogroup", "key": "some/key",
                "worker": str(uuid.uuid4()), "task": str(uuid.uuid4()), "kind": "result",
-               "token": "not-a-token"}
+               "token": "not-a-token", "asset": "app.js"}
 
 
 def concrete(path):
@@ -20,7 +20,9 @@ def concrete(path):
     return path
 
 
-ROUTES = [(method, path, auth) for method, path, _, auth in mito.ROUTES]
+# GET /metrics is open to anyone only with --metrics-public: by default it takes an admin
+ROUTES = [(method, path, "admin" if path == "/metrics" else auth)
+          for method, path, _, auth in mito.ROUTES]
 ROUTE_IDS = [f"{method} {path}" for method, path, _ in ROUTES]
 
 
@@ -51,8 +53,10 @@ def test_route_without_token(world, method, path, auth):
         assert status == 401
     elif auth == "blob":
         assert status == 403  # the URL is the credential; a bad one is refused
+    elif path == "/metrics":
+        assert status == 401  # admin only, unless the coordinator runs with --metrics-public
     else:
-        assert status in (200, 400)  # /health; /login without a body
+        assert status in (200, 400)  # /health, the dashboard's page; /login without a body
 
 
 @pytest.mark.parametrize("method, path, auth", ROUTES, ids=ROUTE_IDS)

@@ -510,7 +510,8 @@ def test_change_a_ready_task(cluster):
     assert task["uuid"] == second  # the new priority counts
     assert task["timeout"] == "1h 30m"
     assert task["spec"]["args"] == ["echo", "changed"]
-    assert status_of(lambda: alice.api("PUT", f"/tasks/{second}", {"priority": 1})) == 400
+    # upstream's status: no such task that has not started
+    assert status_of(lambda: alice.api("PUT", f"/tasks/{second}", {"priority": 1})) == 404
     assert c.task(alice, first)["info"]["state"] == "Ready"
 
 

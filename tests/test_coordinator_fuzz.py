@@ -145,7 +145,7 @@ def test_random_reports_on_a_real_task_never_500(world, op, finish_first):
 
 HUGE = "99999999999999999999"
 EDGES = [
-    ("PUT", "/tasks/{task}", {}, (200,)),  # a change that changes nothing
+    ("PUT", "/tasks/{task}", {}, (400,)),  # a change that changes nothing: 400 upstream
     ("POST", "/tasks/submit", {"tasks": [None, 1, "x", []]}, (200,)),  # each item an Err
     ("POST", "/workers/query", {"role": ["bogus"]}, (400,)),
     ("POST", "/workers/shutdown", {"role": ["bogus"]}, (400,)),
@@ -216,7 +216,7 @@ def test_body_over_one_mib_is_413(world):
 
 
 @pytest.mark.parametrize("method, path, expected", [
-    ("GET", "/nope", 404), ("POST", "/tasks/nope/more/parts", 404), ("GET", "/", 404),
+    ("GET", "/nope", 404), ("POST", "/tasks/nope/more/parts", 404),  # GET / is the dashboard
     ("GET", "/admin", 404), ("PATCH", "/tasks", 405), ("DELETE", "/health", 405),
     ("GET", "/tasks", 405), ("PUT", "/login", 405), ("POST", "/health", 405),
     ("PUT", "/workers/heartbeat", 405), ("GET", "/workers/tasks/a/b/c/d", 404),
@@ -233,6 +233,6 @@ def test_the_server_keeps_serving_after_bad_requests(world):
     client = mito.Http(c.url, c.admin.token)
     for _ in range(3):
         with pytest.raises(mito.ApiError) as error:
-            client.api("POST", "/tasks", {"task_spec": {"args": []}})
+            client.api("POST", "/tasks", {"task_spec": {"args": "not a list"}})
         assert error.value.status == 400
         assert client.api("GET", "/auth") == "mitosis_admin"

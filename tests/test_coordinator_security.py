@@ -4,6 +4,8 @@ read, one-shot upload URLs, revocation, the group creator's place, signed URLs t
 ignore the Host header, the state dir's lock, the admin's credential file, and the
 supervised local workers."""
 
+import concurrent.futures
+import http.client
 import json
 import os
 import signal
@@ -330,3 +332,66 @@ def test_a_restart_forgives_running_tasks_their_clocks(cluster):
     worker.api("POST", "/workers/heartbeat")
     assert worker_uuid in c.workers()
     assert c.task(alice, task_uuid)["info"]["state"] == "Running"
+
+
+# ---- logins: throttled, no user enumeration, bounded hashing --------------------------------
+
+
+def login_status(c, username, password, source="127.0.0.1"):
+    """(status, headers) of a login sent from `source` (any 127.x.y.z is this host)."""
+    conn = http.client.HTTPConnection("127.0.0.1", c.port, timeout=60,
+                                      source_address=(source, 0))
+    try:
+        conn.request("POST", "/login", json.dumps({
+            "username": username, "md5_password": mito.md5_password(password),
+            "retain": True}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.headers
+    finally:
+        conn.close()
+
+
+def test_logins_are_throttled_per_user_and_per_address(cluster):
+    c = cluster()
+    c.user("alice", "right")
+    c.user("bob", "right")
+    statuses = [login_status(c, "alice", "wrong", "127.0.0.2")[0] for _ in range(5)]
+    assert statuses == [401] * 5
+    # the sixth, even with the right password and from elsewhere: alice is throttled
+    for source in ("127.0.0.2", "127.0.0.3"):
+        status, headers = login_status(c, "alice", "right", source)
+        assert status == 429 and 1 <= int(headers["Retry-After"]) <= 60
+    # 127.0.0.2 is throttled too, whoever it tries; bob from elsewhere is not
+    assert login_status(c, "bob", "right", "127.0.0.2")[0] == 429
+    assert login_status(c, "bob", "right", "127.0.0.3")[0] == 200
+    # spraying many users from one address
+    statuses = [login_status(c, f"user{n}", "wrong", "127.0.0.4")[0] for n in range(7)]
+    assert statuses == [401] * 5 + [429] * 2
+
+
+def test_unknown_users_cost_a_hash_too(monkeypatch):
+    guard = mito.PasswordGuard()
+    calls = []
+    monkeypatch.setattr(mito, "hash_password", lambda md5, salt: calls.append(salt) or b"")
+    assert guard.verify(b"0" * 16, None) is False
+    assert len(calls) == 1
+
+
+def test_password_hashing_is_bounded_under_64_concurrent_logins(cluster):
+    c = cluster()
+    c.user("alice", "right")
+
+    def peak_memory():
+        with open(f"/proc/{c.coordinator.pid}/status") as handle:
+            line = next(line for line in handle if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    before = peak_memory()
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        statuses = list(pool.map(lambda _: login_status(c, "alice", "right")[0], range(64)))
+    # a login that waits too long for a hasher is told to come back (503), never served
+    # by an extra one
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 8, statuses
+    grown = peak_memory() - before
+    # each scrypt takes 16 MiB: unbounded, 64 at once took about 1 GiB
+    assert grown < (mito.PasswordGuard.HASHERS + 3) * 16 << 20, grown

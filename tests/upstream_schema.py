@@ -338,7 +338,8 @@ TASK_EXEC_STATE = Enum("TaskExecState", (
     "ExecTimeout", "UploadResult", "UploadFinishedResult", "UploadCancelledResult",
     "UploadResultFinished", "UploadResultTimeout", "TaskCommitted", "Unknown"))
 ARTIFACT_CONTENT_TYPE = Enum("ArtifactContentType", ("result", "exec-log", "std-log"))
-ATTACHMENT_CONTENT_TYPE = Enum("AttachmentContentType", ("application/octet-stream",))
+# entity/content.rs: the one variant `NoSet` (the OpenAPI file says "application/octet-stream")
+ATTACHMENT_CONTENT_TYPE = Enum("AttachmentContentType", ("NoSet",))
 TASK_RESULT_MESSAGE = Enum("TaskResultMessage", (
     "FetchResourceTimeout", "ExecTimeout", "UploadResultTimeout", "ResourceNotFound",
     "ResourceForbidden", "WatchTimeout", "UserCancellation", "SubmitNewTaskFailed"))
