@@ -66,7 +66,7 @@ ANSWERS = {
     ("POST", "/groups/{group_name}/attachments/query"): {"count": 0, "attachments": [],
                                                          "group_name": "g"},
     ("GET", "/groups/{group_name}/attachments/{*key}"): {
-        "content_type": "application/octet-stream", "size": 3, "created_at": STAMP,
+        "content_type": "NoSet", "size": 3, "created_at": STAMP,
         "updated_at": STAMP},
     ("GET", "/groups/{group_name}/download/attachments/{*key}"): {"url": "/blob/a",
                                                                   "size": 3},
