@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import urllib.parse
 
@@ -432,3 +433,17 @@ def test_the_figures_of_upstream_parity(capsys):
     with capsys.disabled():
         print(f"\nupstream client: {len(commands)} commands (and the aliases "
               f"{', '.join(sorted(aliases))}, and help), {options} option spellings; all taken")
+
+
+def test_the_shell_takes_upstreams_built_ins(mito, upstream):
+    """help, cmd and quit in `client -i`, as in upstream's `[mito::client]>` shell."""
+    run = subprocess.run(
+        mito.command("client", "-c", upstream.url, "-u", "alice", "-p", "pw", "-i"),
+        input="help tasks\ntasks help submit\ncmd -- echo hi-there\ngroups get g\nquit\n"
+              "groups get never\n", env=mito.env, cwd=mito.cwd, capture_output=True,
+        text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "submit-many" in run.stdout and "task-subset" in run.stdout
+    assert "hi-there" in run.stdout
+    assert [target for _, target, _ in upstream.requests if target.startswith("/groups")] == [
+        "/groups/g"]
