@@ -21,9 +21,11 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import difflib
+import functools
 import getpass
 import hashlib
 import hmac
@@ -46,6 +48,7 @@ import signal
 import sqlite3
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tarfile
@@ -94,15 +97,46 @@ def parse_duration(text):
     """Seconds (float) from a humantime string such as "3m", "1h 30m" or "7days"."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"not a duration: {text!r}")
-    total, pos = 0.0, 0
+    parts, pos = [], 0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos or match.group(2) not in _DURATION_UNITS:
             break
-        total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        parts.append((int(match.group(1)), _DURATION_UNITS[match.group(2)]))
         pos = match.end()
     if pos != len(text):
         raise ValueError(f"not a duration: {text!r} (e.g. 30s, 3m, 1h 30m, 7d)")
-    return total
+    try:
+        return float(sum(count * unit for count, unit in parts))
+    except OverflowError:
+        raise ValueError(f"not a duration: {text!r} is too long") from None
+
+
+# Every wait whose length a task or a user sets goes through clamp_wait(): the clocks
+# under Event.wait() and select() overflow past threading.TIMEOUT_MAX (~292 years),
+# and a wait of days is better re-checked anyway. Issue 8: `--timeout 1000y` or
+# `--heartbeat-interval 1000y` must neither crash nor wedge a worker.
+WAIT_CAP = 86400.0  # seconds: no single wait is longer than a day
+
+
+def clamp_wait(seconds):
+    """`seconds` as a wait the clocks can hold: None stays None (for ever), anything
+    else lands in [0, WAIT_CAP] (NaN: 0)."""
+    if seconds is None:
+        return None
+    if not seconds > 0:
+        return 0.0
+    return min(float(seconds), WAIT_CAP)
+
+
+def wait_event(event, seconds):
+    """event.wait(seconds) for any length (None, 1000 years, inf): True once set."""
+    deadline = math.inf if seconds is None else time.monotonic() + seconds
+    while not event.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        event.wait(clamp_wait(remaining))
+    return True
 
 
 def format_duration(seconds):
@@ -309,17 +343,31 @@ def read_toml(path):
         fail_usage(f"cannot read config file {path}: {error.strerror}")
 
 
+CONFIG_SECTIONS = ("worker", "coordinator", "client")
+
+
+def _did_you_mean(word, known):
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _toml_layer(path, section, options):
-    """The keys a config file sets in `section`; unknown keys are an error."""
-    table = read_toml(path).get(section, {})
-    if not isinstance(table, dict):
-        fail_usage(f"bad config file {path}: [{section}] must be a table")
+    """The keys a config file sets in `section`. Unknown keys, unknown sections and keys
+    outside any section are errors: a misspelt `[wrker]` must not be silently ignored."""
+    document = read_toml(path)
+    for name, value in document.items():
+        if not isinstance(value, dict):
+            fail_usage(f"key {name!r} outside any section in {path} (put it under "
+                       f"[{section}])")
+        if name not in CONFIG_SECTIONS:
+            fail_usage(f"unknown section [{name}] in {path}"
+                       f"{_did_you_mean(name, CONFIG_SECTIONS)}")
+    table = document.get(section, {})
     known = {option.key: option for option in options}
     for key in table:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            fail_usage(f"unknown key {key!r} in [{section}] of {path}{hint}")
+            fail_usage(f"unknown key {key!r} in [{section}] of {path}"
+                       f"{_did_you_mean(key, known)}")
     return {key: (known[key], value, f"{path}") for key, value in table.items()}
 
 
@@ -397,13 +445,16 @@ class SharedDailyLogHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            day = time.strftime("%Y-%m-%d")
-            if day != self.day:
-                self._open(day)
+            self.open_today()
             line = f"[{self.tag}] {self.format(record)}\n".encode("utf-8", "replace")
             os.write(self.fd, line)
         except Exception:
             self.handleError(record)
+
+    def open_today(self):
+        day = time.strftime("%Y-%m-%d")
+        if day != self.day:
+            self._open(day)
 
     def _open(self, day):
         if self.fd is not None:
@@ -520,7 +571,10 @@ class Http:
                             body.seek(0)
                         conn.request(method, target, body=body, headers=headers or {})
                         response = conn.getresponse()
-                    except (http.client.RemoteDisconnected, ConnectionError):
+                    except (http.client.RemoteDisconnected, ConnectionError,
+                            http.client.ImproperConnectionState):
+                        # closed by the server meanwhile, or left mid-request by an
+                        # interrupted call (Ctrl-C): nothing was sent, a fresh one will do
                         if reused and attempt == 1:
                             raise _StaleConnection() from None
                         raise
@@ -732,10 +786,11 @@ class CredentialFile:
 
 
 def login(http, user, password, credential_path, retain=False, stop=None, force=False,
-          reach=None, patient=True):
+          reach=None, patient=True, store=True):
     """A valid user token: the stored one if the coordinator accepts it, else a new one
     from /login (asking for the password only on a terminal). Returns (user, token).
-    A `patient` caller (a worker) waits out an unreachable coordinator."""
+    A `patient` caller (a worker) waits out an unreachable coordinator. Without
+    `store`, a new token is not written to the credential file."""
     credentials = CredentialFile(credential_path)
     name, token = credentials.lookup(user)
 
@@ -754,7 +809,8 @@ def login(http, user, password, credential_path, retain=False, stop=None, force=
                         f"no valid token for {name} in {credentials.path} and no password")
     request = {"username": name, "md5_password": md5_password(password), "retain": retain}
     token = ask(lambda: http.api("POST", "/login", request), "login")["token"]
-    credentials.store(name, token)
+    if store:
+        credentials.store(name, token)
     return name, token
 
 
@@ -785,6 +841,10 @@ RESULT_MESSAGES = ("FetchResourceTimeout", "ExecTimeout", "UploadResultTimeout",
                    "ResourceNotFound", "ResourceForbidden", "WatchTimeout",
                    "UserCancellation", "SubmitNewTaskFailed")
 ROLES = ("Read", "Write", "Admin")
+# In our coordinator's 401 to a worker it dropped for silence (not shut down, not at
+# the end of its lifetime): such a worker registers again. A Rust coordinator never
+# says it, so against one a worker leaves on any 401, as upstream's does.
+WORKER_DROPPED = "dropped for silence"
 
 ARTIFACT_KINDS = ("result", "exec-log", "std-log")
 _ARTIFACT_ALIASES = {
@@ -910,6 +970,9 @@ WORKER_OPTIONS = (
            "The lifetime of the worker to alive (e.g., 7d, 1year)"),
     Option("retain", "bool", False, ("--retain",),
            "Keep the user's other logins valid when logging in"),
+    Option("no_store_token", "bool", False, ("--no-store-token",),
+           "Keep the token got by logging in with the password in memory only, not in "
+           "the credential file (which a task of the same Unix user could read)"),
     Option("skip_redis", "bool", False, ("--skip-redis",),
            "Accepted for compatibility; there is no Redis here"),
     Option("concurrency", "int", 1, ("--concurrency",),
@@ -935,41 +998,128 @@ RESOURCE_PATIENCE = 1800  # FetchResourceTimeout / WatchTimeout
 UPLOAD_PATIENCE = 600     # UploadResultTimeout
 WATCH_POLL_CAP = 30.0
 LONG_POLL_CAP = 30
+ENV_PROGRAM = "/usr/bin/env"  # upstream runs `/usr/bin/env ARGS...`: `FOO=1 cmd` works
+NEW_TASK_LIMIT = 1 << 20  # bytes read from $MITO_NEW_TASK: a submission, not a data file
+KILL_ROUNDS = 50          # scans for a task's processes while they keep forking
+
+# What the worker commits when a task fails outside its command. Upstream's
+# TaskResultMessage (schema.rs) has no other names, and the Rust client parses `msg`
+# as that enum, so a spec the worker refuses is "ResourceForbidden" (as upstream's
+# failed download) and outputs that could not be packed or delivered are
+# "UploadResultTimeout" (upstream's only upload failure).
+SPEC_REFUSED = "ResourceForbidden"
+OUTPUT_LOST = "UploadResultTimeout"
 
 
 class Unauthorized(Exception):
-    """The coordinator refused the worker's token (401): it must leave at once."""
+    """The coordinator refused the worker's token (401); `token` is the one refused."""
+
+    def __init__(self, msg, token=None):
+        super().__init__(msg)
+        self.token = token
+
+    @property
+    def dropped(self):
+        """Our coordinator dropped the worker for silence: it may register again."""
+        return WORKER_DROPPED in str(self)
 
 
 class TaskGone(Exception):
     """A report got 404: the task was requeued or cancelled and is no longer ours."""
 
 
+class TaskFailed(Exception):
+    """A step's failure: the task ends, committed with `msg` (a RESULT_MESSAGES name)."""
+
+    def __init__(self, msg, why):
+        super().__init__(why)
+        self.msg = msg
+
+
+# ---- task files: every path a task could have swapped is opened here -----------------
+
+
+def open_in_scratch(path, flags=os.O_RDONLY, kind=stat.S_IFREG):
+    """A file descriptor for `path`, never through a symlink (O_NOFOLLOW), never
+    blocking on a FIFO (O_NONBLOCK), and only if it is of `kind`; else OSError."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    if stat.S_IFMT(os.fstat(fd).st_mode) != kind:
+        os.close(fd)
+        raise OSError(f"{path} is not a {'directory' if kind == stat.S_IFDIR else 'file'}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def is_real_dir(path):
+    """A directory, not a symlink to one."""
+    with contextlib.suppress(OSError):
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    return False
+
+
+def clear_scratch(root):
+    """Empty `root` without following any symlink a task left in it, making
+    directories it locked (chmod 000) writable again first."""
+    fd = open_in_scratch(root, os.O_RDONLY | os.O_DIRECTORY, stat.S_IFDIR)
+    try:
+        for name in os.listdir(fd):
+            _remove_entry(name, fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_entry(name, dir_fd):
+    try:
+        os.unlink(name, dir_fd=dir_fd)  # a file, a symlink, a FIFO: gone
+        return
+    except IsADirectoryError:
+        pass
+    os.chmod(name, 0o700, dir_fd=dir_fd)  # unlink said: a real directory
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        for entry in os.listdir(fd):
+            _remove_entry(entry, fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
 class ScratchDirs:
     """The worker's scratch directory: resource/, result/, exec/ for the task, and
-    std/ and upload/ for the worker's own files."""
+    std/ and upload/ for the worker's own files. Emptied after every task."""
+
+    FOLDERS = ("resource", "result", "exec", "std", "upload")
 
     def __init__(self, root):
         self.root = root
-        self.resource = os.path.join(root, "resource")
-        self.result = os.path.join(root, "result")
-        self.exec = os.path.join(root, "exec")
-        self.std = os.path.join(root, "std")
-        self.upload = os.path.join(root, "upload")
+        self.resource, self.result, self.exec, self.std, self.upload = (
+            os.path.join(root, name) for name in self.FOLDERS)
         self.new_task = os.path.join(root, "new-task.json")
 
     def reset(self):
-        """Empty every directory for the next task (touching only those that are not
-        empty already: most tasks leave most of them empty)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.new_task)
+        """Empty the whole scratch directory and make the folders again. A scratch
+        that cannot be emptied (a tree too deep, a disk gone read-only) is moved aside:
+        the next task still starts clean."""
+        try:
+            if not is_real_dir(self.root):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root)  # a task swapped it for a symlink or a file
+            os.makedirs(self.root, exist_ok=True)
+            clear_scratch(self.root)
+        except (OSError, RecursionError) as error:
+            aside = f"{self.root}.stale-{uuidlib.uuid4().hex[:8]}"
+            log.error("cannot empty %s (%s); moving it to %s", self.root, error, aside)
+            os.rename(self.root, aside)
+            os.makedirs(self.root)
         for folder in (self.resource, self.result, self.exec, self.std, self.upload):
-            if has_entries(folder):
-                shutil.rmtree(folder)
-            os.makedirs(folder, exist_ok=True)
+            os.mkdir(folder)
 
     def remove(self):
-        shutil.rmtree(self.root, ignore_errors=True)
+        with contextlib.suppress(OSError, RecursionError):
+            if is_real_dir(self.root):
+                clear_scratch(self.root)
+            os.rmdir(self.root)
 
 
 def inside(base, relative):
@@ -981,6 +1131,16 @@ def inside(base, relative):
     return path if path.startswith(base.rstrip(os.sep) + os.sep) else None
 
 
+def resource_target(base, relative):
+    """Where a resource goes under `base`, or None for a local_path our coordinator
+    refuses at submit (a_local_path: absolute, `..`, NUL, a lone surrogate, too long)
+    and a Rust coordinator may still hand out."""
+    try:
+        return inside(base, a_local_path(relative))
+    except ValueError:
+        return None
+
+
 def has_entries(folder):
     with contextlib.suppress(FileNotFoundError):
         with os.scandir(folder) as entries:
@@ -989,28 +1149,106 @@ def has_entries(folder):
 
 
 def pack(archive, members):
-    """Write a tar.gz of (path, name-in-archive) pairs; return its size."""
-    with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
-        for path, name in members:
-            tar.add(path, arcname=name)
+    """Write a tar.gz of (path, name-in-archive) pairs to a new file (never through a
+    symlink); return its size."""
+    fd = open_in_scratch(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w:gz", compresslevel=6) as tar:
+            for path, name in members:
+                tar.add(path, arcname=name)
     return os.path.getsize(archive)
+
+
+# ---- task processes ------------------------------------------------------------------
+
+
+def _libc():
+    """The C library, for prctl(2); None where there is none to call (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def become_subreaper():
+    """Orphaned descendants of our tasks (a double fork, a setsid daemon) are
+    reparented to the worker rather than to init, so it reaps what it kills."""
+    if LIBC is not None and LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.debug("prctl(PR_SET_CHILD_SUBREAPER): errno %d", ctypes.get_errno())
+
+
+def _die_with_worker(worker_pid):
+    """In the task's child, before exec: SIGKILL when the worker's spawning thread
+    dies (kill -9 too); if the worker is gone already, do not start at all."""
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != worker_pid:
+        os._exit(1)
+
+
+def marked_processes(needle):
+    """Live processes whose initial environment holds `needle` (b"NAME=value"), as
+    HTCondor tracks a job's processes; zombies show an empty environment."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if needle in handle.read().split(b"\0"):
+                    found.append(int(entry))
+    return found
+
+
+def kill_marked(needle):
+    """SIGKILL every process carrying `needle`, again while they keep forking."""
+    if not os.path.isdir("/proc"):
+        return
+    for _ in range(KILL_ROUNDS):
+        pids = marked_processes(needle)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+    log.error("processes marked %s survive %d rounds of SIGKILL", needle.decode(),
+              KILL_ROUNDS)
+
+
+def guard_until_eof(needle):
+    """The guard process's life: wait until the worker's end of our stdin closes
+    (the worker left, or was killed with -9), then kill what its tasks left."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdin.buffer.read()
+    kill_marked(needle.encode())
 
 
 def wait_exit(pid, timeout):
     """Wait up to `timeout` seconds (None: for ever) for `pid` to end, without reaping
     it: while it stays a zombie its process-group id cannot be reused."""
-    if hasattr(os, "pidfd_open"):
-        fd = os.pidfd_open(pid)
-        try:
-            return bool(select.select([fd], [], [], timeout)[0])
-        finally:
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    fd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if fd is not None:
+                if select.select([fd], [], [], clamp_wait(remaining))[0]:
+                    return True
+            elif os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return True
+            else:
+                time.sleep(clamp_wait(min(0.02, remaining)))
+            if remaining <= 0:
+                return False
+    finally:
+        if fd is not None:
             os.close(fd)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def kill_group(pgid, sig):
@@ -1018,43 +1256,187 @@ def kill_group(pgid, sig):
         os.killpg(pgid, sig)
 
 
+class TaskProcesses:
+    """Every process of one task: its leader, started in a session of its own that
+    dies with the worker, and whatever left the leader's process group (a setsid
+    daemon, a double fork), found by the task's marker in /proc/PID/environ. The
+    slots of one worker run tasks side by side: only this task's processes are hit."""
+
+    spared = set()  # children someone else reaps (task leaders, the guard): see reap_orphans
+    _lock = threading.Lock()
+
+    def __init__(self, task_uuid):
+        self.needle = f"MITO_TASK_UUID={task_uuid}".encode()
+        self.proc = None
+        self.status = None  # the leader's raw wait status, once reaped
+        self._spawning = threading.Lock()  # a kill() never misses a spawn under way
+
+    def spawn(self, argv, env, stdout, stderr, stop):
+        """Start the leader, unless `stop` is set; OSError, ValueError or TypeError if
+        it cannot start."""
+        preexec = functools.partial(_die_with_worker, os.getpid()) if LIBC else None
+        with self._spawning, self._lock:
+            if stop.is_set():
+                raise Stopped()
+            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=stdout, stderr=stderr,
+                                         start_new_session=True, preexec_fn=preexec)
+            self.spared.add(self.proc.pid)
+        return self.proc.pid
+
+    def kill(self):
+        """Kill them all at once, from any thread (the worker is leaving)."""
+        with self._spawning:
+            self.signal(signal.SIGKILL)
+            kill_marked(self.needle)
+
+    def signal(self, sig):
+        """Send `sig` to the leader's process group (the leader a zombie at worst)."""
+        if self.proc is not None and self.status is None:
+            kill_group(self.proc.pid, sig)
+
+    def reap(self):
+        """Kill the group and what escaped it, then reap the leader; its wait status."""
+        if self.proc is None or self.status is not None:
+            return self.status
+        self.signal(signal.SIGKILL)
+        kill_marked(self.needle)
+        if self.status is None:
+            _, self.status = os.waitpid(self.proc.pid, 0)
+            self.proc.returncode = os.waitstatus_to_exitcode(self.status)
+            with self._lock:
+                self.spared.discard(self.proc.pid)
+        reap_orphans()
+        return self.status
+
+
+def reap_orphans():
+    """Reap zombies reparented to the worker (it is a subreaper), sparing the children
+    whose owners reap them (TaskProcesses.spared)."""
+    if not os.path.isdir("/proc"):
+        return
+    me = str(os.getpid())
+    with TaskProcesses._lock:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in TaskProcesses.spared:
+                continue
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                if fields[0] == b"Z" and fields[1].decode() == me:
+                    os.waitpid(int(entry), os.WNOHANG)
+
+
+GUARD_MARKER = "MITO_WORKER_GUARD"  # in every task's environment: which worker ran it
+
+
+class OrphanGuard:
+    """A helper process that outlives a worker killed with -9 just long enough to kill
+    the processes of its tasks (PR_SET_PDEATHSIG reaches only each task's first
+    process). It waits for EOF on a pipe only the worker holds open; the kernel
+    closes it however the worker ends. It runs this file's guard_until_eof()."""
+
+    SCRIPT = "import runpy, sys; runpy.run_path(sys.argv[1])['guard_until_eof'](sys.argv[2])"
+
+    def __init__(self):
+        self.marker = uuidlib.uuid4().hex
+        self.proc = None
+
+    def start(self):
+        if not os.path.isdir("/proc") or not sys.executable:
+            log.warning("no /proc here: a task may outlive a worker killed with -9")
+            return
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", self.SCRIPT, os.path.abspath(__file__),
+                 f"{GUARD_MARKER}={self.marker}"], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, start_new_session=True)
+        except OSError as error:
+            log.warning("cannot start the guard process (%s): a task may outlive a "
+                        "worker killed with -9", error)
+            return
+        TaskProcesses.spared.add(self.proc.pid)
+
+    def stop(self):
+        """Close the pipe: the guard sweeps (nothing is left by now) and ends."""
+        if self.proc is None:
+            return
+        self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
 class TaskRun:
     """One fetched task, from its resources to its commit (PROTOCOL.md "Running one
-    task"). Ending early is Cancel, then a Commit naming the reason."""
+    task"): the only task boundary. Whatever the spec holds or the command does, the
+    task ends committed (or dropped, once the coordinator says it is no longer ours)
+    and the worker goes on; only leaving (Stopped, Unauthorized, GaveUp) passes."""
 
     def __init__(self, worker, task):
         self.worker, self.stop, self.dirs = worker, worker.stop, worker.scratch
-        self.id, self.uuid = task["id"], task["uuid"]
-        self.spec = task.get("spec") or {}
-        self.timeout = parse_duration(task["timeout"]) if task.get("timeout") else None
+        self.id, self.uuid = task.get("id"), str(task.get("uuid"))
+        self.task = task
+        spec = task.get("spec")
+        self.spec = spec if isinstance(spec, dict) else {}
         self.upstream = task.get("upstream_task_uuid")
-        self.proc = None
-        self._spawn_lock = threading.Lock()
+        self.processes = TaskProcesses(self.uuid)
+        self.ended = None  # "Finish" or "Cancel", once reported
+        self.status = 0    # the command's raw wait status, to commit
 
     def run(self):
         log.info("task %s: starting %s", self.uuid, self.spec.get("args"))
-        self.dirs.reset()
         try:
-            reason = self.fetch_resources() or self.watch()
-            if reason:
-                log.warning("task %s: ended before running: %s", self.uuid, reason)
-                self.report("Cancel")
-                self.report(commit_op(0, reason))
-                return
-            with self.tail_output():
-                status, timed_out = self.execute()
-            self.report("Cancel" if timed_out else "Finish")
-            msg = "ExecTimeout" if timed_out else None
-            if not self.upload_artifacts():
-                msg = msg or "UploadResultTimeout"
-            if not self.submit_downstream():
-                msg = msg or "SubmitNewTaskFailed"
-            self.report(commit_op(status, msg))
-            log.info("task %s: committed, exit status %s%s", self.uuid,
-                     os.waitstatus_to_exitcode(status), f" ({msg})" if msg else "")
+            try:
+                self.steps()
+            except TaskFailed as failure:
+                log.warning("task %s: %s (%s)", self.uuid, failure, failure.msg)
+                self.end_early(failure.msg)
+            except (TaskGone, Stopped, Unauthorized, GaveUp):
+                raise
+            except Exception:  # the task boundary: a task's failure is not the worker's
+                log.exception("task %s: failed in the worker", self.uuid)
+                self.end_early(SPEC_REFUSED if self.ended is None else OUTPUT_LOST)
         except TaskGone:
             log.warning("task %s: no longer ours (requeued or cancelled); dropped", self.uuid)
-            self.kill()
+        except (Stopped, Unauthorized, GaveUp):
+            raise
+        except Exception:  # the task boundary, even for its commit
+            log.exception("task %s: cannot commit; the coordinator will requeue it",
+                          self.uuid)
+        finally:
+            self.clean_up()
+
+    def steps(self):
+        """Resources, watch, command, outputs, downstream task, commit."""
+        self.dirs.reset()
+        reason = self.fetch_resources() or self.watch()
+        if reason:
+            raise TaskFailed(reason, "ended before running")
+        timeout = self.exec_timeout()
+        with self.tail_output():
+            self.status, timed_out = self.execute(timeout)
+        self.end("Cancel" if timed_out else "Finish")
+        if not self.upload_artifacts():
+            raise TaskFailed(OUTPUT_LOST, "outputs not delivered; no downstream task")
+        submitted = self.submit_downstream()
+        msg = "ExecTimeout" if timed_out else None if submitted else "SubmitNewTaskFailed"
+        self.commit(msg)
+
+    def end_early(self, msg):
+        """Commit a task that failed outside its command (Cancel first if the command
+        never ran, as upstream does)."""
+        if self.ended is None:
+            self.end("Cancel")
+        self.commit(msg)
+
+    def clean_up(self):
+        """No process and no file of the task outlives it."""
+        try:
+            self.processes.reap()
+            if not self.stop.is_set():  # leaving: Worker.leave() removes the scratch
+                self.dirs.reset()
+        except Exception:  # the task boundary: the next task gets a fresh scratch anyway
+            log.exception("task %s: cleaning up failed", self.uuid)
 
     # -- talking to the coordinator
 
@@ -1072,28 +1454,34 @@ class TaskRun:
                 raise
             log.error("task %s: %s refused: %s", self.uuid, what, error)
 
+    def end(self, op):
+        self.report(op)
+        self.ended = op
+
+    def commit(self, msg):
+        self.report(commit_op(self.status, msg))
+        log.info("task %s: committed, exit status %s%s", self.uuid,
+                 os.waitstatus_to_exitcode(self.status), f" ({msg})" if msg else "")
+
     # -- resources and watch
 
     def fetch_resources(self):
-        for resource in self.spec.get("resources") or []:
-            reason = self.fetch_resource(resource)
+        resources = self.spec.get("resources") or []
+        if not isinstance(resources, list):
+            raise TaskFailed(SPEC_REFUSED, f"resources {resources!r} is not a list")
+        for resource in resources:
+            reason = self.fetch_resource(resource if isinstance(resource, dict) else {})
             if reason:
                 return reason
         return None
 
     def fetch_resource(self, resource):
-        target = inside(self.dirs.resource, resource.get("local_path"))
+        target = resource_target(self.dirs.resource, resource.get("local_path"))
         if target is None:
-            log.error("task %s: refusing local_path %r: it leaves the resource directory",
-                      self.uuid, resource.get("local_path"))
+            log.error("task %s: refusing local_path %r: not a path inside the resource "
+                      "directory", self.uuid, resource.get("local_path"))
             return "ResourceForbidden"
-        remote = resource.get("remote_file") or {}
-        if "Artifact" in remote:
-            source = remote["Artifact"]
-            path = f"/workers/tasks/{source['uuid']}/artifacts/{source['content_type']}"
-        else:
-            key = urllib.parse.quote((remote.get("Attachment") or {}).get("key", ""), safe="/")
-            path = f"/workers/tasks/{self.uuid}/attachments/{key}"
+        path = self.resource_path(resource.get("remote_file"))
         deadline, backoff = time.monotonic() + RESOURCE_PATIENCE, Backoff()
         while True:
             try:
@@ -1108,9 +1496,21 @@ class TaskRun:
                 log.warning("task %s: resource %s: %s", self.uuid, path, error)
             except Unreachable as error:
                 log.warning("task %s: resource %s: %s", self.uuid, path, error)
+            except OSError as error:  # x then x/y, a full disk: this task cannot run here
+                log.error("task %s: cannot write resource %r: %s", self.uuid,
+                          resource.get("local_path"), error)
+                return "ResourceForbidden"
             if time.monotonic() > deadline:
                 return "FetchResourceTimeout"
             backoff.sleep(self.stop)
+
+    def resource_path(self, remote):
+        remote = remote if isinstance(remote, dict) else {}
+        if "Artifact" in remote:
+            source = remote["Artifact"]
+            return f"/workers/tasks/{source['uuid']}/artifacts/{source['content_type']}"
+        key = urllib.parse.quote((remote.get("Attachment") or {}).get("key", ""), safe="/")
+        return f"/workers/tasks/{self.uuid}/attachments/{key}"
 
     def watch(self):
         """Wait until the watched task reaches the wanted state, or WatchTimeout."""
@@ -1134,12 +1534,22 @@ class TaskRun:
 
     # -- the process
 
+    def exec_timeout(self):
+        """The task's timeout in seconds (None: none); however long, it is waited out
+        in pieces (clamp_wait), never handed whole to a clock."""
+        timeout = self.task.get("timeout")
+        try:
+            return parse_duration(timeout) if timeout else None
+        except ValueError as error:
+            raise TaskFailed(SPEC_REFUSED, f"bad timeout: {error}") from None
+
     def environment(self):
         env = {name: value for name, value in os.environ.items() if name != "MITO_PASSWORD"}
         env.update({str(k): str(v) for k, v in (self.spec.get("envs") or {}).items()})
         env.update(MITO_TASK_UUID=self.uuid, MITO_RESOURCE_DIR=self.dirs.resource,
                    MITO_RESULT_DIR=self.dirs.result, MITO_EXEC_DIR=self.dirs.exec,
-                   MITO_NEW_TASK=self.dirs.new_task)
+                   MITO_NEW_TASK=self.dirs.new_task,
+                   **{GUARD_MARKER: self.worker.process.guard.marker})
         if self.upstream:
             env["MITO_UPSTREAM_TASK_UUID"] = self.upstream
         return env
@@ -1151,73 +1561,73 @@ class TaskRun:
             return contextlib.nullcontext()
         return OutputTail(self.worker.http, self.uuid, self.dirs.std, limit)
 
-    def execute(self):
-        """Run the command; return (raw wait status, timed out?)."""
-        stdout_path = os.path.join(self.dirs.std, "stdout.log")
-        stderr_path = os.path.join(self.dirs.std, "stderr.log")
+    def execute(self, timeout):
+        """Run `/usr/bin/env ARGS...`; return (raw wait status, timed out?)."""
         keep = bool(self.spec.get("terminal_output"))
-        with open(stdout_path if keep else os.devnull, "wb") as out, \
-                open(stderr_path if keep else os.devnull, "wb") as err:
-            with self._spawn_lock:
-                if self.stop.is_set():
-                    raise Stopped()
-                try:
-                    self.proc = subprocess.Popen(
-                        self.spec.get("args") or [""], env=self.environment(),
-                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                        start_new_session=True)
-                except (OSError, ValueError, TypeError) as error:
-                    err.write(f"mito: cannot run {self.spec.get('args')}: {error}\n".encode())
-                    log.warning("task %s: cannot run: %s", self.uuid, error)
-                    return (126 if isinstance(error, PermissionError) else 127) << 8, False
-        pid = self.proc.pid
-        timed_out = not wait_exit(pid, self.timeout)
+        stdout_path = os.path.join(self.dirs.std, "stdout.log") if keep else os.devnull
+        stderr_path = os.path.join(self.dirs.std, "stderr.log") if keep else os.devnull
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            try:
+                pid = self.processes.spawn(self.command(), self.environment(), out, err,
+                                           self.stop)
+            except (OSError, ValueError, TypeError) as error:
+                err.write(f"mito: cannot run {self.spec.get('args')!r}: {error}\n".encode())
+                log.warning("task %s: cannot run: %s", self.uuid, error)
+                return (126 if isinstance(error, PermissionError) else 127) << 8, False
+        timed_out = not wait_exit(pid, timeout)
         if timed_out:
             log.warning("task %s: timed out after %s; terminating", self.uuid,
-                        format_duration(self.timeout))
-            kill_group(pid, signal.SIGTERM)
+                        format_duration(timeout))
+            self.processes.signal(signal.SIGTERM)
             wait_exit(pid, KILL_GRACE)
-        kill_group(pid, signal.SIGKILL)  # the leader is a zombie: this reaches its group only
-        _, status = os.waitpid(pid, 0)
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        status = self.processes.reap()
         if self.stop.is_set():
             raise Stopped()
         return status, timed_out
 
+    def command(self):
+        args = self.spec.get("args")
+        if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+            raise TypeError(f"args must be a list of strings, not {args!r}")
+        return [ENV_PROGRAM, *args]
+
     def kill(self):
-        """Kill the task's whole process group at once (the worker is leaving)."""
-        with self._spawn_lock:
-            if self.proc is not None and self.proc.returncode is None:
-                kill_group(self.proc.pid, signal.SIGKILL)
+        self.processes.kill()
 
     # -- after the process
 
     def artifacts(self):
-        """(kind, members) for each non-empty artifact, named as PROTOCOL.md says."""
+        """(kind, members) for each artifact, named as PROTOCOL.md says: result and
+        exec-log when their folder (a real one) has entries; std-log whenever
+        terminal_output is on, even empty, as upstream."""
         found = []
-        if has_entries(self.dirs.result):
-            found.append(("result", [(self.dirs.result, "result")]))
-        if has_entries(self.dirs.exec):
-            found.append(("exec-log", [(self.dirs.exec, "exec-log")]))
-        logs = [os.path.join(self.dirs.std, name) for name in ("stdout.log", "stderr.log")]
-        if self.spec.get("terminal_output") and any(
-                os.path.exists(path) and os.path.getsize(path) for path in logs):
-            found.append(("std-log", [(path, f"std-log/{os.path.basename(path)}")
-                                      for path in logs if os.path.exists(path)]))
+        for kind, folder in (("result", self.dirs.result), ("exec-log", self.dirs.exec)):
+            if not is_real_dir(folder):
+                log.warning("task %s: %s is no longer a directory; not uploaded",
+                            self.uuid, folder)
+            elif has_entries(folder):
+                found.append((kind, [(folder, kind)]))
+        if self.spec.get("terminal_output"):
+            found.append(("std-log", [(os.path.join(self.dirs.std, name), f"std-log/{name}")
+                                      for name in ("stdout.log", "stderr.log")]))
         return found
 
     def upload_artifacts(self):
-        """Pack and upload each artifact; False if one could not go within the time."""
-        delivered = True
+        """Pack and upload each artifact; False if one could not go within the time.
+        A 403 (quota) stops the uploads, logged, as upstream: the task still commits."""
+        clear_scratch(self.dirs.upload)  # whatever the task planted there
         for kind, members in self.artifacts():
             archive = os.path.join(self.dirs.upload, f"{kind}.tar.gz")
             pack(archive, members)
-            delivered = self.upload(kind, archive) and delivered
-        return delivered
+            outcome = self.upload(kind, archive)
+            if outcome != "uploaded":
+                return outcome == "forbidden"
+        return True
 
     def upload(self, kind, archive):
-        """Ask for an upload URL and PUT the archive there. Time the coordinator is
-        unreachable does not count against the 10 minutes: nothing is lost by waiting."""
+        """Ask for an upload URL and PUT the archive there: "uploaded", "forbidden" or
+        "failed". Time the coordinator is unreachable does not count against the 10
+        minutes: nothing is lost by waiting."""
         size = os.path.getsize(archive)
         deadline, backoff = None, Backoff()
         while True:
@@ -1225,32 +1635,38 @@ class TaskRun:
                 answer = self.report(upload_op(kind, size), check=True)
                 self.worker.http.put_file(answer["url"], archive, timeout=UPLOAD_PATIENCE)
                 log.info("task %s: uploaded %s (%d bytes)", self.uuid, kind, size)
-                return True
+                return "uploaded"
             except ApiError as error:
                 log.warning("task %s: upload of %s: %s", self.uuid, kind, error)
-                if 400 <= error.status < 500 and error.status not in (403, 408, 429):
-                    return False
+                if error.status == 403:
+                    return "forbidden"
+                if 400 <= error.status < 500 and error.status not in (408, 429):
+                    return "failed"
             except Unreachable as error:
                 log.warning("task %s: upload of %s: %s", self.uuid, kind, error)
             deadline = deadline or time.monotonic() + UPLOAD_PATIENCE
             if time.monotonic() > deadline:
-                return False
+                return "failed"
             backoff.sleep(self.stop)
 
     def submit_downstream(self):
-        """Submit the task the command wrote to $MITO_NEW_TASK, if any."""
+        """Submit the task the command wrote to $MITO_NEW_TASK, if any (a regular
+        file only: a FIFO or a symlink there is refused, never waited on)."""
         try:
-            with open(self.dirs.new_task, encoding="utf-8") as handle:
-                text = handle.read()
-        except (FileNotFoundError, IsADirectoryError):
+            fd = open_in_scratch(self.dirs.new_task)
+        except FileNotFoundError:
             return True
-        except (OSError, UnicodeDecodeError) as error:
+        except OSError as error:
             log.error("task %s: cannot read MITO_NEW_TASK: %s", self.uuid, error)
             return False
-        if not text.strip():
-            return True
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(NEW_TASK_LIMIT + 1)
         try:
-            request = json.loads(text)
+            if len(data) > NEW_TASK_LIMIT:
+                raise ValueError(f"larger than {NEW_TASK_LIMIT} bytes")
+            if not data.strip():
+                return True
+            request = json.loads(data)
             if not isinstance(request, dict):
                 raise ValueError("not a JSON object")
             answer = self.report(submit_op(request), check=True)
@@ -1305,7 +1721,8 @@ class OutputTail:
     def increments(self):
         found = {}
         for stream, path in self.paths.items():
-            with contextlib.suppress(OSError), open(path, "rb") as handle:
+            with contextlib.suppress(OSError), \
+                    os.fdopen(open_in_scratch(path), "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 start = max(self.sent[stream], size - self.limit)
                 handle.seek(start)
@@ -1341,6 +1758,7 @@ class Worker:
         self.long_poll = False
         self.output_limit = 0  # bytes per output increment the coordinator takes; 0: none
         self.unauthorized = False
+        self.rejoining = threading.Lock()  # one re-registration for both threads
         self.finished = threading.Event()  # the fetch loop has ended
         self.idle_since = time.monotonic()
         self.saw_empty_queue = False
@@ -1354,10 +1772,11 @@ class Worker:
         the whole Reply (headers too) rather than its data."""
         reach = self.process.reach
         send = self.http.api_reply if reply else self.http.api
+        token = self.http.token
 
         def attempt():
             with reach.request((kwargs.get("params") or {}).get("wait", 0)):
-                return send(method, path, payload, **kwargs)
+                return send(method, path, payload, token=token, **kwargs)
         try:
             if persistent:
                 return persist(attempt, what or path, self.stop, reach)
@@ -1370,16 +1789,57 @@ class Worker:
             return answer
         except ApiError as error:
             if error.status == 401:
-                raise Unauthorized(error.msg) from None
+                raise Unauthorized(error.msg, token) from None
             raise
 
-    def register(self, user_token, lifetime):
+    def register(self, lifetime):
+        """POST /workers with the user's token (logging in again if it was refused)."""
         settings = self.settings
         request = register_request(settings.tags, settings.labels, settings.groups, lifetime)
-        answer = persist(lambda: self.http.api("POST", "/workers", request, token=user_token),
-                         "register", self.stop, self.process.reach)
+        for fresh in (False, True):
+            user_token = self.process.user_token(fresh)
+            try:
+                answer = persist(lambda: self.http.api("POST", "/workers", request,
+                                                       token=user_token),
+                                 "register", self.stop, self.process.reach)
+                break
+            except ApiError as error:
+                if error.status != 401 or fresh:
+                    raise
         self.worker_id, self.http.token = answer["worker_id"], answer["token"]
-        self.scratch = ScratchDirs(os.path.join(cache_home(), "worker", self.worker_id))
+        if self.scratch is None:  # a worker registered again keeps its scratch
+            self.scratch = ScratchDirs(os.path.join(cache_home(), "worker", self.worker_id))
+
+    def rejoin(self, refused):
+        """Register again after our coordinator dropped this worker for silence (an
+        outage, a heartbeat interval past its timeout). The running task was requeued
+        by the coordinator: it is killed here, and its reports will meet a 404. False
+        when the worker cannot register again (it then leaves with status 1)."""
+        with self.rejoining:
+            if self.http.token != refused:
+                return True  # the other thread did it already
+            time_left = self.process.time_left()
+            if self.stop.is_set() or (time_left is not None and time_left < 1):
+                return False
+            log.warning("the coordinator dropped worker %s for silence; its task (if "
+                        "any) was requeued; registering again", self.worker_id)
+            self.kill()
+            try:
+                self.register(None if time_left is None else math.floor(time_left))
+            except (ApiError, CertificateRefused, UsageError) as error:
+                log.error("worker %s cannot register again: %s", self.worker_id, error)
+                self.process.exit_status = 1
+                return False
+            log.info("registered again as worker %s", self.worker_id)
+            return True
+
+    def may_go_on(self, refusal):
+        """After a 401: carry on if it was a drop for silence and registering again
+        worked; else leave (upstream's behaviour, and a Rust coordinator's 401)."""
+        if refusal.dropped and self.rejoin(refusal.token):
+            return True
+        self.leave_unauthorized(refusal)
+        return False
 
     def start(self):
         for target in (self.heartbeat_loop, self.fetch_loop):
@@ -1393,12 +1853,12 @@ class Worker:
     # -- the two threads
 
     def heartbeat_loop(self):
-        while not self.stop.wait(self.settings.heartbeat_interval):
+        while not wait_event(self.stop, self.settings.heartbeat_interval):
             try:
                 self.call("POST", "/workers/heartbeat", persistent=False)
             except Unauthorized as error:
-                self.leave_unauthorized(error)
-                return
+                if not self.may_go_on(error):
+                    return
             except (ApiError, Unreachable) as error:
                 log.warning("heartbeat failed: %s", error)
             except GaveUp:
@@ -1408,18 +1868,14 @@ class Worker:
     def fetch_loop(self):
         try:
             while not self.stop.is_set() and self.process.may_fetch():
-                task = self.fetch()
-                if task is not None and self.process.draining.is_set():
-                    self.give_back(task)  # taken while draining: requeue it now
-                    break
-                if task is not None:
-                    self.run(task)
-                elif not self.long_poll or self.process.fetch_wait() == 0:
-                    self.stop.wait(self.settings.polling_interval)
+                try:
+                    if not self.fetch_and_run():
+                        break
+                except Unauthorized as error:
+                    if not self.may_go_on(error):
+                        break
         except Stopped:
             pass
-        except Unauthorized as error:
-            self.leave_unauthorized(error)
         except GaveUp:
             self.process.give_up()
         except Exception:  # a bug: say so in the log and leave cleanly rather than hang
@@ -1429,6 +1885,18 @@ class Worker:
         finally:
             self.finished.set()
             self.process.wake()
+
+    def fetch_and_run(self):
+        """One turn of the fetch loop; False when the loop must end."""
+        task = self.fetch()
+        if task is not None and self.process.draining.is_set():
+            self.give_back(task)  # taken while draining: requeue it now
+            return False
+        if task is not None:
+            self.run(task)
+        elif not self.long_poll or self.process.fetch_wait() == 0:
+            wait_event(self.stop, self.settings.polling_interval)
+        return True
 
     def run(self, task):
         self.current = TaskRun(self, task)
@@ -1504,6 +1972,7 @@ class Worker:
                 self.http.api("DELETE", "/workers", timeout=3)
             except (ApiError, Unreachable) as error:
                 log.warning("worker %s could not unregister: %s", self.worker_id, error)
+        self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
         log.info("worker %s stopped", self.worker_id)
 
@@ -1562,6 +2031,9 @@ class WorkerProcess:
         self.deadline = None
         self.started = self.in_flight = 0
         self.exit_status = 0
+        self.guard = OrphanGuard()
+        self.user, self._user_token = settings.user, None
+        self._login_lock = threading.Lock()
         self._signals = 0
         self._lock_handle = None
 
@@ -1634,6 +2106,7 @@ class WorkerProcess:
     def main(self):
         if self.settings.lock_file and not self.take_lock(self.settings.lock_file):
             return 0
+        self.open_explicit_logs()  # a bad path: exit 2 before any contact
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(number, self.on_signal)
         warn_plain_http(self.settings.coordinator_addr)
@@ -1641,15 +2114,12 @@ class WorkerProcess:
         if lifetime is not None and lifetime <= 0:
             log.warning("the batch job ends within the walltime margin: nothing to do")
             return 0
+        become_subreaper()
+        self.guard.start()
         try:
-            user, token = login(Http(self.settings.coordinator_addr,
-                                     ssl_context=self.ssl_context),
-                                self.settings.user, self.settings.password,
-                                self.settings.credential_path, self.settings.retain,
-                                self.stop, reach=self.reach)
             for _ in range(self.settings.concurrency):
                 slot = Worker(self)
-                slot.register(token, lifetime)
+                slot.register(lifetime)
                 self.slots.append(slot)
         except GaveUp:
             self.give_up()
@@ -1660,10 +2130,11 @@ class WorkerProcess:
             log.error("cannot register with %s: %s", self.settings.coordinator_addr, error)
             self.leave()
             return 1
-        self.add_file_logs()
+        self.add_default_logs()
         log.info("%s registered with %s as %s (tags %s, groups %s)",
                  ", ".join(f"worker {slot.worker_id}" for slot in self.slots),
-                 self.settings.coordinator_addr, user, self.settings.tags, self.settings.groups)
+                 self.settings.coordinator_addr, self.user, self.settings.tags,
+                 self.settings.groups)
         for slot in self.slots:
             slot.start()
         self.supervise()
@@ -1739,7 +2210,22 @@ class WorkerProcess:
             thread.start()
         for thread in threads:
             thread.join(5)
+        self.guard.stop()
         return self.exit_status
+
+    def user_token(self, fresh=False):
+        """The user's token to register with: the one from the first login, or, when
+        `fresh` (it was refused), a new login. With no_store_token a token got with a
+        password stays in memory (a task could read the credential file)."""
+        with self._login_lock:
+            if self._user_token is None or fresh:
+                settings = self.settings
+                http = Http(settings.coordinator_addr, ssl_context=self.ssl_context)
+                self.user, self._user_token = login(
+                    http, settings.user, settings.password, settings.credential_path,
+                    settings.retain, self.stop, reach=self.reach,
+                    store=not settings.no_store_token)
+            return self._user_token
 
     # -- the shared parts
 
@@ -1747,8 +2233,12 @@ class WorkerProcess:
         """Hold an exclusive flock on `path` for the life of the process; False (and a
         log line) when another worker holds it."""
         import fcntl
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handle = open(path, "a+")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as error:
+            fail_usage(f"bad value for lock_file: cannot open {path}: "
+                       f"{error.strerror or error}")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1763,20 +2253,43 @@ class WorkerProcess:
         self._lock_handle = handle
         return True
 
-    def add_file_logs(self):
-        settings, folder = self.settings, os.path.join(cache_home(), "worker")
-        first = self.slots[0].worker_id
-        if settings.file_log:
-            add_rolling_file_log(settings.log_path or os.path.join(folder, f"{first}.log"))
-        elif settings.log_path:
+    def open_explicit_logs(self):
+        """The logs at a given log_path open before anything is contacted, so that an
+        unwritable path is a one-line error (exit 2)."""
+        settings = self.settings
+        if settings.log_path and not settings.file_log:
             log.warning("log_path is set but file_log is not: not logging to %s",
                         settings.log_path)
-        if settings.shared_log:
-            shared = os.path.dirname(os.path.abspath(settings.log_path)) \
-                if settings.log_path else folder
-            handler = SharedDailyLogHandler(shared, f"worker:{first}")
-            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-            log.addHandler(handler)
+        if not settings.log_path:
+            return
+        try:
+            if settings.file_log:
+                add_rolling_file_log(settings.log_path)
+            if settings.shared_log:
+                self.add_shared_log(os.path.dirname(os.path.abspath(settings.log_path)))
+        except OSError as error:
+            fail_usage(f"bad value for log_path: cannot write {settings.log_path}: "
+                       f"{error.strerror or error}")
+
+    def add_default_logs(self):
+        """The logs named after the first worker: they open once it is registered."""
+        settings, folder = self.settings, os.path.join(cache_home(), "worker")
+        try:
+            if settings.file_log and not settings.log_path:
+                add_rolling_file_log(os.path.join(folder, f"{self.slots[0].worker_id}.log"))
+            if settings.shared_log and not settings.log_path:
+                self.add_shared_log(folder)
+        except OSError as error:
+            log.error("cannot log to a file in %s: %s", folder, error)
+        for handler in log.handlers:
+            if isinstance(handler, SharedDailyLogHandler):
+                handler.tag = f"worker:{self.slots[0].worker_id}"
+
+    def add_shared_log(self, folder):
+        handler = SharedDailyLogHandler(folder, "worker")
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        handler.open_today()
+        log.addHandler(handler)
 
 
 # ---- batch systems: when does this job end? --------------------------------------------
@@ -1996,9 +2509,10 @@ def uuids(value):
 def some_of(check, what):
     """`check`, and at least one item: upstream refuses an empty batch with 400."""
     def non_empty(value):
-        if not check(value):
+        checked = check(value)
+        if not checked:
             raise ValueError(f"the list of {what} cannot be empty")
-        return value
+        return checked
     return non_empty
 
 
@@ -2291,6 +2805,27 @@ _SCHEMA = [
     CREATE INDEX task_events_at ON task_events (at);
     CREATE INDEX tasks_group_state ON tasks (group_id, state);
     """,
+    # Tasks by group and state, kept by triggers in the writing transaction, so that
+    # counting costs the same with a million finished tasks as with none. (Statements
+    # one by one: trigger bodies hold semicolons.)
+    (
+        "DROP INDEX tasks_group_state",
+        "CREATE TABLE task_counts (group_id INTEGER NOT NULL, state TEXT NOT NULL, "
+        "n INTEGER NOT NULL, PRIMARY KEY (group_id, state)) WITHOUT ROWID",
+        "INSERT INTO task_counts SELECT group_id, state, COUNT(*) FROM tasks "
+        "GROUP BY group_id, state",
+        "CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN "
+        "INSERT INTO task_counts VALUES (new.group_id, new.state, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER task_counts_update AFTER UPDATE OF state, group_id ON tasks "
+        "WHEN old.state IS NOT new.state OR old.group_id IS NOT new.group_id BEGIN "
+        "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
+        "INSERT INTO task_counts VALUES (new.group_id, new.state, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN "
+        "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
+        "END",
+    ),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -2346,8 +2881,9 @@ class Store:
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         for number, script in enumerate(_SCHEMA[version:], version + 1):
+            statements = script if isinstance(script, tuple) else script.split(";")
             with self.write() as db:
-                for statement in filter(str.strip, script.split(";")):
+                for statement in filter(str.strip, statements):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={number}")
 
@@ -2636,7 +3172,8 @@ class Store:
         """Workers silent since before `silent_since`, past their lifetime, or running a
         task far past its timeout."""
         return self.all(
-            "SELECT w.id, w.uuid FROM workers w LEFT JOIN tasks t ON t.id = w.task_id "
+            "SELECT w.id, w.uuid, w.expires_at FROM workers w LEFT JOIN tasks t "
+            "ON t.id = w.task_id "
             "AND t.state = 'Running' WHERE w.last_heartbeat < ? OR w.expires_at < ? "
             "OR t.updated_at + t.timeout + ? < ?", silent_since, now, REQUEUE_GRACE, now)
 
@@ -2874,12 +3411,11 @@ class Store:
             f"SELECT name FROM groups WHERE {self._in_groups('id', group_ids)} ORDER BY name")]
 
     def task_counts(self, group_ids):
-        """[(group name, state, count)], from the (group_id, state) index."""
+        """[(group name, state, count)], from the counts the triggers keep."""
         return self.all(
-            "SELECT g.name AS group_name, c.state, c.n FROM (SELECT group_id, state, "
-            "COUNT(*) AS n FROM tasks WHERE "
-            f"{self._in_groups('group_id', group_ids)} GROUP BY group_id, state) c "
-            "JOIN groups g ON g.id = c.group_id ORDER BY g.name, c.state")
+            "SELECT g.name AS group_name, c.state, c.n FROM task_counts c "
+            "JOIN groups g ON g.id = c.group_id WHERE c.n > 0 AND "
+            f"{self._in_groups('c.group_id', group_ids)} ORDER BY g.name, c.state")
 
     def running_tasks(self, group_ids, limit=100):
         """Running tasks, longest running first, with when they started and on which worker."""
@@ -2899,16 +3435,17 @@ class Store:
             f"('Finished', 'Cancelled') AND {self._in_groups('t.group_id', group_ids)} "
             "GROUP BY minute", since, since)}
 
-    def recent_failures(self, group_ids, limit=10):
-        """The last tasks that ended with a non-zero exit or a failure message (a user's
-        cancellation is no failure)."""
+    def recent_failures(self, group_ids, since, limit=10):
+        """The last tasks that ended since `since` with a non-zero exit or a failure
+        message (a user's cancellation is no failure)."""
         return self.all(
             "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
             "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
-            "g.id = t.group_id WHERE e.event IN ('Finished', 'Cancelled') AND "
+            "g.id = t.group_id WHERE e.at >= ? AND e.event IN ('Finished', 'Cancelled') AND "
             "(json_extract(t.result, '$.exit_status') != 0 OR "
             "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != 'UserCancellation')"
-            f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?", limit)
+            f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?",
+            since, limit)
 
     def oldest_ready(self, group_ids):
         return self.one(
@@ -3336,6 +3873,38 @@ def path_kind(text):
         raise HttpError(400, str(error)) from None
 
 
+class Liveness:
+    """What the coordinator knows of its workers' liveness beyond the Store: every
+    authenticated worker request counts as a heartbeat (a long-polling worker with a
+    long heartbeat interval is alive), and which workers were dropped for silence, so
+    that their 401 tells them to register again (issue 8 §2) while a worker shut down
+    or at the end of its lifetime hears that it must leave. In memory: after a restart
+    an unknown worker is told to leave."""
+
+    DROPS_KEPT = 10000  # the newest drops remembered: a dropped worker asks within minutes
+
+    def __init__(self, store, heartbeat_timeout):
+        self.store = store
+        self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
+        self.drops = {}  # uuid -> None, oldest first; dict operations are atomic
+
+    def heard_from(self, worker):
+        if time.time() - worker["last_heartbeat"] >= self.every:
+            self.store.heartbeat(worker["id"])
+
+    def dropped(self, uuids):
+        for worker_uuid in uuids:
+            self.drops[worker_uuid] = None
+        for old in list(self.drops)[:max(0, len(self.drops) - self.DROPS_KEPT)]:
+            self.drops.pop(old, None)
+
+    def why_gone(self, worker_uuid):
+        if worker_uuid in self.drops:
+            return (f"worker {worker_uuid} was {WORKER_DROPPED} longer than the heartbeat "
+                    f"timeout; register again")
+        return "this worker is not registered (or was shut down)"
+
+
 class Coordinator:
     """The coordinator's rules (auth, roles, matching, liveness) and its API handlers.
     The routing table, ROUTES, follows the class."""
@@ -3348,6 +3917,7 @@ class Coordinator:
         self.signer = Signer(load_secret(os.path.join(self.state_dir, "secret")))
         self.store = Store(os.path.join(self.state_dir, "mitosis.db"), settings.tag_matching)
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
+        self.liveness = Liveness(self.store, settings.heartbeat_timeout)
         self.outputs = TaskOutputs()
         self.stopping = threading.Event()
         self.public_url = settings.public_url  # run_coordinator sets the bound one if None
@@ -3372,7 +3942,8 @@ class Coordinator:
             req.worker = (payload.get("k") == "worker"
                           and self.store.auth_worker(payload.get("sub")))
             if not req.worker:
-                raise HttpError(401, "this worker is not registered (or was shut down)")
+                raise HttpError(401, self.liveness.why_gone(payload.get("sub")))
+            self.liveness.heard_from(req.worker)
             return
         user = self.token_user(payload, kind)
         if not user:
@@ -3402,6 +3973,13 @@ class Coordinator:
             raise forbidden(f"user {req.user['username']} needs the {ROLE_NAMES[need]} role "
                             f"in group {name}")
         return group
+
+    def listed_group(self, req, name, need):
+        """group_of for the list and batch routes, where upstream's check_task_list_query
+        answers an unknown group with 400, not 404."""
+        if self.store.group(name) is None:
+            raise HttpError(400, f"group {name} not found")
+        return self.group_of(req, name, need)
 
     def task_of(self, req, task_uuid, need):
         task = self.store.task(path_uuid(task_uuid))
@@ -3434,6 +4012,8 @@ class Coordinator:
                 if dead:
                     log.warning("removing silent or overdue workers: %s",
                                 ", ".join(row["uuid"] for row in dead))
+                    self.liveness.dropped(row["uuid"] for row in dead
+                                          if row["expires_at"] >= now)
                     self.store.remove_workers([row["id"] for row in dead])
             except sqlite3.Error:
                 log.exception("liveness check failed")
@@ -3498,7 +4078,10 @@ class Coordinator:
         self.store.create_group(name, req.user)
 
     def get_group(self, req, group):
+        """GroupQueryInfo; its members only for those who manage them (upstream shows
+        users_in_group to the group's Admins only)."""
         row = self.group_of(req, group, READ)
+        manager = req.user["admin"] or self.store.group_role(req.user["id"], row["id"]) >= ADMIN
         tasks, workers = self.store.group_counts(row["id"])
         creator = self.store.user_by_id(row["creator_id"])
         return {"group_name": row["name"], "creator_username": creator["username"],
@@ -3506,22 +4089,24 @@ class Coordinator:
                 "state": row["state"], "task_count": tasks,
                 "storage_quota": row["storage_quota"], "storage_used": row["storage_used"],
                 "worker_count": workers,
-                "users_in_group": role_names(self.store.group_members(row["id"]))}
+                "users_in_group": role_names(self.store.group_members(row["id"]))
+                if manager else None}
 
     @staticmethod
     def ids_of(names, lookup, what):
-        """{name: id} of existing users or groups; 404 naming the first that is not."""
-        found = {}
-        for name in names:
-            row = lookup(name)
-            if row is None:
-                raise not_found(f"{what} {name}")
-            found[name] = row["id"]
-        return found
+        """{name: id} of a non-empty list of existing users or groups; 400 naming those
+        that do not exist, as upstream answers (service/group.rs, worker/mod.rs)."""
+        if not names:
+            raise HttpError(400, f"no {what} given")
+        found = {name: lookup(name) for name in names}
+        missing = sorted(name for name, row in found.items() if row is None)
+        if missing:
+            raise HttpError(400, f"some {what}s do not exist: {', '.join(missing)}")
+        return {name: row["id"] for name, row in found.items()}
 
     def update_members(self, req, group):
-        row = self.group_of(req, group, ADMIN)
         relations = field(req.body(), "relations", roles_map)
+        row = self.group_of(req, group, ADMIN)
         ids = self.ids_of(relations, self.store.user, "user")
         roles = {ids[name]: role for name, role in relations.items()}
         if roles.get(row["creator_id"], ADMIN) < ADMIN:
@@ -3568,7 +4153,7 @@ class Coordinator:
         return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
-        row = self.group_of(req, group, READ)
+        row = self.listed_group(req, group, READ)
         body = req.body()
         part = field(body, "key", a_str, None) or field(body, "key_prefix", a_str, None)
         limit, offset = field(body, "limit", a_size, None), field(body, "offset", a_size, None)
@@ -3604,7 +4189,7 @@ class Coordinator:
         return found
 
     def attachments_by_filter(self, req, group, need):
-        row = self.group_of(req, group, need)
+        row = self.listed_group(req, group, need)
         body = req.body()
         rows = self.store.query_attachments(row["id"], field(body, "key", a_str, None),
                                             field(body, "limit", a_size, None),
@@ -3616,8 +4201,8 @@ class Coordinator:
         return self.attachment_downloads(req, row, keys)
 
     def download_attachments_list(self, req, group):
-        row = self.group_of(req, group, READ)
-        keys = field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, READ)
+        keys = field(req.body(), "keys", some_of(strs, "keys"))
         return self.attachment_downloads(req, row, keys)
 
     def attachment_downloads(self, req, group, keys):
@@ -3635,8 +4220,8 @@ class Coordinator:
         return {"deleted_count": deleted, "group_name": group}
 
     def delete_attachments_list(self, req, group):
-        row = self.group_of(req, group, WRITE)
-        failed = [key for key in field(req.body(), "keys", strs)
+        row = self.listed_group(req, group, WRITE)
+        failed = [key for key in field(req.body(), "keys", some_of(strs, "keys"))
                   if not self.drop_attachment(row["id"], key)]
         return {"deleted_count": len(req.body()["keys"]) - len(failed), "failed_keys": failed,
                 "group_name": group}
@@ -3899,10 +4484,8 @@ class Coordinator:
 
     def worker_groups(self, req, worker):
         relations = field(req.body(), "relations", roles_map)
-        if not relations:
-            raise HttpError(400, "empty group relations")
         row = self.worker_of(req, worker, ADMIN)
-        self.existing_groups(relations)  # 400 for an unknown one, as upstream
+        self.ids_of(relations, self.store.group, "group")
         roles, refused = self.servable_groups(req.user, relations)
         if refused:
             raise forbidden(f"user {req.user['username']} needs the Write role in group "
@@ -3918,18 +4501,9 @@ class Coordinator:
         self.drop_worker_groups(req, worker, field(req.body(), "groups", strs))
 
     def drop_worker_groups(self, req, worker, names):
-        if not names:
-            raise HttpError(400, "empty group names")
         row = self.worker_of(req, worker, ADMIN)
-        self.store.remove_worker_groups(row["id"], self.existing_groups(names).values())
-
-    def existing_groups(self, names):
-        """{name: id}; 400 if one does not exist, as upstream answers for worker groups."""
-        found = {name: self.store.group(name) for name in names}
-        missing = sorted(name for name, row in found.items() if row is None)
-        if missing:
-            raise HttpError(400, f"some groups do not exist: {', '.join(missing)}")
-        return {name: row["id"] for name, row in found.items()}
+        self.store.remove_worker_groups(row["id"],
+                                        self.ids_of(names, self.store.group, "group").values())
 
     # -- tasks
 
@@ -3993,9 +4567,7 @@ class Coordinator:
         caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
         name = filters["group_name"] or req.user["username"]
-        if self.store.group(name) is None:  # 400 as upstream's check_task_list_query
-            raise HttpError(400, f"group {name} not found")
-        group_ids = [self.group_of(req, name, need)["id"]]
+        group_ids = [self.listed_group(req, name, need)["id"]]
         return filters, self.store.query_tasks(filters, group_ids, count)
 
     def query_tasks(self, req):
@@ -4057,7 +4629,7 @@ class Coordinator:
         body = req.body()
         kind = field(body, "content_type", a_kind)
         rows, failed = [], []
-        for task_uuid in field(body, "uuids", uuids):
+        for task_uuid in field(body, "uuids", some_uuids):
             try:
                 rows.append(self.task_of(req, task_uuid, need))
             except HttpError:
@@ -4764,6 +5336,7 @@ def run_coordinator(args):
 
 STALE_FRACTION = 2 / 3      # silent this part of --heartbeat-timeout: a worker is "stale"
 THROUGHPUT_WINDOW = 3600    # the overview's chart: tasks ended per minute, last hour
+FAILURES_WINDOW = 86400     # "recent failures": those of the last day
 OUTPUT_TAIL = 4096          # bytes of stdout/stderr shown on a finished task's page
 TAIL_ARCHIVE_LIMIT = 1 << 20  # a larger std-log archive is not unpacked on a request:
                               # reading a tar.gz's last bytes means inflating all of it
@@ -4939,8 +5512,8 @@ class DashboardViews:
                             for row in self.store.running_tasks(groups)],
                 "throughput": self.throughput(groups, now),
                 "oldest_waiting": self.oldest_waiting(groups, now),
-                "recent_failures": [self.failure_entry(row)
-                                    for row in self.store.recent_failures(groups)]}
+                "recent_failures": [self.failure_entry(row) for row in
+                                    self.store.recent_failures(groups, now - FAILURES_WINDOW)]}
 
     def workers(self, user, now):
         stale_before = self.stale_before(now)
@@ -5674,11 +6247,116 @@ def human_age(text):
             return f"{int(max(seconds, 0) // size)}{unit} ago"
 
 
-def print_table(headers, rows):
+def print_table(headers, rows, room=None):
+    """Columns two spaces apart; with `room` (a terminal's width), the widest columns
+    are narrowed until a row fits, their cut cells ending in "…"."""
     rows = [[str(cell) for cell in row] for row in rows]
     widths = [max([len(str(h))] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    if room is not None:
+        widths = fit_widths(widths, room)
     for row in [headers, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(clip(str(cell), width).ljust(width)
+                        for cell, width in zip(row, widths)).rstrip())
+
+
+MIN_COLUMN = 8  # a column narrowed to fit a terminal keeps at least this many characters
+
+
+def fit_widths(widths, room):
+    widths = list(widths)
+    excess = sum(widths) + 2 * (len(widths) - 1) - room
+    while excess > 0 and max(widths) > MIN_COLUMN:
+        widest = widths.index(max(widths))
+        widths[widest] -= 1
+        excess -= 1
+    return widths
+
+
+def clip(text, width):
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# ---- uuids on a terminal: shortened as git does, unique prefixes accepted ----------------
+
+SHORT_UUID = 8
+MIN_PREFIX = 4
+QUERY_PAGE = 1000
+
+
+def short_uuids(uuids):
+    """Each uuid -> its first SHORT_UUID characters, or more where another of `uuids`
+    shares them (git's abbreviated hashes)."""
+    ordered = sorted(set(uuids))
+    names = {}
+    for i, one in enumerate(ordered):
+        shared = max((len(os.path.commonprefix([one, ordered[j]]))
+                      for j in (i - 1, i + 1) if 0 <= j < len(ordered)), default=0)
+        names[one] = one[:max(SHORT_UUID, shared + 1)]
+    return names
+
+
+def full_uuid(text):
+    with contextlib.suppress(ValueError):
+        return str(uuidlib.UUID(text))
+    return None
+
+
+def uuid_prefix(text):
+    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): UsageError else."""
+    prefix = text.strip().lower()
+    if len(prefix.replace("-", "")) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f-]{1,36}", prefix):
+        raise UsageError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
+                         f"hex digits")
+    return prefix
+
+
+def one_match(text, candidates, what):
+    """The one uuid among `candidates` that starts with prefix `text`."""
+    found = sorted({c for c in candidates if c.startswith(text)})
+    if not found:
+        raise ClientError(f"no {what} uuid starts with {text}")
+    if len(found) > 1:
+        raise UsageError(f"{what} uuid prefix {text} is ambiguous: {', '.join(found)}")
+    return found[0]
+
+
+def resolve_task(client, text):
+    """A task's uuid from a unique prefix, looked up in the tasks of the user's groups."""
+    prefix = uuid_prefix(text)
+    if full_uuid(prefix):
+        return full_uuid(prefix)
+    candidates = []
+    for group in client.call("GET", "/users/groups")["groups"]:
+        offset = 0
+        while True:
+            page = client.call("POST", "/tasks/query", {
+                "group_name": group, "limit": QUERY_PAGE, "offset": offset,
+                "count": False})["tasks"]
+            candidates += [task["uuid"] for task in page]
+            offset += len(page)
+            if len(page) < QUERY_PAGE:
+                break
+    return one_match(prefix, candidates, "task")
+
+
+def resolve_worker(client, text):
+    prefix = uuid_prefix(text)
+    if full_uuid(prefix):
+        return full_uuid(prefix)
+    workers = client.call("POST", "/workers/query", {"count": False})["workers"]
+    return one_match(prefix, [worker["worker_id"] for worker in workers], "worker")
+
+
+def resolve_uuid_args(client, args):
+    """Wherever a command takes task or worker uuids (`uuid`, `uuids`), a unique prefix
+    stands for the whole uuid."""
+    resolve = {"tasks": resolve_task, "workers": resolve_worker}.get(args.command)
+    if resolve is None:
+        return
+    if isinstance(getattr(args, "uuid", None), str):
+        args.uuid = resolve(client, args.uuid)
+    if getattr(args, "uuids", None):  # "a,b" or "a b", as upstream's lists
+        args.uuids = [resolve(client, text) for text in split_list(args.uuids)]
 
 
 def exit_code_of(raw_status):
@@ -5767,12 +6445,13 @@ def extractable(member, root, archive):
 class Client:
     """The client's state: settings, a lazily logged-in HTTP client and output mode."""
 
-    def __init__(self, settings, as_json=False):
-        self.settings, self.as_json = settings, as_json
+    def __init__(self, settings, as_json=False, verbose=False):
+        self.settings, self.as_json, self.verbose = settings, as_json, verbose
         self.http = Http(settings.coordinator_addr, ssl_context=client_ssl_context(settings))
         self.username = None
 
-    def login(self, force=False):
+    def login(self, force=False, patient=False):
+        """Log in (or take the stored token); `patient`: Unreachable passes, for call()."""
         s = self.settings
         try:
             self.username, self.http.token = login(self.http, s.user, s.password,
@@ -5781,6 +6460,8 @@ class Client:
         except ApiError as error:
             raise ClientError(f"login failed: {error.msg}") from None
         except (Unreachable, CertificateRefused) as error:
+            if patient and isinstance(error, Unreachable):
+                raise
             raise ClientError(f"cannot reach the coordinator: {error}") from None
 
     def group_or_mine(self, group):
@@ -5789,15 +6470,42 @@ class Client:
             self.login()
         return group or self.username
 
-    def call(self, method, path, payload=None, params=None):
-        if self.http.token is None:
-            self.login()
-        try:
-            return self.http.api(method, path, payload, params)
-        except ApiError as error:
-            raise ClientError(f"{method} {path} failed ({error.status}): {error.msg}") from None
-        except (Unreachable, CertificateRefused) as error:
-            raise ClientError(f"cannot reach the coordinator: {error}") from None
+    def call(self, method, path, payload=None, params=None, patient=False):
+        """One API request. `patient` (waits): a coordinator that is restarting is
+        waited for, saying so once, rather than an error."""
+        backoff, said = Backoff(cap=5.0), False
+        while True:
+            try:
+                if self.http.token is None:
+                    self.login(patient=patient)
+                return self.http.api(method, path, payload, params)
+            except ApiError as error:
+                if not (patient and error.status in (502, 503, 504)):
+                    raise ClientError(f"{method} {path} failed ({error.status}): "
+                                      f"{error.msg}") from None
+                problem = error.msg
+            except (Unreachable, CertificateRefused) as error:
+                if not patient or isinstance(error, CertificateRefused):
+                    raise ClientError(f"cannot reach the coordinator: {error}") from None
+                problem = error
+            if not said:
+                clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # a status line
+                print(f"{clear}coordinator unreachable ({problem}); retrying", file=sys.stderr)
+                said = True
+            backoff.sleep(None)
+
+    @property
+    def full_view(self):
+        """Full uuids and unclipped tables: --json, -v, or output that is not a terminal."""
+        return self.as_json or self.verbose or not sys.stdout.isatty()
+
+    def uuid_names(self, uuids):
+        uuids = [u for u in uuids if u]
+        return {u: u for u in uuids} if self.full_view else short_uuids(uuids)
+
+    def table(self, headers, rows):
+        room = None if self.full_view else shutil.get_terminal_size().columns
+        print_table(headers, rows, room)
 
     def show(self, data, render=None):
         if self.as_json or render is None:
@@ -6038,8 +6746,8 @@ def cmd_tasks_submit(client, args):
     if not args.wait:
         client.show(answer, lambda data: print(data["uuid"]))
         return 0
-    print(answer["uuid"], file=sys.stderr)
-    return wait_and_report(client, answer["uuid"], show_output=args.terminal)
+    return wait_and_report(client, answer["uuid"], wait_deadline(args.wait_timeout),
+                           show_output=args.terminal)
 
 
 def cmd_tasks_submit_many(client, args):
@@ -6061,34 +6769,169 @@ def cmd_tasks_submit_many(client, args):
     return 1 if failed else 0
 
 
-def wait_for_task(client, task_uuid):
-    """Poll until the task has its result (archived): Finished or Cancelled."""
-    pause = 0.1
-    while True:
-        task = client.call("GET", f"/tasks/{task_uuid}")
-        if task["info"]["result"] is not None:
-            return task
-        time.sleep(pause)
-        pause = min(pause * 1.5, 2.0)
+# ---- waiting and following: say what is waited for ---------------------------------------
+# A wait polls GET /tasks/{uuid} (patiently: a coordinator restart is ridden out); on a
+# terminal a status line says the state, the time waited and the worker, and the wait
+# says once when no registered worker may take the task. `tasks logs -f` follows the
+# live output (GET /tasks/{uuid}/output) the same way.
+
+WAIT_POLL_CAP = 2.0       # seconds between two looks at a waited-for task, at the most
+WORKERS_LOOK_EVERY = 5.0  # seconds between two looks at the workers (who runs it, who may)
+WAIT_TIMED_OUT = 124      # the exit status of a wait that hit --timeout, as timeout(1)
 
 
-def wait_and_report(client, task_uuid, show_output):
-    """Wait for one task, print its terminal output, exit with its exit code."""
-    task = wait_for_task(client, task_uuid)
-    result = task["info"]["result"]
-    if client.as_json:  # stdout stays one JSON document; the output is an artifact
-        print(json.dumps(task, indent=2))
-    elif show_output and any(a["content_type"] == "std-log" for a in task["artifacts"]):
-        print_terminal_output(client, task_uuid)
+class WaitTimedOut(Exception):
+    """A wait reached its --timeout: the task goes on."""
+
+
+class StatusLine:
+    """One line on stderr, rewritten in place, when stderr is a terminal."""
+
+    def __init__(self):
+        self.enabled, self.shown = sys.stderr.isatty(), False
+
+    def show(self, text):
+        if self.enabled:
+            width = shutil.get_terminal_size().columns - 1
+            sys.stderr.write("\r\x1b[K" + clip(text, width))
+            sys.stderr.flush()
+            self.shown = True
+
+    def say(self, text):
+        """A line of its own, above the status line."""
+        self.clear()
+        print(text, file=sys.stderr)
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def tags_may_match(worker_tags, task_tags):
+    """Either coordinator rule (worker-subset here, task-subset in Rust) could match."""
+    return set(worker_tags) <= set(task_tags) or set(task_tags) <= set(worker_tags)
+
+
+def why_no_worker(info, workers):
+    """Why no registered worker may take the task, or None when one may."""
+    group, tags = info["group_name"], info["tags"]
+    if not workers:
+        return f"no registered worker serves group {group}"
+    if not any(tags_may_match(w["tags"], tags) for w in workers):
+        return (f"no worker of group {group} matches the task's tags "
+                f"[{', '.join(tags)}] (theirs: "
+                f"{'; '.join(sorted({','.join(w['tags']) or '-' for w in workers}))})")
+    return None
+
+
+class TaskWait:
+    """Waiting for one task to end, saying what it waits for."""
+
+    def __init__(self, client, task_uuid, deadline=None):
+        self.client, self.uuid, self.deadline = client, task_uuid, deadline
+        self.line = StatusLine()
+        self.start = time.monotonic()
+        self.looked, self.worker, self.hinted = None, None, False
+
+    def run(self):
+        """The task once it has its result; WaitTimedOut past the deadline."""
+        pause = 0.1
+        try:
+            while True:
+                task = self.client.call("GET", f"/tasks/{self.uuid}", patient=True)
+                if task["info"]["result"] is not None:
+                    return task
+                now = time.monotonic()
+                if self.deadline is not None and now >= self.deadline:
+                    raise WaitTimedOut()
+                self.look_at_workers(task["info"])
+                self.line.show(self.status(task["info"], now - self.start))
+                time.sleep(pause if self.deadline is None else
+                           max(0.0, min(pause, self.deadline - now)))
+                pause = min(pause * 1.5, WAIT_POLL_CAP)
+        finally:
+            self.line.clear()
+
+    def status(self, info, waited):
+        where = f" on worker {self.worker[:SHORT_UUID]}" if self.worker else ""
+        return (f"task {self.uuid[:SHORT_UUID]}: {info['state']} "
+                f"{format_duration(int(waited)) or '0s'}{where}")
+
+    def look_at_workers(self, info):
+        """Every few seconds: which worker runs the task, or why none may take it."""
+        now = time.monotonic()
+        if self.looked is not None and now - self.looked < WORKERS_LOOK_EVERY:
+            return
+        self.looked = now
+        try:
+            workers = self.client.call("POST", "/workers/query", {
+                "group_name": info["group_name"], "count": False})["workers"]
+        except ClientError:  # the user may not see them: no hint rather than a failure
+            return
+        self.worker = next((w["worker_id"] for w in workers
+                            if w["assigned_task_id"] == self.uuid), None)
+        why = why_no_worker(info, workers) if info["state"] in ("Ready", "Pending") else None
+        if why and not self.hinted:
+            self.line.say(f"task {self.uuid} waits: {why}")
+        self.hinted = bool(why)
+
+
+def task_exit(task):
+    """The exit status a wait ends with: the task's code, 1 if it failed otherwise."""
+    info = task["info"]
+    result = info["result"]
     code = exit_code_of(result["exit_status"])
     if result.get("msg"):
-        print(f"task {task_uuid} {task['info']['state'].lower()}: {result['msg']}",
+        print(f"task {info['uuid']} {info['state'].lower()}: {result['msg']}",
               file=sys.stderr)
         code = code or 1
     return code
 
 
-def print_terminal_output(client, task_uuid):
+def wait_deadline(timeout):
+    """The monotonic time a --timeout DURATION ends at (None: no timeout)."""
+    return None if timeout is None else time.monotonic() + parse_duration(timeout)
+
+
+def wait_task(client, task_uuid, deadline):
+    """TaskWait.run; cut short (timeout, Ctrl-C), it says what becomes of the task."""
+    try:
+        return TaskWait(client, task_uuid, deadline).run()
+    except WaitTimedOut:
+        raise SystemExit(task_goes_on(client, task_uuid, "timed out")) from None
+    except KeyboardInterrupt:
+        raise SystemExit(task_goes_on(client, task_uuid, "stopped")) from None
+
+
+def task_goes_on(client, task_uuid, how):
+    """Say that the task goes on without us, and how to cancel it; the exit status."""
+    try:
+        state = client.call("GET", f"/tasks/{task_uuid}")["info"]["state"]
+    except ClientError:
+        state = "state unknown"
+    print(f"{how} waiting for task {task_uuid} ({state}): it " + (
+        f"keeps waiting in the queue; cancel it with: mito.py client tasks cancel "
+        f"{task_uuid}" if state in ("Ready", "Pending") else
+        "keeps running (a task that has started cannot be cancelled)"), file=sys.stderr)
+    return WAIT_TIMED_OUT if how == "timed out" else 130
+
+
+def wait_and_report(client, task_uuid, deadline, show_output):
+    """Print the uuid, wait for the task, print its terminal output, return its code."""
+    if not client.as_json:
+        print(task_uuid, flush=True)
+    task = wait_task(client, task_uuid, deadline)
+    if client.as_json:  # stdout stays one JSON document; the output is an artifact
+        print(json.dumps(task, indent=2))
+    elif show_output and any(a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, task_uuid)
+    return task_exit(task)
+
+
+def print_terminal_output(client, task_uuid, streams=("stdout", "stderr")):
+    """The task's std-log artifact, each stream to ours: the whole output."""
     answer = client.call("GET", f"/tasks/{task_uuid}/download/artifacts/std-log")
     folder = os.path.join(cache_home(), "client")
     os.makedirs(folder, exist_ok=True)
@@ -6096,28 +6939,74 @@ def print_terminal_output(client, task_uuid):
     client.download(answer["url"], archive, answer["size"], "std-log")
     try:
         with tarfile.open(archive) as tar:
-            for name, stream in (("std-log/stdout.log", sys.stdout),
-                                 ("std-log/stderr.log", sys.stderr)):
+            for name in streams:
+                target = sys.stdout if name == "stdout" or len(streams) == 1 else sys.stderr
                 with contextlib.suppress(KeyError):
-                    stream.flush()
-                    shutil.copyfileobj(tar.extractfile(name), stream.buffer)
-                    stream.flush()
+                    target.flush()
+                    shutil.copyfileobj(tar.extractfile(f"std-log/{name}.log"), target.buffer)
+                    target.flush()
     finally:
         os.unlink(archive)
+
+
+FOLLOW_EVERY = 1.0  # seconds between two looks at a followed task's output
+
+
+def print_live_output(client, task_uuid, stream, follow):
+    """Print the stream's kept output from its start; with `follow`, until the
+    coordinator says no more will come. Whether anything was printed."""
+    offset, printed = 0, False
+    while True:
+        answer = client.call("GET", f"/tasks/{task_uuid}/output", patient=follow,
+                             params={"stream": stream, "offset": offset})
+        if answer["offset"] > offset:
+            print(f"[mito: {answer['offset'] - offset} bytes of {stream} not kept]",
+                  file=sys.stderr)
+        sys.stdout.write(answer["data"])
+        sys.stdout.flush()
+        printed = printed or bool(answer["data"])
+        moved, offset = answer["next"] != offset, answer["next"]
+        if answer["finished"] or (not follow and not moved):
+            return printed
+        if not moved:
+            time.sleep(FOLLOW_EVERY)
+
+
+def cmd_tasks_logs(client, args):
+    task = client.call("GET", f"/tasks/{args.uuid}")
+    if not task["info"]["spec"].get("terminal_output"):
+        raise ClientError(f"task {args.uuid} was submitted without --terminal: it keeps "
+                          f"no output")
+    stream = "stderr" if args.stderr else "stdout"
+    if task["info"]["result"] is None:  # not ended: its live output
+        try:
+            printed = print_live_output(client, args.uuid, stream, args.follow)
+        except KeyboardInterrupt:
+            return task_goes_on(client, args.uuid, "stopped")
+        if not args.follow:
+            return 0
+        task = wait_task(client, args.uuid, None)
+        if printed:
+            return task_exit(task)
+    # ended: the std-log artifact holds the whole output (the live one keeps a tail,
+    # and a coordinator restart forgets it)
+    if any(a["content_type"] == "std-log" for a in task["artifacts"]):
+        print_terminal_output(client, args.uuid, (stream,))
+    return task_exit(task) if args.follow else 0
 
 
 def render_task(task):
     info = task["info"]
     result = info["result"]
     rows = [("uuid", info["uuid"]), ("state", info["state"]),
-            ("exit", "-" if result is None else exit_code_of(result["exit_status"])),
+            ("exit", shown_exit(info)),
             ("message", (result or {}).get("msg") or "-"),
             ("group", info["group_name"]), ("creator", info["creator_username"]),
             ("tags", ",".join(info["tags"]) or "-"), ("labels", ",".join(info["labels"]) or "-"),
             ("priority", info["priority"]), ("timeout", format_duration(info["timeout"])),
             ("created", human_age(info["created_at"])),
             ("updated", human_age(info["updated_at"])),
-            ("command", " ".join(info["spec"]["args"]))]
+            ("command", shlex.join(info["spec"]["args"]))]
     rows += [(f"artifact {a['content_type']}", human_size(a["size"])) for a in task["artifacts"]]
     for name, value in rows:
         print(f"{name:>18}  {value}")
@@ -6139,26 +7028,37 @@ def task_filter_request(args):
     return {key: value for key, value in request.items() if value is not None}
 
 
-def render_tasks(data):
+def shown_exit(info):
+    """A task's exit code, or "-" when it has none: not ended yet, or cancelled before
+    any worker ran it (its result then says exit 0, which it never had)."""
+    result = info["result"]
+    if not result or (result.get("msg") == "UserCancellation" and not info.get("reporter_uuid")):
+        return "-"
+    return exit_code_of(result["exit_status"])
+
+
+def render_tasks(client, data):
     if not data["tasks"]:
         print(f"{data['count']} task(s)")
         return
-    print_table(["UUID", "STATE", "EXIT", "PRI", "GROUP", "CREATED", "COMMAND"], [
-        (t["uuid"], t["state"],
-         "-" if not t["result"] else exit_code_of(t["result"]["exit_status"]),
-         t["priority"], t["group_name"], human_age(t["created_at"]),
-         " ".join(t["spec"]["args"])[:40]) for t in data["tasks"]])
+    names = client.uuid_names(t["uuid"] for t in data["tasks"])
+    client.table(["UUID", "STATE", "EXIT", "PRI", "GROUP", "CREATED", "COMMAND"], [
+        (names[t["uuid"]], t["state"], shown_exit(t), t["priority"], t["group_name"],
+         human_age(t["created_at"]), shlex.join(t["spec"]["args"])) for t in data["tasks"]])
 
 
 def cmd_tasks_query(client, args):
     request = task_filter_request(args)
     request.update(limit=args.limit, offset=args.offset, count=args.count)
-    answer = client.call("POST", "/tasks/query", request)
-    client.show(answer, None if args.verbose else render_tasks)
+    client.verbose = client.verbose or getattr(args, "verbose", False)
+    client.show(client.call("POST", "/tasks/query", request),
+                lambda data: render_tasks(client, data))
 
 
 def cmd_tasks_wait(client, args):
-    codes = [wait_and_report(client, task_uuid, show_output=False) for task_uuid in args.uuids]
+    deadline = wait_deadline(args.timeout)
+    codes = [wait_and_report(client, task_uuid, deadline, show_output=False)
+             for task_uuid in args.uuids]
     return max(codes, default=0)
 
 
@@ -6308,7 +7208,7 @@ def cmd_artifacts_upload(client, args):
 
 def cmd_artifacts_list(client, args):
     task = client.call("GET", f"/tasks/{args.uuid}")
-    client.show(task["artifacts"], lambda data: print_table(
+    client.show(task["artifacts"], lambda data: client.table(
         ["KIND", "SIZE", "UPDATED"],
         [(a["content_type"], human_size(a["size"]), human_age(a["updated_at"])) for a in data]))
 
@@ -6353,7 +7253,7 @@ def cmd_groups_remove_user(client, args):
 
 def cmd_groups_list(client, args):
     client.show(client.call("GET", "/users/groups"),
-                lambda data: print_table(["GROUP", "ROLE"], data["groups"].items()))
+                lambda data: client.table(["GROUP", "ROLE"], data["groups"].items()))
 
 
 # ---- attachments -----------------------------------------------------------------------------
@@ -6418,7 +7318,7 @@ def cmd_attachments_query(client, args):
     answer = client.call("POST", f"/groups/{client.group_or_mine(args.group)}/attachments/query",
                          {"key": args.key, "limit": args.limit, "offset": args.offset,
                           "count": args.count})
-    client.show(answer, lambda data: print_table(
+    client.show(answer, lambda data: client.table(
         ["KEY", "SIZE", "UPDATED"],
         [(a["key"], human_size(a["size"]), human_age(a["updated_at"]))
          for a in data["attachments"]]) if data["attachments"] else
@@ -6468,16 +7368,19 @@ def cmd_attachments_delete_list(client, args):
 # ---- workers ------------------------------------------------------------------------------
 
 
-def render_workers(data):
-    print_table(["UUID", "STATE", "TAGS", "LABELS", "CREATOR", "HEARTBEAT", "TASK"], [
-        (w["worker_id"], w["state"], ",".join(w["tags"]) or "-", ",".join(w["labels"]) or "-",
-         w["creator_username"], human_age(w["last_heartbeat"]), w["assigned_task_id"] or "-")
-        for w in data["workers"]])
+def render_workers(client, data):
+    workers = data["workers"]
+    names = client.uuid_names([w["worker_id"] for w in workers] +
+                              [w["assigned_task_id"] for w in workers])
+    client.table(["UUID", "STATE", "TAGS", "LABELS", "CREATOR", "HEARTBEAT", "TASK"], [
+        (names[w["worker_id"]], w["state"], ",".join(w["tags"]) or "-",
+         ",".join(w["labels"]) or "-", w["creator_username"], human_age(w["last_heartbeat"]),
+         names.get(w["assigned_task_id"], "-")) for w in workers])
 
 
 def cmd_workers_get(client, args):
     def render(data):
-        render_workers({"workers": [data["info"]]})
+        render_workers(client, {"workers": [data["info"]]})
         for group, role in data["groups"].items():
             print(f"  group {group}: {role}")
     client.show(client.call("GET", f"/workers/{args.uuid}"), render)
@@ -6491,10 +7394,11 @@ def worker_filter_request(args):
 
 
 def cmd_workers_query(client, args):
+    client.verbose = client.verbose or getattr(args, "verbose", False)
     answer = client.call("POST", "/workers/query",
                          dict(worker_filter_request(args), count=args.count))
-    client.show(answer, None if args.verbose else lambda data: render_workers(data) if
-                data["workers"] else print(f"{data['count']} worker(s)"))
+    client.show(answer, lambda data: render_workers(client, data) if data["workers"] else
+                print(f"{data['count']} worker(s)"))
 
 
 def requested_shutdown_op(args):
@@ -6712,7 +7616,8 @@ def add_help_command(commands, parser):
         help_root=parser)
 
 
-UUID_ARG = (("uuid",), {"type": parse_uuid, "help": "The UUID"})
+UUID_ARG = (("uuid",), {"help": "The UUID, or a unique prefix of it"})
+FULL_UUID_ARG = (("uuid",), {"type": parse_uuid, "help": "The UUID"})
 KIND_ARG = (("kind",), {"type": parse_artifact_kind, "metavar": "CONTENT_TYPE",
                         "help": "result, exec-log or std-log"})
 OUTPUT_DIR = (("-o", "--output"), {"help": "The directory to download to (default: .)"})
@@ -6726,6 +7631,8 @@ CONCURRENT = (("--concurrent",), {"type": int, "default": 1,
 SMART = (("-s", "--smart"), {"action": "store_true",
                              "help": "Without -g, the key's first component names the group "
                                      "(GROUP/KEY)"})
+VERBOSE = (("-v", "--verbose"), {"action": "store_true", "default": argparse.SUPPRESS,
+                                 "help": "Full uuids and columns (as client -v)"})
 FORCE = (("-f", "--force"), {"action": "store_true",
                              "help": "Now, not gracefully: a running task is requeued"})
 TAGS_HELP = ("Tags the task needs. Default rule (--tag-matching worker-subset): a worker "
@@ -6770,8 +7677,11 @@ def add_tasks_commands(commands):
         (("--watch",), {"type": parse_watch, "metavar": "UUID,STATE",
                         "help": "Start only once that task reaches STATE, e.g. ExecSpawned"}),
         (("--wait",), {"action": "store_true",
-                       "help": "Wait for the task, show its output (with --terminal), exit with "
-                               "its exit code"}),
+                       "help": "Print the uuid, wait for the task, show its output (with "
+                               "--terminal), exit with its exit code"}),
+        (("--wait-timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
+                               "help": f"Stop waiting after this long (exit status "
+                                       f"{WAIT_TIMED_OUT}; the task goes on)"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
     add_command(tasks, "submit-many", cmd_tasks_submit_many, "Submit tasks from a JSON file",
                 (("-f", "--file"), {"required": True,
@@ -6779,8 +7689,7 @@ def add_tasks_commands(commands):
     add_command(tasks, "get", cmd_tasks_get, "Show a task", UUID_ARG)
     query = add_command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
                         (("--limit",), {"type": int}), (("--offset",), {"type": int}),
-                        (("-v", "--verbose"), {"action": "store_true",
-                                               "help": "Every field (JSON)"}),
+                        VERBOSE,
                         (("--count",), {"action": "store_true", "help": "Only count them"}))
     add_task_filters(query)
     cancel = add_command(tasks, "cancel", cmd_tasks_cancel, "Cancel a task that has not started",
@@ -6794,7 +7703,16 @@ def add_tasks_commands(commands):
     add_command(tasks, "cancel-list", cmd_tasks_cancel_list, "Cancel tasks by UUID",
                 (("uuids",), {"nargs": "+", "metavar": "UUIDS"}))
     add_command(tasks, "wait", cmd_tasks_wait, "Wait for tasks to end; exit with the highest code",
-                (("uuids",), {"nargs": "+"}))
+                (("uuids",), {"nargs": "+"}),
+                (("--timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
+                                  "help": f"Stop waiting after this long (exit status "
+                                          f"{WAIT_TIMED_OUT}; the tasks go on)"}))
+    add_command(tasks, "logs", cmd_tasks_logs,
+                "Print what a task (submitted with --terminal) has written so far", UUID_ARG,
+                (("-f", "--follow"), {"action": "store_true",
+                                      "help": "Follow it until the task ends; exit with its "
+                                              "exit code"}),
+                (("--stderr",), {"action": "store_true", "help": "stderr instead of stdout"}))
     add_command(tasks, "update-labels", cmd_tasks_update_labels, "Replace a task's labels",
                 UUID_ARG, (("labels",), {"nargs": "*"}))
     add_command(
@@ -6902,7 +7820,7 @@ def add_workers_commands(commands):
     add_command(workers, "get", cmd_workers_get, "Show a worker", UUID_ARG)
     add_worker_filters(add_command(
         workers, "query", cmd_workers_query, "List workers",
-        (("-v", "--verbose"), {"action": "store_true", "help": "Every field (JSON)"}),
+        VERBOSE,
         (("--count",), {"action": "store_true", "help": "Only count them"})))
     add_command(workers, "cancel", cmd_workers_cancel, "Stop a worker", UUID_ARG, FORCE)
     add_worker_filters(add_command(workers, "cancel-many", cmd_workers_cancel_many,
@@ -6958,10 +7876,10 @@ def add_admin_commands(commands):
     add_attachments_commands(groups, admin=True)
     artifacts = add_branch(add_branch(admin, "tasks", "Manage tasks"), "artifacts",
                            "Tasks' artifacts")
-    add_command(artifacts, "delete", cmd_artifacts_delete, "Delete an artifact", UUID_ARG,
+    add_command(artifacts, "delete", cmd_artifacts_delete, "Delete an artifact", FULL_UUID_ARG,
                 KIND_ARG).set_defaults(route_prefix="/admin")
     workers = add_branch(admin, "workers", "Manage workers")
-    add_command(workers, "cancel", cmd_workers_cancel, "Stop a worker", UUID_ARG,
+    add_command(workers, "cancel", cmd_workers_cancel, "Stop a worker", FULL_UUID_ARG,
                 FORCE).set_defaults(route_prefix="/admin")
 
 
@@ -7013,6 +7931,7 @@ def parse_command_line(parser, argv):
 def run_client_command(client, args):
     """Run one parsed client command; its exit status."""
     try:
+        resolve_uuid_args(client, args)
         return args.action(client, args) or 0
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -7078,7 +7997,7 @@ def shlex_split(line):
 def run_client(args):
     settings = load_settings("client", CLIENT_OPTIONS, vars(args), args.config)
     CredentialFile(settings.credential_path).entries()
-    client = Client(settings, as_json=args.json)
+    client = Client(settings, as_json=args.json, verbose=args.verbose)
     if args.interactive:
         return Shell(client).run()
     if args.command is None:
@@ -7158,6 +8077,8 @@ def build_parser():
     client.add_argument("-i", "--interactive", action="store_true",
                         help="An interactive shell taking the same commands")
     client.add_argument("--json", action="store_true", help="Print the API's JSON")
+    client.add_argument("-v", "--verbose", action="store_true",
+                        help="Full uuids and columns in tables, even on a terminal")
     add_client_commands(client, required=False)
     return parser
 

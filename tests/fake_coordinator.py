@@ -37,10 +37,11 @@ ARTIFACT_KINDS = ("result", "exec-log", "std-log")
 RESULT_MESSAGES = ("FetchResourceTimeout", "ExecTimeout", "UploadResultTimeout",
                    "ResourceNotFound", "ResourceForbidden", "WatchTimeout",
                    "UserCancellation", "SubmitNewTaskFailed")
-# A Commit after "Cancel" names why the task ended early; after "Finish" it may only
-# name what went wrong after the command ran.
+# A Commit after "Cancel" names why the task ended early (or, after an ExecTimeout, that
+# its outputs were lost, as upstream's worker says); after "Finish" it may only name what
+# went wrong after the command ran.
 CANCEL_MESSAGES = {"ExecTimeout", "ResourceNotFound", "ResourceForbidden",
-                   "FetchResourceTimeout", "WatchTimeout"}
+                   "FetchResourceTimeout", "WatchTimeout", "UploadResultTimeout"}
 FINISH_MESSAGES = {None, "UploadResultTimeout", "SubmitNewTaskFailed"}
 HUMANTIME = re.compile(r"^(\s*\d+\s*[a-zA-Z]+\s*)+$")
 
@@ -307,7 +308,8 @@ class FakeCoordinator:
 
     def wait_commit(self, task, timeout=30.0):
         return wait_until(lambda: self.commit(task), timeout,
-                          what=f"the Commit of task {task['id']} {task['spec']['args']}")
+                          what=f"the Commit of task {task['id']} "
+                               f"{(task['spec'] or {}).get('args')}")
 
     def wait_registration(self, count=1, timeout=30.0):
         wait_until(lambda: len(self.registrations) >= count, timeout,

@@ -114,7 +114,7 @@ def test_groups_update_user_and_remove_user(cluster):
     assert cluster.api("GET", f"/groups/{group}")["users_in_group"][bob] == "Admin"
     cluster.client("groups", "remove-user", group, bob, dave).ok()
     assert cluster.api("GET", f"/groups/{group}")["users_in_group"] == {ADMIN: "Admin"}
-    cluster.client("groups", "update-user", group, f"{unique('ghost')}:read").failed(1, "404")
+    cluster.client("groups", "update-user", group, f"{unique('ghost')}:read").failed(1, "400")
 
 
 def test_group_roles_decide_who_may_submit(cluster):
@@ -441,8 +441,8 @@ def test_a_failed_request_is_exit_1_with_one_line(cluster):
     missing = str(uuid.uuid4())
     line = cluster.client("tasks", "get", missing).failed(1, "404", missing)
     assert "not found" in line
-    # what the client can tell is wrong it refuses itself (exit 2), naming the value
-    cluster.client("tasks", "get", "not-a-uuid").failed(2, "not-a-uuid")
+    # not even a uuid prefix: bad usage, caught before any request
+    cluster.client("tasks", "get", "not-a-uuid").failed(2, "bad uuid", "not-a-uuid")
     cluster.client("tasks", "submit", "-g", unique("nogroup"), "--", "true").failed(1, "404")
     cluster.client("tasks", "query", "-s", "sometimes").failed(2, "sometimes")
     cluster.client("tasks", "query", "--exit-status", "sometimes").failed(2, "exit-status")

@@ -31,10 +31,15 @@ def idle(cluster, *args, label=None):
     return submit(cluster, *(["-l", label] if label else []), *args, "--", "true")
 
 
-def uuid_on_stderr(run):
-    found = UUID_RE.search(run.err)
-    assert found, run
-    return found.group(0)
+def uuid_first(run):
+    """`--wait` prints the task's uuid first on stdout (so U=$(... --wait ...) works)."""
+    first = run.out.splitlines()[0] if run.out else ""
+    assert UUID_RE.fullmatch(first), run
+    return first
+
+
+def output_after_uuid(run):
+    return run.out.splitlines()[1:]
 
 
 def query(cluster, *args, cred=None):
@@ -52,9 +57,9 @@ def test_submit_wait_prints_the_terminal_output_and_exits_with_the_task_code(clu
     run = cluster.client("tasks", "submit", "-t", POOL, "--terminal", "--wait", "--",
                          "sh", "-c", script)
     assert run.rc == 7, run
-    assert run.out.splitlines() == ["out"], run
+    assert output_after_uuid(run) == ["out"], run
     assert "err" in run.err.splitlines(), run
-    info = cluster.task(uuid_on_stderr(run))["info"]
+    info = cluster.task(uuid_first(run))["info"]
     assert info["state"] == "Finished"
     assert info["result"] == {"exit_status": 7 << 8, "msg": None}
     assert info["spec"]["args"] == ["sh", "-c", script]
@@ -65,7 +70,7 @@ def test_submit_wait_exit_code_of_a_task_killed_by_a_signal(cluster):
     run = cluster.client("tasks", "submit", "-t", POOL, "--wait", "--",
                          "sh", "-c", "kill -TERM $$")
     assert run.rc == 128 + 15, run
-    assert cluster.task(uuid_on_stderr(run))["info"]["result"]["exit_status"] == 15
+    assert cluster.task(uuid_first(run))["info"]["result"]["exit_status"] == 15
 
 
 def test_submit_prints_the_uuid_and_json_gives_the_answer(cluster):
@@ -83,7 +88,7 @@ def test_submit_options_reach_the_coordinator_and_the_task(cluster):
         "--terminal", "--wait", "--",
         "sh", "-c", 'echo "foo=$FOO empty=[$EMPTY] me=$MITO_TASK_UUID"')
     assert run.rc == 0, run
-    task_uuid = uuid_on_stderr(run)
+    task_uuid = uuid_first(run)
     assert f"foo=bar baz empty=[] me={task_uuid}" in run.out.splitlines(), run
     info = cluster.task(task_uuid)["info"]
     assert info["group_name"] == SHARED
@@ -101,7 +106,7 @@ def test_submit_without_terminal_keeps_no_output(cluster):
     run = cluster.client("tasks", "submit", "-t", POOL, "--wait", "--", "echo", "hidden")
     assert run.rc == 0, run
     assert "hidden" not in run.out
-    task = cluster.task(uuid_on_stderr(run))
+    task = cluster.task(uuid_first(run))
     assert task["info"]["spec"]["terminal_output"] is False
     assert [a["content_type"] for a in task["artifacts"]] == []
 
@@ -115,8 +120,8 @@ def test_submit_with_watch_waits_for_the_upstream_task(cluster, tmp_path):
                          f"{upstream}:TaskCommitted", "--terminal", "--wait", "--",
                          "sh", "-c", f"test -e {flag} && echo after")
     assert run.rc == 0, run
-    assert run.out.splitlines() == ["after"], run
-    assert cluster.task(uuid_on_stderr(run))["info"]["spec"]["watch"] == [upstream,
+    assert output_after_uuid(run) == ["after"], run
+    assert cluster.task(uuid_first(run))["info"]["spec"]["watch"] == [upstream,
                                                                           "TaskCommitted"]
     assert cluster.task(upstream)["info"]["result"] == {"exit_status": 0, "msg": None}
 
@@ -136,8 +141,8 @@ def test_submit_with_attachment_and_artifact_resources(cluster, tmp_path):
         "sh", "-c", 'cat "$MITO_RESOURCE_DIR/in/att.txt"; '
                     'tar xzOf "$MITO_RESOURCE_DIR/up.tar.gz" result/up.txt')
     assert run.rc == 0, run
-    assert run.out.splitlines() == ["attachment content", "upstream"], run
-    spec = cluster.task(uuid_on_stderr(run))["info"]["spec"]
+    assert output_after_uuid(run) == ["attachment content", "upstream"], run
+    spec = cluster.task(uuid_first(run))["info"]["spec"]
     assert spec["resources"] == [
         {"remote_file": {"Attachment": {"key": key}}, "local_path": "in/att.txt"},
         {"remote_file": {"Artifact": {"uuid": upstream, "content_type": "result"}},
@@ -149,7 +154,7 @@ def test_submit_with_a_missing_resource_ends_the_task(cluster):
                          f"attachment:{unique('absent')}=x", "--wait", "--", "true")
     assert run.rc == 1, run
     assert "ResourceNotFound" in run.err
-    assert cluster.task(uuid_on_stderr(run))["info"]["state"] == "Cancelled"
+    assert cluster.task(uuid_first(run))["info"]["state"] == "Cancelled"
 
 
 # ---- get, query, wait -------------------------------------------------------------------------

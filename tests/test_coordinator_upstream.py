@@ -448,3 +448,37 @@ def test_a_worker_runs_what_upstream_accepts_and_goes_on(world):
     assert info["result"]["msg"] == "ExecTimeout"
     worker.assert_alive("worker")
     assert c.wait_task(alice, c.submit(alice, spec("true")))["result"]["exit_status"] == 0
+
+
+def test_group_members_are_managed_with_upstreams_status_codes(world):
+    c = world
+    name, alice = fresh_user(c)
+    reader, bob = fresh_user(c)
+    group = c.group(f"{name}-m", {name: "Admin", reader: "Read"}, creator=alice)
+    members = f"/groups/{group}/users"
+    for method, path, body in (("PUT", members, {"relations": {}}),
+                               ("PUT", members, {"relations": {"no-such-user": "Read"}}),
+                               ("POST", f"{members}/remove", {"users": []}),
+                               ("POST", f"{members}/remove", {"users": ["no-such-user"]})):
+        assert status_of(lambda: alice.api(method, path, body)) == 400, (path, body)
+    assert status_of(lambda: alice.api("DELETE", members)) == 400  # no ?users=
+    # the member list is for the group's Admins, as upstream shows it
+    assert bob.api("GET", f"/groups/{group}")["users_in_group"] is None
+    assert set(alice.api("GET", f"/groups/{group}")["users_in_group"]) == {name, reader}
+
+
+def test_list_and_batch_routes_answer_upstreams_400s(world):
+    c = world
+    name, alice = fresh_user(c)
+    bad = [("/tasks/query", {"group_name": "no-such-group", "count": False}),
+           ("/tasks/cancel", {"group_name": "no-such-group"}),
+           ("/tasks/download/artifacts", {"group_name": "no-such-group",
+                                          "content_type": "result"}),
+           ("/groups/no-such-group/attachments/query", {"count": False}),
+           ("/groups/no-such-group/download/attachments", {}),
+           (f"/groups/{name}/download/attachments/list", {"keys": []}),
+           (f"/groups/{name}/delete/attachments/list", {"keys": []}),
+           ("/tasks/download/artifacts/list", {"uuids": [], "content_type": "result"}),
+           ("/tasks/delete/artifacts/list", {"uuids": [], "content_type": "result"})]
+    for path, body in bad:
+        assert status_of(lambda: alice.api("POST", path, body)) == 400, path

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from e2e import cluster, raw_request, spec, status_of  # noqa: F401
+from e2e import cluster, mito, raw_request, spec, status_of  # noqa: F401
 
 
 def status(client):
@@ -247,3 +247,32 @@ def test_metrics_public_on_a_trusted_network(cluster):
     c = cluster("--metrics-public")
     got, _, body = raw_request(c.url, "GET", "/metrics")
     assert got == 200 and "mito_tasks_submitted_total 0\n" in body.decode()
+
+
+# ---- the counts the triggers keep -------------------------------------------------------------
+
+
+def test_task_counts_are_kept_by_triggers_and_filled_by_the_migration(tmp_path, monkeypatch):
+    path = str(tmp_path / "mitosis.db")
+    monkeypatch.setattr(mito, "_SCHEMA", mito._SCHEMA[:2])  # a database from before them
+    old = mito.Store(path)
+    old.create_user("alice", b"hash", b"salt", False)
+    alice, group = old.user("alice"), old.group("alice")
+    request = {"tags": [], "labels": [], "timeout": 60, "priority": 0,
+               "task_spec": {"args": ["true"]}}
+    old.insert_tasks(alice["id"], [(group["id"], request)] * 3)
+    monkeypatch.undo()
+
+    store = mito.Store(path)
+    counts = lambda: {row["state"]: row["n"] for row in store.task_counts(None)}  # noqa: E731
+    assert counts() == {"Ready": 3}
+    worker_uuid = store.register_worker(alice["id"], [], [], {group["id"]: 2}, 2e9)
+    worker = store.worker(worker_uuid)
+    task = store.claim(worker)
+    assert counts() == {"Ready": 2, "Running": 1}
+    store.set_task_state(task["id"], "Finished")
+    store.commit_task(store.task(task["uuid"]), store.worker(worker_uuid),
+                      {"exit_status": 0, "msg": None})
+    store.cancel_tasks([row["id"] for row in store.all("SELECT id FROM tasks")])
+    assert counts() == {"Finished": 1, "Cancelled": 2}
+    assert store.task_counts([group["id"] + 1]) == []

@@ -34,7 +34,8 @@ REFUSED_ROUTES = [
     ("PATCH", "/tasks", 405, "POST"), ("DELETE", "/health", 405, "GET"),
     ("TRACE", "/health", 405, "GET"), ("OPTIONS", "/workers/tasks", 405, "GET, POST, DELETE"),
     ("PUT", "/groups/g/attachments/k", 405, "GET, DELETE"),
-    ("GET", "/nope", 404, None), ("TRACE", "/nope", 501, None), ("BREW", "/", 501, None),
+    ("GET", "/nope", 404, None), ("TRACE", "/nope", 501, None), ("BREW", "/nope", 501, None),
+    ("BREW", "/", 405, "GET"),  # GET / is the dashboard
 ]
 
 

@@ -1,0 +1,288 @@
+"""Poison tasks (issue 8 §1, §5): whatever a task's spec holds or its process does, the
+worker commits a result for it, with upstream's message names, and takes the next task.
+Each bad spec is handed to a real worker by the fake coordinator; each bad process is
+real. POISON_SPECS is the table of specs; the tests below it are the bad processes.
+Every test ends by running one more task on the same worker: a worker lost fails it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from fake_coordinator import fake, process_dead, start_worker  # noqa: F401
+from support import untar, wait_until
+
+REFUSED = "ResourceForbidden"     # upstream's name for a spec the worker cannot run
+OUTPUT_LOST = "UploadResultTimeout"  # upstream's name for outputs not delivered
+NOT_RUN = 127 << 8                # the command could not start (as env says)
+
+
+def attachment(key, local_path):
+    return {"remote_file": {"Attachment": {"key": key}}, "local_path": local_path}
+
+
+def still_working(fake, worker):
+    """The worker is alive and takes one more task."""
+    task = fake.add_task(["true"])
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}, worker.stderr()
+    assert worker.alive(), worker.stderr()
+    assert "Exception in thread" not in worker.stderr(), worker.stderr()
+
+
+def changed(task, **spec):
+    """The task with spec fields replaced (values no well-behaved client sends)."""
+    for key, value in spec.items():
+        if key == "timeout":
+            task["timeout"] = value
+        elif key == "spec":
+            task["spec"] = value
+        else:
+            task["spec"][key] = value
+    return task
+
+
+# ---- bad specs: (id, changes to the task, the commit expected, the ops expected) -----------
+
+POISON_SPECS = [
+    ("timeout 1000 years", {"timeout": "1000y"}, {"exit_status": 0, "msg": None},
+     ["Finish", "Commit"]),
+    ("timeout past threading.TIMEOUT_MAX", {"timeout": "584942417355y"},
+     {"exit_status": 0, "msg": None}, ["Finish", "Commit"]),
+    ("timeout 1e300s", {"timeout": "1e300s"}, {"exit_status": 0, "msg": REFUSED},
+     ["Cancel", "Commit"]),
+    ("timeout of 400 digits", {"timeout": "9" * 400 + "ns"}, {"exit_status": 0, "msg": REFUSED},
+     ["Cancel", "Commit"]),
+    ("local_path with NUL", {"resources": [attachment("k", "a\0b")]},
+     {"exit_status": 0, "msg": REFUSED}, ["Cancel", "Commit"]),
+    ("local_path a lone surrogate", {"resources": [attachment("k", "\ud800")]},
+     {"exit_status": 0, "msg": REFUSED}, ["Cancel", "Commit"]),
+    ("local_path of 300 characters", {"resources": [attachment("k", "n" * 300)]},
+     {"exit_status": 0, "msg": REFUSED}, ["Cancel", "Commit"]),
+    ("local_path x then x/y", {"resources": [attachment("k", "x"), attachment("k2", "x/y")]},
+     {"exit_status": 0, "msg": REFUSED}, ["Cancel", "Commit"]),
+    ("resources not a list", {"resources": "x"}, {"exit_status": 0, "msg": REFUSED},
+     ["Cancel", "Commit"]),
+    ("args with NUL", {"args": ["echo", "a\0b"]}, {"exit_status": NOT_RUN, "msg": None},
+     ["Finish", "Commit"]),
+    ("args a lone surrogate", {"args": ["echo", "\ud800"]},
+     {"exit_status": NOT_RUN, "msg": None}, ["Finish", "Commit"]),
+    ("args a string", {"args": "echo hi"}, {"exit_status": NOT_RUN, "msg": None},
+     ["Finish", "Commit"]),
+    ("args of numbers", {"args": [1, 2]}, {"exit_status": NOT_RUN, "msg": None},
+     ["Finish", "Commit"]),
+    ("envs with NUL", {"envs": {"A": "x\0y"}}, {"exit_status": NOT_RUN, "msg": None},
+     ["Finish", "Commit"]),
+    ("envs not an object", {"envs": ["A=1"]}, {"exit_status": 0, "msg": REFUSED},
+     ["Cancel", "Commit"]),
+    ("spec null", {"spec": None}, {"exit_status": NOT_RUN, "msg": None},
+     ["Finish", "Commit"]),
+]
+
+
+def test_poison_specs_never_take_the_worker_down(fake, start_worker):
+    fake.add_attachment("k", b"k")
+    fake.add_attachment("k2", b"k2")
+    tasks = [(name, changed(fake.add_task(["true"]), **spec), commit, ops)
+             for name, spec, commit, ops in POISON_SPECS]
+    worker = start_worker(polling="10s")
+    for name, task, commit, ops in tasks:
+        assert fake.wait_commit(task) == commit, (name, worker.stderr()[-3000:])
+        assert fake.op_names(task) == ops, name
+    still_working(fake, worker)
+    print(f"poison specs tried: {len(POISON_SPECS)}, workers lost: 0")
+
+
+# ---- bad processes ------------------------------------------------------------------------
+
+
+def test_result_dir_swapped_for_a_symlink_to_root(fake, start_worker, tmp_path):
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'rmdir "$MITO_RESULT_DIR" && ln -s / "$MITO_RESULT_DIR"'])
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+    assert fake.op_names(task) == ["Finish", "Commit"]  # "/" is not uploaded
+    assert os.path.isdir("/usr/bin")
+    still_working(fake, worker)
+
+
+def test_scratch_swapped_for_a_symlink_deletes_nothing_outside(fake, start_worker, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'root=$(dirname "$MITO_RESULT_DIR"); '
+                          'mv "$root" "$root.moved" && ln -s "$VICTIM" "$root"'],
+                         envs={"VICTIM": str(victim)})
+    commit = fake.wait_commit(task)
+    assert commit["exit_status"] == 0 and commit["msg"] in (None, OUTPUT_LOST)
+    still_working(fake, worker)
+    assert os.listdir(victim) == ["precious"]  # nothing deleted, nothing written there
+    assert (victim / "precious").read_text() == "keep me"
+
+
+def test_new_task_file_made_a_fifo(fake, start_worker):
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'mkfifo "$MITO_NEW_TASK"'])
+    assert fake.wait_commit(task, timeout=20) == {"exit_status": 0,
+                                                   "msg": "SubmitNewTaskFailed"}
+    still_working(fake, worker)
+
+
+def test_new_task_file_a_symlink_is_not_followed(fake, start_worker, tmp_path):
+    submission = tmp_path / "submission.json"
+    submission.write_text(json.dumps({"group_name": "g", "tags": [], "labels": [],
+                                      "timeout": "1m", "priority": 0,
+                                      "task_spec": {"args": ["true"]}}))
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'ln -s "$SUBMISSION" "$MITO_NEW_TASK"'],
+                         envs={"SUBMISSION": str(submission)})
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": "SubmitNewTaskFailed"}
+    assert fake.op_names(task) == ["Finish", "Commit"]
+    still_working(fake, worker)
+
+
+def test_archive_path_planted_as_a_symlink_is_not_written_through(fake, start_worker,
+                                                                    tmp_path):
+    """The task knows the scratch layout: a symlink where the worker packs would make
+    the worker overwrite any file of its user (here /dev/full: ENOSPC)."""
+    target = tmp_path / "bystander"
+    target.write_text("unchanged")
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'up=$(dirname "$MITO_RESULT_DIR")/upload; '
+                          'echo r > "$MITO_RESULT_DIR/r"; '
+                          'ln -s "$TARGET" "$up/result.tar.gz"; '
+                          'ln -s /dev/full "$up/exec-log.tar.gz"; '
+                          'echo e > "$MITO_EXEC_DIR/e"'], envs={"TARGET": str(target)})
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+    assert target.read_text() == "unchanged"
+    assert untar(fake.uploads[(task["id"], "result")])["result/r"] == b"r\n"
+    assert untar(fake.uploads[(task["id"], "exec-log")])["exec-log/e"] == b"e\n"
+    still_working(fake, worker)
+
+
+def test_a_result_tree_too_deep_to_walk(fake, start_worker):
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'cd "$MITO_RESULT_DIR" && i=0; '
+                          'while [ $i -lt 1200 ]; do mkdir d && cd d; i=$((i+1)); done'],
+                         timeout="2m")
+    commit = fake.wait_commit(task, timeout=120)
+    assert commit["exit_status"] == 0 and commit["msg"] in (None, OUTPUT_LOST)
+    still_working(fake, worker)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_task_filling_the_scratch_file_system(mito, fake, start_worker):
+    """The worker's cache is a 2 MiB tmpfs (in a user and mount namespace of its own);
+    the task fills it with incompressible data, so packing the result hits ENOSPC."""
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs none /mnt"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a namespace: {probe.stderr!r}")
+    script = f'mount -t tmpfs -o size=2m none "{mito.cache_home}" && exec "$0" "$@"'
+    command = ["unshare", "-Urm", "sh", "-c", script, *mito.command(*start_worker.args())]
+    with open(mito.root / "tmpfs-worker.stderr", "wb") as err:
+        popen = subprocess.Popen(command, env=mito.env, cwd=mito.cwd,
+                                 stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        fake.wait_registration()
+        task = fake.add_task(["sh", "-c", 'head -c 4000000 /dev/urandom > '
+                              '"$MITO_RESULT_DIR/big"; df -k "$MITO_RESULT_DIR"'],
+                             terminal_output=True)
+        commit = fake.wait_commit(task)
+        assert commit["msg"] == OUTPUT_LOST
+        after = fake.add_task(["sh", "-c", 'head -c 100000 /dev/urandom > '
+                               '"$MITO_RESULT_DIR/small"'])
+        assert fake.wait_commit(after) == {"exit_status": 0, "msg": None}
+        assert len(untar(fake.uploads[(after["id"], "result")])["result/small"]) == 100000
+        assert popen.poll() is None, (mito.root / "tmpfs-worker.stderr").read_text()
+    finally:
+        popen.send_signal(signal.SIGTERM)
+        popen.wait(30)
+
+
+def test_heartbeat_interval_of_1000_years(fake, start_worker):
+    worker = start_worker(heartbeat="1000y")
+    time.sleep(1)
+    still_working(fake, worker)
+    assert "Traceback" not in worker.stderr()
+
+
+# ---- processes that escape the task's process group ---------------------------------------
+
+
+def escaping_task(fake, tmp_path, name, then="", **kwargs):
+    """A task that leaves a setsid daemon and a double-forked sleep behind, recording
+    their pids in tmp_path/name."""
+    pids = tmp_path / name
+    script = ('setsid sleep 300 & echo $! > "$PIDS.1"; '
+              '(sleep 300 & echo $! > "$PIDS.2") ; '
+              'cat "$PIDS.1" "$PIDS.2" > "$PIDS.tmp"; mv "$PIDS.tmp" "$PIDS"; ' + then)
+    return fake.add_task(["sh", "-c", script], envs={"PIDS": str(pids)}, **kwargs), pids
+
+
+def recorded_pids(path):
+    wait_until(path.exists, what=f"{path}")
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def test_escaped_processes_die_when_the_task_ends_and_only_those(fake, start_worker,
+                                                                 tmp_path):
+    """With two slots, the task that ends takes its escaped processes along; the task
+    running in the other slot is left alone."""
+    worker = start_worker("--concurrency", "2")
+    fake.wait_registration(2)
+    started = tmp_path / "long-started"
+    long = fake.add_task(["sh", "-c", 'touch "$STARTED"; sleep 4; echo done'],
+                         envs={"STARTED": str(started)}, terminal_output=True)
+    wait_until(started.exists, what="the long task to start")
+    short, pids = escaping_task(fake, tmp_path, "pids")
+    assert fake.wait_commit(short) == {"exit_status": 0, "msg": None}
+    for pid in recorded_pids(pids):
+        wait_until(lambda: process_dead(pid), 10, what=f"escaped process {pid} to die")
+    assert fake.commit(long) is None
+    assert fake.wait_commit(long) == {"exit_status": 0, "msg": None}
+    assert untar(fake.uploads[(long["id"], "std-log")])["std-log/stdout.log"] == b"done\n"
+    still_working(fake, worker)
+
+
+def test_escaped_processes_die_at_the_timeout(fake, start_worker, tmp_path):
+    worker = start_worker()
+    task, pids = escaping_task(fake, tmp_path, "pids", then="sleep 300", timeout="2s")
+    assert fake.wait_commit(task) == {"exit_status": signal.SIGTERM, "msg": "ExecTimeout"}
+    for pid in recorded_pids(pids):
+        wait_until(lambda: process_dead(pid), 10, what=f"escaped process {pid} to die")
+    still_working(fake, worker)
+
+
+def test_kill_9_of_the_worker_kills_its_task(fake, start_worker, tmp_path):
+    worker = start_worker()
+    task, pids = escaping_task(fake, tmp_path, "pids", then='sleep 300 & echo $! > '
+                               '"$PIDS.3"; wait')
+    recorded = recorded_pids(pids)
+    wait_until((tmp_path / "pids.3").exists, what="the task's last child")
+    recorded.append(int((tmp_path / "pids.3").read_text()))
+    worker.kill9()
+    for pid in recorded:
+        wait_until(lambda: process_dead(pid), 10, what=f"task process {pid} to die")
+    assert fake.commit(task) is None
+
+
+# ---- the scratch directory ----------------------------------------------------------------
+
+
+def test_scratch_is_emptied_after_each_task(mito, fake, start_worker):
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'head -c 3000000 /dev/zero > "$MITO_RESULT_DIR/big"; '
+                          'head -c 1000 /dev/zero > "$MITO_RESOURCE_DIR/r"; '
+                          'echo x > "$(dirname "$MITO_RESULT_DIR")/stray"'])
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+    scratch = mito.mitosis_cache / "worker" / worker.worker_id
+
+    def files_left():
+        return [os.path.join(folder, name) for folder, _, names in os.walk(scratch)
+                for name in names]
+    wait_until(lambda: files_left() == [], 10, what=f"an empty scratch, not {files_left()}")
+    still_working(fake, worker)
