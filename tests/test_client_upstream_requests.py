@@ -447,3 +447,14 @@ def test_the_shell_takes_upstreams_built_ins(mito, upstream):
     assert "hi-there" in run.stdout
     assert [target for _, target, _ in upstream.requests if target.startswith("/groups")] == [
         "/groups/g"]
+
+
+def test_lookups_behind_prefixes_and_waits_send_upstreams_shapes(mito, upstream):
+    """A uuid prefix is looked up with queries, and a wait looks at the workers: those
+    requests too must parse upstream (count is required in both queries)."""
+    run_client(mito, upstream, "tasks", "get", TASK[:6])
+    run_client(mito, upstream, "workers", "get", OTHER[:6])
+    run = run_client(mito, upstream, "tasks", "wait", "--timeout", "1s", TASK)
+    assert run.returncode == 124, run.stderr
+    assert upstream.problems == []
+    assert upstream.sent("POST", "/tasks/query") and upstream.sent("POST", "/workers/query")
