@@ -28,9 +28,9 @@ import difflib
 import functools
 import getpass
 import hashlib
+import heapq
 import hmac
 import http.client
-import http.server
 import ipaddress
 import json
 import logging
@@ -42,6 +42,7 @@ import posixpath
 import random
 import re
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -2257,7 +2258,7 @@ class WorkerProcess:
         """The logs at a given log_path open before anything is contacted, so that an
         unwritable path is a one-line error (exit 2)."""
         settings = self.settings
-        if settings.log_path and not settings.file_log:
+        if settings.log_path and not (settings.file_log or settings.shared_log):
             log.warning("log_path is set but file_log is not: not logging to %s",
                         settings.log_path)
         if not settings.log_path:
@@ -2385,6 +2386,9 @@ COORDINATOR_OPTIONS = (
            "The log file path (default ~/.cache/mitosis/coordinator/coordinator.log)"),
     Option("workers", "int", 0, ("--workers",),
            "Also start N local workers, serving the admin's own group", "N"),
+    Option("local_worker_groups", "groups", [], ("--local-worker-groups",),
+           "Other groups the local workers serve (GROUP or GROUP:read|write|admin); their "
+           "tasks run as the coordinator's Unix user and can read its state dir"),
     Option("tag_matching", "str", "worker-subset", ("--tag-matching",),
            "worker-subset: a worker takes a task when the worker's tags are a subset of "
            "the task's; task-subset: the Rust coordinator's rule, the other way round"),
@@ -2398,6 +2402,11 @@ COORDINATOR_OPTIONS = (
     Option("metrics_public", "bool", False, ("--metrics-public",),
            "Serve GET /metrics without a token (for a Prometheus scraper on a trusted "
            "network; by default it needs an admin's token)"),
+    Option("request_timeout", "interval", "30s", ("--request-timeout",),
+           "A request must arrive within this time (its body: with no pause as long), "
+           "else 408"),
+    Option("max_connections", "int", 10000, ("--max-connections",),
+           "Connections served at once (bounded by the open-file limit); more get 503", "N"),
 )
 
 READ, WRITE, ADMIN = 1, 2, 3
@@ -2529,8 +2538,8 @@ def md5_bytes(value):
 
 def a_duration(value):
     seconds = parse_duration(a_str(value))
-    if seconds <= 0:
-        raise ValueError("must be positive")
+    if not 0 < seconds < 2**64:
+        raise ValueError("must be positive and within upstream's u64 seconds")
     return seconds
 
 
@@ -2795,8 +2804,9 @@ _SCHEMA = [
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
     """,
-    # A task's history, for the dashboard, `client status` and /metrics: ids grow in
-    # commit order (writes hold one lock), so a reader can follow it incrementally.
+    # A task's history after its submission, for the dashboard, `client status` and
+    # /metrics: ids grow in commit order (writes hold one lock), so a reader can follow
+    # it incrementally.
     """
     CREATE TABLE task_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
@@ -2874,8 +2884,7 @@ class Store:
         self.tag_rule = _TAG_RULES[tag_matching]
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self.changed = threading.Condition()
-        self.generation = 0
+        self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
         self.auth_rows = RowCache()
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
@@ -2915,16 +2924,16 @@ class Store:
     def all(self, sql, *args):
         return self.db().execute(sql, args).fetchall()
 
-    def wake_fetchers(self):
-        """Tell long-polling fetchers that a task may have become available."""
-        with self.changed:
-            self.generation += 1
-            self.changed.notify_all()
+    def wake_fetchers(self, task_ids=(), worker_ids=()):
+        """Tell the dispatcher what may have become takeable: tasks that became Ready,
+        workers whose tags, groups or existence changed (with neither: anything)."""
+        self.on_change(task_ids, worker_ids)
 
     @staticmethod
     def _record(db, task_ids, event, worker=None):
-        """Add `event` (Submitted, Started, Requeued, Released, Finished, Cancelled) to
-        the history of tasks, inside the transaction that made it happen."""
+        """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
+        of tasks, inside the transaction that made it happen. (A task's submission is
+        its row's created_at: a batch of submissions costs no extra rows.)"""
         now = time.time()
         db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
                        [(task_id, event, now, worker) for task_id in task_ids])
@@ -3096,14 +3105,14 @@ class Store:
             db.execute(f"UPDATE workers SET {columns}, updated_at = :now WHERE id = :id",
                        {**changes, "now": time.time(), "id": worker_id})
         self.invalidate_auth_cache()
-        self.wake_fetchers()
+        self.wake_fetchers(worker_ids=[worker_id])
 
     def set_worker_groups(self, worker_id, group_roles):
         with self.write() as db:
             db.executemany("INSERT INTO group_workers VALUES (?, ?, ?) ON CONFLICT DO UPDATE "
                            "SET role = excluded.role",
                            [(group_id, worker_id, role) for group_id, role in group_roles.items()])
-        self.wake_fetchers()
+        self.wake_fetchers(worker_ids=[worker_id])
 
     def remove_worker_groups(self, worker_id, group_ids):
         with self.write() as db:
@@ -3112,18 +3121,21 @@ class Store:
 
     def remove_workers(self, worker_ids):
         """Delete workers; each one's unfinished task goes back to Ready."""
+        requeued = []
         with self.write() as db:
             for worker_id in worker_ids:
-                self._requeue(db, worker_id)
+                requeued += self._requeue(db, worker_id)
                 db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
                 db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
         self.invalidate_auth_cache()
-        self.wake_fetchers()
+        self.wake_fetchers(requeued, worker_ids)
 
     def _requeue(self, db, worker_id):
-        """Put every uncommitted task still on the worker back in the queue; how many."""
+        """Put every uncommitted task still on the worker back in the queue; their ids."""
         held = db.execute("SELECT id, uuid FROM tasks WHERE worker_id = ? AND committed = 0",
                           (worker_id,)).fetchall()
+        if held:
+            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker_id,))
         for task in held:
             db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = NULL, "
                        "updated_at = ? WHERE id = ?", (time.time(), task["id"]))
@@ -3132,7 +3144,7 @@ class Store:
             db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
                        (task["uuid"],))
             log.info("task %s requeued", task["uuid"])
-        return len(held)
+        return [task["id"] for task in held]
 
     def shutdown_workers(self, rows, force):
         """Force: remove now. Graceful: remove the idle ones, mark the busy ones to be
@@ -3208,38 +3220,52 @@ class Store:
                      request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
-            self._record(db, [task_id for task_id, _ in made], "Submitted")
             if upstream:
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
                            (made[-1][1], upstream))
         if not upstream:
-            self.wake_fetchers()
+            self.wake_fetchers([task_id for task_id, _ in made])
         return made
 
     def claim(self, worker, time_left=None):
-        """Atomically give the worker the best task it may take, or None."""
+        """Give the worker the best task it may take, or None. Reads first: a worker that
+        holds nothing and finds nothing costs no write transaction."""
+        if self.one("SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker["id"]):
+            # A worker fetches only when it holds no task: one still on it is a task whose
+            # fetch answer was lost (or that it dropped). Back to the queue with it, or it
+            # would stay Running for ever on a worker that does not know of it.
+            with self.write() as db:
+                requeued = self._requeue(db, worker["id"])
+            self.wake_fetchers(requeued)
         sql = ("SELECT t.* FROM tasks t WHERE t.state = 'Ready' AND t.group_id IN "
                "(SELECT group_id FROM group_workers WHERE worker_id = :worker AND role >= 2) "
                f"AND {self.tag_rule} ")
         if time_left is not None:
             sql += "AND t.timeout <= :time_left "
         sql += "ORDER BY t.priority DESC, t.id LIMIT 1"
+        args = {"worker": worker["id"], "tags": worker["tags"], "time_left": time_left}
+        if self.db().execute(sql, args).fetchone() is None:
+            return None
         with self.write() as db:
-            # A worker fetches only when it holds no task: one still on it is a task whose
-            # fetch answer was lost (or that it dropped). Back to the queue with it, or it
-            # would stay Running for ever on a worker that does not know of it.
-            requeued = self._requeue(db, worker["id"])
-            row = db.execute(sql, {"worker": worker["id"], "tags": worker["tags"],
-                                   "time_left": time_left}).fetchone()
+            row = db.execute(sql, args).fetchone()
             if row is not None:
                 db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
                            "WHERE id = ?", (worker["id"], time.time(), row["id"]))
+                db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
+                           (row["id"], worker["id"]))
                 self._record(db, [row["id"]], "Started", worker["uuid"])
-            db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
-                       (row and row["id"], worker["id"]))
-        if requeued:
-            self.wake_fetchers()
         return row  # as it was when claimed: what a worker is sent does not change
+
+    def takeable(self, task_ids):
+        """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher."""
+        return [(row[0], row[1], frozenset(json.loads(row[2])), row[3]) for row in self.all(
+            "SELECT id, group_id, tags, timeout FROM tasks WHERE state = 'Ready' AND id IN "
+            "(SELECT value FROM json_each(?))", json.dumps(list(task_ids)))]
+
+    def serving_groups(self, worker_id):
+        """The ids of the groups whose tasks the worker takes (role Write or Admin)."""
+        return frozenset(row[0] for row in self.all(
+            "SELECT group_id FROM group_workers WHERE worker_id = ? AND role >= 2", worker_id))
 
     def assigned_task(self, worker_id, task_id):
         return self.one("SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
@@ -3260,14 +3286,14 @@ class Store:
                        (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
             db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
             self._record(db, [task["id"]], state, worker["uuid"])
-            released = db.execute("UPDATE tasks SET state = 'Ready', updated_at = ? "
-                                  "WHERE upstream = ? AND state = 'Pending' RETURNING id",
-                                  (time.time(), task["uuid"])).fetchall()
-            self._record(db, [row["id"] for row in released], "Released")
+            released = [row["id"] for row in db.execute(
+                "UPDATE tasks SET state = 'Ready', updated_at = ? WHERE upstream = ? "
+                "AND state = 'Pending' RETURNING id", (time.time(), task["uuid"])).fetchall()]
+            self._record(db, released, "Released")
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
-        elif released:
-            self.wake_fetchers()
+        if released:
+            self.wake_fetchers(released)
 
     def change_task(self, task_id, changes):
         changes = {k: json.dumps(v) if k in ("tags", "labels", "spec") else v
@@ -3276,7 +3302,7 @@ class Store:
         with self.write() as db:
             db.execute(f"UPDATE tasks SET {columns}updated_at = :now WHERE id = :id",
                        {**changes, "now": time.time(), "id": task_id})
-        self.wake_fetchers()
+        self.wake_fetchers([task_id])
 
     def cancel_tasks(self, task_ids):
         """Archive not-yet-running tasks as cancelled by their user; returns how many."""
@@ -3464,12 +3490,30 @@ class Store:
             "WHERE gw.group_id = t.group_id AND gw.role >= 2)", task["id"])
         return tuple(row)
 
+    def worker_details(self, worker_ids):
+        """{worker id: (task_uuid, group_roles: JSON {group: role})}, in one query
+        however many workers the dashboard lists."""
+        ids = ",".join(str(int(worker_id)) for worker_id in worker_ids) or "NULL"
+        return {row["id"]: row for row in self.all(
+            "SELECT w.id, t.uuid AS task_uuid, (SELECT json_group_object(g.name, gw.role) "
+            "FROM group_workers gw JOIN groups g ON g.id = gw.group_id "
+            "WHERE gw.worker_id = w.id) AS group_roles FROM workers w "
+            f"LEFT JOIN tasks t ON t.id = w.task_id WHERE w.id IN ({ids})")}
+
     def task_history(self, task_id):
         return self.all("SELECT event, at, worker FROM task_events WHERE task_id = ? "
                         "ORDER BY id", task_id)
 
     def last_event_id(self):
         return self.one("SELECT COALESCE(MAX(id), 0) FROM task_events")[0]
+
+    def last_task_id(self):
+        return self.one("SELECT COALESCE(MAX(id), 0) FROM tasks")[0]
+
+    def tasks_after(self, task_id):
+        """(how many tasks were submitted after task `task_id`, the newest one's id)."""
+        count, newest = self.one("SELECT COUNT(*), MAX(id) FROM tasks WHERE id > ?", task_id)
+        return count, newest or task_id
 
     def events_after(self, event_id, limit=10000):
         """Events newer than `event_id`, with their task's creation time and result."""
@@ -3716,18 +3760,16 @@ class TaskOutputs:
         self.kept = collections.OrderedDict()  # (task uuid, stream) -> KeptOutput, LRU first
 
     def append(self, task_uuid, stream, worker_id, offset, data, finished):
-        """Add an increment at byte `offset`; a resent one overlaps, and a new worker
-        (the task was requeued) starts the stream afresh."""
+        """Add an increment at byte `offset` of the stream."""
         with self.lock:
             kept = self.kept.pop((task_uuid, stream), None)
-            if kept is None or kept.worker_id != worker_id:
-                kept = self._replace(kept, KeptOutput(worker_id, offset))
-            if offset > kept.end:  # the worker skipped what it could not send in time
-                self.size -= len(kept.data)
-                kept.start, kept.data = offset, bytearray()
-            fresh = data[kept.end - offset:]
-            kept.data += fresh
-            self.size += len(fresh)
+            if kept is not None and kept.worker_id == worker_id and offset <= kept.end:
+                data = data[kept.end - offset:]  # a resent increment overlaps what is kept
+            else:  # the first, a requeued task's new run, or after bytes the worker skipped
+                self.size -= len(kept.data) if kept else 0
+                kept = KeptOutput(worker_id, offset)
+            kept.data += data
+            self.size += len(data)
             surplus = len(kept.data) - self.keep
             if surplus > 0:
                 del kept.data[:surplus]
@@ -3737,11 +3779,6 @@ class TaskOutputs:
             self.kept[(task_uuid, stream)] = kept
             while self.size > self.total:
                 self.size -= len(self.kept.popitem(last=False)[1].data)
-
-    def _replace(self, old, new):
-        if old is not None:
-            self.size -= len(old.data)
-        return new
 
     def read(self, task_uuid, stream, offset, ended):
         """(bytes, their offset, the offset to ask next, finished?) from byte `offset`;
@@ -3830,9 +3867,9 @@ class Request:
 
     def __init__(self, method, target, headers, peer=None, scheme="http",
                  local_address=("127.0.0.1", 0)):
-        url = urllib.parse.urlsplit(target)
-        self.method, self.path, self.headers = method, url.path, headers
-        self.query = urllib.parse.parse_qs(url.query)
+        path, _, query = target.partition("?")
+        self.method, self.path, self.headers = method, path, headers
+        self.query = urllib.parse.parse_qs(query)
         self.peer, self.scheme, self.local_address = peer, scheme, local_address
         self.params = {}
         self.body_stream = None
@@ -3887,9 +3924,12 @@ class Liveness:
         self.store = store
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
         self.drops = {}  # uuid -> None, oldest first; dict operations are atomic
+        self.written = {}  # worker id -> when heard_from last wrote (the row may be cached)
 
     def heard_from(self, worker):
-        if time.time() - worker["last_heartbeat"] >= self.every:
+        now = time.time()
+        if now - max(worker["last_heartbeat"], self.written.get(worker["id"], 0)) >= self.every:
+            self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
 
     def dropped(self, uuids):
@@ -3917,6 +3957,7 @@ class Coordinator:
         self.signer = Signer(load_secret(os.path.join(self.state_dir, "secret")))
         self.store = Store(os.path.join(self.state_dir, "mitosis.db"), settings.tag_matching)
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
+        self.dispatcher = Dispatcher(self.store, settings.tag_matching)
         self.liveness = Liveness(self.store, settings.heartbeat_timeout)
         self.outputs = TaskOutputs()
         self.stopping = threading.Event()
@@ -4270,30 +4311,12 @@ class Coordinator:
         self.store.heartbeat(req.worker["id"])
 
     def fetch_task(self, req):
-        """Hand out the best task this worker may take; with ?wait=S, hold the request
-        up to S seconds (at most 30) until one is submitted or requeued."""
+        """Hand out the best task this worker may take; with ?wait=S, park the request up
+        to S seconds (at most 30) until one is submitted or requeued for it."""
         wait = req.arg("wait", float, 0.0)
         time_left = req.arg("time_left", float)
-        arrived = time.monotonic()
-        deadline = arrived + min(LONG_POLL_MAX, max(0.0, wait))
-        headers = {"X-Mito-Long-Poll": str(LONG_POLL_MAX),
-                   OUTPUT_HEADER: str(OUTPUT_INCREMENT_MAX)}
-        worker, held = req.worker, 0.0
-        while True:
-            generation = self.store.generation
-            # time_left was measured when the worker sent the request: the time it has
-            # been held since counts against it
-            task = self.store.claim(worker, None if time_left is None else time_left - held)
-            remaining = deadline - time.monotonic()
-            if task is not None or remaining <= 0 or self.stopping.is_set():
-                return Answer(body=worker_task(task) if task else None, headers=headers)
-            with self.store.changed:
-                if self.store.generation == generation:
-                    self.store.changed.wait(remaining)
-            worker = self.store.worker(worker["uuid"])  # its tags or groups may have changed
-            if worker is None:
-                raise HttpError(401, "this worker was shut down")
-            held = time.monotonic() - arrived
+        wait = min(LONG_POLL_MAX, wait) if wait > 0 and not self.stopping.is_set() else 0
+        return self.dispatcher.fetch(req.worker, time_left, wait, time.monotonic())
 
     def report_task(self, req):
         body = req.body()
@@ -4432,6 +4455,8 @@ class Coordinator:
         filters = worker_filter(body)
         group_id = None
         if filters["group_name"]:
+            if self.store.group(filters["group_name"]) is None:  # upstream: 403, not 404
+                raise forbidden(f"no group {filters['group_name']} of yours")
             group_id = self.group_of(req, filters["group_name"], READ)["id"]
         visible_to = None if req.user["admin"] else req.user["id"]
         return filters, self.store.query_workers(visible_to, filters, group_id)
@@ -4980,132 +5005,195 @@ def find_lone_surrogate(value, where):
     return None
 
 
-# ---- the HTTP server ----------------------------------------------------------------------
+# ---- dispatch: parked fetchers -------------------------------------------------------------
+# submit/requeue/release -> Store.wake_fetchers(task ids) -> Dispatcher.changed -> one Park
+
+# A worker may take a task when the worker's tags are a subset of the task's, or (the
+# Rust coordinator's rule) the task's of the worker's: _TAG_RULES in memory.
+_TAG_MATCHES = {
+    "worker-subset": lambda worker_tags, task_tags: worker_tags <= task_tags,
+    "task-subset": lambda worker_tags, task_tags: task_tags <= worker_tags,
+}
+FETCH_HEADERS = {"X-Mito-Long-Poll": str(LONG_POLL_MAX),
+                 OUTPUT_HEADER: str(OUTPUT_INCREMENT_MAX)}
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive: one thread serves one client connection for as long
-    as it stays open, so a worker's requests cost no thread start."""
+class Park:
+    """One long-polling fetch, waiting for a task until its deadline. resolve() settles
+    it once, from any thread; the network layer's `notify` then carries the answer to
+    the worker's connection."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = f"mito.py/{__version__}"
-    disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms stalls
+    def __init__(self, worker, groups, time_left, arrived, deadline):
+        self.worker, self.groups = worker, groups  # the row, and the group ids it serves
+        self.tags = frozenset(json.loads(worker["tags"]))
+        self.time_left, self.arrived, self.deadline = time_left, arrived, deadline
+        self.answer = None
+        self._lock = threading.Lock()
+        self._notify = None
 
-    def do_request(self):
-        self.req, self.route, started = None, "unmatched", time.perf_counter()
-        try:
-            answer = self.server.coordinator_dispatch(self)
-        except HttpError as error:
-            answer = Answer(error.status, {"msg": error.msg}, error.headers)
-        except Exception as error:  # a bug: answer 500 with msg, keep serving
-            log.exception("internal error on %s %s", self.command, self.path)
-            answer = Answer(500, {"msg": f"internal error: {type(error).__name__}"})
-        if not (self.req and self.req.body_consumed) and self.headers.get("Content-Length",
-                                                                           "0") != "0":
-            self.close_connection = True  # the unread body would poison the connection
-        self.send_answer(answer if isinstance(answer, Answer) else Answer(body=answer))
-        self.server.coordinator.dashboard.metrics_of.observe_request(self.route, started)
+    def time_left_at(self, now):
+        """The worker's time_left was measured when it asked: time held counts against it."""
+        return None if self.time_left is None else self.time_left - (now - self.arrived)
 
-    def __getattr__(self, name):
-        if name.startswith("do_"):  # every method goes to the router: 405 or 501 there
-            return self.do_request
-        raise AttributeError(name)
+    def resolve(self, answer):
+        with self._lock:
+            if self.answer is not None:
+                return
+            self.answer, notify = answer, self._notify
+        if notify:
+            notify(self)
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a bad request line, HTTP/2...) in JSON too."""
-        self.close_connection = True
-        self.send_answer(Answer(code, {"msg": message or explain or "bad request"}))
+    def on_resolve(self, notify):
+        """Call `notify(park)` once it is resolved (now, if it already is)."""
+        with self._lock:
+            self._notify, answer = notify, self.answer
+        if answer is not None:
+            notify(self)
 
-    def read_json(self):
-        """The request's JSON body (None when it has none)."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            raise HttpError(411, "Content-Length required")
-        length = self.headers.get("Content-Length") or "0"
-        if not re.fullmatch(r"[0-9]{1,18}", length):
-            raise HttpError(400, f"bad Content-Length {length!r}")
-        length = int(length)
-        if length > JSON_BODY_LIMIT:
-            if length <= DRAIN_LIMIT:  # read it, so that the client hears the answer
-                remaining = length
-                while remaining > 0:
-                    chunk = self.rfile.read(min(1 << 16, remaining))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-                self.req.body_consumed = remaining == 0
-            raise HttpError(413, f"body of {length} bytes is over the {JSON_BODY_LIMIT} limit")
-        data = self.rfile.read(length) if length > 0 else b""
-        self.req.body_consumed = True
-        return parse_json_body(data)
 
-    def send_answer(self, answer):
-        if answer.file is not None:
-            size = os.path.getsize(answer.file)
-            self.send_response(answer.status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
-            self.end_headers()
-            with open(answer.file, "rb") as handle:
-                shutil.copyfileobj(handle, self.wfile, 1 << 16)
+class Dispatcher:
+    """Hands a task that becomes ready to at most one parked fetcher that may take it
+    (its groups, tags and time_left, checked in memory), directly: the parks are not
+    woken all at once to race for it. A fetcher that finds nothing parks without a
+    write transaction; one picked for a task it then cannot get (taken meanwhile)
+    parks again and the task goes on to the next. The parks are guarded by `lock`,
+    never held while SQLite runs; any thread may call in (the event loop, the pool,
+    the reaper). A submit thus costs one claim, however many workers wait."""
+
+    def __init__(self, store, tag_matching):
+        self.store, self.matches = store, _TAG_MATCHES[tag_matching]
+        self.lock = threading.Lock()
+        self.parks = {}      # worker id -> Park
+        self.by_group = {}   # group id -> {worker id: Park}, oldest first
+        self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
+        self.sequence = 0
+        store.on_change = self.changed
+
+    def fetch(self, worker, time_left, wait, now):
+        """The worker's answer now, or a Park that will be resolved within `wait` s."""
+        task = self.store.claim(worker, time_left)
+        if task is not None or wait <= 0:
+            return self.answer(task)
+        park = Park(worker, self.store.serving_groups(worker["id"]), time_left, now,
+                    now + wait)
+        self.add(park)
+        # a task that became ready between the claim and add() was offered to nobody
+        task = self.store.claim(worker, time_left)
+        if task is not None:
+            self.withdraw(park)
+            park.resolve(self.answer(task))
+        return park
+
+    @staticmethod
+    def answer(task):
+        return Answer(body=worker_task(task) if task else None, headers=FETCH_HEADERS)
+
+    def add(self, park):
+        worker_id = park.worker["id"]
+        with self.lock:
+            older = self._remove(worker_id)
+            self.parks[worker_id] = park
+            for group_id in park.groups:
+                self.by_group.setdefault(group_id, {})[worker_id] = park
+            self.sequence += 1
+            heapq.heappush(self.deadlines, (park.deadline, self.sequence, park))
+        if older is not None:  # the worker gave up on it (its connection is gone)
+            older.resolve(self.answer(None))
+
+    def _remove(self, worker_id):
+        """Unregister the worker's park (the caller holds the lock); the park or None."""
+        park = self.parks.pop(worker_id, None)
+        for group_id in park.groups if park else ():
+            del self.by_group[group_id][worker_id]
+            if not self.by_group[group_id]:
+                del self.by_group[group_id]
+        return park
+
+    def withdraw(self, park):
+        """Forget a park (its connection closed); True if it was still waiting."""
+        with self.lock:
+            if self.parks.get(park.worker["id"]) is park:
+                self._remove(park.worker["id"])
+                return True
+            return False
+
+    def changed(self, task_ids, worker_ids):
+        """Store.wake_fetchers: offer each ready task to one park; re-check the parks of
+        changed workers (all of them when nothing specific is known)."""
+        if not self.parks:
             return
-        if answer.text is not None:
-            payload = answer.text.encode()
-            content_type = answer.content_type or "text/plain; charset=utf-8"
+        if not task_ids and not worker_ids:
+            with self.lock:
+                worker_ids = list(self.parks)
+        for worker_id in worker_ids:
+            self.recheck(worker_id)
+        if task_ids:
+            for task in self.store.takeable(task_ids):
+                self.offer(task)
+
+    def offer(self, task):
+        """Give the task (id, group, tags, timeout) to the first park that may take it."""
+        tried = set()
+        while True:
+            park = self.take_eligible(task, tried)
+            if park is None:
+                return
+            claimed = self.store.claim(park.worker, park.time_left_at(time.monotonic()))
+            if claimed is None:
+                self.add(park)  # taken meanwhile, or not for this worker after all
+                tried.add(park.worker["id"])
+                if not self.store.takeable([task[0]]):
+                    return
+                continue
+            park.resolve(self.answer(claimed))
+            if claimed["id"] == task[0]:
+                return  # else it got a better task: this one still needs a taker
+
+    def take_eligible(self, task, tried):
+        _, group_id, tags, timeout = task
+        now = time.monotonic()
+        with self.lock:
+            for worker_id, park in self.by_group.get(group_id, {}).items():
+                left = park.time_left_at(now)
+                if (worker_id not in tried and self.matches(park.tags, tags)
+                        and (left is None or timeout <= left)):
+                    return self._remove(worker_id)
+        return None
+
+    def recheck(self, worker_id):
+        """A parked worker changed: read it again and try once more (401 if it is gone)."""
+        with self.lock:
+            park = self._remove(worker_id)
+        if park is None:
+            return
+        worker = self.store.worker(park.worker["uuid"])
+        if worker is None:
+            park.resolve(Answer(401, {"msg": "this worker was shut down"}))
+            return
+        now = time.monotonic()
+        answer = self.fetch(worker, park.time_left_at(now), park.deadline - now, now)
+        if isinstance(answer, Park):
+            answer.on_resolve(lambda settled: park.resolve(settled.answer))
         else:
-            payload, content_type = json.dumps(answer.body).encode(), "application/json"
-        self.send_response(answer.status)
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self._headers_buffer.append(b"\r\n" + payload)  # headers and body in one send
-        self.flush_headers()
+            park.resolve(answer)
 
-    _date = (0, "")
+    def expire(self, now):
+        """Answer every park whose deadline has passed with no task."""
+        while self.deadlines and self.deadlines[0][0] <= now:
+            with self.lock:
+                park = heapq.heappop(self.deadlines)[2]
+            if self.withdraw(park):
+                park.resolve(self.answer(None))
 
-    def date_time_string(self, timestamp=None):
-        """The Date header, formatted once a second rather than once a request."""
-        second = int(time.time()) if timestamp is None else int(timestamp)
-        if self._date[0] != second:
-            ApiHandler._date = (second, super().date_time_string(second))
-        return self._date[1]
+    def next_deadline(self):
+        return self.deadlines[0][0] if self.deadlines else None
 
-    def log_message(self, format, *args):
-        if log.isEnabledFor(logging.DEBUG):  # one line per request: only when asked
-            log.debug("%s %s", self.address_string(), format % args)
-
-
-class ApiServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, address, coordinator):
-        self.coordinator = coordinator
-        super().__init__(address, ApiHandler)
-
-    def handle_error(self, request, client_address):
-        """A client that hangs up mid-request is routine, not a traceback."""
-        error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
-            log.debug("client %s: %s", client_address, error)
-        else:
-            log.exception("error serving %s", client_address)
-
-    def coordinator_dispatch(self, handler):
-        """Route, read the body, authenticate, then call the handler."""
-        scheme = "https" if isinstance(handler.connection, ssl.SSLSocket) else "http"
-        req = handler.req = Request(handler.command, handler.path,
-                                    {k.lower(): v for k, v in handler.headers.items()},
-                                    handler.client_address, scheme, self.server_address)
-        name, auth, req.params = ROUTER.match(req.method, req.path)
-        req.body_stream = handler.rfile
-        if auth != "blob":
-            req.data = handler.read_json()
-        if auth in ("user", "admin", "worker", "registrar"):
-            self.coordinator.authenticate(req, auth)
-        handler.route = name
-        return operator.attrgetter(name)(self.coordinator)(req, **req.params)
+    def close(self):
+        """The coordinator stops: every parked fetch is answered with no task."""
+        with self.lock:
+            parks, self.parks, self.by_group = list(self.parks.values()), {}, {}
+        for park in parks:
+            park.resolve(self.answer(None))
 
 
 def server_ssl_context(settings):
@@ -5231,7 +5319,9 @@ class LocalWorkers:
     def command(self):
         command = [sys.executable, os.path.abspath(__file__), "worker", "-c", self.url,
                    "--credential-path", self.credentials, "--polling-interval", "30s"]
-        return command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+        groups = self.coordinator.settings.local_worker_groups
+        return (command + (["--ca-cert", self.ca_cert] if self.ca_cert else [])
+                + (["-g", ",".join(groups)] if groups else []))
 
     def supervise_forever(self):
         """Start the slots, then restart those that exit until the coordinator stops."""
@@ -5278,33 +5368,48 @@ def public_address(scheme, host, port):
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run_coordinator(args):
+def coordinator_settings(args):
+    """The coordinator's settings, with the checks their types do not make."""
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
     if settings.tag_matching not in _TAG_RULES:
         fail_usage(f"bad value for tag_matching: {settings.tag_matching!r} "
                    f"(worker-subset or task-subset)")
     if settings.workers < 0:
         fail_usage(f"bad value for workers: {settings.workers} (0 or more)")
+    if settings.max_connections < 1:
+        fail_usage(f"bad value for max_connections: {settings.max_connections} (1 or more)")
+    return settings
+
+
+def run_coordinator(args):
+    settings = coordinator_settings(args)
     if settings.file_log:
-        add_rolling_file_log(settings.log_path
-                             or os.path.join(cache_home(), "coordinator", "coordinator.log"))
+        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
+                                                     "coordinator.log")
+        try:
+            add_rolling_file_log(log_path)
+        except OSError as error:
+            fail_usage(f"bad value for log_path: cannot write {log_path}: "
+                       f"{error.strerror or error}")
     tls = server_ssl_context(settings)
     try:
         coordinator = Coordinator(settings)
     except StateDirBusy as error:
         log.error("%s", error)
         return 1
+    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
+        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
+                   f"{getattr(error, 'strerror', None) or error}")
     admin = AdminAccount(coordinator)
     admin.ensure()
     host, port = settings.bind
     try:
-        server = ApiServer((host, port), coordinator)
+        server = EventLoopServer((host, port), coordinator, tls,
+                                 min(settings.max_connections, raise_file_limit() - 64),
+                                 settings.request_timeout)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", host, port, error.strerror)
         return 1
-    if tls is not None:  # the handshake happens in the connection's own thread
-        server.socket = tls.wrap_socket(server.socket, server_side=True,
-                                        do_handshake_on_connect=False)
     scheme = "https" if tls else "http"
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"{scheme}://{local}:{server.server_port}"
@@ -5321,7 +5426,7 @@ def run_coordinator(args):
     workers.supervise_forever()  # until stopping is set
     log.info("coordinator stopping")
     workers.stop()
-    coordinator.store.wake_fetchers()
+    coordinator.dispatcher.close()
     server.shutdown()
     server.server_close()
     return 0
@@ -5395,7 +5500,7 @@ class Metrics:
 
     def __init__(self, store):
         self.store, self.lock = store, threading.Lock()
-        self.last_event = store.last_event_id()
+        self.last_event, self.last_task = store.last_event_id(), store.last_task_id()
         self.submitted, self.ended = 0, {}
         self.latency = Histogram(self.LATENCY_BOUNDS)
         self.requests = {}
@@ -5410,13 +5515,13 @@ class Metrics:
             histogram.observe(time.perf_counter() - started)
 
     def catch_up(self):
-        """Count the task events since the last scrape."""
+        """Count the tasks submitted and the task events since the last scrape."""
+        submitted, self.last_task = self.store.tasks_after(self.last_task)
+        self.submitted += submitted
         while True:
             events = self.store.events_after(self.last_event)
             for event in events:
-                if event["event"] == "Submitted":
-                    self.submitted += 1
-                elif event["event"] == "Started":
+                if event["event"] == "Started":
                     self.latency.observe(max(0.0, event["at"] - event["created_at"]))
                 elif event["event"] in ("Finished", "Cancelled"):
                     outcome = outcome_of(event["result"])
@@ -5519,13 +5624,15 @@ class DashboardViews:
         stale_before = self.stale_before(now)
         rows = self.store.query_workers(None if user["admin"] else user["id"],
                                         worker_filter({}))
-        listed = []
-        for row in rows:
-            entry = self.coordinator.worker_answer(row)
-            entry.update(activity=worker_activity(row, stale_before),
-                         groups=role_names(self.store.worker_groups(row["id"])),
-                         may_shutdown=bool(self.coordinator.may_manage(user, row, ADMIN)))
-            listed.append(entry)
+        details = self.store.worker_details([row["id"] for row in rows])
+        listed = [{"worker_id": row["uuid"], "creator_username": row["creator"],
+                   "tags": json.loads(row["tags"]), "labels": json.loads(row["labels"]),
+                   "state": row["state"], "last_heartbeat": stamp(row["last_heartbeat"]),
+                   "assigned_task_id": details[row["id"]]["task_uuid"],
+                   "groups": role_names(json.loads(details[row["id"]]["group_roles"])),
+                   "activity": worker_activity(row, stale_before),
+                   "may_shutdown": bool(self.coordinator.may_manage(user, row, ADMIN))}
+                  for row in rows]
         counts = {name: sum(w["activity"] == name for w in listed)
                   for name in ("busy", "idle", "stale")}
         return {**counts, "stale_after_seconds": now - stale_before, "list": listed}
@@ -5577,8 +5684,9 @@ class DashboardViews:
     def task(self, req, task):
         """A task's history and the tail of its output (from its std-log artifact)."""
         row = self.coordinator.task_of(req, task, READ)
-        history = [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
-                   for e in self.store.task_history(row["id"])]
+        history = [{"event": "Submitted", "at": stamp(row["created_at"]), "worker": None}]
+        history += [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
+                    for e in self.store.task_history(row["id"])]
         return {**self.coordinator.task_answer(row), "history": history,
                 "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
 
@@ -5741,6 +5849,7 @@ const STATES = ["Pending", "Ready", "Running", "Finished", "Cancelled"];
 const STORE = window.sessionStorage;   // the token lives in this tab only
 let current = null;
 let refreshing = false;
+let refreshAgain = false;
 
 // ---- small DOM helpers ----------------------------------------------------------------
 
@@ -5891,8 +6000,15 @@ function show() {
   refresh();
 }
 
+async function tick() {
+  // refresh again once this refresh is over: a slow coordinator is never asked twice
+  await refresh();
+  window.setTimeout(tick, (current && current.view.every) || REFRESH_MS);
+}
+
 async function refresh() {
-  if (!current || refreshing || document.hidden) return;
+  if (refreshing) { refreshAgain = true; return; }   // a view shown meanwhile: once more
+  if (!current || document.hidden) return;
   const shown = current;
   refreshing = true;
   try {
@@ -5903,6 +6019,7 @@ async function refresh() {
   } finally {
     refreshing = false;
   }
+  if (refreshAgain) { refreshAgain = false; refresh(); }
 }
 
 // A part of a view: a container whose children are replaced in one step, so a refresh
@@ -6016,6 +6133,7 @@ VIEWS.tasks = {
 // ---- one task ------------------------------------------------------------------------------
 
 VIEWS.task = {
+  every: 1000,   // its output, while it runs
   mount(ctx) {
     ctx.state.offsets = {stdout: 0, stderr: 0};
     ctx.state.live = true;
@@ -6187,7 +6305,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("logout").addEventListener("click", () => logout());
   window.addEventListener("hashchange", show);
   document.addEventListener("visibilitychange", refresh);
-  setInterval(refresh, REFRESH_MS);
+  tick();
   show();
 });
 '''
@@ -6205,6 +6323,721 @@ document.addEventListener("DOMContentLoaded", () => {
         else:
             raise not_found(f"dashboard file {name}")
         return Answer(text=text, content_type=content_type, headers=dict(cls.HEADERS))
+
+# =====================================================================================
+# 4b. Network: one event loop serves the coordinator's API
+# =====================================================================================
+#
+# socket -> HttpConnection -> HttpParser (bytes in, requests out) -> Router ->
+# Coordinator handler -> Answer (bytes out) or Park (answered when the Dispatcher
+# resolves it). One thread, EventLoopServer's, owns every socket: an idle keep-alive
+# connection or a parked long poll costs a file descriptor and a few objects, not a
+# thread. Handlers run inline on the loop (SQLite calls take tens of microseconds);
+# the slow ones (password hashing, blob bodies streamed to and from disk) run on a
+# small fixed pool. Limits: MAX_CONNECTIONS-style cap (503 past it), a read timeout per
+# request (408), and the parser's limits on lines, headers and bodies.
+
+REQUEST_LINE_LIMIT = 8 << 10    # longer: 414 (RFC 9112 §3 recommends at least 8000)
+HEADER_SECTION_LIMIT = 64 << 10  # all header lines together; longer: 431 (RFC 6585 §5)
+HEADER_COUNT_LIMIT = 100         # more header lines: 431
+POOL_SIZE = 8                    # threads for the handlers that may not run on the loop
+IDLE_TIMEOUT = 600.0             # a keep-alive connection idle this long is closed
+SEND_CHUNK = 1 << 18             # a file answer is read from disk this much at a time
+# Handlers that would hold the loop too long: password hashing (scrypt) and blobs.
+POOL_HANDLERS = {"login", "change_password", "admin_create_user", "admin_password",
+                 "blob_put", "blob_get"}
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_STATUS_TEXT = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+class BadRequest(HttpError):
+    """What HttpParser refuses: a status (400, 411, 414, 431, 505) and why. The
+    connection answers it and closes: after a framing error nothing that follows on
+    the connection can be trusted (RFC 9112 §2.2)."""
+
+
+@dataclasses.dataclass
+class HttpMessage:
+    """A parsed request: `body` holds its bytes, or is None when the body is larger
+    than the parser's body limit and still to come (the caller streams or refuses it)."""
+    method: str
+    target: str
+    headers: dict       # lower-case name -> value (latin-1 text; repeated ones joined)
+    length: int         # Content-Length
+    keep_alive: bool
+    body: bytes = None
+    continued: bool = False  # "100 Continue" was sent (the client sent Expect)
+
+
+class HttpParser:
+    """Bytes in, HttpMessages out: the subset of HTTP/1.1 (RFC 9112) that Mitosis clients
+    send, and nothing that could be read two ways.
+
+    Accepted: a request line `METHOD SP /target SP HTTP/1.x`, header lines `name: value`,
+    an empty line, and a body of exactly Content-Length bytes. Empty lines before a
+    request line are skipped and a bare LF ends a line as CRLF does (RFC 9112 §2.2).
+    Refused, each with one BadRequest:
+      400  a malformed request line or header line, whitespace before a header's colon
+           (§5.1), obsolete line folding (§5.2), a target not starting with "/", a
+           Content-Length that is not plain ASCII digits or two that differ (§6.3), a
+           HTTP/1.1 request without Host (§3.2);
+      411  Transfer-Encoding (chunked bodies are not read: send Content-Length);
+      414  a request line over REQUEST_LINE_LIMIT;
+      431  header lines over HEADER_SECTION_LIMIT or HEADER_COUNT_LIMIT;
+      505  an HTTP version other than 1.0 and 1.1 (an HTTP/2 preface too).
+    It owns no socket: the connection feeds it what it reads; tests feed it bytes."""
+
+    def __init__(self, body_limit=JSON_BODY_LIMIT):
+        self.body_limit = body_limit
+        self.buffer = bytearray()
+        self.head = None   # the HttpMessage whose body is awaited
+        self.skipping = 0  # bytes of a refused body still to discard
+
+    def feed(self, data=b""):
+        """Add bytes; return the requests now complete. A request whose body is over
+        `body_limit` is returned at once with body None, and nothing after it until the
+        caller has taken (take()) or skipped (skip()) that body."""
+        self.buffer += data
+        self._discard()
+        done = []
+        while not self.skipping:
+            if self.head is None:
+                self.head = self._parse_head()
+                if self.head is None:
+                    break
+            if self.head.length > self.body_limit:
+                done.append(self.head)
+                break
+            if len(self.buffer) < self.head.length:
+                break
+            self.head.body = bytes(self.buffer[:self.head.length])
+            del self.buffer[:self.head.length]
+            done.append(self.head)
+            self.head = None
+        return done
+
+    def waiting(self):
+        """True while a request has begun to arrive but is not complete."""
+        return bool(self.buffer.strip(b"\r\n")) or self.head is not None
+
+    def take(self, limit):
+        """Up to `limit` bytes of a large body already read; the rest is the caller's to
+        read from the socket. The parser then starts on the next request."""
+        data = bytes(self.buffer[:limit])
+        del self.buffer[:limit]
+        self.head = None
+        return data
+
+    def skip(self, length):
+        """Discard a large body that was refused, then go on with the next request."""
+        self.head, self.skipping = None, length
+        self._discard()
+
+    def _discard(self):
+        if self.skipping:
+            dropped = min(self.skipping, len(self.buffer))
+            del self.buffer[:dropped]
+            self.skipping -= dropped
+
+    def _parse_head(self):
+        while self.buffer[:1] in (b"\r", b"\n") and self.buffer[:2] != b"\r":
+            del self.buffer[:2 if self.buffer[:2] == b"\r\n" else 1]
+        end = self._head_end()
+        if end is None:
+            self._check_incomplete_head()
+            return None
+        head = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        lines = head.split(b"\n")
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in lines][:-2]
+        method, target, version = self._request_line(lines[0])
+        headers = self._headers(lines[1:])
+        return self._message(method, target, version, headers)
+
+    def _head_end(self):
+        """The index just past the empty line that ends the head, or None."""
+        ends = [i for i in (self.buffer.find(b"\n\r\n"), self.buffer.find(b"\n\n")) if i >= 0]
+        if not ends:
+            return None
+        first = min(ends)
+        return first + (3 if self.buffer[first:first + 3] == b"\n\r\n" else 2)
+
+    def _check_incomplete_head(self):
+        """Refuse a head that is already too long, before the rest of it arrives."""
+        newline = self.buffer.find(b"\n")
+        if newline > REQUEST_LINE_LIMIT or (newline < 0 and
+                                            len(self.buffer) > REQUEST_LINE_LIMIT):
+            raise BadRequest(414, f"request line over {REQUEST_LINE_LIMIT} bytes")
+        if newline >= 0 and len(self.buffer) - newline > HEADER_SECTION_LIMIT:
+            raise BadRequest(431, f"header lines over {HEADER_SECTION_LIMIT} bytes")
+
+    @staticmethod
+    def _request_line(line):
+        if len(line) > REQUEST_LINE_LIMIT:
+            raise BadRequest(414, f"request line over {REQUEST_LINE_LIMIT} bytes")
+        parts = line.split(b" ")
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
+            raise BadRequest(400, f"malformed request line {line[:100].decode('latin-1')!r}")
+        method, target, version = parts
+        known = _VERSION.fullmatch(version)
+        if not known:
+            raise BadRequest(400, f"malformed HTTP version {version[:20].decode('latin-1')!r}")
+        if known.group(1) != b"1":
+            raise BadRequest(505, f"HTTP/{known.group(1).decode()}.{known.group(2).decode()} "
+                                  f"is not supported: use HTTP/1.1")
+        if not target.startswith(b"/") or any(byte < 0x21 or byte == 0x7f for byte in target):
+            raise BadRequest(400, f"bad request target {target[:100].decode('latin-1')!r}")
+        return method.decode(), target.decode("latin-1"), version.decode()
+
+    @staticmethod
+    def _headers(lines):
+        if len(lines) > HEADER_COUNT_LIMIT:
+            raise BadRequest(431, f"more than {HEADER_COUNT_LIMIT} header lines")
+        if sum(len(line) for line in lines) > HEADER_SECTION_LIMIT:
+            raise BadRequest(431, f"header lines over {HEADER_SECTION_LIMIT} bytes")
+        headers = {}
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.fullmatch(name):
+                raise BadRequest(400, f"malformed header line {line[:100].decode('latin-1')!r}")
+            value = value.strip(b" \t")
+            if any(byte < 0x20 and byte != 0x09 or byte == 0x7f for byte in value):
+                raise BadRequest(400, f"control character in header {name.decode()}")
+            key, text = name.decode().lower(), value.decode("latin-1")
+            if key == "content-length" and headers.get(key, text) != text:
+                raise BadRequest(400, "two different Content-Length headers")
+            if key in headers and key != "content-length":  # RFC 9110 §5.3
+                text = f"{headers[key]}, {text}"
+            headers[key] = text
+        return headers
+
+    @staticmethod
+    def _message(method, target, version, headers):
+        if "transfer-encoding" in headers:
+            raise BadRequest(411, "Transfer-Encoding is not supported: send Content-Length")
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise BadRequest(400, "missing Host header")
+        length = headers.get("content-length", "0")
+        if not re.fullmatch(r"[0-9]{1,18}", length):
+            raise BadRequest(400, f"bad Content-Length {length[:40]!r}: expected digits")
+        tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+        keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+        return HttpMessage(method, target, headers, int(length), keep_alive)
+
+
+class AnswerWriter:
+    """Answers as bytes: the status line and the headers every answer carries are made
+    once, the Date once a second."""
+
+    def __init__(self):
+        self.lines = {status: f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Unknown')}\r\n"
+                      f"Server: mito.py/{__version__}\r\n".encode()
+                      for status in _STATUS_TEXT}
+        self.date = (0, b"")
+
+    def date_line(self):
+        second = int(time.time())
+        if self.date[0] != second:
+            self.date = (second, b"Date: " + email_date(second).encode() + b"\r\n")
+        return self.date[1]
+
+    def head(self, status, headers, length, content_type, keep_alive):
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        return b"".join((
+            self.lines.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            self.date_line(), extra.encode("latin-1"),
+            b"Content-Type: ", content_type.encode(), b"\r\nContent-Length: ",
+            str(length).encode(), b"\r\n" if keep_alive else b"\r\nConnection: close\r\n",
+            b"\r\n"))
+
+    def encode(self, answer, keep_alive):
+        """The bytes of a JSON or text answer (a file answer: its head only)."""
+        if answer.file is not None:
+            return self.head(answer.status, answer.headers, os.path.getsize(answer.file),
+                             "application/octet-stream", keep_alive)
+        if answer.text is not None:
+            payload = answer.text.encode()
+            content_type = answer.content_type or "text/plain; charset=utf-8"
+        else:
+            payload, content_type = json.dumps(answer.body).encode(), "application/json"
+        return self.head(answer.status, answer.headers, len(payload), content_type,
+                         keep_alive) + payload
+
+
+def email_date(seconds):
+    """An HTTP date (RFC 9110 §5.6.7), as http.server writes it."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))
+
+
+def as_answer(result):
+    """What a handler returned, as an Answer (a plain value is a JSON 200)."""
+    return result if isinstance(result, (Answer, Park)) else Answer(body=result)
+
+
+def error_answer(error):
+    return Answer(error.status, {"msg": error.msg}, error.headers)
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # to a client that sent Expect (RFC 9110 §10.1.1)
+
+
+def expects_continue(message):
+    return message.headers.get("expect", "").lower() == "100-continue"
+
+
+class BodyStream:
+    """A large request body read straight from the socket by a pool thread: what the
+    parser already holds, then the rest. A stall past the read timeout is a 408."""
+
+    def __init__(self, prefix, sock, message):
+        self.prefix, self.sock = prefix, sock
+        self.remaining = message.length - len(prefix)
+        self.expect = expects_continue(message) and not message.continued
+
+    def read(self, size):
+        if self.prefix:
+            data, self.prefix = self.prefix[:size], self.prefix[size:]
+            return data
+        if self.remaining <= 0:
+            return b""
+        try:
+            if self.expect:
+                self.expect = False
+                self.sock.sendall(CONTINUE)
+            data = self.sock.recv(min(size, self.remaining))
+        except TimeoutError:
+            raise HttpError(408, "the request body stopped arriving") from None
+        except OSError as error:
+            raise HttpError(400, f"the connection broke mid-body: {error}") from None
+        self.remaining -= len(data)
+        return data
+
+
+class HttpConnection:
+    """One client socket on the event loop: reads feed its HttpParser; its requests are
+    answered one at a time, in order (a parked fetch holds the next one back); answers
+    leave through `out`. Owned by the loop's thread, except while a pool thread has it
+    (then it is not registered with the selector)."""
+
+    def __init__(self, server, sock, peer):
+        self.server, self.sock, self.peer = server, sock, peer
+        self.parser = HttpParser()
+        self.out = bytearray()
+        self.file = None          # a file answer being sent, read SEND_CHUNK at a time
+        self.pending = collections.deque()
+        self.busy = False         # a request is parked or on the pool
+        self.park = None
+        self.closing = False      # close once `out` is sent
+        self.closed = False
+        self.events = 0           # what the selector watches for (0: not registered)
+        self.handshaking = isinstance(sock, ssl.SSLSocket)
+        self.deadline = time.monotonic() + (server.request_timeout if self.handshaking
+                                            else IDLE_TIMEOUT)
+
+    # -- reading
+
+    def on_event(self, mask):
+        if self.handshaking:
+            self.handshake()
+        elif mask & selectors.EVENT_WRITE:
+            self.flush()
+        if not self.closed and not self.handshaking and mask & selectors.EVENT_READ:
+            self.read()
+
+    def handshake(self):
+        """The TLS handshake, in steps, as the socket allows (non-blocking)."""
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.server.watch(self)
+            return
+        except ssl.SSLWantWriteError:
+            self.server.watch(self, writing=True)
+            return
+        except (ssl.SSLError, OSError) as error:
+            log.debug("TLS handshake with %s failed: %s", self.peer, error)
+            self.close()
+            return
+        self.handshaking = False
+        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        self.server.watch(self)
+
+    def read(self):
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (ConnectionError, ssl.SSLError, OSError):
+                self.close()
+                return
+            if not data:
+                self.close()
+                return
+            self.received(data)
+            if self.closed or not isinstance(self.sock, ssl.SSLSocket) or \
+                    not self.sock.pending():
+                return
+
+    def received(self, data):
+        if not self.parser.waiting():
+            self.deadline = time.monotonic() + self.server.request_timeout
+        try:
+            self.pending.extend(self.parser.feed(data))
+        except BadRequest as error:
+            self.refuse(error)
+            return
+        head = self.parser.head
+        if head is not None and head.body is None and head.length <= self.parser.body_limit \
+                and expects_continue(head) and not head.continued:
+            head.continued = True
+            self.out += CONTINUE
+            self.flush()
+        self.next_request()
+
+    def next_request(self):
+        while not self.busy and not self.closing and self.pending:
+            self.handle(self.pending.popleft())
+        if not self.busy and not self.closing:
+            self.deadline = time.monotonic() + (self.server.request_timeout
+                                                if self.parser.waiting() else IDLE_TIMEOUT)
+
+    # -- handling
+
+    def handle(self, message):
+        req = Request(message.method, message.target, message.headers, self.peer,
+                      "https" if isinstance(self.sock, ssl.SSLSocket) else "http",
+                      self.server.server_address)
+        started, name = time.perf_counter(), "unmatched"
+        try:
+            name, auth, req.params = ROUTER.match(req.method, req.path)
+            if message.body is None and auth != "blob":
+                return self.refuse_body(message)
+            if name in POOL_HANDLERS:
+                return self.hand_to_pool(message, req, name, auth, started)
+            answer = self.server.dispatch(req, name, auth, message.body)
+        except HttpError as error:
+            answer = error_answer(error)
+        self.respond(answer, message)
+        if not isinstance(answer, Park):  # a long poll's wait is not the coordinator's time
+            self.server.observe(name, started)
+
+    def refuse_body(self, message):
+        """413 for a JSON body over the limit: read and dropped if small enough, so the
+        client hears the answer; past DRAIN_LIMIT the connection is closed."""
+        drained = message.length <= DRAIN_LIMIT
+        if drained:
+            self.parser.skip(message.length)
+        self.send(error_answer(HttpError(413, f"body of {message.length} bytes is over "
+                                              f"the {JSON_BODY_LIMIT} limit")),
+                  message.keep_alive and drained)
+
+    def respond(self, answer, message):
+        if isinstance(answer, Park):
+            self.busy, self.park = True, answer
+            self.deadline = float("inf")  # the Dispatcher answers it by its own deadline
+            answer.on_resolve(lambda park: self.server.call_soon(
+                lambda: self.parked_answer(park, message)))
+            return
+        self.send(answer, message.keep_alive)
+
+    def parked_answer(self, park, message):
+        if self.park is park and not self.closed:
+            self.busy, self.park = False, None
+            self.send(park.answer, message.keep_alive)
+            self.next_request()
+
+    def hand_to_pool(self, message, req, name, auth, started):
+        """Run a slow handler on the pool. A blob route gets the socket too (blocking,
+        with the read timeout): it streams its body from it or its file to it."""
+        self.busy = True
+        self.deadline = float("inf")
+        if auth == "blob":
+            self.server.unwatch(self)
+            self.sock.settimeout(self.server.request_timeout)
+            prefix = message.body if message.body is not None else \
+                self.parser.take(message.length)
+            req.body_stream = BodyStream(prefix, self.sock, message)
+        self.server.pool.submit(self.run_on_pool, message, req, name, auth, started)
+
+    def run_on_pool(self, message, req, name, auth, started):
+        try:
+            answer = self.server.dispatch(req, name, auth, message.body)
+        except HttpError as error:
+            answer = error_answer(error)
+        except Exception as error:  # a bug: answer 500 with msg (as dispatch does)
+            log.exception("internal error on %s %s", req.method, req.path)
+            answer = Answer(500, {"msg": f"internal error: {type(error).__name__}"})
+        self.server.observe(name, started)
+        if auth != "blob":
+            self.server.call_soon(lambda: self.pool_done(answer, message.keep_alive))
+            return
+        keep_alive = message.keep_alive and (req.body_consumed or message.length == 0)
+        try:
+            self.send_blocking(answer, keep_alive)
+        except (OSError, ssl.SSLError) as error:
+            log.debug("client %s: %s", self.peer, error)
+            keep_alive = False
+        self.server.call_soon(lambda: self.pool_done(None, keep_alive))
+
+    def send_blocking(self, answer, keep_alive):
+        """A blob route's answer, from its pool thread (a file read SEND_CHUNK at a time)."""
+        try:
+            self.sock.sendall(self.server.writer.encode(answer, keep_alive))
+            if answer.file is not None:
+                with open(answer.file, "rb") as handle:
+                    while chunk := handle.read(SEND_CHUNK):
+                        self.sock.sendall(chunk)
+        finally:
+            self.sock.setblocking(False)
+
+    def pool_done(self, answer, keep_alive):
+        if self.closed:
+            return
+        self.busy = False
+        if answer is not None:
+            self.send(answer, keep_alive)
+        elif not keep_alive:
+            self.close()
+            return
+        else:
+            self.server.watch(self)
+        self.pending.extend(self.parser.feed())
+        self.next_request()
+
+    # -- writing
+
+    def refuse(self, error):
+        """A request the parser refused: the JSON answer, then close."""
+        self.pending.clear()
+        self.send(error_answer(error), keep_alive=False)
+
+    def send(self, answer, keep_alive):
+        self.out += self.server.writer.encode(answer, keep_alive)
+        if answer.file is not None:
+            self.file = open(answer.file, "rb")
+        self.closing = self.closing or not keep_alive
+        self.flush()
+
+    def flush(self):
+        """Send what the socket takes now; wait for EVENT_WRITE for the rest."""
+        while not self.closed:
+            if not self.out and self.file is not None:
+                self.out += self.file.read(SEND_CHUNK)
+                if not self.out:
+                    self.file.close()
+                    self.file = None
+            if not self.out:
+                break
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                self.server.watch(self, writing=True)
+                return
+            except (ConnectionError, ssl.SSLError, OSError):
+                self.close()
+                return
+            del self.out[:sent]
+            self.deadline = time.monotonic() + self.server.request_timeout
+        if self.closing:
+            self.close()
+        elif not self.closed:
+            self.server.watch(self)
+
+    def expired(self, now):
+        """The read timeout (or the idle one) has passed: 408 if a request had begun."""
+        if self.parser.waiting() and not self.busy and not self.out:
+            self.refuse(BadRequest(408, f"the request did not arrive within "
+                                        f"{format_duration(self.server.request_timeout)}"))
+            if not self.closed:
+                self.deadline = now + 1.0  # a last second to take the answer
+                return
+        self.close()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.park is not None:
+            self.server.dispatcher.withdraw(self.park)
+        if self.file is not None:
+            self.file.close()
+        self.server.forget(self)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class EventLoopServer:
+    """Accept, select, timers, the connection cap: a thin loop over DefaultSelector with
+    each socket registered with its HttpConnection as `data`. Other threads (the pool,
+    the reaper through the Dispatcher) reach the loop only through call_soon()."""
+
+    def __init__(self, address, coordinator, tls=None, max_connections=10000,
+                 request_timeout=30.0):
+        self.coordinator, self.dispatcher = coordinator, coordinator.dispatcher
+        self.tls, self.max_connections = tls, max_connections
+        self.request_timeout = request_timeout
+        self.listener = socket.create_server(address, backlog=1024)
+        self.listener.setblocking(False)
+        self.server_address = self.listener.getsockname()
+        self.server_port = self.server_address[1]
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self.waker, self.wake_socket = socket.socketpair()
+        self.waker.setblocking(False)
+        self.wake_socket.setblocking(False)
+        self.selector.register(self.waker, selectors.EVENT_READ, "wake")
+        self.calls = collections.deque()
+        self.connections = set()
+        self.writer = AnswerWriter()
+        self.pool = concurrent.futures.ThreadPoolExecutor(POOL_SIZE, "api")
+        self.loop_thread = None
+        self.stopped = threading.Event()
+        self.running = True
+
+    def serve_forever(self):
+        self.loop_thread = threading.get_ident()
+        next_sweep = 0.0
+        try:
+            while self.running:
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self.sweep(now)
+                    next_sweep = now + 1.0
+                self.dispatcher.expire(now)
+                deadline = min(next_sweep, self.dispatcher.next_deadline() or next_sweep)
+                for key, mask in self.selector.select(max(0.0, deadline - now)):
+                    self.on_ready(key, mask)
+                self.run_calls()
+        finally:
+            self.stopped.set()
+
+    def on_ready(self, key, mask):
+        if key.data is None:
+            self.accept()
+        elif key.data == "wake":
+            with contextlib.suppress(BlockingIOError):
+                self.waker.recv(4096)
+        else:
+            try:
+                key.data.on_event(mask)
+            except Exception:  # a bug in the network layer: drop that connection only
+                log.exception("error serving %s", key.data.peer)
+                key.data.close()
+
+    def accept(self):
+        for _ in range(64):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # out of file descriptors: say so, go on serving
+                log.warning("cannot accept a connection: %s", error)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if len(self.connections) >= self.max_connections:
+                self.turn_away(sock)
+                continue
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False)
+            connection = HttpConnection(self, sock, peer)
+            self.connections.add(connection)
+            self.watch(connection)
+
+    def turn_away(self, sock):
+        """Past the connection cap: a 503 in plain HTTP (best effort), then close."""
+        answer = Answer(503, {"msg": f"too many connections (over {self.max_connections})"},
+                        {"Retry-After": "1"})
+        with contextlib.suppress(OSError):
+            if self.tls is None:
+                sock.send(self.writer.encode(answer, keep_alive=False))
+        sock.close()
+
+    def watch(self, connection, writing=False):
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        if connection.events == events:
+            return
+        if connection.events:
+            self.selector.modify(connection.sock, events, connection)
+        else:
+            self.selector.register(connection.sock, events, connection)
+        connection.events = events
+
+    def unwatch(self, connection):
+        if connection.events:
+            connection.events = 0
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.selector.unregister(connection.sock)
+
+    def forget(self, connection):
+        self.unwatch(connection)
+        self.connections.discard(connection)
+
+    def sweep(self, now):
+        """Once a second: close or answer the connections past their deadline."""
+        for connection in [c for c in self.connections if c.deadline <= now]:
+            connection.expired(now)
+
+    def call_soon(self, call):
+        """Run `call` on the loop's thread (from any thread)."""
+        self.calls.append(call)
+        if threading.get_ident() != self.loop_thread:
+            with contextlib.suppress(BlockingIOError, OSError):
+                self.wake_socket.send(b"x")
+
+    def run_calls(self):
+        while self.calls:
+            self.calls.popleft()()
+
+    def dispatch(self, req, name, auth, body):
+        """Read the JSON body, authenticate, call the handler: an Answer or a Park."""
+        if auth != "blob":
+            req.data = parse_json_body(body or b"")
+        if auth not in (None, "blob"):  # "user", "admin", "worker", "registrar"
+            self.coordinator.authenticate(req, auth)
+        try:
+            return as_answer(operator.attrgetter(name)(self.coordinator)(req, **req.params))
+        except HttpError:
+            raise
+        except Exception as error:  # a bug: answer 500 with msg, keep serving
+            log.exception("internal error on %s %s", req.method, req.path)
+            return Answer(500, {"msg": f"internal error: {type(error).__name__}"})
+
+    def observe(self, route, started):
+        self.coordinator.dashboard.metrics_of.observe_request(route, started)
+
+    def shutdown(self):
+        """Stop the loop (from another thread) and wait until it has."""
+        def stop():
+            self.running = False
+        self.call_soon(stop)
+        self.stopped.wait(10)
+
+    def server_close(self):
+        for connection in list(self.connections):
+            connection.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.selector.close()
+        self.listener.close()
+        self.waker.close()
+        self.wake_socket.close()
+
+
+def raise_file_limit():
+    """Let this process hold as many sockets as the hard limit allows (the soft limit,
+    often 1024, is not the ceiling). The number of connections it allows."""
+    import resource  # Unix only, and only the coordinator needs it
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
 
 # =====================================================================================
 # 5. Client: `mito.py client ...`, every operation a Mitosis user needs
@@ -6301,13 +7134,20 @@ def full_uuid(text):
     return None
 
 
-def uuid_prefix(text):
-    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): UsageError else."""
+def a_uuid_prefix(text):
+    """A uuid, or the prefix of one (at least MIN_PREFIX hex digits): ValueError else."""
     prefix = text.strip().lower()
     if len(prefix.replace("-", "")) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f-]{1,36}", prefix):
-        raise UsageError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
+        raise ValueError(f"bad uuid {text!r}: a uuid, or at least {MIN_PREFIX} of its first "
                          f"hex digits")
     return prefix
+
+
+def uuid_prefix(text):
+    try:
+        return a_uuid_prefix(text)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def one_match(text, candidates, what):
@@ -6357,6 +7197,8 @@ def resolve_uuid_args(client, args):
         args.uuid = resolve(client, args.uuid)
     if getattr(args, "uuids", None):  # "a,b" or "a b", as upstream's lists
         args.uuids = [resolve(client, text) for text in split_list(args.uuids)]
+    if getattr(args, "watch", None):  # submit --watch UUID,STATE
+        args.watch[0] = resolve_task(client, args.watch[0])
 
 
 def exit_code_of(raw_status):
@@ -6637,7 +7479,7 @@ def resource_of(text):
                 "local_path": parts[1]}
     if kind == "artifact" and len(parts) == 3 and parts[2]:
         with contextlib.suppress(ValueError):
-            return {"remote_file": {"Artifact": {"uuid": str(uuidlib.UUID(parts[0])),
+            return {"remote_file": {"Artifact": {"uuid": a_uuid_prefix(parts[0]),
                                                  "content_type": artifact_kind(parts[1])}},
                     "local_path": parts[2]}
     raise UsageError(f"bad resource {text!r}: expected attachment=KEY:LOCAL_PATH or "
@@ -6648,7 +7490,7 @@ def watch_of(text):
     """`UUID,STATE` (upstream) or `UUID:STATE`: the task to wait for before this one."""
     cut = max(text.find(","), text.rfind(":"))
     try:
-        task_uuid = str(uuidlib.UUID(text[:cut]))
+        task_uuid = a_uuid_prefix(text[:cut])
     except ValueError:
         raise ValueError(f"bad watch {text!r}: expected UUID,STATE") from None
     if text[cut + 1:] not in EXEC_STATES:
@@ -6735,8 +7577,18 @@ def submit_request(client, args):
             "tags": split_list(args.tags), "labels": split_list(args.labels),
             "timeout": args.timeout, "priority": args.priority,
             "task_spec": {"args": args.command_args, "envs": parse_envs(args.envs),
-                          "resources": [resource_of(text) for text in split_list(args.resources)],
+                          "resources": resources_of(client, args.resources),
                           "terminal_output": args.terminal, "watch": args.watch}}
+
+
+def resources_of(client, values):
+    """The -r resources, an artifact's uuid prefix resolved to its whole uuid."""
+    resources = [resource_of(text) for text in split_list(values)]
+    for resource in resources:
+        artifact = resource["remote_file"].get("Artifact")
+        if artifact:
+            artifact["uuid"] = resolve_task(client, artifact["uuid"])
+    return resources
 
 
 def cmd_tasks_submit(client, args):
@@ -7540,7 +8392,7 @@ def cmd_admin_shutdown(client, args):
 
 # ---- client status: the system on one terminal screen ------------------------------------
 
-STATUS_ROWS = 8     # running tasks and failures listed; the rest are counted
+STATUS_ROWS = 6     # groups, running tasks, failures listed: the rest are counted
 
 
 def render_counts(counts):
@@ -7552,8 +8404,11 @@ def render_counts(counts):
 def render_status(data):
     tasks, workers = data["tasks"], data["workers"]
     print(f"tasks      {render_counts(tasks['by_state'])}")
-    for group, counts in tasks["by_group"].items():
+    groups = list(tasks["by_group"].items())
+    for group, counts in groups[:STATUS_ROWS]:
         print(f"  {group:<16} {render_counts(counts)}")
+    if len(groups) > STATUS_ROWS:
+        print(f"  ... and {len(groups) - STATUS_ROWS} more groups (--json shows all)")
     print(f"workers    {workers['busy']} busy, {workers['idle']} idle, {workers['stale']} stale")
     throughput = data["throughput"]
     print(f"throughput {throughput['last_minute']} ended in the last minute, "
@@ -7579,7 +8434,7 @@ def listed(title, headers, rows):
     print(f"{title}:")
     print_table(headers, rows[:STATUS_ROWS])
     if len(rows) > STATUS_ROWS:
-        print(f"... and {len(rows) - STATUS_ROWS} more")
+        print(f"... and {len(rows) - STATUS_ROWS} more (--json shows all)")
 
 
 def cmd_status(client, args):

@@ -249,3 +249,15 @@ def test_short_uuids_grow_until_unique():
     names = mito.short_uuids(["abcdef0123", "abcdef0199", "12345678ab"])
     assert names == {"abcdef0123": "abcdef012", "abcdef0199": "abcdef019",
                      "12345678ab": "12345678"}
+
+
+def test_watch_and_artifact_resources_take_uuid_prefixes_too(cluster):
+    upstream = submit(cluster, "true", tags=("nobody",))
+    out = cluster.client("tasks", "submit", "-t", "nobody", "--watch",
+                         f"{upstream[:13]}:TaskCommitted", "--resource",
+                         f"artifact:{upstream[:8]}:result=in", "--", "true").ok()
+    spec = cluster.task(out.strip())["info"]["spec"]
+    assert spec["watch"] == [upstream, "TaskCommitted"], spec
+    assert spec["resources"][0]["remote_file"]["Artifact"]["uuid"] == upstream, spec
+    cluster.client("tasks", "submit", "--watch", "xyz:TaskCommitted", "--", "true").failed(
+        2, "watch")

@@ -233,3 +233,30 @@ def test_coordinator_stops_promptly_during_long_polls(cluster):
     assert time.monotonic() - started < 10
     assert len(answers) == 3 and all(a is None or isinstance(a, mito.Unreachable)
                                      for a in answers), answers
+
+
+# ---- bad places: one line, exit 2, before anything starts ----------------------------------
+
+
+@pytest.mark.parametrize("case", ["corrupt database", "state dir a file", "unwritable log"])
+def test_a_bad_state_dir_or_log_path_is_one_line_and_exit_2(tmp_path, case):
+    sandbox = Sandbox(tmp_path / "bad")
+    state = tmp_path / "state"
+    state.mkdir()
+    args = ["coordinator", "-b", f"127.0.0.1:{free_port()}", "--state-dir", state]
+    if case == "corrupt database":
+        (state / "mitosis.db").write_bytes(b"not a database " * 100)
+    elif case == "state dir a file":
+        args[-1] = state / "file"
+        args[-1].write_text("x")
+    else:
+        args += ["--file-log", "--log-path", "/dev/null/coordinator.log"]
+    try:
+        result = sandbox.run(*args, timeout=30)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: bad value for "), result.stderr
+        assert "internal error" not in lines[0]
+        assert str(args[-1]) in lines[0]
+    finally:
+        sandbox.cleanup()

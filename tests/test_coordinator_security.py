@@ -300,6 +300,15 @@ def test_local_workers_survive_admin_logins_and_are_restarted(tmp_path):
         sandbox.cleanup()
 
 
+def test_local_workers_serve_other_groups_only_when_told(cluster):
+    c = cluster("--workers", "1", "--local-worker-groups", "team:read")
+    c.group("team")
+    c.coordinator.stop()
+    c.restart()  # the group exists now, when the local worker registers
+    wait_until(lambda: any(groups_of(c, w) == {ADMIN: "Admin", "team": "Read"}
+                           for w in c.workers()), what="a local worker serving team")
+
+
 def login(url, retain=False):
     """An admin token, or None while the coordinator does not answer yet."""
     try:

@@ -7,6 +7,7 @@ upstream accepts and what no worker could run.
 Real `mito.py coordinator` processes on 127.0.0.1 (see `e2e`)."""
 
 import json
+import re
 import sqlite3
 import uuid
 
@@ -318,6 +319,9 @@ def test_a_worker_with_unknown_groups_and_roles_registers_as_upstream_does(world
         "groups": ["no-such-group", f"{name}-a:owner", f"{name}-b:READ", f"{name}-a:x:y"]})
     groups = alice.api("GET", f"/workers/{answer['worker_id']}")["groups"]
     assert groups == {name: "Admin", f"{name}-a": "Write", f"{name}-b": "Read"}
+    for lifetime in ("0s", "1" + "0" * 20 + "s", "9" * 400 + "s"):  # upstream: u64 seconds
+        body = {"tags": [], "labels": [], "groups": [], "lifetime": lifetime}
+        assert status_of(lambda: alice.api("POST", "/workers", body)) == 400, lifetime
 
 
 WIDE_SUBMISSIONS = [
@@ -482,3 +486,65 @@ def test_list_and_batch_routes_answer_upstreams_400s(world):
            ("/tasks/delete/artifacts/list", {"uuids": [], "content_type": "result"})]
     for path, body in bad:
         assert status_of(lambda: alice.api("POST", path, body)) == 400, path
+    for path, body in (("/workers/query", {"group_name": "no-such-group", "count": False}),
+                       ("/workers/shutdown", {"group_name": "no-such-group", "op": "Force"})):
+        assert status_of(lambda: alice.api("POST", path, body)) == 403, path
+
+
+# ---- any upstream-valid request --------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=list(HealthCheck))
+SAFE_NAME = st.text("abcxyz_.-", min_size=1, max_size=6)
+# what a worker can run: our refusals (issue 8) are not upstream's, so keep clear of them
+SAFE_PATH = st.lists(SAFE_NAME.filter(lambda n: n not in (".", "..")), min_size=1,
+                    max_size=3).map("/".join)
+RUNNABLE = {"local_path": SAFE_PATH, "key": SAFE_PATH,
+            "envs": st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,5}", fullmatch=True),
+                                    SAFE_NAME, max_size=3)}
+
+
+@pytest.fixture(scope="module")
+def prop_user(world):
+    return fresh_user(world)
+
+
+@PROPERTY
+@given(body=upstream.values(upstream.SubmitTaskReq, RUNNABLE))
+def test_any_upstream_valid_submission_is_taken_and_read_back(world, prop_user, body):
+    c, (name, alice) = world, prop_user
+    body["group_name"] = name
+    call = Upstream(c)
+    task_uuid = call(alice.token, "POST", "/tasks", body)["uuid"]
+    info = call(alice.token, "GET", f"/tasks/{task_uuid}")["info"]
+    assert info["priority"] == body["priority"]
+    call(alice.token, "PUT", f"/tasks/{task_uuid}", {"timeout": None, "priority": 1})
+
+
+@PROPERTY
+@given(body=upstream.values(upstream.TasksQueryReq, {"group_name": st.none(),
+                                                     "reporter_uuid": st.none()}))
+def test_any_upstream_valid_task_query_is_answered_in_upstreams_shape(world, prop_user, body):
+    c, (name, alice) = world, prop_user
+    expect_400 = any(body.get(key) == [] for key in ("tags", "labels", "states",
+                                                     "creator_usernames"))
+    expect_400 |= any(not comparison(body.get(key)) for key in ("priority", "exit_status"))
+    Upstream(c)(alice.token, "POST", "/tasks/query", body, status=400 if expect_400 else 200)
+
+
+def comparison(text):
+    """Whether upstream's parse_operators_with_number takes this filter (None: absent)."""
+    return text is None or bool(re.fullmatch(r"(>=|<=|!=|=|>|<)?-?\d+", text)) and \
+        -2**31 <= int(re.sub(r"^[<>=!]+", "", text)) < 2**31
+
+
+@PROPERTY
+@given(body=upstream.values(upstream.RegisterWorkerReq))
+def test_any_upstream_valid_registration_is_taken(world, prop_user, body):
+    c, (name, alice) = world, prop_user
+    if body.get("lifetime") in ("0s", "0m", "0h", "0ms", "0min"):
+        body["lifetime"] = None  # upstream's worker would be dead at once: we refuse it
+    answer = Upstream(c)(alice.token, "POST", "/workers", body)
+    assert alice.api("GET", f"/workers/{answer['worker_id']}")["groups"][name] == "Admin"

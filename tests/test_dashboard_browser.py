@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from e2e import cluster, sh, spec, wait_until  # noqa: F401
+from e2e import Cluster, sh, spec, wait_until
 
 try:
     from selenium import webdriver
@@ -44,7 +44,6 @@ HOSTILE_LABEL = "<img src=x onerror=\"window.pwned = 'label'\">"
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     """A coordinator, user alice (password pw) and one real worker serving her group."""
-    from e2e import Cluster
     c = Cluster(tmp_path_factory.mktemp("dashboard"), heartbeat_timeout="60s").boot()
     try:
         c.alice = c.user("alice")

@@ -53,6 +53,9 @@ def test_status_counts_tasks_workers_running_throughput_and_failures(cluster):
     assert now["tasks"]["by_state"] == {"Ready": 2, "Running": 1}
     assert now["tasks"]["by_group"] == {"alice": {"Ready": 2, "Running": 1}}
     assert (now["workers"]["busy"], now["workers"]["idle"], now["workers"]["stale"]) == (1, 1, 0)
+    busy = [w for w in now["workers"]["list"] if w["activity"] == "busy"]
+    assert [(w["worker_id"], w["assigned_task_id"], w["groups"]) for w in busy] == \
+        [(worker_uuid, task["uuid"], alice.api("GET", f"/workers/{worker_uuid}")["groups"])]
     [running] = now["running"]
     assert (running["uuid"], running["worker"]) == (task["uuid"], worker_uuid)
     assert running["command"] == ["sh", "-c", "exit 3"] and running["age_seconds"] >= 0
@@ -276,3 +279,37 @@ def test_task_counts_are_kept_by_triggers_and_filled_by_the_migration(tmp_path, 
     store.cancel_tasks([row["id"] for row in store.all("SELECT id FROM tasks")])
     assert counts() == {"Finished": 1, "Cancelled": 2}
     assert store.task_counts([group["id"] + 1]) == []
+
+
+def test_client_status_stays_on_one_screen_with_many_groups_and_tasks(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice = c.user("alice")
+    c.admin.api("POST", "/admin/users/alice/group-quota", {"group_quota": "=100"})
+    for number in range(12):
+        group = c.group(f"g{number:02}", creator=alice)
+        c.submit(alice, spec("true"), group=group)
+    _, worker = c.register(alice, groups=["alice", *(f"g{n:02}" for n in range(12))])
+    for _ in range(10):  # ten tasks end with exit 1: ten recent failures
+        c.finish(worker, c.fetch(worker), exit_status=256)
+    shown = c.sandbox.run("client", "-c", c.url, "-u", "alice", "-p", "pw",
+                          "--credential-path", c.sandbox.root / "cred", "status")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) <= 24, shown.stdout
+    assert "  ... and 6 more groups (--json shows all)" in lines
+    assert "... and 4 more (--json shows all)" in lines
+
+
+def test_label_values_and_histograms_are_written_as_the_text_format_says():
+    histogram = mito.Histogram((0.5, 1))
+    for seconds in (0.1, 0.7, 3):
+        histogram.observe(seconds)
+    label = mito.prometheus_label('a "quoted" back\\slash\nnewline')
+    text = "\n".join(["# HELP h A histogram.", "# TYPE h histogram",
+                      *histogram.lines("h", f'handler="{label}",')]) + "\n"
+    samples = parse_prometheus(text)["h"]["samples"]
+    key = ("handler", r'a \"quoted\" back\\slash\nnewline')
+    assert samples[("h_bucket", (key, ("le", "0.5")))] == 1
+    assert samples[("h_bucket", (key, ("le", "1")))] == 2
+    assert samples[("h_bucket", (key, ("le", "+Inf")))] == 3
+    assert samples[("h_count", (key,))] == 3 and samples[("h_sum", (key,))] == 3.8

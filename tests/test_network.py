@@ -4,6 +4,7 @@ a dropped connection)."""
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_a_surrogate_pair_and_plain_escapes_are_fine():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    with module_cluster(tmp_path_factory, "network") as c:
+    with module_cluster(tmp_path_factory, "network", heartbeat_timeout="10m") as c:
         yield c
 
 
@@ -139,3 +140,310 @@ def test_an_unknown_method_is_405_with_allow_on_a_known_path_and_501_elsewhere(w
     assert "\r\nAllow: GET\r\n" in head
     status, _, body = exchange(world, b"TRACE /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
     assert_json_refusal(status, body, 501)
+
+
+# ---- the parser, driven with bytes ---------------------------------------------------------
+
+
+def parse(*chunks, body_limit=mito.JSON_BODY_LIMIT):
+    parser = mito.HttpParser(body_limit)
+    done = []
+    for chunk in chunks:
+        done += parser.feed(chunk)
+    return parser, done
+
+
+def test_the_parser_reads_pipelined_requests_split_anywhere():
+    data = (b"\r\nPOST /tasks?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nX-A: 1\r\n"
+            b"x-a: 2\r\n\r\n{}GET /health HTTP/1.0\nConnection: keep-alive\n\n"
+            b"GET /auth HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    for size in (1, 7, len(data)):
+        _, done = parse(*[data[i:i + size] for i in range(0, len(data), size)])
+        assert [(m.method, m.target, m.body, m.keep_alive) for m in done] == [
+            ("POST", "/tasks?x=1", b"{}", True), ("GET", "/health", b"", True),
+            ("GET", "/auth", b"", False)]
+        assert done[0].headers == {"host": "h", "content-length": "2", "x-a": "1, 2"}
+
+
+PARSER_REFUSALS = [
+    (b"GET /\r\n\r\n", 400), (b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"G(T / HTTP/1.1\r\nHost: h\r\n\r\n", 400), (b"GET x HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400), (b"GET / HTTP/1.1\r\nHost : h\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nnocolon\r\n\r\n", 400),
+    (b"GET / HTTPS/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1e3\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \xd9\xa1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+    (b"GET /" + b"a" * (8 << 10) + b" HTTP/1.1\r\n", 414),
+    (b"GET /" + b"a" * (9 << 10), 414),
+    (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX: " + b"y" * (70 << 10) + b"\r\n", 431),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505), (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+    (b"GET / HTTP/3.1\r\nHost: h\r\n\r\n", 505),
+]
+
+
+@pytest.mark.parametrize("data, status", PARSER_REFUSALS,
+                         ids=[repr(data[:40]) for data, _ in PARSER_REFUSALS])
+def test_the_parser_refuses_what_could_be_read_two_ways(data, status):
+    with pytest.raises(mito.BadRequest) as refused:
+        parse(data)
+    assert refused.value.status == status
+
+
+def test_a_same_content_length_twice_is_one_and_a_large_body_is_left_to_the_caller():
+    _, done = parse(b"PUT /b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\ncontent-length: 3"
+                    b"\r\n\r\nabc")
+    assert done[0].body == b"abc"
+    parser, done = parse(b"PUT /b HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n0123",
+                         body_limit=4)
+    assert done[0].body is None and done[0].length == 10
+    assert parser.take(10) == b"0123"
+    assert parser.feed(b"GET /h HTTP/1.1\r\nHost: h\r\n\r\n")[0].target == "/h"
+    parser, done = parse(b"PUT /b HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n0123",
+                         body_limit=4)
+    parser.skip(10)
+    assert parser.feed(b"456789GET /h HTTP/1.1\r\nHost: h\r\n\r\n")[0].target == "/h"
+
+
+def test_the_parser_says_when_a_request_has_begun():
+    parser = mito.HttpParser()
+    assert not parser.waiting()
+    parser.feed(b"\r\n")
+    assert not parser.waiting()
+    parser.feed(b"GET / HT")
+    assert parser.waiting()
+    parser.feed(b"TP/1.1\r\nHost: h\r\n\r\n")
+    assert not parser.waiting()
+
+
+# ---- the dispatcher, without sockets -------------------------------------------------------
+
+
+class Counted:
+    """A Store whose write transactions are counted."""
+
+    def __init__(self, path):
+        self.store = mito.Store(str(path))
+        self.writes = 0
+        write = self.store.write
+
+        def counted():
+            self.writes += 1
+            return write()
+        self.store.write = counted
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    counted = Counted(tmp_path / "mitosis.db")
+    store = counted.store
+    dispatcher = mito.Dispatcher(store, "worker-subset")
+    for name in ("alice", "bob"):
+        store.create_user(name, b"x", b"s", admin=False)
+    counted.dispatcher = dispatcher
+    counted.group = {name: store.group(name)["id"] for name in ("alice", "bob")}
+    counted.user = store.user("alice")
+
+    def worker(group="alice", tags=()):
+        worker_uuid = store.register_worker(counted.user["id"], list(tags), [],
+                                            {counted.group[group]: mito.WRITE},
+                                            time.time() + 600)
+        return store.worker(worker_uuid)
+    counted.worker = worker
+
+    def submit(group="alice", tags=(), timeout=60):
+        request = {"tags": list(tags), "labels": [], "timeout": timeout, "priority": 0,
+                   "task_spec": {"args": ["true"]}}
+        return store.insert_tasks(counted.user["id"], [(counted.group[group], request)])[0][1]
+    counted.submit = submit
+    return counted
+
+
+def park(fleet, worker, time_left=None):
+    answer = fleet.dispatcher.fetch(worker, time_left, 30, time.monotonic())
+    assert isinstance(answer, mito.Park)
+    return answer
+
+
+def handed(parks):
+    return [p for p in parks if p.answer is not None and p.answer.body]
+
+
+def test_one_task_goes_to_exactly_one_of_many_parked_fetchers(fleet):
+    workers = [fleet.worker() for _ in range(50)]
+    fleet.writes = 0
+    parks = [park(fleet, worker) for worker in workers]
+    assert fleet.writes == 0  # parking, and finding nothing, wrote nothing
+    task_uuid = fleet.submit()
+    [winner] = handed(parks)
+    assert winner.answer.body["uuid"] == task_uuid
+    assert fleet.writes == 2  # the submit and the one claim: not one per idle fetcher
+    assert not [p for p in parks if p.answer is not None and p is not winner]
+
+
+def test_a_task_goes_only_to_a_fetcher_that_may_take_it(fleet):
+    other_group = park(fleet, fleet.worker("bob"))
+    tagged = park(fleet, fleet.worker(tags=["gpu"]))
+    short = park(fleet, fleet.worker(), time_left=5)
+    plain = park(fleet, fleet.worker())
+    fleet.submit(timeout=60)
+    assert handed([other_group, tagged, short, plain]) == [plain]
+    fleet.submit(tags=["gpu"], timeout=1)
+    assert handed([other_group, tagged, short]) == [tagged]
+    fleet.submit(group="bob")
+    assert handed([other_group, short]) == [other_group]
+    assert short.answer is None
+
+
+def test_a_fetcher_that_cannot_get_the_task_passes_it_on(fleet):
+    first, second = park(fleet, fleet.worker()), park(fleet, fleet.worker())
+    # the first one's worker lost its group behind the dispatcher's back
+    fleet.store.remove_worker_groups(first.worker["id"], [fleet.group["alice"]])
+    task_uuid = fleet.submit()
+    assert handed([first, second]) == [second]
+    assert second.answer.body["uuid"] == task_uuid
+
+
+def test_parks_expire_empty_and_a_removed_worker_hears_401(fleet):
+    waiting, removed = park(fleet, fleet.worker()), park(fleet, fleet.worker())
+    fleet.store.remove_workers([removed.worker["id"]])
+    assert removed.answer.status == 401
+    fleet.dispatcher.expire(time.monotonic() + 31)
+    assert waiting.answer.status == 200 and waiting.answer.body is None
+    assert fleet.dispatcher.next_deadline() is None or not fleet.dispatcher.parks
+
+
+# ---- the malformed-request suite, timeouts and the connection cap, over real sockets -------
+
+TOKEN = b"Bearer not-a-token"
+MALFORMED = [data for data, _ in PARSER_REFUSALS] + [
+    b"POST /login HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n{\"a\":",
+    b"POST /login HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n[]",
+    b"POST /login HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n\xff\xfe{}",
+    b"POST /login HTTP/1.1\r\nHost: h\r\nContent-Length: 23\r\n\r\n{\"username\": \"\\udfff\"}",
+    b"POST /tasks HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nAuthorization: " + TOKEN
+    + b"\r\n\r\n{}",
+    b"GET /workers/tasks?wait=nan&time_left=x HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /tasks/%ff%fe HTTP/1.1\r\nHost: h\r\nAuthorization: " + TOKEN + b"\r\n\r\n",
+    b"GET /blobs/%00 HTTP/1.1\r\nHost: h\r\n\r\n", b"PUT /blobs/x HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET //[ HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", b"TRACE /tasks HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: h\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc"
+    b"\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",
+]
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    with module_cluster(tmp_path_factory, "strict", "--request-timeout", "1s",
+                        "--max-connections", "40") as c:
+        yield c
+
+
+def test_every_malformed_request_gets_a_json_4xx_and_none_a_5xx(strict):
+    statuses = []
+    for data in MALFORMED:
+        status, _, body = exchange(strict, data)
+        statuses.append(status)
+        assert 400 <= status < 500 or status in (501, 505), (data[:80], status, body)
+        assert isinstance(json.loads(body)["msg"], str), (data[:80], body)
+    print(f"\nmalformed requests tried: {len(MALFORMED)}, 5xx other than 501/505: "
+          f"{sum(1 for s in statuses if s >= 500 and s not in (501, 505))}")
+    assert raw_request(strict.url, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("data", [b"POST /login HTTP/1.1\r\nHost: h\r\nContent-Length: 10"
+                                  b"\r\n\r\n{\"a", b"GET /health HTTP/1.1\r\nHo"])
+def test_a_request_that_stops_arriving_gets_408(strict, data):
+    status, head, body = exchange(strict, data)
+    assert_json_refusal(status, body, 408)
+    assert "Connection: close" in head
+
+
+def test_past_the_connection_cap_a_connection_gets_503_and_the_rest_are_served(strict):
+    opened, refused = [], None
+    try:
+        for _ in range(60):
+            sock = socket.create_connection(("127.0.0.1", strict.port), timeout=30)
+            opened.append(sock)
+            sock.settimeout(0.2)
+            try:
+                refused = sock.recv(4096)
+            except TimeoutError:
+                continue
+            break
+        assert refused and refused.startswith(b"HTTP/1.1 503"), refused
+        assert "msg" in json.loads(refused.partition(b"\r\n\r\n")[2])
+    finally:
+        for sock in opened:
+            sock.close()
+    mito_http = mito.Http(strict.url, strict.admin.token)
+    assert support_wait(lambda: mito_http.api("GET", "/auth") == "mitosis_admin")
+
+
+def support_wait(predicate):
+    from support import wait_until
+    return wait_until(lambda: _quietly(predicate), what="the coordinator to serve again")
+
+
+def _quietly(predicate):
+    try:
+        return predicate()
+    except (mito.ApiError, mito.Unreachable):
+        return False
+
+
+def test_an_http2_preface_gets_a_json_505(strict):
+    status, _, body = exchange(strict, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert_json_refusal(status, body, 505)
+
+
+def test_a_413_body_is_drained_and_the_connection_serves_on(world):
+    big = b'{"a": "' + b"x" * (2 << 20) + b'"}'
+    with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+        sock.sendall(b"POST /login HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(big)
+                     + big + b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
+        reply = b""
+        while reply.count(b"HTTP/1.1 ") < 2 or not reply.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"HTTP/1.1 200 OK" in reply
+
+
+def threads_of(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("Threads:")).split()[1])
+
+
+def test_parked_long_polls_cost_no_thread_and_a_submit_reaches_one(world):
+    c = world
+    before = threads_of(c.coordinator.pid)
+    workers = [c.register(c.admin)[1] for _ in range(60)]
+    socks = []
+    try:
+        for worker in workers:
+            sock = socket.create_connection(("127.0.0.1", c.port), timeout=30)
+            sock.sendall(b"GET /workers/tasks?wait=30 HTTP/1.1\r\nHost: h\r\nAuthorization: "
+                         b"Bearer " + worker.token.encode() + b"\r\n\r\n")
+            socks.append(sock)
+        time.sleep(0.5)  # let them park (if a thread each, they would be started by now)
+        assert threads_of(c.coordinator.pid) <= before + 2
+        task = c.submit(c.admin, {"args": ["true"]})
+        answered = []
+        for sock in socks:
+            sock.settimeout(0.05 if answered else 5)
+            try:
+                answered.append(sock.recv(65536))
+            except TimeoutError:
+                pass
+        assert len(answered) == 1 and task.encode() in answered[0]
+    finally:
+        for sock in socks:
+            sock.close()

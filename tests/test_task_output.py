@@ -191,3 +191,14 @@ def test_a_requeued_task_starts_its_output_afresh():
     outputs.append("a", "stdout", 1, 0, b"first run\n", False)
     outputs.append("a", "stdout", 2, 0, b"second\n", False)
     assert outputs.read("a", "stdout", 10, ended=False)[:3] == (b"second\n", 0, 7)
+
+
+def test_the_worker_sends_at_most_its_limit_per_stream_skipping_to_the_newest(tmp_path):
+    (tmp_path / "stdout.log").write_bytes(b"a" * 5000 + b"newest")
+    (tmp_path / "stderr.log").write_bytes(b"short")
+    tail = mito.OutputTail(None, "t", str(tmp_path), limit=100)
+    found = tail.increments()
+    assert found["stdout"] == (4906, b"a" * 94 + b"newest")
+    assert found["stderr"] == (0, b"short")
+    tail.sent = {"stdout": 5006, "stderr": 2}
+    assert tail.increments() == {"stderr": (2, b"ort")}

@@ -227,6 +227,19 @@ def bad_inputs():
         ("tags not a list", {"given": "[worker]\ntags = 5\n"}, {}, [], ["tags", "5"]),
         ("bad boolean env", {}, {"MITO_FILE_LOG": "maybe"}, [], ["FILE_LOG", "maybe"]),
         ("unknown flag", {}, {}, ["--polling-intervall", "1s"], ["--polling-intervall"]),
+        ("misspelt section", {"given": '[wrker]\ntags = ["a"]\n'}, {}, [],
+         ["[wrker]", "'worker'"]),
+        ("misspelt section in global", {"global": '[workers]\ntags = ["a"]\n'}, {}, [],
+         ["[workers]", "'worker'"]),
+        ("key outside any section", {"given": 'tags = ["a"]\n[worker]\n'}, {}, [],
+         ["'tags'", "outside any section"]),
+        ("unwritable log_path", {}, {}, ["--file-log", "--log-path", "/dev/null/w.log"],
+         ["log_path", "/dev/null/w.log"]),
+        ("unwritable shared log", {}, {}, ["--shared-log", "--log-path", "/dev/null/w.log"],
+         ["log_path", "/dev/null/w.log"]),
+        ("unwritable lock_file", {}, {}, ["--lock-file", "/dev/null/w.lock"],
+         ["lock_file", "/dev/null/w.lock"]),
+        ("duration too long", {}, {}, ["--lifetime", "9" * 400 + "y"], ["lifetime", "too long"]),
     ]
 
 

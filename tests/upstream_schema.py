@@ -747,3 +747,47 @@ def check_response(method, target, status, body, route=None):
         ErrorMsg.check(body, "answer", "ignore")
         return
     route.answer.check(body, "answer", "ignore")
+
+
+# ---- upstream-valid values, for property tests ------------------------------------------------
+
+
+def values(kind, fields=None):
+    """A hypothesis strategy of values upstream's serde takes for `kind`; `fields`
+    {field name: strategy} replaces the strategy of every struct field of that name (a
+    group that must exist, a path a worker can use)."""
+    from hypothesis import strategies as st  # a dev dependency, as the tests are
+    fields = fields or {}
+    text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8)
+
+    def of(kind):
+        if isinstance(kind, Struct):
+            required = {k: fields.get(k, of(t)) for k, t in kind.fields.items()
+                        if not isinstance(t, (Default, Opt)) or isinstance(t, Present)}
+            optional = {k: fields.get(k, of(t)) for k, t in kind.fields.items()
+                        if k not in required}
+            return st.fixed_dictionaries(required, optional=optional)
+        if isinstance(kind, (Opt, Default)):
+            inner = of(kind.inner)
+            return st.none() | inner if isinstance(kind, Opt) else inner
+        if isinstance(kind, List):
+            size = {} if kind.length is None else {"min_size": kind.length,
+                                                   "max_size": kind.length}
+            return st.lists(of(kind.inner), max_size=size.get("max_size", 3), **size)
+        if isinstance(kind, Tuple):
+            return st.tuples(*map(of, kind.items)).map(list)
+        if isinstance(kind, Map):
+            return st.dictionaries(text, of(kind.inner), max_size=3)
+        if isinstance(kind, Enum):
+            return st.sampled_from(sorted(kind.variants))
+        if isinstance(kind, Tagged):
+            return st.one_of(*[st.just(name) if payload is None else
+                               st.fixed_dictionaries({name: of(payload)})
+                               for name, payload in kind.variants.items()])
+        if isinstance(kind, Int):
+            return st.integers(*kind.bounds)
+        return {Uuid: st.uuids().map(str), Bool: st.booleans(), Any: st.none(),
+                Duration: st.builds("{}{}".format, st.integers(0, 80000),  # < 10 years
+                                    st.sampled_from(["s", "m", "h", "ms", "min"]))
+                }.get(type(kind), text)
+    return of(kind)

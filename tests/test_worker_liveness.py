@@ -1,0 +1,81 @@
+"""Workers are never lost silently (issue 8 §2): a worker our coordinator dropped for
+silence registers again and carries on, its task requeued and run to the end; every
+authenticated worker request counts as liveness; a 401 that is not a drop (a Rust
+coordinator's, a shutdown) still makes the worker leave with 0, as upstream's does.
+Real coordinators with a 2 s heartbeat timeout and real workers on 127.0.0.1."""
+
+import signal
+import time
+
+import pytest
+
+from e2e import cluster, sh, wait_until  # noqa: F401
+from fake_coordinator import error, fake, start_worker  # noqa: F401
+
+
+def test_a_worker_dropped_for_silence_registers_again_and_finishes_the_task(cluster,
+                                                                          tmp_path):
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    worker = c.worker("alice")
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    task_uuid = c.submit(alice, sh(f'echo run >> "{runs}"; '
+                                   f'while [ ! -e "{release}" ]; do sleep 0.05; done'))
+    wait_until(runs.exists, what="the task to start")
+    worker.signal(signal.SIGSTOP)  # an outage, as the coordinator sees it
+    wait_until(lambda: worker.uuid not in c.workers(), 20, what="the worker to be dropped")
+    worker.signal(signal.SIGCONT)
+    wait_until(lambda: len(runs.read_text().split()) == 2, 20,
+               what=f"the requeued task to run again:\n{worker.log()[-3000:]}")
+    release.touch()
+    info = c.wait_task(alice, task_uuid)
+    assert info["result"] == {"exit_status": 0, "msg": None}
+    assert worker.alive(), worker.log()
+    assert "registering again" in worker.log()
+    (new_uuid,) = c.workers()
+    assert new_uuid != worker.uuid
+    assert c.task(alice, task_uuid)["info"]["reporter_uuid"] == new_uuid
+    after = c.submit(alice, sh("true"))
+    assert c.wait_task(alice, after)["result"] == {"exit_status": 0, "msg": None}
+
+
+def test_fetches_count_as_liveness(cluster):
+    """A heartbeat interval far past the coordinator's timeout: the long-polling
+    fetches keep the worker alive, and it is never dropped."""
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    worker = c.worker("alice", "pw", "--heartbeat-interval", "1h")
+    time.sleep(6)
+    assert list(c.workers()) == [worker.uuid], c.log()
+    task_uuid = c.submit(alice, sh("true"))
+    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+    assert "registering again" not in worker.log()
+
+
+def test_shutdown_by_an_admin_still_means_leave_with_0(cluster):
+    c = cluster(heartbeat_timeout="2s")
+    c.user("alice")
+    worker = c.worker("alice")
+    c.admin.api("DELETE", f"/workers/{worker.uuid}", params={"op": "force"})
+    assert worker.wait(20) == 0
+    assert "registering again" not in worker.log()
+
+
+@pytest.mark.parametrize("message, rejoins", [
+    ("worker 1 was dropped for silence longer than the heartbeat timeout; register again",
+     True),
+    ("Invalid token", False),  # a Rust coordinator's: leave, as upstream's worker does
+])
+def test_only_a_drop_for_silence_makes_the_worker_register_again(fake, start_worker,
+                                                                 message, rejoins):
+    fake.intercept("POST", "/workers/heartbeat", lambda r: error(401, message), times=1)
+    worker = start_worker(heartbeat="200ms")
+    if rejoins:
+        fake.wait_registration(2)
+        task = fake.add_task(["true"])
+        assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+        assert fake.find("GET", "/workers/tasks")[-1].token == fake.registrations[1]["token"]
+        assert worker.alive()
+    else:
+        assert worker.wait(20) == 0
+        assert len(fake.registrations) == 1
