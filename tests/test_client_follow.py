@@ -10,14 +10,13 @@ import fcntl
 import os
 import pty
 import re
+import select
 import signal
 import struct
 import subprocess
 import sys
 import termios
 from pathlib import Path
-
-import pytest
 
 from client_helpers import ADMIN, POOL, cluster, running_cluster, unique, wait_until  # noqa: F401
 from test_client_terminal import read_until
@@ -59,6 +58,12 @@ def start_client(cluster, *args, stderr_tty=False, stdout_tty=False, columns=Non
     return proc, master
 
 
+def next_line(proc, timeout=60.0):
+    """The client's next line on stdout; a failure, not a hang, if none comes."""
+    assert select.select([proc.stdout], [], [], timeout)[0], "no output from the client"
+    return proc.stdout.readline()
+
+
 def read_to_end(fd):
     """All a terminal shows until its last writer has gone."""
     seen = b""
@@ -83,7 +88,7 @@ def test_logs_follow_prints_while_the_task_runs_and_exits_with_its_code(cluster,
     go, wait_for_go = gate(tmp_path)
     task = submit(cluster, f"echo first; {wait_for_go}; echo last; exit 3")
     proc, _ = start_client(cluster, "tasks", "logs", "-f", task)
-    first = proc.stdout.readline()
+    first = next_line(proc)
     assert first == b"first\n" and running(cluster, task)  # seen live, the task still gated
     go.touch()
     rest, err = proc.communicate(timeout=60)
@@ -95,7 +100,7 @@ def test_ctrl_c_on_logs_follow_says_the_task_keeps_running(cluster, tmp_path):
     go, wait_for_go = gate(tmp_path)
     task = submit(cluster, f"echo started; {wait_for_go}")
     proc, _ = start_client(cluster, "tasks", "logs", "-f", task)
-    assert proc.stdout.readline() == b"started\n"
+    assert next_line(proc) == b"started\n"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -131,7 +136,7 @@ def test_waits_and_logs_ride_out_a_coordinator_restart(tmp_path):
         task = submit(one, f"echo before; {wait_for_go}; exit 4")
         wait_until(lambda: running(one, task), what="the task to run")
         proc, _ = start_client(one, "tasks", "wait", task)
-        assert proc.stdout.readline().decode().strip() == task  # the uuid comes first
+        assert next_line(proc).decode().strip() == task  # the uuid comes first
         one.coordinator.stop()
         one.start()
         go.touch()
@@ -150,7 +155,7 @@ def test_a_wait_on_a_terminal_shows_a_status_line_and_why_nothing_takes_the_task
     assert f"task {task[:8]}: Ready".encode() in shown, shown
     assert b"no worker of group " + ADMIN.encode() + b" matches" in shown, shown
     assert b"nobody-has-this" in shown, shown
-    assert proc.stdout.readline().decode().strip() == task
+    assert next_line(proc).decode().strip() == task
     proc.send_signal(signal.SIGINT)
     said = read_until(terminal, b"tasks cancel")
     assert proc.wait(30) == 130

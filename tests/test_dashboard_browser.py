@@ -166,14 +166,14 @@ def test_tasks_submitted_through_the_api_appear_newest_first_shown_literally(
 
 def test_a_task_page_follows_the_output_while_the_task_runs(system, page, tmp_path):
     c = system
-    task_uuid = c.submit(c.alice, sh("for i in 1 2 3 4 5 6; do echo line$i; sleep 0.7; done; "
+    task_uuid = c.submit(c.alice, sh("for i in $(seq 1 10); do echo line$i; sleep 0.7; done; "
                                      "echo oops >&2", terminal_output=True))
     go(page, f"#/task/{task_uuid}")
     wait_for(page, lambda: "line1" in text_of(page, "out-stdout")
              and "Running" in text_of(page, "part-details"), "output while it runs")
-    wait_for(page, lambda: "line6" in text_of(page, "out-stdout")
+    wait_for(page, lambda: "line10" in text_of(page, "out-stdout")
              and "Finished" in text_of(page, "part-details"), "the end of the task")
-    assert text_of(page, "out-stdout").split() == [f"line{i}" for i in range(1, 7)]
+    assert text_of(page, "out-stdout").split() == [f"line{i}" for i in range(1, 11)]
     wait_for(page, lambda: "oops" in text_of(page, "out-stderr"), "stderr")
     history = text_of(page, "part-history")
     assert "Submitted" in history and "Started" in history and "Finished" in history
@@ -239,14 +239,16 @@ def test_upload_and_download_an_attachment(system, page, tmp_path):
     wait_for(page, lambda: [p for p in page.downloads.iterdir() if p.name.endswith("data.txt")
                             and p.read_bytes() == b"attached bytes\n"],
              f"the download in {page.downloads}")
+    screenshot(page, tmp_path, "group")
 
 
-def test_drain_a_worker_from_the_workers_page(system, page):
+def test_drain_a_worker_from_the_workers_page(system, page, tmp_path):
     c = system
     worker_uuid, _ = c.register(c.alice, groups=["alice"], tags=["drain-me"])
     go(page, "#/workers")
     row = wait_for(page, lambda: [r for r in page.find_elements(By.CSS_SELECTOR, "#part-workers tr")
                                   if "drain-me" in r.text], "the worker in the table")[0]
+    screenshot(page, tmp_path, "workers")
     row.find_element(By.XPATH, ".//button[text()='Drain']").click()
     wait_for(page, lambda: worker_uuid not in c.workers(c.alice), "the worker to go")
     wait_for(page, lambda: "drain-me" not in text_of(page, "part-workers"), "the table to update")

@@ -16,7 +16,7 @@ import pytest
 
 import support
 
-from client_helpers import ADMIN, POOL, SHARED, ApiFailed, cluster, wait_until  # noqa: F401
+from client_helpers import ADMIN, POOL, ApiFailed, cluster, wait_until  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mito  # noqa: E402
@@ -202,3 +202,15 @@ def test_the_worker_sends_at_most_its_limit_per_stream_skipping_to_the_newest(tm
     assert found["stderr"] == (0, b"short")
     tail.sent = {"stdout": 5006, "stderr": 2}
     assert tail.increments() == {"stderr": (2, b"ort")}
+
+
+def test_a_task_that_swaps_its_output_file_for_a_fifo_still_ends(cluster):
+    """The std files are the worker's, but a task can reach them: the output tail must
+    neither block on a FIFO nor follow a symlink put there."""
+    std = '"$MITO_EXEC_DIR/../std"'
+    task = submit(cluster, f"echo hi; rm -f {std}/stdout.log {std}/stderr.log; "
+                           f"mkfifo {std}/stdout.log; ln -s /etc/passwd {std}/stderr.log; "
+                           f"sleep 2.5")
+    info = cluster.wait_task(task)
+    assert info["state"] == "Finished", info
+    assert "root:" not in read_all(cluster, task, "stderr")
