@@ -6142,9 +6142,8 @@ VIEWS.task = {
       section("Output", part(ctx, "live"), el("div", {class: "panes"}, pane("stdout"), pane("stderr"))));
   },
   async update(ctx) {
-    const uuid = ctx.route.arg;
-    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(uuid));
-    const t = view.info;
+    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(ctx.route.arg));
+    const t = view.info, uuid = t.uuid;   // the coordinator's spelling, not the address bar's
     const cancel = el("button", {id: "cancel", onclick: () => act(() => api("DELETE", "/tasks/" + uuid))}, "Cancel task");
     fill(ctx, "actions", ["Ready", "Pending"].includes(t.state) ? cancel : "");
     const facts = [["State", badge(t.state)], ["Exit", exitOf(t.result)], ["Group", t.group_name],
