@@ -604,6 +604,9 @@ class Http:
         except (OSError, http.client.HTTPException) as error:
             self._drop(parts)
             raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
+        except Exception:  # e.g. the sink refused to write: the answer is half read
+            self._drop(parts)
+            raise
 
     def api(self, method, path, payload=None, params=None, timeout=None, token=None):
         """Call the coordinator; JSON in and out. Raises ApiError or Unreachable."""
@@ -1366,6 +1369,21 @@ class OrphanGuard:
             self.proc.wait(5)
 
 
+class TaskFileWriter:
+    """A file the worker writes for a task (a resource): a failed write, such as a
+    full disk, ends the task; it is not a network failure to retry for 30 minutes."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            raise TaskFailed(SPEC_REFUSED, f"cannot write a resource: "
+                                           f"{error.strerror or error}") from None
+
+
 class TaskRun:
     """One fetched task, from its resources to its commit (PROTOCOL.md "Running one
     task"): the only task boundary. Whatever the spec holds or the command does, the
@@ -1487,7 +1505,7 @@ class TaskRun:
             try:
                 answer = self.worker.call("GET", path, persistent=False)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                self.worker.http.get_file(answer["url"], target)
+                self.worker.http.get_file(answer["url"], target, wrap=TaskFileWriter)
                 return None
             except ApiError as error:
                 if error.status in (403, 404):
@@ -2665,10 +2683,26 @@ def a_watch(value):
     return [a_uuid(value[0]), value[1]]
 
 
+def resources_list(value):
+    """The resources of a task; two that would land on one path, or one inside the
+    other ("x" then "x/y"), cannot both be fetched: refused."""
+    resources = [a_resource(item) for item in list_of(value)]
+    seen = {}
+    for resource in resources:
+        parts = tuple(p for p in resource["local_path"].split("/") if p not in ("", "."))
+        for other in seen:
+            shorter, longer = sorted((parts, other), key=len)
+            if longer[:len(shorter)] == shorter:
+                raise ValueError(f"local paths {'/'.join(other)!r} and {'/'.join(parts)!r} "
+                                 f"collide")
+        seen[parts] = True
+    return resources
+
+
 def a_task_spec(value):
     value = an_object(value)
     return {"args": field(value, "args", plain_strs), "envs": field(value, "envs", envs_map, {}),
-            "resources": [a_resource(item) for item in field(value, "resources", list_of, [])],
+            "resources": field(value, "resources", resources_list, []),
             "terminal_output": field(value, "terminal_output", a_bool, False),
             "watch": field(value, "watch", a_watch, None)}
 
@@ -2835,6 +2869,35 @@ _SCHEMA = [
         "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
         "END",
     ),
+    # Ready tasks by group and tag set, kept by triggers: a fetch looks only at the tag
+    # sets of its own groups that it may take, then at the best task of each through
+    # tasks_ready, however many tasks wait for other workers (issue 9, item 5).
+    (
+        "CREATE TABLE ready_sets (group_id INTEGER NOT NULL, tags TEXT NOT NULL, "
+        "n INTEGER NOT NULL, PRIMARY KEY (group_id, tags)) WITHOUT ROWID",
+        "INSERT INTO ready_sets SELECT group_id, tags, COUNT(*) FROM tasks "
+        "WHERE state = 'Ready' GROUP BY group_id, tags",
+        "CREATE INDEX tasks_ready ON tasks (group_id, tags, priority DESC, id) "
+        "WHERE state = 'Ready'",
+        "CREATE TRIGGER ready_sets_insert AFTER INSERT ON tasks WHEN new.state = 'Ready' "
+        "BEGIN INSERT INTO ready_sets VALUES (new.group_id, new.tags, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_leave AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN old.state = 'Ready' AND (new.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
+        "END",
+        "CREATE TRIGGER ready_sets_enter AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN new.state = 'Ready' AND (old.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "INSERT INTO ready_sets VALUES (new.group_id, new.tags, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_delete AFTER DELETE ON tasks WHEN old.state = 'Ready' BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
+        "END",
+    ),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -2845,6 +2908,11 @@ _TAG_RULES = {
     "task-subset": "NOT EXISTS (SELECT 1 FROM json_each(t.tags) x WHERE x.value NOT IN "
                    "(SELECT value FROM json_each(:tags)))",
 }
+
+
+# Task filters that look inside rows: a count with none of them reads task_counts.
+_ROW_FILTERS = ("creator_usernames", "tags", "labels", "exit_status", "priority",
+                "reporter_uuid")
 
 
 class RowCache:
@@ -3003,15 +3071,19 @@ class Store:
             changes["sign"] = random.getrandbits(62)
         changes["updated_at"] = time.time()
         columns = ", ".join(f"{name} = :{name}" for name in changes)
+        revoked = requeued = ()
         with self.write() as db:
             db.execute(f"UPDATE users SET {columns} WHERE username = :username",
                        {**changes, "username": username})
+            if changes.get("state", "Active") != "Active":
+                revoked = [row[0] for row in db.execute(
+                    "SELECT w.id FROM workers w JOIN users u ON u.id = w.creator_id "
+                    "WHERE u.username = ?", (username,))]
+                requeued = self._delete_workers(db, revoked)
         self.invalidate_auth_cache()
-        user = self.user(username)
-        if user["state"] != "Active":
-            revoked = self.all("SELECT id FROM workers WHERE creator_id = ?", user["id"])
-            self.remove_workers([row["id"] for row in revoked])
-        return user
+        if revoked:
+            self.wake_fetchers(requeued, revoked)
+        return self.user(username)
 
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
@@ -3120,14 +3192,19 @@ class Store:
 
     def remove_workers(self, worker_ids):
         """Delete workers; each one's unfinished task goes back to Ready."""
-        requeued = []
         with self.write() as db:
-            for worker_id in worker_ids:
-                requeued += self._requeue(db, worker_id)
-                db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
-                db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            requeued = self._delete_workers(db, worker_ids)
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
+
+    def _delete_workers(self, db, worker_ids):
+        """Delete workers inside a transaction; the ids of the tasks requeued."""
+        requeued = []
+        for worker_id in worker_ids:
+            requeued += self._requeue(db, worker_id)
+            db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        return requeued
 
     def _requeue(self, db, worker_id):
         """Put every uncommitted task still on the worker back in the queue; their ids."""
@@ -3236,17 +3313,10 @@ class Store:
             with self.write() as db:
                 requeued = self._requeue(db, worker["id"])
             self.wake_fetchers(requeued)
-        sql = ("SELECT t.* FROM tasks t WHERE t.state = 'Ready' AND t.group_id IN "
-               "(SELECT group_id FROM group_workers WHERE worker_id = :worker AND role >= 2) "
-               f"AND {self.tag_rule} ")
-        if time_left is not None:
-            sql += "AND t.timeout <= :time_left "
-        sql += "ORDER BY t.priority DESC, t.id LIMIT 1"
-        args = {"worker": worker["id"], "tags": worker["tags"], "time_left": time_left}
-        if self.db().execute(sql, args).fetchone() is None:
+        if self.best_ready(self.db(), worker, time_left) is None:
             return None
         with self.write() as db:
-            row = db.execute(sql, args).fetchone()
+            row = self.best_ready(db, worker, time_left)
             if row is not None:
                 db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
                            "WHERE id = ?", (worker["id"], time.time(), row["id"]))
@@ -3254,6 +3324,25 @@ class Store:
                            (row["id"], worker["id"]))
                 self._record(db, [row["id"]], "Started", worker["uuid"])
         return row  # as it was when claimed: what a worker is sent does not change
+
+    def best_ready(self, db, worker, time_left):
+        """The best Ready task the worker may take: only the tag sets of its groups that
+        it may take are looked at (ready_sets), then the best task of each."""
+        sets = db.execute(
+            "SELECT t.group_id, t.tags FROM ready_sets t WHERE t.group_id IN (SELECT group_id "
+            f"FROM group_workers WHERE worker_id = :worker AND role >= 2) AND {self.tag_rule}",
+            {"worker": worker["id"], "tags": worker["tags"]}).fetchall()
+        fits = "" if time_left is None else "AND timeout <= ? "
+        best = None
+        for group_id, tags in sets:
+            row = db.execute("SELECT * FROM tasks WHERE state = 'Ready' AND group_id = ? AND "
+                             f"tags = ? {fits}ORDER BY priority DESC, id LIMIT 1",
+                             (group_id, tags) + (() if time_left is None else (time_left,))
+                             ).fetchone()
+            if row is not None and (best is None or (row["priority"], -row["id"]) >
+                                    (best["priority"], -best["id"])):
+                best = row
+        return best
 
     def takeable(self, task_ids):
         """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher."""
@@ -3295,8 +3384,8 @@ class Store:
             self.wake_fetchers(released)
 
     def change_task(self, task_id, changes):
-        changes = {k: json.dumps(v) if k in ("tags", "labels", "spec") else v
-                   for k, v in changes.items()}
+        changes = {k: json.dumps(sorted(set(v)) if k in ("tags", "labels") else v)
+                   if k in ("tags", "labels", "spec") else v for k, v in changes.items()}
         columns = "".join(f"{name} = :{name}, " for name in changes)
         with self.write() as db:
             db.execute(f"UPDATE tasks SET {columns}updated_at = :now WHERE id = :id",
@@ -3316,6 +3405,8 @@ class Store:
 
     def query_tasks(self, filters, group_ids, count=False):
         """Tasks of the groups `group_ids` (None: all) that match `filters`."""
+        if count and not any(filters[name] for name in _ROW_FILTERS):
+            return self.count_by_state(group_ids, filters["states"])
         sql = ["FROM tasks t JOIN users u ON u.id = t.creator_id "
                "JOIN groups g ON g.id = t.group_id WHERE 1=1"]
         args = {}
@@ -3350,6 +3441,17 @@ class Store:
         return self.db().execute(
             f"SELECT t.*, u.username AS creator, g.name AS group_name {where}{page}",
             args).fetchall()
+
+    def count_by_state(self, group_ids, states):
+        """How many tasks of the groups (None: all) are in `states` (empty: any), read
+        from task_counts: the same cost with a million tasks as with none."""
+        sql, args = "SELECT COALESCE(SUM(n), 0) FROM task_counts WHERE 1=1", []
+        if group_ids is not None:
+            sql += f" AND group_id IN ({','.join(str(int(g)) for g in group_ids) or 'NULL'})"
+        if states:
+            sql += " AND state IN (SELECT value FROM json_each(?))"
+            args.append(json.dumps(states))
+        return self.one(sql, *args)[0]
 
     # -- artifacts and attachments
 
@@ -5367,6 +5469,24 @@ def public_address(scheme, host, port):
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def open_coordinator(settings):
+    """The log file and the state dir, opened before anything listens or is written:
+    a bad path, or a mitosis.db that is not a database, is one line and exit 2."""
+    if settings.file_log:
+        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
+                                                     "coordinator.log")
+        try:
+            add_rolling_file_log(log_path)
+        except OSError as error:
+            fail_usage(f"bad value for log_path: cannot write {log_path}: "
+                       f"{error.strerror or error}")
+    try:
+        return Coordinator(settings)
+    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
+        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
+                   f"{getattr(error, 'strerror', None) or error}")
+
+
 def coordinator_settings(args):
     """The coordinator's settings, with the checks their types do not make."""
     settings = load_settings("coordinator", COORDINATOR_OPTIONS, vars(args), args.config)
@@ -5382,23 +5502,12 @@ def coordinator_settings(args):
 
 def run_coordinator(args):
     settings = coordinator_settings(args)
-    if settings.file_log:
-        log_path = settings.log_path or os.path.join(cache_home(), "coordinator",
-                                                     "coordinator.log")
-        try:
-            add_rolling_file_log(log_path)
-        except OSError as error:
-            fail_usage(f"bad value for log_path: cannot write {log_path}: "
-                       f"{error.strerror or error}")
     tls = server_ssl_context(settings)
     try:
-        coordinator = Coordinator(settings)
+        coordinator = open_coordinator(settings)
     except StateDirBusy as error:
         log.error("%s", error)
         return 1
-    except (OSError, sqlite3.DatabaseError) as error:  # unwritable, or not our database
-        fail_usage(f"bad value for state_dir: cannot use {settings.state_dir or data_home()}: "
-                   f"{getattr(error, 'strerror', None) or error}")
     admin = AdminAccount(coordinator)
     admin.ensure()
     host, port = settings.bind
