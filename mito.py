@@ -2888,6 +2888,35 @@ _SCHEMA = [
         "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
         "END",
     ),
+    # Ready tasks by group and tag set, kept by triggers: a fetch looks only at the tag
+    # sets of its own groups that it may take, then at the best task of each through
+    # tasks_ready, however many tasks wait for other workers (issue 9, item 5).
+    (
+        "CREATE TABLE ready_sets (group_id INTEGER NOT NULL, tags TEXT NOT NULL, "
+        "n INTEGER NOT NULL, PRIMARY KEY (group_id, tags)) WITHOUT ROWID",
+        "INSERT INTO ready_sets SELECT group_id, tags, COUNT(*) FROM tasks "
+        "WHERE state = 'Ready' GROUP BY group_id, tags",
+        "CREATE INDEX tasks_ready ON tasks (group_id, tags, priority DESC, id) "
+        "WHERE state = 'Ready'",
+        "CREATE TRIGGER ready_sets_insert AFTER INSERT ON tasks WHEN new.state = 'Ready' "
+        "BEGIN INSERT INTO ready_sets VALUES (new.group_id, new.tags, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_leave AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN old.state = 'Ready' AND (new.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
+        "END",
+        "CREATE TRIGGER ready_sets_enter AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN new.state = 'Ready' AND (old.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "INSERT INTO ready_sets VALUES (new.group_id, new.tags, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_delete AFTER DELETE ON tasks WHEN old.state = 'Ready' BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
+        "END",
+    ),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -2898,6 +2927,11 @@ _TAG_RULES = {
     "task-subset": "NOT EXISTS (SELECT 1 FROM json_each(t.tags) x WHERE x.value NOT IN "
                    "(SELECT value FROM json_each(:tags)))",
 }
+
+
+# Task filters that look inside rows: a count with none of them reads task_counts.
+_ROW_FILTERS = ("creator_usernames", "tags", "labels", "exit_status", "priority",
+                "reporter_uuid")
 
 
 class RowCache:
@@ -3298,17 +3332,10 @@ class Store:
             with self.write() as db:
                 requeued = self._requeue(db, worker["id"])
             self.wake_fetchers(requeued)
-        sql = ("SELECT t.* FROM tasks t WHERE t.state = 'Ready' AND t.group_id IN "
-               "(SELECT group_id FROM group_workers WHERE worker_id = :worker AND role >= 2) "
-               f"AND {self.tag_rule} ")
-        if time_left is not None:
-            sql += "AND t.timeout <= :time_left "
-        sql += "ORDER BY t.priority DESC, t.id LIMIT 1"
-        args = {"worker": worker["id"], "tags": worker["tags"], "time_left": time_left}
-        if self.db().execute(sql, args).fetchone() is None:
+        if self.best_ready(self.db(), worker, time_left) is None:
             return None
         with self.write() as db:
-            row = db.execute(sql, args).fetchone()
+            row = self.best_ready(db, worker, time_left)
             if row is not None:
                 db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
                            "WHERE id = ?", (worker["id"], time.time(), row["id"]))
@@ -3316,6 +3343,25 @@ class Store:
                            (row["id"], worker["id"]))
                 self._record(db, [row["id"]], "Started", worker["uuid"])
         return row  # as it was when claimed: what a worker is sent does not change
+
+    def best_ready(self, db, worker, time_left):
+        """The best Ready task the worker may take: only the tag sets of its groups that
+        it may take are looked at (ready_sets), then the best task of each."""
+        sets = db.execute(
+            "SELECT t.group_id, t.tags FROM ready_sets t WHERE t.group_id IN (SELECT group_id "
+            f"FROM group_workers WHERE worker_id = :worker AND role >= 2) AND {self.tag_rule}",
+            {"worker": worker["id"], "tags": worker["tags"]}).fetchall()
+        fits = "" if time_left is None else "AND timeout <= ? "
+        best = None
+        for group_id, tags in sets:
+            row = db.execute("SELECT * FROM tasks WHERE state = 'Ready' AND group_id = ? AND "
+                             f"tags = ? {fits}ORDER BY priority DESC, id LIMIT 1",
+                             (group_id, tags) + (() if time_left is None else (time_left,))
+                             ).fetchone()
+            if row is not None and (best is None or (row["priority"], -row["id"]) >
+                                    (best["priority"], -best["id"])):
+                best = row
+        return best
 
     def takeable(self, task_ids):
         """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher."""
@@ -3357,8 +3403,8 @@ class Store:
             self.wake_fetchers(released)
 
     def change_task(self, task_id, changes):
-        changes = {k: json.dumps(v) if k in ("tags", "labels", "spec") else v
-                   for k, v in changes.items()}
+        changes = {k: json.dumps(sorted(set(v)) if k in ("tags", "labels") else v)
+                   if k in ("tags", "labels", "spec") else v for k, v in changes.items()}
         columns = "".join(f"{name} = :{name}, " for name in changes)
         with self.write() as db:
             db.execute(f"UPDATE tasks SET {columns}updated_at = :now WHERE id = :id",
@@ -3378,6 +3424,8 @@ class Store:
 
     def query_tasks(self, filters, group_ids, count=False):
         """Tasks of the groups `group_ids` (None: all) that match `filters`."""
+        if count and not any(filters[name] for name in _ROW_FILTERS):
+            return self.count_by_state(group_ids, filters["states"])
         sql = ["FROM tasks t JOIN users u ON u.id = t.creator_id "
                "JOIN groups g ON g.id = t.group_id WHERE 1=1"]
         args = {}
@@ -3412,6 +3460,17 @@ class Store:
         return self.db().execute(
             f"SELECT t.*, u.username AS creator, g.name AS group_name {where}{page}",
             args).fetchall()
+
+    def count_by_state(self, group_ids, states):
+        """How many tasks of the groups (None: all) are in `states` (empty: any), read
+        from task_counts: the same cost with a million tasks as with none."""
+        sql, args = "SELECT COALESCE(SUM(n), 0) FROM task_counts WHERE 1=1", []
+        if group_ids is not None:
+            sql += f" AND group_id IN ({','.join(str(int(g)) for g in group_ids) or 'NULL'})"
+        if states:
+            sql += " AND state IN (SELECT value FROM json_each(?))"
+            args.append(json.dumps(states))
+        return self.one(sql, *args)[0]
 
     # -- artifacts and attachments
 
@@ -6211,9 +6270,8 @@ VIEWS.task = {
       section("Output", part(ctx, "live"), el("div", {class: "panes"}, pane("stdout"), pane("stderr"))));
   },
   async update(ctx) {
-    const uuid = ctx.route.arg;
-    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(uuid));
-    const t = view.info;
+    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(ctx.route.arg));
+    const t = view.info, uuid = t.uuid;   // the coordinator's spelling, not the address bar's
     const cancel = el("button", {id: "cancel", onclick: () => act(() => api("DELETE", "/tasks/" + uuid))}, "Cancel task");
     fill(ctx, "actions", ["Ready", "Pending"].includes(t.state) ? cancel : "");
     const facts = [["State", badge(t.state)], ["Exit", exitOf(t.result)], ["Group", t.group_name],
