@@ -1182,9 +1182,13 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 def become_subreaper():
     """Orphaned descendants of our tasks (a double fork, a setsid daemon) are
-    reparented to the worker rather than to init, so it reaps what it kills."""
-    if LIBC is not None and LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        log.debug("prctl(PR_SET_CHILD_SUBREAPER): errno %d", ctypes.get_errno())
+    reparented to the worker rather than to init: every process of a task stays below
+    the worker, where it is cheap to find (descendants()), and the worker reaps it."""
+    if LIBC is None or LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("not a child subreaper (errno %d): a task's escaped processes are "
+                    "searched for in all of /proc", ctypes.get_errno() if LIBC else 0)
+        return
+    TaskProcesses.below_worker = True
 
 
 def _die_with_worker(worker_pid):
@@ -1195,26 +1199,47 @@ def _die_with_worker(worker_pid):
         os._exit(1)
 
 
-def marked_processes(needle):
-    """Live processes whose initial environment holds `needle` (b"NAME=value"), as
-    HTCondor tracks a job's processes; zombies show an empty environment."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                if needle in handle.read().split(b"\0"):
-                    found.append(int(entry))
+def child_pids(pid):
+    with contextlib.suppress(OSError):
+        found = []
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{thread}/children", "rb") as handle:
+                found += [int(child) for child in handle.read().split()]
+        return found
+    return []
+
+
+def descendants():
+    """Every process below this one, read from /proc/PID/task/TID/children."""
+    found, todo = [], child_pids(os.getpid())
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += child_pids(pid)
     return found
 
 
-def kill_marked(needle):
+def marked_processes(needle, below_me=False):
+    """Live processes whose initial environment holds `needle` (b"NAME=value"), as
+    HTCondor tracks a job's processes; zombies show an empty environment. With
+    `below_me`, only this process's descendants are read, else all of /proc."""
+    candidates = descendants() if below_me else [
+        int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    found = []
+    for pid in candidates:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if pid != os.getpid() and needle in handle.read().split(b"\0"):
+                    found.append(pid)
+    return found
+
+
+def kill_marked(needle, below_me=False):
     """SIGKILL every process carrying `needle`, again while they keep forking."""
     if not os.path.isdir("/proc"):
         return
     for _ in range(KILL_ROUNDS):
-        pids = marked_processes(needle)
+        pids = marked_processes(needle, below_me)
         if not pids:
             return
         for pid in pids:
@@ -1267,6 +1292,7 @@ class TaskProcesses:
     slots of one worker run tasks side by side: only this task's processes are hit."""
 
     spared = set()  # children someone else reaps (task leaders, the guard): see reap_orphans
+    below_worker = False  # the worker is a subreaper: every task process is below it
     _lock = threading.Lock()
 
     def __init__(self, task_uuid):
@@ -1292,7 +1318,7 @@ class TaskProcesses:
         """Kill them all at once, from any thread (the worker is leaving)."""
         with self._spawning:
             self.signal(signal.SIGKILL)
-            kill_marked(self.needle)
+            kill_marked(self.needle, self.below_worker)
 
     def signal(self, sig):
         """Send `sig` to the leader's process group (the leader a zombie at worst)."""
@@ -1304,7 +1330,7 @@ class TaskProcesses:
         if self.proc is None or self.status is not None:
             return self.status
         self.signal(signal.SIGKILL)
-        kill_marked(self.needle)
+        kill_marked(self.needle, self.below_worker)
         if self.status is None:
             _, self.status = os.waitpid(self.proc.pid, 0)
             self.proc.returncode = os.waitstatus_to_exitcode(self.status)
@@ -1315,20 +1341,13 @@ class TaskProcesses:
 
 
 def reap_orphans():
-    """Reap zombies reparented to the worker (it is a subreaper), sparing the children
-    whose owners reap them (TaskProcesses.spared)."""
-    if not os.path.isdir("/proc"):
-        return
-    me = str(os.getpid())
+    """Reap the zombies reparented to the worker (it is a subreaper), sparing the
+    children whose owners reap them (TaskProcesses.spared); a live one is left."""
     with TaskProcesses._lock:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in TaskProcesses.spared:
-                continue
-            with contextlib.suppress(OSError, IndexError):
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    fields = handle.read().rsplit(b")", 1)[1].split()
-                if fields[0] == b"Z" and fields[1].decode() == me:
-                    os.waitpid(int(entry), os.WNOHANG)
+        for pid in child_pids(os.getpid()):
+            if pid not in TaskProcesses.spared:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
 
 GUARD_MARKER = "MITO_WORKER_GUARD"  # in every task's environment: which worker ran it
@@ -6252,9 +6271,8 @@ VIEWS.task = {
       section("Output", part(ctx, "live"), el("div", {class: "panes"}, pane("stdout"), pane("stderr"))));
   },
   async update(ctx) {
-    const uuid = ctx.route.arg;
-    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(uuid));
-    const t = view.info;
+    const view = await api("GET", "/dashboard/tasks/" + encodeURIComponent(ctx.route.arg));
+    const t = view.info, uuid = t.uuid;   // the coordinator's spelling, not the address bar's
     const cancel = el("button", {id: "cancel", onclick: () => act(() => api("DELETE", "/tasks/" + uuid))}, "Cancel task");
     fill(ctx, "actions", ["Ready", "Pending"].includes(t.state) ? cancel : "");
     const facts = [["State", badge(t.state)], ["Exit", exitOf(t.result)], ["Group", t.group_name],
