@@ -382,6 +382,16 @@ def test_resource_paths_no_worker_could_use_are_refused(world, path):
     c.submit(alice, spec("true", resources=[good]))
 
 
+@pytest.mark.parametrize("paths", [["x", "x/y"], ["a/b", "./a/b"], ["a/b/c", "a/b"]])
+def test_resources_that_would_land_on_one_path_are_refused(world, paths):
+    c = world
+    name, alice = fresh_user(c)
+    resources = [{"remote_file": {"Attachment": {"key": "k"}}, "local_path": path}
+                 for path in paths]
+    assert status_of(lambda: c.submit(alice, spec("true", resources=resources))) == 400
+    c.submit(alice, spec("true", resources=resources[:1]))
+
+
 def test_args_and_envs_no_process_could_take_are_refused(world):
     c = world
     name, alice = fresh_user(c)
@@ -516,6 +526,8 @@ def prop_user(world):
 def test_any_upstream_valid_submission_is_taken_and_read_back(world, prop_user, body):
     c, (name, alice) = world, prop_user
     body["group_name"] = name
+    for index, resource in enumerate(body["task_spec"].get("resources", [])):
+        resource["local_path"] = f"r{index}/{resource['local_path']}"  # one place each
     call = Upstream(c)
     task_uuid = call(alice.token, "POST", "/tasks", body)["uuid"]
     info = call(alice.token, "GET", f"/tasks/{task_uuid}")["info"]
@@ -548,3 +560,11 @@ def test_any_upstream_valid_registration_is_taken(world, prop_user, body):
         body["lifetime"] = None  # upstream's worker would be dead at once: we refuse it
     answer = Upstream(c)(alice.token, "POST", "/workers", body)
     assert alice.api("GET", f"/workers/{answer['worker_id']}")["groups"][name] == "Admin"
+
+
+@pytest.mark.parametrize("route", upstream.ROUTES, ids=repr)
+def test_the_fakes_minimal_values_fit_its_own_structs(route):
+    upstream.check_response(route.method, route.path, 200, upstream.minimal(route.answer),
+                            route)
+    if route.body is not None:
+        route.body.check(upstream.minimal(route.body), "", "refuse")

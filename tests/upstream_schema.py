@@ -791,3 +791,28 @@ def values(kind, fields=None):
                                     st.sampled_from(["s", "m", "h", "ms", "min"]))
                 }.get(type(kind), text)
     return of(kind)
+
+
+def minimal(kind):
+    """The smallest value upstream's serde takes for `kind` (required fields only, empty
+    lists, zero uuids): e.g. an answer for a fake coordinator that a client must parse."""
+    if isinstance(kind, Struct):
+        return {key: minimal(field) for key, field in kind.fields.items()
+                if not isinstance(field, (Default, Opt)) or isinstance(field, Present)}
+    if isinstance(kind, (Opt, Unit, Any)):
+        return None
+    if isinstance(kind, Default):
+        return minimal(kind.inner)
+    if isinstance(kind, List):
+        return [minimal(kind.inner)] * (kind.length or 0)
+    if isinstance(kind, Tuple):
+        return [minimal(item) for item in kind.items]
+    if isinstance(kind, Tagged):
+        variant, payload = next(iter(kind.variants.items()))
+        return variant if payload is None else {variant: minimal(payload)}
+    if isinstance(kind, Enum):
+        return sorted(kind.variants)[0]
+    if isinstance(kind, Int):
+        return max(kind.bounds[0], 0)
+    return {Uuid: str(uuidlib.UUID(int=0)), Bool: False, Map: {}, Duration: "0s",
+            Timestamp: "1970-01-01 00:00:00.0 +00:00:00"}.get(type(kind), "")
