@@ -5425,6 +5425,7 @@ class LocalWorkers:
 
     BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0
     STEADY = 60.0  # a worker that ran this long before exiting restarts without delay
+    TOKEN_LIFETIME = 10 * 365 * 86400  # the run's end is what ends the token
 
     def __init__(self, coordinator, count, url, ca_cert):
         self.coordinator, self.url, self.ca_cert = coordinator, url, ca_cert
@@ -5433,7 +5434,7 @@ class LocalWorkers:
             admin = coordinator.settings.admin_user
             token = coordinator.signer.sign({"k": "local", "sub": admin,
                                              "run": coordinator.run_id,
-                                             "exp": time.time() + 10 * 365 * 86400})
+                                             "exp": time.time() + self.TOKEN_LIFETIME})
             write_private_file(self.credentials, f"{admin}:{token}\n")
         self.children = [None] * count
         self.started = [0.0] * count
@@ -5455,10 +5456,16 @@ class LocalWorkers:
                 if child is not None and child.poll() is not None:
                     self.died(slot, child, now)
                 elif child is None and now >= self.due[slot]:
-                    self.children[slot] = subprocess.Popen(self.command(),
-                                                           stdin=subprocess.DEVNULL)
-                    self.started[slot] = now
+                    self.start(slot, now)
             self.coordinator.stopping.wait(0.5)
+
+    def start(self, slot, now):
+        try:
+            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+            self.started[slot] = now
+        except OSError as error:  # out of processes or memory: try again later
+            log.error("cannot start local worker %d: %s", slot + 1, error)
+            self.due[slot] = now + self.BACKOFF_CAP
 
     def died(self, slot, child, now):
         """Log a worker's exit loudly and plan its restart."""
