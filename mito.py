@@ -5371,19 +5371,22 @@ def token_expired(token):
 class AdminAccount:
     """The admin user, created on first start, and the admin token left for this Unix
     user's client: in the state dir on every start, and in the user's credential file
-    only when the admin was created now, once the port is bound, and never over a
-    token that may still work for another coordinator."""
+    only on the admin's first start (the first that binds its port: a marker file in
+    the state dir says it is done) and never over a token that may still work for
+    another coordinator."""
 
     def __init__(self, coordinator):
         self.coordinator = coordinator
         self.name = coordinator.settings.admin_user
-        self.created = False
+        self.published = os.path.join(coordinator.state_dir, "admin-token-published")
 
     def ensure(self):
         """Create the admin if the database has none."""
         store, state_dir = self.coordinator.store, self.coordinator.state_dir
         if store.user(self.name) is not None:
             return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.published)  # a new database: its admin is new
         password = self.coordinator.settings.admin_password
         if password is None:
             password = b64(os.urandom(18))
@@ -5394,7 +5397,6 @@ class AdminAccount:
         salt = os.urandom(16)
         store.create_user(self.name, hash_password(md5_bytes(md5_password(password)), salt),
                           salt, admin=True)
-        self.created = True
 
     def publish(self):
         """Write the admin's token where the client finds it (see the class)."""
@@ -5402,7 +5404,7 @@ class AdminAccount:
         token = coordinator.user_token(coordinator.store.user(self.name))
         local = os.path.join(coordinator.state_dir, "admin-credentials")
         CredentialFile(local).store(self.name, token)
-        if not self.created:
+        if os.path.exists(self.published):
             return
         shared = CredentialFile(default_credential_path())
         _, old = shared.lookup(self.name)
@@ -5410,8 +5412,9 @@ class AdminAccount:
             log.warning("%s holds a token for %s that may work for another coordinator: "
                         "left as it is; this coordinator's admin token is in %s",
                         shared.path, self.name, local)
-            return
-        shared.store(self.name, token)
+        else:
+            shared.store(self.name, token)
+        write_private_file(self.published, f"{shared.path}\n")
 
 
 class LocalWorkers:
@@ -8997,6 +9000,225 @@ def run_client(args):
 
 
 # =====================================================================================
+# 5b. Manager: the workers this user started on this machine (`mito.py manager`)
+# =====================================================================================
+# spawn N -> N detached `mito.py worker` processes, each with its own log, recorded in a
+# per-user state file; status reads /proc; kill sends SIGTERM to recorded PIDs only.
+# A record is (PID, start time in clock ticks since boot): a PID the kernel has since
+# given to another process never matches, so nothing but our own workers is touched.
+
+MANAGER_KILL_WAIT = "1m"  # how long `manager kill` waits for workers to leave by default
+LOG_TAIL_BYTES = 1 << 16  # how much of a worker's log `manager status` reads for tasks
+TASK_STARTED = re.compile(r"task (\S+): starting ")
+TASK_ENDED = re.compile(r"task (\S+): committed")
+
+
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (field 3 is [0]), or None if
+    there is no such process or it is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else fields
+
+
+def process_start_ticks(pid):
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])
+
+
+@dataclasses.dataclass
+class ManagedWorker:
+    """One worker started by `manager spawn`, as the state file records it."""
+    pid: int
+    start_ticks: int
+    started: str
+    log: str
+    argv: list
+
+    def alive(self):
+        """Still our process: same PID, same start time, owned by this user."""
+        try:
+            owner = os.stat(f"/proc/{self.pid}").st_uid
+        except OSError:
+            return False
+        return owner == os.getuid() and process_start_ticks(self.pid) == self.start_ticks
+
+    def usage(self):
+        """(uptime seconds, CPU seconds, resident bytes) from /proc."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = proc_stat(self.pid)
+        with open("/proc/uptime", encoding="ascii") as handle:
+            since_boot = float(handle.read().split()[0])
+        with open(f"/proc/{self.pid}/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        return since_boot - self.start_ticks / ticks, cpu, pages * os.sysconf("SC_PAGE_SIZE")
+
+    def running_tasks(self):
+        """The tasks its log says started and not yet committed."""
+        try:
+            with open(self.log, "rb") as handle:
+                handle.seek(max(0, os.path.getsize(self.log) - LOG_TAIL_BYTES))
+                text = handle.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        running = {}
+        for line in text.splitlines():
+            if started := TASK_STARTED.search(line):
+                running[started.group(1)] = True
+            elif ended := TASK_ENDED.search(line):
+                running.pop(ended.group(1), None)
+        return list(running)
+
+
+class ManagerState:
+    """The per-user file of workers the manager started; held under a lock while read
+    and rewritten, so two `manager` commands at once lose no record."""
+
+    def __init__(self, folder=None):
+        self.folder = folder or os.path.join(cache_home(), "manager")
+        self.path = os.path.join(self.folder, "workers.json")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """The live records (dead ones dropped), written back when the block ends."""
+        import fcntl
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.folder, "lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            workers = [w for w in self.read() if w.alive()]
+            yield workers
+            write_private_file(self.path, json.dumps(
+                [dataclasses.asdict(w) for w in workers], indent=1))
+
+    def read(self):
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return [ManagedWorker(**entry) for entry in json.load(handle)]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError) as error:
+            log.warning("ignoring the unreadable manager state %s: %s", self.path, error)
+            return []
+
+    def log_path(self):
+        stamp = now_utc().strftime("%Y%m%dT%H%M%S")
+        return os.path.join(self.folder, f"worker-{stamp}-{uuidlib.uuid4().hex[:8]}.log")
+
+
+def spawn_worker_process(argv, log_path):
+    """Start `mito.py worker ARGV` detached (own session, stdin /dev/null), its output
+    appended to `log_path`: a ManagedWorker."""
+    command = [sys.executable, os.path.abspath(__file__), "worker", *argv]
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    ticks = process_start_ticks(child.pid)
+    return ManagedWorker(child.pid, ticks, format_timestamp(now_utc()), log_path, argv)
+
+
+def cmd_manager_spawn(args):
+    if args.count < 1:
+        fail_usage(f"bad number of workers: {args.count} (1 or more)")
+    worker_args = args.command_args or []
+    if args.config:  # `manager --config worker.toml spawn N`: the workers' config
+        worker_args = ["--config", os.path.abspath(args.config), *worker_args]
+    check_worker_args(worker_args)
+    state = ManagerState()
+    with state.locked() as workers:
+        for _ in range(args.count):
+            worker = spawn_worker_process(worker_args, state.log_path())
+            workers.append(worker)
+            print(f"started worker {worker.pid} (log {worker.log})")
+    return 0
+
+
+def check_worker_args(worker_args):
+    """Refuse bad worker options here, once (argparse's exit 2), rather than in N logs."""
+    build_parser().parse_args(["worker", *worker_args])
+
+
+def cmd_manager_status(args):
+    with ManagerState().locked() as workers:
+        rows = [manager_status_row(w) for w in workers]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no worker started by `mito.py manager spawn` is running")
+    else:
+        print_table(["PID", "UPTIME", "CPU", "MEMORY", "TASKS", "LOG"], [
+            [r["pid"], format_duration(round(r["uptime"])), f"{r['cpu']:.1f}s",
+             human_size(r["memory"]), ", ".join(r["tasks"]) or "-", r["log"]] for r in rows])
+    return 0
+
+
+def manager_status_row(worker):
+    uptime, cpu, memory = worker.usage()
+    return {"pid": worker.pid, "started": worker.started, "uptime": uptime, "cpu": cpu,
+            "memory": memory, "tasks": worker.running_tasks(), "log": worker.log,
+            "args": worker.argv}
+
+
+def cmd_manager_kill(args):
+    """SIGTERM (the task in hand is requeued) or, with --drain, SIGUSR1 (it finishes
+    first), then wait for each to be gone."""
+    with ManagerState().locked() as workers:
+        ours = {w.pid: w for w in workers}
+        for pid in args.pids:
+            if pid not in ours:
+                fail_usage(f"process {pid} is not a running worker started by "
+                           f"`mito.py manager spawn` as this user")
+        chosen = [ours[pid] for pid in args.pids] if args.pids else list(ours.values())
+        number = signal.SIGUSR1 if args.drain else signal.SIGTERM
+        for worker in chosen:
+            os.kill(worker.pid, number)
+            print(f"sent {signal.Signals(number).name} to worker {worker.pid}")
+    if not chosen:
+        print("no worker started by `mito.py manager spawn` is running")
+    return wait_workers_gone(chosen, parse_duration(args.wait))
+
+
+def wait_workers_gone(workers, patience):
+    deadline = time.monotonic() + patience
+    while (left := [w for w in workers if w.alive()]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for worker in left:
+        print(f"worker {worker.pid} is still running after {format_duration(patience)}",
+              file=sys.stderr)
+    return 1 if left else 0
+
+
+def add_manager_commands(parser):
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
+    spawn = actions.add_parser("spawn", help="Start N detached workers (each with its log)",
+                               usage="%(prog)s N [WORKER OPTIONS]")
+    spawn.add_argument("count", type=int, metavar="N", help="How many workers to start")
+    spawn.add_argument("command_args", nargs=argparse.REMAINDER, metavar="WORKER_OPTIONS",
+                       help="Options for `mito.py worker` (see worker --help)")
+    spawn.set_defaults(manage=cmd_manager_spawn)
+    status = actions.add_parser("status", help="This user's workers started here: PID, "
+                                "uptime, CPU, memory, running tasks")
+    status.add_argument("--json", action="store_true", help="Print JSON")
+    status.set_defaults(manage=cmd_manager_status)
+    kill = actions.add_parser("kill", help="Stop workers started by `manager spawn` "
+                              "(SIGTERM, then wait); all of them if no PID is given")
+    kill.add_argument("pids", type=int, nargs="*", metavar="PID")
+    kill.add_argument("--wait", type=parse_duration_arg, default=MANAGER_KILL_WAIT,
+                      metavar="DURATION", help="How long to wait for them to leave "
+                      f"(default {MANAGER_KILL_WAIT})")
+    kill.add_argument("--drain", action="store_true",
+                      help="Let the running tasks finish first (SIGUSR1, not SIGTERM)")
+    kill.set_defaults(manage=cmd_manager_kill)
+
+
+def run_manager(args):
+    return args.manage(args)
+
+
+# =====================================================================================
 # 6. Command line
 # =====================================================================================
 
@@ -9071,6 +9293,7 @@ def build_parser():
     client.add_argument("-v", "--verbose", action="store_true",
                         help="Full uuids and columns in tables, even on a terminal")
     add_client_commands(client, required=False)
+    add_manager_commands(command("manager", (), run_manager, "%(prog)s <COMMAND> ..."))
     return parser
 
 
