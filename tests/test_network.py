@@ -447,3 +447,47 @@ def test_parked_long_polls_cost_no_thread_and_a_submit_reaches_one(world):
     finally:
         for sock in socks:
             sock.close()
+
+
+# ---- what a fetch and a count look at --------------------------------------------------------
+
+
+def test_a_fetch_sees_only_tag_sets_it_may_take_and_the_best_task_across_them(fleet):
+    store = fleet.store
+    worker = fleet.worker(tags=["cpu"])
+    fleet.submit(group="bob")                 # a group the worker does not serve
+    fleet.submit(tags=["gpu"])                # a tag set it may not take (worker-subset)
+    low = fleet.submit(tags=["cpu"])
+    plan = store.db().execute("EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE state = 'Ready' "
+                              "AND group_id = 1 AND tags = '[]' ORDER BY priority DESC, id "
+                              "LIMIT 1").fetchall()
+    assert "tasks_ready" in str([tuple(row) for row in plan])
+    request = {"tags": ["cpu", "x"], "labels": [], "timeout": 60, "priority": 5,
+               "task_spec": {"args": ["true"]}}
+    high = store.insert_tasks(fleet.user["id"], [(fleet.group["alice"], request)])[0][1]
+    assert store.claim(worker)["uuid"] == high
+    assert store.claim(fleet.worker(tags=["cpu"]))["uuid"] == low
+    sets = store.all("SELECT group_id, tags, n FROM ready_sets ORDER BY group_id, tags")
+    assert [tuple(row) for row in sets] == [(fleet.group["alice"], '["gpu"]', 1),
+                                            (fleet.group["bob"], "[]", 1)]
+
+
+def test_ready_sets_and_counts_follow_every_change_of_state(fleet):
+    store = fleet.store
+    worker = fleet.worker()
+    tasks = [fleet.submit() for _ in range(3)]
+    store.claim(worker)
+    ids = [store.task(uuid)["id"] for uuid in tasks]
+    store.cancel_tasks([ids[2]])
+    store.change_task(ids[1], {"tags": ["b", "a", "a"]})
+    store.remove_workers([worker["id"]])  # its task goes back to Ready
+    real = store.all("SELECT group_id, tags, COUNT(*) AS n FROM tasks WHERE state = 'Ready' "
+                     "GROUP BY group_id, tags ORDER BY group_id, tags")
+    kept = store.all("SELECT group_id, tags, n FROM ready_sets ORDER BY group_id, tags")
+    assert [tuple(r) for r in kept] == [tuple(r) for r in real] == [
+        (fleet.group["alice"], '["a", "b"]', 1), (fleet.group["alice"], "[]", 1)]
+    everything = mito.task_filter({})
+    for states in ([], ["Ready"], ["Cancelled", "Running"]):
+        filters = {**everything, "states": states}
+        assert store.query_tasks(filters, [fleet.group["alice"]], count=True) == len(
+            store.query_tasks(filters, [fleet.group["alice"]]))

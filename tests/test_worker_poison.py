@@ -176,7 +176,8 @@ def test_a_result_tree_too_deep_to_walk(fake, start_worker):
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_task_filling_the_scratch_file_system(mito, fake, start_worker):
     """The worker's cache is a 2 MiB tmpfs (in a user and mount namespace of its own);
-    the task fills it with incompressible data, so packing the result hits ENOSPC."""
+    the task fills it with incompressible data, so packing the result hits ENOSPC; a
+    resource larger than the disk ends its task at once (not after 30 minutes)."""
     probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs none /mnt"],
                            capture_output=True)
     if probe.returncode != 0:
@@ -193,6 +194,9 @@ def test_a_task_filling_the_scratch_file_system(mito, fake, start_worker):
                              terminal_output=True)
         commit = fake.wait_commit(task)
         assert commit["msg"] == OUTPUT_LOST
+        fake.add_attachment("big", os.urandom(3_000_000))
+        too_big = fake.add_task(["true"], resources=[attachment("big", "big")])
+        assert fake.wait_commit(too_big) == {"exit_status": 0, "msg": REFUSED}
         after = fake.add_task(["sh", "-c", 'head -c 100000 /dev/urandom > '
                                '"$MITO_RESULT_DIR/small"'])
         assert fake.wait_commit(after) == {"exit_status": 0, "msg": None}
