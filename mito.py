@@ -5371,19 +5371,22 @@ def token_expired(token):
 class AdminAccount:
     """The admin user, created on first start, and the admin token left for this Unix
     user's client: in the state dir on every start, and in the user's credential file
-    only when the admin was created now, once the port is bound, and never over a
-    token that may still work for another coordinator."""
+    only on the admin's first start (the first that binds its port: a marker file in
+    the state dir says it is done) and never over a token that may still work for
+    another coordinator."""
 
     def __init__(self, coordinator):
         self.coordinator = coordinator
         self.name = coordinator.settings.admin_user
-        self.created = False
+        self.published = os.path.join(coordinator.state_dir, "admin-token-published")
 
     def ensure(self):
         """Create the admin if the database has none."""
         store, state_dir = self.coordinator.store, self.coordinator.state_dir
         if store.user(self.name) is not None:
             return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.published)  # a new database: its admin is new
         password = self.coordinator.settings.admin_password
         if password is None:
             password = b64(os.urandom(18))
@@ -5394,7 +5397,6 @@ class AdminAccount:
         salt = os.urandom(16)
         store.create_user(self.name, hash_password(md5_bytes(md5_password(password)), salt),
                           salt, admin=True)
-        self.created = True
 
     def publish(self):
         """Write the admin's token where the client finds it (see the class)."""
@@ -5402,7 +5404,7 @@ class AdminAccount:
         token = coordinator.user_token(coordinator.store.user(self.name))
         local = os.path.join(coordinator.state_dir, "admin-credentials")
         CredentialFile(local).store(self.name, token)
-        if not self.created:
+        if os.path.exists(self.published):
             return
         shared = CredentialFile(default_credential_path())
         _, old = shared.lookup(self.name)
@@ -5410,8 +5412,9 @@ class AdminAccount:
             log.warning("%s holds a token for %s that may work for another coordinator: "
                         "left as it is; this coordinator's admin token is in %s",
                         shared.path, self.name, local)
-            return
-        shared.store(self.name, token)
+        else:
+            shared.store(self.name, token)
+        write_private_file(self.published, f"{shared.path}\n")
 
 
 class LocalWorkers:
