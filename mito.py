@@ -7640,6 +7640,12 @@ def i32_of(text):
     return number
 
 
+def a_positive_count(text):
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r}: expected a number of at least 1")
+    return int(text)
+
+
 def uuid_of(text):
     try:
         return str(uuidlib.UUID(text))
@@ -8132,16 +8138,19 @@ def cmd_artifacts_download(client, args):
 
 def download_each(client, downloads, args, name_of):
     """The batch downloads' end: print each URL (--no-download), or save each file in -o
-    DIR under upstream's name for it. One at a time: --concurrent is taken, not used."""
+    DIR under upstream's name for it, --concurrent at a time (Http keeps one connection
+    per thread). The first failure is the command's error, once the others have ended."""
     if args.no_download:
         for item in downloads:
             print(f"{name_of(item)} {item['url']}")
         return
     folder = args.output or "."
     os.makedirs(folder, exist_ok=True)
-    for item in downloads:
-        client.download(item["url"], os.path.join(folder, name_of(item)), item["size"],
-                        name_of(item))
+    with concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
+        futures = [pool.submit(client.download, item["url"], os.path.join(folder, name_of(item)),
+                               item["size"], name_of(item)) for item in downloads]
+        for future in futures:
+            future.result()
     print(f"saved {len(downloads)} file(s) in {folder}")
 
 
@@ -8611,8 +8620,8 @@ NO_DOWNLOAD = (("--no-download", "--url-only"),
 PROGRESS = (("--pb",), {"action": "store_true",
                         "help": "Accepted for upstream: progress shows whenever stderr is a "
                                 "terminal"})
-CONCURRENT = (("--concurrent",), {"type": int, "default": 1,
-                                  "help": "Accepted for upstream; files download one by one"})
+CONCURRENT = (("--concurrent",), {"type": argument_type(a_positive_count), "default": 1,
+                                  "help": "Files downloaded at once (default 1)"})
 SMART = (("-s", "--smart"), {"action": "store_true",
                              "help": "Without -g, the key's first component names the group "
                                      "(GROUP/KEY)"})
@@ -8620,10 +8629,10 @@ VERBOSE = (("-v", "--verbose"), {"action": "store_true", "default": argparse.SUP
                                  "help": "Full uuids and columns (as client -v)"})
 FORCE = (("-f", "--force"), {"action": "store_true",
                              "help": "Now, not gracefully: a running task is requeued"})
-TAGS_HELP = ("Tags the task needs. Default rule (--tag-matching worker-subset): a worker "
-             "takes it when all the WORKER's tags are among the task's (an untagged worker "
-             "takes any task); with task-subset (upstream's rule) when all the task's tags "
-             "are among the worker's")
+TAGS_HELP = ("The task's tags. By the default rule (coordinator --tag-matching "
+             "worker-subset) a worker takes the task when all the worker's tags are among "
+             "the task's, so an untagged worker takes any task; by task-subset (upstream's "
+             "rule) when all the task's tags are among the worker's")
 
 
 def add_task_filters(parser, reporter=True):
