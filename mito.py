@@ -5371,19 +5371,22 @@ def token_expired(token):
 class AdminAccount:
     """The admin user, created on first start, and the admin token left for this Unix
     user's client: in the state dir on every start, and in the user's credential file
-    only when the admin was created now, once the port is bound, and never over a
-    token that may still work for another coordinator."""
+    only on the admin's first start (the first that binds its port: a marker file in
+    the state dir says it is done) and never over a token that may still work for
+    another coordinator."""
 
     def __init__(self, coordinator):
         self.coordinator = coordinator
         self.name = coordinator.settings.admin_user
-        self.created = False
+        self.published = os.path.join(coordinator.state_dir, "admin-token-published")
 
     def ensure(self):
         """Create the admin if the database has none."""
         store, state_dir = self.coordinator.store, self.coordinator.state_dir
         if store.user(self.name) is not None:
             return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.published)  # a new database: its admin is new
         password = self.coordinator.settings.admin_password
         if password is None:
             password = b64(os.urandom(18))
@@ -5394,7 +5397,6 @@ class AdminAccount:
         salt = os.urandom(16)
         store.create_user(self.name, hash_password(md5_bytes(md5_password(password)), salt),
                           salt, admin=True)
-        self.created = True
 
     def publish(self):
         """Write the admin's token where the client finds it (see the class)."""
@@ -5402,7 +5404,7 @@ class AdminAccount:
         token = coordinator.user_token(coordinator.store.user(self.name))
         local = os.path.join(coordinator.state_dir, "admin-credentials")
         CredentialFile(local).store(self.name, token)
-        if not self.created:
+        if os.path.exists(self.published):
             return
         shared = CredentialFile(default_credential_path())
         _, old = shared.lookup(self.name)
@@ -5410,8 +5412,9 @@ class AdminAccount:
             log.warning("%s holds a token for %s that may work for another coordinator: "
                         "left as it is; this coordinator's admin token is in %s",
                         shared.path, self.name, local)
-            return
-        shared.store(self.name, token)
+        else:
+            shared.store(self.name, token)
+        write_private_file(self.published, f"{shared.path}\n")
 
 
 class LocalWorkers:
@@ -5422,6 +5425,7 @@ class LocalWorkers:
 
     BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0
     STEADY = 60.0  # a worker that ran this long before exiting restarts without delay
+    TOKEN_LIFETIME = 10 * 365 * 86400  # the run's end is what ends the token
 
     def __init__(self, coordinator, count, url, ca_cert):
         self.coordinator, self.url, self.ca_cert = coordinator, url, ca_cert
@@ -5430,7 +5434,7 @@ class LocalWorkers:
             admin = coordinator.settings.admin_user
             token = coordinator.signer.sign({"k": "local", "sub": admin,
                                              "run": coordinator.run_id,
-                                             "exp": time.time() + 10 * 365 * 86400})
+                                             "exp": time.time() + self.TOKEN_LIFETIME})
             write_private_file(self.credentials, f"{admin}:{token}\n")
         self.children = [None] * count
         self.started = [0.0] * count
@@ -5452,10 +5456,16 @@ class LocalWorkers:
                 if child is not None and child.poll() is not None:
                     self.died(slot, child, now)
                 elif child is None and now >= self.due[slot]:
-                    self.children[slot] = subprocess.Popen(self.command(),
-                                                           stdin=subprocess.DEVNULL)
-                    self.started[slot] = now
+                    self.start(slot, now)
             self.coordinator.stopping.wait(0.5)
+
+    def start(self, slot, now):
+        try:
+            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+            self.started[slot] = now
+        except OSError as error:  # out of processes or memory: try again later
+            log.error("cannot start local worker %d: %s", slot + 1, error)
+            self.due[slot] = now + self.BACKOFF_CAP
 
     def died(self, slot, child, now):
         """Log a worker's exit loudly and plan its restart."""
@@ -7637,6 +7647,12 @@ def i32_of(text):
     return number
 
 
+def a_positive_count(text):
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r}: expected a number of at least 1")
+    return int(text)
+
+
 def uuid_of(text):
     try:
         return str(uuidlib.UUID(text))
@@ -8129,16 +8145,19 @@ def cmd_artifacts_download(client, args):
 
 def download_each(client, downloads, args, name_of):
     """The batch downloads' end: print each URL (--no-download), or save each file in -o
-    DIR under upstream's name for it. One at a time: --concurrent is taken, not used."""
+    DIR under upstream's name for it, --concurrent at a time (Http keeps one connection
+    per thread). The first failure is the command's error, once the others have ended."""
     if args.no_download:
         for item in downloads:
             print(f"{name_of(item)} {item['url']}")
         return
     folder = args.output or "."
     os.makedirs(folder, exist_ok=True)
-    for item in downloads:
-        client.download(item["url"], os.path.join(folder, name_of(item)), item["size"],
-                        name_of(item))
+    with concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
+        futures = [pool.submit(client.download, item["url"], os.path.join(folder, name_of(item)),
+                               item["size"], name_of(item)) for item in downloads]
+        for future in futures:
+            future.result()
     print(f"saved {len(downloads)} file(s) in {folder}")
 
 
@@ -8608,8 +8627,8 @@ NO_DOWNLOAD = (("--no-download", "--url-only"),
 PROGRESS = (("--pb",), {"action": "store_true",
                         "help": "Accepted for upstream: progress shows whenever stderr is a "
                                 "terminal"})
-CONCURRENT = (("--concurrent",), {"type": int, "default": 1,
-                                  "help": "Accepted for upstream; files download one by one"})
+CONCURRENT = (("--concurrent",), {"type": argument_type(a_positive_count), "default": 1,
+                                  "help": "Files downloaded at once (default 1)"})
 SMART = (("-s", "--smart"), {"action": "store_true",
                              "help": "Without -g, the key's first component names the group "
                                      "(GROUP/KEY)"})
@@ -8617,10 +8636,10 @@ VERBOSE = (("-v", "--verbose"), {"action": "store_true", "default": argparse.SUP
                                  "help": "Full uuids and columns (as client -v)"})
 FORCE = (("-f", "--force"), {"action": "store_true",
                              "help": "Now, not gracefully: a running task is requeued"})
-TAGS_HELP = ("Tags the task needs. Default rule (--tag-matching worker-subset): a worker "
-             "takes it when all the WORKER's tags are among the task's (an untagged worker "
-             "takes any task); with task-subset (upstream's rule) when all the task's tags "
-             "are among the worker's")
+TAGS_HELP = ("The task's tags. By the default rule (coordinator --tag-matching "
+             "worker-subset) a worker takes the task when all the worker's tags are among "
+             "the task's, so an untagged worker takes any task; by task-subset (upstream's "
+             "rule) when all the task's tags are among the worker's")
 
 
 def add_task_filters(parser, reporter=True):

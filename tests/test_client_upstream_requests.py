@@ -54,7 +54,8 @@ ANSWERS = {
     ("POST", "/tasks/download/artifacts"): {"downloads": [
         {"uuid": TASK, "url": "/blob/a", "size": 3}]},
     ("POST", "/tasks/download/artifacts/list"): {"downloads": [
-        {"uuid": TASK, "url": "/blob/a", "size": 3}]},
+        {"uuid": TASK, "url": "/blob/a", "size": 3}, {"uuid": OTHER, "url": "/blob/b",
+                                                      "size": 3}]},
     ("POST", "/tasks/delete/artifacts"): {"deleted_count": 1},
     ("POST", "/tasks/delete/artifacts/list"): {"deleted_count": 1, "failed_uuids": []},
     ("GET", "/groups/{group_name}"): {
@@ -314,8 +315,9 @@ def test_artifacts_download_into_a_directory_as_upstream(mito, upstream):
     assert run.returncode == 0, run.stderr
     assert (mito.cwd / "out" / f"{TASK}-result.tar.gz").read_bytes() == b"abc"
     run = run_client(mito, upstream, "tasks", "artifacts", "download-list", "result", TASK,
-                     "-o", "batch")
-    assert (mito.cwd / "batch" / f"{TASK}.tar.gz").read_bytes() == b"abc", run.stderr
+                     OTHER, "-o", "batch", "--concurrent", "2")
+    for name in (TASK, OTHER):
+        assert (mito.cwd / "batch" / f"{name}.tar.gz").read_bytes() == b"abc", run.stderr
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -326,6 +328,7 @@ def test_artifacts_download_into_a_directory_as_upstream(mito, upstream):
     (["tasks", "submit", "--timeout", "1.5h", "--", "true"], "1.5h"),
     (["tasks", "change", TASK, "-e", "A=1"], "--"),
     (["tasks", "cancel-list", "nope"], "nope"),
+    (["tasks", "artifacts", "download-list", "result", TASK, "--concurrent", "0"], "'0'"),
 ])
 def test_bad_values_are_refused_before_anything_is_sent(mito, upstream, argv, fragment):
     run = run_client(mito, upstream, *argv)
@@ -443,7 +446,8 @@ def test_the_shell_takes_upstreams_built_ins(mito, upstream):
               "groups get never\n", env=mito.env, cwd=mito.cwd, capture_output=True,
         text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert "submit-many" in run.stdout and "task-subset" in run.stdout
+    assert "submit-many" in run.stdout and "untagged worker takes any task" in " ".join(
+        run.stdout.split())
     assert "hi-there" in run.stdout
     assert [target for _, target, _ in upstream.requests if target.startswith("/groups")] == [
         "/groups/g"]
