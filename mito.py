@@ -2442,7 +2442,7 @@ COORDINATOR_OPTIONS = (
     Option("request_timeout", "interval", "30s", ("--request-timeout",),
            "A request must arrive within this time (its body: with no pause as long), "
            "else 408"),
-    Option("max_connections", "int", 10000, ("--max-connections",),
+    Option("max_connections", "int", 100000, ("--max-connections",),
            "Connections served at once (bounded by the open-file limit); more get 503", "N"),
 )
 
@@ -7011,7 +7011,7 @@ class EventLoopServer:
     each socket registered with its HttpConnection as `data`. Other threads (the pool,
     the reaper through the Dispatcher) reach the loop only through call_soon()."""
 
-    def __init__(self, address, coordinator, tls=None, max_connections=10000,
+    def __init__(self, address, coordinator, tls=None, max_connections=100000,
                  request_timeout=30.0):
         self.coordinator, self.dispatcher = coordinator, coordinator.dispatcher
         self.tls, self.max_connections = tls, max_connections
