@@ -5188,10 +5188,12 @@ class Dispatcher:
         self.by_group = {}   # group id -> {worker id: Park}, oldest first
         self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
         self.sequence = 0
+        self.changes = 0     # how many times tasks became ready: a fetch's race check
         store.on_change = self.changed
 
     def fetch(self, worker, time_left, wait, now):
         """The worker's answer now, or a Park that will be resolved within `wait` s."""
+        changes = self.changes
         task = self.store.claim(worker, time_left)
         if task is not None or wait <= 0:
             return self.answer(task)
@@ -5199,7 +5201,7 @@ class Dispatcher:
                     now + wait)
         self.add(park)
         # a task that became ready between the claim and add() was offered to nobody
-        task = self.store.claim(worker, time_left)
+        task = self.store.claim(worker, time_left) if self.changes != changes else None
         if task is not None:
             self.withdraw(park)
             park.resolve(self.answer(task))
@@ -5241,6 +5243,7 @@ class Dispatcher:
     def changed(self, task_ids, worker_ids):
         """Store.wake_fetchers: offer each ready task to one park; re-check the parks of
         changed workers (all of them when nothing specific is known)."""
+        self.changes += 1
         if not self.parks:
             return
         if not task_ids and not worker_ids:
