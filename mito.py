@@ -38,6 +38,7 @@ import logging.handlers
 import math
 import operator
 import os
+import posixpath
 import random
 import re
 import select
@@ -5373,19 +5374,22 @@ def token_expired(token):
 class AdminAccount:
     """The admin user, created on first start, and the admin token left for this Unix
     user's client: in the state dir on every start, and in the user's credential file
-    only when the admin was created now, once the port is bound, and never over a
-    token that may still work for another coordinator."""
+    only on the admin's first start (the first that binds its port: a marker file in
+    the state dir says it is done) and never over a token that may still work for
+    another coordinator."""
 
     def __init__(self, coordinator):
         self.coordinator = coordinator
         self.name = coordinator.settings.admin_user
-        self.created = False
+        self.published = os.path.join(coordinator.state_dir, "admin-token-published")
 
     def ensure(self):
         """Create the admin if the database has none."""
         store, state_dir = self.coordinator.store, self.coordinator.state_dir
         if store.user(self.name) is not None:
             return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.published)  # a new database: its admin is new
         password = self.coordinator.settings.admin_password
         if password is None:
             password = b64(os.urandom(18))
@@ -5396,7 +5400,6 @@ class AdminAccount:
         salt = os.urandom(16)
         store.create_user(self.name, hash_password(md5_bytes(md5_password(password)), salt),
                           salt, admin=True)
-        self.created = True
 
     def publish(self):
         """Write the admin's token where the client finds it (see the class)."""
@@ -5404,7 +5407,7 @@ class AdminAccount:
         token = coordinator.user_token(coordinator.store.user(self.name))
         local = os.path.join(coordinator.state_dir, "admin-credentials")
         CredentialFile(local).store(self.name, token)
-        if not self.created:
+        if os.path.exists(self.published):
             return
         shared = CredentialFile(default_credential_path())
         _, old = shared.lookup(self.name)
@@ -5412,8 +5415,9 @@ class AdminAccount:
             log.warning("%s holds a token for %s that may work for another coordinator: "
                         "left as it is; this coordinator's admin token is in %s",
                         shared.path, self.name, local)
-            return
-        shared.store(self.name, token)
+        else:
+            shared.store(self.name, token)
+        write_private_file(self.published, f"{shared.path}\n")
 
 
 class LocalWorkers:
@@ -5424,6 +5428,7 @@ class LocalWorkers:
 
     BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0
     STEADY = 60.0  # a worker that ran this long before exiting restarts without delay
+    TOKEN_LIFETIME = 10 * 365 * 86400  # the run's end is what ends the token
 
     def __init__(self, coordinator, count, url, ca_cert):
         self.coordinator, self.url, self.ca_cert = coordinator, url, ca_cert
@@ -5432,7 +5437,7 @@ class LocalWorkers:
             admin = coordinator.settings.admin_user
             token = coordinator.signer.sign({"k": "local", "sub": admin,
                                              "run": coordinator.run_id,
-                                             "exp": time.time() + 10 * 365 * 86400})
+                                             "exp": time.time() + self.TOKEN_LIFETIME})
             write_private_file(self.credentials, f"{admin}:{token}\n")
         self.children = [None] * count
         self.started = [0.0] * count
@@ -5454,10 +5459,16 @@ class LocalWorkers:
                 if child is not None and child.poll() is not None:
                     self.died(slot, child, now)
                 elif child is None and now >= self.due[slot]:
-                    self.children[slot] = subprocess.Popen(self.command(),
-                                                           stdin=subprocess.DEVNULL)
-                    self.started[slot] = now
+                    self.start(slot, now)
             self.coordinator.stopping.wait(0.5)
+
+    def start(self, slot, now):
+        try:
+            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+            self.started[slot] = now
+        except OSError as error:  # out of processes or memory: try again later
+            log.error("cannot start local worker %d: %s", slot + 1, error)
+            self.due[slot] = now + self.BACKOFF_CAP
 
     def died(self, slot, child, now):
         """Log a worker's exit loudly and plan its restart."""
@@ -7298,8 +7309,9 @@ def resolve_task(client, text):
     for group in client.call("GET", "/users/groups")["groups"]:
         offset = 0
         while True:
-            page = client.call("POST", "/tasks/query", {"group_name": group, "limit": QUERY_PAGE,
-                                                        "offset": offset})["tasks"]
+            page = client.call("POST", "/tasks/query", {
+                "group_name": group, "limit": QUERY_PAGE, "offset": offset,
+                "count": False})["tasks"]
             candidates += [task["uuid"] for task in page]
             offset += len(page)
             if len(page) < QUERY_PAGE:
@@ -7311,7 +7323,7 @@ def resolve_worker(client, text):
     prefix = uuid_prefix(text)
     if full_uuid(prefix):
         return full_uuid(prefix)
-    workers = client.call("POST", "/workers/query", {})["workers"]
+    workers = client.call("POST", "/workers/query", {"count": False})["workers"]
     return one_match(prefix, [worker["worker_id"] for worker in workers], "worker")
 
 
@@ -7323,14 +7335,10 @@ def resolve_uuid_args(client, args):
         return
     if isinstance(getattr(args, "uuid", None), str):
         args.uuid = resolve(client, args.uuid)
-    if getattr(args, "uuids", None):
-        args.uuids = [resolve(client, text) for text in args.uuids]
-    if getattr(args, "watch", None):  # submit --watch UUID:STATE
+    if getattr(args, "uuids", None):  # "a,b" or "a b", as upstream's lists
+        args.uuids = [resolve(client, text) for text in split_list(args.uuids)]
+    if getattr(args, "watch", None):  # submit --watch UUID,STATE
         args.watch[0] = resolve_task(client, args.watch[0])
-    for resource in getattr(args, "resource", None) or []:  # --resource artifact:UUID:...
-        artifact = resource["remote_file"].get("Artifact")
-        if artifact:
-            artifact["uuid"] = resolve_task(client, artifact["uuid"])
 
 
 def exit_code_of(raw_status):
@@ -7384,13 +7392,36 @@ class CountingFile:
 
 
 def safe_extract(archive, folder):
-    """Unpack a tar.gz without letting a member escape `folder`."""
-    with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            if inside(os.path.abspath(folder), member.name) is None or member.islnk() \
-                    or member.isdev():
-                raise ClientError(f"refusing to extract {member.name!r} from {archive}")
-        tar.extractall(folder)
+    """Unpack a task's tar.gz into `folder`, never reaching outside it (issue 8 §3):
+    links, devices and FIFOs are left out, each named in a warning; a name that is
+    absolute, climbs with "..", or resolves elsewhere through a symlink already in
+    `folder` refuses the whole archive. tarfile's "data" filter is used where it exists;
+    Debian's 3.11.2 lacks it, so these checks are ours on every version."""
+    root = os.path.realpath(folder)
+    try:
+        with tarfile.open(archive) as tar:
+            members = [member for member in tar.getmembers()
+                       if extractable(member, root, archive)]
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(root, members=members, **extra)
+    except (tarfile.TarError, OSError) as error:
+        raise ClientError(f"cannot unpack {archive} into {folder}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def extractable(member, root, archive):
+    """True for a file or folder that lands inside `root`; False (with a warning) for a
+    link or special file; ClientError for a name that would land elsewhere."""
+    target = os.path.realpath(os.path.join(root, member.name))
+    if os.path.isabs(member.name) or os.path.commonpath([root, target]) != root:
+        raise ClientError(f"refusing to unpack {archive}: {member.name!r} resolves "
+                          f"outside {root}")
+    if member.isfile() or member.isdir():
+        return True
+    what = (f"a link to {member.linkname!r}" if member.issym() or member.islnk()
+            else "a device or FIFO")
+    print(f"warning: not extracted: {member.name} ({what})", file=sys.stderr)
+    return False
 
 
 class Client:
@@ -7414,6 +7445,12 @@ class Client:
             if patient and isinstance(error, Unreachable):
                 raise
             raise ClientError(f"cannot reach the coordinator: {error}") from None
+
+    def group_or_mine(self, group):
+        """The group named, or the user's own (upstream's default for a missing -g)."""
+        if group is None and self.username is None:
+            self.login()
+        return group or self.username
 
     def call(self, method, path, payload=None, params=None, patient=False):
         """One API request. `patient` (waits): a coordinator that is restarting is
@@ -7488,10 +7525,17 @@ class Client:
             progress.close()
 
 
-# ---- client commands: one function each, wired to argparse in add_client_commands -------
+# ---- client commands: one function each, wired to argparse in "the client's command tree"
+# Each sends what upstream's client sends for the same command line
+# (netmito/src/client/mod.rs and http.rs of mitosis 0.6.8).
 
 
 def cmd_login(client, args):
+    """`login [USERNAME] [PASSWORD] [--retain]`: positional, as upstream takes them."""
+    for key, value in (("user", args.login_username), ("password", args.login_password)):
+        if value is not None:
+            setattr(client.settings, key, value)
+    client.settings.retain = client.settings.retain or args.login_retain
     client.login(force=True)
     print(f"logged in as {client.username}")
 
@@ -7500,104 +7544,227 @@ def cmd_auth(client, args):
     print(client.call("GET", "/auth"))
 
 
-def parse_key_value(text):
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key, value
-
-
-def parse_resource(text):
-    """attachment:KEY=LOCAL_PATH or artifact:UUID:KIND=LOCAL_PATH."""
-    spec, sep, local = text.partition("=")
-    kind, _, rest = spec.partition(":")
+def cmd_shell_command(client, args):
+    """`cmd [-s] -- COMMAND...`: run it through $SHELL as upstream does, joined into one
+    string unless --split."""
+    if not args.command_args:
+        return 0
+    shell = os.environ.get("SHELL") or "/bin/sh"
+    command = args.command_args if args.split else [" ".join(args.command_args)]
     try:
-        if not sep or not local:
-            raise ValueError("missing =LOCAL_PATH")
-        if kind == "attachment" and rest:
-            return {"remote_file": {"Attachment": {"key": rest}}, "local_path": local}
-        if kind == "artifact":
-            task_uuid, _, content = rest.partition(":")
-            return {"remote_file": {"Artifact": {"uuid": a_uuid_prefix(task_uuid),
-                                                 "content_type": artifact_kind(content)}},
-                    "local_path": local}
-        raise ValueError("expected attachment:KEY=LOCAL_PATH or artifact:UUID:KIND=LOCAL_PATH")
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"bad resource {text!r}: {error}") from None
+        return subprocess.run([shell, "-c", *command]).returncode
+    except OSError as error:
+        raise ClientError(f"cannot run {shell}: {error.strerror}") from None
 
 
-def parse_artifact_kind(text):
+def cmd_quit(client, args):
+    """`quit`/`exit` leave the shell (the Shell sees them first); on a command line they
+    have nothing to leave."""
+    return 0
+
+
+def cmd_help(client, args):
+    """`help [COMMAND...]`: the help of that command, as upstream's `help` prints it."""
+    args.help_root.parse_args([*args.topic, "--help"])
+
+
+# ---- argument types: each names the bad value in a one-line error ------------------------
+
+
+def argument_type(convert):
+    """An argparse type from a converter that raises ValueError naming the value."""
+    def parse(text):
+        try:
+            return convert(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def parse_envs(values):
+    """`-e A=1,B=2` as upstream reads it: a comma separates pairs. A piece without "="
+    continues the value before it (upstream refuses it), so `-e PATH=/a,/b` still works."""
+    envs, last = {}, None
+    for value in values or []:
+        last = None
+        for piece in value.split(","):
+            key, sep, rest = piece.partition("=")
+            if sep and key:
+                envs[key], last = rest, key
+            elif last is not None:
+                envs[last] += "," + piece
+            else:
+                raise UsageError(f"bad environment variable {value!r}: expected KEY=VALUE")
+    return envs
+
+
+def clean_key(key):
+    """An attachment key as upstream's client sends it (path_clean: no "." or "//")."""
+    return posixpath.normpath(key) if key else key
+
+
+def resource_of(text):
+    """Upstream's `attachment=KEY:PATH` / `artifact=UUID:KIND:PATH`, or our older
+    `attachment:KEY=PATH` / `artifact:UUID:KIND=PATH`."""
+    kind, sep, rest = text.partition("=")
+    if sep and kind in ("attachment", "artifact"):
+        parts = rest.split(":")
+    else:
+        spec, sep, local = text.partition("=")
+        kind, _, rest = spec.partition(":")
+        parts = [*rest.split(":"), local] if sep else []
+    if kind == "attachment" and len(parts) == 2 and all(parts):
+        return {"remote_file": {"Attachment": {"key": clean_key(parts[0])}},
+                "local_path": parts[1]}
+    if kind == "artifact" and len(parts) == 3 and parts[2]:
+        with contextlib.suppress(ValueError):
+            return {"remote_file": {"Artifact": {"uuid": a_uuid_prefix(parts[0]),
+                                                 "content_type": artifact_kind(parts[1])}},
+                    "local_path": parts[2]}
+    raise UsageError(f"bad resource {text!r}: expected attachment=KEY:LOCAL_PATH or "
+                     f"artifact=UUID:KIND:LOCAL_PATH")
+
+
+def watch_of(text):
+    """`UUID,STATE` (upstream) or `UUID:STATE`: the task to wait for before this one."""
+    cut = max(text.find(","), text.rfind(":"))
     try:
-        return artifact_kind(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def parse_watch(text):
-    task_uuid, _, state = text.rpartition(":")
-    try:
-        task_uuid = a_uuid_prefix(task_uuid)
+        task_uuid = a_uuid_prefix(text[:cut])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad watch {text!r}: expected UUID:STATE") from None
-    if state not in EXEC_STATES:
-        raise argparse.ArgumentTypeError(f"bad watch state {state!r}: one of "
-                                         f"{', '.join(EXEC_STATES)}")
-    return [task_uuid, state]
+        raise ValueError(f"bad watch {text!r}: expected UUID,STATE") from None
+    if text[cut + 1:] not in EXEC_STATES:
+        raise ValueError(f"bad watch state {text[cut + 1:]!r}: one of {', '.join(EXEC_STATES)}")
+    return [task_uuid, text[cut + 1:]]
 
 
-def parse_duration_arg(text):
+def humantime_of(text):
+    """A duration in the humantime form the Rust side parses ("1h 30m", never "90.0m")."""
+    return format_duration(parse_duration(text))
+
+
+def i32_of(text):
+    number = int(text)
+    if not -2**31 <= number < 2**31:
+        raise ValueError(f"{text!r}: out of range (a 32-bit integer)")
+    return number
+
+
+def a_positive_count(text):
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r}: expected a number of at least 1")
+    return int(text)
+
+
+def uuid_of(text):
     try:
-        parse_duration(text)
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a UUID") from None
+
+
+def uuids_of(values):
+    """UUIDs given as "a,b" or "a b" (upstream's value_delimiter), each checked."""
+    try:
+        return [uuid_of(text) for text in split_list(values)]
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        raise UsageError(str(error)) from None
+
+
+def comparison_of(text):
+    """A priority comparison ("5", ">=2") passed on as upstream passes it."""
+    a_comparison(text)
     return text
 
 
-def parse_role(text):
-    try:
-        return role_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def exit_status_filter(text):
+def exit_status_of(text):
     """An exit-code comparison ("3", "!=0") as the API's raw wait-status one."""
-    try:
-        operator, number = a_comparison(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    operator, number = a_comparison(text)
     if not 0 <= number < 256:
-        raise argparse.ArgumentTypeError(f"{text!r}: exit codes are 0..255")
+        raise ValueError(f"{text!r}: exit codes are 0..255")
     return f"{operator}{number << 8}"
 
 
-def parse_role_pair(text):
-    name, sep, role = text.rpartition(":")
-    try:
-        if not sep or not name:
-            raise ValueError(f"{text!r} is not NAME:ROLE")
-        return name, role_name(role)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def pair_of(text):
+    """NAME:ROLE (upstream splits at the first ":")."""
+    name, sep, role = text.partition(":")
+    if not sep or not name:
+        raise ValueError(f"{text!r} is not NAME:ROLE")
+    return name, role_name(role)
+
+
+def states_of(values):
+    states = []
+    for state in split_list(values):
+        if state.capitalize() not in TASK_STATES:
+            raise UsageError(f"bad task state {state!r}: one of "
+                             f"{', '.join(s.lower() for s in TASK_STATES)}")
+        states.append(state.capitalize())
+    return states
+
+
+parse_watch = argument_type(watch_of)
+parse_duration_arg = argument_type(humantime_of)
+parse_i32 = argument_type(i32_of)
+parse_uuid = argument_type(uuid_of)
+parse_comparison = argument_type(comparison_of)
+exit_status_filter = argument_type(exit_status_of)
+parse_role = argument_type(role_name)
+parse_role_pair = argument_type(pair_of)
+parse_artifact_kind = argument_type(artifact_kind)
+
+
+# ---- tasks -------------------------------------------------------------------------------
+
+
+def submit_request(client, args):
+    """SubmitTaskReq from `tasks submit`'s options (mod.rs gen_submit_task_req)."""
+    return {"group_name": client.group_or_mine(args.group),
+            "tags": split_list(args.tags), "labels": split_list(args.labels),
+            "timeout": args.timeout, "priority": args.priority,
+            "task_spec": {"args": args.command_args, "envs": parse_envs(args.envs),
+                          "resources": resources_of(client, args.resources),
+                          "terminal_output": args.terminal, "watch": args.watch}}
+
+
+def resources_of(client, values):
+    """The -r resources, an artifact's uuid prefix resolved to its whole uuid."""
+    resources = [resource_of(text) for text in split_list(values)]
+    for resource in resources:
+        artifact = resource["remote_file"].get("Artifact")
+        if artifact:
+            artifact["uuid"] = resolve_task(client, artifact["uuid"])
+    return resources
 
 
 def cmd_tasks_submit(client, args):
     if not args.command_args:
         raise UsageError("tasks submit needs a command after --")
-    if client.http.token is None:
-        client.login()
-    request = {"group_name": args.group or client.username,
-               "tags": split_list(args.tags or []), "labels": split_list(args.labels or []),
-               "timeout": args.timeout, "priority": args.priority,
-               "task_spec": {"args": args.command_args, "envs": dict(args.env or []),
-                             "resources": args.resource or [],
-                             "terminal_output": args.terminal, "watch": args.watch}}
-    answer = client.call("POST", "/tasks", request)
+    answer = client.call("POST", "/tasks", submit_request(client, args))
     if not args.wait:
         client.show(answer, lambda data: print(data["uuid"]))
         return 0
     return wait_and_report(client, answer["uuid"], wait_deadline(args.wait_timeout),
                            show_output=args.terminal)
+
+
+def cmd_tasks_submit_many(client, args):
+    """`tasks submit-many -f tasks.json`: a JSON array of SubmitTaskReq in one request."""
+    try:
+        with open(args.file, encoding="utf-8") as handle:
+            tasks = json.load(handle)
+    except OSError as error:
+        raise UsageError(f"cannot read {args.file}: {error.strerror}") from None
+    except ValueError as error:
+        raise UsageError(f"{args.file} is not JSON: {error}") from None
+    if not isinstance(tasks, list):
+        raise UsageError(f"{args.file} must hold a JSON array of tasks")
+    answer = client.call("POST", "/tasks/submit", {"tasks": tasks})
+    failed = [r["Err"] for r in answer["results"] if "Err" in r]
+    client.show(answer, lambda data: [print(r["Ok"]["uuid"] if "Ok" in r else
+                                            f"error: {r['Err'].get('msg')}")
+                                      for r in data["results"]])
+    return 1 if failed else 0
 
 
 # ---- waiting and following: say what is waited for ---------------------------------------
@@ -7697,8 +7864,8 @@ class TaskWait:
             return
         self.looked = now
         try:
-            workers = self.client.call("POST", "/workers/query",
-                                       {"group_name": info["group_name"]})["workers"]
+            workers = self.client.call("POST", "/workers/query", {
+                "group_name": info["group_name"], "count": False})["workers"]
         except ClientError:  # the user may not see them: no hint rather than a failure
             return
         self.worker = next((w["worker_id"] for w in workers
@@ -7848,11 +8015,14 @@ def cmd_tasks_get(client, args):
 
 
 def task_filter_request(args):
+    """The filter fields of TasksQueryReq, TasksCancelByFilterReq and the artifact
+    batch requests; unset ones left out (upstream reads a missing Option as None)."""
     request = {"creator_usernames": split_list(args.creators) or None,
                "group_name": args.group, "tags": split_list(args.tags) or None,
                "labels": split_list(args.labels) or None,
-               "states": [s.capitalize() for s in split_list(args.states)] or None,
-               "exit_status": args.exit_status, "priority": args.priority}
+               "states": states_of(args.states) or None,
+               "exit_status": args.exit_status, "priority": args.priority,
+               "reporter_uuid": getattr(args, "reporter_uuid", None)}
     return {key: value for key, value in request.items() if value is not None}
 
 
@@ -7878,6 +8048,7 @@ def render_tasks(client, data):
 def cmd_tasks_query(client, args):
     request = task_filter_request(args)
     request.update(limit=args.limit, offset=args.offset, count=args.count)
+    client.verbose = client.verbose or getattr(args, "verbose", False)
     client.show(client.call("POST", "/tasks/query", request),
                 lambda data: render_tasks(client, data))
 
@@ -7889,26 +8060,52 @@ def cmd_tasks_wait(client, args):
     return max(codes, default=0)
 
 
-def cmd_tasks_cancel(client, args):
-    if args.filter:
-        answer = client.call("POST", "/tasks/cancel", task_filter_request(args))
-    elif args.uuids:
-        answer = client.call("POST", "/tasks/cancel/list", {"uuids": args.uuids})
-    else:
-        raise UsageError("tasks cancel needs UUIDs or --filter")
+def print_cancelled(client, answer):
     client.show(answer, lambda data: print(f"cancelled {data['cancelled_count']} task(s)" + (
         f"; not cancelled: {', '.join(data['failed_uuids'])}" if data.get("failed_uuids")
         else "")))
     return 1 if answer.get("failed_uuids") else 0
 
 
+def cmd_tasks_cancel(client, args):
+    """`cancel UUID` as upstream (DELETE /tasks/{uuid}); more UUIDs or --filter are ours
+    and go as cancel-list and cancel-many do."""
+    if args.filter:
+        return cmd_tasks_cancel_many(client, args)
+    if len(args.uuids) > 1:
+        return cmd_tasks_cancel_list(client, args)
+    if not args.uuids:
+        raise UsageError("tasks cancel needs a UUID (or --filter)")
+    client.call("DELETE", f"/tasks/{args.uuids[0]}")
+    print(f"cancelled task {args.uuids[0]}")
+    return 0
+
+
+def cmd_tasks_cancel_many(client, args):
+    return print_cancelled(client, client.call("POST", "/tasks/cancel",
+                                               task_filter_request(args)))
+
+
+def cmd_tasks_cancel_list(client, args):
+    uuids = uuids_of(args.uuids)
+    return print_cancelled(client, client.call("POST", "/tasks/cancel/list", {"uuids": uuids}))
+
+
 def cmd_tasks_change(client, args):
-    change = {"tags": split_list(args.tags) if args.tags is not None else None,
-              "timeout": args.timeout, "priority": args.priority}
+    """ChangeTaskReq: every field sent, null where unchanged (a Rust coordinator requires
+    `timeout`). A new command keeps the task's resources, envs and watch unless given."""
+    if not args.command_args and (args.envs or args.terminal or args.watch):
+        raise UsageError("-e, --terminal and --watch change the command: give it after --")
+    change = {"tags": split_list(args.tags) or None, "timeout": args.timeout,
+              "priority": args.priority, "task_spec": None}
     if args.command_args:
-        task = client.call("GET", f"/tasks/{args.uuid}")
-        change["task_spec"] = dict(task["info"]["spec"], args=args.command_args)
-    client.call("PUT", f"/tasks/{args.uuid}", {k: v for k, v in change.items() if v is not None})
+        spec = client.call("GET", f"/tasks/{args.uuid}")["info"]["spec"]
+        change["task_spec"] = dict(spec, args=args.command_args,
+                                   envs=parse_envs(args.envs) or spec.get("envs", {}),
+                                   terminal_output=args.terminal or spec.get("terminal_output",
+                                                                             False),
+                                   watch=args.watch or spec.get("watch"))
+    client.call("PUT", f"/tasks/{args.uuid}", change)
     print(f"changed task {args.uuid}")
 
 
@@ -7917,23 +8114,97 @@ def cmd_tasks_update_labels(client, args):
     print(f"labels of task {args.uuid} set")
 
 
+# ---- artifacts ---------------------------------------------------------------------------
+
+
+def artifact_file(args):
+    """Where `artifacts download` saves: -o FILE, or inside -o DIR (upstream's meaning),
+    or ./UUID-KIND.tar.gz."""
+    name = f"{args.uuid}-{args.kind}.tar.gz"
+    if args.output and os.path.isdir(args.output):
+        return os.path.join(args.output, name)
+    return args.output or name
+
+
 def cmd_artifacts_download(client, args):
-    kind = artifact_kind(args.kind)
-    answer = client.call("GET", f"/tasks/{args.uuid}/download/artifacts/{kind}")
-    if args.extract:
+    answer = client.call("GET", f"/tasks/{args.uuid}/download/artifacts/{args.kind}")
+    if args.no_download:
+        print(answer["url"])
+    elif args.extract:
         folder = args.output or "."
-        archive = os.path.join(cache_home(), "client", f"{args.uuid}-{kind}.tar.gz")
+        archive = os.path.join(cache_home(), "client", f"{args.uuid}-{args.kind}.tar.gz")
         os.makedirs(os.path.dirname(archive), exist_ok=True)
-        client.download(answer["url"], archive, answer["size"], kind)
+        client.download(answer["url"], archive, answer["size"], args.kind)
         try:
             safe_extract(archive, folder)
         finally:
             os.unlink(archive)
-        print(f"extracted {kind} of {args.uuid} into {folder}")
+        print(f"extracted {args.kind} of {args.uuid} into {folder}")
     else:
-        path = args.output or f"{args.uuid}-{kind}.tar.gz"
-        client.download(answer["url"], path, answer["size"], kind)
-        print(f"saved {kind} of {args.uuid} to {path}")
+        path = artifact_file(args)
+        client.download(answer["url"], path, answer["size"], args.kind)
+        print(f"saved {args.kind} of {args.uuid} to {path}")
+
+
+def download_each(client, downloads, args, name_of):
+    """The batch downloads' end: print each URL (--no-download), or save each file in -o
+    DIR under upstream's name for it, --concurrent at a time (Http keeps one connection
+    per thread). The first failure is the command's error, once the others have ended."""
+    if args.no_download:
+        for item in downloads:
+            print(f"{name_of(item)} {item['url']}")
+        return
+    folder = args.output or "."
+    os.makedirs(folder, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
+        futures = [pool.submit(client.download, item["url"], os.path.join(folder, name_of(item)),
+                               item["size"], name_of(item)) for item in downloads]
+        for future in futures:
+            future.result()
+    print(f"saved {len(downloads)} file(s) in {folder}")
+
+
+def cmd_artifacts_download_many(client, args):
+    request = dict(task_filter_request(args), content_type=args.kind)
+    answer = client.call("POST", "/tasks/download/artifacts", request)
+    download_each(client, answer["downloads"], args, lambda item: f"{item['uuid']}.tar.gz")
+
+
+def cmd_artifacts_download_list(client, args):
+    request = {"uuids": uuids_of(args.uuids),
+               "content_type": args.kind}
+    answer = client.call("POST", "/tasks/download/artifacts/list", request)
+    download_each(client, answer["downloads"], args, lambda item: f"{item['uuid']}.tar.gz")
+
+
+def print_deleted(client, answer, failed_key):
+    failed = answer.get(failed_key) or []
+    client.show(answer, lambda data: print(f"deleted {data['deleted_count']}" + (
+        f"; not deleted: {', '.join(failed)}" if failed else "")))
+    return 1 if failed else 0
+
+
+def cmd_artifacts_delete_many(client, args):
+    request = dict(task_filter_request(args), content_type=args.kind)
+    return print_deleted(client, client.call("POST", "/tasks/delete/artifacts", request),
+                         "failed_uuids")
+
+
+def cmd_artifacts_delete_list(client, args):
+    request = {"uuids": uuids_of(args.uuids),
+               "content_type": args.kind}
+    return print_deleted(client, client.call("POST", "/tasks/delete/artifacts/list", request),
+                         "failed_uuids")
+
+
+def cmd_artifacts_upload(client, args):
+    if not os.path.isfile(args.local_file):
+        raise UsageError(f"no such file: {args.local_file}")
+    size = os.path.getsize(args.local_file)
+    answer = client.call("POST", f"/tasks/{args.uuid}/artifacts",
+                         {"content_type": args.kind, "content_length": size})
+    client.upload(answer["url"], args.local_file, args.kind)
+    print(f"uploaded {args.local_file} as {args.kind} of {args.uuid} ({human_size(size)})")
 
 
 def cmd_artifacts_list(client, args):
@@ -7944,8 +8215,12 @@ def cmd_artifacts_list(client, args):
 
 
 def cmd_artifacts_delete(client, args):
-    client.call("DELETE", f"/tasks/{args.uuid}/artifacts/{artifact_kind(args.kind)}")
+    """`artifacts delete`, and `admin tasks artifacts delete` under /admin."""
+    client.call("DELETE", f"{args.route_prefix}/tasks/{args.uuid}/artifacts/{args.kind}")
     print(f"deleted {args.kind} of {args.uuid}")
+
+
+# ---- groups --------------------------------------------------------------------------------
 
 
 def cmd_groups_create(client, args):
@@ -7970,7 +8245,10 @@ def cmd_groups_update_user(client, args):
 
 
 def cmd_groups_remove_user(client, args):
-    client.call("DELETE", f"/groups/{args.name}/users", params={"users": ",".join(args.users)})
+    """One `users=` per name, as upstream's client sends them (a comma-joined value is a
+    single name to a Rust coordinator)."""
+    client.call("DELETE", f"/groups/{args.name}/users",
+                params=[("users", user) for user in args.users])
     print(f"removed {len(args.users)} member(s) from {args.name}")
 
 
@@ -7979,40 +8257,116 @@ def cmd_groups_list(client, args):
                 lambda data: client.table(["GROUP", "ROLE"], data["groups"].items()))
 
 
+# ---- attachments -----------------------------------------------------------------------------
+
+
 def attachment_path(group, key):
     return f"/groups/{group}/%s/{urllib.parse.quote(key, safe='/')}"
+
+
+def attachment_target(client, args):
+    """(group, key) as upstream reads them: -g names the group; else, with -s/--smart,
+    the key's first component does ("g/dir/k"); else the user's own group."""
+    if args.group is None and args.smart and "/" in args.key:
+        group, _, key = args.key.partition("/")
+        return group, key
+    return client.group_or_mine(args.group), args.key
+
+
+def upload_target(client, args):
+    """(group, key) of an upload: as attachment_target, except that a smart key without
+    "/" is the group alone; no key, or one ending in "/", takes the file's name."""
+    group, key = args.group, args.key
+    if group is None and args.smart and key:
+        group, _, key = key.partition("/")
+    name = os.path.basename(args.local_file)
+    key = key + name if key and key.endswith("/") else key or name
+    return client.group_or_mine(group), clean_key(key)
 
 
 def cmd_attachments_upload(client, args):
     if not os.path.isfile(args.local_file):
         raise UsageError(f"no such file: {args.local_file}")
-    key = args.key or os.path.basename(args.local_file)
+    group, key = upload_target(client, args)
     size = os.path.getsize(args.local_file)
-    answer = client.call("POST", f"/groups/{args.group}/attachments",
+    answer = client.call("POST", f"/groups/{group}/attachments",
                          {"key": key, "content_length": size})
     client.upload(answer["url"], args.local_file, key)
-    print(f"uploaded {args.local_file} to {args.group}:{key} ({human_size(size)})")
+    print(f"uploaded {args.local_file} to {group}:{key} ({human_size(size)})")
 
 
 def cmd_attachments_download(client, args):
-    answer = client.call("GET", attachment_path(args.group, args.key) % "download/attachments")
-    path = args.output or os.path.basename(args.key)
-    client.download(answer["url"], path, answer["size"], args.key)
-    print(f"saved {args.group}:{args.key} to {path}")
+    group, key = attachment_target(client, args)
+    answer = client.call("GET", attachment_path(group, key) % "download/attachments")
+    if args.no_download:
+        print(answer["url"])
+        return
+    name = os.path.basename(key)
+    path = os.path.join(args.output, name) if args.output and os.path.isdir(args.output) \
+        else args.output or name
+    client.download(answer["url"], path, answer["size"], key)
+    print(f"saved {group}:{key} to {path}")
+
+
+def cmd_attachments_get(client, args):
+    group, key = attachment_target(client, args)
+    client.show(client.call("GET", attachment_path(group, key) % "attachments"),
+                lambda data: print(f"{group}:{key}  {human_size(data['size'])}  "
+                                   f"{data['content_type']}  {human_age(data['updated_at'])}"))
 
 
 def cmd_attachments_query(client, args):
-    answer = client.call("POST", f"/groups/{args.group}/attachments/query",
-                         {"key": args.prefix, "limit": args.limit, "offset": args.offset})
+    answer = client.call("POST", f"/groups/{client.group_or_mine(args.group)}/attachments/query",
+                         {"key": args.key, "limit": args.limit, "offset": args.offset,
+                          "count": args.count})
     client.show(answer, lambda data: client.table(
         ["KEY", "SIZE", "UPDATED"],
         [(a["key"], human_size(a["size"]), human_age(a["updated_at"]))
-         for a in data["attachments"]]))
+         for a in data["attachments"]]) if data["attachments"] else
+        print(f"{data['count']} attachment(s)"))
 
 
 def cmd_attachments_delete(client, args):
-    client.call("DELETE", attachment_path(args.group, args.key) % "attachments")
-    print(f"deleted {args.group}:{args.key}")
+    """`attachments delete`, and `admin groups attachments delete` under /admin."""
+    group, key = attachment_target(client, args)
+    client.call("DELETE", args.route_prefix + attachment_path(group, key) % "attachments")
+    print(f"deleted {group}:{key}")
+
+
+def attachment_filter(args):
+    return {"key": args.key, "limit": args.limit, "offset": args.offset}
+
+
+def attachment_name(item):
+    return os.path.basename(item["key"]) or item["key"]
+
+
+def cmd_attachments_download_many(client, args):
+    group = client.group_or_mine(args.group)
+    answer = client.call("POST", f"/groups/{group}/download/attachments", attachment_filter(args))
+    download_each(client, answer["downloads"], args, attachment_name)
+
+
+def cmd_attachments_download_list(client, args):
+    group = client.group_or_mine(args.group)
+    answer = client.call("POST", f"/groups/{group}/download/attachments/list",
+                         {"keys": args.keys})
+    download_each(client, answer["downloads"], args, attachment_name)
+
+
+def cmd_attachments_delete_many(client, args):
+    group = client.group_or_mine(args.group)
+    return print_deleted(client, client.call("POST", f"/groups/{group}/delete/attachments",
+                                             attachment_filter(args)), "failed_keys")
+
+
+def cmd_attachments_delete_list(client, args):
+    group = client.group_or_mine(args.group)
+    return print_deleted(client, client.call("POST", f"/groups/{group}/delete/attachments/list",
+                                             {"keys": args.keys}), "failed_keys")
+
+
+# ---- workers ------------------------------------------------------------------------------
 
 
 def render_workers(client, data):
@@ -8033,22 +8387,52 @@ def cmd_workers_get(client, args):
     client.show(client.call("GET", f"/workers/{args.uuid}"), render)
 
 
-def cmd_workers_query(client, args):
+def worker_filter_request(args):
     request = {"group_name": args.group, "role": split_list(args.role) or None,
                "tags": split_list(args.tags) or None, "labels": split_list(args.labels) or None,
                "creator_username": args.creator}
-    client.show(client.call("POST", "/workers/query",
-                            {k: v for k, v in request.items() if v is not None}),
-                lambda data: render_workers(client, data))
+    return {key: value for key, value in request.items() if value is not None}
 
 
-def cmd_workers_shutdown(client, args):
-    op = "Force" if args.force else "Graceful"
-    answer = client.call("POST", "/workers/shutdown/list", {"uuids": args.uuids, "op": op})
+def cmd_workers_query(client, args):
+    client.verbose = client.verbose or getattr(args, "verbose", False)
+    answer = client.call("POST", "/workers/query",
+                         dict(worker_filter_request(args), count=args.count))
+    client.show(answer, lambda data: render_workers(client, data) if data["workers"] else
+                print(f"{data['count']} worker(s)"))
+
+
+def requested_shutdown_op(args):
+    return "Force" if args.force else "Graceful"
+
+
+def print_shutdown(client, answer, op):
+    failed = answer.get("failed_uuids") or []
     client.show(answer, lambda data: print(
         f"{op.lower()} shutdown of {data['shutdown_count']} worker(s)" +
-        (f"; failed: {', '.join(data['failed_uuids'])}" if data["failed_uuids"] else "")))
-    return 1 if answer["failed_uuids"] else 0
+        (f"; failed: {', '.join(failed)}" if failed else "")))
+    return 1 if failed else 0
+
+
+def cmd_workers_cancel(client, args):
+    """`workers cancel UUID [-f]` (and `admin workers cancel` under /admin): DELETE with
+    `?op=force` when forced, as upstream's client sends it."""
+    client.call("DELETE", f"{args.route_prefix}/workers/{args.uuid}",
+                params={"op": "force"} if args.force else None)
+    print(f"{requested_shutdown_op(args).lower()} shutdown of worker {args.uuid}")
+
+
+def cmd_workers_cancel_many(client, args):
+    op = requested_shutdown_op(args)
+    answer = client.call("POST", "/workers/shutdown", dict(worker_filter_request(args), op=op))
+    return print_shutdown(client, answer, op)
+
+
+def cmd_workers_cancel_list(client, args):
+    op = requested_shutdown_op(args)
+    uuids = uuids_of(args.uuids)
+    return print_shutdown(client, client.call("POST", "/workers/shutdown/list",
+                                              {"uuids": uuids, "op": op}), op)
 
 
 def cmd_workers_update_tags(client, args):
@@ -8061,14 +8445,19 @@ def cmd_workers_update_labels(client, args):
     print(f"labels of worker {args.uuid} set")
 
 
-def cmd_workers_update_groups(client, args):
+def cmd_workers_update_roles(client, args):
     client.call("PUT", f"/workers/{args.uuid}/groups", {"relations": dict(args.pairs)})
     print(f"groups of worker {args.uuid} updated")
 
 
-def cmd_workers_remove_groups(client, args):
-    client.call("DELETE", f"/workers/{args.uuid}/groups", params={"groups": ",".join(args.groups)})
+def cmd_workers_remove_roles(client, args):
+    """One `groups=` per name, as upstream's client sends them."""
+    client.call("DELETE", f"/workers/{args.uuid}/groups",
+                params=[("groups", group) for group in args.groups])
     print(f"groups removed from worker {args.uuid}")
+
+
+# ---- users and admin -------------------------------------------------------------------------
 
 
 def ask_new_password(given, who):
@@ -8083,12 +8472,13 @@ def ask_new_password(given, who):
 
 
 def cmd_users_change_password(client, args):
+    """`users change-password [ORIG] [NEW]` (upstream) or --new-password (ours)."""
     client.login()
-    old = client.settings.password
+    old = args.orig_password or client.settings.password
     if old is None:
         old = _ask(f"Current password for {client.username}: ", getpass.getpass,
                    "no current password", "give it with -p/--password")
-    new = ask_new_password(args.new_password, client.username)
+    new = ask_new_password(args.new_password or args.new_password_option, client.username)
     answer = client.call("POST", f"/users/{client.username}/password",
                          {"old_md5_password": md5_password(old),
                           "new_md5_password": md5_password(new)})
@@ -8096,12 +8486,17 @@ def cmd_users_change_password(client, args):
     print(f"password of {client.username} changed")
 
 
+def ask_username(given):
+    return given or _ask("Username: ", input, "no username", "give it as an argument")
+
+
 def cmd_admin_users_create(client, args):
-    password = ask_new_password(args.new_password, args.username)
-    client.call("POST", "/admin/users", {"username": args.username,
+    username = ask_username(args.username)
+    password = ask_new_password(args.new_password, username)
+    client.call("POST", "/admin/users", {"username": username,
                                          "md5_password": md5_password(password),
                                          "admin": args.admin})
-    print(f"created user {args.username}")
+    print(f"created user {username}")
 
 
 def cmd_admin_users_delete(client, args):
@@ -8110,16 +8505,31 @@ def cmd_admin_users_delete(client, args):
 
 
 def cmd_admin_users_change_password(client, args):
-    password = ask_new_password(args.new_password, args.username)
-    client.call("POST", f"/admin/users/{args.username}/password",
+    username = ask_username(args.username)
+    password = ask_new_password(args.new_password, username)
+    client.call("POST", f"/admin/users/{username}/password",
                 {"new_md5_password": md5_password(password)})
-    print(f"password of {args.username} changed")
+    print(f"password of {username} changed")
 
 
 def cmd_admin_users_state(client, args):
     answer = client.call("POST", f"/admin/users/{args.username}/state",
                          {"state": args.state.capitalize()})
     print(f"user {args.username} is {answer['state']}")
+
+
+def cmd_admin_users_group_quota(client, args):
+    answer = client.call("POST", f"/admin/users/{args.username}/group-quota",
+                         {"group_quota": args.quota})
+    client.show(answer, lambda data: print(f"{args.username} may create "
+                                           f"{data['group_quota']} group(s)"))
+
+
+def cmd_admin_groups_storage_quota(client, args):
+    answer = client.call("POST", f"/admin/groups/{args.name}/storage-quota",
+                         {"storage_quota": args.quota})
+    client.show(answer, lambda data: print(f"storage quota of {args.name}: "
+                                           f"{human_size(data['storage_quota'])}"))
 
 
 def cmd_admin_shutdown(client, args):
@@ -8181,17 +8591,300 @@ def cmd_status(client, args):
     client.show(client.call("GET", "/status"), render_status)
 
 
-def add_task_filters(parser):
-    parser.add_argument("--creators", nargs="*", action="extend", help="creators' usernames")
-    parser.add_argument("-g", "--group", help="the group (default: your own)")
-    parser.add_argument("-t", "--tags", nargs="*", action="extend", help="tasks having these tags")
-    parser.add_argument("-l", "--labels", nargs="*", action="extend",
-                        help="tasks having these labels")
-    parser.add_argument("-s", "--states", nargs="*", action="extend",
-                        help="pending, ready, running, finished, cancelled")
-    parser.add_argument("--exit-status", type=exit_status_filter,
-                        help='exit codes as shown, e.g. "0", "!=0", ">=2"')
-    parser.add_argument("--priority", help='e.g. ">5", "<=10"')
+# ---- the client's command tree: upstream's commands and spellings, ours as aliases ------
+# (netmito/src/config/client/*.rs). A list option takes "a,b", "a b" or repeats, as clap's
+# `num_args = 0.., value_delimiter = ','` does.
+
+LIST = {"nargs": "*", "action": "extend"}
+
+
+def add_command(commands, name, function, help_text, *arguments, aliases=()):
+    sub = commands.add_parser(name, help=help_text, description=help_text, aliases=aliases)
+    for flags, kwargs in arguments:
+        sub.add_argument(*flags, **kwargs)
+    sub.set_defaults(action=function, route_prefix="")
+    return sub
+
+
+def add_branch(commands, name, help_text, aliases=()):
+    """A branch of the tree, with its own `help [COMMAND...]` as clap gives each one."""
+    sub = commands.add_parser(name, help=help_text, description=help_text, aliases=aliases)
+    branch = sub.add_subparsers(dest=f"{name} subcommand", required=True, parser_class=Parser)
+    add_help_command(branch, sub)
+    return branch
+
+
+def add_help_command(commands, parser):
+    add_command(commands, "help", cmd_help, "Print the help of the given command(s)",
+                (("topic",), {"nargs": "*", "metavar": "COMMAND"})).set_defaults(
+        help_root=parser)
+
+
+UUID_ARG = (("uuid",), {"help": "The UUID, or a unique prefix of it"})
+FULL_UUID_ARG = (("uuid",), {"type": parse_uuid, "help": "The UUID"})
+KIND_ARG = (("kind",), {"type": parse_artifact_kind, "metavar": "CONTENT_TYPE",
+                        "help": "result, exec-log or std-log"})
+OUTPUT_DIR = (("-o", "--output"), {"help": "The directory to download to (default: .)"})
+NO_DOWNLOAD = (("--no-download", "--url-only"),
+               {"action": "store_true", "help": "Only print the URL(s), download nothing"})
+PROGRESS = (("--pb",), {"action": "store_true",
+                        "help": "Accepted for upstream: progress shows whenever stderr is a "
+                                "terminal"})
+CONCURRENT = (("--concurrent",), {"type": argument_type(a_positive_count), "default": 1,
+                                  "help": "Files downloaded at once (default 1)"})
+SMART = (("-s", "--smart"), {"action": "store_true",
+                             "help": "Without -g, the key's first component names the group "
+                                     "(GROUP/KEY)"})
+VERBOSE = (("-v", "--verbose"), {"action": "store_true", "default": argparse.SUPPRESS,
+                                 "help": "Full uuids and columns (as client -v)"})
+FORCE = (("-f", "--force"), {"action": "store_true",
+                             "help": "Now, not gracefully: a running task is requeued"})
+TAGS_HELP = ("The task's tags. By the default rule (coordinator --tag-matching "
+             "worker-subset) a worker takes the task when all the worker's tags are among "
+             "the task's, so an untagged worker takes any task; by task-subset (upstream's "
+             "rule) when all the task's tags are among the worker's")
+
+
+def add_task_filters(parser, reporter=True):
+    """The task filter of query, cancel-many and the artifact batches (TasksQueryReq)."""
+    parser.add_argument("-c", "--creators", **LIST, help="The creators' usernames")
+    parser.add_argument("-g", "--group", help="The group of the tasks")
+    parser.add_argument("-t", "--tags", **LIST, help="The tags of the tasks")
+    parser.add_argument("-l", "--labels", **LIST, help="The labels of the tasks")
+    parser.add_argument("-s", "--state", "--states", dest="states", **LIST,
+                        help="pending, ready, running, finished, cancelled, unknown")
+    parser.add_argument("-e", "--exit-status", type=exit_status_filter,
+                        help='The exit code, with an operator: "0", "!=0", ">=2"')
+    parser.add_argument("-p", "--priority", type=parse_comparison,
+                        help='The priority, with an operator: "5", ">5", "<=10"')
+    if reporter:
+        parser.add_argument("--reporter-uuid", type=parse_uuid,
+                            help="Only tasks finished by this worker")
+
+
+def add_tasks_commands(commands):
+    tasks = add_branch(commands, "tasks", "Submit, query, cancel and change tasks")
+    add_command(
+        tasks, "submit", cmd_tasks_submit, "Submit a task: tasks submit [OPTIONS] -- COMMAND...",
+        (("-g", "--group"), {"help": "The group (default: your own)"}),
+        (("-t", "--tags"), dict(LIST, help=TAGS_HELP)),
+        (("-l", "--labels"), dict(LIST, help="Labels, for querying")),
+        (("--timeout",), {"default": "10m", "type": parse_duration_arg,
+                          "help": "e.g. 10m, 1h 30m (default 10m)"}),
+        (("-p", "--priority"), {"type": parse_i32, "default": 0, "help": "Higher runs first"}),
+        (("-e", "--envs", "--env"), dict(LIST, metavar="KEY=VALUE",
+                                         help="Environment variables: A=1,B=2")),
+        (("--terminal",), {"action": "store_true", "help": "Keep stdout and stderr (std-log)"}),
+        (("-r", "--resources", "--resource"), dict(
+            LIST, metavar="RESOURCE", help="Files fetched first: attachment=KEY:LOCAL_PATH or "
+                                           "artifact=UUID:CONTENT_TYPE:LOCAL_PATH")),
+        (("--watch",), {"type": parse_watch, "metavar": "UUID,STATE",
+                        "help": "Start only once that task reaches STATE, e.g. ExecSpawned"}),
+        (("--wait",), {"action": "store_true",
+                       "help": "Print the uuid, wait for the task, show its output (with "
+                               "--terminal), exit with its exit code"}),
+        (("--wait-timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
+                               "help": f"Stop waiting after this long (exit status "
+                                       f"{WAIT_TIMED_OUT}; the task goes on)"}),
+        (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
+    add_command(tasks, "submit-many", cmd_tasks_submit_many, "Submit tasks from a JSON file",
+                (("-f", "--file"), {"required": True,
+                                    "help": "A JSON array of task submissions (POST /tasks)"}))
+    add_command(tasks, "get", cmd_tasks_get, "Show a task", UUID_ARG)
+    query = add_command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
+                        (("--limit",), {"type": int}), (("--offset",), {"type": int}),
+                        VERBOSE,
+                        (("--count",), {"action": "store_true", "help": "Only count them"}))
+    add_task_filters(query)
+    cancel = add_command(tasks, "cancel", cmd_tasks_cancel, "Cancel a task that has not started",
+                         (("uuids",), {"nargs": "*", "metavar": "UUID"}),
+                         (("--filter",), {"action": "store_true",
+                                          "help": "Cancel every task matching the filters "
+                                                  "(as cancel-many)"}))
+    add_task_filters(cancel, reporter=False)
+    add_task_filters(add_command(tasks, "cancel-many", cmd_tasks_cancel_many,
+                                 "Cancel the tasks matching filters"), reporter=False)
+    add_command(tasks, "cancel-list", cmd_tasks_cancel_list, "Cancel tasks by UUID",
+                (("uuids",), {"nargs": "+", "metavar": "UUIDS"}))
+    add_command(tasks, "wait", cmd_tasks_wait, "Wait for tasks to end; exit with the highest code",
+                (("uuids",), {"nargs": "+"}),
+                (("--timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
+                                  "help": f"Stop waiting after this long (exit status "
+                                          f"{WAIT_TIMED_OUT}; the tasks go on)"}))
+    add_command(tasks, "logs", cmd_tasks_logs,
+                "Print what a task (submitted with --terminal) has written so far", UUID_ARG,
+                (("-f", "--follow"), {"action": "store_true",
+                                      "help": "Follow it until the task ends; exit with its "
+                                              "exit code"}),
+                (("--stderr",), {"action": "store_true", "help": "stderr instead of stdout"}))
+    add_command(tasks, "update-labels", cmd_tasks_update_labels, "Replace a task's labels",
+                UUID_ARG, (("labels",), {"nargs": "*"}))
+    add_command(
+        tasks, "change", cmd_tasks_change,
+        "Change a task that has not started: tasks change UUID [OPTIONS] [-- COMMAND...]",
+        UUID_ARG, (("-t", "--tags"), dict(LIST, help=TAGS_HELP)),
+        (("--timeout",), {"type": parse_duration_arg}),
+        (("-p", "--priority"), {"type": parse_i32}),
+        (("-e", "--envs", "--env"), dict(LIST, metavar="KEY=VALUE")),
+        (("--terminal",), {"action": "store_true"}),
+        (("--watch",), {"type": parse_watch, "metavar": "UUID,STATE"}),
+        (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
+    add_artifacts_commands(tasks)
+
+
+def add_artifacts_commands(tasks):
+    artifacts = add_branch(tasks, "artifacts", "A task's artifacts")
+    add_command(artifacts, "download", cmd_artifacts_download, "Download an artifact",
+                UUID_ARG, KIND_ARG, (("-o", "--output"), {"help": "A file, or a directory to "
+                                                                  "save in (with --extract: "
+                                                                  "the directory to unpack in)"}),
+                (("--extract",), {"action": "store_true", "help": "Unpack it"}),
+                NO_DOWNLOAD, PROGRESS)
+    add_command(artifacts, "upload", cmd_artifacts_upload, "Upload an artifact to a task",
+                (("local_file",), {}), UUID_ARG, KIND_ARG, PROGRESS)
+    add_command(artifacts, "list", cmd_artifacts_list, "List a task's artifacts", UUID_ARG)
+    add_command(artifacts, "delete", cmd_artifacts_delete, "Delete an artifact", UUID_ARG,
+                KIND_ARG)
+    many = add_command(artifacts, "download-many", cmd_artifacts_download_many,
+                       "Download the artifacts of the tasks matching filters (UUID.tar.gz)",
+                       KIND_ARG, OUTPUT_DIR, NO_DOWNLOAD, PROGRESS, CONCURRENT)
+    add_task_filters(many)
+    add_command(artifacts, "download-list", cmd_artifacts_download_list,
+                "Download the artifacts of tasks by UUID (UUID.tar.gz)", KIND_ARG,
+                (("uuids",), {"nargs": "+", "metavar": "UUIDS"}), OUTPUT_DIR, NO_DOWNLOAD,
+                PROGRESS, CONCURRENT)
+    add_task_filters(add_command(artifacts, "delete-many", cmd_artifacts_delete_many,
+                                 "Delete the artifacts of the tasks matching filters", KIND_ARG))
+    add_command(artifacts, "delete-list", cmd_artifacts_delete_list,
+                "Delete the artifacts of tasks by UUID", KIND_ARG,
+                (("uuids",), {"nargs": "+", "metavar": "UUIDS"}))
+
+
+def add_groups_commands(commands):
+    groups = add_branch(commands, "groups", "Groups, their members and attachments")
+    name_arg = (("name",), {"metavar": "GROUP", "help": "The group"})
+    add_command(groups, "create", cmd_groups_create, "Create a group", name_arg)
+    add_command(groups, "get", cmd_groups_get, "Show a group", name_arg)
+    add_command(groups, "update-user", cmd_groups_update_user, "Add members or change roles",
+                name_arg, (("pairs",), {"nargs": "*", "type": parse_role_pair,
+                                        "metavar": "USER:ROLE"}))
+    add_command(groups, "remove-user", cmd_groups_remove_user, "Remove members", name_arg,
+                (("users",), {"nargs": "*", "metavar": "USER"}))
+    add_command(groups, "list", cmd_groups_list, "Your groups and roles")
+    add_attachments_commands(groups)
+
+
+def add_attachments_commands(parent, admin=False):
+    """`groups attachments ...` (upstream), also `attachments ...` at the top (ours)."""
+    attachments = add_branch(parent, "attachments", "Files kept in a group")
+    group = (("-g", "--group"), {"help": "The group (default: your own)"})
+    key = (("key",), {"help": "The key"})
+    delete = add_command(attachments, "delete", cmd_attachments_delete, "Delete an attachment",
+                         group, key, SMART)
+    if admin:
+        delete.set_defaults(route_prefix="/admin")
+        return
+    add_command(attachments, "upload", cmd_attachments_upload, "Upload a file", group,
+                (("local_file",), {}),
+                (("key",), {"nargs": "?", "help": "default: the file's name; KEY/ puts it in "
+                                                  "that folder"}), PROGRESS, SMART)
+    add_command(attachments, "get", cmd_attachments_get, "Show an attachment's metadata",
+                group, key, SMART)
+    add_command(attachments, "download", cmd_attachments_download, "Download an attachment",
+                group, key, (("-o", "--output"), {"help": "A file, or a directory to save in"}),
+                NO_DOWNLOAD, PROGRESS, SMART)
+    keyword = (("-k", "--key", "--prefix"), {"dest": "key", "help": "Keys containing this"})
+    paging = ((("--limit",), {"type": int}), (("--offset",), {"type": int}))
+    add_command(attachments, "query", cmd_attachments_query, "List attachments", group, keyword,
+                *paging, (("--count",), {"action": "store_true", "help": "Only count them"}))
+    add_command(attachments, "download-many", cmd_attachments_download_many,
+                "Download the attachments matching filters", group, keyword, *paging,
+                OUTPUT_DIR, NO_DOWNLOAD, PROGRESS, CONCURRENT)
+    keys = (("keys",), {"nargs": "+", "metavar": "KEY"})
+    add_command(attachments, "download-list", cmd_attachments_download_list,
+                "Download attachments by key", group, keys, OUTPUT_DIR, NO_DOWNLOAD, PROGRESS,
+                CONCURRENT)
+    add_command(attachments, "delete-many", cmd_attachments_delete_many,
+                "Delete the attachments matching filters", group, keyword, *paging)
+    add_command(attachments, "delete-list", cmd_attachments_delete_list,
+                "Delete attachments by key", group, keys)
+
+
+def add_worker_filters(parser):
+    parser.add_argument("-g", "--group", help="Workers this group may use")
+    parser.add_argument("-r", "--role", **LIST, type=parse_role,
+                        help="The group's role on them: read, write, admin")
+    parser.add_argument("-t", "--tags", **LIST)
+    parser.add_argument("-l", "--labels", **LIST)
+    parser.add_argument("--creator", help="The username of their creator")
+
+
+def add_workers_commands(commands):
+    workers = add_branch(commands, "workers", "Query, change and stop workers")
+    add_command(workers, "get", cmd_workers_get, "Show a worker", UUID_ARG)
+    add_worker_filters(add_command(
+        workers, "query", cmd_workers_query, "List workers",
+        VERBOSE,
+        (("--count",), {"action": "store_true", "help": "Only count them"})))
+    add_command(workers, "cancel", cmd_workers_cancel, "Stop a worker", UUID_ARG, FORCE)
+    add_worker_filters(add_command(workers, "cancel-many", cmd_workers_cancel_many,
+                                   "Stop the workers matching filters", FORCE))
+    add_command(workers, "cancel-list", cmd_workers_cancel_list, "Stop workers by UUID",
+                (("uuids",), {"nargs": "+", "metavar": "UUIDS"}), FORCE, aliases=["shutdown"])
+    for name, function in (("update-tags", cmd_workers_update_tags),
+                           ("update-labels", cmd_workers_update_labels)):
+        add_command(workers, name, function, f"Replace a worker's {name[7:]}", UUID_ARG,
+                    (("values",), {"nargs": "*", "metavar": name[7:].upper()}))
+    add_command(workers, "update-roles", cmd_workers_update_roles,
+                "Set groups' roles on a worker", UUID_ARG,
+                (("pairs",), {"nargs": "*", "type": parse_role_pair, "metavar": "GROUP:ROLE"}),
+                aliases=["update-groups"])
+    add_command(workers, "remove-roles", cmd_workers_remove_roles,
+                "Remove groups from a worker", UUID_ARG,
+                (("groups",), {"nargs": "*", "metavar": "GROUP"}), aliases=["remove-groups"])
+
+
+def add_users_commands(commands):
+    users = add_branch(commands, "users", "Your account")
+    add_command(users, "change-password", cmd_users_change_password, "Change your password",
+                (("orig_password",), {"nargs": "?", "metavar": "ORIG_PASSWORD"}),
+                (("new_password",), {"nargs": "?", "metavar": "NEW_PASSWORD"}),
+                (("--new-password",), {"dest": "new_password_option",
+                                       "help": "default: asked on the terminal"}))
+    add_command(users, "groups", cmd_groups_list, "Your groups and roles",
+                aliases=["my-groups"])
+
+
+def add_admin_commands(commands):
+    admin = add_branch(commands, "admin", "Administration (admins only)")
+    users = add_branch(admin, "users", "Manage users")
+    user_arg = (("username",), {})
+    password_arg = (("new_password",), {"nargs": "?", "metavar": "PASSWORD"})
+    add_command(users, "create", cmd_admin_users_create, "Create a user",
+                (("username",), {"nargs": "?"}), password_arg,
+                (("--admin",), {"action": "store_true"}))
+    add_command(users, "delete", cmd_admin_users_delete, "Delete a user", user_arg)
+    add_command(users, "change-password", cmd_admin_users_change_password,
+                "Set a user's password", (("username",), {"nargs": "?"}), password_arg)
+    add_command(users, "group-quota", cmd_admin_users_group_quota,
+                "Set how many groups a user may create", user_arg,
+                (("quota",), {"metavar": "GROUP_QUOTA", "help": 'e.g. "5", "+2", "-1"'}))
+    add_command(users, "state", cmd_admin_users_state, "Lock or unlock a user", user_arg,
+                (("state",), {"choices": ["active", "locked"]}))
+    add_command(admin, "shutdown", cmd_admin_shutdown, "Stop the coordinator",
+                (("secret",), {"nargs": "?"}))
+    groups = add_branch(admin, "groups", "Manage groups")
+    add_command(groups, "storage-quota", cmd_admin_groups_storage_quota,
+                "Set a group's storage quota", (("name",), {"metavar": "GROUP"}),
+                (("quota",), {"metavar": "STORAGE_QUOTA", "help": 'e.g. "10GiB", "+1GB"'}))
+    add_attachments_commands(groups, admin=True)
+    artifacts = add_branch(add_branch(admin, "tasks", "Manage tasks"), "artifacts",
+                           "Tasks' artifacts")
+    add_command(artifacts, "delete", cmd_artifacts_delete, "Delete an artifact", FULL_UUID_ARG,
+                KIND_ARG).set_defaults(route_prefix="/admin")
+    workers = add_branch(admin, "workers", "Manage workers")
+    add_command(workers, "cancel", cmd_workers_cancel, "Stop a worker", FULL_UUID_ARG,
+                FORCE).set_defaults(route_prefix="/admin")
 
 
 def add_client_commands(parser, required=True):
@@ -8199,147 +8892,28 @@ def add_client_commands(parser, required=True):
     command is required; on the command line -i may stand instead)."""
     commands = parser.add_subparsers(dest="command", required=required, parser_class=Parser,
                                      prog=parser.prog)
-
-    def command(group, name, function, help_text, *arguments):
-        sub = group.add_parser(name, help=help_text, description=help_text)
-        for flags, kwargs in arguments:
-            sub.add_argument(*flags, **kwargs)
-        sub.set_defaults(action=function)
-        return sub
-
-    def branch(name, help_text):
-        return commands.add_parser(name, help=help_text).add_subparsers(
-            dest="subcommand", required=True, parser_class=Parser)
-
-    uuid_arg = (("uuid",), {"help": "the uuid"})
-    command(commands, "login", cmd_login, "Log in and keep the token")
-    command(commands, "auth", cmd_auth, "Show who the stored token belongs to")
-    command(commands, "status", cmd_status, "The system at a glance: queues, workers, "
-            "running tasks, throughput, why the oldest waiting task waits",
-            (("--json",), {"action": "store_true", "dest": "status_json",
-                           "help": "Print the API's JSON"}))
-
-    tasks = branch("tasks", "Submit, follow and manage tasks")
-    command(
-        tasks, "submit", cmd_tasks_submit, "Submit a task: tasks submit [options] -- COMMAND...",
-        (("-g", "--group"), {"help": "the group (default: your own)"}),
-        (("-t", "--tags"), {"nargs": "*", "action": "extend", "help": "required worker tags"}),
-        (("-l", "--labels"), {"nargs": "*", "action": "extend", "help": "labels"}),
-        (("--timeout",), {"default": "10m", "type": parse_duration_arg, "help": "e.g. 10m"}),
-        (("--priority",), {"type": int, "default": 0, "help": "higher runs first"}),
-        (("-e", "--env"), {"action": "append", "type": parse_key_value, "metavar": "KEY=VALUE"}),
-        (("--terminal",), {"action": "store_true", "help": "keep stdout and stderr"}),
-        (("--resource",), {"action": "append", "type": parse_resource,
-                           "metavar": "attachment:KEY=PATH|artifact:UUID:KIND=PATH"}),
-        (("--watch",), {"type": parse_watch, "metavar": "UUID:STATE"}),
-        (("--wait",), {"action": "store_true",
-                       "help": "print the uuid, wait for the task, show its output (with "
-                               "--terminal), exit with its exit code"}),
-        (("--wait-timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
-                               "help": f"stop waiting after this long (exit status "
-                                       f"{WAIT_TIMED_OUT}; the task goes on)"}),
-        (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
-    command(tasks, "get", cmd_tasks_get, "Show a task", uuid_arg)
-    query = command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
-                    (("--limit",), {"type": int}), (("--offset",), {"type": int}),
-                    (("--count",), {"action": "store_true", "help": "only count them"}))
-    add_task_filters(query)
-    command(tasks, "wait", cmd_tasks_wait, "Wait for tasks to end; exit with the highest code",
-            (("uuids",), {"nargs": "+"}),
-            (("--timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
-                              "help": f"stop waiting after this long (exit status "
-                                      f"{WAIT_TIMED_OUT}; the tasks go on)"}))
-    command(tasks, "logs", cmd_tasks_logs,
-            "Print what a task (submitted with --terminal) has written so far",
-            uuid_arg, (("-f", "--follow"), {"action": "store_true",
-                                            "help": "follow it until the task ends; exit "
-                                                    "with its exit code"}),
-            (("--stderr",), {"action": "store_true", "help": "stderr instead of stdout"}))
-    cancel = command(tasks, "cancel", cmd_tasks_cancel, "Cancel tasks that have not started",
-                     (("uuids",), {"nargs": "*"}),
-                     (("--filter",), {"action": "store_true",
-                                      "help": "cancel every task matching the filters"}))
-    add_task_filters(cancel)
-    command(tasks, "change", cmd_tasks_change,
-            "Change a task that has not started: tasks change UUID [options] [-- COMMAND...]",
-            uuid_arg, (("-t", "--tags"), {"nargs": "*", "action": "extend"}),
-            (("--timeout",), {"type": parse_duration_arg}),
-            (("--priority",), {"type": int}),
-            (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
-    command(tasks, "update-labels", cmd_tasks_update_labels, "Replace a task's labels",
-            uuid_arg, (("labels",), {"nargs": "*"}))
-    artifacts = tasks.add_parser("artifacts", help="A task's artifacts").add_subparsers(
-        dest="artifacts_command", required=True, parser_class=Parser)
-    command(artifacts, "download", cmd_artifacts_download, "Download an artifact", uuid_arg,
-            (("kind",), {"type": parse_artifact_kind, "help": "result, exec-log or std-log"}),
-            (("-o", "--output"), {"help": "file (or folder with --extract)"}),
-            (("--extract",), {"action": "store_true", "help": "unpack it"}))
-    command(artifacts, "list", cmd_artifacts_list, "List a task's artifacts", uuid_arg)
-    command(artifacts, "delete", cmd_artifacts_delete, "Delete an artifact", uuid_arg,
-            (("kind",), {"type": parse_artifact_kind, "help": "result, exec-log or std-log"}))
-
-    groups = branch("groups", "Groups and their members")
-    name_arg = (("name",), {"help": "the group"})
-    command(groups, "create", cmd_groups_create, "Create a group", name_arg)
-    command(groups, "get", cmd_groups_get, "Show a group", name_arg)
-    command(groups, "update-user", cmd_groups_update_user, "Add members or change roles",
-            name_arg, (("pairs",), {"nargs": "+", "type": parse_role_pair,
-                                    "metavar": "USER:ROLE"}))
-    command(groups, "remove-user", cmd_groups_remove_user, "Remove members", name_arg,
-            (("users",), {"nargs": "+"}))
-    command(groups, "list", cmd_groups_list, "Your groups and roles")
-
-    attachments = branch("attachments", "Files shared in a group")
-    group_arg = (("group",), {"help": "the group"})
-    command(attachments, "upload", cmd_attachments_upload, "Upload a file", group_arg,
-            (("local_file",), {}), (("key",), {"nargs": "?", "help": "default: file name"}))
-    command(attachments, "download", cmd_attachments_download, "Download a file", group_arg,
-            (("key",), {}), (("-o", "--output"), {}))
-    command(attachments, "query", cmd_attachments_query, "List files", group_arg,
-            (("--prefix",), {"help": "keys containing this"}),
-            (("--limit",), {"type": int}), (("--offset",), {"type": int}))
-    command(attachments, "delete", cmd_attachments_delete, "Delete a file", group_arg,
-            (("key",), {}))
-
-    workers = branch("workers", "Workers")
-    command(workers, "get", cmd_workers_get, "Show a worker", uuid_arg)
-    command(workers, "query", cmd_workers_query, "List workers",
-            (("-g", "--group"), {}),
-            (("--role",), {"nargs": "*", "action": "extend", "type": parse_role}),
-            (("-t", "--tags"), {"nargs": "*", "action": "extend"}),
-            (("-l", "--labels"), {"nargs": "*", "action": "extend"}), (("--creator",), {}))
-    command(workers, "shutdown", cmd_workers_shutdown, "Shut workers down",
-            (("uuids",), {"nargs": "+"}),
-            (("--force",), {"action": "store_true", "help": "now; the task is requeued"}))
-    for name, function in (("update-tags", cmd_workers_update_tags),
-                           ("update-labels", cmd_workers_update_labels)):
-        command(workers, name, function, f"Replace a worker's {name[7:]}", uuid_arg,
-                (("values",), {"nargs": "*"}))
-    command(workers, "update-groups", cmd_workers_update_groups, "Set groups' roles on a worker",
-            uuid_arg, (("pairs",), {"nargs": "+", "type": parse_role_pair,
-                                    "metavar": "GROUP:ROLE"}))
-    command(workers, "remove-groups", cmd_workers_remove_groups, "Remove groups from a worker",
-            uuid_arg, (("groups",), {"nargs": "+"}))
-
-    users = branch("users", "Your account")
-    command(users, "change-password", cmd_users_change_password, "Change your password",
-            (("--new-password",), {"help": "default: asked on the terminal"}))
-
-    admin = branch("admin", "Administration (admins only)")
-    admin_users = admin.add_parser("users", help="Manage users").add_subparsers(
-        dest="users_command", required=True, parser_class=Parser)
-    user_arg = (("username",), {})
-    command(admin_users, "create", cmd_admin_users_create, "Create a user", user_arg,
-            (("new_password",), {"nargs": "?", "metavar": "password"}),
-            (("--admin",), {"action": "store_true"}))
-    command(admin_users, "delete", cmd_admin_users_delete, "Delete a user", user_arg)
-    command(admin_users, "change-password", cmd_admin_users_change_password,
-            "Set a user's password", user_arg,
-            (("new_password",), {"nargs": "?", "metavar": "password"}))
-    command(admin_users, "state", cmd_admin_users_state, "Lock or unlock a user", user_arg,
-            (("state",), {"choices": ["active", "locked"]}))
-    command(admin, "shutdown", cmd_admin_shutdown, "Stop the coordinator",
-            (("secret",), {"nargs": "?"}))
+    add_command(commands, "login", cmd_login, "Log in and keep the token",
+                (("login_username",), {"nargs": "?", "metavar": "USERNAME"}),
+                (("login_password",), {"nargs": "?", "metavar": "PASSWORD"}),
+                (("--retain",), {"dest": "login_retain", "action": "store_true",
+                                 "help": "Keep your other logins valid"}))
+    add_command(commands, "auth", cmd_auth, "Show who the stored token belongs to")
+    add_command(commands, "status", cmd_status, "The system at a glance: queues, workers, "
+                "running tasks, throughput, why the oldest waiting task waits",
+                (("--json",), {"action": "store_true", "dest": "status_json",
+                               "help": "Print the API's JSON"}))
+    add_tasks_commands(commands)
+    add_groups_commands(commands)
+    add_attachments_commands(commands)
+    add_workers_commands(commands)
+    add_users_commands(commands)
+    add_admin_commands(commands)
+    add_command(commands, "cmd", cmd_shell_command, "Run an external command through $SHELL",
+                (("-s", "--split"), {"action": "store_true",
+                                     "help": "Do not merge the command into one string"}),
+                (("command_args",), {"nargs": "*", "metavar": "-- COMMAND"}))
+    add_command(commands, "quit", cmd_quit, "Leave the interactive shell", aliases=["exit"])
+    add_help_command(commands, parser)
 
 
 def parse_command_line(parser, argv):
@@ -8436,6 +9010,482 @@ def run_client(args):
 
 
 # =====================================================================================
+# 5b. Manager: the workers this user started on this machine (`mito.py manager`)
+# =====================================================================================
+# spawn N -> N detached `mito.py worker` processes, each with its own log, recorded in a
+# per-user state file; status reads /proc; kill sends SIGTERM to recorded PIDs only.
+# A record is (PID, start time in clock ticks since boot): a PID the kernel has since
+# given to another process never matches, so nothing but our own workers is touched.
+
+MANAGER_KILL_WAIT = "1m"  # how long `manager kill` waits for workers to leave by default
+LOG_TAIL_BYTES = 1 << 16  # how much of a worker's log `manager status` reads for tasks
+TASK_STARTED = re.compile(r"task (\S+): starting ")
+TASK_ENDED = re.compile(r"task (\S+): committed")
+
+
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (field 3 is [0]), or None if
+    there is no such process or it is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else fields
+
+
+def process_start_ticks(pid):
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])
+
+
+@dataclasses.dataclass
+class ManagedWorker:
+    """One worker started by `manager spawn`, as the state file records it."""
+    pid: int
+    start_ticks: int
+    started: str
+    log: str
+    argv: list
+
+    def alive(self):
+        """Still our process: same PID, same start time, owned by this user."""
+        try:
+            owner = os.stat(f"/proc/{self.pid}").st_uid
+        except OSError:
+            return False
+        return owner == os.getuid() and process_start_ticks(self.pid) == self.start_ticks
+
+    def usage(self):
+        """(uptime seconds, CPU seconds, resident bytes) from /proc."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = proc_stat(self.pid)
+        with open("/proc/uptime", encoding="ascii") as handle:
+            since_boot = float(handle.read().split()[0])
+        with open(f"/proc/{self.pid}/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        return since_boot - self.start_ticks / ticks, cpu, pages * os.sysconf("SC_PAGE_SIZE")
+
+    def running_tasks(self):
+        """The tasks its log says started and not yet committed."""
+        try:
+            with open(self.log, "rb") as handle:
+                handle.seek(max(0, os.path.getsize(self.log) - LOG_TAIL_BYTES))
+                text = handle.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        running = {}
+        for line in text.splitlines():
+            if started := TASK_STARTED.search(line):
+                running[started.group(1)] = True
+            elif ended := TASK_ENDED.search(line):
+                running.pop(ended.group(1), None)
+        return list(running)
+
+
+class ManagerState:
+    """The per-user file of workers the manager started; held under a lock while read
+    and rewritten, so two `manager` commands at once lose no record."""
+
+    def __init__(self, folder=None):
+        self.folder = folder or os.path.join(cache_home(), "manager")
+        self.path = os.path.join(self.folder, "workers.json")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """The live records (dead ones dropped), written back when the block ends."""
+        import fcntl
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.folder, "lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            workers = [w for w in self.read() if w.alive()]
+            yield workers
+            write_private_file(self.path, json.dumps(
+                [dataclasses.asdict(w) for w in workers], indent=1))
+
+    def read(self):
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return [ManagedWorker(**entry) for entry in json.load(handle)]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError) as error:
+            log.warning("ignoring the unreadable manager state %s: %s", self.path, error)
+            return []
+
+    def log_path(self):
+        stamp = now_utc().strftime("%Y%m%dT%H%M%S")
+        return os.path.join(self.folder, f"worker-{stamp}-{uuidlib.uuid4().hex[:8]}.log")
+
+
+def spawn_worker_process(argv, log_path):
+    """Start `mito.py worker ARGV` detached (own session, stdin /dev/null), its output
+    appended to `log_path`: a ManagedWorker."""
+    command = [sys.executable, os.path.abspath(__file__), "worker", *argv]
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    ticks = process_start_ticks(child.pid)
+    return ManagedWorker(child.pid, ticks, format_timestamp(now_utc()), log_path, argv)
+
+
+def cmd_manager_spawn(args):
+    if args.count < 1:
+        fail_usage(f"bad number of workers: {args.count} (1 or more)")
+    worker_args = args.command_args or []
+    if args.config:  # `manager --config worker.toml spawn N`: the workers' config
+        worker_args = ["--config", os.path.abspath(args.config), *worker_args]
+    check_worker_args(worker_args)
+    state = ManagerState()
+    with state.locked() as workers:
+        for _ in range(args.count):
+            worker = spawn_worker_process(worker_args, state.log_path())
+            workers.append(worker)
+            print(f"started worker {worker.pid} (log {worker.log})")
+    return 0
+
+
+def check_worker_args(worker_args):
+    """Refuse bad worker options here, once (argparse's exit 2), rather than in N logs."""
+    build_parser().parse_args(["worker", *worker_args])
+
+
+def cmd_manager_status(args):
+    with ManagerState().locked() as workers:
+        rows = [manager_status_row(w) for w in workers]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no worker started by `mito.py manager spawn` is running")
+    else:
+        print_table(["PID", "UPTIME", "CPU", "MEMORY", "TASKS", "LOG"], [
+            [r["pid"], format_duration(round(r["uptime"])), f"{r['cpu']:.1f}s",
+             human_size(r["memory"]), ", ".join(r["tasks"]) or "-", r["log"]] for r in rows])
+    return 0
+
+
+def manager_status_row(worker):
+    uptime, cpu, memory = worker.usage()
+    return {"pid": worker.pid, "started": worker.started, "uptime": uptime, "cpu": cpu,
+            "memory": memory, "tasks": worker.running_tasks(), "log": worker.log,
+            "args": worker.argv}
+
+
+def cmd_manager_kill(args):
+    """SIGTERM (the task in hand is requeued) or, with --drain, SIGUSR1 (it finishes
+    first), then wait for each to be gone."""
+    with ManagerState().locked() as workers:
+        ours = {w.pid: w for w in workers}
+        for pid in args.pids:
+            if pid not in ours:
+                fail_usage(f"process {pid} is not a running worker started by "
+                           f"`mito.py manager spawn` as this user")
+        chosen = [ours[pid] for pid in args.pids] if args.pids else list(ours.values())
+        number = signal.SIGUSR1 if args.drain else signal.SIGTERM
+        for worker in chosen:
+            os.kill(worker.pid, number)
+            print(f"sent {signal.Signals(number).name} to worker {worker.pid}")
+    if not chosen:
+        print("no worker started by `mito.py manager spawn` is running")
+    return wait_workers_gone(chosen, parse_duration(args.wait))
+
+
+def wait_workers_gone(workers, patience):
+    deadline = time.monotonic() + patience
+    while (left := [w for w in workers if w.alive()]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for worker in left:
+        print(f"worker {worker.pid} is still running after {format_duration(patience)}",
+              file=sys.stderr)
+    return 1 if left else 0
+
+
+def add_manager_commands(parser):
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
+    spawn = actions.add_parser("spawn", help="Start N detached workers (each with its log)",
+                               usage="%(prog)s N [WORKER OPTIONS]")
+    spawn.add_argument("count", type=int, metavar="N", help="How many workers to start")
+    spawn.add_argument("command_args", nargs=argparse.REMAINDER, metavar="WORKER_OPTIONS",
+                       help="Options for `mito.py worker` (see worker --help)")
+    spawn.set_defaults(manage=cmd_manager_spawn)
+    status = actions.add_parser("status", help="This user's workers started here: PID, "
+                                "uptime, CPU, memory, running tasks")
+    status.add_argument("--json", action="store_true", help="Print JSON")
+    status.set_defaults(manage=cmd_manager_status)
+    kill = actions.add_parser("kill", help="Stop workers started by `manager spawn` "
+                              "(SIGTERM, then wait); all of them if no PID is given")
+    kill.add_argument("pids", type=int, nargs="*", metavar="PID")
+    kill.add_argument("--wait", type=parse_duration_arg, default=MANAGER_KILL_WAIT,
+                      metavar="DURATION", help="How long to wait for them to leave "
+                      f"(default {MANAGER_KILL_WAIT})")
+    kill.add_argument("--drain", action="store_true",
+                      help="Let the running tasks finish first (SIGUSR1, not SIGTERM)")
+    kill.set_defaults(manage=cmd_manager_kill)
+
+
+def run_manager(args):
+    return args.manage(args)
+
+
+# =====================================================================================
+# 5c. Alloc: batch jobs of workers while tasks wait (`mito.py alloc slurm|pbs`)
+# =====================================================================================
+# every interval: POST /tasks/query (Ready, Pending) -> our jobs (squeue/qstat, found by
+# job name) -> submit one job (sbatch/qsub) running `mito.py worker --concurrency K
+# --idle-timeout ...` if tasks wait beyond what our queued jobs will take and we hold
+# fewer than --max-jobs. A refused submission backs off; nothing is ever cancelled: the
+# workers leave by themselves when idle or before the job's walltime ends.
+
+ALLOC_QUERY_LIMIT = 1000        # waiting tasks looked at per round: more than jobs can take
+ALLOC_BACKOFF_CAP = 1800.0      # seconds: the longest pause after refused submissions
+BATCH_COMMAND_TIMEOUT = 60      # seconds a squeue/qstat/sbatch/qsub call may take
+JOB_SCRIPT_MODE = 0o700
+
+
+@dataclasses.dataclass
+class BatchJob:
+    job_id: str
+    queued: bool  # not started yet: its workers will take tasks once it runs
+
+
+class Slurm:
+    """sbatch to submit, squeue to list ours (by job name and user)."""
+
+    name = "slurm"
+
+    @staticmethod
+    def submit_argv(job_name, seconds, log_dir, extra, script):
+        days, rest = divmod(int(seconds), 86400)
+        clock = f"{days}-{rest // 3600:02}:{rest // 60 % 60:02}:{rest % 60:02}"
+        return ["sbatch", "--parsable", "--job-name", job_name, "--time", clock,
+                "--output", os.path.join(log_dir, f"{job_name}-%j.log"), *extra, script]
+
+    @staticmethod
+    def job_id(stdout):
+        return stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+
+    @staticmethod
+    def list_argv(job_name, user):
+        return ["squeue", "-h", "-u", user, "-n", job_name, "-o", "%i %t"]
+
+    @staticmethod
+    def parse_jobs(text, job_name, user):
+        jobs = []
+        for line in text.splitlines():
+            if len(fields := line.split()) >= 2:
+                jobs.append(BatchJob(fields[0], fields[1] in ("PD", "CF")))
+        return jobs
+
+
+class Pbs:
+    """qsub to submit, `qstat -f` to list ours (by Job_Name and Job_Owner)."""
+
+    name = "pbs"
+
+    @staticmethod
+    def submit_argv(job_name, seconds, log_dir, extra, script):
+        hours, rest = divmod(int(seconds), 3600)
+        clock = f"{hours:02}:{rest // 60:02}:{rest % 60:02}"
+        return ["qsub", "-N", job_name, "-l", f"walltime={clock}", "-j", "oe", "-o",
+                log_dir, *extra, script]
+
+    @staticmethod
+    def job_id(stdout):
+        return stdout.strip()
+
+    @staticmethod
+    def list_argv(job_name, user):
+        return ["qstat", "-f"]
+
+    @staticmethod
+    def parse_jobs(text, job_name, user):
+        jobs = []
+        for block in re.split(r"^(?=Job Id:)", text, flags=re.M):
+            fields = dict(re.findall(r"^\s*([\w.]+) = (.*?)\s*$", block, re.M))
+            job = re.match(r"Job Id:\s*(\S+)", block)
+            owner = fields.get("Job_Owner", "").split("@")[0]
+            if job and fields.get("Job_Name") == job_name and owner == user \
+                    and fields.get("job_state") not in ("C", "F"):
+                jobs.append(BatchJob(job.group(1), fields.get("job_state") in ("Q", "H", "W")))
+        return jobs
+
+
+BATCH_SYSTEMS = {"slurm": Slurm, "pbs": Pbs}
+
+
+def call_batch(argv):
+    """Run a batch command: its stdout, or raise BatchRefused with its complaint."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True,
+                              timeout=BATCH_COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BatchRefused(f"{argv[0]}: {error}") from None
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise BatchRefused(f"{argv[0]} failed: {why[0][:300]}")
+    return done.stdout
+
+
+class BatchRefused(Exception):
+    """A batch command failed or refused: one line saying which and why."""
+
+
+def waits_for_our_workers(task, tags):
+    """A task our workers could take: its tags are a subset of theirs (upstream's rule)."""
+    return set(task.get("tags") or ()) <= set(tags)
+
+
+def waiting_tasks_query(group):
+    """The POST /tasks/query body (upstream's TasksQueryReq) of the tasks that wait.
+    A list, not count=true: only the tasks whose tags our workers hold count."""
+    query = {"states": ["Ready", "Pending"], "limit": ALLOC_QUERY_LIMIT, "count": False}
+    if group:
+        query["group_name"] = group
+    return query
+
+
+def jobs_wanted(waiting, jobs, max_jobs, per_job):
+    """Why to submit one more job now, or None. Queued jobs already promise per_job
+    slots each; running ones are busy (or their tasks would not wait)."""
+    queued = sum(job.queued for job in jobs)
+    if waiting == 0 or len(jobs) >= max_jobs or waiting <= queued * per_job:
+        return None
+    return f"{waiting} tasks wait, {len(jobs)} of {max_jobs} jobs ({queued} queued)"
+
+
+class Allocator:
+    """One decision per interval: look at the queue and our jobs, maybe submit one."""
+
+    def __init__(self, client, batch, args, script):
+        self.client, self.batch, self.args, self.script = client, batch, args, script
+        self.interval = parse_duration(args.interval)
+        self.user = getpass.getuser()  # the batch system's user: the Unix one
+        # after the n-th refusal in a row, 2**n rounds pass without a submission
+        self.failures, self.rounds_to_skip, self.last_seen = 0, 0, None
+
+    def run(self, stop):
+        log.info("alloc %s: job name %s, up to %d jobs of %d workers, every %s",
+                 self.batch.name, self.args.name, self.args.max_jobs,
+                 self.args.workers_per_job, format_duration(self.interval))
+        while True:
+            self.step()
+            if stop.wait(self.interval):
+                return 0
+
+    def step(self):
+        try:
+            waiting = self.waiting_tasks()
+            listing = call_batch(self.batch.list_argv(self.args.name, self.user))
+            jobs = self.batch.parse_jobs(listing, self.args.name, self.user)
+        except (ClientError, BatchRefused) as error:
+            log.warning("cannot look at the queue: %s", error)
+            return
+        self.say_what_is_seen(waiting, jobs)
+        reason = jobs_wanted(waiting, jobs, self.args.max_jobs, self.args.workers_per_job)
+        if self.rounds_to_skip:
+            self.rounds_to_skip -= 1
+        elif reason:
+            self.submit(reason)
+
+    def waiting_tasks(self):
+        tasks = self.client.call("POST", "/tasks/query",
+                                 waiting_tasks_query(self.args.group)).get("tasks") or []
+        return sum(waits_for_our_workers(task, self.args.tags) for task in tasks)
+
+    def say_what_is_seen(self, waiting, jobs):
+        seen = (waiting, len(jobs), sum(job.queued for job in jobs))
+        if seen != self.last_seen:
+            log.info("%d tasks wait; %d of our jobs (%d queued)%s", *seen,
+                     "; not submitting: the queue is empty" if not waiting else "")
+        self.last_seen = seen
+
+    def submit(self, reason):
+        argv = self.batch.submit_argv(self.args.name, parse_duration(self.args.time_limit),
+                                      self.args.log_dir, self.args.command_args or [],
+                                      self.script)
+        try:
+            job_id = self.batch.job_id(call_batch(argv))
+        except BatchRefused as error:
+            self.failures += 1
+            cap = max(1, int(ALLOC_BACKOFF_CAP / max(self.interval, 1e-3)))
+            self.rounds_to_skip = min(2 ** self.failures, cap)
+            log.warning("%s; no submission for the next %d rounds (%s)", error,
+                        self.rounds_to_skip,
+                        format_duration(round(self.rounds_to_skip * self.interval, 3)))
+            return
+        self.failures = 0
+        log.info("%s: submitted job %s", reason, job_id)
+
+
+def worker_job_script(args, settings):
+    """The job's script: `mito.py worker` with the slots, idle timeout and identity."""
+    command = [sys.executable, os.path.abspath(__file__), "worker",
+               "-c", settings.coordinator_addr, "--concurrency", str(args.workers_per_job),
+               "--idle-timeout", args.idle_timeout]
+    for flag, value in (("-u", settings.user), ("--credential-path", settings.credential_path),
+                        ("--ca-cert", settings.ca_cert), ("-g", args.group)):
+        if value:
+            command += [flag, str(value)]
+    if args.tags:
+        command += ["-t", *args.tags]
+    command += shlex.split(args.worker_args or "")
+    return "#!/bin/sh\nexec " + shlex.join(command) + "\n"
+
+
+def run_alloc(args):
+    settings = load_settings("client", CLIENT_OPTIONS, vars(args), args.config)
+    for name in ("max_jobs", "workers_per_job"):
+        if getattr(args, name) < 1:
+            fail_usage(f"bad value for --{name.replace('_', '-')}: {getattr(args, name)} "
+                       f"(1 or more)")
+    folder = os.path.join(cache_home(), "alloc")
+    args.log_dir = args.log_dir or folder
+    os.makedirs(args.log_dir, exist_ok=True)
+    script = os.path.join(folder, f"{args.name}.sh")
+    write_private_file(script, worker_job_script(args, settings))
+    os.chmod(script, JOB_SCRIPT_MODE)
+    client = Client(settings)
+    try:
+        client.login()
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    return Allocator(client, BATCH_SYSTEMS[args.system], args, script).run(stop)
+
+
+def add_alloc_arguments(parser):
+    parser.add_argument("system", choices=sorted(BATCH_SYSTEMS),
+                        help="The batch system: slurm (sbatch, squeue) or pbs (qsub, qstat)")
+    parser.add_argument("--group", help="Watch this group's tasks; its workers serve it")
+    parser.add_argument("--tags", nargs="*", action="extend", default=[],
+                        help="The workers' tags (tasks whose tags they hold are counted)")
+    parser.add_argument("--max-jobs", type=int, required=True, metavar="N",
+                        help="At most N of our jobs queued or running at once")
+    parser.add_argument("--workers-per-job", type=int, required=True, metavar="K",
+                        help="Each job runs one worker with --concurrency K")
+    parser.add_argument("--time-limit", type=parse_duration_arg, required=True,
+                        metavar="DURATION", help="Each job's walltime (e.g. 1h)")
+    parser.add_argument("--idle-timeout", type=parse_duration_arg, default="5m",
+                        metavar="DURATION", help="A job's worker leaves after this long "
+                        "without a task (default 5m)")
+    parser.add_argument("--interval", type=parse_duration_arg, default="30s",
+                        metavar="DURATION", help="Time between two looks at the queue, "
+                        "so at most one submission per interval (default 30s)")
+    parser.add_argument("--name", default="mito-alloc", metavar="JOB_NAME",
+                        help="The name of our jobs: how a restarted alloc finds them "
+                        "(default mito-alloc)")
+    parser.add_argument("--log-dir", metavar="DIR", help="Where the jobs' output goes "
+                        "(default ~/.cache/mitosis/alloc)")
+    parser.add_argument("--worker-args", metavar="ARGS", help="More `mito.py worker` "
+                        "options for the jobs, as one shell-quoted string")
+    parser.set_defaults(command_args=[])  # after "--": sbatch's or qsub's own arguments
+
+
+# =====================================================================================
 # 6. Command line
 # =====================================================================================
 
@@ -8510,6 +9560,9 @@ def build_parser():
     client.add_argument("-v", "--verbose", action="store_true",
                         help="Full uuids and columns in tables, even on a terminal")
     add_client_commands(client, required=False)
+    add_manager_commands(command("manager", (), run_manager, "%(prog)s <COMMAND> ..."))
+    add_alloc_arguments(command("alloc", CLIENT_OPTIONS, run_alloc,
+                                "%(prog)s slurm|pbs [OPTIONS] [-- EXTRA SBATCH/QSUB ARGS]"))
     return parser
 
 

@@ -444,7 +444,7 @@ def test_a_failed_request_is_exit_1_with_one_line(cluster):
     # not even a uuid prefix: bad usage, caught before any request
     cluster.client("tasks", "get", "not-a-uuid").failed(2, "bad uuid", "not-a-uuid")
     cluster.client("tasks", "submit", "-g", unique("nogroup"), "--", "true").failed(1, "404")
-    cluster.client("tasks", "query", "-s", "sometimes").failed(1, "400", "sometimes")
+    cluster.client("tasks", "query", "-s", "sometimes").failed(2, "sometimes")
     cluster.client("tasks", "query", "--exit-status", "sometimes").failed(2, "exit-status")
 
 

@@ -130,7 +130,7 @@ def test_submit_with_attachment_and_artifact_resources(cluster, tmp_path):
     key = unique("res/") + ".txt"
     local = tmp_path / "attachment.txt"
     local.write_text("attachment content\n")
-    cluster.client("attachments", "upload", ADMIN, local, key).ok()
+    cluster.client("attachments", "upload", "-g", ADMIN, local, key).ok()
     upstream = submit(cluster, "-t", POOL, "--", "sh", "-c",
                       "echo upstream > $MITO_RESULT_DIR/up.txt")
     cluster.wait_task(upstream)
@@ -259,10 +259,14 @@ def test_tasks_cancel_by_uuid(cluster):
         assert info["state"] == "Cancelled"
         assert info["result"]["msg"] == "UserCancellation"
     assert cluster.task(kept)["info"]["state"] == "Ready"
-    # cancelling it again fails, and says which one
+    # cancelling it again fails, and says which one: alone (DELETE /tasks/UUID, as
+    # upstream's client) or in a list (cancel-list)
     run = cluster.client("tasks", "cancel", one)
     assert run.rc == 1, run
-    assert one in run.out
+    assert one in run.err
+    run = cluster.client("tasks", "cancel-list", f"{one},{kept}")
+    assert run.rc == 1 and one in run.out, run
+    assert cluster.task(kept)["info"]["state"] == "Cancelled"
 
 
 def test_tasks_cancel_by_filter(cluster):
@@ -410,30 +414,30 @@ def test_attachments_upload_download_query_delete(cluster, tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(5 << 20))
     key = unique("data/") + "/big.bin"
-    out = cluster.client("attachments", "upload", SHARED, big, key).ok()
+    out = cluster.client("attachments", "upload", "-g", SHARED, big, key).ok()
     assert key in out
 
-    listed = cluster.client("--json", "attachments", "query", SHARED).json()["attachments"]
+    listed = cluster.client("--json", "attachments", "query", "-g", SHARED).json()["attachments"]
     assert {a["key"]: a["size"] for a in listed}[key] == 5 << 20
     prefix = key.split("/")[1]
-    listed = cluster.client("--json", "attachments", "query", SHARED, "--prefix",
+    listed = cluster.client("--json", "attachments", "query", "-g", SHARED, "-k",
                             prefix).json()
     assert [a["key"] for a in listed["attachments"]] == [key]
-    none = cluster.client("--json", "attachments", "query", SHARED, "--prefix",
+    none = cluster.client("--json", "attachments", "query", "-g", SHARED, "-k",
                           unique("nothing")).json()
     assert none["attachments"] == []
-    table = cluster.client("attachments", "query", SHARED, "--prefix", prefix).ok()
+    table = cluster.client("attachments", "query", "-g", SHARED, "-k", prefix).ok()
     assert key in table and "5.0 MiB" in table
 
     copy = tmp_path / "copy.bin"
-    cluster.client("attachments", "download", SHARED, key, "-o", copy).ok()
+    cluster.client("attachments", "download", "-g", SHARED, key, "-o", copy).ok()
     assert sha256_of(copy) == sha256_of(big)
 
-    cluster.client("attachments", "delete", SHARED, key).ok()
-    listed = cluster.client("--json", "attachments", "query", SHARED, "--prefix",
+    cluster.client("attachments", "delete", "-g", SHARED, key).ok()
+    listed = cluster.client("--json", "attachments", "query", "-g", SHARED, "-k",
                             prefix).json()
     assert listed["attachments"] == []
-    cluster.client("attachments", "download", SHARED, key, "-o",
+    cluster.client("attachments", "download", "-g", SHARED, key, "-o",
                    tmp_path / "again.bin").failed(1, "404")
     assert not (tmp_path / "again.bin").exists()
 
@@ -441,24 +445,24 @@ def test_attachments_upload_download_query_delete(cluster, tmp_path):
 def test_attachments_upload_key_defaults_to_the_file_name(cluster, tmp_path):
     name = unique("plain") + ".txt"
     (tmp_path / name).write_text("small\n")
-    cluster.client("attachments", "upload", ADMIN, tmp_path / name).ok()
-    cluster.client("attachments", "download", ADMIN, name, "-o", tmp_path / "back").ok()
+    cluster.client("attachments", "upload", "-g", ADMIN, tmp_path / name).ok()
+    cluster.client("attachments", "download", "-g", ADMIN, name, "-o", tmp_path / "back").ok()
     assert (tmp_path / "back").read_text() == "small\n"
     # without -o it lands in the working directory under the key's base name
-    cluster.client("attachments", "download", ADMIN, name).ok()
+    cluster.client("attachments", "download", "-g", ADMIN, name).ok()
     assert (cluster.box.cwd / name).read_text() == "small\n"
 
 
 def test_attachments_upload_of_a_missing_file_is_a_usage_error(cluster, tmp_path):
-    cluster.client("attachments", "upload", SHARED, tmp_path / "absent").failed(2, "absent")
+    cluster.client("attachments", "upload", "-g", SHARED, tmp_path / "absent").failed(2, "absent")
 
 
 def test_download_to_a_path_that_cannot_be_written_is_one_clear_line(cluster, tmp_path):
     name = unique("w") + ".txt"
     (tmp_path / name).write_text("w\n")
-    cluster.client("attachments", "upload", ADMIN, tmp_path / name).ok()
+    cluster.client("attachments", "upload", "-g", ADMIN, tmp_path / name).ok()
     target = tmp_path / "no" / "such" / "dir" / "file"
-    run = cluster.client("attachments", "download", ADMIN, name, "-o", target)
+    run = cluster.client("attachments", "download", "-g", ADMIN, name, "-o", target)
     assert run.rc in (1, 2), run
     run.failed(run.rc, str(target))
     assert not (tmp_path / "no").exists()

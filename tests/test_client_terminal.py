@@ -40,13 +40,13 @@ def test_transfers_show_progress_on_a_terminal_only(tmp_path):
     with running_cluster(tmp_path / "c") as cluster:
         data = tmp_path / "data.bin"
         data.write_bytes(os.urandom(3 << 20))
-        proc, master = on_terminal(cluster, "attachments", "upload", ADMIN, str(data), "d")
+        proc, master = on_terminal(cluster, "attachments", "upload", "-g", ADMIN, str(data), "d")
         shown = read_until(master, b"ETA")
         assert proc.wait(30) == 0
         os.close(master)
         assert b"data.bin" not in shown and b"ETA" in shown and b"MiB" in shown, shown
         # not on a pipe: the same transfer prints only its one-line summary
-        quiet = cluster.client("attachments", "download", ADMIN, "d", "-o",
+        quiet = cluster.client("attachments", "download", "-g", ADMIN, "d", "-o",
                                str(tmp_path / "back.bin"))
         quiet.ok()
         assert "ETA" not in quiet.err, quiet

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sqlite3
 import time
 import urllib.parse
@@ -239,6 +240,25 @@ def test_admin_token_is_written_once_after_binding_and_never_over_a_live_one(clu
     assert "may work for another coordinator" in throwaway.coordinator.log()
     assert mito.Http(c.url, token).api("GET", "/auth") == ADMIN
     throwaway.coordinator.stop()
+
+
+def test_a_first_start_that_cannot_bind_leaves_the_token_to_the_next(tmp_path):
+    sandbox = Sandbox(tmp_path / "box")
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            busy = sandbox.run("coordinator", "-b", f"127.0.0.1:{port}")
+            assert busy.returncode == 1 and "cannot listen" in busy.stderr
+        assert credential_line(sandbox) is None
+        proc = sandbox.spawn("coordinator", "-b", f"127.0.0.1:{free_port()}",
+                             name="coordinator")
+        line = wait_until(lambda: credential_line(sandbox), what="the admin's token")
+        assert line.startswith(f"{ADMIN}:")
+        proc.stop()
+    finally:
+        sandbox.cleanup()
 
 
 def test_an_expired_token_is_replaced_on_first_start(tmp_path):
