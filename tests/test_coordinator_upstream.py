@@ -568,3 +568,26 @@ def test_the_fakes_minimal_values_fit_its_own_structs(route):
                             route)
     if route.body is not None:
         route.body.check(upstream.minimal(route.body), "", "refuse")
+
+
+@PROPERTY
+@given(body=upstream.values(upstream.ChangeTaskReq, RUNNABLE))
+def test_any_upstream_valid_change_is_taken(world, prop_user, body):
+    c, (name, alice) = world, prop_user
+    task_uuid = c.submit(alice, spec("true"), tags=["never-fetched"])
+    spec_ = body.get("task_spec") or {}
+    for index, resource in enumerate(spec_.get("resources", [])):
+        resource["local_path"] = f"r{index}/{resource['local_path']}"
+    nothing = all(body.get(key) is None for key in ("tags", "timeout", "priority", "task_spec"))
+    Upstream(c)(alice.token, "PUT", f"/tasks/{task_uuid}", body, status=400 if nothing else 200)
+
+
+@PROPERTY
+@given(workers=upstream.values(upstream.WorkersQueryReq, {"group_name": st.none()}),
+       attachments=upstream.values(upstream.AttachmentsQueryReq))
+def test_any_upstream_valid_worker_or_attachment_query_is_answered(world, prop_user, workers,
+                                                                    attachments):
+    c, (name, alice) = world, prop_user
+    call = Upstream(c)
+    call(alice.token, "POST", "/workers/query", workers)
+    call(alice.token, "POST", f"/groups/{name}/attachments/query", attachments)
