@@ -1927,6 +1927,8 @@ class Worker:
     def fetch_and_run(self):
         """One turn of the fetch loop; False when the loop must end."""
         task = self.fetch()
+        if self.stop.is_set():
+            raise Stopped()  # leaving: unregistering gives a task just taken back
         if task is not None and self.process.draining.is_set():
             self.give_back(task)  # taken while draining: requeue it now
             return False
@@ -2010,7 +2012,8 @@ class Worker:
                 self.http.api("DELETE", "/workers", timeout=3)
             except (ApiError, Unreachable) as error:
                 log.warning("worker %s could not unregister: %s", self.worker_id, error)
-        self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
+        if self.busy:
+            self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
         log.info("worker %s stopped", self.worker_id)
 
@@ -2442,7 +2445,7 @@ COORDINATOR_OPTIONS = (
     Option("request_timeout", "interval", "30s", ("--request-timeout",),
            "A request must arrive within this time (its body: with no pause as long), "
            "else 408"),
-    Option("max_connections", "int", 10000, ("--max-connections",),
+    Option("max_connections", "int", 100000, ("--max-connections",),
            "Connections served at once (bounded by the open-file limit); more get 503", "N"),
 )
 
@@ -6471,8 +6474,8 @@ document.addEventListener("DOMContentLoaded", () => {
 # connection or a parked long poll costs a file descriptor and a few objects, not a
 # thread. Handlers run inline on the loop (SQLite calls take tens of microseconds);
 # the slow ones (password hashing, blob bodies streamed to and from disk) run on a
-# small fixed pool. Limits: MAX_CONNECTIONS-style cap (503 past it), a read timeout per
-# request (408), and the parser's limits on lines, headers and bodies.
+# small fixed pool. Limits: `max_connections` (503 past it), `request_timeout` (408),
+# and the parser's limits on lines, headers and bodies.
 
 REQUEST_LINE_LIMIT = 8 << 10    # longer: 414 (RFC 9112 §3 recommends at least 8000)
 HEADER_SECTION_LIMIT = 64 << 10  # all header lines together; longer: 431 (RFC 6585 §5)
@@ -7011,7 +7014,7 @@ class EventLoopServer:
     each socket registered with its HttpConnection as `data`. Other threads (the pool,
     the reaper through the Dispatcher) reach the loop only through call_soon()."""
 
-    def __init__(self, address, coordinator, tls=None, max_connections=10000,
+    def __init__(self, address, coordinator, tls=None, max_connections=100000,
                  request_timeout=30.0):
         self.coordinator, self.dispatcher = coordinator, coordinator.dispatcher
         self.tls, self.max_connections = tls, max_connections
@@ -8661,6 +8664,12 @@ def add_task_filters(parser, reporter=True):
 
 def add_tasks_commands(commands):
     tasks = add_branch(commands, "tasks", "Submit, query, cancel and change tasks")
+    add_submit_command(tasks)
+    add_tasks_follow_ups(tasks)
+    add_artifacts_commands(tasks)
+
+
+def add_submit_command(tasks):
     add_command(
         tasks, "submit", cmd_tasks_submit, "Submit a task: tasks submit [OPTIONS] -- COMMAND...",
         (("-g", "--group"), {"help": "The group (default: your own)"}),
@@ -8684,6 +8693,10 @@ def add_tasks_commands(commands):
                                "help": f"Stop waiting after this long (exit status "
                                        f"{WAIT_TIMED_OUT}; the task goes on)"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
+
+
+def add_tasks_follow_ups(tasks):
+    """Everything under `tasks` but submitting and artifacts."""
     add_command(tasks, "submit-many", cmd_tasks_submit_many, "Submit tasks from a JSON file",
                 (("-f", "--file"), {"required": True,
                                     "help": "A JSON array of task submissions (POST /tasks)"}))
@@ -8726,7 +8739,6 @@ def add_tasks_commands(commands):
         (("--terminal",), {"action": "store_true"}),
         (("--watch",), {"type": parse_watch, "metavar": "UUID,STATE"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
-    add_artifacts_commands(tasks)
 
 
 def add_artifacts_commands(tasks):
@@ -9226,6 +9238,263 @@ def run_manager(args):
 
 
 # =====================================================================================
+# 5c. Alloc: batch jobs of workers while tasks wait (`mito.py alloc slurm|pbs`)
+# =====================================================================================
+# every interval: POST /tasks/query (Ready, Pending) -> our jobs (squeue/qstat, found by
+# job name) -> submit one job (sbatch/qsub) running `mito.py worker --concurrency K
+# --idle-timeout ...` if tasks wait beyond what our queued jobs will take and we hold
+# fewer than --max-jobs. A refused submission backs off; nothing is ever cancelled: the
+# workers leave by themselves when idle or before the job's walltime ends.
+
+ALLOC_QUERY_LIMIT = 1000        # waiting tasks looked at per round: more than jobs can take
+ALLOC_BACKOFF_CAP = 1800.0      # seconds: the longest pause after refused submissions
+BATCH_COMMAND_TIMEOUT = 60      # seconds a squeue/qstat/sbatch/qsub call may take
+JOB_SCRIPT_MODE = 0o700
+
+
+@dataclasses.dataclass
+class BatchJob:
+    job_id: str
+    queued: bool  # not started yet: its workers will take tasks once it runs
+
+
+class Slurm:
+    """sbatch to submit, squeue to list ours (by job name and user)."""
+
+    name = "slurm"
+
+    @staticmethod
+    def submit_argv(job_name, seconds, log_dir, extra, script):
+        days, rest = divmod(int(seconds), 86400)
+        clock = f"{days}-{rest // 3600:02}:{rest // 60 % 60:02}:{rest % 60:02}"
+        return ["sbatch", "--parsable", "--job-name", job_name, "--time", clock,
+                "--output", os.path.join(log_dir, f"{job_name}-%j.log"), *extra, script]
+
+    @staticmethod
+    def job_id(stdout):
+        return stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+
+    @staticmethod
+    def list_argv(job_name, user):
+        return ["squeue", "-h", "-u", user, "-n", job_name, "-o", "%i %t"]
+
+    @staticmethod
+    def parse_jobs(text, job_name, user):
+        jobs = []
+        for line in text.splitlines():
+            if len(fields := line.split()) >= 2:
+                jobs.append(BatchJob(fields[0], fields[1] in ("PD", "CF")))
+        return jobs
+
+
+class Pbs:
+    """qsub to submit, `qstat -f` to list ours (by Job_Name and Job_Owner)."""
+
+    name = "pbs"
+
+    @staticmethod
+    def submit_argv(job_name, seconds, log_dir, extra, script):
+        hours, rest = divmod(int(seconds), 3600)
+        clock = f"{hours:02}:{rest // 60:02}:{rest % 60:02}"
+        return ["qsub", "-N", job_name, "-l", f"walltime={clock}", "-j", "oe", "-o",
+                log_dir, *extra, script]
+
+    @staticmethod
+    def job_id(stdout):
+        return stdout.strip()
+
+    @staticmethod
+    def list_argv(job_name, user):
+        return ["qstat", "-f"]
+
+    @staticmethod
+    def parse_jobs(text, job_name, user):
+        jobs = []
+        for block in re.split(r"^(?=Job Id:)", text, flags=re.M):
+            fields = dict(re.findall(r"^\s*([\w.]+) = (.*?)\s*$", block, re.M))
+            job = re.match(r"Job Id:\s*(\S+)", block)
+            owner = fields.get("Job_Owner", "").split("@")[0]
+            if job and fields.get("Job_Name") == job_name and owner == user \
+                    and fields.get("job_state") not in ("C", "F"):
+                jobs.append(BatchJob(job.group(1), fields.get("job_state") in ("Q", "H", "W")))
+        return jobs
+
+
+BATCH_SYSTEMS = {"slurm": Slurm, "pbs": Pbs}
+
+
+def call_batch(argv):
+    """Run a batch command: its stdout, or raise BatchRefused with its complaint."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True,
+                              timeout=BATCH_COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BatchRefused(f"{argv[0]}: {error}") from None
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise BatchRefused(f"{argv[0]} failed: {why[0][:300]}")
+    return done.stdout
+
+
+class BatchRefused(Exception):
+    """A batch command failed or refused: one line saying which and why."""
+
+
+def waits_for_our_workers(task, tags):
+    """A task our workers could take: its tags are a subset of theirs (upstream's rule)."""
+    return set(task.get("tags") or ()) <= set(tags)
+
+
+def waiting_tasks_query(group):
+    """The POST /tasks/query body (upstream's TasksQueryReq) of the tasks that wait.
+    A list, not count=true: only the tasks whose tags our workers hold count."""
+    query = {"states": ["Ready", "Pending"], "limit": ALLOC_QUERY_LIMIT, "count": False}
+    if group:
+        query["group_name"] = group
+    return query
+
+
+def jobs_wanted(waiting, jobs, max_jobs, per_job):
+    """Why to submit one more job now, or None. Queued jobs already promise per_job
+    slots each; running ones are busy (or their tasks would not wait)."""
+    queued = sum(job.queued for job in jobs)
+    if waiting == 0 or len(jobs) >= max_jobs or waiting <= queued * per_job:
+        return None
+    return f"{waiting} tasks wait, {len(jobs)} of {max_jobs} jobs ({queued} queued)"
+
+
+class Allocator:
+    """One decision per interval: look at the queue and our jobs, maybe submit one."""
+
+    def __init__(self, client, batch, args, script):
+        self.client, self.batch, self.args, self.script = client, batch, args, script
+        self.interval = parse_duration(args.interval)
+        self.user = getpass.getuser()  # the batch system's user: the Unix one
+        # after the n-th refusal in a row, 2**n rounds pass without a submission
+        self.failures, self.rounds_to_skip, self.last_seen = 0, 0, None
+
+    def run(self, stop):
+        log.info("alloc %s: job name %s, up to %d jobs of %d workers, every %s",
+                 self.batch.name, self.args.name, self.args.max_jobs,
+                 self.args.workers_per_job, format_duration(self.interval))
+        while True:
+            self.step()
+            if stop.wait(self.interval):
+                return 0
+
+    def step(self):
+        try:
+            waiting = self.waiting_tasks()
+            listing = call_batch(self.batch.list_argv(self.args.name, self.user))
+            jobs = self.batch.parse_jobs(listing, self.args.name, self.user)
+        except (ClientError, BatchRefused) as error:
+            log.warning("cannot look at the queue: %s", error)
+            return
+        self.say_what_is_seen(waiting, jobs)
+        reason = jobs_wanted(waiting, jobs, self.args.max_jobs, self.args.workers_per_job)
+        if self.rounds_to_skip:
+            self.rounds_to_skip -= 1
+        elif reason:
+            self.submit(reason)
+
+    def waiting_tasks(self):
+        tasks = self.client.call("POST", "/tasks/query",
+                                 waiting_tasks_query(self.args.group)).get("tasks") or []
+        return sum(waits_for_our_workers(task, self.args.tags) for task in tasks)
+
+    def say_what_is_seen(self, waiting, jobs):
+        seen = (waiting, len(jobs), sum(job.queued for job in jobs))
+        if seen != self.last_seen:
+            log.info("%d tasks wait; %d of our jobs (%d queued)%s", *seen,
+                     "; not submitting: the queue is empty" if not waiting else "")
+        self.last_seen = seen
+
+    def submit(self, reason):
+        argv = self.batch.submit_argv(self.args.name, parse_duration(self.args.time_limit),
+                                      self.args.log_dir, self.args.command_args or [],
+                                      self.script)
+        try:
+            job_id = self.batch.job_id(call_batch(argv))
+        except BatchRefused as error:
+            self.failures += 1
+            cap = max(1, int(ALLOC_BACKOFF_CAP / max(self.interval, 1e-3)))
+            self.rounds_to_skip = min(2 ** self.failures, cap)
+            log.warning("%s; no submission for the next %d rounds (%s)", error,
+                        self.rounds_to_skip,
+                        format_duration(round(self.rounds_to_skip * self.interval, 3)))
+            return
+        self.failures = 0
+        log.info("%s: submitted job %s", reason, job_id)
+
+
+def worker_job_script(args, settings):
+    """The job's script: `mito.py worker` with the slots, idle timeout and identity."""
+    command = [sys.executable, os.path.abspath(__file__), "worker",
+               "-c", settings.coordinator_addr, "--concurrency", str(args.workers_per_job),
+               "--idle-timeout", args.idle_timeout]
+    for flag, value in (("-u", settings.user), ("--credential-path", settings.credential_path),
+                        ("--ca-cert", settings.ca_cert), ("-g", args.group)):
+        if value:
+            command += [flag, str(value)]
+    if args.tags:
+        command += ["-t", *args.tags]
+    command += shlex.split(args.worker_args or "")
+    return "#!/bin/sh\nexec " + shlex.join(command) + "\n"
+
+
+def run_alloc(args):
+    settings = load_settings("client", CLIENT_OPTIONS, vars(args), args.config)
+    for name in ("max_jobs", "workers_per_job"):
+        if getattr(args, name) < 1:
+            fail_usage(f"bad value for --{name.replace('_', '-')}: {getattr(args, name)} "
+                       f"(1 or more)")
+    folder = os.path.join(cache_home(), "alloc")
+    args.log_dir = args.log_dir or folder
+    os.makedirs(args.log_dir, exist_ok=True)
+    script = os.path.join(folder, f"{args.name}.sh")
+    write_private_file(script, worker_job_script(args, settings))
+    os.chmod(script, JOB_SCRIPT_MODE)
+    client = Client(settings)
+    try:
+        client.login()
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    return Allocator(client, BATCH_SYSTEMS[args.system], args, script).run(stop)
+
+
+def add_alloc_arguments(parser):
+    parser.add_argument("system", choices=sorted(BATCH_SYSTEMS),
+                        help="The batch system: slurm (sbatch, squeue) or pbs (qsub, qstat)")
+    parser.add_argument("--group", help="Watch this group's tasks; its workers serve it")
+    parser.add_argument("--tags", nargs="*", action="extend", default=[],
+                        help="The workers' tags (tasks whose tags they hold are counted)")
+    parser.add_argument("--max-jobs", type=int, required=True, metavar="N",
+                        help="At most N of our jobs queued or running at once")
+    parser.add_argument("--workers-per-job", type=int, required=True, metavar="K",
+                        help="Each job runs one worker with --concurrency K")
+    parser.add_argument("--time-limit", type=parse_duration_arg, required=True,
+                        metavar="DURATION", help="Each job's walltime (e.g. 1h)")
+    parser.add_argument("--idle-timeout", type=parse_duration_arg, default="5m",
+                        metavar="DURATION", help="A job's worker leaves after this long "
+                        "without a task (default 5m)")
+    parser.add_argument("--interval", type=parse_duration_arg, default="30s",
+                        metavar="DURATION", help="Time between two looks at the queue, "
+                        "so at most one submission per interval (default 30s)")
+    parser.add_argument("--name", default="mito-alloc", metavar="JOB_NAME",
+                        help="The name of our jobs: how a restarted alloc finds them "
+                        "(default mito-alloc)")
+    parser.add_argument("--log-dir", metavar="DIR", help="Where the jobs' output goes "
+                        "(default ~/.cache/mitosis/alloc)")
+    parser.add_argument("--worker-args", metavar="ARGS", help="More `mito.py worker` "
+                        "options for the jobs, as one shell-quoted string")
+    parser.set_defaults(command_args=[])  # after "--": sbatch's or qsub's own arguments
+
+
+# =====================================================================================
 # 6. Command line
 # =====================================================================================
 
@@ -9301,6 +9570,8 @@ def build_parser():
                         help="Full uuids and columns in tables, even on a terminal")
     add_client_commands(client, required=False)
     add_manager_commands(command("manager", (), run_manager, "%(prog)s <COMMAND> ..."))
+    add_alloc_arguments(command("alloc", CLIENT_OPTIONS, run_alloc,
+                                "%(prog)s slurm|pbs [OPTIONS] [-- EXTRA SBATCH/QSUB ARGS]"))
     return parser
 
 

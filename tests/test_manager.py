@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from e2e import Cluster, sh, wait_until
+from e2e import Cluster, mito, sh, wait_until
 
 
 @pytest.fixture
@@ -38,11 +38,7 @@ def status(c):
 
 
 def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
+    return mito.proc_stat(pid) is not None  # neither gone nor a zombie
 
 
 def test_spawned_workers_register_and_show_their_running_task(c):
