@@ -5463,8 +5463,12 @@ class LocalWorkers:
             self.coordinator.stopping.wait(0.5)
 
     def start(self, slot, now):
+        # a coordinator killed with -9 takes its local workers along (a task dies with
+        # its worker the same way), or a restart would find them still serving
+        die_with_us = functools.partial(_die_with_worker, os.getpid()) if LIBC else None
         try:
-            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                                   preexec_fn=die_with_us)
             self.started[slot] = now
         except OSError as error:  # out of processes or memory: try again later
             log.error("cannot start local worker %d: %s", slot + 1, error)
