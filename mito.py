@@ -2442,7 +2442,7 @@ COORDINATOR_OPTIONS = (
     Option("request_timeout", "interval", "30s", ("--request-timeout",),
            "A request must arrive within this time (its body: with no pause as long), "
            "else 408"),
-    Option("max_connections", "int", 10000, ("--max-connections",),
+    Option("max_connections", "int", 100000, ("--max-connections",),
            "Connections served at once (bounded by the open-file limit); more get 503", "N"),
 )
 
@@ -6471,8 +6471,8 @@ document.addEventListener("DOMContentLoaded", () => {
 # connection or a parked long poll costs a file descriptor and a few objects, not a
 # thread. Handlers run inline on the loop (SQLite calls take tens of microseconds);
 # the slow ones (password hashing, blob bodies streamed to and from disk) run on a
-# small fixed pool. Limits: MAX_CONNECTIONS-style cap (503 past it), a read timeout per
-# request (408), and the parser's limits on lines, headers and bodies.
+# small fixed pool. Limits: `max_connections` (503 past it), `request_timeout` (408),
+# and the parser's limits on lines, headers and bodies.
 
 REQUEST_LINE_LIMIT = 8 << 10    # longer: 414 (RFC 9112 §3 recommends at least 8000)
 HEADER_SECTION_LIMIT = 64 << 10  # all header lines together; longer: 431 (RFC 6585 §5)
@@ -7011,7 +7011,7 @@ class EventLoopServer:
     each socket registered with its HttpConnection as `data`. Other threads (the pool,
     the reaper through the Dispatcher) reach the loop only through call_soon()."""
 
-    def __init__(self, address, coordinator, tls=None, max_connections=10000,
+    def __init__(self, address, coordinator, tls=None, max_connections=100000,
                  request_timeout=30.0):
         self.coordinator, self.dispatcher = coordinator, coordinator.dispatcher
         self.tls, self.max_connections = tls, max_connections

@@ -16,6 +16,8 @@ off the output):
 
     python3 tests/benchmark.py [--tasks 1000] [--slots 500] [--samples 50]
     python3 tests/benchmark.py --slots 5000        # the large fleet (slow to register)
+    python3 tests/benchmark.py --worker-py OLD/mito.py  # workers from another copy, to
+                                                       # tell the coordinator's share
 """
 
 import argparse
@@ -80,6 +82,8 @@ def status_of(pid):
 class System:
     """A coordinator and worker processes in a scratch home, for the duration of a run."""
 
+    worker_py = os.path.join(ROOT, "mito.py")
+
     def __init__(self):
         self.home = tempfile.mkdtemp(prefix="mito-bench-")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MITO_")}
@@ -120,7 +124,7 @@ class System:
         while slots > 0:
             count = min(per_process, slots)
             self.workers.append(subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "mito.py"), "worker", "-c", self.url,
+                [sys.executable, self.worker_py, "worker", "-c", self.url,
                  "-u", "mitosis_admin", "-p", PASSWORD, "--retain", "--concurrency",
                  str(count), "--credential-path", f"{self.home}/worker-credentials",
                  "--heartbeat-interval", "5m"], env=self.env, stdin=subprocess.DEVNULL))
@@ -176,7 +180,7 @@ def run_tasks(system, count, submit):
     start = time.perf_counter()
     submit(count)
     while system.finished() < done_before + count:
-        time.sleep(0.02)
+        time.sleep(0.05)  # (each look is a request: the coordinator's CPU counts it)
     elapsed = time.perf_counter() - start
     spent = [cpu_seconds(pid) - before for pid, before in zip(processes, cpu_before)]
     return count / elapsed, spent[0] * 1000 / count, sum(spent[1:]) * 1000 / count
@@ -260,7 +264,10 @@ def main():
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--spawns", type=int, default=1000)
     parser.add_argument("--slots", type=int, default=500)
+    parser.add_argument("--worker-py", default=System.worker_py,
+                        help="run the workers from this mito.py (default: this one)")
     args = parser.parse_args()
+    System.worker_py = os.path.abspath(args.worker_py)
 
     raw = spawn_rate(args.spawns)
     print(f"raw spawn rate of `true` from 2 threads: {raw:7.0f} /s")

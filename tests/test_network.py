@@ -491,3 +491,9 @@ def test_ready_sets_and_counts_follow_every_change_of_state(fleet):
         filters = {**everything, "states": states}
         assert store.query_tasks(filters, [fleet.group["alice"]], count=True) == len(
             store.query_tasks(filters, [fleet.group["alice"]]))
+
+
+def test_the_handlers_run_on_the_pool_are_routes_and_hash_passwords_or_move_blobs():
+    names = {name for _, _, name, _ in mito.ROUTES}
+    assert mito.POOL_HANDLERS <= names
+    assert {"login", "change_password", "blob_put", "blob_get"} <= mito.POOL_HANDLERS
