@@ -1927,6 +1927,8 @@ class Worker:
     def fetch_and_run(self):
         """One turn of the fetch loop; False when the loop must end."""
         task = self.fetch()
+        if self.stop.is_set():
+            raise Stopped()  # leaving: unregistering gives a task just taken back
         if task is not None and self.process.draining.is_set():
             self.give_back(task)  # taken while draining: requeue it now
             return False
@@ -2010,7 +2012,8 @@ class Worker:
                 self.http.api("DELETE", "/workers", timeout=3)
             except (ApiError, Unreachable) as error:
                 log.warning("worker %s could not unregister: %s", self.worker_id, error)
-        self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
+        if self.busy:
+            self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
         log.info("worker %s stopped", self.worker_id)
 
