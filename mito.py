@@ -8664,6 +8664,12 @@ def add_task_filters(parser, reporter=True):
 
 def add_tasks_commands(commands):
     tasks = add_branch(commands, "tasks", "Submit, query, cancel and change tasks")
+    add_submit_command(tasks)
+    add_tasks_follow_ups(tasks)
+    add_artifacts_commands(tasks)
+
+
+def add_submit_command(tasks):
     add_command(
         tasks, "submit", cmd_tasks_submit, "Submit a task: tasks submit [OPTIONS] -- COMMAND...",
         (("-g", "--group"), {"help": "The group (default: your own)"}),
@@ -8687,6 +8693,10 @@ def add_tasks_commands(commands):
                                "help": f"Stop waiting after this long (exit status "
                                        f"{WAIT_TIMED_OUT}; the task goes on)"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
+
+
+def add_tasks_follow_ups(tasks):
+    """Everything under `tasks` but submitting and artifacts."""
     add_command(tasks, "submit-many", cmd_tasks_submit_many, "Submit tasks from a JSON file",
                 (("-f", "--file"), {"required": True,
                                     "help": "A JSON array of task submissions (POST /tasks)"}))
@@ -8729,7 +8739,6 @@ def add_tasks_commands(commands):
         (("--terminal",), {"action": "store_true"}),
         (("--watch",), {"type": parse_watch, "metavar": "UUID,STATE"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
-    add_artifacts_commands(tasks)
 
 
 def add_artifacts_commands(tasks):
