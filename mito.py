@@ -1897,11 +1897,13 @@ class Worker:
             except Unauthorized as error:
                 if not self.may_go_on(error):
                     return
-            except (ApiError, Unreachable) as error:
+            except (ApiError, Unreachable, CertificateRefused) as error:
                 log.warning("heartbeat failed: %s", error)
             except GaveUp:
                 self.process.give_up()
                 return
+            except Exception:  # the heartbeat loop's boundary: a worker never runs on
+                log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
 
     def fetch_loop(self):
         try:
