@@ -9072,9 +9072,11 @@ class ManagedWorker:
         return owner == os.getuid() and process_start_ticks(self.pid) == self.start_ticks
 
     def usage(self):
-        """(uptime seconds, CPU seconds, resident bytes) from /proc."""
+        """(uptime seconds, CPU seconds, resident bytes) from /proc; OSError if it has
+        just exited."""
         ticks = os.sysconf("SC_CLK_TCK")
-        fields = proc_stat(self.pid)
+        if (fields := proc_stat(self.pid)) is None:
+            raise ProcessLookupError(self.pid)
         with open("/proc/uptime", encoding="ascii") as handle:
             since_boot = float(handle.read().split()[0])
         with open(f"/proc/{self.pid}/statm", encoding="ascii") as handle:
@@ -9168,7 +9170,10 @@ def check_worker_args(worker_args):
 
 def cmd_manager_status(args):
     with ManagerState().locked() as workers:
-        rows = [manager_status_row(w) for w in workers]
+        rows = []
+        for worker in workers:
+            with contextlib.suppress(OSError):  # it left while we looked
+                rows.append(manager_status_row(worker))
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -9199,7 +9204,8 @@ def cmd_manager_kill(args):
         chosen = [ours[pid] for pid in args.pids] if args.pids else list(ours.values())
         number = signal.SIGUSR1 if args.drain else signal.SIGTERM
         for worker in chosen:
-            os.kill(worker.pid, number)
+            with contextlib.suppress(ProcessLookupError):  # it left meanwhile: fine
+                os.kill(worker.pid, number)
             print(f"sent {signal.Signals(number).name} to worker {worker.pid}")
     if not chosen:
         print("no worker started by `mito.py manager spawn` is running")
