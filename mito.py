@@ -1897,11 +1897,13 @@ class Worker:
             except Unauthorized as error:
                 if not self.may_go_on(error):
                     return
-            except (ApiError, Unreachable) as error:
+            except (ApiError, Unreachable, CertificateRefused) as error:
                 log.warning("heartbeat failed: %s", error)
             except GaveUp:
                 self.process.give_up()
                 return
+            except Exception:  # the heartbeat loop's boundary: a worker never runs on
+                log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
 
     def fetch_loop(self):
         try:
@@ -5463,8 +5465,12 @@ class LocalWorkers:
             self.coordinator.stopping.wait(0.5)
 
     def start(self, slot, now):
+        # a coordinator killed with -9 takes its local workers along (a task dies with
+        # its worker the same way), or a restart would find them still serving
+        die_with_us = functools.partial(_die_with_worker, os.getpid()) if LIBC else None
         try:
-            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                                   preexec_fn=die_with_us)
             self.started[slot] = now
         except OSError as error:  # out of processes or memory: try again later
             log.error("cannot start local worker %d: %s", slot + 1, error)
@@ -9077,9 +9083,11 @@ class ManagedWorker:
         return owner == os.getuid() and process_start_ticks(self.pid) == self.start_ticks
 
     def usage(self):
-        """(uptime seconds, CPU seconds, resident bytes) from /proc."""
+        """(uptime seconds, CPU seconds, resident bytes) from /proc; OSError if it has
+        just exited."""
         ticks = os.sysconf("SC_CLK_TCK")
-        fields = proc_stat(self.pid)
+        if (fields := proc_stat(self.pid)) is None:
+            raise ProcessLookupError(self.pid)
         with open("/proc/uptime", encoding="ascii") as handle:
             since_boot = float(handle.read().split()[0])
         with open(f"/proc/{self.pid}/statm", encoding="ascii") as handle:
@@ -9173,7 +9181,10 @@ def check_worker_args(worker_args):
 
 def cmd_manager_status(args):
     with ManagerState().locked() as workers:
-        rows = [manager_status_row(w) for w in workers]
+        rows = []
+        for worker in workers:
+            with contextlib.suppress(OSError):  # it left while we looked
+                rows.append(manager_status_row(worker))
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -9204,7 +9215,8 @@ def cmd_manager_kill(args):
         chosen = [ours[pid] for pid in args.pids] if args.pids else list(ours.values())
         number = signal.SIGUSR1 if args.drain else signal.SIGTERM
         for worker in chosen:
-            os.kill(worker.pid, number)
+            with contextlib.suppress(ProcessLookupError):  # it left meanwhile: fine
+                os.kill(worker.pid, number)
             print(f"sent {signal.Signals(number).name} to worker {worker.pid}")
     if not chosen:
         print("no worker started by `mito.py manager spawn` is running")
