@@ -1897,11 +1897,13 @@ class Worker:
             except Unauthorized as error:
                 if not self.may_go_on(error):
                     return
-            except (ApiError, Unreachable) as error:
+            except (ApiError, Unreachable, CertificateRefused) as error:
                 log.warning("heartbeat failed: %s", error)
             except GaveUp:
                 self.process.give_up()
                 return
+            except Exception:  # the heartbeat loop's boundary: a worker never runs on
+                log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
 
     def fetch_loop(self):
         try:
@@ -1927,6 +1929,8 @@ class Worker:
     def fetch_and_run(self):
         """One turn of the fetch loop; False when the loop must end."""
         task = self.fetch()
+        if self.stop.is_set():
+            raise Stopped()  # leaving: unregistering gives a task just taken back
         if task is not None and self.process.draining.is_set():
             self.give_back(task)  # taken while draining: requeue it now
             return False
@@ -2010,7 +2014,8 @@ class Worker:
                 self.http.api("DELETE", "/workers", timeout=3)
             except (ApiError, Unreachable) as error:
                 log.warning("worker %s could not unregister: %s", self.worker_id, error)
-        self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
+        if self.busy:
+            self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
         log.info("worker %s stopped", self.worker_id)
 
@@ -5463,8 +5468,12 @@ class LocalWorkers:
             self.coordinator.stopping.wait(0.5)
 
     def start(self, slot, now):
+        # a coordinator killed with -9 takes its local workers along (a task dies with
+        # its worker the same way), or a restart would find them still serving
+        die_with_us = functools.partial(_die_with_worker, os.getpid()) if LIBC else None
         try:
-            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                                   preexec_fn=die_with_us)
             self.started[slot] = now
         except OSError as error:  # out of processes or memory: try again later
             log.error("cannot start local worker %d: %s", slot + 1, error)
@@ -8155,10 +8164,14 @@ def download_each(client, downloads, args, name_of):
             print(f"{name_of(item)} {item['url']}")
         return
     folder = args.output or "."
-    os.makedirs(folder, exist_ok=True)
+    targets = [(item, inside(os.path.abspath(folder), name_of(item))) for item in downloads]
+    for item, target in targets:
+        if target is None:
+            raise ClientError(f"refusing to save {name_of(item)!r} outside {folder}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
-        futures = [pool.submit(client.download, item["url"], os.path.join(folder, name_of(item)),
-                               item["size"], name_of(item)) for item in downloads]
+        futures = [pool.submit(client.download, item["url"], target, item["size"],
+                               name_of(item)) for item, target in targets]
         for future in futures:
             future.result()
     print(f"saved {len(downloads)} file(s) in {folder}")
@@ -8337,21 +8350,28 @@ def attachment_filter(args):
     return {"key": args.key, "limit": args.limit, "offset": args.offset}
 
 
-def attachment_name(item):
-    return os.path.basename(item["key"]) or item["key"]
+def attachment_names(downloads):
+    """Each attachment's file under -o DIR: its key's last part, as upstream names it, or
+    the whole key where two would share that name (so that none overwrites another)."""
+    counts = collections.Counter(posixpath.basename(item["key"]) for item in downloads)
+
+    def name_of(item):
+        name = posixpath.basename(item["key"])
+        return name if name and counts[name] == 1 else item["key"]
+    return name_of
 
 
 def cmd_attachments_download_many(client, args):
     group = client.group_or_mine(args.group)
     answer = client.call("POST", f"/groups/{group}/download/attachments", attachment_filter(args))
-    download_each(client, answer["downloads"], args, attachment_name)
+    download_each(client, answer["downloads"], args, attachment_names(answer["downloads"]))
 
 
 def cmd_attachments_download_list(client, args):
     group = client.group_or_mine(args.group)
     answer = client.call("POST", f"/groups/{group}/download/attachments/list",
                          {"keys": args.keys})
-    download_each(client, answer["downloads"], args, attachment_name)
+    download_each(client, answer["downloads"], args, attachment_names(answer["downloads"]))
 
 
 def cmd_attachments_delete_many(client, args):
@@ -8664,6 +8684,12 @@ def add_task_filters(parser, reporter=True):
 
 def add_tasks_commands(commands):
     tasks = add_branch(commands, "tasks", "Submit, query, cancel and change tasks")
+    add_submit_command(tasks)
+    add_tasks_follow_ups(tasks)
+    add_artifacts_commands(tasks)
+
+
+def add_submit_command(tasks):
     add_command(
         tasks, "submit", cmd_tasks_submit, "Submit a task: tasks submit [OPTIONS] -- COMMAND...",
         (("-g", "--group"), {"help": "The group (default: your own)"}),
@@ -8687,6 +8713,10 @@ def add_tasks_commands(commands):
                                "help": f"Stop waiting after this long (exit status "
                                        f"{WAIT_TIMED_OUT}; the task goes on)"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
+
+
+def add_tasks_follow_ups(tasks):
+    """Everything under `tasks` but submitting and artifacts."""
     add_command(tasks, "submit-many", cmd_tasks_submit_many, "Submit tasks from a JSON file",
                 (("-f", "--file"), {"required": True,
                                     "help": "A JSON array of task submissions (POST /tasks)"}))
@@ -8729,7 +8759,6 @@ def add_tasks_commands(commands):
         (("--terminal",), {"action": "store_true"}),
         (("--watch",), {"type": parse_watch, "metavar": "UUID,STATE"}),
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
-    add_artifacts_commands(tasks)
 
 
 def add_artifacts_commands(tasks):
@@ -9057,9 +9086,11 @@ class ManagedWorker:
         return owner == os.getuid() and process_start_ticks(self.pid) == self.start_ticks
 
     def usage(self):
-        """(uptime seconds, CPU seconds, resident bytes) from /proc."""
+        """(uptime seconds, CPU seconds, resident bytes) from /proc; OSError if it has
+        just exited."""
         ticks = os.sysconf("SC_CLK_TCK")
-        fields = proc_stat(self.pid)
+        if (fields := proc_stat(self.pid)) is None:
+            raise ProcessLookupError(self.pid)
         with open("/proc/uptime", encoding="ascii") as handle:
             since_boot = float(handle.read().split()[0])
         with open(f"/proc/{self.pid}/statm", encoding="ascii") as handle:
@@ -9153,7 +9184,10 @@ def check_worker_args(worker_args):
 
 def cmd_manager_status(args):
     with ManagerState().locked() as workers:
-        rows = [manager_status_row(w) for w in workers]
+        rows = []
+        for worker in workers:
+            with contextlib.suppress(OSError):  # it left while we looked
+                rows.append(manager_status_row(worker))
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -9184,7 +9218,8 @@ def cmd_manager_kill(args):
         chosen = [ours[pid] for pid in args.pids] if args.pids else list(ours.values())
         number = signal.SIGUSR1 if args.drain else signal.SIGTERM
         for worker in chosen:
-            os.kill(worker.pid, number)
+            with contextlib.suppress(ProcessLookupError):  # it left meanwhile: fine
+                os.kill(worker.pid, number)
             print(f"sent {signal.Signals(number).name} to worker {worker.pid}")
     if not chosen:
         print("no worker started by `mito.py manager spawn` is running")

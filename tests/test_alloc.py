@@ -194,6 +194,19 @@ def test_a_refused_submission_is_logged_and_retried_after_a_pause(c):
     assert calls[refused + 1:retried].count("squeue") == 3  # two rounds skipped
 
 
+def test_only_tasks_whose_tags_the_workers_hold_are_counted(c):
+    (c.batch / "hold").touch()
+    alice = c.login("alice", "pw")
+    c.submit(alice, sh("true"), tags=["gpu"])
+    untagged = alloc(c, "slurm", "--max-jobs", "1", "--workers-per-job", "1")
+    wait_until(lambda: "0 tasks wait" in untagged.log(), what="the gpu task not counted")
+    assert untagged.stop() == 0 and not submissions(c, "sbatch")
+    tagged = alloc(c, "slurm", "--max-jobs", "1", "--workers-per-job", "1", "--tags", "gpu")
+    wait_until(lambda: "submitted job 1" in tagged.log(), what="a job for the gpu task")
+    script = (c.sandbox.cache_home / "mitosis" / "alloc" / "mito-alloc.sh").read_text()
+    assert "-t gpu" in script and "--concurrency 1" in script
+
+
 def test_bad_alloc_options_are_one_line_errors(c):
     for args, needle in ((["--max-jobs", "0", "--workers-per-job", "1"], "--max-jobs: 0"),
                          (["--max-jobs", "1", "--workers-per-job", "1", "--interval", "soon"],

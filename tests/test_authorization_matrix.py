@@ -4,7 +4,7 @@ by every kind of caller, against a real coordinator process over real sockets.
 The callers (IDENTITIES): no token; a stranger (a user without a role in the group); a
 reader, a writer and an Admin of the group; a locked user who is the group's Admin; the
 site admin; a worker of another group; the worker that serves the group; a worker whose
-user was locked. Each handler has a RULE naming who must get in (their answer is the
+user was locked; the token a coordinator mints for its `--workers` (it only registers). Each handler has a RULE naming who must get in (their answer is the
 rule's `ok` status). Every other caller must be refused (401, 403 or 404) -- except those
 a rule lists as `inert`, which may get an answer as long as it shows nothing of the
 group (no marker of it) and changes nothing of it. Anything else is a hole.
@@ -28,11 +28,13 @@ import uuid
 
 import pytest
 
-from e2e import ADMIN, mito, module_cluster, raw_request, spec  # noqa: F401
+from e2e import ADMIN, mito, module_cluster, raw_request, spec, wait_until  # noqa: F401
 
 USER_CALLERS = ("stranger", "reader", "writer", "group-admin", "locked", "site-admin")
 WORKER_CALLERS = ("foreign-worker", "serving-worker", "revoked-worker")
-IDENTITIES = ("nobody", *USER_CALLERS, *WORKER_CALLERS)
+# the token `coordinator --workers N` mints for its local workers: it may only register
+LOCAL = "local-workers-token"
+IDENTITIES = ("nobody", *USER_CALLERS, *WORKER_CALLERS, LOCAL)
 ROLES = {"reader": "Read", "writer": "Write", "group-admin": "Admin", "locked": "Admin"}
 REFUSED = (401, 403, 404)
 
@@ -76,7 +78,7 @@ RULES = {
     "blob_put": Rule(ANYONE, ok=403),  # the URL is the credential: a forged one is refused
     "blob_get": Rule(ANYONE, ok=403),
     # any user, about themselves
-    "auth": Rule(USERS),
+    "auth": Rule(USERS | {LOCAL}),
     "redis": Rule(USERS),
     "my_groups": Rule(USERS),
     "create_group": Rule(USERS, lambda s: {"group_name": f"new{uuid.uuid4().hex[:10]}"}),
@@ -99,7 +101,7 @@ RULES = {
     "delete_attachments_filter": Rule(WRITE, lambda s: {}),
     "delete_attachments_list": Rule(WRITE, lambda s: {"keys": [s.key]}),
     # workers, as users see them
-    "register_worker": Rule(WRITE, lambda s: {"tags": [], "labels": [], "groups": [s.group],
+    "register_worker": Rule(WRITE | {LOCAL}, lambda s: {"tags": [], "labels": [], "groups": [s.group],
                                               "lifetime": None},
                             inert=frozenset({"stranger", "reader"})),
     "query_workers": Rule(READ, lambda s: {"group_name": s.group}),
@@ -184,12 +186,15 @@ class World:
         _, revoked = c.register(c.http(self.tokens["locked"]))
         self.tokens["revoked-worker"] = revoked.token
         c.admin.api("POST", "/admin/users/locked/state", {"state": "Locked"})
+        local = wait_until(lambda: (c.state_dir / "local-worker-credentials").exists() and (
+            c.state_dir / "local-worker-credentials").read_text(), what="the local token")
+        self.tokens[LOCAL] = local.strip().partition(":")[2]
         self.probes, self.holes = 0, []
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    with module_cluster(tmp_path_factory, "matrix") as c:
+    with module_cluster(tmp_path_factory, "matrix", "--workers", "1") as c:
         c.admin.api("POST", f"/admin/users/{ADMIN}/group-quota", {"group_quota": "=100000"})
         one = World(c)
         yield one
