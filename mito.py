@@ -5462,7 +5462,7 @@ class LocalWorkers:
                     self.died(slot, child, now)
                 elif child is None and now >= self.due[slot]:
                     self.start(slot, now)
-            self.coordinator.stopping.wait(0.5)
+            self.coordinator.stopping.wait(0.5 if self.children else None)
 
     def start(self, slot, now):
         # a coordinator killed with -9 takes its local workers along (a task dies with
