@@ -5465,8 +5465,12 @@ class LocalWorkers:
             self.coordinator.stopping.wait(0.5)
 
     def start(self, slot, now):
+        # a coordinator killed with -9 takes its local workers along (a task dies with
+        # its worker the same way), or a restart would find them still serving
+        die_with_us = functools.partial(_die_with_worker, os.getpid()) if LIBC else None
         try:
-            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+            self.children[slot] = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                                   preexec_fn=die_with_us)
             self.started[slot] = now
         except OSError as error:  # out of processes or memory: try again later
             log.error("cannot start local worker %d: %s", slot + 1, error)
@@ -8157,10 +8161,14 @@ def download_each(client, downloads, args, name_of):
             print(f"{name_of(item)} {item['url']}")
         return
     folder = args.output or "."
-    os.makedirs(folder, exist_ok=True)
+    targets = [(item, inside(os.path.abspath(folder), name_of(item))) for item in downloads]
+    for item, target in targets:
+        if target is None:
+            raise ClientError(f"refusing to save {name_of(item)!r} outside {folder}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
-        futures = [pool.submit(client.download, item["url"], os.path.join(folder, name_of(item)),
-                               item["size"], name_of(item)) for item in downloads]
+        futures = [pool.submit(client.download, item["url"], target, item["size"],
+                               name_of(item)) for item, target in targets]
         for future in futures:
             future.result()
     print(f"saved {len(downloads)} file(s) in {folder}")
@@ -8339,21 +8347,28 @@ def attachment_filter(args):
     return {"key": args.key, "limit": args.limit, "offset": args.offset}
 
 
-def attachment_name(item):
-    return os.path.basename(item["key"]) or item["key"]
+def attachment_names(downloads):
+    """Each attachment's file under -o DIR: its key's last part, as upstream names it, or
+    the whole key where two would share that name (so that none overwrites another)."""
+    counts = collections.Counter(posixpath.basename(item["key"]) for item in downloads)
+
+    def name_of(item):
+        name = posixpath.basename(item["key"])
+        return name if name and counts[name] == 1 else item["key"]
+    return name_of
 
 
 def cmd_attachments_download_many(client, args):
     group = client.group_or_mine(args.group)
     answer = client.call("POST", f"/groups/{group}/download/attachments", attachment_filter(args))
-    download_each(client, answer["downloads"], args, attachment_name)
+    download_each(client, answer["downloads"], args, attachment_names(answer["downloads"]))
 
 
 def cmd_attachments_download_list(client, args):
     group = client.group_or_mine(args.group)
     answer = client.call("POST", f"/groups/{group}/download/attachments/list",
                          {"keys": args.keys})
-    download_each(client, answer["downloads"], args, attachment_name)
+    download_each(client, answer["downloads"], args, attachment_names(answer["downloads"]))
 
 
 def cmd_attachments_delete_many(client, args):

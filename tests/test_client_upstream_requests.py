@@ -73,7 +73,9 @@ ANSWERS = {
     ("GET", "/groups/{group_name}/download/attachments/{*key}"): {"url": "/blob/a",
                                                                   "size": 3},
     ("POST", "/groups/{group_name}/download/attachments"): {
-        "downloads": [{"key": "dir/k", "url": "/blob/a", "size": 3}], "group_name": "g"},
+        "downloads": [{"key": "dir/k", "url": "/blob/a", "size": 3},
+                      {"key": "other/k", "url": "/blob/b", "size": 3},
+                      {"key": "other/only", "url": "/blob/c", "size": 3}], "group_name": "g"},
     ("POST", "/groups/{group_name}/download/attachments/list"): {
         "downloads": [{"key": "dir/k", "url": "/blob/a", "size": 3}], "group_name": "g"},
     ("POST", "/groups/{group_name}/delete/attachments"): {"deleted_count": 1,
@@ -462,3 +464,14 @@ def test_lookups_behind_prefixes_and_waits_send_upstreams_shapes(mito, upstream)
     assert run.returncode == 124, run.stderr
     assert upstream.problems == []
     assert upstream.sent("POST", "/tasks/query") and upstream.sent("POST", "/workers/query")
+
+
+def test_batch_attachment_downloads_never_overwrite_each_other(mito, upstream):
+    """Upstream saves each under its key's last part; two keys sharing it keep their
+    folders here, so that neither download overwrites the other."""
+    run = run_client(mito, upstream, "groups", "attachments", "download-many", "-o", "out",
+                     "--concurrent", "3")
+    assert run.returncode == 0, run.stderr
+    out = mito.cwd / "out"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "dir/k", "only", "other/k"]

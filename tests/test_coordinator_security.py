@@ -329,6 +329,13 @@ def test_local_workers_serve_other_groups_only_when_told(cluster):
                            for w in c.workers()), what="a local worker serving team")
 
 
+def test_local_workers_die_with_a_coordinator_killed_with_minus_9(cluster):
+    c = cluster("--workers", "1")
+    wait_until(lambda: len(c.workers()) == 1, what="the local worker")
+    c.kill9()
+    wait_until(lambda: c.sandbox.marked_pids() == [], what="the local worker to die too")
+
+
 def login(url, retain=False):
     """An admin token, or None while the coordinator does not answer yet."""
     try:
