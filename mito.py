@@ -5465,7 +5465,7 @@ class LocalWorkers:
                     self.died(slot, child, now)
                 elif child is None and now >= self.due[slot]:
                     self.start(slot, now)
-            self.coordinator.stopping.wait(0.5)
+            self.coordinator.stopping.wait(0.5 if self.children else None)
 
     def start(self, slot, now):
         # a coordinator killed with -9 takes its local workers along (a task dies with
@@ -9281,7 +9281,7 @@ JOB_SCRIPT_MODE = 0o700
 @dataclasses.dataclass
 class BatchJob:
     job_id: str
-    queued: bool  # not started yet: its workers will take tasks once it runs
+    queued: bool  # not started yet (or just started): its workers will take tasks
 
 
 class Slurm:
@@ -9398,6 +9398,7 @@ class Allocator:
         self.user = getpass.getuser()  # the batch system's user: the Unix one
         # after the n-th refusal in a row, 2**n rounds pass without a submission
         self.failures, self.rounds_to_skip, self.last_seen = 0, 0, None
+        self.seen_running = set()  # job ids seen running in the last round
 
     def run(self, stop):
         log.info("alloc %s: job name %s, up to %d jobs of %d workers, every %s",
@@ -9416,6 +9417,7 @@ class Allocator:
         except (ClientError, BatchRefused) as error:
             log.warning("cannot look at the queue: %s", error)
             return
+        jobs = self.starting_as_queued(jobs)
         self.say_what_is_seen(waiting, jobs)
         reason = jobs_wanted(waiting, jobs, self.args.max_jobs, self.args.workers_per_job)
         if self.rounds_to_skip:
@@ -9428,10 +9430,18 @@ class Allocator:
                                  waiting_tasks_query(self.args.group)).get("tasks") or []
         return sum(waits_for_our_workers(task, self.args.tags) for task in tasks)
 
+    def starting_as_queued(self, jobs):
+        """A job first seen running is still starting its workers, which have taken
+        no task yet: for this round it counts as queued, so it gets no twin."""
+        running = {job.job_id for job in jobs if not job.queued}
+        starting, self.seen_running = running - self.seen_running, running
+        return [dataclasses.replace(job, queued=True) if job.job_id in starting else job
+                for job in jobs]
+
     def say_what_is_seen(self, waiting, jobs):
         seen = (waiting, len(jobs), sum(job.queued for job in jobs))
         if seen != self.last_seen:
-            log.info("%d tasks wait; %d of our jobs (%d queued)%s", *seen,
+            log.info("%d tasks wait; %d of our jobs (%d queued or starting)%s", *seen,
                      "; not submitting: the queue is empty" if not waiting else "")
         self.last_seen = seen
 

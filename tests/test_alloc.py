@@ -3,6 +3,8 @@ coordinator, with fake sbatch/squeue and qsub/qstat on PATH that really start th
 script (the worker in it asks the same fakes for its walltime). A "hold" file keeps
 submitted jobs queued (never started), a "refuse" file makes the next submission fail."""
 
+import argparse
+import logging
 import os
 import re
 import sys
@@ -151,7 +153,7 @@ def test_queued_jobs_are_counted_and_max_jobs_is_never_passed(c):
     (c.batch / "hold").touch()
     submit_tasks(c, 10)
     proc = alloc(c, "slurm", "--max-jobs", "3", "--workers-per-job", "2")
-    wait_until(lambda: "3 of our jobs (3 queued)" in proc.log(), what="three queued jobs")
+    wait_until(lambda: "3 of our jobs (3 queued or starting)" in proc.log(), what="three queued jobs")
     listed = len(submissions(c, "squeue"))
     wait_until(lambda: len(submissions(c, "squeue")) >= listed + 5, what="five more rounds")
     assert len(submissions(c, "sbatch")) == 3
@@ -175,7 +177,7 @@ def test_a_restarted_alloc_finds_its_jobs_again_by_name(c):
     wait_until(lambda: len(submissions(c, "sbatch")) == 2, what="two submissions")
     assert first.stop() == 0
     second = alloc(c, "slurm", "--max-jobs", "2", "--workers-per-job", "1")
-    wait_until(lambda: "2 of our jobs (2 queued)" in second.log(), what="the jobs found")
+    wait_until(lambda: "2 of our jobs (2 queued or starting)" in second.log(), what="the jobs found")
     listed = len(submissions(c, "squeue"))
     wait_until(lambda: len(submissions(c, "squeue")) >= listed + 5, what="five more rounds")
     assert len(submissions(c, "sbatch")) == 2
@@ -236,3 +238,41 @@ JOBS = [mito.BatchJob("1", queued=True), mito.BatchJob("2", queued=False)]
 def test_a_job_is_wanted_only_for_tasks_queued_jobs_will_not_take(
         waiting, jobs, max_jobs, per_job, submits):
     assert bool(mito.jobs_wanted(waiting, jobs, max_jobs, per_job)) is submits
+
+
+class FakeClient:
+    def __init__(self, waiting):
+        self.waiting = waiting
+
+    def call(self, method, path, payload):
+        return {"tasks": [{"tags": []}] * self.waiting}
+
+
+class ScriptedSlurm(mito.Slurm):
+    """squeue answers the next of `listings`; sbatch prints a job id."""
+
+    def __init__(self, listings):
+        self.listings = listings
+
+    def list_argv(self, job_name, user):
+        return [sys.executable, "-c", f"print({self.listings.pop(0)!r})"]
+
+    @staticmethod
+    def submit_argv(job_name, seconds, log_dir, extra, script):
+        return [sys.executable, "-c", "print('99')"]
+
+
+def test_a_job_first_seen_running_counts_as_starting_for_one_round(caplog):
+    """2 tasks wait, 2 slots per job: a queued job will take both, and so will the
+    job in the round it is first seen running; one round later its workers are busy
+    (the tasks still wait), and one more job is submitted."""
+    args = argparse.Namespace(name="mito-alloc", max_jobs=5, workers_per_job=2,
+                              interval="1s", tags=[], group=None, time_limit="1h",
+                              log_dir="/tmp", command_args=[])
+    allocator = mito.Allocator(FakeClient(2), ScriptedSlurm(
+        ["1 PD", "1 R", "1 R"]), args, "job.sh")
+    with caplog.at_level(logging.INFO, logger="mito"):
+        for _ in range(3):
+            allocator.step()
+    submitted = [r.getMessage() for r in caplog.records if "submitted job" in r.getMessage()]
+    assert submitted == ["2 tasks wait, 1 of 5 jobs (0 queued): submitted job 99"]
