@@ -5193,10 +5193,12 @@ class Dispatcher:
         self.by_group = {}   # group id -> {worker id: Park}, oldest first
         self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
         self.sequence = 0
+        self.changes = 0     # how many times tasks became ready: a fetch's race check
         store.on_change = self.changed
 
     def fetch(self, worker, time_left, wait, now):
         """The worker's answer now, or a Park that will be resolved within `wait` s."""
+        changes = self.changes
         task = self.store.claim(worker, time_left)
         if task is not None or wait <= 0:
             return self.answer(task)
@@ -5204,7 +5206,7 @@ class Dispatcher:
                     now + wait)
         self.add(park)
         # a task that became ready between the claim and add() was offered to nobody
-        task = self.store.claim(worker, time_left)
+        task = self.store.claim(worker, time_left) if self.changes != changes else None
         if task is not None:
             self.withdraw(park)
             park.resolve(self.answer(task))
@@ -5246,6 +5248,7 @@ class Dispatcher:
     def changed(self, task_ids, worker_ids):
         """Store.wake_fetchers: offer each ready task to one park; re-check the parks of
         changed workers (all of them when nothing specific is known)."""
+        self.changes += 1
         if not self.parks:
             return
         if not task_ids and not worker_ids:
@@ -5462,7 +5465,7 @@ class LocalWorkers:
                     self.died(slot, child, now)
                 elif child is None and now >= self.due[slot]:
                     self.start(slot, now)
-            self.coordinator.stopping.wait(0.5)
+            self.coordinator.stopping.wait(0.5 if self.children else None)
 
     def start(self, slot, now):
         # a coordinator killed with -9 takes its local workers along (a task dies with
