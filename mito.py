@@ -9277,6 +9277,7 @@ ALLOC_QUERY_LIMIT = 1000        # waiting tasks looked at per round: more than j
 ALLOC_BACKOFF_CAP = 1800.0      # seconds: the longest pause after refused submissions
 BATCH_COMMAND_TIMEOUT = 60      # seconds a squeue/qstat/sbatch/qsub call may take
 JOB_SCRIPT_MODE = 0o700
+JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # safe in a file name and both batch systems
 
 
 @dataclasses.dataclass
@@ -9465,17 +9466,19 @@ class Allocator:
 
 
 def worker_job_script(args, settings):
-    """The job's script: `mito.py worker` with the slots, idle timeout and identity."""
-    command = [sys.executable, os.path.abspath(__file__), "worker",
-               "-c", settings.coordinator_addr, "--concurrency", str(args.workers_per_job),
+    """The job's script: `mito.py worker` with the slots, idle timeout and identity
+    (its options checked here, not in each job's log)."""
+    options = ["-c", settings.coordinator_addr, "--concurrency", str(args.workers_per_job),
                "--idle-timeout", args.idle_timeout]
     for flag, value in (("-u", settings.user), ("--credential-path", settings.credential_path),
                         ("--ca-cert", settings.ca_cert), ("-g", args.group)):
         if value:
-            command += [flag, str(value)]
+            options += [flag, str(value)]
     if args.tags:
-        command += ["-t", *args.tags]
-    command += shlex.split(args.worker_args or "")
+        options += ["-t", *args.tags]
+    options += shlex_split(args.worker_args or "")
+    check_worker_args(options)
+    command = [sys.executable, os.path.abspath(__file__), "worker", *options]
     return "#!/bin/sh\nexec " + shlex.join(command) + "\n"
 
 
@@ -9485,8 +9488,10 @@ def run_alloc(args):
         if getattr(args, name) < 1:
             fail_usage(f"bad value for --{name.replace('_', '-')}: {getattr(args, name)} "
                        f"(1 or more)")
+    if not JOB_NAME.fullmatch(args.name):
+        fail_usage(f"bad job name {args.name!r}: 1 to 64 of A-Z a-z 0-9 _ . -")
     folder = os.path.join(cache_home(), "alloc")
-    args.log_dir = args.log_dir or folder
+    args.log_dir = os.path.abspath(args.log_dir or folder)
     os.makedirs(args.log_dir, exist_ok=True)
     script = os.path.join(folder, f"{args.name}.sh")
     write_private_file(script, worker_job_script(args, settings))

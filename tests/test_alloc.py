@@ -212,7 +212,13 @@ def test_only_tasks_whose_tags_the_workers_hold_are_counted(c):
 def test_bad_alloc_options_are_one_line_errors(c):
     for args, needle in ((["--max-jobs", "0", "--workers-per-job", "1"], "--max-jobs: 0"),
                          (["--max-jobs", "1", "--workers-per-job", "1", "--interval", "soon"],
-                          "soon")):
+                          "soon"),
+                         (["--max-jobs", "1", "--workers-per-job", "1", "--name", "../x"],
+                          "'../x'"),
+                         (["--max-jobs", "1", "--workers-per-job", "1",
+                           "--worker-args=--no-such-option"], "--no-such-option"),
+                         (["--max-jobs", "1", "--workers-per-job", "1", "--worker-args",
+                           "'unclosed"], "cannot parse")):
         done = c.sandbox.run("alloc", "slurm", "-c", c.url, "--time-limit", "1h", *args)
         assert done.returncode == 2 and needle in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1

@@ -7,6 +7,8 @@ import socket
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from e2e import mito, module_cluster, raw_request
 
@@ -497,3 +499,26 @@ def test_the_handlers_run_on_the_pool_are_routes_and_hash_passwords_or_move_blob
     names = {name for _, _, name, _ in mito.ROUTES}
     assert mito.POOL_HANDLERS <= names
     assert {"login", "change_password", "blob_put", "blob_get"} <= mito.POOL_HANDLERS
+
+
+REQUEST_PIECES = [b"GET ", b"POST ", b"/tasks", b"?a=1", b" HTTP/1.1", b" HTTP/1.0", b"\r\n",
+                  b"\n", b"Host: h", b"Content-Length: ", b"3", b"-1", b"abc", b": ", b" ",
+                  b"\t", b"\x00", b"\xff", b"Transfer-Encoding: chunked", b"{}", b"\r\n\r\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(REQUEST_PIECES) | st.binary(max_size=20), max_size=30),
+       st.integers(1, 40))
+def test_the_parser_answers_any_bytes_with_requests_or_one_bad_request(pieces, size):
+    data = b"".join(pieces)
+    parser = mito.HttpParser(body_limit=16)
+    try:
+        for start in range(0, len(data), size):
+            for message in parser.feed(data[start:start + size]):
+                assert message.method and message.target.startswith("/")
+                if message.body is None:
+                    parser.skip(message.length)
+                else:
+                    assert len(message.body) == message.length
+    except mito.BadRequest as refused:
+        assert 400 <= refused.status < 506 and refused.msg
