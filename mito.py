@@ -1062,31 +1062,45 @@ def is_real_dir(path):
 
 
 def clear_scratch(root):
-    """Empty `root` without following any symlink a task left in it, making
-    directories it locked (chmod 000) writable again first."""
+    """Empty `root` without following any symlink a task left in it and without
+    recursion: each subdirectory is moved up into `root` before it is emptied, so a
+    tree 1,000 levels deep costs two file descriptors, not a thousand stack frames."""
     fd = open_in_scratch(root, os.O_RDONLY | os.O_DIRECTORY, stat.S_IFDIR)
     try:
-        for name in os.listdir(fd):
-            _remove_entry(name, fd)
+        folders = [name for name in os.listdir(fd) if not _unlinked(name, fd)]
+        while folders:
+            name = folders.pop()
+            folders += _empty_into_root(name, fd)
+            os.rmdir(name, dir_fd=fd)
     finally:
         os.close(fd)
 
 
-def _remove_entry(name, dir_fd):
+def _unlinked(name, dir_fd):
+    """Unlink a file, a symlink or a FIFO; False when `name` is a real directory."""
     try:
-        os.unlink(name, dir_fd=dir_fd)  # a file, a symlink, a FIFO: gone
-        return
+        os.unlink(name, dir_fd=dir_fd)
+        return True
     except IsADirectoryError:
-        pass
-    os.chmod(name, 0o700, dir_fd=dir_fd)  # unlink said: a real directory
+        return False
+
+
+def _empty_into_root(name, root_fd):
+    """Unlink what the folder `name` holds (making it writable first: a task may have
+    locked it with chmod 000) and move its subfolders up into the root under fresh
+    names, which it returns."""
+    os.chmod(name, 0o700, dir_fd=root_fd)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 dir_fd=dir_fd)
+                 dir_fd=root_fd)
+    moved = []
     try:
         for entry in os.listdir(fd):
-            _remove_entry(entry, fd)
+            if not _unlinked(entry, fd):
+                moved.append(f".cleared-{uuidlib.uuid4().hex}")
+                os.rename(entry, moved[-1], src_dir_fd=fd, dst_dir_fd=root_fd)
     finally:
         os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+    return moved
 
 
 class ScratchDirs:
@@ -1103,7 +1117,7 @@ class ScratchDirs:
 
     def reset(self):
         """Empty the whole scratch directory and make the folders again. A scratch
-        that cannot be emptied (a tree too deep, a disk gone read-only) is moved aside:
+        that cannot be emptied (a disk gone read-only, a folder it may not enter) is moved aside:
         the next task still starts clean."""
         try:
             if not is_real_dir(self.root):
@@ -1111,7 +1125,7 @@ class ScratchDirs:
                     os.unlink(self.root)  # a task swapped it for a symlink or a file
             os.makedirs(self.root, exist_ok=True)
             clear_scratch(self.root)
-        except (OSError, RecursionError) as error:
+        except OSError as error:
             aside = f"{self.root}.stale-{uuidlib.uuid4().hex[:8]}"
             log.error("cannot empty %s (%s); moving it to %s", self.root, error, aside)
             os.rename(self.root, aside)
@@ -1120,7 +1134,7 @@ class ScratchDirs:
             os.mkdir(folder)
 
     def remove(self):
-        with contextlib.suppress(OSError, RecursionError):
+        with contextlib.suppress(OSError):
             if is_real_dir(self.root):
                 clear_scratch(self.root)
             os.rmdir(self.root)

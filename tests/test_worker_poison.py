@@ -163,7 +163,8 @@ def test_archive_path_planted_as_a_symlink_is_not_written_through(fake, start_wo
     still_working(fake, worker)
 
 
-def test_a_result_tree_too_deep_to_walk(fake, start_worker):
+def test_a_result_tree_too_deep_to_walk(mito, fake, start_worker):
+    """...is packed or reported lost, then removed: not moved aside to pile up."""
     worker = start_worker()
     task = fake.add_task(["sh", "-c", 'cd "$MITO_RESULT_DIR" && i=0; '
                           'while [ $i -lt 1200 ]; do mkdir d && cd d; i=$((i+1)); done'],
@@ -171,6 +172,7 @@ def test_a_result_tree_too_deep_to_walk(fake, start_worker):
     commit = fake.wait_commit(task, timeout=120)
     assert commit["exit_status"] == 0 and commit["msg"] in (None, OUTPUT_LOST)
     still_working(fake, worker)
+    assert not [path for path in mito.root.rglob("*.stale-*")], "scratch moved aside"
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
