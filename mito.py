@@ -3685,15 +3685,17 @@ def hash_password(md5, salt):
 
 class PasswordGuard:
     """Keeps guessing passwords slow for the guesser and cheap for the coordinator.
-    After FAILURES wrong passwords within WINDOW seconds for one user, or from one
-    address, the next attempts answer 429 with Retry-After (before any hashing) until
-    the oldest of them ages out. An unknown user costs the same scrypt as a known one
+    After LIMITS wrong passwords within WINDOW seconds for one user (a guessed
+    account), or more from one address (users sprayed from one host; a lab behind one
+    NAT has many users mistyping), the next attempts answer 429 with Retry-After
+    (before any hashing) until the oldest of them ages out. An unknown user costs the same scrypt as a known one
     (no user enumeration by timing), and at most HASHERS hashes run at once: scrypt
     takes 16 MiB each, so 64 concurrent logins must not take 1 GiB. The hashes run on
     HASHERS threads of their own: glibc keeps a freed 16 MiB block in the arena of the
     thread that used it, so hashing on every request thread kept one per arena."""
 
-    FAILURES, WINDOW = 5, 60.0
+    LIMITS = {"user": 5, "address": 20}  # failures per WINDOW, by kind of key
+    WINDOW = 60.0
     HASHERS = 2
     HASH_WAIT = 30.0    # seconds a login waits for a hasher before 503
     REMEMBERED = 10000  # failure records kept; the oldest go first
@@ -3725,7 +3727,7 @@ class PasswordGuard:
         now = time.monotonic()
         with self.lock:
             waits = [times[0] + self.WINDOW - now for key in keys
-                     if len(times := self.recent(key, now)) >= self.FAILURES]
+                     if len(times := self.recent(key, now)) >= self.LIMITS[key[0]]]
         if waits:
             wait = max(1, math.ceil(max(waits)))
             raise HttpError(429, f"too many failed logins: try again in {wait}s",
@@ -3743,7 +3745,7 @@ class PasswordGuard:
         now = time.monotonic()
         with self.lock:
             for key in keys:
-                times = [*self.recent(key, now), now][-self.FAILURES:]
+                times = [*self.recent(key, now), now][-self.LIMITS[key[0]]:]
                 self.failures.pop(key, None)  # re-inserted last: dicts keep order
                 self.failures[key] = times
             while len(self.failures) > self.REMEMBERED:

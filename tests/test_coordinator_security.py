@@ -399,12 +399,13 @@ def test_logins_are_throttled_per_user_and_per_address(cluster):
     for source in ("127.0.0.2", "127.0.0.3"):
         status, headers = login_status(c, "alice", "right", source)
         assert status == 429 and 1 <= int(headers["Retry-After"]) <= 60
-    # 127.0.0.2 is throttled too, whoever it tries; bob from elsewhere is not
-    assert login_status(c, "bob", "right", "127.0.0.2")[0] == 429
-    assert login_status(c, "bob", "right", "127.0.0.3")[0] == 200
-    # spraying many users from one address
-    statuses = [login_status(c, f"user{n}", "wrong", "127.0.0.4")[0] for n in range(7)]
-    assert statuses == [401] * 5 + [429] * 2
+    # five failures do not shut 127.0.0.2 out for its other users (one NAT, one lab)
+    assert login_status(c, "bob", "right", "127.0.0.2")[0] == 200
+    # spraying many users from one address: the address is throttled, whoever it tries
+    limit = mito.PasswordGuard.LIMITS["address"]
+    statuses = [login_status(c, f"user{n}", "wrong", "127.0.0.4")[0] for n in range(limit + 2)]
+    assert statuses == [401] * limit + [429] * 2
+    assert login_status(c, "bob", "right", "127.0.0.4")[0] == 429
 
 
 def test_unknown_users_cost_a_hash_too(monkeypatch):
