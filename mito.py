@@ -10,9 +10,10 @@ be installed::
     python3 mito.py worker --config worker.toml  # join an existing coordinator
     python3 mito.py client tasks submit -- echo hello
 
-The file reads top to bottom in sections: Common (durations, timestamps, config,
-logging, HTTP, credentials), Protocol (the wire shapes), Worker, Coordinator,
-Client, and the command line.
+The file reads top to bottom in sections: 1 Common (durations, timestamps, config,
+logging, HTTP, credentials), 2 Protocol (the wire shapes), 3 Worker, 4 Coordinator
+(4b its Dashboard, 4c its Network layer), 5 Client (5b Manager, 5c Alloc), and
+6 the command line.
 """
 
 import argparse
@@ -2422,7 +2423,7 @@ def run_worker(args):
 
 
 # =====================================================================================
-# 4. Coordinator: Store (SQLite), rules, HTTP API, blob store
+# 4. Coordinator: Store (SQLite), rules, HTTP API (handler families), blob store
 # =====================================================================================
 
 COORDINATOR_OPTIONS = (
@@ -4089,8 +4090,9 @@ class Liveness:
 
 
 class Coordinator:
-    """The coordinator's rules (auth, roles, matching, liveness) and its API handlers.
-    The routing table, ROUTES, follows the class."""
+    """The coordinator's shared state and rules (who is calling, what role they hold,
+    which workers are alive), handed to each family of handlers below. The routing
+    table, ROUTES, follows the families."""
 
     def __init__(self, settings):
         self.settings = settings
@@ -4109,6 +4111,10 @@ class Coordinator:
         self.passwords = PasswordGuard()
         self.store.forgive_silence()
         self.dashboard = DashboardViews(self)
+        self.users, self.groups, self.tasks = UserHandlers(self), GroupHandlers(self), \
+            TaskHandlers(self)
+        self.worker_api, self.workers = WorkerApiHandlers(self), WorkerHandlers(self)
+        self.transfers, self.admin = TransferHandlers(self), AdminHandlers(self)
 
     def user_token(self, user):
         return self.signer.sign({"k": "user", "sub": user["username"], "sign": user["sign"],
@@ -4185,7 +4191,7 @@ class Coordinator:
         return (user["admin"] or worker["creator_id"] == user["id"]
                 or self.store.worker_role_for_user(worker["id"], user["id"]) >= need)
 
-    # -- liveness
+    # -- liveness and health
 
     def reap_forever(self):
         period = max(0.05, min(5.0, self.settings.heartbeat_timeout / 4))
@@ -4202,10 +4208,51 @@ class Coordinator:
             except sqlite3.Error:
                 log.exception("liveness check failed")
 
-    # -- public and user basics
-
     def health(self, req):
         return {"status": "ok"}
+
+    # -- rules more than one family applies
+
+    @staticmethod
+    def ids_of(names, lookup, what):
+        """{name: id} of a non-empty list of existing users or groups; 400 naming those
+        that do not exist, as upstream answers (service/group.rs, worker/mod.rs)."""
+        if not names:
+            raise HttpError(400, f"no {what} given")
+        found = {name: lookup(name) for name in names}
+        missing = sorted(name for name, row in found.items() if row is None)
+        if missing:
+            raise HttpError(400, f"some {what}s do not exist: {', '.join(missing)}")
+        return {name: row["id"] for name, row in found.items()}
+
+    def servable_groups(self, user, requested):
+        """({group id: worker role}, [refused names]) of {group name: role}: a user may
+        put a worker only into groups where it holds the Write role or more (admins
+        anywhere); the others are left out, as upstream leaves out unknown groups."""
+        roles, refused = {}, []
+        for name, level in requested.items():
+            group = self.store.group(name)
+            if group and (user["admin"] or
+                          self.store.group_role(user["id"], group["id"]) >= WRITE):
+                roles[group["id"]] = level
+            else:
+                refused.append(name)
+        return roles, refused
+
+
+# ---- the handlers, by family ----------------------------------------------------------------
+
+
+class Handlers:
+    """A family of API handlers, handed the Coordinator whose rules and state it shares."""
+
+    def __init__(self, coordinator):
+        self.coordinator, self.store = coordinator, coordinator.store
+
+
+class UserHandlers(Handlers):
+    """A person's own account: logging in, the token it yields, their password and groups.
+    Routes reach it as "users.<method>"."""
 
     def login(self, req):
         body = req.body()
@@ -4213,17 +4260,17 @@ class Coordinator:
         md5 = field(body, "md5_password", md5_bytes)
         retain = field(body, "retain", a_bool, False)
         keys = (("user", name), ("address", req.peer[0] if req.peer else None))
-        self.passwords.check(keys)
+        self.coordinator.passwords.check(keys)
         user = self.store.user(name)
-        if not self.passwords.verify(md5, user):
-            self.passwords.failed(keys)
+        if not self.coordinator.passwords.verify(md5, user):
+            self.coordinator.passwords.failed(keys)
             raise HttpError(401, "wrong username or password")
-        self.passwords.forget(("user", name))
+        self.coordinator.passwords.forget(("user", name))
         if user["state"] != "Active":
             raise forbidden(f"user {name} is {user['state']}")
         if not retain:
             user = self.store.update_user(name, sign=random.getrandbits(62))
-        return {"token": self.user_token(user)}
+        return {"token": self.coordinator.user_token(user)}
 
     def auth(self, req):
         return Answer(text=req.user["username"])
@@ -4241,21 +4288,24 @@ class Coordinator:
         if user is None:
             raise not_found(f"user {username}")
         keys = (("user", username),)
-        self.passwords.check(keys)
-        if not self.passwords.verify(old, user):
-            self.passwords.failed(keys)
+        self.coordinator.passwords.check(keys)
+        if not self.coordinator.passwords.verify(old, user):
+            self.coordinator.passwords.failed(keys)
             raise forbidden("wrong old password")
-        return {"token": self.user_token(self.set_password(username, new))}
+        return {"token": self.coordinator.user_token(self.set_password(username, new))}
 
     def set_password(self, username, md5):
         salt = os.urandom(16)
-        return self.store.update_user(username, password=self.passwords.hash(md5, salt),
-                                      salt=salt)
+        password = self.coordinator.passwords.hash(md5, salt)
+        return self.store.update_user(username, password=password, salt=salt)
 
     def my_groups(self, req):
         return {"groups": role_names(self.store.user_groups(req.user["id"]))}
 
-    # -- groups
+
+class GroupHandlers(Handlers):
+    """Groups as their members see them: members, roles and the attachments kept in each.
+    Routes reach it as "groups.<method>"."""
 
     def create_group(self, req):
         name = field(req.body(), "group_name", a_name)
@@ -4264,7 +4314,7 @@ class Coordinator:
     def get_group(self, req, group):
         """GroupQueryInfo; its members only for those who manage them (upstream shows
         users_in_group to the group's Admins only)."""
-        row = self.group_of(req, group, READ)
+        row = self.coordinator.group_of(req, group, READ)
         manager = req.user["admin"] or self.store.group_role(req.user["id"], row["id"]) >= ADMIN
         tasks, workers = self.store.group_counts(row["id"])
         creator = self.store.user_by_id(row["creator_id"])
@@ -4276,22 +4326,10 @@ class Coordinator:
                 "users_in_group": role_names(self.store.group_members(row["id"]))
                 if manager else None}
 
-    @staticmethod
-    def ids_of(names, lookup, what):
-        """{name: id} of a non-empty list of existing users or groups; 400 naming those
-        that do not exist, as upstream answers (service/group.rs, worker/mod.rs)."""
-        if not names:
-            raise HttpError(400, f"no {what} given")
-        found = {name: lookup(name) for name in names}
-        missing = sorted(name for name, row in found.items() if row is None)
-        if missing:
-            raise HttpError(400, f"some {what}s do not exist: {', '.join(missing)}")
-        return {name: row["id"] for name, row in found.items()}
-
     def update_members(self, req, group):
         relations = field(req.body(), "relations", roles_map)
-        row = self.group_of(req, group, ADMIN)
-        ids = self.ids_of(relations, self.store.user, "user")
+        row = self.coordinator.group_of(req, group, ADMIN)
+        ids = self.coordinator.ids_of(relations, self.store.user, "user")
         roles = {ids[name]: role for name, role in relations.items()}
         if roles.get(row["creator_id"], ADMIN) < ADMIN:
             self.protect_creator(req, row)
@@ -4306,8 +4344,8 @@ class Coordinator:
         self.drop_members(req, group, field(req.body(), "users", strs))
 
     def drop_members(self, req, group, names):
-        row = self.group_of(req, group, ADMIN)
-        ids = self.ids_of(names, self.store.user, "user").values()
+        row = self.coordinator.group_of(req, group, ADMIN)
+        ids = self.coordinator.ids_of(names, self.store.user, "user").values()
         if row["creator_id"] in ids:
             self.protect_creator(req, row)
         self.store.remove_members(row["id"], ids)
@@ -4319,25 +4357,24 @@ class Coordinator:
         if not req.user["admin"]:
             raise forbidden(f"the creator of group {group['name']} keeps the Admin role")
 
-    # -- attachments
-
     def attachment_url(self, req, group, key, method):
-        return self.blobs.url(self.public_url, method, ("attachment", group["id"], key),
-                              None, group["id"])
+        return self.coordinator.blobs.url(self.coordinator.public_url, method,
+                                          ("attachment", group["id"], key), None, group["id"])
 
     def upload_attachment(self, req, group):
-        row = self.group_of(req, group, WRITE)
+        row = self.coordinator.group_of(req, group, WRITE)
         body = req.body()
         key = field(body, "key", a_key)
         size = field(body, "content_length", a_size)
         old = self.store.attachment(row["id"], key)
         self.store.check_quota(row["id"], old["size"] if old else 0, size)
-        url = self.blobs.url(self.public_url, "PUT", ("attachment", row["id"], key), size,
-                             row["id"], was=old["updated_at"] if old else 0)
+        url = self.coordinator.blobs.url(self.coordinator.public_url, "PUT",
+                                         ("attachment", row["id"], key), size, row["id"],
+                                         was=old["updated_at"] if old else 0)
         return {"url": url, "exist": old is not None}
 
     def query_attachments(self, req, group):
-        row = self.listed_group(req, group, READ)
+        row = self.coordinator.listed_group(req, group, READ)
         body = req.body()
         part = field(body, "key", a_str, None) or field(body, "key_prefix", a_str, None)
         limit, offset = field(body, "limit", a_size, None), field(body, "offset", a_size, None)
@@ -4349,7 +4386,7 @@ class Coordinator:
                 "group_name": group}
 
     def existing_attachment(self, req, group, key, need):
-        row = self.group_of(req, group, need)
+        row = self.coordinator.group_of(req, group, need)
         attachment = self.store.attachment(row["id"], key)
         if attachment is None:
             raise not_found(f"attachment {key} of group {group}")
@@ -4369,11 +4406,11 @@ class Coordinator:
     def drop_attachment(self, group_id, key):
         found = self.store.forget_blob("attachments", {"group_id": group_id, "key": key},
                                        group_id)
-        self.blobs.remove(("attachment", group_id, key))
+        self.coordinator.blobs.remove(("attachment", group_id, key))
         return found
 
     def attachments_by_filter(self, req, group, need):
-        row = self.listed_group(req, group, need)
+        row = self.coordinator.listed_group(req, group, need)
         body = req.body()
         rows = self.store.query_attachments(row["id"], field(body, "key", a_str, None),
                                             field(body, "limit", a_size, None),
@@ -4385,7 +4422,7 @@ class Coordinator:
         return self.attachment_downloads(req, row, keys)
 
     def download_attachments_list(self, req, group):
-        row = self.listed_group(req, group, READ)
+        row = self.coordinator.listed_group(req, group, READ)
         keys = field(req.body(), "keys", some_of(strs, "keys"))
         return self.attachment_downloads(req, row, keys)
 
@@ -4404,13 +4441,17 @@ class Coordinator:
         return {"deleted_count": deleted, "group_name": group}
 
     def delete_attachments_list(self, req, group):
-        row = self.listed_group(req, group, WRITE)
+        row = self.coordinator.listed_group(req, group, WRITE)
         failed = [key for key in field(req.body(), "keys", some_of(strs, "keys"))
                   if not self.drop_attachment(row["id"], key)]
         return {"deleted_count": len(req.body()["keys"]) - len(failed), "failed_keys": failed,
                 "group_name": group}
 
-    # -- workers: registration and the worker's own calls
+
+class WorkerApiHandlers(Handlers):
+    """The API a worker calls: register, heartbeat, fetch and report its tasks, read
+    what its task needs.
+    Routes reach it as "worker_api.<method>"."""
 
     def register_worker(self, req):
         body = req.body()
@@ -4419,32 +4460,18 @@ class Coordinator:
         entries = field(body, "groups", strs, [])
         lifetime = field(body, "lifetime", a_duration, None)
         requested, malformed = worker_group_entries(entries)
-        roles, refused = self.servable_groups(req.user, requested)
+        roles, refused = self.coordinator.servable_groups(req.user, requested)
         refused += malformed
         roles[self.store.group(req.user["username"])["id"]] = ADMIN
-        expires = time.time() + (lifetime or self.settings.access_token_expires_in)
+        expires = time.time() + (lifetime or self.coordinator.settings.access_token_expires_in)
         worker_uuid = self.store.register_worker(req.user["id"], tags, labels, roles, expires)
-        token = self.signer.sign({"k": "worker", "sub": worker_uuid, "exp": expires})
+        token = self.coordinator.signer.sign({"k": "worker", "sub": worker_uuid, "exp": expires})
         log.info("worker %s registered by %s", worker_uuid, req.user["username"])
         if refused:
             log.warning("worker %s registered by %s without groups %s: unknown, or %s lacks "
                         "the Write role there", worker_uuid, req.user["username"],
                         ", ".join(refused), req.user["username"])
         return {"worker_id": worker_uuid, "token": token, "redis_url": None}
-
-    def servable_groups(self, user, requested):
-        """({group id: worker role}, [refused names]) of {group name: role}: a user may
-        put a worker only into groups where it holds the Write role or more (admins
-        anywhere); the others are left out, as upstream leaves out unknown groups."""
-        roles, refused = {}, []
-        for name, level in requested.items():
-            group = self.store.group(name)
-            if group and (user["admin"] or
-                          self.store.group_role(user["id"], group["id"]) >= WRITE):
-                roles[group["id"]] = level
-            else:
-                refused.append(name)
-        return roles, refused
 
     def unregister_worker(self, req):
         self.store.remove_workers([req.worker["id"]])
@@ -4458,8 +4485,9 @@ class Coordinator:
         to S seconds (at most 30) until one is submitted or requeued for it."""
         wait = req.arg("wait", float, 0.0)
         time_left = req.arg("time_left", float)
-        wait = min(LONG_POLL_MAX, wait) if wait > 0 and not self.stopping.is_set() else 0
-        return self.dispatcher.fetch(req.worker, time_left, wait, time.monotonic())
+        stopping = self.coordinator.stopping.is_set()
+        wait = min(LONG_POLL_MAX, wait) if wait > 0 and not stopping else 0
+        return self.coordinator.dispatcher.fetch(req.worker, time_left, wait, time.monotonic())
 
     def report_task(self, req):
         body = req.body()
@@ -4480,20 +4508,7 @@ class Coordinator:
         return {"url": url}  # ReportTaskResp: the Rust worker parses every report's answer
 
     def report_upload(self, req, task, value):
-        return self.artifact_upload(req, task, value)[0]
-
-    def artifact_upload(self, req, task, value):
-        """(upload URL, whether the artifact exists already) for an UploadArtifactReq."""
-        kind = field(value, "content_type", a_kind)
-        size = field(value, "content_length", a_size)
-        old = self.store.artifact(task["uuid"], kind)
-        self.store.check_quota(task["group_id"], old["size"] if old else 0, size)
-        self.store.set_task_state(task["id"], task["state"])  # an upload is a sign of life
-        # a worker's upload URL dies when it commits the task
-        url = self.blobs.url(self.public_url, "PUT", ("artifact", task["uuid"], kind), size,
-                             task["group_id"], was=old["updated_at"] if old else 0,
-                             w=req.worker["id"] if req.worker else None)
-        return url, old is not None
+        return self.coordinator.tasks.artifact_upload(req, task, value)[0]
 
     def report_commit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
@@ -4519,7 +4534,7 @@ class Coordinator:
         log.info("task %s submitted downstream task %s", task["uuid"], new_uuid)
 
     def worker_get_task(self, req, task):
-        return self.task_answer(self.task_for_worker(req.worker, task))
+        return self.coordinator.tasks.task_answer(self.task_for_worker(req.worker, task))
 
     def worker_task_output(self, req, task):
         """An increment of a running task's output (the X-Mito-Output addition)."""
@@ -4531,23 +4546,12 @@ class Coordinator:
         for stream in OUTPUT_STREAMS:
             increment = field(body, stream, an_output_increment, None)
             if increment is not None:
-                self.outputs.append(row["uuid"], stream, req.worker["id"], *increment,
+                self.coordinator.outputs.append(row["uuid"], stream, req.worker["id"], *increment,
                                     finished)
-
-    def task_output(self, req, task):
-        """What a task has written so far to one stream, from a byte offset."""
-        row = self.task_of(req, task, READ)
-        stream = req.arg("stream", an_output_stream, "stdout")
-        offset = req.arg("offset", a_natural, 0)
-        ended = row["state"] in ("Finished", "Cancelled")
-        data, start, following, finished = self.outputs.read(row["uuid"], stream, offset,
-                                                             ended)
-        return {"data": data.decode("utf-8", "replace"), "offset": start, "next": following,
-                "finished": finished, "state": row["state"]}
 
     def worker_artifact(self, req, task, kind):
         row = self.task_for_worker(req.worker, task)
-        return self.artifact_download(req, row["uuid"], path_kind(kind))
+        return self.coordinator.tasks.artifact_download(req, row["uuid"], path_kind(kind))
 
     def worker_attachment(self, req, task, key):
         row = self.task_for_worker(req.worker, task)
@@ -4555,7 +4559,8 @@ class Coordinator:
         if attachment is None:
             raise not_found(f"attachment {key} of group {row['group_name']}")
         group = self.store.group(row["group_name"])
-        return {"url": self.attachment_url(req, group, key, "GET"), "size": attachment["size"]}
+        return {"url": self.coordinator.groups.attachment_url(req, group, key, "GET"),
+                "size": attachment["size"]}
 
     def task_for_worker(self, worker, task_uuid):
         """A task the worker may read: one of a group it serves, the one it holds, or
@@ -4575,14 +4580,10 @@ class Coordinator:
                 return row
         raise forbidden(f"worker {worker['uuid']} may not read task {row['uuid']}")
 
-    def artifact_download(self, req, task_uuid, kind):
-        artifact = self.store.artifact(task_uuid, kind)
-        if artifact is None:
-            raise not_found(f"artifact {kind} of task {task_uuid}")
-        url = self.blobs.url(self.public_url, "GET", ("artifact", task_uuid, kind), None, None)
-        return {"url": url, "size": artifact["size"]}
 
-    # -- workers: what users do with them
+class WorkerHandlers(Handlers):
+    """What users do with workers: find, inspect, retag, regroup and shut them down.
+    Routes reach it as "workers.<method>"."""
 
     def worker_answer(self, row):
         task = row["task_id"] and self.store.one("SELECT uuid FROM tasks WHERE id = ?",
@@ -4600,7 +4601,7 @@ class Coordinator:
         if filters["group_name"]:
             if self.store.group(filters["group_name"]) is None:  # upstream: 403, not 404
                 raise forbidden(f"no group {filters['group_name']} of yours")
-            group_id = self.group_of(req, filters["group_name"], READ)["id"]
+            group_id = self.coordinator.group_of(req, filters["group_name"], READ)["id"]
         visible_to = None if req.user["admin"] else req.user["id"]
         return filters, self.store.query_workers(visible_to, filters, group_id)
 
@@ -4613,19 +4614,19 @@ class Coordinator:
                 "group_name": filters["group_name"] or ""}
 
     def get_worker(self, req, worker):
-        row = self.worker_of(req, worker, READ)
+        row = self.coordinator.worker_of(req, worker, READ)
         return {"info": self.worker_answer(row),
                 "groups": role_names(self.store.worker_groups(row["id"]))}
 
     def shutdown_worker(self, req, worker):
-        row = self.worker_of(req, worker, ADMIN)
+        row = self.coordinator.worker_of(req, worker, ADMIN)
         self.store.shutdown_workers([row], req.arg("op", shutdown_op, "graceful") == "force")
 
     def shutdown_workers_filter(self, req):
         body = req.body()
         force = field(body, "op", shutdown_op, "graceful") == "force"
         filters, rows = self.query_matching_workers(req, body)
-        rows = [row for row in rows if self.may_manage(req.user, row, ADMIN)]
+        rows = [row for row in rows if self.coordinator.may_manage(req.user, row, ADMIN)]
         self.store.shutdown_workers(rows, force)
         return {"shutdown_count": len(rows), "group_name": filters["group_name"] or ""}
 
@@ -4635,7 +4636,7 @@ class Coordinator:
         rows, failed = [], []
         for worker_uuid in field(body, "uuids", some_uuids):
             row = self.store.worker(worker_uuid)
-            if row and self.may_manage(req.user, row, ADMIN):
+            if row and self.coordinator.may_manage(req.user, row, ADMIN):
                 rows.append(row)
             else:
                 failed.append(worker_uuid)
@@ -4643,18 +4644,18 @@ class Coordinator:
         return {"shutdown_count": len(rows), "failed_uuids": failed}
 
     def worker_tags(self, req, worker):
-        row = self.worker_of(req, worker, ADMIN)
+        row = self.coordinator.worker_of(req, worker, ADMIN)
         self.store.update_worker(row["id"], tags=field(req.body(), "tags", strs))
 
     def worker_labels(self, req, worker):
-        row = self.worker_of(req, worker, ADMIN)
+        row = self.coordinator.worker_of(req, worker, ADMIN)
         self.store.update_worker(row["id"], labels=field(req.body(), "labels", strs))
 
     def worker_groups(self, req, worker):
         relations = field(req.body(), "relations", roles_map)
-        row = self.worker_of(req, worker, ADMIN)
-        self.ids_of(relations, self.store.group, "group")
-        roles, refused = self.servable_groups(req.user, relations)
+        row = self.coordinator.worker_of(req, worker, ADMIN)
+        self.coordinator.ids_of(relations, self.store.group, "group")
+        roles, refused = self.coordinator.servable_groups(req.user, relations)
         if refused:
             raise forbidden(f"user {req.user['username']} needs the Write role in group "
                             f"{refused[0]} to let a worker serve it")
@@ -4669,18 +4670,56 @@ class Coordinator:
         self.drop_worker_groups(req, worker, field(req.body(), "groups", strs))
 
     def drop_worker_groups(self, req, worker, names):
-        row = self.worker_of(req, worker, ADMIN)
-        self.store.remove_worker_groups(row["id"],
-                                        self.ids_of(names, self.store.group, "group").values())
+        row = self.coordinator.worker_of(req, worker, ADMIN)
+        ids = self.coordinator.ids_of(names, self.store.group, "group")
+        self.store.remove_worker_groups(row["id"], ids.values())
 
-    # -- tasks
+
+class TaskHandlers(Handlers):
+    """Tasks as their users see them: submit, query, change, cancel, follow the
+    output, handle the artifacts.
+    Routes reach it as "tasks.<method>"."""
+
+    def artifact_upload(self, req, task, value):
+        """(upload URL, whether the artifact exists already) for an UploadArtifactReq."""
+        kind = field(value, "content_type", a_kind)
+        size = field(value, "content_length", a_size)
+        old = self.store.artifact(task["uuid"], kind)
+        self.store.check_quota(task["group_id"], old["size"] if old else 0, size)
+        self.store.set_task_state(task["id"], task["state"])  # an upload is a sign of life
+        # a worker's upload URL dies when it commits the task
+        url = self.coordinator.blobs.url(self.coordinator.public_url, "PUT",
+                                         ("artifact", task["uuid"], kind), size,
+                                         task["group_id"], was=old["updated_at"] if old else 0,
+                                         w=req.worker["id"] if req.worker else None)
+        return url, old is not None
+
+    def task_output(self, req, task):
+        """What a task has written so far to one stream, from a byte offset."""
+        row = self.coordinator.task_of(req, task, READ)
+        stream = req.arg("stream", an_output_stream, "stdout")
+        offset = req.arg("offset", a_natural, 0)
+        ended = row["state"] in ("Finished", "Cancelled")
+        data, start, following, finished = self.coordinator.outputs.read(
+            row["uuid"], stream, offset, ended)
+        return {"data": data.decode("utf-8", "replace"), "offset": start, "next": following,
+                "finished": finished, "state": row["state"]}
+
+    def artifact_download(self, req, task_uuid, kind):
+        artifact = self.store.artifact(task_uuid, kind)
+        if artifact is None:
+            raise not_found(f"artifact {kind} of task {task_uuid}")
+        url = self.coordinator.blobs.url(self.coordinator.public_url, "GET",
+                                         ("artifact", task_uuid, kind), None, None)
+        return {"url": url, "size": artifact["size"]}
 
     def submit_one(self, req, value):
         try:
             request = a_submission(value)
         except (ValueError, TypeError) as error:
             raise HttpError(400, f"bad task: {error}") from None
-        group = self.group_of(req, request["group_name"] or req.user["username"], WRITE)
+        group = self.coordinator.group_of(req, request["group_name"] or req.user["username"],
+                                          WRITE)
         task_id, task_uuid = self.store.insert_tasks(req.user["id"], [(group["id"], request)])[0]
         return {"task_id": task_id, "uuid": task_uuid}
 
@@ -4701,7 +4740,7 @@ class Coordinator:
                 "artifacts": [blob_info(a) for a in self.store.artifacts(row["uuid"])]}
 
     def get_task(self, req, task):
-        return self.task_answer(self.task_of(req, task, READ))
+        return self.task_answer(self.coordinator.task_of(req, task, READ))
 
     def change_task(self, req, task):
         body = req.body()
@@ -4713,19 +4752,19 @@ class Coordinator:
         if not changes:
             raise HttpError(400, "no change specified: give tags, timeout, priority or "
                                  "task_spec")
-        row = self.task_of(req, task, WRITE)
+        row = self.coordinator.task_of(req, task, WRITE)
         if row["state"] not in ("Ready", "Pending"):  # 404 as upstream: no such Ready task
             raise HttpError(404, f"task {task} is {row['state']}: only a task that has not "
                                  f"started can be changed")
         self.store.change_task(row["id"], changes)
 
     def task_labels(self, req, task):
-        row = self.task_of(req, task, WRITE)
+        row = self.coordinator.task_of(req, task, WRITE)
         self.store.change_task(row["id"], {"labels": sorted(set(field(req.body(), "labels",
                                                                       strs)))})
 
     def cancel_task(self, req, task):
-        row = self.task_of(req, task, WRITE)
+        row = self.coordinator.task_of(req, task, WRITE)
         if not self.store.cancel_tasks([row["id"]]):  # 404 as upstream: no such Ready task
             raise HttpError(404, f"task {task} is {row['state']}: only a Ready or Pending "
                                  f"task can be cancelled")
@@ -4735,7 +4774,7 @@ class Coordinator:
         caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
         name = filters["group_name"] or req.user["username"]
-        group_ids = [self.listed_group(req, name, need)["id"]]
+        group_ids = [self.coordinator.listed_group(req, name, need)["id"]]
         return filters, self.store.query_tasks(filters, group_ids, count)
 
     def query_tasks(self, req):
@@ -4768,22 +4807,23 @@ class Coordinator:
         return {"cancelled_count": cancelled, "failed_uuids": failed}
 
     def upload_artifact(self, req, task):
-        url, exist = self.artifact_upload(req, self.task_of(req, task, WRITE), req.body())
+        row = self.coordinator.task_of(req, task, WRITE)
+        url, exist = self.artifact_upload(req, row, req.body())
         return {"url": url, "exist": exist}
 
     def download_artifact(self, req, task, kind):
-        row = self.task_of(req, task, READ)
+        row = self.coordinator.task_of(req, task, READ)
         return self.artifact_download(req, row["uuid"], path_kind(kind))
 
     def delete_artifact(self, req, task, kind):
-        row = self.task_of(req, task, WRITE)
+        row = self.coordinator.task_of(req, task, WRITE)
         if not self.drop_artifact(row, path_kind(kind)):
             raise not_found(f"artifact {kind} of task {task}")
 
     def drop_artifact(self, row, kind):
         found = self.store.forget_blob("artifacts", {"task_uuid": row["uuid"], "kind": kind},
                                        row["group_id"])
-        self.blobs.remove(("artifact", row["uuid"], kind))
+        self.coordinator.blobs.remove(("artifact", row["uuid"], kind))
         return found
 
     def artifacts_by_filter(self, req, need):
@@ -4799,7 +4839,7 @@ class Coordinator:
         rows, failed = [], []
         for task_uuid in field(body, "uuids", some_uuids):
             try:
-                rows.append(self.task_of(req, task_uuid, need))
+                rows.append(self.coordinator.task_of(req, task_uuid, need))
             except HttpError:
                 failed.append(task_uuid)
         return kind, rows, failed
@@ -4827,10 +4867,13 @@ class Coordinator:
         missing = [row["uuid"] for row in rows if not self.drop_artifact(row, kind)]
         return {"deleted_count": len(rows) - len(missing), "failed_uuids": refused + missing}
 
-    # -- blobs: the signed URLs handed out above
+
+class TransferHandlers(Handlers):
+    """The blob bodies themselves, moved through the signed URLs the other families
+    hand out. Routes reach it as "transfers.<method>"."""
 
     def blob_put(self, req, token):
-        grant = self.blobs.grant(token, "PUT")
+        grant = self.coordinator.blobs.grant(token, "PUT")
         length = req.header("Content-Length")
         if length is None or not length.isdigit():
             raise HttpError(411, "Content-Length required")
@@ -4841,25 +4884,28 @@ class Coordinator:
         keys = {"task_uuid": owner, "kind": name} if kind == "artifact" else {
             "group_id": owner, "key": name}
         self.store.check_upload(f"{kind}s", keys, grant)
-        with self.blobs.receive(req.body_stream, int(length),
-                                self.blobs.path(grant["r"])) as place:
+        with self.coordinator.blobs.receive(req.body_stream, int(length),
+                                self.coordinator.blobs.path(grant["r"])) as place:
             req.body_consumed = True
             self.store.record_blob(f"{kind}s", keys, int(length), grant["g"], grant, place)
 
     def blob_get(self, req, token):
-        path = self.blobs.path(self.blobs.grant(token, "GET")["r"])
+        path = self.coordinator.blobs.path(self.coordinator.blobs.grant(token, "GET")["r"])
         if not os.path.exists(path):
             raise not_found("blob")
         return Answer(file=path)
 
-    # -- admin
+
+class AdminHandlers(Handlers):
+    """What only a site admin does: manage users and quotas, remove anything, stop the
+    coordinator. Routes reach it as "admin.<method>"."""
 
     def admin_create_user(self, req):
         body = req.body()
         name = field(body, "username", a_name)
         md5 = field(body, "md5_password", md5_bytes)
         salt = os.urandom(16)
-        self.store.create_user(name, self.passwords.hash(md5, salt), salt,
+        self.store.create_user(name, self.coordinator.passwords.hash(md5, salt), salt,
                                field(body, "admin", a_bool, False))
 
     def existing_user(self, username):
@@ -4874,7 +4920,8 @@ class Coordinator:
 
     def admin_password(self, req, username):
         self.existing_user(username)
-        self.set_password(username, field(req.body(), "new_md5_password", md5_bytes))
+        md5 = field(req.body(), "new_md5_password", md5_bytes)
+        self.coordinator.users.set_password(username, md5)
 
     def admin_user_state(self, req, username):
         self.existing_user(username)
@@ -4888,29 +4935,29 @@ class Coordinator:
         return {"group_quota": self.store.update_user(username, group_quota=quota)["group_quota"]}
 
     def admin_storage_quota(self, req, group):
-        row = self.group_of(req, group, ADMIN)
+        row = self.coordinator.group_of(req, group, ADMIN)
         quota = field(req.body(), "storage_quota",
                       lambda text: adjust(row["storage_quota"], text, parse_size))
         self.store.set_group_quota(row["id"], quota)
         return {"storage_quota": quota}
 
     def admin_shutdown_worker(self, req, worker):
-        self.shutdown_worker(req, worker)
+        self.coordinator.workers.shutdown_worker(req, worker)
 
     def admin_delete_attachment(self, req, group, key):
-        self.delete_attachment(req, group, key)
+        self.coordinator.groups.delete_attachment(req, group, key)
 
     def admin_delete_artifact(self, req, task, kind):
-        self.delete_artifact(req, task, kind)
+        self.coordinator.tasks.delete_artifact(req, task, kind)
 
     def admin_shutdown(self, req):
         secret = field(req.body(), "secret", a_str)
-        configured = self.settings.shutdown_secret
+        configured = self.coordinator.settings.shutdown_secret
         if not configured or not hmac.compare_digest(secret.encode(), configured.encode()):
             raise forbidden("wrong shutdown secret" if configured
                             else "no shutdown_secret is configured")
         log.warning("shutdown requested by %s", req.user["username"])
-        self.stopping.set()
+        self.coordinator.stopping.set()
 
 
 def referenced_tasks(spec):
@@ -4973,7 +5020,8 @@ def a_user_state(value):
 # (method, path, handler, who may call: None = anyone, "user", "admin", "worker",
 # "registrar" = a user or a local worker's token (what a worker needs to register), or
 # "blob" = anyone holding a signed URL; blob bodies are streamed by the handler itself).
-# A handler is a Coordinator method, or one of a family it holds ("dashboard.status").
+# A handler is a family the Coordinator holds and one of its methods ("tasks.get_task"),
+# or, for "health", a Coordinator method.
 
 ROUTES = [
     ("GET", "/health", "health", None),
@@ -4982,74 +5030,76 @@ ROUTES = [
     ("GET", "/status", "dashboard.status", "user"),
     ("GET", "/metrics", "dashboard.metrics", None),
     ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
-    ("POST", "/login", "login", None),
-    ("GET", "/auth", "auth", "registrar"),
-    ("GET", "/redis", "redis", "user"),
-    ("POST", "/users/{username}/password", "change_password", "user"),
-    ("GET", "/users/groups", "my_groups", "user"),
-    ("POST", "/groups", "create_group", "user"),
-    ("GET", "/groups/{group}", "get_group", "user"),
-    ("PUT", "/groups/{group}/users", "update_members", "user"),
-    ("DELETE", "/groups/{group}/users", "remove_members", "user"),
-    ("POST", "/groups/{group}/users/remove", "remove_members_listed", "user"),
-    ("POST", "/groups/{group}/attachments", "upload_attachment", "user"),
-    ("POST", "/groups/{group}/attachments/query", "query_attachments", "user"),
-    ("GET", "/groups/{group}/attachments/{key*}", "attachment_meta", "user"),
-    ("DELETE", "/groups/{group}/attachments/{key*}", "delete_attachment", "user"),
-    ("POST", "/groups/{group}/download/attachments", "download_attachments_filter", "user"),
-    ("POST", "/groups/{group}/download/attachments/list", "download_attachments_list", "user"),
-    ("GET", "/groups/{group}/download/attachments/{key*}", "download_attachment", "user"),
-    ("POST", "/groups/{group}/delete/attachments", "delete_attachments_filter", "user"),
-    ("POST", "/groups/{group}/delete/attachments/list", "delete_attachments_list", "user"),
-    ("POST", "/workers", "register_worker", "registrar"),
-    ("DELETE", "/workers", "unregister_worker", "worker"),
-    ("POST", "/workers/heartbeat", "heartbeat", "worker"),
-    ("GET", "/workers/tasks", "fetch_task", "worker"),
-    ("POST", "/workers/tasks", "report_task", "worker"),
-    ("GET", "/workers/tasks/{task}", "worker_get_task", "worker"),
-    ("POST", "/workers/tasks/{task}/output", "worker_task_output", "worker"),
-    ("GET", "/workers/tasks/{task}/artifacts/{kind}", "worker_artifact", "worker"),
-    ("GET", "/workers/tasks/{task}/attachments/{key*}", "worker_attachment", "worker"),
-    ("POST", "/workers/query", "query_workers", "user"),
-    ("POST", "/workers/shutdown", "shutdown_workers_filter", "user"),
-    ("POST", "/workers/shutdown/list", "shutdown_workers_list", "user"),
-    ("GET", "/workers/{worker}", "get_worker", "user"),
-    ("DELETE", "/workers/{worker}", "shutdown_worker", "user"),
-    ("PUT", "/workers/{worker}/tags", "worker_tags", "user"),
-    ("PUT", "/workers/{worker}/labels", "worker_labels", "user"),
-    ("PUT", "/workers/{worker}/groups", "worker_groups", "user"),
-    ("DELETE", "/workers/{worker}/groups", "remove_worker_groups", "user"),
-    ("DELETE", "/workers/{worker}/groups/remove", "remove_worker_groups_listed", "user"),
-    ("POST", "/tasks", "submit_task", "user"),
-    ("POST", "/tasks/submit", "submit_batch", "user"),
-    ("POST", "/tasks/query", "query_tasks", "user"),
-    ("POST", "/tasks/cancel", "cancel_filter", "user"),
-    ("POST", "/tasks/cancel/list", "cancel_list", "user"),
-    ("POST", "/tasks/download/artifacts", "download_artifacts", "user"),
-    ("POST", "/tasks/download/artifacts/list", "download_artifacts_list", "user"),
-    ("POST", "/tasks/delete/artifacts", "delete_artifacts", "user"),
-    ("POST", "/tasks/delete/artifacts/list", "delete_artifacts_list", "user"),
-    ("GET", "/tasks/{task}", "get_task", "user"),
-    ("PUT", "/tasks/{task}", "change_task", "user"),
-    ("DELETE", "/tasks/{task}", "cancel_task", "user"),
-    ("PUT", "/tasks/{task}/labels", "task_labels", "user"),
-    ("GET", "/tasks/{task}/output", "task_output", "user"),
-    ("POST", "/tasks/{task}/artifacts", "upload_artifact", "user"),
-    ("DELETE", "/tasks/{task}/artifacts/{kind}", "delete_artifact", "user"),
-    ("GET", "/tasks/{task}/download/artifacts/{kind}", "download_artifact", "user"),
-    ("POST", "/admin/users", "admin_create_user", "admin"),
-    ("DELETE", "/admin/users/{username}", "admin_delete_user", "admin"),
-    ("POST", "/admin/users/{username}/password", "admin_password", "admin"),
-    ("POST", "/admin/users/{username}/group-quota", "admin_group_quota", "admin"),
-    ("POST", "/admin/users/{username}/state", "admin_user_state", "admin"),
-    ("POST", "/admin/groups/{group}/storage-quota", "admin_storage_quota", "admin"),
-    ("DELETE", "/admin/workers/{worker}", "admin_shutdown_worker", "admin"),
-    ("DELETE", "/admin/workers/{worker}/", "admin_shutdown_worker", "admin"),
-    ("DELETE", "/admin/groups/{group}/attachments/{key*}", "admin_delete_attachment", "admin"),
-    ("DELETE", "/admin/tasks/{task}/artifacts/{kind}", "admin_delete_artifact", "admin"),
-    ("POST", "/admin/shutdown", "admin_shutdown", "admin"),
-    ("PUT", "/blobs/{token}", "blob_put", "blob"),
-    ("GET", "/blobs/{token}", "blob_get", "blob"),
+    ("POST", "/login", "users.login", None),
+    ("GET", "/auth", "users.auth", "registrar"),
+    ("GET", "/redis", "users.redis", "user"),
+    ("POST", "/users/{username}/password", "users.change_password", "user"),
+    ("GET", "/users/groups", "users.my_groups", "user"),
+    ("POST", "/groups", "groups.create_group", "user"),
+    ("GET", "/groups/{group}", "groups.get_group", "user"),
+    ("PUT", "/groups/{group}/users", "groups.update_members", "user"),
+    ("DELETE", "/groups/{group}/users", "groups.remove_members", "user"),
+    ("POST", "/groups/{group}/users/remove", "groups.remove_members_listed", "user"),
+    ("POST", "/groups/{group}/attachments", "groups.upload_attachment", "user"),
+    ("POST", "/groups/{group}/attachments/query", "groups.query_attachments", "user"),
+    ("GET", "/groups/{group}/attachments/{key*}", "groups.attachment_meta", "user"),
+    ("DELETE", "/groups/{group}/attachments/{key*}", "groups.delete_attachment", "user"),
+    ("POST", "/groups/{group}/download/attachments", "groups.download_attachments_filter", "user"),
+    ("POST", "/groups/{group}/download/attachments/list", "groups.download_attachments_list",
+     "user"),
+    ("GET", "/groups/{group}/download/attachments/{key*}", "groups.download_attachment", "user"),
+    ("POST", "/groups/{group}/delete/attachments", "groups.delete_attachments_filter", "user"),
+    ("POST", "/groups/{group}/delete/attachments/list", "groups.delete_attachments_list", "user"),
+    ("POST", "/workers", "worker_api.register_worker", "registrar"),
+    ("DELETE", "/workers", "worker_api.unregister_worker", "worker"),
+    ("POST", "/workers/heartbeat", "worker_api.heartbeat", "worker"),
+    ("GET", "/workers/tasks", "worker_api.fetch_task", "worker"),
+    ("POST", "/workers/tasks", "worker_api.report_task", "worker"),
+    ("GET", "/workers/tasks/{task}", "worker_api.worker_get_task", "worker"),
+    ("POST", "/workers/tasks/{task}/output", "worker_api.worker_task_output", "worker"),
+    ("GET", "/workers/tasks/{task}/artifacts/{kind}", "worker_api.worker_artifact", "worker"),
+    ("GET", "/workers/tasks/{task}/attachments/{key*}", "worker_api.worker_attachment", "worker"),
+    ("POST", "/workers/query", "workers.query_workers", "user"),
+    ("POST", "/workers/shutdown", "workers.shutdown_workers_filter", "user"),
+    ("POST", "/workers/shutdown/list", "workers.shutdown_workers_list", "user"),
+    ("GET", "/workers/{worker}", "workers.get_worker", "user"),
+    ("DELETE", "/workers/{worker}", "workers.shutdown_worker", "user"),
+    ("PUT", "/workers/{worker}/tags", "workers.worker_tags", "user"),
+    ("PUT", "/workers/{worker}/labels", "workers.worker_labels", "user"),
+    ("PUT", "/workers/{worker}/groups", "workers.worker_groups", "user"),
+    ("DELETE", "/workers/{worker}/groups", "workers.remove_worker_groups", "user"),
+    ("DELETE", "/workers/{worker}/groups/remove", "workers.remove_worker_groups_listed", "user"),
+    ("POST", "/tasks", "tasks.submit_task", "user"),
+    ("POST", "/tasks/submit", "tasks.submit_batch", "user"),
+    ("POST", "/tasks/query", "tasks.query_tasks", "user"),
+    ("POST", "/tasks/cancel", "tasks.cancel_filter", "user"),
+    ("POST", "/tasks/cancel/list", "tasks.cancel_list", "user"),
+    ("POST", "/tasks/download/artifacts", "tasks.download_artifacts", "user"),
+    ("POST", "/tasks/download/artifacts/list", "tasks.download_artifacts_list", "user"),
+    ("POST", "/tasks/delete/artifacts", "tasks.delete_artifacts", "user"),
+    ("POST", "/tasks/delete/artifacts/list", "tasks.delete_artifacts_list", "user"),
+    ("GET", "/tasks/{task}", "tasks.get_task", "user"),
+    ("PUT", "/tasks/{task}", "tasks.change_task", "user"),
+    ("DELETE", "/tasks/{task}", "tasks.cancel_task", "user"),
+    ("PUT", "/tasks/{task}/labels", "tasks.task_labels", "user"),
+    ("GET", "/tasks/{task}/output", "tasks.task_output", "user"),
+    ("POST", "/tasks/{task}/artifacts", "tasks.upload_artifact", "user"),
+    ("DELETE", "/tasks/{task}/artifacts/{kind}", "tasks.delete_artifact", "user"),
+    ("GET", "/tasks/{task}/download/artifacts/{kind}", "tasks.download_artifact", "user"),
+    ("POST", "/admin/users", "admin.admin_create_user", "admin"),
+    ("DELETE", "/admin/users/{username}", "admin.admin_delete_user", "admin"),
+    ("POST", "/admin/users/{username}/password", "admin.admin_password", "admin"),
+    ("POST", "/admin/users/{username}/group-quota", "admin.admin_group_quota", "admin"),
+    ("POST", "/admin/users/{username}/state", "admin.admin_user_state", "admin"),
+    ("POST", "/admin/groups/{group}/storage-quota", "admin.admin_storage_quota", "admin"),
+    ("DELETE", "/admin/workers/{worker}", "admin.admin_shutdown_worker", "admin"),
+    ("DELETE", "/admin/workers/{worker}/", "admin.admin_shutdown_worker", "admin"),
+    ("DELETE", "/admin/groups/{group}/attachments/{key*}", "admin.admin_delete_attachment",
+     "admin"),
+    ("DELETE", "/admin/tasks/{task}/artifacts/{kind}", "admin.admin_delete_artifact", "admin"),
+    ("POST", "/admin/shutdown", "admin.admin_shutdown", "admin"),
+    ("PUT", "/blobs/{token}", "transfers.blob_put", "blob"),
+    ("GET", "/blobs/{token}", "transfers.blob_get", "blob"),
 ]
 
 
@@ -5854,7 +5904,7 @@ class DashboardViews:
         history = [{"event": "Submitted", "at": stamp(row["created_at"]), "worker": None}]
         history += [{"event": e["event"], "at": stamp(e["at"]), "worker": e["worker"]}
                     for e in self.store.task_history(row["id"])]
-        return {**self.coordinator.task_answer(row), "history": history,
+        return {**self.coordinator.tasks.task_answer(row), "history": history,
                 "worker": self.running_worker(row), "output": self.output_tail(row["uuid"])}
 
     def running_worker(self, row):
@@ -6491,7 +6541,7 @@ document.addEventListener("DOMContentLoaded", () => {
         return Answer(text=text, content_type=content_type, headers=dict(cls.HEADERS))
 
 # =====================================================================================
-# 4b. Network: one event loop serves the coordinator's API
+# 4c. Network: one event loop serves the coordinator's API
 # =====================================================================================
 #
 # socket -> HttpConnection -> HttpParser (bytes in, requests out) -> Router ->
@@ -6510,8 +6560,8 @@ POOL_SIZE = 8                    # threads for the handlers that may not run on 
 IDLE_TIMEOUT = 600.0             # a keep-alive connection idle this long is closed
 SEND_CHUNK = 1 << 18             # a file answer is read from disk this much at a time
 # Handlers that would hold the loop too long: password hashing (scrypt) and blobs.
-POOL_HANDLERS = {"login", "change_password", "admin_create_user", "admin_password",
-                 "blob_put", "blob_get"}
+POOL_HANDLERS = {"users.login", "users.change_password", "admin.admin_create_user",
+                 "admin.admin_password", "transfers.blob_put", "transfers.blob_get"}
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")

@@ -242,7 +242,7 @@ def test_metrics_need_an_admin_and_count_what_happened(cluster):
     assert value(families, "mito_http_request_duration_seconds",
                  "mito_http_request_duration_seconds_count", handler="dashboard.status") == 1
     assert value(families, "mito_http_request_duration_seconds",
-                 "mito_http_request_duration_seconds_count", handler="submit_task") == 3
+                 "mito_http_request_duration_seconds_count", handler="tasks.submit_task") == 3
     assert value(families, "mito_blob_bytes") == 0
 
 

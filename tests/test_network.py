@@ -16,14 +16,14 @@ from e2e import mito, module_cluster, raw_request
 
 ROUTER_CASES = [
     ("GET", "/health", ("health", None, {})),
-    ("GET", "/workers/tasks", ("fetch_task", "worker", {})),
-    ("POST", "/groups/g%20x/attachments/query", ("query_attachments", "user",
+    ("GET", "/workers/tasks", ("worker_api.fetch_task", "worker", {})),
+    ("POST", "/groups/g%20x/attachments/query", ("groups.query_attachments", "user",
                                                  {"group": "g x"})),
-    ("GET", "/groups/g/attachments/query", ("attachment_meta", "user",
+    ("GET", "/groups/g/attachments/query", ("groups.attachment_meta", "user",
                                             {"group": "g", "key": "query"})),
-    ("GET", "/groups/g/attachments/a/b/c", ("attachment_meta", "user",
+    ("GET", "/groups/g/attachments/a/b/c", ("groups.attachment_meta", "user",
                                             {"group": "g", "key": "a/b/c"})),
-    ("DELETE", "/workers/tasks", ("shutdown_worker", "user", {"worker": "tasks"})),
+    ("DELETE", "/workers/tasks", ("workers.shutdown_worker", "user", {"worker": "tasks"})),
 ]
 
 
@@ -498,7 +498,8 @@ def test_ready_sets_and_counts_follow_every_change_of_state(fleet):
 def test_the_handlers_run_on_the_pool_are_routes_and_hash_passwords_or_move_blobs():
     names = {name for _, _, name, _ in mito.ROUTES}
     assert mito.POOL_HANDLERS <= names
-    assert {"login", "change_password", "blob_put", "blob_get"} <= mito.POOL_HANDLERS
+    assert {"users.login", "users.change_password", "transfers.blob_put",
+            "transfers.blob_get"} <= mito.POOL_HANDLERS
 
 
 REQUEST_PIECES = [b"GET ", b"POST ", b"/tasks", b"?a=1", b" HTTP/1.1", b" HTTP/1.0", b"\r\n",
