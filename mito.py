@@ -8332,7 +8332,8 @@ def task_failed(info):
 
 def array_failures(client, array_id, group):
     """The ended tasks that did not exit 0, by index: (index, uuid, state, exit, msg)."""
-    tasks = array_query(client, array_id, group, states=list(ARRAY_DONE_STATES))["tasks"]
+    tasks = array_query(client, array_id, group, states=list(ARRAY_DONE_STATES),
+                        count=False)["tasks"]
     failed = [(int(t["spec"]["envs"].get("MITO_ARRAY_INDEX", -1)), t["uuid"], t["state"],
                shown_exit(t), (t["result"] or {}).get("msg") or "")
               for t in tasks if task_failed(t)]
@@ -8413,7 +8414,7 @@ def cmd_arrays_wait(client, args):
 
 def cmd_arrays_cancel(client, args):
     """Cancel the array's tasks that have not started (Ready, Pending)."""
-    request = {"labels": [array_label(args.array_id)]}
+    request = {"labels": [array_label(args.array_id)]}  # TasksCancelByFilterReq
     if args.group:
         request["group_name"] = args.group
     return print_cancelled(client, client.call("POST", "/tasks/cancel", request))
