@@ -8265,6 +8265,14 @@ def request_chunks(requests, most):
         yield start, len(requests)
 
 
+class ArrayRefused(Exception):
+    """The coordinator refused one task of an array; the ones before it were submitted."""
+
+    def __init__(self, message, submitted):
+        super().__init__(message)
+        self.submitted = submitted
+
+
 def submit_in_batches(client, requests, parallel, progress):
     """Submit the requests in order, a chunk per POST /tasks/submit; the uuids. With
     `parallel` N, task k watches task k-N: a chunk holds at most N tasks, so k-N's uuid
@@ -8279,8 +8287,9 @@ def submit_in_batches(client, requests, parallel, progress):
         answer = client.call("POST", "/tasks/submit", {"tasks": chunk})
         for k, result in enumerate(answer["results"], start):
             if "Err" in result:
-                raise ClientError(f"task {k} of the array refused: {result['Err'].get('msg')}"
-                                  + (f"; {k} task(s) were submitted" if k else ""))
+                index = requests[k]["task_spec"]["envs"]["MITO_ARRAY_INDEX"]
+                raise ArrayRefused(f"the task of index {index} was refused: "
+                                  f"{result['Err'].get('msg')}", submitted=k)
             uuids.append(result["Ok"]["uuid"])
         progress.add(end - start)
     return uuids
@@ -8292,12 +8301,14 @@ def cmd_tasks_submit_array(client, args):
     if not spec.entries:
         raise UsageError("the array is empty: no index, line or element to submit")
     requests = array_requests(client, args, spec)
-    progress = Progress(f"array {spec.id}", len(requests), measure=lambda n: f"{n:.0f} tasks")
+    progress = Progress(f"array {spec.id} tasks", len(requests), measure="{:.0f}".format)
     try:
         uuids = submit_in_batches(client, requests, args.array_parallel, progress)
-    except ClientError as error:
-        raise ClientError(f"{error} (array {spec.id}: remove them with mito.py client arrays "
-                          f"cancel {spec.id})") from None
+    except ArrayRefused as refused:
+        raise ClientError(f"{refused}; {refused.submitted} task(s) of array {spec.id} were "
+                          f"submitted before it" + (
+                              f" (cancel them with: mito.py client arrays cancel {spec.id})"
+                              if refused.submitted else "")) from None
     finally:
         progress.close()
     if client.as_json and not args.wait:
@@ -8320,10 +8331,34 @@ def array_query(client, array_id, group, **extra):
     return client.call("POST", "/tasks/query", request, patient=True)
 
 
+def array_count(client, array_id, group, **extra):
+    return array_query(client, array_id, group, count=True, **extra)["count"]
+
+
+def array_total(client, array_id, group):
+    """How many tasks the array has (a fixed number): ClientError if none."""
+    total = array_count(client, array_id, group)
+    if not total:
+        raise ClientError(f"no task carries the label {array_label(array_id)} in group "
+                          f"{group or 'of your own'}")
+    return total
+
+
 def array_counts(client, array_id, group):
-    """{state: count} of the array's tasks, one counting query per state."""
-    return {state: array_query(client, array_id, group, states=[state], count=True)["count"]
+    """{state: count} of the array's tasks, one counting query per state (a task that
+    moves on between two of them may show twice while the array runs)."""
+    return {state: array_count(client, array_id, group, states=[state])
             for state in TASK_STATES}
+
+
+def array_progress(client, array_id, group):
+    """(ended, running, failed so far): the tasks that ended counted in one query, so
+    `ended == total` says for sure that the array is done."""
+    ended = array_count(client, array_id, group, states=list(ARRAY_DONE_STATES))
+    running = array_count(client, array_id, group, states=["Running"])
+    failed = (array_count(client, array_id, group, states=["Cancelled", "Unknown"])
+              + array_count(client, array_id, group, states=["Finished"], exit_status="!=0"))
+    return ended, running, failed
 
 
 def task_failed(info):
@@ -8340,30 +8375,22 @@ def array_failures(client, array_id, group):
     return sorted(failed)
 
 
-def array_summary(array_id, counts):
-    total = sum(counts.values())
-    done = sum(counts[state] for state in ARRAY_DONE_STATES)
-    return (f"array {array_id}: {done}/{total} ended; " +
-            ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n))
-
-
-def report_array(client, array_id, group, counts):
-    """Print the counts and the failed indices; the exit status: 0 only if every task
-    exited 0."""
-    if not sum(counts.values()):
-        raise ClientError(f"no task carries the label {array_label(array_id)} in group "
-                          f"{group or 'of your own'}")
+def report_array(client, array_id, group, total):
+    """Print the counts by state and the failed indices; the exit status: 0 only if
+    every task ended with exit code 0."""
+    counts = array_counts(client, array_id, group)
     failed = array_failures(client, array_id, group)
-    waiting = sum(counts[state] for state in TASK_STATES if state not in ARRAY_DONE_STATES)
+    ended = sum(counts[state] for state in ARRAY_DONE_STATES)
     if client.as_json:
-        print(json.dumps({"array_id": array_id, "counts": counts, "failed": [
-            {"index": i, "uuid": u, "state": s, "exit": e, "msg": m}
-            for i, u, s, e, m in failed]}, indent=2))
+        print(json.dumps({"array_id": array_id, "total": total, "counts": counts,
+                          "failed": [{"index": i, "uuid": u, "state": s, "exit": e, "msg": m}
+                                     for i, u, s, e, m in failed]}, indent=2))
     else:
-        print(array_summary(array_id, counts))
+        print(f"array {array_id}: {ended}/{total} ended; " +
+              ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n))
         if failed:
             print(f"failed indices ({len(failed)}): {','.join(str(f[0]) for f in failed)}")
-    return 1 if failed or waiting else 0
+    return 1 if failed or ended < total else 0
 
 
 class ArrayWait:
@@ -8372,19 +8399,20 @@ class ArrayWait:
     def __init__(self, client, array_id, group, deadline=None):
         self.client, self.id, self.group, self.deadline = client, array_id, group, deadline
 
-    def counts(self):
-        """The counts once no task waits or runs; WaitTimedOut past the deadline."""
+    def run(self, total):
+        """Return once every task has ended; WaitTimedOut past the deadline."""
         line, start, pause = StatusLine(), time.monotonic(), 0.2
         try:
             while True:
-                counts = array_counts(self.client, self.id, self.group)
-                if all(counts[s] == 0 for s in TASK_STATES if s not in ARRAY_DONE_STATES):
-                    return counts
+                ended, running, failed = array_progress(self.client, self.id, self.group)
+                if ended >= total:
+                    return
                 now = time.monotonic()
                 if self.deadline is not None and now >= self.deadline:
                     raise WaitTimedOut()
-                line.show(f"{array_summary(self.id, counts)} "
-                          f"({format_duration(int(now - start)) or '0s'})")
+                line.show(f"array {self.id}: {ended}/{total} ended ({failed} failed), "
+                          f"{running} running, {max(0, total - ended - running)} waiting "
+                          f"{format_duration(int(now - start)) or '0s'}")
                 time.sleep(pause if self.deadline is None else
                            max(0.0, min(pause, self.deadline - now)))
                 pause = min(pause * 1.5, WAIT_POLL_CAP)
@@ -8393,19 +8421,20 @@ class ArrayWait:
 
     def finish(self):
         """Wait, then report; on a timeout or Ctrl-C, say that the array goes on."""
+        total = array_total(self.client, self.id, self.group)
         try:
-            counts = self.counts()
+            self.run(total)
         except (WaitTimedOut, KeyboardInterrupt) as stop:
             print(f"{'timed out' if isinstance(stop, WaitTimedOut) else 'stopped'} waiting "
                   f"for array {self.id}: its tasks go on; cancel those not started with: "
                   f"mito.py client arrays cancel {self.id}", file=sys.stderr)
             return WAIT_TIMED_OUT if isinstance(stop, WaitTimedOut) else 130
-        return report_array(self.client, self.id, self.group, counts)
+        return report_array(self.client, self.id, self.group, total)
 
 
 def cmd_arrays_get(client, args):
     return report_array(client, args.array_id, args.group,
-                        array_counts(client, args.array_id, args.group))
+                        array_total(client, args.array_id, args.group))
 
 
 def cmd_arrays_wait(client, args):

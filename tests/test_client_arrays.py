@@ -116,3 +116,10 @@ def test_bad_array_arguments_are_refused_naming_the_value(cluster, tmp_path):
     cluster.client("arrays", "get", "nosuch").failed(1, "no task carries the label "
                                                         "array:nosuch")
     cluster.client("arrays", "get", "a b").failed(2, "bad array id")
+
+
+def test_a_refused_array_names_the_index_and_what_was_submitted(cluster):
+    run = cluster.client("tasks", "submit", "-g", "nosuchgroup", "--array", "4-6", "--",
+                         "true")
+    line = run.failed(1, "index 4 was refused", "0 task(s)", "nosuchgroup")
+    assert "cancel them" not in line
