@@ -7424,10 +7424,11 @@ def exit_code_of(raw_status):
 
 
 class Progress:
-    """Bytes, rate and ETA on stderr while a transfer runs, when stderr is a terminal."""
+    """Bytes (or what `measure` names), rate and ETA on stderr while a transfer runs,
+    when stderr is a terminal."""
 
-    def __init__(self, what, total):
-        self.what, self.total, self.done = what, total, 0
+    def __init__(self, what, total, measure=human_size):
+        self.what, self.total, self.done, self.measure = what, total, 0, measure
         self.start = self.shown = time.monotonic()
         self.enabled = sys.stderr.isatty()
 
@@ -7438,9 +7439,9 @@ class Progress:
             self.shown = now
             rate = self.done / max(now - self.start, 1e-6)
             eta = (self.total - self.done) / rate if self.total and rate else 0
-            total = f"/{human_size(self.total)}" if self.total else ""
-            sys.stderr.write(f"\r{self.what}: {human_size(self.done)}{total} "
-                             f"{human_size(rate)}/s ETA {eta:.0f}s   ")
+            total = f"/{self.measure(self.total)}" if self.total else ""
+            sys.stderr.write(f"\r{self.what}: {self.measure(self.done)}{total} "
+                             f"{self.measure(rate)}/s ETA {eta:.0f}s   ")
             sys.stderr.flush()
 
     def close(self):
@@ -7816,6 +7817,8 @@ def resources_of(client, values):
 def cmd_tasks_submit(client, args):
     if not args.command_args:
         raise UsageError("tasks submit needs a command after --")
+    if check_array_args(args):
+        return cmd_tasks_submit_array(client, args)
     answer = client.call("POST", "/tasks", submit_request(client, args))
     if not args.wait:
         client.show(answer, lambda data: print(data["uuid"]))
@@ -8188,6 +8191,312 @@ def cmd_tasks_change(client, args):
 def cmd_tasks_update_labels(client, args):
     client.call("PUT", f"/tasks/{args.uuid}/labels", {"labels": split_list(args.labels)})
     print(f"labels of task {args.uuid} set")
+
+
+# ---- arrays: one task per index, line or JSON element (issue 12 §1) ----------------------
+# `tasks submit --array 1-1000 -- CMD` -> ArraySpec -> array_requests() ->
+# submit_in_batches() -> POST /tasks/submit, a chunk at a time. Every task stays an
+# ordinary Mitosis task: what makes it part of an array is in its `envs` (so a Rust worker
+# sets them too) and its label `array:<id>`, by which `arrays get|wait|cancel` find the
+# array again, on our coordinator or a Rust one.
+
+ARRAY_LIMIT = 1_000_000         # tasks in one array: a typo ("1-1e9") is refused at once
+ARRAY_CHUNK = 500               # tasks a submit request carries, at the most
+ARRAY_CHUNK_BYTES = 512 * 1024  # and bytes: half the coordinator's JSON body limit
+ARRAY_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+ARRAY_DONE_STATES = ("Finished", "Cancelled", "Unknown")
+# --array-parallel: task k watches task k-N until it is committed, whatever its end (a
+# non-zero exit, a timeout or a cancellation commits it too: one failure stalls nothing)
+ARRAY_WATCH_STATE = "TaskCommitted"
+
+
+def array_label(array_id):
+    return f"array:{array_id}"
+
+
+def array_indices(text):
+    """`1-1000`, `1-1000:10`, `7` or a comma list of them: the indices, in order."""
+    indices = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if not match:
+            raise ValueError(f"bad array range {part!r}: expected START-END[:STEP] or INDEX")
+        start = int(match[1])
+        end, step = int(match[2] or start), int(match[3] or 1)
+        if end < start or step < 1:
+            raise ValueError(f"bad array range {part!r}: END below START or STEP below 1")
+        if len(indices) + (end - start) // step + 1 > ARRAY_LIMIT:
+            raise ValueError(f"array {text!r} has more than {ARRAY_LIMIT} tasks")
+        indices.extend(range(start, end + 1, step))
+    return indices
+
+
+def an_array_id(text):
+    if not ARRAY_ID_RE.fullmatch(text):
+        raise ValueError(f"bad array id {text!r}: letters, digits, _ and - (as printed by "
+                         f"tasks submit --array)")
+    return text
+
+
+parse_array = argument_type(array_indices)
+parse_array_id = argument_type(an_array_id)
+
+
+class ArraySpec:
+    """What varies across one array: (MITO_ARRAY_INDEX, MITO_ARRAY_ENTRY or None) pairs,
+    and its fresh id."""
+
+    def __init__(self, entries):
+        self.entries = entries
+        self.id = uuidlib.uuid4().hex[:8]
+
+    @classmethod
+    def from_args(cls, args):
+        if args.array is not None:
+            return cls([(index, None) for index in args.array])
+        path = args.each_line or args.each_json
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"cannot read {path}: "
+                             f"{getattr(error, 'strerror', None) or error}") from None
+        if args.each_line:
+            return cls(list(enumerate(text.splitlines())))
+        try:
+            elements = json.loads(text)
+        except ValueError as error:
+            raise UsageError(f"{path} is not JSON: {error}") from None
+        if not isinstance(elements, list):
+            raise UsageError(f"{path} must hold a JSON array (one task per element)")
+        return cls([(n, json.dumps(e)) for n, e in enumerate(elements)])
+
+    def envs(self, index, entry):
+        envs = {"MITO_ARRAY_INDEX": str(index), "MITO_ARRAY_ID": self.id}
+        if entry is not None:
+            envs["MITO_ARRAY_ENTRY"] = entry
+        return envs
+
+
+def check_array_args(args):
+    """The combinations argparse cannot refuse by itself, refused before anything is sent."""
+    chosen = [name for name, value in (("--array", args.array), ("--each-line", args.each_line),
+                                       ("--each-json", args.each_json)) if value is not None]
+    if len(chosen) > 1:
+        raise UsageError(f"{' and '.join(chosen)} exclude each other: give one")
+    if args.array_parallel is not None and not chosen:
+        raise UsageError("--array-parallel needs --array, --each-line or --each-json")
+    if args.array_parallel is not None and args.watch:
+        raise UsageError("--array-parallel sets each task's watch: give no --watch with it")
+    return bool(chosen)
+
+
+def array_requests(client, args, spec):
+    """One SubmitTaskReq per entry: the command line's, plus the array's envs and label."""
+    base = submit_request(client, args)
+    base["labels"] = base["labels"] + [array_label(spec.id)]
+    requests = []
+    for index, entry in spec.entries:
+        task_spec = dict(base["task_spec"], envs={**base["task_spec"]["envs"],
+                                                  **spec.envs(index, entry)})
+        requests.append(dict(base, task_spec=task_spec))
+    return requests
+
+
+def request_chunks(requests, most):
+    """Consecutive [start, end) slices of at most `most` requests and ARRAY_CHUNK_BYTES."""
+    start, size = 0, 0
+    for end, request in enumerate(requests):
+        size += len(json.dumps(request)) + 1
+        if end > start and (end - start >= most or size > ARRAY_CHUNK_BYTES):
+            yield start, end
+            start, size = end, len(json.dumps(request)) + 1
+    if start < len(requests):
+        yield start, len(requests)
+
+
+class ArrayRefused(Exception):
+    """The coordinator refused one task of an array; the ones before it were submitted."""
+
+    def __init__(self, message, submitted):
+        super().__init__(message)
+        self.submitted = submitted
+
+
+def submit_in_batches(client, requests, parallel, progress):
+    """Submit the requests in order, a chunk per POST /tasks/submit; the uuids. With
+    `parallel` N, task k watches task k-N: a chunk holds at most N tasks, so k-N's uuid
+    is known (from an earlier answer) before k is sent. A refused task stops it."""
+    uuids = []
+    for start, end in request_chunks(requests, min(parallel or ARRAY_CHUNK, ARRAY_CHUNK)):
+        chunk = requests[start:end]
+        if parallel:
+            chunk = [dict(r, task_spec=dict(r["task_spec"], watch=[
+                uuids[k - parallel], ARRAY_WATCH_STATE] if k >= parallel else None))
+                for k, r in enumerate(chunk, start)]
+        answer = client.call("POST", "/tasks/submit", {"tasks": chunk})
+        for k, result in enumerate(answer["results"], start):
+            if "Err" in result:
+                index = requests[k]["task_spec"]["envs"]["MITO_ARRAY_INDEX"]
+                raise ArrayRefused(f"the task of index {index} was refused: "
+                                  f"{result['Err'].get('msg')}", submitted=k)
+            uuids.append(result["Ok"]["uuid"])
+        progress.add(end - start)
+    return uuids
+
+
+def cmd_tasks_submit_array(client, args):
+    """`tasks submit --array|--each-line|--each-json ...`: print the array's id."""
+    spec = ArraySpec.from_args(args)
+    if not spec.entries:
+        raise UsageError("the array is empty: no index, line or element to submit")
+    requests = array_requests(client, args, spec)
+    progress = Progress(f"array {spec.id} tasks", len(requests), measure="{:.0f}".format)
+    try:
+        uuids = submit_in_batches(client, requests, args.array_parallel, progress)
+    except ArrayRefused as refused:
+        raise ClientError(f"{refused}; {refused.submitted} task(s) of array {spec.id} were "
+                          f"submitted before it" + (
+                              f" (cancel them with: mito.py client arrays cancel {spec.id})"
+                              if refused.submitted else "")) from None
+    finally:
+        progress.close()
+    if client.as_json and not args.wait:
+        print(json.dumps({"array_id": spec.id, "label": array_label(spec.id),
+                          "uuids": uuids}, indent=2))
+    elif not client.as_json:
+        print(spec.id, flush=True)
+    if not args.wait:
+        return 0
+    return ArrayWait(client, spec.id, args.group, wait_deadline(args.wait_timeout)).finish()
+
+
+# -- arrays get|wait|cancel: counts by state through the label, failed indices at the end
+
+
+def array_query(client, array_id, group, **extra):
+    request = {"labels": [array_label(array_id)], **extra}
+    if group:
+        request["group_name"] = group
+    return client.call("POST", "/tasks/query", request, patient=True)
+
+
+def array_count(client, array_id, group, **extra):
+    return array_query(client, array_id, group, count=True, **extra)["count"]
+
+
+def array_total(client, array_id, group):
+    """How many tasks the array has (a fixed number): ClientError if none."""
+    total = array_count(client, array_id, group)
+    if not total:
+        raise ClientError(f"no task carries the label {array_label(array_id)} in group "
+                          f"{group or 'of your own'}")
+    return total
+
+
+def array_counts(client, array_id, group):
+    """{state: count} of the array's tasks, one counting query per state (a task that
+    moves on between two of them may show twice while the array runs)."""
+    return {state: array_count(client, array_id, group, states=[state])
+            for state in TASK_STATES}
+
+
+def array_progress(client, array_id, group):
+    """(ended, running, failed so far): the tasks that ended counted in one query, so
+    `ended == total` says for sure that the array is done."""
+    ended = array_count(client, array_id, group, states=list(ARRAY_DONE_STATES))
+    running = array_count(client, array_id, group, states=["Running"])
+    failed = (array_count(client, array_id, group, states=["Cancelled", "Unknown"])
+              + array_count(client, array_id, group, states=["Finished"], exit_status="!=0"))
+    return ended, running, failed
+
+
+def task_failed(info):
+    return info["state"] != "Finished" or (info["result"] or {}).get("exit_status") != 0
+
+
+def array_failures(client, array_id, group):
+    """The ended tasks that did not exit 0, by index: (index, uuid, state, exit, msg)."""
+    tasks = array_query(client, array_id, group, states=list(ARRAY_DONE_STATES),
+                        count=False)["tasks"]
+    failed = [(int(t["spec"]["envs"].get("MITO_ARRAY_INDEX", -1)), t["uuid"], t["state"],
+               shown_exit(t), (t["result"] or {}).get("msg") or "")
+              for t in tasks if task_failed(t)]
+    return sorted(failed)
+
+
+def report_array(client, array_id, group, total):
+    """Print the counts by state and the failed indices; the exit status: 0 only if
+    every task ended with exit code 0."""
+    counts = array_counts(client, array_id, group)
+    failed = array_failures(client, array_id, group)
+    ended = sum(counts[state] for state in ARRAY_DONE_STATES)
+    if client.as_json:
+        print(json.dumps({"array_id": array_id, "total": total, "counts": counts,
+                          "failed": [{"index": i, "uuid": u, "state": s, "exit": e, "msg": m}
+                                     for i, u, s, e, m in failed]}, indent=2))
+    else:
+        print(f"array {array_id}: {ended}/{total} ended; " +
+              ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n))
+        if failed:
+            print(f"failed indices ({len(failed)}): {','.join(str(f[0]) for f in failed)}")
+    return 1 if failed or ended < total else 0
+
+
+class ArrayWait:
+    """Waiting for every task of an array to end, a progress line saying how far."""
+
+    def __init__(self, client, array_id, group, deadline=None):
+        self.client, self.id, self.group, self.deadline = client, array_id, group, deadline
+
+    def run(self, total):
+        """Return once every task has ended; WaitTimedOut past the deadline."""
+        line, start, pause = StatusLine(), time.monotonic(), 0.2
+        try:
+            while True:
+                ended, running, failed = array_progress(self.client, self.id, self.group)
+                if ended >= total:
+                    return
+                now = time.monotonic()
+                if self.deadline is not None and now >= self.deadline:
+                    raise WaitTimedOut()
+                line.show(f"array {self.id}: {ended}/{total} ended ({failed} failed), "
+                          f"{running} running, {max(0, total - ended - running)} waiting "
+                          f"{format_duration(int(now - start)) or '0s'}")
+                time.sleep(pause if self.deadline is None else
+                           max(0.0, min(pause, self.deadline - now)))
+                pause = min(pause * 1.5, WAIT_POLL_CAP)
+        finally:
+            line.clear()
+
+    def finish(self):
+        """Wait, then report; on a timeout or Ctrl-C, say that the array goes on."""
+        total = array_total(self.client, self.id, self.group)
+        try:
+            self.run(total)
+        except (WaitTimedOut, KeyboardInterrupt) as stop:
+            print(f"{'timed out' if isinstance(stop, WaitTimedOut) else 'stopped'} waiting "
+                  f"for array {self.id}: its tasks go on; cancel those not started with: "
+                  f"mito.py client arrays cancel {self.id}", file=sys.stderr)
+            return WAIT_TIMED_OUT if isinstance(stop, WaitTimedOut) else 130
+        return report_array(self.client, self.id, self.group, total)
+
+
+def cmd_arrays_get(client, args):
+    return report_array(client, args.array_id, args.group,
+                        array_total(client, args.array_id, args.group))
+
+
+def cmd_arrays_wait(client, args):
+    return ArrayWait(client, args.array_id, args.group, wait_deadline(args.timeout)).finish()
+
+
+def cmd_arrays_cancel(client, args):
+    """Cancel the array's tasks that have not started (Ready, Pending)."""
+    request = {"labels": [array_label(args.array_id)]}  # TasksCancelByFilterReq
+    if args.group:
+        request["group_name"] = args.group
+    return print_cancelled(client, client.call("POST", "/tasks/cancel", request))
 
 
 # ---- artifacts ---------------------------------------------------------------------------
@@ -8775,11 +9084,41 @@ def add_submit_command(tasks):
                         "help": "Start only once that task reaches STATE, e.g. ExecSpawned"}),
         (("--wait",), {"action": "store_true",
                        "help": "Print the uuid, wait for the task, show its output (with "
-                               "--terminal), exit with its exit code"}),
+                               "--terminal), exit with its exit code (an array: as arrays "
+                               "wait)"}),
         (("--wait-timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
                                "help": f"Stop waiting after this long (exit status "
                                        f"{WAIT_TIMED_OUT}; the task goes on)"}),
+        *ARRAY_ARGUMENTS,
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
+
+
+ARRAY_ARGUMENTS = (
+    (("--array",), {"type": parse_array, "metavar": "START-END[:STEP]",
+                    "help": "One task per index, e.g. 1-1000 or 0-99:10 (a task array; "
+                            "MITO_ARRAY_INDEX and MITO_ARRAY_ID in its environment)"}),
+    (("--each-line",), {"metavar": "FILE", "help": "One task per line of FILE, the line in "
+                                                   "MITO_ARRAY_ENTRY (index from 0)"}),
+    (("--each-json",), {"metavar": "FILE", "help": "One task per element of FILE's JSON "
+                                                   "array, as JSON in MITO_ARRAY_ENTRY"}),
+    (("--array-parallel",), {"type": argument_type(a_positive_count), "metavar": "N",
+                             "help": "Task k of the array starts only once task k-N has "
+                                     "ended (a watch): at most N run at once"}))
+
+
+def add_arrays_commands(commands):
+    arrays = add_branch(commands, "arrays", "Task arrays: counts, waiting, cancelling")
+    array_args = ((("array_id",), {"type": parse_array_id, "metavar": "ARRAY_ID"}),
+                  (("-g", "--group"), {"help": "The array's group (default: your own)"}))
+    add_command(arrays, "get", cmd_arrays_get, "Counts by state and the failed indices "
+                "(exit 0 only if every task ended with exit 0)", *array_args)
+    add_command(arrays, "wait", cmd_arrays_wait, "Wait for every task of the array to end; "
+                "exit 0 only if every one exited 0", *array_args,
+                (("--timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
+                                  "help": f"Stop waiting after this long (exit status "
+                                          f"{WAIT_TIMED_OUT}; the tasks go on)"}))
+    add_command(arrays, "cancel", cmd_arrays_cancel, "Cancel the array's tasks that have "
+                "not started", *array_args)
 
 
 def add_tasks_follow_ups(tasks):
@@ -8999,6 +9338,7 @@ def add_client_commands(parser, required=True):
                 (("--json",), {"action": "store_true", "dest": "status_json",
                                "help": "Print the API's JSON"}))
     add_tasks_commands(commands)
+    add_arrays_commands(commands)
     add_groups_commands(commands)
     add_attachments_commands(commands)
     add_workers_commands(commands)

@@ -268,6 +268,24 @@ def test_submit_sends_upstreams_shapes(mito, upstream):
          "local_path": "prev"}]
 
 
+def test_task_arrays_send_upstreams_shapes(mito, upstream):
+    """An array is ordinary tasks (envs, a label, a watch) and queries by that label, so
+    a Rust coordinator serves it; --array-parallel 1 sends one task a request, the
+    second watching the first's returned uuid."""
+    run = run_client(mito, upstream, "tasks", "submit", "--array", "3-4",
+                     "--array-parallel", "1", "--", "true")
+    array_id = run.stdout.strip()
+    first, second = [body["tasks"] for _, body in upstream.sent("POST", "/tasks/submit")]
+    assert [t["task_spec"]["watch"] for t in first + second] == [None, [TASK, "TaskCommitted"]]
+    assert second[0]["task_spec"]["envs"] == {"MITO_ARRAY_INDEX": "4", "MITO_ARRAY_ID": array_id}
+    assert second[0]["labels"] == [f"array:{array_id}"]
+    run_client(mito, upstream, "arrays", "get", array_id)
+    run_client(mito, upstream, "arrays", "cancel", array_id)
+    assert {body["labels"][0] for _, body in upstream.sent("POST", "/tasks/")
+            if "labels" in body} == {f"array:{array_id}"}
+    assert upstream.sent("POST", "/tasks/cancel") and upstream.problems == []
+
+
 def test_lists_of_names_go_as_repeated_keys_not_one_joined_name(mito, upstream):
     run_client(mito, upstream, "groups", "remove-user", "g", "a", "b")
     run_client(mito, upstream, "workers", "remove-groups", OTHER, "g1", "g2")
