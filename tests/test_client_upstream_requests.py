@@ -268,7 +268,7 @@ def test_submit_sends_upstreams_shapes(mito, upstream):
          "local_path": "prev"}]
 
 
-def test_task_arrays_send_upstreams_shapes(mito, upstream):
+def test_task_arrays_send_upstreams_shapes(mito, upstream, monkeypatch):
     """An array is ordinary tasks (envs, a label, a watch) and queries by that label, so
     a Rust coordinator serves it; --array-parallel 1 sends one task a request, the
     second watching the first's returned uuid."""
@@ -279,10 +279,17 @@ def test_task_arrays_send_upstreams_shapes(mito, upstream):
     assert [t["task_spec"]["watch"] for t in first + second] == [None, [TASK, "TaskCommitted"]]
     assert second[0]["task_spec"]["envs"] == {"MITO_ARRAY_INDEX": "4", "MITO_ARRAY_ID": array_id}
     assert second[0]["labels"] == [f"array:{array_id}"]
-    run_client(mito, upstream, "arrays", "get", array_id)
-    run_client(mito, upstream, "arrays", "cancel", array_id)
+    monkeypatch.setitem(ANSWERS, ("POST", "/tasks/query"), {
+        "count": 1, "tasks": [TASK_INFO], "group_name": "alice"})  # one task, not run
+    for command in ("get", "wait", "cancel"):
+        run = run_client(mito, upstream, "arrays", command, array_id)
+        assert "Traceback" not in run.stderr, run.stderr
     assert {body["labels"][0] for _, body in upstream.sent("POST", "/tasks/")
             if "labels" in body} == {f"array:{array_id}"}
+    queries = [body for _, body in upstream.sent("POST", "/tasks/query")]
+    assert {"count": False, "labels": [f"array:{array_id}"],
+            "states": ["Finished", "Cancelled", "Unknown"]} in queries
+    assert any(body.get("exit_status") == "!=0" for body in queries)
     assert upstream.sent("POST", "/tasks/cancel") and upstream.problems == []
 
 
