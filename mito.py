@@ -1229,19 +1229,27 @@ def _die_with_worker(worker_pid):
         os._exit(1)
 
 
-def child_pids(pid):
+def child_pids(pid, thread=None):
+    """The children of process `pid`, of all its threads or of `thread` alone."""
     with contextlib.suppress(OSError):
         found = []
-        for thread in os.listdir(f"/proc/{pid}/task"):
+        for thread in [thread] if thread else os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{thread}/children", "rb") as handle:
                 found += [int(child) for child in handle.read().split()]
         return found
     return []
 
 
-def descendants():
-    """Every process below this one, read from /proc/PID/task/TID/children."""
-    found, todo = [], child_pids(os.getpid())
+def adopted_pids():
+    """The worker's children that no slot started: the kernel gives the orphans a
+    subreaper adopts to its first live thread, the main one, so only its list is read,
+    not one list per slot thread (100 slots, 100 reads a task)."""
+    return child_pids(os.getpid(), os.getpid())
+
+
+def descendants(roots):
+    """`roots` and every process below them, read from /proc/PID/task/TID/children."""
+    found, todo = [], list(roots)
     while todo:
         pid = todo.pop()
         found.append(pid)
@@ -1249,11 +1257,11 @@ def descendants():
     return found
 
 
-def marked_processes(needle, below_me=False):
+def marked_processes(needle, roots=None):
     """Live processes whose initial environment holds `needle` (b"NAME=value"), as
     HTCondor tracks a job's processes; zombies show an empty environment. With
-    `below_me`, only this process's descendants are read, else all of /proc."""
-    candidates = descendants() if below_me else [
+    `roots`, only they and their descendants are read, else all of /proc."""
+    candidates = descendants(roots) if roots is not None else [
         int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
     found = []
     for pid in candidates:
@@ -1264,12 +1272,12 @@ def marked_processes(needle, below_me=False):
     return found
 
 
-def kill_marked(needle, below_me=False):
+def kill_marked(needle, roots=None):
     """SIGKILL every process carrying `needle`, again while they keep forking."""
     if not os.path.isdir("/proc"):
         return
     for _ in range(KILL_ROUNDS):
-        pids = marked_processes(needle, below_me)
+        pids = marked_processes(needle, roots)
         if not pids:
             return
         for pid in pids:
@@ -1349,7 +1357,14 @@ class TaskProcesses:
         """Kill them all at once, from any thread (the worker is leaving)."""
         with self._spawning:
             self.signal(signal.SIGKILL)
-            kill_marked(self.needle, self.below_worker)
+            kill_marked(self.needle, self.suspects())
+
+    def suspects(self):
+        """Where this task's processes can be: below its leader or adopted by the
+        worker (a subreaper); None, anywhere in /proc, when the worker is none."""
+        if not self.below_worker:
+            return None
+        return [self.proc.pid, *adopted_pids()] if self.proc else adopted_pids()
 
     def signal(self, sig):
         """Send `sig` to the leader's process group (the leader a zombie at worst)."""
@@ -1361,7 +1376,7 @@ class TaskProcesses:
         if self.proc is None or self.status is not None:
             return self.status
         self.signal(signal.SIGKILL)
-        kill_marked(self.needle, self.below_worker)
+        kill_marked(self.needle, self.suspects())
         if self.status is None:
             _, self.status = os.waitpid(self.proc.pid, 0)
             self.proc.returncode = os.waitstatus_to_exitcode(self.status)
@@ -1375,7 +1390,7 @@ def reap_orphans():
     """Reap the zombies reparented to the worker (it is a subreaper), sparing the
     children whose owners reap them (TaskProcesses.spared); a live one is left."""
     with TaskProcesses._lock:
-        for pid in child_pids(os.getpid()):
+        for pid in adopted_pids():
             if pid not in TaskProcesses.spared:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
