@@ -914,7 +914,28 @@ OUTPUT_STREAMS = ("stdout", "stderr")
 # client sends an addition's fields only to a coordinator that names it, and refuses a
 # command that needs one, before submitting anything, where it is missing.
 FEATURES_HEADER = "X-Mito-Features"
-COORDINATOR_FEATURES = ("output",)
+COORDINATOR_FEATURES = ("output", "next-task")
+
+# The saved round trips (feature "next-task"): a worker's Commit report may also carry
+# "end": "Finish" or "Cancel" (its end report, when nothing was uploaded or submitted
+# since the command ended) and "next": {"time_left": S} (its next task, claimed as a
+# fetch without wait would claim it); the answer then adds "task": a WorkerTaskResp or
+# null. A task with no outputs costs one request instead of three (fetch, Finish,
+# Commit). A worker that never sees the feature named (the Rust coordinator) keeps
+# upstream's sequence.
+NEXT_TASK_FEATURE = "next-task"
+END_STATES = {"Finish": "Finished", "Cancel": "Cancelled"}
+
+
+def commit_request(task_id, op, end=None, after=None):
+    """POST /workers/tasks with a Commit, the end report folded in and the next task
+    asked for where they are given (next-task)."""
+    body = report_request(task_id, op)
+    if end is not None:
+        body["end"] = end
+    if after is not None:
+        body["next"] = after
+    return body
 
 
 def features_of(headers):
@@ -1489,7 +1510,8 @@ class TaskRun:
         self.spec = spec if isinstance(spec, dict) else {}
         self.upstream = task.get("upstream_task_uuid")
         self.processes = TaskProcesses(self.uuid)
-        self.ended = None  # "Finish" or "Cancel", once reported
+        self.ended = None  # "Finish" or "Cancel", once reported (or held)
+        self.held_end = None  # the end report, held to fold into the commit (next-task)
         self.status = 0    # the command's raw wait status, to commit
 
     def run(self):
@@ -1549,13 +1571,17 @@ class TaskRun:
 
     # -- talking to the coordinator
 
-    def report(self, op, check=False):
-        """POST a report; 404 -> TaskGone. With `check`, other refusals raise ApiError,
-        else they are logged and the task goes on."""
+    def report(self, op, check=False, body=None):
+        """POST a report (`body`: the whole request, else made of `op`), after the held
+        end report if any; its Reply. 404 -> TaskGone. With `check`, other refusals
+        raise ApiError, else they are logged and the task goes on (None)."""
         what = op if isinstance(op, str) else next(iter(op))
+        if body is None:
+            self.send_held_end()
         try:
-            return self.worker.call("POST", "/workers/tasks", report_request(self.id, op),
-                                    what=f"task {self.uuid}: {what}")
+            return self.worker.call("POST", "/workers/tasks",
+                                    body or report_request(self.id, op),
+                                    what=f"task {self.uuid}: {what}", reply=True)
         except ApiError as error:
             if error.status == 404:
                 raise TaskGone() from None
@@ -1564,11 +1590,25 @@ class TaskRun:
             log.error("task %s: %s refused: %s", self.uuid, what, error)
 
     def end(self, op):
-        self.report(op)
-        self.ended = op
+        """Finish or Cancel: reported now, or held where the coordinator takes it
+        folded into the commit (next-task) and sent first if another report comes."""
+        if not self.worker.next_task_offered:
+            self.report(op)
+        self.ended, self.held_end = op, op if self.worker.next_task_offered else None
+
+    def send_held_end(self):
+        if self.held_end is not None:
+            op, self.held_end = self.held_end, None
+            self.report(op)
 
     def commit(self, msg):
-        self.report(commit_op(self.status, msg))
+        """Commit; where the coordinator offers it, with the held end report and the
+        request for the worker's next task, which the answer may carry."""
+        op = commit_op(self.status, msg)
+        with self.worker.next_fetch() as after:
+            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after))
+            if after is not None and reply is not None:
+                self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
                  os.waitstatus_to_exitcode(self.status), f" ({msg})" if msg else "")
 
@@ -1741,7 +1781,7 @@ class TaskRun:
         deadline, backoff = None, Backoff()
         while True:
             try:
-                answer = self.report(upload_op(kind, size), check=True)
+                answer = self.report(upload_op(kind, size), check=True).data
                 self.worker.http.put_file(answer["url"], archive, timeout=UPLOAD_PATIENCE)
                 log.info("task %s: uploaded %s (%d bytes)", self.uuid, kind, size)
                 return "uploaded"
@@ -1778,7 +1818,7 @@ class TaskRun:
             request = json.loads(data)
             if not isinstance(request, dict):
                 raise ValueError("not a JSON object")
-            answer = self.report(submit_op(request), check=True)
+            answer = self.report(submit_op(request), check=True).data
             log.info("task %s: submitted downstream task %s", self.uuid, answer)
             return True
         except (ValueError, ApiError) as error:
@@ -1866,6 +1906,8 @@ class Worker:
         self.current = None
         self.long_poll = False
         self.output_limit = 0  # bytes per output increment the coordinator takes; 0: none
+        self.next_task_offered = False  # the coordinator names next-task (saved round trips)
+        self.next_task = None  # handed out with the last commit: run it without a fetch
         self.unauthorized = False
         self.rejoining = threading.Lock()  # one re-registration for both threads
         self.finished = threading.Event()  # the fetch loop has ended
@@ -1978,7 +2020,7 @@ class Worker:
 
     def fetch_loop(self):
         try:
-            while not self.stop.is_set() and self.process.may_fetch():
+            while not self.stop.is_set() and (self.next_task or self.process.may_fetch()):
                 try:
                     if not self.fetch_and_run():
                         break
@@ -1999,7 +2041,7 @@ class Worker:
 
     def fetch_and_run(self):
         """One turn of the fetch loop; False when the loop must end."""
-        task = self.fetch()
+        task, self.next_task = self.next_task or self.fetch(), None
         if self.stop.is_set():
             raise Stopped()  # leaving: unregistering gives a task just taken back
         if task is not None and self.process.draining.is_set():
@@ -2039,16 +2081,47 @@ class Worker:
             return None
         finally:
             self.process.return_ticket()
-        self.long_poll = "X-Mito-Long-Poll" in reply.headers
-        self.output_limit = output_limit(reply.headers)
+        self.read_offers(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
         if task is None:
             self.saw_empty_queue = True
             self.process.wake()
-        else:  # not idle from now on, even before run() marks the slot busy
-            self.saw_empty_queue, self.idle_since = False, time.monotonic()
-            self.process.task_started()
+        else:
+            self.took(task)
         return task
+
+    def read_offers(self, headers):
+        """What the coordinator offers beyond upstream, as its fetch answers say."""
+        self.long_poll = "X-Mito-Long-Poll" in headers
+        self.output_limit = output_limit(headers)
+        self.next_task_offered = NEXT_TASK_FEATURE in features_of(headers)
+
+    def took(self, task):
+        """Not idle from now on, even before run() marks the slot busy."""
+        self.saw_empty_queue, self.idle_since = False, time.monotonic()
+        self.process.task_started()
+
+    @contextlib.contextmanager
+    def next_fetch(self):
+        """The "next" of a commit (next-task): what to ask for the next task, or None
+        where none may be taken now (not offered, leaving, draining, max_tasks)."""
+        process = self.process
+        if not (self.next_task_offered and process.may_fetch() and process.take_ticket()):
+            yield None
+            return
+        try:
+            time_left = process.time_left()
+            yield {} if time_left is None else {"time_left": int(time_left)}
+        finally:
+            process.return_ticket()
+
+    def took_next(self, reply):
+        """The commit's answer: the next task, if it carries one (a fetch answer)."""
+        self.read_offers(reply.headers)
+        task = reply.data.get("task") if isinstance(reply.data, dict) else None
+        if isinstance(task, dict):
+            self.next_task = task
+            self.took(task)
 
     # -- leaving
 
@@ -2599,6 +2672,7 @@ def of_type(kind, what):
 an_object = of_type(dict, "a JSON object")
 a_str = of_type(str, "a string")
 a_bool = of_type(bool, "true or false")
+a_number = of_type((int, float), "a number")
 list_of = of_type(list, "a list")
 
 
@@ -4555,19 +4629,44 @@ class WorkerApiHandlers(Handlers):
         body = req.body()
         task_id = field(body, "id", an_int)
         op = field(body, "op", lambda value: value)
+        end, after = self.commit_additions(body, op)
         task = self.store.assigned_task(req.worker["id"], task_id)
         if task is None:
             raise not_found(f"task {task_id}")
-        if op in ("Finish", "Cancel"):
-            self.store.set_task_state(task["id"], "Finished" if op == "Finish" else "Cancelled")
+        if isinstance(op, str) and op in END_STATES:
+            self.store.set_task_state(task["id"], END_STATES[op])
             return {"url": None}
         if not isinstance(op, dict) or len(op) != 1 or next(iter(op)) not in (
                 "Upload", "Commit", "Submit"):
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
                                  "{\"Upload\"|\"Commit\"|\"Submit\": ...}")
+        if end is not None:  # the end report folded in: committed as if it came first
+            task = dict(task, state=END_STATES[end])
         name, value = next(iter(op.items()))
         url = getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
+        if after is not None:
+            return self.next_task(req, url, after)
         return {"url": url}  # ReportTaskResp: the Rust worker parses every report's answer
+
+    @staticmethod
+    def commit_additions(body, op):
+        """The next-task fields of a report ("end", "next"), which go with a Commit only."""
+        end = field(body, "end", an_end_report, None)
+        after = field(body, "next", a_next_fetch, None)
+        if (end is not None or after is not None) and not (
+                isinstance(op, dict) and "Commit" in op):
+            raise HttpError(400, "fields 'end' and 'next' go only with a Commit")
+        return end, after
+
+    def next_task(self, req, url, after):
+        """A Commit's answer with the worker's next task (next-task): claimed by the
+        rules of a fetch without wait (Dispatcher.fetch), none for a worker that the
+        commit let go (asked to shut down gracefully)."""
+        task = None
+        if req.worker["state"] != "GracefulShutdown":
+            task = self.coordinator.dispatcher.fetch(
+                req.worker, after.get("time_left"), 0, time.monotonic()).body
+        return Answer(body={"url": url, "task": task}, headers=FETCH_HEADERS)
 
     def report_upload(self, req, task, value):
         return self.coordinator.tasks.artifact_upload(req, task, value)[0]
@@ -5038,6 +5137,20 @@ def referenced_tasks(spec):
 def an_object_or_400(value):
     if not isinstance(value, dict):
         raise HttpError(400, "bad field 'op': expected a JSON object inside")
+    return value
+
+
+def an_end_report(value):
+    if value not in END_STATES:
+        raise ValueError("expected \"Finish\" or \"Cancel\"")
+    return value
+
+
+def a_next_fetch(value):
+    """The "next" of a Commit (next-task): {} or {"time_left": seconds}."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    field(value, "time_left", a_number, None)
     return value
 
 
