@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from e2e import Cluster, sh, spec, wait_until
+from e2e import Cluster, sh, spec
 
 import mito
 
@@ -127,6 +127,16 @@ def commit(worker, task, end=None, after=None, exit_status=0, msg=None):
         task["id"], mito.commit_op(exit_status, msg), end, after))
 
 
+def one_running_one_waiting(c):
+    """Two tasks of alice's; a worker registered through the API holds the first.
+    Returns (alice, worker uuid, worker client, the task it holds, the waiting uuid)."""
+    alice = c.user("alice")
+    c.submit(alice, spec("true"))
+    waiting = c.submit(alice, spec("true"))
+    worker_id, worker = c.register(alice)
+    return alice, worker_id, worker, c.fetch(worker), waiting
+
+
 def test_our_coordinator_names_the_feature_on_fetch_answers(c):
     alice = c.user("alice")
     _, worker = c.register(alice)
@@ -135,10 +145,8 @@ def test_our_coordinator_names_the_feature_on_fetch_answers(c):
 
 
 def test_a_commit_with_end_and_next_commits_and_claims(c):
-    alice = c.user("alice")
-    first, second = c.submit(alice, spec("true")), c.submit(alice, spec("true"))
-    _, worker = c.register(alice)
-    task = c.fetch(worker)
+    alice, _, worker, task, second = one_running_one_waiting(c)
+    first = task["uuid"]
     reply = commit(worker, task, end="Cancel", after={}, exit_status=9 << 8,
                    msg="ExecTimeout")
     assert reply.data["url"] is None
@@ -155,32 +163,20 @@ def test_a_commit_with_end_and_next_commits_and_claims(c):
 
 
 def test_a_commit_without_next_is_upstreams_answer(c):
-    alice = c.user("alice")
-    c.submit(alice, spec("true"))
-    waiting = c.submit(alice, spec("true"))
-    _, worker = c.register(alice)
-    task = c.fetch(worker)
+    alice, _, worker, task, waiting = one_running_one_waiting(c)
     assert commit(worker, task, end="Finish").data == {"url": None}
     assert never_claimed(info(c, alice, waiting))
 
 
 def test_a_cancelled_task_is_not_handed_out_by_a_commit(c):
-    alice = c.user("alice")
-    c.submit(alice, spec("true"))
-    cancelled = c.submit(alice, spec("true"))
-    _, worker = c.register(alice)
-    task = c.fetch(worker)
+    alice, _, worker, task, cancelled = one_running_one_waiting(c)
     alice.api("DELETE", f"/tasks/{cancelled}")
     assert commit(worker, task, end="Finish", after={}).data["task"] is None
     assert info(c, alice, cancelled)["state"] == "Cancelled"
 
 
 def test_a_worker_shut_down_gracefully_gets_no_next_task(c):
-    alice = c.user("alice")
-    c.submit(alice, spec("true"))
-    waiting = c.submit(alice, spec("true"))
-    worker_id, worker = c.register(alice)
-    task = c.fetch(worker)
+    alice, worker_id, worker, task, waiting = one_running_one_waiting(c)
     alice.api("DELETE", f"/workers/{worker_id}", params={"op": "graceful"})
     assert commit(worker, task, end="Finish", after={}).data["task"] is None
     assert never_claimed(info(c, alice, waiting))
