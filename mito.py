@@ -524,6 +524,7 @@ class Http:
         self.token = token
         self.ssl_context = ssl_context
         self.timeout = timeout
+        self.features = None  # what the coordinator's last answer named (X-Mito-Features)
         self._local = threading.local()
 
     # -- connections
@@ -626,6 +627,8 @@ class Http:
             body = json.dumps(payload, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
         status, reply_headers, data = self.exchange(method, url, body, headers, timeout)
+        if status < 500:  # a 5xx may come from a proxy in front of the coordinator
+            self.features = features_of(reply_headers)
         if not 200 <= status < 300:
             raise ApiError(status, error_message(data, status))
         return Reply(status, reply_headers, decode_body(data, reply_headers))
@@ -906,6 +909,19 @@ def submit_op(request):
 OUTPUT_HEADER = "X-Mito-Output"
 OUTPUT_STREAMS = ("stdout", "stderr")
 
+# Our coordinator's additions to upstream's API, named on every answer it gives as
+# `X-Mito-Features: output,retries,...` (the Rust coordinator sends no such header). A
+# client sends an addition's fields only to a coordinator that names it, and refuses a
+# command that needs one, before submitting anything, where it is missing.
+FEATURES_HEADER = "X-Mito-Features"
+COORDINATOR_FEATURES = ("output",)
+
+
+def features_of(headers):
+    """The features an answer's headers name (none: not mito.py's coordinator)."""
+    return frozenset(filter(None, (name.strip() for name in
+                                   (headers.get(FEATURES_HEADER) or "").split(","))))
+
 
 def output_request(increments, finished):
     """POST /workers/tasks/{uuid}/output: {stream: (byte offset, bytes)} -> the body,
@@ -1129,6 +1145,14 @@ class ScratchDirs:
         self.resource, self.result, self.exec, self.std, self.upload = (
             os.path.join(root, name) for name in self.FOLDERS)
         self.new_task = os.path.join(root, "new-task.json")
+        self.clean = False  # emptied since the last task used it
+
+    def take(self):
+        """The scratch for a new task: emptied now unless the last task's clean-up
+        did it already (one emptying a task, not two)."""
+        if not self.clean:
+            self.reset()
+        self.clean = False
 
     def reset(self):
         """Empty the whole scratch directory, keeping (or making again) its folders.
@@ -1148,6 +1172,7 @@ class ScratchDirs:
         for folder in (self.resource, self.result, self.exec, self.std, self.upload):
             with contextlib.suppress(FileExistsError):  # kept: a real, empty directory
                 os.mkdir(folder)
+        self.clean = True
 
     def remove(self):
         with contextlib.suppress(OSError):
@@ -1492,7 +1517,7 @@ class TaskRun:
 
     def steps(self):
         """Resources, watch, command, outputs, downstream task, commit."""
-        self.dirs.reset()
+        self.dirs.take()
         reason = self.fetch_resources() or self.watch()
         if reason:
             raise TaskFailed(reason, "ended before running")
@@ -1628,7 +1653,7 @@ class TaskRun:
             raise TaskFailed(SPEC_REFUSED, f"bad timeout: {error}") from None
 
     def environment(self):
-        env = {name: value for name, value in os.environ.items() if name != "MITO_PASSWORD"}
+        env = dict(self.worker.process.task_environment)
         env.update({str(k): str(v) for k, v in (self.spec.get("envs") or {}).items()})
         env.update(MITO_TASK_UUID=self.uuid, MITO_RESOURCE_DIR=self.dirs.resource,
                    MITO_RESULT_DIR=self.dirs.result, MITO_EXEC_DIR=self.dirs.exec,
@@ -2121,6 +2146,9 @@ class WorkerProcess:
         self.started = self.in_flight = 0
         self.exit_status = 0
         self.guard = OrphanGuard()
+        # what every task's environment starts from, read once, not for every task
+        self.task_environment = {name: value for name, value in os.environ.items()
+                                 if name != "MITO_PASSWORD"}
         self.user, self._user_token = settings.user, None
         self._login_lock = threading.Lock()
         self._signals = 0
@@ -2158,7 +2186,11 @@ class WorkerProcess:
             self.started += 1
 
     def task_done(self):
-        self.wake()
+        """A task's end is a reason to leave only when draining or counting tasks: the
+        supervisor is not woken for every task otherwise (it was a tenth of the
+        worker's time on short tasks)."""
+        if self.draining.is_set() or self.settings.max_tasks is not None:
+            self.wake()
 
     def wake(self):
         with self.changed:
@@ -6822,13 +6854,16 @@ class HttpParser:
         return HttpMessage(method, target, headers, int(length), keep_alive)
 
 
+FEATURES_LINE = f"{FEATURES_HEADER}: {','.join(COORDINATOR_FEATURES)}\r\n"
+
+
 class AnswerWriter:
-    """Answers as bytes: the status line and the headers every answer carries are made
-    once, the Date once a second."""
+    """Answers as bytes: the status line and the headers every answer carries (Server,
+    X-Mito-Features) are made once, the Date once a second."""
 
     def __init__(self):
         self.lines = {status: f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Unknown')}\r\n"
-                      f"Server: mito.py/{__version__}\r\n".encode()
+                      f"Server: mito.py/{__version__}\r\n{FEATURES_LINE}".encode()
                       for status in _STATUS_TEXT}
         self.date = (0, b"")
 
@@ -6841,7 +6876,7 @@ class AnswerWriter:
     def head(self, status, headers, length, content_type, keep_alive):
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         return b"".join((
-            self.lines.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            self.lines.get(status) or f"HTTP/1.1 {status} Unknown\r\n{FEATURES_LINE}".encode(),
             self.date_line(), extra.encode("latin-1"),
             b"Content-Type: ", content_type.encode(), b"\r\nContent-Length: ",
             str(length).encode(), b"\r\n" if keep_alive else b"\r\nConnection: close\r\n",
@@ -7631,6 +7666,21 @@ class Client:
                 print(f"{clear}coordinator unreachable ({problem}); retrying", file=sys.stderr)
                 said = True
             backoff.sleep(None)
+
+    def features(self):
+        """The additions the coordinator names (X-Mito-Features): learned from the last
+        answer seen, else from one GET /auth. A Rust coordinator names none."""
+        if self.http.features is None and self.http.token is None:
+            self.login()  # with a password, the login's answer names them
+        if self.http.features is None:
+            self.call("GET", "/auth")
+        return self.http.features
+
+    def require(self, feature, what):
+        """Refuse, before anything is sent, a command the coordinator cannot serve."""
+        if feature not in self.features():
+            fail_usage(f"the coordinator at {self.http.base_url} does not support {what} "
+                       f"(it is not mito.py's)")
 
     @property
     def full_view(self):
