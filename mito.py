@@ -524,6 +524,7 @@ class Http:
         self.token = token
         self.ssl_context = ssl_context
         self.timeout = timeout
+        self.features = None  # what the coordinator's last answer named (X-Mito-Features)
         self._local = threading.local()
 
     # -- connections
@@ -626,6 +627,8 @@ class Http:
             body = json.dumps(payload, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
         status, reply_headers, data = self.exchange(method, url, body, headers, timeout)
+        if status < 500:  # a 5xx may come from a proxy in front of the coordinator
+            self.features = features_of(reply_headers)
         if not 200 <= status < 300:
             raise ApiError(status, error_message(data, status))
         return Reply(status, reply_headers, decode_body(data, reply_headers))
@@ -905,6 +908,19 @@ def submit_op(request):
 # header (the Rust coordinator) sends nothing. The std-log artifact is unchanged.
 OUTPUT_HEADER = "X-Mito-Output"
 OUTPUT_STREAMS = ("stdout", "stderr")
+
+# Our coordinator's additions to upstream's API, named on every answer it gives as
+# `X-Mito-Features: output,retries,...` (the Rust coordinator sends no such header). A
+# client sends an addition's fields only to a coordinator that names it, and refuses a
+# command that needs one, before submitting anything, where it is missing.
+FEATURES_HEADER = "X-Mito-Features"
+COORDINATOR_FEATURES = ("output",)
+
+
+def features_of(headers):
+    """The features an answer's headers name (none: not mito.py's coordinator)."""
+    return frozenset(filter(None, (name.strip() for name in
+                                   (headers.get(FEATURES_HEADER) or "").split(","))))
 
 
 def output_request(increments, finished):
@@ -6875,13 +6891,16 @@ class HttpParser:
         return HttpMessage(method, target, headers, int(length), keep_alive)
 
 
+FEATURES_LINE = f"{FEATURES_HEADER}: {','.join(COORDINATOR_FEATURES)}\r\n"
+
+
 class AnswerWriter:
-    """Answers as bytes: the status line and the headers every answer carries are made
-    once, the Date once a second."""
+    """Answers as bytes: the status line and the headers every answer carries (Server,
+    X-Mito-Features) are made once, the Date once a second."""
 
     def __init__(self):
         self.lines = {status: f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Unknown')}\r\n"
-                      f"Server: mito.py/{__version__}\r\n".encode()
+                      f"Server: mito.py/{__version__}\r\n{FEATURES_LINE}".encode()
                       for status in _STATUS_TEXT}
         self.date = (0, b"")
 
@@ -6894,7 +6913,7 @@ class AnswerWriter:
     def head(self, status, headers, length, content_type, keep_alive):
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         return b"".join((
-            self.lines.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            self.lines.get(status) or f"HTTP/1.1 {status} Unknown\r\n{FEATURES_LINE}".encode(),
             self.date_line(), extra.encode("latin-1"),
             b"Content-Type: ", content_type.encode(), b"\r\nContent-Length: ",
             str(length).encode(), b"\r\n" if keep_alive else b"\r\nConnection: close\r\n",
@@ -7684,6 +7703,21 @@ class Client:
                 print(f"{clear}coordinator unreachable ({problem}); retrying", file=sys.stderr)
                 said = True
             backoff.sleep(None)
+
+    def features(self):
+        """The additions the coordinator names (X-Mito-Features): learned from the last
+        answer seen, else from one GET /auth. A Rust coordinator names none."""
+        if self.http.features is None and self.http.token is None:
+            self.login()  # with a password, the login's answer names them
+        if self.http.features is None:
+            self.call("GET", "/auth")
+        return self.http.features
+
+    def require(self, feature, what):
+        """Refuse, before anything is sent, a command the coordinator cannot serve."""
+        if feature not in self.features():
+            fail_usage(f"the coordinator at {self.http.base_url} does not support {what} "
+                       f"(it is not mito.py's)")
 
     @property
     def full_view(self):
