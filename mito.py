@@ -914,7 +914,8 @@ OUTPUT_STREAMS = ("stdout", "stderr")
 # client sends an addition's fields only to a coordinator that names it, and refuses a
 # command that needs one, before submitting anything, where it is missing.
 FEATURES_HEADER = "X-Mito-Features"
-COORDINATOR_FEATURES = ("output",)
+ARRAY_PARALLEL_FEATURE = "array-parallel"  # submit's "array_parallel": {"key", "limit"}
+COORDINATOR_FEATURES = ("output", ARRAY_PARALLEL_FEATURE)
 
 
 def features_of(headers):
