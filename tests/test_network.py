@@ -498,7 +498,8 @@ def test_a_fetch_sees_only_tag_sets_it_may_take_and_the_best_task_across_them(fl
     fleet.submit(tags=["gpu"])                # a tag set it may not take (worker-subset)
     low = fleet.submit(tags=["cpu"])
     plan = store.db().execute("EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE state = 'Ready' "
-                              "AND group_id = 1 AND tags = '[]' ORDER BY priority DESC, id "
+                              "AND group_id = 1 AND tags = '[]' AND throttle_id = 0 "
+                              "ORDER BY priority DESC, id "
                               "LIMIT 1").fetchall()
     assert "tasks_ready" in str([tuple(row) for row in plan])
     request = {"tags": ["cpu", "x"], "labels": [], "timeout": 60, "priority": 5,
