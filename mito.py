@@ -914,7 +914,8 @@ OUTPUT_STREAMS = ("stdout", "stderr")
 # client sends an addition's fields only to a coordinator that names it, and refuses a
 # command that needs one, before submitting anything, where it is missing.
 FEATURES_HEADER = "X-Mito-Features"
-COORDINATOR_FEATURES = ("output",)
+ARRAY_PARALLEL_FEATURE = "array-parallel"  # submit's "array_parallel": {"key", "limit"}
+COORDINATOR_FEATURES = ("output", ARRAY_PARALLEL_FEATURE)
 
 
 def features_of(headers):
@@ -2818,7 +2819,25 @@ def a_submission(value):
             "labels": field(value, "labels", strs, []),
             "timeout": field(value, "timeout", a_timeout, 600.0),
             "priority": field(value, "priority", an_i32, 0),
-            "task_spec": field(value, "task_spec", a_task_spec)}
+            "task_spec": field(value, "task_spec", a_task_spec),
+            "array_parallel": field(value, "array_parallel", an_array_parallel, None)}
+
+
+THROTTLE_KEY_MAX = 128  # characters of an array_parallel key: an array id is 8
+
+
+def an_array_parallel(value):
+    """{"key": K, "limit": N} (our coordinator's addition, announced as array-parallel):
+    at most N of the submitter's tasks with key K run at once."""
+    value = an_object(value)
+    key, limit = value.get("key"), value.get("limit")
+    if set(value) != {"key", "limit"}:
+        raise ValueError(f"expected exactly the keys key and limit, not {sorted(value)}")
+    if not isinstance(key, str) or not 0 < len(a_plain_str(key)) <= THROTTLE_KEY_MAX:
+        raise ValueError(f"key {key!r} must be a string of 1 to {THROTTLE_KEY_MAX} characters")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= I32_MAX:
+        raise ValueError(f"limit {limit!r} must be an integer from 1 to {I32_MAX}")
+    return {"key": key, "limit": limit}
 
 
 def a_limit(value):
@@ -3000,6 +3019,59 @@ _SCHEMA = [
         "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags; "
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
         "END",
+    ),
+    # Throttles (issue 12 §1, --array-parallel N): at most max_running tasks of one key run
+    # at once. `running` counts a throttle's claimed tasks (worker_id set), kept by
+    # triggers in the claiming, committing or requeueing transaction. A throttle is a lane
+    # of the ready sets (0: none), so a fetch skips a full one's tasks without reading
+    # them; tasks_throttled finds the next task when a slot frees.
+    (
+        "CREATE TABLE throttles (id INTEGER PRIMARY KEY, creator_id INTEGER NOT NULL, "
+        "key TEXT NOT NULL, max_running INTEGER NOT NULL, running INTEGER NOT NULL DEFAULT 0, "
+        "UNIQUE (creator_id, key))",
+        "ALTER TABLE tasks ADD COLUMN throttle_id INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_throttled ON tasks (throttle_id, priority DESC, id) "
+        "WHERE state = 'Ready' AND throttle_id != 0",
+        "CREATE TRIGGER throttles_claim AFTER UPDATE OF worker_id ON tasks "
+        "WHEN new.throttle_id != 0 AND (old.worker_id IS NULL) != (new.worker_id IS NULL) "
+        "BEGIN UPDATE throttles SET running = running + "
+        "(CASE WHEN new.worker_id IS NULL THEN -1 ELSE 1 END) WHERE id = new.throttle_id; END",
+        "CREATE TRIGGER throttles_delete AFTER DELETE ON tasks "
+        "WHEN old.throttle_id != 0 AND old.worker_id IS NOT NULL "
+        "BEGIN UPDATE throttles SET running = running - 1 WHERE id = old.throttle_id; END",
+        "DROP TRIGGER ready_sets_insert",
+        "DROP TRIGGER ready_sets_leave",
+        "DROP TRIGGER ready_sets_enter",
+        "DROP TRIGGER ready_sets_delete",
+        "DROP TABLE ready_sets",
+        "DROP INDEX tasks_ready",
+        "CREATE TABLE ready_sets (group_id INTEGER NOT NULL, tags TEXT NOT NULL, "
+        "throttle_id INTEGER NOT NULL, n INTEGER NOT NULL, "
+        "PRIMARY KEY (group_id, tags, throttle_id)) WITHOUT ROWID",
+        "INSERT INTO ready_sets SELECT group_id, tags, 0, COUNT(*) FROM tasks "
+        "WHERE state = 'Ready' GROUP BY group_id, tags",
+        "CREATE INDEX tasks_ready ON tasks (group_id, tags, throttle_id, priority DESC, id) "
+        "WHERE state = 'Ready'",
+        "CREATE TRIGGER ready_sets_insert AFTER INSERT ON tasks WHEN new.state = 'Ready' "
+        "BEGIN INSERT INTO ready_sets VALUES (new.group_id, new.tags, new.throttle_id, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_leave AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN old.state = 'Ready' AND (new.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id AND n <= 0; END",
+        "CREATE TRIGGER ready_sets_enter AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN new.state = 'Ready' AND (old.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "INSERT INTO ready_sets VALUES (new.group_id, new.tags, new.throttle_id, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_delete AFTER DELETE ON tasks WHEN old.state = 'Ready' BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id AND n <= 0; END",
     ),
 ]
 
@@ -3409,11 +3481,12 @@ class Store:
                 task_uuid = str(uuidlib.uuid4())
                 task_id = db.execute(
                     "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
-                    "timeout, priority, spec, upstream, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "timeout, priority, spec, upstream, throttle_id, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (task_uuid, creator_id, group_id, json.dumps(sorted(set(request["tags"]))),
                      json.dumps(sorted(set(request["labels"]))), state, request["timeout"],
-                     request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
+                     request["priority"], json.dumps(request["task_spec"]), upstream,
+                     self._throttle(db, creator_id, request.get("array_parallel")), now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
             if upstream:
@@ -3422,6 +3495,28 @@ class Store:
         if not upstream:
             self.wake_fetchers([task_id for task_id, _ in made])
         return made
+
+    @staticmethod
+    def _throttle(db, creator_id, limit):
+        """The id of the creator's throttle of `limit` ({"key", "limit"}; None: 0, none).
+        The last submission with a key sets its limit for every task with that key."""
+        if limit is None:
+            return 0
+        return db.execute(
+            "INSERT INTO throttles (creator_id, key, max_running) VALUES (?, ?, ?) "
+            "ON CONFLICT (creator_id, key) DO UPDATE SET max_running = excluded.max_running "
+            "RETURNING id", (creator_id, limit["key"], limit["limit"])).fetchone()[0]
+
+    @staticmethod
+    def _unthrottled(db, throttle_id):
+        """Ids of the Ready tasks that the throttle's free slots let run now (a task of
+        it ended): the Dispatcher offers them to parked fetchers."""
+        if not throttle_id:
+            return []
+        return [row[0] for row in db.execute(
+            "SELECT id FROM tasks WHERE state = 'Ready' AND throttle_id != 0 AND "
+            "throttle_id = ? ORDER BY priority DESC, id LIMIT (SELECT MAX(max_running - "
+            "running, 0) FROM throttles WHERE id = ?)", (throttle_id, throttle_id))]
 
     def claim(self, worker, time_left=None):
         """Give the worker the best task it may take, or None. The best task is read under
@@ -3462,26 +3557,33 @@ class Store:
         """The best Ready task the worker may take: only the tag sets of its groups that
         it may take are looked at (ready_sets), then the best task of each."""
         sets = db.execute(
-            "SELECT t.group_id, t.tags FROM ready_sets t WHERE t.group_id IN (SELECT group_id "
-            f"FROM group_workers WHERE worker_id = :worker AND role >= 2) AND {self.tag_rule}",
+            "SELECT t.group_id, t.tags, t.throttle_id FROM ready_sets t LEFT JOIN throttles th "
+            "ON th.id = t.throttle_id WHERE t.group_id IN (SELECT group_id FROM group_workers "
+            "WHERE worker_id = :worker AND role >= 2) AND (t.throttle_id = 0 OR "
+            f"th.running < th.max_running) AND {self.tag_rule}",
             {"worker": worker["id"], "tags": worker["tags"]}).fetchall()
         fits = "" if time_left is None else "AND timeout <= ? "
         best = None
-        for group_id, tags in sets:
+        for group_id, tags, throttle_id in sets:
             row = db.execute("SELECT * FROM tasks WHERE state = 'Ready' AND group_id = ? AND "
-                             f"tags = ? {fits}ORDER BY priority DESC, id LIMIT 1",
-                             (group_id, tags) + (() if time_left is None else (time_left,))
-                             ).fetchone()
+                             f"tags = ? AND throttle_id = ? {fits}ORDER BY priority DESC, id "
+                             "LIMIT 1", (group_id, tags, throttle_id)
+                             + (() if time_left is None else (time_left,))).fetchone()
             if row is not None and (best is None or (row["priority"], -row["id"]) >
                                     (best["priority"], -best["id"])):
                 best = row
         return best
 
     def takeable(self, task_ids):
-        """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher."""
+        """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher;
+        of a throttle's, no more than it has free slots (the best first)."""
         return [(row[0], row[1], frozenset(json.loads(row[2])), row[3]) for row in self.all(
-            "SELECT id, group_id, tags, timeout FROM tasks WHERE state = 'Ready' AND id IN "
-            "(SELECT value FROM json_each(?))", json.dumps(list(task_ids)))]
+            "SELECT id, group_id, tags, timeout FROM (SELECT t.id, t.group_id, t.tags, "
+            "t.timeout, t.throttle_id, th.max_running - th.running AS free, ROW_NUMBER() OVER "
+            "(PARTITION BY t.throttle_id ORDER BY t.priority DESC, t.id) AS k FROM tasks t "
+            "LEFT JOIN throttles th ON th.id = t.throttle_id WHERE t.state = 'Ready' AND t.id "
+            "IN (SELECT value FROM json_each(?))) WHERE throttle_id = 0 OR k <= free",
+            json.dumps(list(task_ids)))]
 
     def serving_groups(self, worker_id):
         """The ids of the groups whose tasks the worker takes (role Write or Admin)."""
@@ -3516,6 +3618,7 @@ class Store:
                 self.holding_nothing.add(worker["id"])  # its last claim was this task
             self._record(db, [task["id"]], state, worker["uuid"])
             released = self._release_downstream(db, task)
+            released += self._unthrottled(db, task["throttle_id"])
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         if released:
@@ -8334,8 +8437,9 @@ ARRAY_CHUNK = 500               # tasks a submit request carries, at the most
 ARRAY_CHUNK_BYTES = 512 * 1024  # and bytes: half the coordinator's JSON body limit
 ARRAY_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 ARRAY_DONE_STATES = ("Finished", "Cancelled", "Unknown")
-# --array-parallel: task k watches task k-N until it is committed, whatever its end (a
-# non-zero exit, a timeout or a cancellation commits it too: one failure stalls nothing)
+# --array-parallel against a coordinator that does not limit arrays itself: task k watches
+# task k-N until it is committed, whatever its end (a non-zero exit, a timeout or a
+# cancellation commits it too: one failure stalls nothing)
 ARRAY_WATCH_STATE = "TaskCommitted"
 
 
@@ -8367,8 +8471,16 @@ def an_array_id(text):
     return text
 
 
+def an_array_parallel_count(text):
+    """--array-parallel N: a number of tasks the coordinator can hold (upstream's i32)."""
+    if a_positive_count(text) > I32_MAX:
+        raise ValueError(f"{text!r}: expected a number from 1 to {I32_MAX}")
+    return int(text)
+
+
 parse_array = argument_type(array_indices)
 parse_array_id = argument_type(an_array_id)
+parse_array_parallel = argument_type(an_array_parallel_count)
 
 
 class ArraySpec:
@@ -8432,6 +8544,17 @@ def array_requests(client, args, spec):
     return requests
 
 
+def limit_array(client, requests, array_id, parallel):
+    """--array-parallel N: mito.py's coordinator (it announces array-parallel) holds the
+    array to N running tasks itself, so a task that may not start yet holds no worker's
+    slot; another (a Rust one) gets watch chains. The chain's N: None when it limits."""
+    if parallel is None or ARRAY_PARALLEL_FEATURE not in client.features():
+        return parallel
+    for request in requests:
+        request["array_parallel"] = {"key": array_id, "limit": parallel}
+    return None
+
+
 def request_chunks(requests, most):
     """Consecutive [start, end) slices of at most `most` requests and ARRAY_CHUNK_BYTES."""
     start, size = 0, 0
@@ -8480,9 +8603,10 @@ def cmd_tasks_submit_array(client, args):
     if not spec.entries:
         raise UsageError("the array is empty: no index, line or element to submit")
     requests = array_requests(client, args, spec)
+    chain = limit_array(client, requests, spec.id, args.array_parallel)
     progress = Progress(f"array {spec.id} tasks", len(requests), measure="{:.0f}".format)
     try:
-        uuids = submit_in_batches(client, requests, args.array_parallel, progress)
+        uuids = submit_in_batches(client, requests, chain, progress)
     except ArrayRefused as refused:
         raise ClientError(f"{refused}; {refused.submitted} task(s) of array {spec.id} were "
                           f"submitted before it" + (
@@ -9230,9 +9354,10 @@ ARRAY_ARGUMENTS = (
                                                    "MITO_ARRAY_ENTRY (index from 0)"}),
     (("--each-json",), {"metavar": "FILE", "help": "One task per element of FILE's JSON "
                                                    "array, as JSON in MITO_ARRAY_ENTRY"}),
-    (("--array-parallel",), {"type": argument_type(a_positive_count), "metavar": "N",
-                             "help": "Task k of the array starts only once task k-N has "
-                                     "ended (a watch): at most N run at once"}))
+    (("--array-parallel",), {"type": parse_array_parallel, "metavar": "N",
+                             "help": "At most N tasks of the array run at once (mito.py's "
+                                     "coordinator holds the rest back; against another, "
+                                     "task k starts once task k-N has ended, a watch)"}))
 
 
 def add_arrays_commands(commands):
