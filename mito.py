@@ -5242,6 +5242,7 @@ ROUTES = [
     ("GET", "/status", "dashboard.status", "user"),
     ("GET", "/metrics", "dashboard.metrics", None),
     ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
+    ("POST", "/dashboard/tasks/query", "dashboard.query_tasks", "user"),
     ("POST", "/login", "users.login", None),
     ("GET", "/auth", "users.auth", "registrar"),
     ("GET", "/redis", "users.redis", "user"),
@@ -6049,6 +6050,19 @@ class DashboardViews:
                 "recent_failures": [self.failure_entry(row) for row in
                                     self.store.recent_failures(groups, now - FAILURES_WINDOW)]}
 
+    def query_tasks(self, req):
+        """POST /dashboard/tasks/query: /tasks/query's filters over every group the user
+        belongs to (admins: all), or over the one named. Upstream's /tasks/query, which
+        the Rust client and pynetmito call, stays one group at a time."""
+        body = req.body()
+        filters, groups = task_filter(body), self.visible_groups(req.user)
+        if filters["group_name"]:
+            groups = [self.coordinator.listed_group(req, filters["group_name"], READ)["id"]]
+        if field(body, "count", a_bool, False):
+            return {"count": self.store.query_tasks(filters, groups, count=True), "tasks": []}
+        rows = self.store.query_tasks(filters, groups)
+        return {"count": len(rows), "tasks": [task_info(row) for row in rows]}
+
     def workers(self, user, now):
         stale_before = self.stale_before(now)
         rows = self.store.query_workers(None if user["admin"] else user["id"],
@@ -6529,7 +6543,7 @@ VIEWS.tasks = {
       for (const [name, value] of new FormData(form)) if (value) query.set(name, value);
       location.hash = "#/tasks?" + query;
     }},
-      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "my own"))),
+      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "all my groups"))),
       el("label", null, "State", el("select", {name: "state"}, el("option", {value: ""}, "any"),
         STATES.map((s) => el("option", {value: s, selected: p.get("state") === s ? "" : null}, s)))),
       input("label", "Label"), input("creator", "Creator"), el("button", {type: "submit"}, "Filter"));
@@ -6543,13 +6557,13 @@ VIEWS.tasks = {
     }
     const filter = {group_name: p.get("group") || null, states: p.get("state") ? [p.get("state")] : null,
       labels: p.get("label") ? [p.get("label")] : null, creator_usernames: p.get("creator") ? [p.get("creator")] : null};
-    const total = (await api("POST", "/tasks/query", {...filter, count: true})).count;
+    const total = (await api("POST", "/dashboard/tasks/query", {...filter, count: true})).count;
     const pages = Math.max(1, Math.ceil(total / PAGE_SIZE));
     const page = Math.min(Math.max(1, Number(p.get("page")) || 1), pages);
     // newest first: the API lists oldest first, so read the page from the end
     const end = total - (page - 1) * PAGE_SIZE;
     const offset = Math.max(0, end - PAGE_SIZE);
-    const rows = end <= 0 ? [] : (await api("POST", "/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
+    const rows = end <= 0 ? [] : (await api("POST", "/dashboard/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
     fill(ctx, "table", table(["Task", "State", "Exit", "Group", "Creator", "Labels", "Created", "Command"], rows.map((t) =>
       [link("#/task/" + t.uuid, short(t.uuid), "mono"), badge(t.state), exitOf(t.result), t.group_name, t.creator_username,
        t.labels.join(", ") || "-", ago(t.created_at), el("code", null, command(t.spec.args))]), "no tasks match"));
