@@ -3132,6 +3132,9 @@ class Store:
         self._write_lock = threading.Lock()
         self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
         self.auth_rows = RowCache()
+        # ids of workers known to hold no uncommitted task (under the write lock): their
+        # fetch skips the look for a task whose fetch answer was lost
+        self.holding_nothing = set()
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -3155,14 +3158,26 @@ class Store:
     @contextlib.contextmanager
     def write(self):
         with self._write_lock:
-            db = self.db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(self.db()) as db:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(db):
+        """One write transaction; the caller holds the write lock."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def write_one(self, sql, *args):
+        """A write of one statement: its own transaction (autocommit), no BEGIN and
+        COMMIT around it; the number of rows it changed."""
+        with self._write_lock:
+            return self.db().execute(sql, args).rowcount
 
     def one(self, sql, *args):
         return self.db().execute(sql, args).fetchone()
@@ -3180,9 +3195,11 @@ class Store:
         """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
         of tasks, inside the transaction that made it happen. (A task's submission is
         its row's created_at: a batch of submissions costs no extra rows.)"""
-        now = time.time()
-        db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
-                       [(task_id, event, now, worker) for task_id in task_ids])
+        if task_ids:
+            now = time.time()
+            db.executemany("INSERT INTO task_events (task_id, event, at, worker) "
+                           "VALUES (?, ?, ?, ?)", [(task_id, event, now, worker)
+                                                   for task_id in task_ids])
 
     # -- the rows authentication reads, cached
 
@@ -3343,9 +3360,8 @@ class Store:
         return row[0] or 0
 
     def heartbeat(self, worker_id):
-        with self.write() as db:
-            db.execute("UPDATE workers SET last_heartbeat = ? WHERE id = ?",
-                       (time.time(), worker_id))
+        self.write_one("UPDATE workers SET last_heartbeat = ? WHERE id = ?", time.time(),
+                       worker_id)
 
     def update_worker(self, worker_id, **changes):
         changes = {k: json.dumps(sorted(set(v))) if k in ("tags", "labels") else v
@@ -3389,6 +3405,7 @@ class Store:
             requeued += self._requeue(db, worker_id)
             db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
             db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            self.holding_nothing.discard(worker_id)  # (a new worker may get its id)
         return requeued
 
     def _requeue(self, db, worker_id):
@@ -3516,26 +3533,39 @@ class Store:
             "running, 0) FROM throttles WHERE id = ?)", (throttle_id, throttle_id))]
 
     def claim(self, worker, time_left=None):
-        """Give the worker the best task it may take, or None. Reads first: a worker that
-        holds nothing and finds nothing costs no write transaction."""
-        if self.one("SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker["id"]):
-            # A worker fetches only when it holds no task: one still on it is a task whose
-            # fetch answer was lost (or that it dropped). Back to the queue with it, or it
-            # would stay Running for ever on a worker that does not know of it.
-            with self.write() as db:
-                requeued = self._requeue(db, worker["id"])
-            self.wake_fetchers(requeued)
-        if self.best_ready(self.db(), worker, time_left) is None:
-            return None
-        with self.write() as db:
+        """Give the worker the best task it may take, or None. The best task is read under
+        the write lock (no other write can come between the read and the claim), and a
+        write transaction begins only when there is one: a worker that holds nothing and
+        finds nothing costs no write transaction."""
+        with self._write_lock:
+            requeued = self._requeue_lost(worker["id"])
+            db = self.db()
             row = self.best_ready(db, worker, time_left)
             if row is not None:
-                db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
-                           "WHERE id = ?", (worker["id"], time.time(), row["id"]))
-                db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
-                           (row["id"], worker["id"]))
-                self._record(db, [row["id"]], "Started", worker["uuid"])
+                with self._transaction(db):
+                    db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, "
+                               "updated_at = ? WHERE id = ?",
+                               (worker["id"], time.time(), row["id"]))
+                    db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
+                               (row["id"], worker["id"]))
+                    self._record(db, [row["id"]], "Started", worker["uuid"])
+                self.holding_nothing.discard(worker["id"])
+        if requeued:
+            self.wake_fetchers(requeued)
         return row  # as it was when claimed: what a worker is sent does not change
+
+    def _requeue_lost(self, worker_id):
+        """A worker fetches only when it holds no task: one still on it is a task whose
+        fetch answer was lost (or that it dropped). Back to the queue with it, or it would
+        stay Running for ever on a worker that does not know of it. Not looked for when
+        the worker is known to hold nothing (the caller holds the write lock)."""
+        requeued = []
+        if worker_id not in self.holding_nothing and self.one(
+                "SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker_id):
+            with self._transaction(self.db()) as db:
+                requeued = self._requeue(db, worker_id)
+        self.holding_nothing.add(worker_id)
+        return requeued
 
     def best_ready(self, db, worker, time_left):
         """The best Ready task the worker may take: only the tag sets of its groups that
@@ -3579,9 +3609,15 @@ class Store:
                         task_id, worker_id)
 
     def set_task_state(self, task_id, state):
-        with self.write() as db:
-            db.execute("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?",
-                       (state, time.time(), task_id))
+        self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?", state,
+                       time.time(), task_id)
+
+    def end_task(self, task_id, worker_id, state):
+        """The worker's task ended (Finished or Cancelled), to be committed next; False
+        if it is not a task the worker holds."""
+        return self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ? AND "
+                              "worker_id = ? AND committed = 0", state, time.time(), task_id,
+                              worker_id) > 0
 
     def commit_task(self, task, worker, result):
         """Archive the task with its result; release its downstream task; let a worker
@@ -3591,17 +3627,26 @@ class Store:
             db.execute("UPDATE tasks SET state = ?, result = ?, reporter = ?, committed = 1, "
                        "worker_id = NULL, updated_at = ? WHERE id = ?",
                        (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
-            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
+            if db.execute("UPDATE workers SET task_id = NULL WHERE id = ? AND task_id = ?",
+                          (worker["id"], task["id"])).rowcount:
+                self.holding_nothing.add(worker["id"])  # its last claim was this task
             self._record(db, [task["id"]], state, worker["uuid"])
-            released = [row["id"] for row in db.execute(
-                "UPDATE tasks SET state = 'Ready', updated_at = ? WHERE upstream = ? "
-                "AND state = 'Pending' RETURNING id", (time.time(), task["uuid"])).fetchall()]
-            self._record(db, released, "Released")
+            released = self._release_downstream(db, task)
             released += self._unthrottled(db, task["throttle_id"])
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         if released:
             self.wake_fetchers(released)
+
+    def _release_downstream(self, db, task):
+        """The task's downstream task (submitted by its run) may now run: its id, or none."""
+        if not task["downstream"]:
+            return []
+        released = [row["id"] for row in db.execute(
+            "UPDATE tasks SET state = 'Ready', updated_at = ? WHERE upstream = ? "
+            "AND state = 'Pending' RETURNING id", (time.time(), task["uuid"])).fetchall()]
+        self._record(db, released, "Released")
+        return released
 
     def change_task(self, task_id, changes):
         changes = {k: json.dumps(sorted(set(v)) if k in ("tags", "labels") else v)
@@ -4669,12 +4714,14 @@ class WorkerApiHandlers(Handlers):
         body = req.body()
         task_id = field(body, "id", an_int)
         op = field(body, "op", lambda value: value)
+        if op in ("Finish", "Cancel"):
+            if not self.store.end_task(task_id, req.worker["id"],
+                                       "Finished" if op == "Finish" else "Cancelled"):
+                raise not_found(f"task {task_id}")
+            return {"url": None}
         task = self.store.assigned_task(req.worker["id"], task_id)
         if task is None:
             raise not_found(f"task {task_id}")
-        if op in ("Finish", "Cancel"):
-            self.store.set_task_state(task["id"], "Finished" if op == "Finish" else "Cancelled")
-            return {"url": None}
         if not isinstance(op, dict) or len(op) != 1 or next(iter(op)) not in (
                 "Upload", "Commit", "Submit"):
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
@@ -6755,6 +6802,8 @@ POOL_HANDLERS = {"users.login", "users.change_password", "admin.admin_create_use
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")      # controls and spaces: not in a target
+_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but tab: not in a value
 _STATUS_TEXT = {status.value: status.phrase for status in http.HTTPStatus}
 
 
@@ -6893,7 +6942,7 @@ class HttpParser:
         if known.group(1) != b"1":
             raise BadRequest(505, f"HTTP/{known.group(1).decode()}.{known.group(2).decode()} "
                                   f"is not supported: use HTTP/1.1")
-        if not target.startswith(b"/") or any(byte < 0x21 or byte == 0x7f for byte in target):
+        if not target.startswith(b"/") or _TARGET_BAD.search(target):
             raise BadRequest(400, f"bad request target {target[:100].decode('latin-1')!r}")
         return method.decode(), target.decode("latin-1"), version.decode()
 
@@ -6909,7 +6958,7 @@ class HttpParser:
             if not colon or not _TOKEN.fullmatch(name):
                 raise BadRequest(400, f"malformed header line {line[:100].decode('latin-1')!r}")
             value = value.strip(b" \t")
-            if any(byte < 0x20 and byte != 0x09 or byte == 0x7f for byte in value):
+            if _VALUE_BAD.search(value):
                 raise BadRequest(400, f"control character in header {name.decode()}")
             key, text = name.decode().lower(), value.decode("latin-1")
             if key == "content-length" and headers.get(key, text) != text:

@@ -228,17 +228,19 @@ def test_the_parser_says_when_a_request_has_begun():
 
 
 class Counted:
-    """A Store whose write transactions are counted."""
+    """A Store whose write transactions are counted (those of one statement too)."""
 
     def __init__(self, path):
         self.store = mito.Store(str(path))
         self.writes = 0
-        write = self.store.write
+        for name in ("_transaction", "write_one"):
+            setattr(self.store, name, self.counted(getattr(self.store, name)))
 
-        def counted():
+    def counted(self, write):
+        def counted(*args):
             self.writes += 1
-            return write()
-        self.store.write = counted
+            return write(*args)
+        return counted
 
 
 @pytest.fixture
