@@ -2611,6 +2611,7 @@ _WORKER_ROLE_SPELLINGS = {spelling: level for level, name in ROLE_NAMES.items()
                           for spelling in (name, name.lower(), name.upper())}
 LONG_POLL_MAX = 30
 REQUEUE_GRACE = 60          # a running task this far past its timeout is taken back
+DROPS_KEPT = 10000          # workers dropped for silence remembered: they ask within minutes
 JSON_BODY_LIMIT = 1 << 20
 DRAIN_LIMIT = 16 << 20      # a larger refused body is not read: the connection is closed
 URL_LIFETIME = 3600
@@ -3147,6 +3148,9 @@ _SCHEMA = [
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
         "AND throttle_id = old.throttle_id AND n <= 0; END",
     ),
+    # Workers dropped for silence, so that after a restart too their 401 tells them to
+    # register again, not to leave (issue 8 §2); the newest DROPS_KEPT only.
+    "CREATE TABLE dropped_workers (id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)",
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -3455,10 +3459,16 @@ class Store:
             db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
                            [(group_id, worker_id) for group_id in group_ids])
 
-    def remove_workers(self, worker_ids):
-        """Delete workers; each one's unfinished task goes back to Ready."""
+    def remove_workers(self, worker_ids, silent=()):
+        """Delete workers; each one's unfinished task goes back to Ready. `silent`: the
+        uuids of those dropped for silence, remembered (the newest DROPS_KEPT)."""
         with self.write() as db:
             requeued = self._delete_workers(db, worker_ids)
+            db.executemany("INSERT OR IGNORE INTO dropped_workers (uuid) VALUES (?)",
+                           [(worker_uuid,) for worker_uuid in silent])
+            if silent:
+                db.execute("DELETE FROM dropped_workers WHERE id <= "
+                           "(SELECT MAX(id) FROM dropped_workers) - ?", (DROPS_KEPT,))
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
 
@@ -3487,6 +3497,10 @@ class Store:
                        (task["uuid"],))
             log.info("task %s requeued", task["uuid"])
         return [task["id"] for task in held]
+
+    def was_dropped(self, worker_uuid):
+        """Whether the worker was dropped for silence (not shut down, not expired)."""
+        return self.one("SELECT 1 FROM dropped_workers WHERE uuid = ?", worker_uuid) is not None
 
     def shutdown_workers(self, rows, force):
         """Force: remove now. Graceful: remove the idle ones, mark the busy ones to be
@@ -4339,20 +4353,18 @@ def path_kind(text):
 
 
 class Liveness:
-    """What the coordinator knows of its workers' liveness beyond the Store: every
-    authenticated worker request counts as a heartbeat (a long-polling worker with a
-    long heartbeat interval is alive), and which workers were dropped for silence, so
-    that their 401 tells them to register again (issue 8 §2) while a worker shut down
-    or at the end of its lifetime hears that it must leave. In memory: after a restart
-    an unknown worker is told to leave."""
-
-    DROPS_KEPT = 10000  # the newest drops remembered: a dropped worker asks within minutes
+    """What the coordinator knows of its workers' liveness beyond the Store's rows:
+    every authenticated worker request counts as a heartbeat (a long-polling worker with
+    a long heartbeat interval is alive), and a worker dropped for silence (the Store
+    keeps which, across restarts) hears in its 401 to register again (issue 8 §2),
+    while one shut down or at the end of its lifetime hears that it must leave."""
 
     def __init__(self, store, heartbeat_timeout):
         self.store = store
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
-        self.drops = {}  # uuid -> None, oldest first; dict operations are atomic
-        self.written = {}  # worker id -> when heard_from last wrote (the row may be cached)
+        # worker id -> when heard_from last wrote (the row may be cached); an entry older
+        # than `every` decides nothing, so forget_old() drops it: workers come and go
+        self.written = {}
 
     def heard_from(self, worker):
         now = time.time()
@@ -4360,14 +4372,13 @@ class Liveness:
             self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
 
-    def dropped(self, uuids):
-        for worker_uuid in uuids:
-            self.drops[worker_uuid] = None
-        for old in list(self.drops)[:max(0, len(self.drops) - self.DROPS_KEPT)]:
-            self.drops.pop(old, None)
+    def forget_old(self, now):
+        """Keep only the writes of the last `every` seconds (the reaper's call)."""
+        self.written = {worker_id: at for worker_id, at in list(self.written.items())
+                        if at > now - self.every}
 
     def why_gone(self, worker_uuid):
-        if worker_uuid in self.drops:
+        if isinstance(worker_uuid, str) and self.store.was_dropped(worker_uuid):
             return (f"worker {worker_uuid} was {WORKER_DROPPED} longer than the heartbeat "
                     f"timeout; register again")
         return "this worker is not registered (or was shut down)"
@@ -4486,9 +4497,9 @@ class Coordinator:
                 if dead:
                     log.warning("removing silent or overdue workers: %s",
                                 ", ".join(row["uuid"] for row in dead))
-                    self.liveness.dropped(row["uuid"] for row in dead
-                                          if row["expires_at"] >= now)
-                    self.store.remove_workers([row["id"] for row in dead])
+                    self.store.remove_workers([row["id"] for row in dead], silent=[
+                        row["uuid"] for row in dead if row["expires_at"] >= now])
+                self.liveness.forget_old(now)
             except sqlite3.Error:
                 log.exception("liveness check failed")
 
