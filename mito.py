@@ -914,7 +914,8 @@ OUTPUT_STREAMS = ("stdout", "stderr")
 # client sends an addition's fields only to a coordinator that names it, and refuses a
 # command that needs one, before submitting anything, where it is missing.
 FEATURES_HEADER = "X-Mito-Features"
-COORDINATOR_FEATURES = ("output", "retries")
+ARRAY_PARALLEL_FEATURE = "array-parallel"  # submit's "array_parallel": {"key", "limit"}
+COORDINATOR_FEATURES = ("output", "retries", ARRAY_PARALLEL_FEATURE)
 
 
 # Retries, an addition named "retries": a submission (POST /tasks, or an item of POST
@@ -1155,6 +1156,14 @@ class ScratchDirs:
         self.resource, self.result, self.exec, self.std, self.upload = (
             os.path.join(root, name) for name in self.FOLDERS)
         self.new_task = os.path.join(root, "new-task.json")
+        self.clean = False  # emptied since the last task used it
+
+    def take(self):
+        """The scratch for a new task: emptied now unless the last task's clean-up
+        did it already (one emptying a task, not two)."""
+        if not self.clean:
+            self.reset()
+        self.clean = False
 
     def reset(self):
         """Empty the whole scratch directory, keeping (or making again) its folders.
@@ -1174,6 +1183,7 @@ class ScratchDirs:
         for folder in (self.resource, self.result, self.exec, self.std, self.upload):
             with contextlib.suppress(FileExistsError):  # kept: a real, empty directory
                 os.mkdir(folder)
+        self.clean = True
 
     def remove(self):
         with contextlib.suppress(OSError):
@@ -1518,7 +1528,7 @@ class TaskRun:
 
     def steps(self):
         """Resources, watch, command, outputs, downstream task, commit."""
-        self.dirs.reset()
+        self.dirs.take()
         reason = self.fetch_resources() or self.watch()
         if reason:
             raise TaskFailed(reason, "ended before running")
@@ -1654,7 +1664,7 @@ class TaskRun:
             raise TaskFailed(SPEC_REFUSED, f"bad timeout: {error}") from None
 
     def environment(self):
-        env = {name: value for name, value in os.environ.items() if name != "MITO_PASSWORD"}
+        env = dict(self.worker.process.task_environment)
         env.update({str(k): str(v) for k, v in (self.spec.get("envs") or {}).items()})
         env.update(MITO_TASK_UUID=self.uuid, MITO_RESOURCE_DIR=self.dirs.resource,
                    MITO_RESULT_DIR=self.dirs.result, MITO_EXEC_DIR=self.dirs.exec,
@@ -2147,6 +2157,9 @@ class WorkerProcess:
         self.started = self.in_flight = 0
         self.exit_status = 0
         self.guard = OrphanGuard()
+        # what every task's environment starts from, read once, not for every task
+        self.task_environment = {name: value for name, value in os.environ.items()
+                                 if name != "MITO_PASSWORD"}
         self.user, self._user_token = settings.user, None
         self._login_lock = threading.Lock()
         self._signals = 0
@@ -2184,7 +2197,11 @@ class WorkerProcess:
             self.started += 1
 
     def task_done(self):
-        self.wake()
+        """A task's end is a reason to leave only when draining or counting tasks: the
+        supervisor is not woken for every task otherwise (it was a tenth of the
+        worker's time on short tasks)."""
+        if self.draining.is_set() or self.settings.max_tasks is not None:
+            self.wake()
 
     def wake(self):
         with self.changed:
@@ -2817,6 +2834,7 @@ def a_submission(value):
             "timeout": field(value, "timeout", a_timeout, 600.0),
             "priority": field(value, "priority", an_i32, 0),
             "task_spec": field(value, "task_spec", a_task_spec),
+            "array_parallel": field(value, "array_parallel", an_array_parallel, None),
             **a_retry_policy(value)}
 
 
@@ -2844,6 +2862,23 @@ def a_retry_policy(value):
     if max_retries is not None and retry_on is None:
         retry_on = ",".join(RETRY_REASONS)
     return {"max_retries": max_retries, "retry_on": retry_on}
+
+
+THROTTLE_KEY_MAX = 128  # characters of an array_parallel key: an array id is 8
+
+
+def an_array_parallel(value):
+    """{"key": K, "limit": N} (our coordinator's addition, announced as array-parallel):
+    at most N of the submitter's tasks with key K run at once."""
+    value = an_object(value)
+    key, limit = value.get("key"), value.get("limit")
+    if set(value) != {"key", "limit"}:
+        raise ValueError(f"expected exactly the keys key and limit, not {sorted(value)}")
+    if not isinstance(key, str) or not 0 < len(a_plain_str(key)) <= THROTTLE_KEY_MAX:
+        raise ValueError(f"key {key!r} must be a string of 1 to {THROTTLE_KEY_MAX} characters")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= I32_MAX:
+        raise ValueError(f"limit {limit!r} must be an integer from 1 to {I32_MAX}")
+    return {"key": key, "limit": limit}
 
 
 def a_limit(value):
@@ -3026,6 +3061,59 @@ _SCHEMA = [
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
         "END",
     ),
+    # Throttles (issue 12 §1, --array-parallel N): at most max_running tasks of one key run
+    # at once. `running` counts a throttle's claimed tasks (worker_id set), kept by
+    # triggers in the claiming, committing or requeueing transaction. A throttle is a lane
+    # of the ready sets (0: none), so a fetch skips a full one's tasks without reading
+    # them; tasks_throttled finds the next task when a slot frees.
+    (
+        "CREATE TABLE throttles (id INTEGER PRIMARY KEY, creator_id INTEGER NOT NULL, "
+        "key TEXT NOT NULL, max_running INTEGER NOT NULL, running INTEGER NOT NULL DEFAULT 0, "
+        "UNIQUE (creator_id, key))",
+        "ALTER TABLE tasks ADD COLUMN throttle_id INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_throttled ON tasks (throttle_id, priority DESC, id) "
+        "WHERE state = 'Ready' AND throttle_id != 0",
+        "CREATE TRIGGER throttles_claim AFTER UPDATE OF worker_id ON tasks "
+        "WHEN new.throttle_id != 0 AND (old.worker_id IS NULL) != (new.worker_id IS NULL) "
+        "BEGIN UPDATE throttles SET running = running + "
+        "(CASE WHEN new.worker_id IS NULL THEN -1 ELSE 1 END) WHERE id = new.throttle_id; END",
+        "CREATE TRIGGER throttles_delete AFTER DELETE ON tasks "
+        "WHEN old.throttle_id != 0 AND old.worker_id IS NOT NULL "
+        "BEGIN UPDATE throttles SET running = running - 1 WHERE id = old.throttle_id; END",
+        "DROP TRIGGER ready_sets_insert",
+        "DROP TRIGGER ready_sets_leave",
+        "DROP TRIGGER ready_sets_enter",
+        "DROP TRIGGER ready_sets_delete",
+        "DROP TABLE ready_sets",
+        "DROP INDEX tasks_ready",
+        "CREATE TABLE ready_sets (group_id INTEGER NOT NULL, tags TEXT NOT NULL, "
+        "throttle_id INTEGER NOT NULL, n INTEGER NOT NULL, "
+        "PRIMARY KEY (group_id, tags, throttle_id)) WITHOUT ROWID",
+        "INSERT INTO ready_sets SELECT group_id, tags, 0, COUNT(*) FROM tasks "
+        "WHERE state = 'Ready' GROUP BY group_id, tags",
+        "CREATE INDEX tasks_ready ON tasks (group_id, tags, throttle_id, priority DESC, id) "
+        "WHERE state = 'Ready'",
+        "CREATE TRIGGER ready_sets_insert AFTER INSERT ON tasks WHEN new.state = 'Ready' "
+        "BEGIN INSERT INTO ready_sets VALUES (new.group_id, new.tags, new.throttle_id, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_leave AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN old.state = 'Ready' AND (new.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id AND n <= 0; END",
+        "CREATE TRIGGER ready_sets_enter AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN new.state = 'Ready' AND (old.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "INSERT INTO ready_sets VALUES (new.group_id, new.tags, new.throttle_id, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_delete AFTER DELETE ON tasks WHEN old.state = 'Ready' BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id AND n <= 0; END",
+    ),
     # Retries (issue 12 §2): a task's policy (max_retries NULL: upstream's, a lost run is
     # requeued without limit, an ended one never), the retries it used, and how often it
     # went back to the queue (an upload URL names that count: it serves one run only).
@@ -3095,6 +3183,9 @@ class Store:
         self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
         self.remove_blob = lambda ref: None  # the BlobStore's, once it is
         self.auth_rows = RowCache()
+        # ids of workers known to hold no uncommitted task (under the write lock): their
+        # fetch skips the look for a task whose fetch answer was lost
+        self.holding_nothing = set()
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -3118,14 +3209,26 @@ class Store:
     @contextlib.contextmanager
     def write(self):
         with self._write_lock:
-            db = self.db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(self.db()) as db:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(db):
+        """One write transaction; the caller holds the write lock."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def write_one(self, sql, *args):
+        """A write of one statement: its own transaction (autocommit), no BEGIN and
+        COMMIT around it; the number of rows it changed."""
+        with self._write_lock:
+            return self.db().execute(sql, args).rowcount
 
     def one(self, sql, *args):
         return self.db().execute(sql, args).fetchone()
@@ -3144,9 +3247,11 @@ class Store:
         to the history
         of tasks, inside the transaction that made it happen. (A task's submission is
         its row's created_at: a batch of submissions costs no extra rows.)"""
-        now = time.time()
-        db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
-                       [(task_id, event, now, worker) for task_id in task_ids])
+        if task_ids:
+            now = time.time()
+            db.executemany("INSERT INTO task_events (task_id, event, at, worker) "
+                           "VALUES (?, ?, ?, ?)", [(task_id, event, now, worker)
+                                                   for task_id in task_ids])
 
     # -- the rows authentication reads, cached
 
@@ -3307,9 +3412,8 @@ class Store:
         return row[0] or 0
 
     def heartbeat(self, worker_id):
-        with self.write() as db:
-            db.execute("UPDATE workers SET last_heartbeat = ? WHERE id = ?",
-                       (time.time(), worker_id))
+        self.write_one("UPDATE workers SET last_heartbeat = ? WHERE id = ?", time.time(),
+                       worker_id)
 
     def update_worker(self, worker_id, **changes):
         changes = {k: json.dumps(sorted(set(v))) if k in ("tags", "labels") else v
@@ -3347,12 +3451,14 @@ class Store:
             requeued += self._requeue(db, worker_id)
             db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
             db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            self.holding_nothing.discard(worker_id)  # (a new worker may get its id)
         return requeued
 
     def _requeue(self, db, worker_id, lost=True):
         """Put every uncommitted task still on the worker back in the queue; the ids of
-        those requeued. A `lost` run (not a fetch answer the worker never got) of a task
-        with a retry policy is an attempt: it runs again only as the policy says."""
+        the tasks that may run now (those requeued, a throttle's next). A `lost` run (not
+        a fetch answer the worker never got) of a task with a retry policy is an attempt:
+        it runs again only as the policy says."""
         held = db.execute("SELECT * FROM tasks WHERE worker_id = ? AND committed = 0",
                           (worker_id,)).fetchall()
         if not held:
@@ -3364,11 +3470,12 @@ class Store:
             if lost and task["max_retries"] is not None:
                 if self._end_attempt(db, task, worker and worker["uuid"], None, "lost"):
                     requeued.append(task["id"])
-                continue
-            self._back_to_queue(db, task)
-            self._record(db, [task["id"]], "Requeued")
-            log.info("task %s requeued", task["uuid"])
-            requeued.append(task["id"])
+            else:
+                self._back_to_queue(db, task)
+                self._record(db, [task["id"]], "Requeued")
+                log.info("task %s requeued", task["uuid"])
+                requeued.append(task["id"])
+            requeued += self._unthrottled(db, task["throttle_id"])  # a slot is free
         return requeued
 
     def _back_to_queue(self, db, task, retried=False):
@@ -3492,11 +3599,12 @@ class Store:
                 task_uuid = str(uuidlib.uuid4())
                 task_id = db.execute(
                     "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
-                    "timeout, priority, spec, upstream, max_retries, retry_on, created_at, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "timeout, priority, spec, upstream, throttle_id, max_retries, retry_on, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (task_uuid, creator_id, group_id, json.dumps(sorted(set(request["tags"]))),
                      json.dumps(sorted(set(request["labels"]))), state, request["timeout"],
                      request["priority"], json.dumps(request["task_spec"]), upstream,
+                     self._throttle(db, creator_id, request.get("array_parallel")),
                      request["max_retries"], request["retry_on"], now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
@@ -3507,52 +3615,94 @@ class Store:
             self.wake_fetchers([task_id for task_id, _ in made])
         return made
 
+    @staticmethod
+    def _throttle(db, creator_id, limit):
+        """The id of the creator's throttle of `limit` ({"key", "limit"}; None: 0, none).
+        The last submission with a key sets its limit for every task with that key."""
+        if limit is None:
+            return 0
+        return db.execute(
+            "INSERT INTO throttles (creator_id, key, max_running) VALUES (?, ?, ?) "
+            "ON CONFLICT (creator_id, key) DO UPDATE SET max_running = excluded.max_running "
+            "RETURNING id", (creator_id, limit["key"], limit["limit"])).fetchone()[0]
+
+    @staticmethod
+    def _unthrottled(db, throttle_id):
+        """Ids of the Ready tasks that the throttle's free slots let run now (a task of
+        it ended): the Dispatcher offers them to parked fetchers."""
+        if not throttle_id:
+            return []
+        return [row[0] for row in db.execute(
+            "SELECT id FROM tasks WHERE state = 'Ready' AND throttle_id != 0 AND "
+            "throttle_id = ? ORDER BY priority DESC, id LIMIT (SELECT MAX(max_running - "
+            "running, 0) FROM throttles WHERE id = ?)", (throttle_id, throttle_id))]
+
     def claim(self, worker, time_left=None):
-        """Give the worker the best task it may take, or None. Reads first: a worker that
-        holds nothing and finds nothing costs no write transaction."""
-        if self.one("SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker["id"]):
-            # A worker fetches only when it holds no task: one still on it is a task whose
-            # fetch answer was lost (or that it dropped). Back to the queue with it, or it
-            # would stay Running for ever on a worker that does not know of it.
-            with self.write() as db:
-                requeued = self._requeue(db, worker["id"], lost=False)
-            self.wake_fetchers(requeued)
-        if self.best_ready(self.db(), worker, time_left) is None:
-            return None
-        with self.write() as db:
+        """Give the worker the best task it may take, or None. The best task is read under
+        the write lock (no other write can come between the read and the claim), and a
+        write transaction begins only when there is one: a worker that holds nothing and
+        finds nothing costs no write transaction."""
+        with self._write_lock:
+            requeued = self._requeue_lost(worker["id"])
+            db = self.db()
             row = self.best_ready(db, worker, time_left)
             if row is not None:
-                db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
-                           "WHERE id = ?", (worker["id"], time.time(), row["id"]))
-                db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
-                           (row["id"], worker["id"]))
-                self._record(db, [row["id"]], "Started", worker["uuid"])
+                with self._transaction(db):
+                    db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, "
+                               "updated_at = ? WHERE id = ?",
+                               (worker["id"], time.time(), row["id"]))
+                    db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
+                               (row["id"], worker["id"]))
+                    self._record(db, [row["id"]], "Started", worker["uuid"])
+                self.holding_nothing.discard(worker["id"])
+        if requeued:
+            self.wake_fetchers(requeued)
         return row  # as it was when claimed: what a worker is sent does not change
+
+    def _requeue_lost(self, worker_id):
+        """A worker fetches only when it holds no task: one still on it is a task whose
+        fetch answer was lost (or that it dropped). Back to the queue with it, or it would
+        stay Running for ever on a worker that does not know of it. Not looked for when
+        the worker is known to hold nothing (the caller holds the write lock)."""
+        requeued = []
+        if worker_id not in self.holding_nothing and self.one(
+                "SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker_id):
+            with self._transaction(self.db()) as db:
+                requeued = self._requeue(db, worker_id, lost=False)
+        self.holding_nothing.add(worker_id)
+        return requeued
 
     def best_ready(self, db, worker, time_left):
         """The best Ready task the worker may take: only the tag sets of its groups that
         it may take are looked at (ready_sets), then the best task of each."""
         sets = db.execute(
-            "SELECT t.group_id, t.tags FROM ready_sets t WHERE t.group_id IN (SELECT group_id "
-            f"FROM group_workers WHERE worker_id = :worker AND role >= 2) AND {self.tag_rule}",
+            "SELECT t.group_id, t.tags, t.throttle_id FROM ready_sets t LEFT JOIN throttles th "
+            "ON th.id = t.throttle_id WHERE t.group_id IN (SELECT group_id FROM group_workers "
+            "WHERE worker_id = :worker AND role >= 2) AND (t.throttle_id = 0 OR "
+            f"th.running < th.max_running) AND {self.tag_rule}",
             {"worker": worker["id"], "tags": worker["tags"]}).fetchall()
         fits = "" if time_left is None else "AND timeout <= ? "
         best = None
-        for group_id, tags in sets:
+        for group_id, tags, throttle_id in sets:
             row = db.execute("SELECT * FROM tasks WHERE state = 'Ready' AND group_id = ? AND "
-                             f"tags = ? {fits}ORDER BY priority DESC, id LIMIT 1",
-                             (group_id, tags) + (() if time_left is None else (time_left,))
-                             ).fetchone()
+                             f"tags = ? AND throttle_id = ? {fits}ORDER BY priority DESC, id "
+                             "LIMIT 1", (group_id, tags, throttle_id)
+                             + (() if time_left is None else (time_left,))).fetchone()
             if row is not None and (best is None or (row["priority"], -row["id"]) >
                                     (best["priority"], -best["id"])):
                 best = row
         return best
 
     def takeable(self, task_ids):
-        """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher."""
+        """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher;
+        of a throttle's, no more than it has free slots (the best first)."""
         return [(row[0], row[1], frozenset(json.loads(row[2])), row[3]) for row in self.all(
-            "SELECT id, group_id, tags, timeout FROM tasks WHERE state = 'Ready' AND id IN "
-            "(SELECT value FROM json_each(?))", json.dumps(list(task_ids)))]
+            "SELECT id, group_id, tags, timeout FROM (SELECT t.id, t.group_id, t.tags, "
+            "t.timeout, t.throttle_id, th.max_running - th.running AS free, ROW_NUMBER() OVER "
+            "(PARTITION BY t.throttle_id ORDER BY t.priority DESC, t.id) AS k FROM tasks t "
+            "LEFT JOIN throttles th ON th.id = t.throttle_id WHERE t.state = 'Ready' AND t.id "
+            "IN (SELECT value FROM json_each(?))) WHERE throttle_id = 0 OR k <= free",
+            json.dumps(list(task_ids)))]
 
     def serving_groups(self, worker_id):
         """The ids of the groups whose tasks the worker takes (role Write or Admin)."""
@@ -3564,29 +3714,37 @@ class Store:
                         task_id, worker_id)
 
     def set_task_state(self, task_id, state):
-        with self.write() as db:
-            db.execute("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?",
-                       (state, time.time(), task_id))
+        self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?", state,
+                       time.time(), task_id)
+
+    def end_task(self, task_id, worker_id, state):
+        """The worker's task ended (Finished or Cancelled), to be committed next; False
+        if it is not a task the worker holds."""
+        return self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ? AND "
+                              "worker_id = ? AND committed = 0", state, time.time(), task_id,
+                              worker_id) > 0
 
     def commit_task(self, task, worker, result, reason=None):
         """Archive the task with its result, unless its retry policy retries it for
         `reason`; release its downstream task; let a worker that was asked to shut down
         gracefully go. A task no longer the worker's (lost meanwhile) is a 404."""
         state = "Cancelled" if task["state"] == "Cancelled" else "Finished"
-        released = retried = []
         with self.write() as db:
-            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
+            if db.execute("UPDATE workers SET task_id = NULL WHERE id = ? AND task_id = ?",
+                          (worker["id"], task["id"])).rowcount:
+                self.holding_nothing.add(worker["id"])  # its last claim was this task
             held = task["max_retries"] is not None and db.execute(  # as it is now
                 "SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
                 (task["id"], worker["id"])).fetchone()
             if held and self._end_attempt(db, held, worker["uuid"], result, reason):
-                retried = [task["id"]]
+                woken = [task["id"]]
             else:
-                released = self._archive(db, task, state, result, worker)
+                woken = self._archive(db, task, state, result, worker)
+            woken += self._unthrottled(db, task["throttle_id"])
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
-        if released or retried:
-            self.wake_fetchers(released or retried)
+        if woken:
+            self.wake_fetchers(woken)
 
     def _archive(self, db, task, state, result, worker):
         """Commit the task's result; the ids of its downstream tasks, now Ready."""
@@ -3596,6 +3754,12 @@ class Store:
                                                 time.time(), task["id"], worker["id"])).rowcount:
             raise not_found(f"task {task['uuid']}")  # requeued meanwhile: no longer its
         self._record(db, [task["id"]], state, worker["uuid"])
+        return self._release_downstream(db, task)
+
+    def _release_downstream(self, db, task):
+        """The task's downstream task (submitted by its run) may now run: its id, or none."""
+        if not task["downstream"]:
+            return []
         released = [row["id"] for row in db.execute(
             "UPDATE tasks SET state = 'Ready', updated_at = ? WHERE upstream = ? "
             "AND state = 'Pending' RETURNING id", (time.time(), task["uuid"])).fetchall()]
@@ -4682,12 +4846,14 @@ class WorkerApiHandlers(Handlers):
         body = req.body()
         task_id = field(body, "id", an_int)
         op = field(body, "op", lambda value: value)
+        if op in ("Finish", "Cancel"):
+            if not self.store.end_task(task_id, req.worker["id"],
+                                       "Finished" if op == "Finish" else "Cancelled"):
+                raise not_found(f"task {task_id}")
+            return {"url": None}
         task = self.store.assigned_task(req.worker["id"], task_id)
         if task is None:
             raise not_found(f"task {task_id}")
-        if op in ("Finish", "Cancel"):
-            self.store.set_task_state(task["id"], "Finished" if op == "Finish" else "Cancelled")
-            return {"url": None}
         if not isinstance(op, dict) or len(op) != 1 or next(iter(op)) not in (
                 "Upload", "Commit", "Submit"):
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
@@ -5234,6 +5400,7 @@ ROUTES = [
     ("GET", "/status", "dashboard.status", "user"),
     ("GET", "/metrics", "dashboard.metrics", None),
     ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
+    ("POST", "/dashboard/tasks/query", "dashboard.query_tasks", "user"),
     ("POST", "/login", "users.login", None),
     ("GET", "/auth", "users.auth", "registrar"),
     ("GET", "/redis", "users.redis", "user"),
@@ -6041,6 +6208,19 @@ class DashboardViews:
                 "recent_failures": [self.failure_entry(row) for row in
                                     self.store.recent_failures(groups, now - FAILURES_WINDOW)]}
 
+    def query_tasks(self, req):
+        """POST /dashboard/tasks/query: /tasks/query's filters over every group the user
+        belongs to (admins: all), or over the one named. Upstream's /tasks/query, which
+        the Rust client and pynetmito call, stays one group at a time."""
+        body = req.body()
+        filters, groups = task_filter(body), self.visible_groups(req.user)
+        if filters["group_name"]:
+            groups = [self.coordinator.listed_group(req, filters["group_name"], READ)["id"]]
+        if field(body, "count", a_bool, False):
+            return {"count": self.store.query_tasks(filters, groups, count=True), "tasks": []}
+        rows = self.store.query_tasks(filters, groups)
+        return {"count": len(rows), "tasks": [task_info(row) for row in rows]}
+
     def workers(self, user, now):
         stale_before = self.stale_before(now)
         rows = self.store.query_workers(None if user["admin"] else user["id"],
@@ -6521,7 +6701,7 @@ VIEWS.tasks = {
       for (const [name, value] of new FormData(form)) if (value) query.set(name, value);
       location.hash = "#/tasks?" + query;
     }},
-      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "my own"))),
+      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "all my groups"))),
       el("label", null, "State", el("select", {name: "state"}, el("option", {value: ""}, "any"),
         STATES.map((s) => el("option", {value: s, selected: p.get("state") === s ? "" : null}, s)))),
       input("label", "Label"), input("creator", "Creator"), el("button", {type: "submit"}, "Filter"));
@@ -6535,13 +6715,13 @@ VIEWS.tasks = {
     }
     const filter = {group_name: p.get("group") || null, states: p.get("state") ? [p.get("state")] : null,
       labels: p.get("label") ? [p.get("label")] : null, creator_usernames: p.get("creator") ? [p.get("creator")] : null};
-    const total = (await api("POST", "/tasks/query", {...filter, count: true})).count;
+    const total = (await api("POST", "/dashboard/tasks/query", {...filter, count: true})).count;
     const pages = Math.max(1, Math.ceil(total / PAGE_SIZE));
     const page = Math.min(Math.max(1, Number(p.get("page")) || 1), pages);
     // newest first: the API lists oldest first, so read the page from the end
     const end = total - (page - 1) * PAGE_SIZE;
     const offset = Math.max(0, end - PAGE_SIZE);
-    const rows = end <= 0 ? [] : (await api("POST", "/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
+    const rows = end <= 0 ? [] : (await api("POST", "/dashboard/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
     fill(ctx, "table", table(["Task", "State", "Exit", "Group", "Creator", "Labels", "Created", "Command"], rows.map((t) =>
       [link("#/task/" + t.uuid, short(t.uuid), "mono"), badge(t.state), exitOf(t.result), t.group_name, t.creator_username,
        t.labels.join(", ") || "-", ago(t.created_at), el("code", null, command(t.spec.args))]), "no tasks match"));
@@ -6769,6 +6949,8 @@ POOL_HANDLERS = {"users.login", "users.change_password", "admin.admin_create_use
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")      # controls and spaces: not in a target
+_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but tab: not in a value
 _STATUS_TEXT = {status.value: status.phrase for status in http.HTTPStatus}
 
 
@@ -6907,7 +7089,7 @@ class HttpParser:
         if known.group(1) != b"1":
             raise BadRequest(505, f"HTTP/{known.group(1).decode()}.{known.group(2).decode()} "
                                   f"is not supported: use HTTP/1.1")
-        if not target.startswith(b"/") or any(byte < 0x21 or byte == 0x7f for byte in target):
+        if not target.startswith(b"/") or _TARGET_BAD.search(target):
             raise BadRequest(400, f"bad request target {target[:100].decode('latin-1')!r}")
         return method.decode(), target.decode("latin-1"), version.decode()
 
@@ -6923,7 +7105,7 @@ class HttpParser:
             if not colon or not _TOKEN.fullmatch(name):
                 raise BadRequest(400, f"malformed header line {line[:100].decode('latin-1')!r}")
             value = value.strip(b" \t")
-            if any(byte < 0x20 and byte != 0x09 or byte == 0x7f for byte in value):
+            if _VALUE_BAD.search(value):
                 raise BadRequest(400, f"control character in header {name.decode()}")
             key, text = name.decode().lower(), value.decode("latin-1")
             if key == "content-length" and headers.get(key, text) != text:
@@ -8435,8 +8617,9 @@ ARRAY_CHUNK = 500               # tasks a submit request carries, at the most
 ARRAY_CHUNK_BYTES = 512 * 1024  # and bytes: half the coordinator's JSON body limit
 ARRAY_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 ARRAY_DONE_STATES = ("Finished", "Cancelled", "Unknown")
-# --array-parallel: task k watches task k-N until it is committed, whatever its end (a
-# non-zero exit, a timeout or a cancellation commits it too: one failure stalls nothing)
+# --array-parallel against a coordinator that does not limit arrays itself: task k watches
+# task k-N until it is committed, whatever its end (a non-zero exit, a timeout or a
+# cancellation commits it too: one failure stalls nothing)
 ARRAY_WATCH_STATE = "TaskCommitted"
 
 
@@ -8468,8 +8651,16 @@ def an_array_id(text):
     return text
 
 
+def an_array_parallel_count(text):
+    """--array-parallel N: a number of tasks the coordinator can hold (upstream's i32)."""
+    if a_positive_count(text) > I32_MAX:
+        raise ValueError(f"{text!r}: expected a number from 1 to {I32_MAX}")
+    return int(text)
+
+
 parse_array = argument_type(array_indices)
 parse_array_id = argument_type(an_array_id)
+parse_array_parallel = argument_type(an_array_parallel_count)
 
 
 class ArraySpec:
@@ -8533,6 +8724,17 @@ def array_requests(client, args, spec):
     return requests
 
 
+def limit_array(client, requests, array_id, parallel):
+    """--array-parallel N: mito.py's coordinator (it announces array-parallel) holds the
+    array to N running tasks itself, so a task that may not start yet holds no worker's
+    slot; another (a Rust one) gets watch chains. The chain's N: None when it limits."""
+    if parallel is None or ARRAY_PARALLEL_FEATURE not in client.features():
+        return parallel
+    for request in requests:
+        request["array_parallel"] = {"key": array_id, "limit": parallel}
+    return None
+
+
 def request_chunks(requests, most):
     """Consecutive [start, end) slices of at most `most` requests and ARRAY_CHUNK_BYTES."""
     start, size = 0, 0
@@ -8581,9 +8783,10 @@ def cmd_tasks_submit_array(client, args):
     if not spec.entries:
         raise UsageError("the array is empty: no index, line or element to submit")
     requests = array_requests(client, args, spec)
+    chain = limit_array(client, requests, spec.id, args.array_parallel)
     progress = Progress(f"array {spec.id} tasks", len(requests), measure="{:.0f}".format)
     try:
-        uuids = submit_in_batches(client, requests, args.array_parallel, progress)
+        uuids = submit_in_batches(client, requests, chain, progress)
     except ArrayRefused as refused:
         raise ClientError(f"{refused}; {refused.submitted} task(s) of array {spec.id} were "
                           f"submitted before it" + (
@@ -9401,9 +9604,10 @@ ARRAY_ARGUMENTS = (
                                                    "MITO_ARRAY_ENTRY (index from 0)"}),
     (("--each-json",), {"metavar": "FILE", "help": "One task per element of FILE's JSON "
                                                    "array, as JSON in MITO_ARRAY_ENTRY"}),
-    (("--array-parallel",), {"type": argument_type(a_positive_count), "metavar": "N",
-                             "help": "Task k of the array starts only once task k-N has "
-                                     "ended (a watch): at most N run at once"}))
+    (("--array-parallel",), {"type": parse_array_parallel, "metavar": "N",
+                             "help": "At most N tasks of the array run at once (mito.py's "
+                                     "coordinator holds the rest back; against another, "
+                                     "task k starts once task k-N has ended, a watch)"}))
 
 
 def add_arrays_commands(commands):
