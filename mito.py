@@ -3605,7 +3605,7 @@ class Store:
                      json.dumps(sorted(set(request["labels"]))), state, request["timeout"],
                      request["priority"], json.dumps(request["task_spec"]), upstream,
                      self._throttle(db, creator_id, request.get("array_parallel")),
-                     request["max_retries"], request["retry_on"], now, now)
+                     request.get("max_retries"), request.get("retry_on"), now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
             if upstream:
