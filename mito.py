@@ -915,7 +915,28 @@ OUTPUT_STREAMS = ("stdout", "stderr")
 # command that needs one, before submitting anything, where it is missing.
 FEATURES_HEADER = "X-Mito-Features"
 ARRAY_PARALLEL_FEATURE = "array-parallel"  # submit's "array_parallel": {"key", "limit"}
-COORDINATOR_FEATURES = ("output", "retries", ARRAY_PARALLEL_FEATURE)
+NEXT_TASK_FEATURE = "next-task"  # see commit_request()
+COORDINATOR_FEATURES = ("output", "retries", ARRAY_PARALLEL_FEATURE, NEXT_TASK_FEATURE)
+
+# The saved round trips (feature "next-task"): a worker's Commit report may also carry
+# "end": "Finish" or "Cancel" (its end report, when nothing was uploaded or submitted
+# since the command ended) and "next": {"time_left": S} (its next task, claimed as a
+# fetch without wait would claim it); the answer then adds "task": a WorkerTaskResp or
+# null. A task with no outputs costs one request instead of three (fetch, Finish,
+# Commit). A worker that never sees the feature named (the Rust coordinator) keeps
+# upstream's sequence.
+END_STATES = {"Finish": "Finished", "Cancel": "Cancelled"}
+
+
+def commit_request(task_id, op, end=None, after=None):
+    """POST /workers/tasks with a Commit, the end report folded in and the next task
+    asked for where they are given (next-task)."""
+    body = report_request(task_id, op)
+    if end is not None:
+        body["end"] = end
+    if after is not None:
+        body["next"] = after
+    return body
 
 
 # Retries, an addition named "retries": a submission (POST /tasks, or an item of POST
@@ -1500,7 +1521,8 @@ class TaskRun:
         self.spec = spec if isinstance(spec, dict) else {}
         self.upstream = task.get("upstream_task_uuid")
         self.processes = TaskProcesses(self.uuid)
-        self.ended = None  # "Finish" or "Cancel", once reported
+        self.ended = None  # "Finish" or "Cancel", once reported (or held)
+        self.held_end = None  # the end report, held to fold into the commit (next-task)
         self.status = 0    # the command's raw wait status, to commit
 
     def run(self):
@@ -1560,13 +1582,17 @@ class TaskRun:
 
     # -- talking to the coordinator
 
-    def report(self, op, check=False):
-        """POST a report; 404 -> TaskGone. With `check`, other refusals raise ApiError,
-        else they are logged and the task goes on."""
+    def report(self, op, check=False, body=None):
+        """POST a report (`body`: the whole request, else made of `op`), after the held
+        end report if any; its Reply. 404 -> TaskGone. With `check`, other refusals
+        raise ApiError, else they are logged and the task goes on (None)."""
         what = op if isinstance(op, str) else next(iter(op))
+        if body is None:
+            self.send_held_end()
         try:
-            return self.worker.call("POST", "/workers/tasks", report_request(self.id, op),
-                                    what=f"task {self.uuid}: {what}")
+            return self.worker.call("POST", "/workers/tasks",
+                                    body or report_request(self.id, op),
+                                    what=f"task {self.uuid}: {what}", reply=True)
         except ApiError as error:
             if error.status == 404:
                 raise TaskGone() from None
@@ -1575,11 +1601,25 @@ class TaskRun:
             log.error("task %s: %s refused: %s", self.uuid, what, error)
 
     def end(self, op):
-        self.report(op)
-        self.ended = op
+        """Finish or Cancel: reported now, or held where the coordinator takes it
+        folded into the commit (next-task) and sent first if another report comes."""
+        if not self.worker.next_task_offered:
+            self.report(op)
+        self.ended, self.held_end = op, op if self.worker.next_task_offered else None
+
+    def send_held_end(self):
+        if self.held_end is not None:
+            op, self.held_end = self.held_end, None
+            self.report(op)
 
     def commit(self, msg):
-        self.report(commit_op(self.status, msg))
+        """Commit; where the coordinator offers it, with the held end report and the
+        request for the worker's next task, which the answer may carry."""
+        op = commit_op(self.status, msg)
+        with self.worker.next_fetch() as after:
+            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after))
+            if after is not None and reply is not None:
+                self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
                  os.waitstatus_to_exitcode(self.status), f" ({msg})" if msg else "")
 
@@ -1752,7 +1792,7 @@ class TaskRun:
         deadline, backoff = None, Backoff()
         while True:
             try:
-                answer = self.report(upload_op(kind, size), check=True)
+                answer = self.report(upload_op(kind, size), check=True).data
                 self.worker.http.put_file(answer["url"], archive, timeout=UPLOAD_PATIENCE)
                 log.info("task %s: uploaded %s (%d bytes)", self.uuid, kind, size)
                 return "uploaded"
@@ -1789,7 +1829,7 @@ class TaskRun:
             request = json.loads(data)
             if not isinstance(request, dict):
                 raise ValueError("not a JSON object")
-            answer = self.report(submit_op(request), check=True)
+            answer = self.report(submit_op(request), check=True).data
             log.info("task %s: submitted downstream task %s", self.uuid, answer)
             return True
         except (ValueError, ApiError) as error:
@@ -1877,6 +1917,8 @@ class Worker:
         self.current = None
         self.long_poll = False
         self.output_limit = 0  # bytes per output increment the coordinator takes; 0: none
+        self.next_task_offered = False  # the coordinator names next-task (saved round trips)
+        self.next_task = None  # handed out with the last commit: run it without a fetch
         self.unauthorized = False
         self.rejoining = threading.Lock()  # one re-registration for both threads
         self.finished = threading.Event()  # the fetch loop has ended
@@ -1989,7 +2031,7 @@ class Worker:
 
     def fetch_loop(self):
         try:
-            while not self.stop.is_set() and self.process.may_fetch():
+            while not self.stop.is_set() and (self.next_task or self.process.may_fetch()):
                 try:
                     if not self.fetch_and_run():
                         break
@@ -2010,7 +2052,7 @@ class Worker:
 
     def fetch_and_run(self):
         """One turn of the fetch loop; False when the loop must end."""
-        task = self.fetch()
+        task, self.next_task = self.next_task or self.fetch(), None
         if self.stop.is_set():
             raise Stopped()  # leaving: unregistering gives a task just taken back
         if task is not None and self.process.draining.is_set():
@@ -2050,16 +2092,47 @@ class Worker:
             return None
         finally:
             self.process.return_ticket()
-        self.long_poll = "X-Mito-Long-Poll" in reply.headers
-        self.output_limit = output_limit(reply.headers)
+        self.read_offers(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
         if task is None:
             self.saw_empty_queue = True
             self.process.wake()
-        else:  # not idle from now on, even before run() marks the slot busy
-            self.saw_empty_queue, self.idle_since = False, time.monotonic()
-            self.process.task_started()
+        else:
+            self.took(task)
         return task
+
+    def read_offers(self, headers):
+        """What the coordinator offers beyond upstream, as its fetch answers say."""
+        self.long_poll = "X-Mito-Long-Poll" in headers
+        self.output_limit = output_limit(headers)
+        self.next_task_offered = NEXT_TASK_FEATURE in features_of(headers)
+
+    def took(self, task):
+        """Not idle from now on, even before run() marks the slot busy."""
+        self.saw_empty_queue, self.idle_since = False, time.monotonic()
+        self.process.task_started()
+
+    @contextlib.contextmanager
+    def next_fetch(self):
+        """The "next" of a commit (next-task): what to ask for the next task, or None
+        where none may be taken now (not offered, leaving, draining, max_tasks)."""
+        process = self.process
+        if not (self.next_task_offered and process.may_fetch() and process.take_ticket()):
+            yield None
+            return
+        try:
+            time_left = process.time_left()
+            yield {} if time_left is None else {"time_left": int(time_left)}
+        finally:
+            process.return_ticket()
+
+    def took_next(self, reply):
+        """The commit's answer: the next task, if it carries one (a fetch answer)."""
+        self.read_offers(reply.headers)
+        task = reply.data.get("task") if isinstance(reply.data, dict) else None
+        if isinstance(task, dict):
+            self.next_task = task
+            self.took(task)
 
     # -- leaving
 
@@ -2548,6 +2621,7 @@ _WORKER_ROLE_SPELLINGS = {spelling: level for level, name in ROLE_NAMES.items()
                           for spelling in (name, name.lower(), name.upper())}
 LONG_POLL_MAX = 30
 REQUEUE_GRACE = 60          # a running task this far past its timeout is taken back
+DROPS_KEPT = 10000          # workers dropped for silence remembered: they ask within minutes
 # The result of a task that ended with its worker lost (state Unknown, no retry left): a
 # death by SIGKILL, what the lost worker's OrphanGuard does to it (upstream's result
 # messages have no name for it, and the Rust client reads only those).
@@ -2614,6 +2688,7 @@ def of_type(kind, what):
 an_object = of_type(dict, "a JSON object")
 a_str = of_type(str, "a string")
 a_bool = of_type(bool, "true or false")
+a_number = of_type((int, float), "a number")
 list_of = of_type(list, "a list")
 
 
@@ -3114,6 +3189,9 @@ _SCHEMA = [
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
         "AND throttle_id = old.throttle_id AND n <= 0; END",
     ),
+    # Workers dropped for silence, so that after a restart too their 401 tells them to
+    # register again, not to leave (issue 8 §2); the newest DROPS_KEPT only.
+    "CREATE TABLE dropped_workers (id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)",
     # Retries (issue 12 §2): a task's policy (max_retries NULL: upstream's, a lost run is
     # requeued without limit, an ended one never), the retries it used, and how often it
     # went back to the queue (an upload URL names that count: it serves one run only).
@@ -3437,10 +3515,16 @@ class Store:
             db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
                            [(group_id, worker_id) for group_id in group_ids])
 
-    def remove_workers(self, worker_ids):
-        """Delete workers; each one's unfinished task goes back to Ready."""
+    def remove_workers(self, worker_ids, silent=()):
+        """Delete workers; each one's unfinished task goes back to Ready. `silent`: the
+        uuids of those dropped for silence, remembered (the newest DROPS_KEPT)."""
         with self.write() as db:
             requeued = self._delete_workers(db, worker_ids)
+            db.executemany("INSERT OR IGNORE INTO dropped_workers (uuid) VALUES (?)",
+                           [(worker_uuid,) for worker_uuid in silent])
+            if silent:
+                db.execute("DELETE FROM dropped_workers WHERE id <= "
+                           "(SELECT MAX(id) FROM dropped_workers) - ?", (DROPS_KEPT,))
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
 
@@ -3531,6 +3615,10 @@ class Store:
     def task_attempts(self, task_id):
         return self.all("SELECT * FROM task_attempts WHERE task_id = ? ORDER BY attempt",
                         task_id)
+
+    def was_dropped(self, worker_uuid):
+        """Whether the worker was dropped for silence (not shut down, not expired)."""
+        return self.one("SELECT 1 FROM dropped_workers WHERE uuid = ?", worker_uuid) is not None
 
     def shutdown_workers(self, rows, force):
         """Force: remove now. Graceful: remove the idle ones, mark the busy ones to be
@@ -4407,20 +4495,18 @@ def path_kind(text):
 
 
 class Liveness:
-    """What the coordinator knows of its workers' liveness beyond the Store: every
-    authenticated worker request counts as a heartbeat (a long-polling worker with a
-    long heartbeat interval is alive), and which workers were dropped for silence, so
-    that their 401 tells them to register again (issue 8 §2) while a worker shut down
-    or at the end of its lifetime hears that it must leave. In memory: after a restart
-    an unknown worker is told to leave."""
-
-    DROPS_KEPT = 10000  # the newest drops remembered: a dropped worker asks within minutes
+    """What the coordinator knows of its workers' liveness beyond the Store's rows:
+    every authenticated worker request counts as a heartbeat (a long-polling worker with
+    a long heartbeat interval is alive), and a worker dropped for silence (the Store
+    keeps which, across restarts) hears in its 401 to register again (issue 8 §2),
+    while one shut down or at the end of its lifetime hears that it must leave."""
 
     def __init__(self, store, heartbeat_timeout):
         self.store = store
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
-        self.drops = {}  # uuid -> None, oldest first; dict operations are atomic
-        self.written = {}  # worker id -> when heard_from last wrote (the row may be cached)
+        # worker id -> when heard_from last wrote (the row may be cached); an entry older
+        # than `every` decides nothing, so forget_old() drops it: workers come and go
+        self.written = {}
 
     def heard_from(self, worker):
         now = time.time()
@@ -4428,14 +4514,13 @@ class Liveness:
             self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
 
-    def dropped(self, uuids):
-        for worker_uuid in uuids:
-            self.drops[worker_uuid] = None
-        for old in list(self.drops)[:max(0, len(self.drops) - self.DROPS_KEPT)]:
-            self.drops.pop(old, None)
+    def forget_old(self, now):
+        """Keep only the writes of the last `every` seconds (the reaper's call)."""
+        self.written = {worker_id: at for worker_id, at in list(self.written.items())
+                        if at > now - self.every}
 
     def why_gone(self, worker_uuid):
-        if worker_uuid in self.drops:
+        if isinstance(worker_uuid, str) and self.store.was_dropped(worker_uuid):
             return (f"worker {worker_uuid} was {WORKER_DROPPED} longer than the heartbeat "
                     f"timeout; register again")
         return "this worker is not registered (or was shut down)"
@@ -4555,9 +4640,9 @@ class Coordinator:
                 if dead:
                     log.warning("removing silent or overdue workers: %s",
                                 ", ".join(row["uuid"] for row in dead))
-                    self.liveness.dropped(row["uuid"] for row in dead
-                                          if row["expires_at"] >= now)
-                    self.store.remove_workers([row["id"] for row in dead])
+                    self.store.remove_workers([row["id"] for row in dead], silent=[
+                        row["uuid"] for row in dead if row["expires_at"] >= now])
+                self.liveness.forget_old(now)
             except sqlite3.Error:
                 log.exception("liveness check failed")
 
@@ -4846,9 +4931,9 @@ class WorkerApiHandlers(Handlers):
         body = req.body()
         task_id = field(body, "id", an_int)
         op = field(body, "op", lambda value: value)
-        if op in ("Finish", "Cancel"):
-            if not self.store.end_task(task_id, req.worker["id"],
-                                       "Finished" if op == "Finish" else "Cancelled"):
+        end, after = self.commit_additions(body, op)
+        if isinstance(op, str) and op in END_STATES:
+            if not self.store.end_task(task_id, req.worker["id"], END_STATES[op]):
                 raise not_found(f"task {task_id}")
             return {"url": None}
         task = self.store.assigned_task(req.worker["id"], task_id)
@@ -4858,9 +4943,33 @@ class WorkerApiHandlers(Handlers):
                 "Upload", "Commit", "Submit"):
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
                                  "{\"Upload\"|\"Commit\"|\"Submit\": ...}")
+        if end is not None:  # the end report folded in: committed as if it came first
+            task = dict(task, state=END_STATES[end])
         name, value = next(iter(op.items()))
         url = getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
+        if after is not None:
+            return self.next_task(req, url, after)
         return {"url": url}  # ReportTaskResp: the Rust worker parses every report's answer
+
+    @staticmethod
+    def commit_additions(body, op):
+        """The next-task fields of a report ("end", "next"), which go with a Commit only."""
+        end = field(body, "end", an_end_report, None)
+        after = field(body, "next", a_next_fetch, None)
+        if (end is not None or after is not None) and not (
+                isinstance(op, dict) and "Commit" in op):
+            raise HttpError(400, "fields 'end' and 'next' go only with a Commit")
+        return end, after
+
+    def next_task(self, req, url, after):
+        """A Commit's answer with the worker's next task (next-task): claimed by the
+        rules of a fetch without wait (Dispatcher.fetch), none for a worker that the
+        commit let go (asked to shut down gracefully)."""
+        task = None
+        if req.worker["state"] != "GracefulShutdown":
+            task = self.coordinator.dispatcher.fetch(
+                req.worker, after.get("time_left"), 0, time.monotonic()).body
+        return Answer(body={"url": url, "task": task}, headers=FETCH_HEADERS)
 
     def report_upload(self, req, task, value):
         return self.coordinator.tasks.artifact_upload(req, task, value)[0]
@@ -5346,6 +5455,20 @@ def referenced_tasks(spec):
 def an_object_or_400(value):
     if not isinstance(value, dict):
         raise HttpError(400, "bad field 'op': expected a JSON object inside")
+    return value
+
+
+def an_end_report(value):
+    if value not in END_STATES:
+        raise ValueError("expected \"Finish\" or \"Cancel\"")
+    return value
+
+
+def a_next_fetch(value):
+    """The "next" of a Commit (next-task): {} or {"time_left": seconds}."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    field(value, "time_left", a_number, None)
     return value
 
 
