@@ -3606,6 +3606,10 @@ class Store:
             "throttle_id = ? ORDER BY priority DESC, id LIMIT (SELECT MAX(max_running - "
             "running, 0) FROM throttles WHERE id = ?)", (throttle_id, throttle_id))]
 
+    def throttle(self, throttle_id):
+        """The throttle's row (max_running, running), or None (0: no throttle)."""
+        return self.one("SELECT * FROM throttles WHERE id = ?", throttle_id)
+
     def claim(self, worker, time_left=None):
         """Give the worker the best task it may take, or None. The best task is read under
         the write lock (no other write can come between the read and the claim), and a
@@ -6235,6 +6239,10 @@ class DashboardViews:
 
     def why_waiting(self, task):
         """One sentence: what a Ready task waits for."""
+        throttle = self.store.throttle(task["throttle_id"])
+        if throttle and throttle["running"] >= throttle["max_running"]:
+            return (f"its array runs at most {throttle['max_running']} at once "
+                    f"(--array-parallel): it goes when one of them ends")
         serving, matching, idle = self.store.candidates(task)
         group, tags = task["group_name"], json.loads(task["tags"])
         if not serving:
