@@ -610,6 +610,7 @@ class Http:
         self.token = token
         self.ssl_context = ssl_context
         self.timeout = timeout
+        self.features = None  # what the coordinator's last answer named (X-Mito-Features)
         self._local = threading.local()
 
     # -- connections
@@ -711,6 +712,8 @@ class Http:
             body = json.dumps(payload, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
         status, reply_headers, data = self.exchange(method, url, body, headers, timeout)
+        if status < 500:  # a 5xx may come from a proxy in front of the coordinator
+            self.features = features_of(reply_headers)
         if not 200 <= status < 300:
             raise ApiError(status, error_message(data, status))
         return Reply(status, reply_headers, decode_body(data, reply_headers))
@@ -1031,6 +1034,41 @@ def submit_op(request):
 OUTPUT_HEADER = "X-Mito-Output"
 OUTPUT_STREAMS = ("stdout", "stderr")
 
+# Our coordinator's additions to upstream's API, named on every answer it gives as
+# `X-Mito-Features: output,retries,...` (the Rust coordinator sends no such header). A
+# client sends an addition's fields only to a coordinator that names it, and refuses a
+# command that needs one, before submitting anything, where it is missing.
+FEATURES_HEADER = "X-Mito-Features"
+ARRAY_PARALLEL_FEATURE = "array-parallel"  # submit's "array_parallel": {"key", "limit"}
+NEXT_TASK_FEATURE = "next-task"  # see commit_request()
+COORDINATOR_FEATURES = ("output", ARRAY_PARALLEL_FEATURE, NEXT_TASK_FEATURE)
+
+# The saved round trips (feature "next-task"): a worker's Commit report may also carry
+# "end": "Finish" or "Cancel" (its end report, when nothing was uploaded or submitted
+# since the command ended) and "next": {"time_left": S} (its next task, claimed as a
+# fetch without wait would claim it); the answer then adds "task": a WorkerTaskResp or
+# null. A task with no outputs costs one request instead of three (fetch, Finish,
+# Commit). A worker that never sees the feature named (the Rust coordinator) keeps
+# upstream's sequence.
+END_STATES = {"Finish": "Finished", "Cancel": "Cancelled"}
+
+
+def commit_request(task_id, op, end=None, after=None):
+    """POST /workers/tasks with a Commit, the end report folded in and the next task
+    asked for where they are given (next-task)."""
+    body = report_request(task_id, op)
+    if end is not None:
+        body["end"] = end
+    if after is not None:
+        body["next"] = after
+    return body
+
+
+def features_of(headers):
+    """The features an answer's headers name (none: not mito.py's coordinator)."""
+    return frozenset(filter(None, (name.strip() for name in
+                                   (headers.get(FEATURES_HEADER) or "").split(","))))
+
 
 def output_request(increments, finished):
     """POST /workers/tasks/{uuid}/output: {stream: (byte offset, bytes)} -> the body,
@@ -1254,6 +1292,14 @@ class ScratchDirs:
         self.resource, self.result, self.exec, self.std, self.upload = (
             os.path.join(root, name) for name in self.FOLDERS)
         self.new_task = os.path.join(root, "new-task.json")
+        self.clean = False  # emptied since the last task used it
+
+    def take(self):
+        """The scratch for a new task: emptied now unless the last task's clean-up
+        did it already (one emptying a task, not two)."""
+        if not self.clean:
+            self.reset()
+        self.clean = False
 
     def reset(self):
         """Empty the whole scratch directory, keeping (or making again) its folders.
@@ -1273,6 +1319,7 @@ class ScratchDirs:
         for folder in (self.resource, self.result, self.exec, self.std, self.upload):
             with contextlib.suppress(FileExistsError):  # kept: a real, empty directory
                 os.mkdir(folder)
+        self.clean = True
 
     def remove(self):
         with contextlib.suppress(OSError):
@@ -1576,7 +1623,8 @@ class TaskRun:
         self.spec = spec if isinstance(spec, dict) else {}
         self.upstream = task.get("upstream_task_uuid")
         self.processes = TaskProcesses(self.uuid)
-        self.ended = None  # "Finish" or "Cancel", once reported
+        self.ended = None  # "Finish" or "Cancel", once reported (or held)
+        self.held_end = None  # the end report, held to fold into the commit (next-task)
         self.status = 0    # the command's raw wait status, to commit
 
     def run(self):
@@ -1604,7 +1652,7 @@ class TaskRun:
 
     def steps(self):
         """Resources, watch, command, outputs, downstream task, commit."""
-        self.dirs.reset()
+        self.dirs.take()
         reason = self.fetch_resources() or self.watch()
         if reason:
             raise TaskFailed(reason, "ended before running")
@@ -1636,13 +1684,17 @@ class TaskRun:
 
     # -- talking to the coordinator
 
-    def report(self, op, check=False):
-        """POST a report; 404 -> TaskGone. With `check`, other refusals raise ApiError,
-        else they are logged and the task goes on."""
+    def report(self, op, check=False, body=None):
+        """POST a report (`body`: the whole request, else made of `op`), after the held
+        end report if any; its Reply. 404 -> TaskGone. With `check`, other refusals
+        raise ApiError, else they are logged and the task goes on (None)."""
         what = op if isinstance(op, str) else next(iter(op))
+        if body is None:
+            self.send_held_end()
         try:
-            return self.worker.call("POST", "/workers/tasks", report_request(self.id, op),
-                                    what=f"task {self.uuid}: {what}")
+            return self.worker.call("POST", "/workers/tasks",
+                                    body or report_request(self.id, op),
+                                    what=f"task {self.uuid}: {what}", reply=True)
         except ApiError as error:
             if error.status == 404:
                 raise TaskGone() from None
@@ -1651,11 +1703,25 @@ class TaskRun:
             log.error("task %s: %s refused: %s", self.uuid, what, error)
 
     def end(self, op):
-        self.report(op)
-        self.ended = op
+        """Finish or Cancel: reported now, or held where the coordinator takes it
+        folded into the commit (next-task) and sent first if another report comes."""
+        if not self.worker.next_task_offered:
+            self.report(op)
+        self.ended, self.held_end = op, op if self.worker.next_task_offered else None
+
+    def send_held_end(self):
+        if self.held_end is not None:
+            op, self.held_end = self.held_end, None
+            self.report(op)
 
     def commit(self, msg):
-        self.report(commit_op(self.status, msg))
+        """Commit; where the coordinator offers it, with the held end report and the
+        request for the worker's next task, which the answer may carry."""
+        op = commit_op(self.status, msg)
+        with self.worker.next_fetch() as after:
+            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after))
+            if after is not None and reply is not None:
+                self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
                  os.waitstatus_to_exitcode(self.status), f" ({msg})" if msg else "")
 
@@ -1740,7 +1806,7 @@ class TaskRun:
             raise TaskFailed(SPEC_REFUSED, f"bad timeout: {error}") from None
 
     def environment(self):
-        env = {name: value for name, value in os.environ.items() if name != "MITO_PASSWORD"}
+        env = dict(self.worker.process.task_environment)
         env.update({str(k): str(v) for k, v in (self.spec.get("envs") or {}).items()})
         env.update(MITO_TASK_UUID=self.uuid, MITO_RESOURCE_DIR=self.dirs.resource,
                    MITO_RESULT_DIR=self.dirs.result, MITO_EXEC_DIR=self.dirs.exec,
@@ -1828,7 +1894,7 @@ class TaskRun:
         deadline, backoff = None, Backoff()
         while True:
             try:
-                answer = self.report(upload_op(kind, size), check=True)
+                answer = self.report(upload_op(kind, size), check=True).data
                 self.worker.http.put_file(answer["url"], archive, timeout=UPLOAD_PATIENCE)
                 log.info("task %s: uploaded %s (%d bytes)", self.uuid, kind, size)
                 return "uploaded"
@@ -1865,7 +1931,7 @@ class TaskRun:
             request = json.loads(data)
             if not isinstance(request, dict):
                 raise ValueError("not a JSON object")
-            answer = self.report(submit_op(request), check=True)
+            answer = self.report(submit_op(request), check=True).data
             log.info("task %s: submitted downstream task %s", self.uuid, answer)
             return True
         except (ValueError, ApiError) as error:
@@ -1953,6 +2019,8 @@ class Worker:
         self.current = None
         self.long_poll = False
         self.output_limit = 0  # bytes per output increment the coordinator takes; 0: none
+        self.next_task_offered = False  # the coordinator names next-task (saved round trips)
+        self.next_task = None  # handed out with the last commit: run it without a fetch
         self.unauthorized = False
         self.rejoining = threading.Lock()  # one re-registration for both threads
         self.finished = threading.Event()  # the fetch loop has ended
@@ -2065,7 +2133,7 @@ class Worker:
 
     def fetch_loop(self):
         try:
-            while not self.stop.is_set() and self.process.may_fetch():
+            while not self.stop.is_set() and (self.next_task or self.process.may_fetch()):
                 try:
                     if not self.fetch_and_run():
                         break
@@ -2086,7 +2154,7 @@ class Worker:
 
     def fetch_and_run(self):
         """One turn of the fetch loop; False when the loop must end."""
-        task = self.fetch()
+        task, self.next_task = self.next_task or self.fetch(), None
         if self.stop.is_set():
             raise Stopped()  # leaving: unregistering gives a task just taken back
         if task is not None and self.process.draining.is_set():
@@ -2126,16 +2194,47 @@ class Worker:
             return None
         finally:
             self.process.return_ticket()
-        self.long_poll = "X-Mito-Long-Poll" in reply.headers
-        self.output_limit = output_limit(reply.headers)
+        self.read_offers(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
         if task is None:
             self.saw_empty_queue = True
             self.process.wake()
-        else:  # not idle from now on, even before run() marks the slot busy
-            self.saw_empty_queue, self.idle_since = False, time.monotonic()
-            self.process.task_started()
+        else:
+            self.took(task)
         return task
+
+    def read_offers(self, headers):
+        """What the coordinator offers beyond upstream, as its fetch answers say."""
+        self.long_poll = "X-Mito-Long-Poll" in headers
+        self.output_limit = output_limit(headers)
+        self.next_task_offered = NEXT_TASK_FEATURE in features_of(headers)
+
+    def took(self, task):
+        """Not idle from now on, even before run() marks the slot busy."""
+        self.saw_empty_queue, self.idle_since = False, time.monotonic()
+        self.process.task_started()
+
+    @contextlib.contextmanager
+    def next_fetch(self):
+        """The "next" of a commit (next-task): what to ask for the next task, or None
+        where none may be taken now (not offered, leaving, draining, max_tasks)."""
+        process = self.process
+        if not (self.next_task_offered and process.may_fetch() and process.take_ticket()):
+            yield None
+            return
+        try:
+            time_left = process.time_left()
+            yield {} if time_left is None else {"time_left": int(time_left)}
+        finally:
+            process.return_ticket()
+
+    def took_next(self, reply):
+        """The commit's answer: the next task, if it carries one (a fetch answer)."""
+        self.read_offers(reply.headers)
+        task = reply.data.get("task") if isinstance(reply.data, dict) else None
+        if isinstance(task, dict):
+            self.next_task = task
+            self.took(task)
 
     # -- leaving
 
@@ -2233,6 +2332,9 @@ class WorkerProcess:
         self.started = self.in_flight = 0
         self.exit_status = 0
         self.guard = OrphanGuard()
+        # what every task's environment starts from, read once, not for every task
+        self.task_environment = {name: value for name, value in os.environ.items()
+                                 if name != "MITO_PASSWORD"}
         self.user, self._user_token = settings.user, None
         self._login_lock = threading.Lock()
         self._signals = 0
@@ -2270,7 +2372,11 @@ class WorkerProcess:
             self.started += 1
 
     def task_done(self):
-        self.wake()
+        """A task's end is a reason to leave only when draining or counting tasks: the
+        supervisor is not woken for every task otherwise (it was a tenth of the
+        worker's time on short tasks)."""
+        if self.draining.is_set() or self.settings.max_tasks is not None:
+            self.wake()
 
     def wake(self):
         with self.changed:
@@ -2617,6 +2723,7 @@ _WORKER_ROLE_SPELLINGS = {spelling: level for level, name in ROLE_NAMES.items()
                           for spelling in (name, name.lower(), name.upper())}
 LONG_POLL_MAX = 30
 REQUEUE_GRACE = 60          # a running task this far past its timeout is taken back
+DROPS_KEPT = 10000          # workers dropped for silence remembered: they ask within minutes
 JSON_BODY_LIMIT = 1 << 20
 DRAIN_LIMIT = 16 << 20      # a larger refused body is not read: the connection is closed
 URL_LIFETIME = 3600
@@ -2679,6 +2786,7 @@ def of_type(kind, what):
 an_object = of_type(dict, "a JSON object")
 a_str = of_type(str, "a string")
 a_bool = of_type(bool, "true or false")
+a_number = of_type((int, float), "a number")
 list_of = of_type(list, "a list")
 
 
@@ -2898,7 +3006,25 @@ def a_submission(value):
             "labels": field(value, "labels", strs, []),
             "timeout": field(value, "timeout", a_timeout, 600.0),
             "priority": field(value, "priority", an_i32, 0),
-            "task_spec": field(value, "task_spec", a_task_spec)}
+            "task_spec": field(value, "task_spec", a_task_spec),
+            "array_parallel": field(value, "array_parallel", an_array_parallel, None)}
+
+
+THROTTLE_KEY_MAX = 128  # characters of an array_parallel key: an array id is 8
+
+
+def an_array_parallel(value):
+    """{"key": K, "limit": N} (our coordinator's addition, announced as array-parallel):
+    at most N of the submitter's tasks with key K run at once."""
+    value = an_object(value)
+    key, limit = value.get("key"), value.get("limit")
+    if set(value) != {"key", "limit"}:
+        raise ValueError(f"expected exactly the keys key and limit, not {sorted(value)}")
+    if not isinstance(key, str) or not 0 < len(a_plain_str(key)) <= THROTTLE_KEY_MAX:
+        raise ValueError(f"key {key!r} must be a string of 1 to {THROTTLE_KEY_MAX} characters")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= I32_MAX:
+        raise ValueError(f"limit {limit!r} must be an integer from 1 to {I32_MAX}")
+    return {"key": key, "limit": limit}
 
 
 def a_limit(value):
@@ -3081,6 +3207,62 @@ _SCHEMA = [
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
         "END",
     ),
+    # Throttles (issue 12 §1, --array-parallel N): at most max_running tasks of one key run
+    # at once. `running` counts a throttle's claimed tasks (worker_id set), kept by
+    # triggers in the claiming, committing or requeueing transaction. A throttle is a lane
+    # of the ready sets (0: none), so a fetch skips a full one's tasks without reading
+    # them; tasks_throttled finds the next task when a slot frees.
+    (
+        "CREATE TABLE throttles (id INTEGER PRIMARY KEY, creator_id INTEGER NOT NULL, "
+        "key TEXT NOT NULL, max_running INTEGER NOT NULL, running INTEGER NOT NULL DEFAULT 0, "
+        "UNIQUE (creator_id, key))",
+        "ALTER TABLE tasks ADD COLUMN throttle_id INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_throttled ON tasks (throttle_id, priority DESC, id) "
+        "WHERE state = 'Ready' AND throttle_id != 0",
+        "CREATE TRIGGER throttles_claim AFTER UPDATE OF worker_id ON tasks "
+        "WHEN new.throttle_id != 0 AND (old.worker_id IS NULL) != (new.worker_id IS NULL) "
+        "BEGIN UPDATE throttles SET running = running + "
+        "(CASE WHEN new.worker_id IS NULL THEN -1 ELSE 1 END) WHERE id = new.throttle_id; END",
+        "CREATE TRIGGER throttles_delete AFTER DELETE ON tasks "
+        "WHEN old.throttle_id != 0 AND old.worker_id IS NOT NULL "
+        "BEGIN UPDATE throttles SET running = running - 1 WHERE id = old.throttle_id; END",
+        "DROP TRIGGER ready_sets_insert",
+        "DROP TRIGGER ready_sets_leave",
+        "DROP TRIGGER ready_sets_enter",
+        "DROP TRIGGER ready_sets_delete",
+        "DROP TABLE ready_sets",
+        "DROP INDEX tasks_ready",
+        "CREATE TABLE ready_sets (group_id INTEGER NOT NULL, tags TEXT NOT NULL, "
+        "throttle_id INTEGER NOT NULL, n INTEGER NOT NULL, "
+        "PRIMARY KEY (group_id, tags, throttle_id)) WITHOUT ROWID",
+        "INSERT INTO ready_sets SELECT group_id, tags, 0, COUNT(*) FROM tasks "
+        "WHERE state = 'Ready' GROUP BY group_id, tags",
+        "CREATE INDEX tasks_ready ON tasks (group_id, tags, throttle_id, priority DESC, id) "
+        "WHERE state = 'Ready'",
+        "CREATE TRIGGER ready_sets_insert AFTER INSERT ON tasks WHEN new.state = 'Ready' "
+        "BEGIN INSERT INTO ready_sets VALUES (new.group_id, new.tags, new.throttle_id, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_leave AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN old.state = 'Ready' AND (new.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id AND n <= 0; END",
+        "CREATE TRIGGER ready_sets_enter AFTER UPDATE OF state, tags, group_id ON tasks "
+        "WHEN new.state = 'Ready' AND (old.state IS NOT 'Ready' OR old.tags IS NOT new.tags "
+        "OR old.group_id IS NOT new.group_id) BEGIN "
+        "INSERT INTO ready_sets VALUES (new.group_id, new.tags, new.throttle_id, 1) "
+        "ON CONFLICT DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER ready_sets_delete AFTER DELETE ON tasks WHEN old.state = 'Ready' BEGIN "
+        "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id; "
+        "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
+        "AND throttle_id = old.throttle_id AND n <= 0; END",
+    ),
+    # Workers dropped for silence, so that after a restart too their 401 tells them to
+    # register again, not to leave (issue 8 §2); the newest DROPS_KEPT only.
+    "CREATE TABLE dropped_workers (id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)",
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -3136,6 +3318,9 @@ class Store:
         self._write_lock = threading.Lock()
         self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
         self.auth_rows = RowCache()
+        # ids of workers known to hold no uncommitted task (under the write lock): their
+        # fetch skips the look for a task whose fetch answer was lost
+        self.holding_nothing = set()
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -3159,14 +3344,26 @@ class Store:
     @contextlib.contextmanager
     def write(self):
         with self._write_lock:
-            db = self.db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(self.db()) as db:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(db):
+        """One write transaction; the caller holds the write lock."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def write_one(self, sql, *args):
+        """A write of one statement: its own transaction (autocommit), no BEGIN and
+        COMMIT around it; the number of rows it changed."""
+        with self._write_lock:
+            return self.db().execute(sql, args).rowcount
 
     def one(self, sql, *args):
         return self.db().execute(sql, args).fetchone()
@@ -3184,9 +3381,11 @@ class Store:
         """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
         of tasks, inside the transaction that made it happen. (A task's submission is
         its row's created_at: a batch of submissions costs no extra rows.)"""
-        now = time.time()
-        db.executemany("INSERT INTO task_events (task_id, event, at, worker) VALUES (?, ?, ?, ?)",
-                       [(task_id, event, now, worker) for task_id in task_ids])
+        if task_ids:
+            now = time.time()
+            db.executemany("INSERT INTO task_events (task_id, event, at, worker) "
+                           "VALUES (?, ?, ?, ?)", [(task_id, event, now, worker)
+                                                   for task_id in task_ids])
 
     # -- the rows authentication reads, cached
 
@@ -3347,9 +3546,8 @@ class Store:
         return row[0] or 0
 
     def heartbeat(self, worker_id):
-        with self.write() as db:
-            db.execute("UPDATE workers SET last_heartbeat = ? WHERE id = ?",
-                       (time.time(), worker_id))
+        self.write_one("UPDATE workers SET last_heartbeat = ? WHERE id = ?", time.time(),
+                       worker_id)
 
     def update_worker(self, worker_id, **changes):
         changes = {k: json.dumps(sorted(set(v))) if k in ("tags", "labels") else v
@@ -3373,10 +3571,16 @@ class Store:
             db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
                            [(group_id, worker_id) for group_id in group_ids])
 
-    def remove_workers(self, worker_ids):
-        """Delete workers; each one's unfinished task goes back to Ready."""
+    def remove_workers(self, worker_ids, silent=()):
+        """Delete workers; each one's unfinished task goes back to Ready. `silent`: the
+        uuids of those dropped for silence, remembered (the newest DROPS_KEPT)."""
         with self.write() as db:
             requeued = self._delete_workers(db, worker_ids)
+            db.executemany("INSERT OR IGNORE INTO dropped_workers (uuid) VALUES (?)",
+                           [(worker_uuid,) for worker_uuid in silent])
+            if silent:
+                db.execute("DELETE FROM dropped_workers WHERE id <= "
+                           "(SELECT MAX(id) FROM dropped_workers) - ?", (DROPS_KEPT,))
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
 
@@ -3387,6 +3591,7 @@ class Store:
             requeued += self._requeue(db, worker_id)
             db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
             db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            self.holding_nothing.discard(worker_id)  # (a new worker may get its id)
         return requeued
 
     def _requeue(self, db, worker_id):
@@ -3404,6 +3609,10 @@ class Store:
                        (task["uuid"],))
             log.info("task %s requeued", task["uuid"])
         return [task["id"] for task in held]
+
+    def was_dropped(self, worker_uuid):
+        """Whether the worker was dropped for silence (not shut down, not expired)."""
+        return self.one("SELECT 1 FROM dropped_workers WHERE uuid = ?", worker_uuid) is not None
 
     def shutdown_workers(self, rows, force):
         """Force: remove now. Graceful: remove the idle ones, mark the busy ones to be
@@ -3472,11 +3681,12 @@ class Store:
                 task_uuid = str(uuidlib.uuid4())
                 task_id = db.execute(
                     "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
-                    "timeout, priority, spec, upstream, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "timeout, priority, spec, upstream, throttle_id, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (task_uuid, creator_id, group_id, json.dumps(sorted(set(request["tags"]))),
                      json.dumps(sorted(set(request["labels"]))), state, request["timeout"],
-                     request["priority"], json.dumps(request["task_spec"]), upstream, now, now)
+                     request["priority"], json.dumps(request["task_spec"]), upstream,
+                     self._throttle(db, creator_id, request.get("array_parallel")), now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
             if upstream:
@@ -3486,52 +3696,94 @@ class Store:
             self.wake_fetchers([task_id for task_id, _ in made])
         return made
 
+    @staticmethod
+    def _throttle(db, creator_id, limit):
+        """The id of the creator's throttle of `limit` ({"key", "limit"}; None: 0, none).
+        The last submission with a key sets its limit for every task with that key."""
+        if limit is None:
+            return 0
+        return db.execute(
+            "INSERT INTO throttles (creator_id, key, max_running) VALUES (?, ?, ?) "
+            "ON CONFLICT (creator_id, key) DO UPDATE SET max_running = excluded.max_running "
+            "RETURNING id", (creator_id, limit["key"], limit["limit"])).fetchone()[0]
+
+    @staticmethod
+    def _unthrottled(db, throttle_id):
+        """Ids of the Ready tasks that the throttle's free slots let run now (a task of
+        it ended): the Dispatcher offers them to parked fetchers."""
+        if not throttle_id:
+            return []
+        return [row[0] for row in db.execute(
+            "SELECT id FROM tasks WHERE state = 'Ready' AND throttle_id != 0 AND "
+            "throttle_id = ? ORDER BY priority DESC, id LIMIT (SELECT MAX(max_running - "
+            "running, 0) FROM throttles WHERE id = ?)", (throttle_id, throttle_id))]
+
     def claim(self, worker, time_left=None):
-        """Give the worker the best task it may take, or None. Reads first: a worker that
-        holds nothing and finds nothing costs no write transaction."""
-        if self.one("SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker["id"]):
-            # A worker fetches only when it holds no task: one still on it is a task whose
-            # fetch answer was lost (or that it dropped). Back to the queue with it, or it
-            # would stay Running for ever on a worker that does not know of it.
-            with self.write() as db:
-                requeued = self._requeue(db, worker["id"])
-            self.wake_fetchers(requeued)
-        if self.best_ready(self.db(), worker, time_left) is None:
-            return None
-        with self.write() as db:
+        """Give the worker the best task it may take, or None. The best task is read under
+        the write lock (no other write can come between the read and the claim), and a
+        write transaction begins only when there is one: a worker that holds nothing and
+        finds nothing costs no write transaction."""
+        with self._write_lock:
+            requeued = self._requeue_lost(worker["id"])
+            db = self.db()
             row = self.best_ready(db, worker, time_left)
             if row is not None:
-                db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
-                           "WHERE id = ?", (worker["id"], time.time(), row["id"]))
-                db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
-                           (row["id"], worker["id"]))
-                self._record(db, [row["id"]], "Started", worker["uuid"])
+                with self._transaction(db):
+                    db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, "
+                               "updated_at = ? WHERE id = ?",
+                               (worker["id"], time.time(), row["id"]))
+                    db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
+                               (row["id"], worker["id"]))
+                    self._record(db, [row["id"]], "Started", worker["uuid"])
+                self.holding_nothing.discard(worker["id"])
+        if requeued:
+            self.wake_fetchers(requeued)
         return row  # as it was when claimed: what a worker is sent does not change
+
+    def _requeue_lost(self, worker_id):
+        """A worker fetches only when it holds no task: one still on it is a task whose
+        fetch answer was lost (or that it dropped). Back to the queue with it, or it would
+        stay Running for ever on a worker that does not know of it. Not looked for when
+        the worker is known to hold nothing (the caller holds the write lock)."""
+        requeued = []
+        if worker_id not in self.holding_nothing and self.one(
+                "SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker_id):
+            with self._transaction(self.db()) as db:
+                requeued = self._requeue(db, worker_id)
+        self.holding_nothing.add(worker_id)
+        return requeued
 
     def best_ready(self, db, worker, time_left):
         """The best Ready task the worker may take: only the tag sets of its groups that
         it may take are looked at (ready_sets), then the best task of each."""
         sets = db.execute(
-            "SELECT t.group_id, t.tags FROM ready_sets t WHERE t.group_id IN (SELECT group_id "
-            f"FROM group_workers WHERE worker_id = :worker AND role >= 2) AND {self.tag_rule}",
+            "SELECT t.group_id, t.tags, t.throttle_id FROM ready_sets t LEFT JOIN throttles th "
+            "ON th.id = t.throttle_id WHERE t.group_id IN (SELECT group_id FROM group_workers "
+            "WHERE worker_id = :worker AND role >= 2) AND (t.throttle_id = 0 OR "
+            f"th.running < th.max_running) AND {self.tag_rule}",
             {"worker": worker["id"], "tags": worker["tags"]}).fetchall()
         fits = "" if time_left is None else "AND timeout <= ? "
         best = None
-        for group_id, tags in sets:
+        for group_id, tags, throttle_id in sets:
             row = db.execute("SELECT * FROM tasks WHERE state = 'Ready' AND group_id = ? AND "
-                             f"tags = ? {fits}ORDER BY priority DESC, id LIMIT 1",
-                             (group_id, tags) + (() if time_left is None else (time_left,))
-                             ).fetchone()
+                             f"tags = ? AND throttle_id = ? {fits}ORDER BY priority DESC, id "
+                             "LIMIT 1", (group_id, tags, throttle_id)
+                             + (() if time_left is None else (time_left,))).fetchone()
             if row is not None and (best is None or (row["priority"], -row["id"]) >
                                     (best["priority"], -best["id"])):
                 best = row
         return best
 
     def takeable(self, task_ids):
-        """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher."""
+        """(id, group_id, tags, timeout) of those tasks that are Ready, for the Dispatcher;
+        of a throttle's, no more than it has free slots (the best first)."""
         return [(row[0], row[1], frozenset(json.loads(row[2])), row[3]) for row in self.all(
-            "SELECT id, group_id, tags, timeout FROM tasks WHERE state = 'Ready' AND id IN "
-            "(SELECT value FROM json_each(?))", json.dumps(list(task_ids)))]
+            "SELECT id, group_id, tags, timeout FROM (SELECT t.id, t.group_id, t.tags, "
+            "t.timeout, t.throttle_id, th.max_running - th.running AS free, ROW_NUMBER() OVER "
+            "(PARTITION BY t.throttle_id ORDER BY t.priority DESC, t.id) AS k FROM tasks t "
+            "LEFT JOIN throttles th ON th.id = t.throttle_id WHERE t.state = 'Ready' AND t.id "
+            "IN (SELECT value FROM json_each(?))) WHERE throttle_id = 0 OR k <= free",
+            json.dumps(list(task_ids)))]
 
     def serving_groups(self, worker_id):
         """The ids of the groups whose tasks the worker takes (role Write or Admin)."""
@@ -3543,9 +3795,15 @@ class Store:
                         task_id, worker_id)
 
     def set_task_state(self, task_id, state):
-        with self.write() as db:
-            db.execute("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?",
-                       (state, time.time(), task_id))
+        self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?", state,
+                       time.time(), task_id)
+
+    def end_task(self, task_id, worker_id, state):
+        """The worker's task ended (Finished or Cancelled), to be committed next; False
+        if it is not a task the worker holds."""
+        return self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ? AND "
+                              "worker_id = ? AND committed = 0", state, time.time(), task_id,
+                              worker_id) > 0
 
     def commit_task(self, task, worker, result):
         """Archive the task with its result; release its downstream task; let a worker
@@ -3555,16 +3813,26 @@ class Store:
             db.execute("UPDATE tasks SET state = ?, result = ?, reporter = ?, committed = 1, "
                        "worker_id = NULL, updated_at = ? WHERE id = ?",
                        (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
-            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker["id"],))
+            if db.execute("UPDATE workers SET task_id = NULL WHERE id = ? AND task_id = ?",
+                          (worker["id"], task["id"])).rowcount:
+                self.holding_nothing.add(worker["id"])  # its last claim was this task
             self._record(db, [task["id"]], state, worker["uuid"])
-            released = [row["id"] for row in db.execute(
-                "UPDATE tasks SET state = 'Ready', updated_at = ? WHERE upstream = ? "
-                "AND state = 'Pending' RETURNING id", (time.time(), task["uuid"])).fetchall()]
-            self._record(db, released, "Released")
+            released = self._release_downstream(db, task)
+            released += self._unthrottled(db, task["throttle_id"])
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         if released:
             self.wake_fetchers(released)
+
+    def _release_downstream(self, db, task):
+        """The task's downstream task (submitted by its run) may now run: its id, or none."""
+        if not task["downstream"]:
+            return []
+        released = [row["id"] for row in db.execute(
+            "UPDATE tasks SET state = 'Ready', updated_at = ? WHERE upstream = ? "
+            "AND state = 'Pending' RETURNING id", (time.time(), task["uuid"])).fetchall()]
+        self._record(db, released, "Released")
+        return released
 
     def change_task(self, task_id, changes):
         changes = {k: json.dumps(sorted(set(v)) if k in ("tags", "labels") else v)
@@ -4197,20 +4465,18 @@ def path_kind(text):
 
 
 class Liveness:
-    """What the coordinator knows of its workers' liveness beyond the Store: every
-    authenticated worker request counts as a heartbeat (a long-polling worker with a
-    long heartbeat interval is alive), and which workers were dropped for silence, so
-    that their 401 tells them to register again (issue 8 §2) while a worker shut down
-    or at the end of its lifetime hears that it must leave. In memory: after a restart
-    an unknown worker is told to leave."""
-
-    DROPS_KEPT = 10000  # the newest drops remembered: a dropped worker asks within minutes
+    """What the coordinator knows of its workers' liveness beyond the Store's rows:
+    every authenticated worker request counts as a heartbeat (a long-polling worker with
+    a long heartbeat interval is alive), and a worker dropped for silence (the Store
+    keeps which, across restarts) hears in its 401 to register again (issue 8 §2),
+    while one shut down or at the end of its lifetime hears that it must leave."""
 
     def __init__(self, store, heartbeat_timeout):
         self.store = store
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
-        self.drops = {}  # uuid -> None, oldest first; dict operations are atomic
-        self.written = {}  # worker id -> when heard_from last wrote (the row may be cached)
+        # worker id -> when heard_from last wrote (the row may be cached); an entry older
+        # than `every` decides nothing, so forget_old() drops it: workers come and go
+        self.written = {}
 
     def heard_from(self, worker):
         now = time.time()
@@ -4218,14 +4484,13 @@ class Liveness:
             self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
 
-    def dropped(self, uuids):
-        for worker_uuid in uuids:
-            self.drops[worker_uuid] = None
-        for old in list(self.drops)[:max(0, len(self.drops) - self.DROPS_KEPT)]:
-            self.drops.pop(old, None)
+    def forget_old(self, now):
+        """Keep only the writes of the last `every` seconds (the reaper's call)."""
+        self.written = {worker_id: at for worker_id, at in list(self.written.items())
+                        if at > now - self.every}
 
     def why_gone(self, worker_uuid):
-        if worker_uuid in self.drops:
+        if isinstance(worker_uuid, str) and self.store.was_dropped(worker_uuid):
             return (f"worker {worker_uuid} was {WORKER_DROPPED} longer than the heartbeat "
                     f"timeout; register again")
         return "this worker is not registered (or was shut down)"
@@ -4344,9 +4609,9 @@ class Coordinator:
                 if dead:
                     log.warning("removing silent or overdue workers: %s",
                                 ", ".join(row["uuid"] for row in dead))
-                    self.liveness.dropped(row["uuid"] for row in dead
-                                          if row["expires_at"] >= now)
-                    self.store.remove_workers([row["id"] for row in dead])
+                    self.store.remove_workers([row["id"] for row in dead], silent=[
+                        row["uuid"] for row in dead if row["expires_at"] >= now])
+                self.liveness.forget_old(now)
             except sqlite3.Error:
                 log.exception("liveness check failed")
 
@@ -4635,19 +4900,45 @@ class WorkerApiHandlers(Handlers):
         body = req.body()
         task_id = field(body, "id", an_int)
         op = field(body, "op", lambda value: value)
+        end, after = self.commit_additions(body, op)
+        if isinstance(op, str) and op in END_STATES:
+            if not self.store.end_task(task_id, req.worker["id"], END_STATES[op]):
+                raise not_found(f"task {task_id}")
+            return {"url": None}
         task = self.store.assigned_task(req.worker["id"], task_id)
         if task is None:
             raise not_found(f"task {task_id}")
-        if op in ("Finish", "Cancel"):
-            self.store.set_task_state(task["id"], "Finished" if op == "Finish" else "Cancelled")
-            return {"url": None}
         if not isinstance(op, dict) or len(op) != 1 or next(iter(op)) not in (
                 "Upload", "Commit", "Submit"):
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
                                  "{\"Upload\"|\"Commit\"|\"Submit\": ...}")
+        if end is not None:  # the end report folded in: committed as if it came first
+            task = dict(task, state=END_STATES[end])
         name, value = next(iter(op.items()))
         url = getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
+        if after is not None:
+            return self.next_task(req, url, after)
         return {"url": url}  # ReportTaskResp: the Rust worker parses every report's answer
+
+    @staticmethod
+    def commit_additions(body, op):
+        """The next-task fields of a report ("end", "next"), which go with a Commit only."""
+        end = field(body, "end", an_end_report, None)
+        after = field(body, "next", a_next_fetch, None)
+        if (end is not None or after is not None) and not (
+                isinstance(op, dict) and "Commit" in op):
+            raise HttpError(400, "fields 'end' and 'next' go only with a Commit")
+        return end, after
+
+    def next_task(self, req, url, after):
+        """A Commit's answer with the worker's next task (next-task): claimed by the
+        rules of a fetch without wait (Dispatcher.fetch), none for a worker that the
+        commit let go (asked to shut down gracefully)."""
+        task = None
+        if req.worker["state"] != "GracefulShutdown":
+            task = self.coordinator.dispatcher.fetch(
+                req.worker, after.get("time_left"), 0, time.monotonic()).body
+        return Answer(body={"url": url, "task": task}, headers=FETCH_HEADERS)
 
     def report_upload(self, req, task, value):
         return self.coordinator.tasks.artifact_upload(req, task, value)[0]
@@ -5121,6 +5412,20 @@ def an_object_or_400(value):
     return value
 
 
+def an_end_report(value):
+    if value not in END_STATES:
+        raise ValueError("expected \"Finish\" or \"Cancel\"")
+    return value
+
+
+def a_next_fetch(value):
+    """The "next" of a Commit (next-task): {} or {"time_left": seconds}."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    field(value, "time_left", a_number, None)
+    return value
+
+
 def a_result_message(value):
     if value not in RESULT_MESSAGES:
         raise ValueError(f"unknown result message {value!r}")
@@ -5172,6 +5477,7 @@ ROUTES = [
     ("GET", "/status", "dashboard.status", "user"),
     ("GET", "/metrics", "dashboard.metrics", None),
     ("GET", "/dashboard/tasks/{task}", "dashboard.task", "user"),
+    ("POST", "/dashboard/tasks/query", "dashboard.query_tasks", "user"),
     ("POST", "/login", "users.login", None),
     ("GET", "/auth", "users.auth", "registrar"),
     ("GET", "/redis", "users.redis", "user"),
@@ -5979,6 +6285,19 @@ class DashboardViews:
                 "recent_failures": [self.failure_entry(row) for row in
                                     self.store.recent_failures(groups, now - FAILURES_WINDOW)]}
 
+    def query_tasks(self, req):
+        """POST /dashboard/tasks/query: /tasks/query's filters over every group the user
+        belongs to (admins: all), or over the one named. Upstream's /tasks/query, which
+        the Rust client and pynetmito call, stays one group at a time."""
+        body = req.body()
+        filters, groups = task_filter(body), self.visible_groups(req.user)
+        if filters["group_name"]:
+            groups = [self.coordinator.listed_group(req, filters["group_name"], READ)["id"]]
+        if field(body, "count", a_bool, False):
+            return {"count": self.store.query_tasks(filters, groups, count=True), "tasks": []}
+        rows = self.store.query_tasks(filters, groups)
+        return {"count": len(rows), "tasks": [task_info(row) for row in rows]}
+
     def workers(self, user, now):
         stale_before = self.stale_before(now)
         rows = self.store.query_workers(None if user["admin"] else user["id"],
@@ -6459,7 +6778,7 @@ VIEWS.tasks = {
       for (const [name, value] of new FormData(form)) if (value) query.set(name, value);
       location.hash = "#/tasks?" + query;
     }},
-      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "my own"))),
+      el("label", null, "Group", el("select", {name: "group", id: "filter-group"}, el("option", {value: ""}, "all my groups"))),
       el("label", null, "State", el("select", {name: "state"}, el("option", {value: ""}, "any"),
         STATES.map((s) => el("option", {value: s, selected: p.get("state") === s ? "" : null}, s)))),
       input("label", "Label"), input("creator", "Creator"), el("button", {type: "submit"}, "Filter"));
@@ -6473,13 +6792,13 @@ VIEWS.tasks = {
     }
     const filter = {group_name: p.get("group") || null, states: p.get("state") ? [p.get("state")] : null,
       labels: p.get("label") ? [p.get("label")] : null, creator_usernames: p.get("creator") ? [p.get("creator")] : null};
-    const total = (await api("POST", "/tasks/query", {...filter, count: true})).count;
+    const total = (await api("POST", "/dashboard/tasks/query", {...filter, count: true})).count;
     const pages = Math.max(1, Math.ceil(total / PAGE_SIZE));
     const page = Math.min(Math.max(1, Number(p.get("page")) || 1), pages);
     // newest first: the API lists oldest first, so read the page from the end
     const end = total - (page - 1) * PAGE_SIZE;
     const offset = Math.max(0, end - PAGE_SIZE);
-    const rows = end <= 0 ? [] : (await api("POST", "/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
+    const rows = end <= 0 ? [] : (await api("POST", "/dashboard/tasks/query", {...filter, offset: offset, limit: end - offset})).tasks.reverse();
     fill(ctx, "table", table(["Task", "State", "Exit", "Group", "Creator", "Labels", "Created", "Command"], rows.map((t) =>
       [link("#/task/" + t.uuid, short(t.uuid), "mono"), badge(t.state), exitOf(t.result), t.group_name, t.creator_username,
        t.labels.join(", ") || "-", ago(t.created_at), el("code", null, command(t.spec.args))]), "no tasks match"));
@@ -6707,6 +7026,8 @@ POOL_HANDLERS = {"users.login", "users.change_password", "admin.admin_create_use
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")      # controls and spaces: not in a target
+_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but tab: not in a value
 _STATUS_TEXT = {status.value: status.phrase for status in http.HTTPStatus}
 
 
@@ -6845,7 +7166,7 @@ class HttpParser:
         if known.group(1) != b"1":
             raise BadRequest(505, f"HTTP/{known.group(1).decode()}.{known.group(2).decode()} "
                                   f"is not supported: use HTTP/1.1")
-        if not target.startswith(b"/") or any(byte < 0x21 or byte == 0x7f for byte in target):
+        if not target.startswith(b"/") or _TARGET_BAD.search(target):
             raise BadRequest(400, f"bad request target {target[:100].decode('latin-1')!r}")
         return method.decode(), target.decode("latin-1"), version.decode()
 
@@ -6861,7 +7182,7 @@ class HttpParser:
             if not colon or not _TOKEN.fullmatch(name):
                 raise BadRequest(400, f"malformed header line {line[:100].decode('latin-1')!r}")
             value = value.strip(b" \t")
-            if any(byte < 0x20 and byte != 0x09 or byte == 0x7f for byte in value):
+            if _VALUE_BAD.search(value):
                 raise BadRequest(400, f"control character in header {name.decode()}")
             key, text = name.decode().lower(), value.decode("latin-1")
             if key == "content-length" and headers.get(key, text) != text:
@@ -6885,13 +7206,16 @@ class HttpParser:
         return HttpMessage(method, target, headers, int(length), keep_alive)
 
 
+FEATURES_LINE = f"{FEATURES_HEADER}: {','.join(COORDINATOR_FEATURES)}\r\n"
+
+
 class AnswerWriter:
-    """Answers as bytes: the status line and the headers every answer carries are made
-    once, the Date once a second."""
+    """Answers as bytes: the status line and the headers every answer carries (Server,
+    X-Mito-Features) are made once, the Date once a second."""
 
     def __init__(self):
         self.lines = {status: f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Unknown')}\r\n"
-                      f"Server: mito.py/{__version__}\r\n".encode()
+                      f"Server: mito.py/{__version__}\r\n{FEATURES_LINE}".encode()
                       for status in _STATUS_TEXT}
         self.date = (0, b"")
 
@@ -6904,7 +7228,7 @@ class AnswerWriter:
     def head(self, status, headers, length, content_type, keep_alive):
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         return b"".join((
-            self.lines.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            self.lines.get(status) or f"HTTP/1.1 {status} Unknown\r\n{FEATURES_LINE}".encode(),
             self.date_line(), extra.encode("latin-1"),
             b"Content-Type: ", content_type.encode(), b"\r\nContent-Length: ",
             str(length).encode(), b"\r\n" if keep_alive else b"\r\nConnection: close\r\n",
@@ -7695,6 +8019,21 @@ class Client:
                 said = True
             backoff.sleep(None)
 
+    def features(self):
+        """The additions the coordinator names (X-Mito-Features): learned from the last
+        answer seen, else from one GET /auth. A Rust coordinator names none."""
+        if self.http.features is None and self.http.token is None:
+            self.login()  # with a password, the login's answer names them
+        if self.http.features is None:
+            self.call("GET", "/auth")
+        return self.http.features
+
+    def require(self, feature, what):
+        """Refuse, before anything is sent, a command the coordinator cannot serve."""
+        if feature not in self.features():
+            fail_usage(f"the coordinator at {self.http.base_url} does not support {what} "
+                       f"(it is not mito.py's)")
+
     @property
     def full_view(self):
         """Full uuids and unclipped tables: --json, -v, or output that is not a terminal."""
@@ -8347,8 +8686,9 @@ ARRAY_CHUNK = 500               # tasks a submit request carries, at the most
 ARRAY_CHUNK_BYTES = 512 * 1024  # and bytes: half the coordinator's JSON body limit
 ARRAY_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 ARRAY_DONE_STATES = ("Finished", "Cancelled", "Unknown")
-# --array-parallel: task k watches task k-N until it is committed, whatever its end (a
-# non-zero exit, a timeout or a cancellation commits it too: one failure stalls nothing)
+# --array-parallel against a coordinator that does not limit arrays itself: task k watches
+# task k-N until it is committed, whatever its end (a non-zero exit, a timeout or a
+# cancellation commits it too: one failure stalls nothing)
 ARRAY_WATCH_STATE = "TaskCommitted"
 
 
@@ -8380,8 +8720,16 @@ def an_array_id(text):
     return text
 
 
+def an_array_parallel_count(text):
+    """--array-parallel N: a number of tasks the coordinator can hold (upstream's i32)."""
+    if a_positive_count(text) > I32_MAX:
+        raise ValueError(f"{text!r}: expected a number from 1 to {I32_MAX}")
+    return int(text)
+
+
 parse_array = argument_type(array_indices)
 parse_array_id = argument_type(an_array_id)
+parse_array_parallel = argument_type(an_array_parallel_count)
 
 
 class ArraySpec:
@@ -8445,6 +8793,17 @@ def array_requests(client, args, spec):
     return requests
 
 
+def limit_array(client, requests, array_id, parallel):
+    """--array-parallel N: mito.py's coordinator (it announces array-parallel) holds the
+    array to N running tasks itself, so a task that may not start yet holds no worker's
+    slot; another (a Rust one) gets watch chains. The chain's N: None when it limits."""
+    if parallel is None or ARRAY_PARALLEL_FEATURE not in client.features():
+        return parallel
+    for request in requests:
+        request["array_parallel"] = {"key": array_id, "limit": parallel}
+    return None
+
+
 def request_chunks(requests, most):
     """Consecutive [start, end) slices of at most `most` requests and ARRAY_CHUNK_BYTES."""
     start, size = 0, 0
@@ -8493,9 +8852,10 @@ def cmd_tasks_submit_array(client, args):
     if not spec.entries:
         raise UsageError("the array is empty: no index, line or element to submit")
     requests = array_requests(client, args, spec)
+    chain = limit_array(client, requests, spec.id, args.array_parallel)
     progress = Progress(f"array {spec.id} tasks", len(requests), measure="{:.0f}".format)
     try:
-        uuids = submit_in_batches(client, requests, args.array_parallel, progress)
+        uuids = submit_in_batches(client, requests, chain, progress)
     except ArrayRefused as refused:
         raise ClientError(f"{refused}; {refused.submitted} task(s) of array {spec.id} were "
                           f"submitted before it" + (
@@ -9243,9 +9603,10 @@ ARRAY_ARGUMENTS = (
                                                    "MITO_ARRAY_ENTRY (index from 0)"}),
     (("--each-json",), {"metavar": "FILE", "help": "One task per element of FILE's JSON "
                                                    "array, as JSON in MITO_ARRAY_ENTRY"}),
-    (("--array-parallel",), {"type": argument_type(a_positive_count), "metavar": "N",
-                             "help": "Task k of the array starts only once task k-N has "
-                                     "ended (a watch): at most N run at once"}))
+    (("--array-parallel",), {"type": parse_array_parallel, "metavar": "N",
+                             "help": "At most N tasks of the array run at once (mito.py's "
+                                     "coordinator holds the rest back; against another, "
+                                     "task k starts once task k-N has ended, a watch)"}))
 
 
 def add_arrays_commands(commands):

@@ -157,6 +157,8 @@ RULES = {
     "tasks.delete_artifact": Rule(WRITE, task="done"),
     "tasks.download_artifact": Rule(READ, task="done"),
     "dashboard.task": Rule(READ),
+    # every group the caller belongs to: a stranger sees none of this one's tasks
+    "dashboard.query_tasks": Rule(READ, lambda s: {}, inert=frozenset({"stranger"})),
     # the site admin's
     "admin.admin_create_user": Rule(SITE_ADMIN, lambda s: {"username": f"u{uuid.uuid4().hex[:10]}",
                                                            "md5_password": md5("pw")}),

@@ -237,6 +237,22 @@ def test_a_fetch_whose_answer_was_lost_does_not_orphan_its_task(cluster):
     assert c.task(alice, again["uuid"])["info"]["result"] == {"exit_status": 0, "msg": None}
 
 
+def test_a_lost_fetch_answer_is_found_after_the_worker_committed_a_task(cluster):
+    # (the coordinator remembers which workers hold nothing, and skips the look for a
+    # lost task when they fetch: a claim must make it look again)
+    c = cluster()
+    alice = c.user("alice")
+    _, worker = c.register(alice)
+    c.submit(alice, spec("true"))
+    c.finish(worker, c.fetch(worker))
+    first = c.submit(alice, spec("true"))
+    second = c.submit(alice, spec("true"))
+    assert c.fetch(worker)["uuid"] == first  # ... and the answer is lost
+    again = c.fetch(worker)["uuid"]  # the retried fetch
+    states = {task: c.task(alice, task)["info"]["state"] for task in (first, second)}
+    assert states == {again: "Running", ({first, second} - {again}).pop(): "Ready"}
+
+
 def test_a_retried_submit_makes_one_downstream_task(cluster):
     c = cluster()
     alice = c.user("alice")

@@ -164,6 +164,23 @@ def test_tasks_submitted_through_the_api_appear_newest_first_shown_literally(
     screenshot(page, tmp_path, "tasks")
 
 
+def test_the_tasks_table_shows_all_the_users_groups_unless_one_is_chosen(system, page):
+    c = system
+    bob = c.user("bob")
+    c.submit(bob, spec("true"), labels=["everywhere"])  # not alice's to see
+    lab = c.submit(c.alice, spec("true"), group="nobody-serves", labels=["everywhere"])
+    own = c.submit(c.alice, spec("true"), labels=["everywhere"])
+    go(page, "#/tasks?label=everywhere")
+    rows_of = lambda: page.find_elements(By.CSS_SELECTOR, "#part-table tbody tr")  # noqa: E731
+    rows = wait_for(page, lambda: len(rows_of()) == 2 and rows_of(), "both groups' tasks")
+    shown = [(row.text[:8], row.find_elements(By.TAG_NAME, "td")[3].text) for row in rows]
+    assert shown == [(own[:8], "alice"), (lab[:8], "nobody-serves")]
+    chosen = page.find_element(By.CSS_SELECTOR, "#filter-group option:checked")
+    assert chosen.text == "all my groups"
+    go(page, "#/tasks?label=everywhere&group=alice")
+    wait_for(page, lambda: [row.text[:8] for row in rows_of()] == [own[:8]], "one group's")
+
+
 def test_a_task_page_follows_the_output_while_the_task_runs(system, page, tmp_path):
     c = system
     task_uuid = c.submit(c.alice, sh("for i in $(seq 1 10); do echo line$i; sleep 0.7; done; "

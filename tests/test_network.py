@@ -228,17 +228,19 @@ def test_the_parser_says_when_a_request_has_begun():
 
 
 class Counted:
-    """A Store whose write transactions are counted."""
+    """A Store whose write transactions are counted (those of one statement too)."""
 
     def __init__(self, path):
         self.store = mito.Store(str(path))
         self.writes = 0
-        write = self.store.write
+        for name in ("_transaction", "write_one"):
+            setattr(self.store, name, self.counted(getattr(self.store, name)))
 
-        def counted():
+    def counted(self, write):
+        def counted(*args):
             self.writes += 1
-            return write()
-        self.store.write = counted
+            return write(*args)
+        return counted
 
 
 @pytest.fixture
@@ -259,9 +261,9 @@ def fleet(tmp_path):
         return store.worker(worker_uuid)
     counted.worker = worker
 
-    def submit(group="alice", tags=(), timeout=60):
+    def submit(group="alice", tags=(), timeout=60, **more):
         request = {"tags": list(tags), "labels": [], "timeout": timeout, "priority": 0,
-                   "task_spec": {"args": ["true"]}}
+                   "task_spec": {"args": ["true"]}, **more}
         return store.insert_tasks(counted.user["id"], [(counted.group[group], request)])[0][1]
     counted.submit = submit
     return counted
@@ -319,6 +321,43 @@ def test_parks_expire_empty_and_a_removed_worker_hears_401(fleet):
     fleet.dispatcher.expire(time.monotonic() + 31)
     assert waiting.answer.status == 200 and waiting.answer.body is None
     assert fleet.dispatcher.next_deadline() is None or not fleet.dispatcher.parks
+
+
+ONE_AT_A_TIME = {"array_parallel": {"key": "a1", "limit": 1}}
+
+
+def running(fleet, key="a1"):
+    return fleet.store.one("SELECT running FROM throttles WHERE key = ?", key)[0]
+
+
+def test_a_full_array_is_passed_over_and_its_next_task_goes_out_when_one_ends(fleet):
+    parks = [park(fleet, fleet.worker()) for _ in range(3)]
+    fleet.writes = 0
+    array = [fleet.submit(**ONE_AT_A_TIME) for _ in range(3)]
+    [first] = handed(parks)
+    assert first.answer.body["uuid"] == array[0]
+    assert fleet.writes == 4  # three submits and one claim: none for the held-back tasks
+    assert park(fleet, fleet.worker()).answer is None  # a full array's tasks are not offered
+    plain = fleet.submit()
+    assert [p.answer.body["uuid"] for p in handed(parks) if p is not first] == [plain]
+    store, worker = fleet.store, first.worker
+    task = store.assigned_task(worker["id"], first.answer.body["id"])
+    store.commit_task(task, store.worker(worker["uuid"]), {"exit_status": 0, "msg": None})
+    assert [p.answer.body["uuid"] for p in handed(parks) if p is not first
+            and p.answer.body["uuid"] != plain] == [array[1]]
+    assert running(fleet) == 1
+
+
+def test_a_requeued_array_task_frees_its_slot_and_goes_out_again(fleet):
+    array = [fleet.submit(**ONE_AT_A_TIME) for _ in range(2)]
+    holder_worker = fleet.worker()
+    holder = fleet.dispatcher.fetch(holder_worker, None, 0, time.monotonic())
+    assert holder.body["uuid"] == array[0] and running(fleet) == 1
+    waiting = park(fleet, fleet.worker())
+    fleet.store.remove_workers([holder_worker["id"]])  # as the reaper drops a lost worker
+    assert waiting.answer.body["uuid"] == array[0] and running(fleet) == 1
+    fleet.store.cancel_tasks([fleet.store.task(array[1])["id"]])
+    assert running(fleet) == 1
 
 
 # ---- the malformed-request suite, timeouts and the connection cap, over real sockets -------
@@ -461,7 +500,8 @@ def test_a_fetch_sees_only_tag_sets_it_may_take_and_the_best_task_across_them(fl
     fleet.submit(tags=["gpu"])                # a tag set it may not take (worker-subset)
     low = fleet.submit(tags=["cpu"])
     plan = store.db().execute("EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE state = 'Ready' "
-                              "AND group_id = 1 AND tags = '[]' ORDER BY priority DESC, id "
+                              "AND group_id = 1 AND tags = '[]' AND throttle_id = 0 "
+                              "ORDER BY priority DESC, id "
                               "LIMIT 1").fetchall()
     assert "tasks_ready" in str([tuple(row) for row in plan])
     request = {"tags": ["cpu", "x"], "labels": [], "timeout": 60, "priority": 5,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from e2e import cluster, sh, wait_until  # noqa: F401
+from e2e import cluster, mito, sh, wait_until  # noqa: F401
 from fake_coordinator import error, fake, start_worker  # noqa: F401
 
 
@@ -37,6 +37,38 @@ def test_a_worker_dropped_for_silence_registers_again_and_finishes_the_task(clus
     assert c.task(alice, task_uuid)["info"]["reporter_uuid"] == new_uuid
     after = c.submit(alice, sh("true"))
     assert c.wait_task(alice, after)["result"] == {"exit_status": 0, "msg": None}
+
+
+def test_a_worker_dropped_before_a_coordinator_restart_still_registers_again(cluster):
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    worker = c.worker("alice")
+    worker.signal(signal.SIGSTOP)
+    wait_until(lambda: worker.uuid not in c.workers(), 20, what="the worker to be dropped")
+    c.kill9()
+    c.restart()
+    worker.signal(signal.SIGCONT)
+    wait_until(lambda: "registering again" in worker.log() or not worker.alive(), 30,
+               what="the worker to hear of its drop")
+    assert worker.alive(), worker.log()[-2000:]
+    task_uuid = c.submit(alice, sh("true"))
+    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+
+
+def test_liveness_keeps_no_entry_per_worker_ever_seen_and_the_newest_drops(tmp_path,
+                                                                           monkeypatch):
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    liveness = mito.Liveness(store, heartbeat_timeout=10)  # a write a second at most
+    for worker_id in range(100):
+        liveness.heard_from({"id": worker_id, "last_heartbeat": 0})
+    assert len(liveness.written) == 100
+    liveness.forget_old(time.time() + 2)
+    assert liveness.written == {}
+    monkeypatch.setattr(mito, "DROPS_KEPT", 3)
+    store.remove_workers([], silent=[f"w{n}" for n in range(5)])
+    assert [store.was_dropped(f"w{n}") for n in range(5)] == [False, False, True, True, True]
+    assert "register again" in liveness.why_gone("w4")
+    assert "register again" not in liveness.why_gone("w0")
 
 
 def test_fetches_count_as_liveness(cluster):

@@ -102,3 +102,37 @@ def test_without_the_output_header_a_terminal_task_sends_only_its_std_log(httpse
     upload = [req for req, _ in httpserver.log if req.method == "POST"][3]
     assert upload.get_json()["op"]["Upload"]["content_type"] == "std-log"
     assert not [req for req, _ in httpserver.log if "output" in req.path]
+
+
+def test_back_to_back_tasks_keep_upstreams_sequence_and_fields(httpserver, mito):
+    """Tasks with no outputs, one after another: against a coordinator that names no
+    features (no X-Mito-Features: next-task) each is fetched, finished and committed in
+    requests of their own, with upstream's fields only (no folded end, no next task)."""
+    tasks = [{"id": n, "uuid": f"{TASK_UUID[:-2]}{n:02d}", "timeout": "1m",
+              "upstream_task_uuid": None,
+              "spec": {"args": ["true"], "envs": {}, "resources": [],
+                       "terminal_output": False, "watch": None}} for n in (1, 2)]
+    httpserver.expect_ordered_request("/login", method="POST").respond_with_json(
+        {"token": USER_TOKEN})
+    httpserver.expect_ordered_request("/workers", method="POST").respond_with_json(
+        {"worker_id": WORKER_ID, "token": WORKER_TOKEN, "redis_url": None})
+    for task in tasks:
+        httpserver.expect_ordered_request("/workers/tasks", method="GET",
+                                          **as_worker()).respond_with_json(task)
+        httpserver.expect_ordered_request("/workers/tasks", method="POST", **as_worker(
+            json={"id": task["id"], "op": "Finish"})).respond_with_json({"url": None})
+        httpserver.expect_ordered_request("/workers/tasks", method="POST", **as_worker(
+            json={"id": task["id"], "op": {"Commit": {"exit_status": 0, "msg": None}}}
+        )).respond_with_json({"url": None})
+    httpserver.expect_request("/workers/tasks", method="GET",
+                              **as_worker()).respond_with_json(None)
+    httpserver.expect_request("/workers", method="DELETE",
+                              **as_worker()).respond_with_json(None)
+    worker = mito.spawn("worker", "-c", httpserver.url_for("/").rstrip("/"), "-u", "alice",
+                        "-p", "pw", "--idle-timeout", "0s", "--heartbeat-interval", "1h")
+    assert worker.wait() == 0
+    httpserver.check_assertions()
+    assert not httpserver.ordered_handlers, "every expected request came, in order"
+    reports = [req.get_json() for req, _ in httpserver.log
+               if req.method == "POST" and req.path == "/workers/tasks"]
+    assert len(reports) == 4 and all(set(body) == {"id", "op"} for body in reports), reports

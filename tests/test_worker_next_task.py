@@ -1,0 +1,203 @@
+"""The saved round trips (feature "next-task"), end to end with our coordinator and
+real workers: a task with no outputs costs one request (its commit, which also folds in
+its end report and brings the next task) instead of three; the next task is claimed by
+the rules of a fetch (groups, tags, time_left); a worker that may not take another task
+(draining, --max-tasks, shut down) does not get one. Requests are counted through the
+coordinator's /metrics. The Rust coordinator's side (upstream's sequence, unchanged)
+is in test_worker_rust_coordinator.py."""
+
+import re
+import uuid
+
+import pytest
+
+from e2e import Cluster, sh, spec
+
+import mito
+
+HANDLER_COUNT = re.compile(
+    r'^mito_http_request_duration_seconds_count\{handler="([^"]+)"\} (\d+)$', re.M)
+
+
+@pytest.fixture
+def c(tmp_path):
+    one = Cluster(tmp_path / "cluster", heartbeat_timeout="60s")
+    yield one.boot()
+    one.cleanup()
+
+
+def requests_by_handler(c):
+    return {name: int(count) for name, count in HANDLER_COUNT.findall(
+        c.admin.api("GET", "/metrics"))}
+
+
+def worker_requests(c):
+    counts = requests_by_handler(c)
+    return (counts.get("worker_api.fetch_task", 0), counts.get("worker_api.report_task", 0))
+
+
+def burst_worker(c, user, *args):
+    """A worker that drains the queue and leaves (burst mode), with a polling interval
+    long enough that it never polls twice by accident."""
+    return c.sandbox.spawn(
+        "worker", "-c", c.url, "-u", user, "-p", "pw", "--retain", "--credential-path",
+        c.sandbox.root / f"cred-{uuid.uuid4().hex[:8]}", "--idle-timeout", "0s",
+        "--polling-interval", "30s", "--heartbeat-interval", "1h", *args, name="worker")
+
+
+def info(c, client, task_uuid):
+    return c.task(client, task_uuid)["info"]
+
+
+def never_claimed(task):
+    return task["state"] == "Ready" and task["updated_at"] == task["created_at"]
+
+
+def test_tasks_without_outputs_cost_one_request_each(c):
+    alice = c.user("alice")
+    uuids = [c.submit(alice, sh(f"exit {n}")) for n in range(5)]
+    before = worker_requests(c)
+    worker = burst_worker(c, "alice")
+    assert worker.wait(60) == 0, worker.log()
+    fetches, reports = (now - then for now, then in zip(worker_requests(c), before))
+    # upstream's sequence would be 5 fetches (+1 that finds the queue empty) and
+    # 10 reports (Finish, Commit); here: the first fetch, the empty one, 5 commits
+    assert (fetches, reports) == (2, 5)
+    for n, task_uuid in enumerate(uuids):
+        task = info(c, alice, task_uuid)
+        assert task["state"] == "Finished", task
+        assert task["result"] == {"exit_status": n << 8, "msg": None}
+
+
+def test_outputs_downstream_tasks_and_timeouts_keep_their_reports(c, tmp_path):
+    """A task with a result sends Finish, Upload, Commit; one with a downstream task
+    Finish, Submit, Commit; a timed-out one folds its Cancel into the commit."""
+    alice = c.user("alice")
+    downstream = tmp_path / "downstream-ran"
+    new_task = mito.json.dumps({"group_name": None, "tags": [], "labels": [],
+                                "timeout": "1m", "priority": 0,
+                                "task_spec": spec("touch", str(downstream))})
+    with_result = c.submit(alice, sh("echo hi > $MITO_RESULT_DIR/out"), priority=3)
+    with_child = c.submit(alice, sh(f"printf '%s' '{new_task}' > $MITO_NEW_TASK"), priority=2)
+    timed_out = c.submit(alice, spec("sleep", "30"), priority=1, timeout="1s")
+    before = worker_requests(c)
+    worker = burst_worker(c, "alice")
+    assert worker.wait(60) == 0, worker.log()
+    fetches, reports = (now - then for now, then in zip(worker_requests(c), before))
+    assert (fetches, reports) == (2, 3 + 3 + 1 + 1), worker.log()  # + the downstream task
+    assert downstream.exists()
+    assert info(c, alice, with_result)["result"] == {"exit_status": 0, "msg": None}
+    assert [a["content_type"] for a in c.task(alice, with_result)["artifacts"]] == ["result"]
+    assert info(c, alice, with_child)["state"] == "Finished"
+    late = info(c, alice, timed_out)
+    assert late["state"] == "Cancelled" and late["result"]["msg"] == "ExecTimeout", late
+
+
+def test_the_next_task_follows_the_rules_of_a_fetch(c):
+    """Tags, groups and time_left decide what a commit hands out, as for a fetch."""
+    alice, bob = c.user("alice"), c.user("bob")
+    fits = [c.submit(alice, spec("true"), tags=["gpu"]) for _ in range(2)]
+    untagged = c.submit(alice, spec("true"))  # worker-subset: {gpu} is not in {}
+    too_long = c.submit(alice, spec("true"), tags=["gpu"], timeout="2h")
+    elsewhere = c.submit(bob, spec("true"), tags=["gpu"])  # bob's group: not served
+    worker = burst_worker(c, "alice", "-t", "gpu", "--lifetime", "1h")
+    assert worker.wait(60) == 0, worker.log()
+    assert all(info(c, alice, task)["state"] == "Finished" for task in fits)
+    assert never_claimed(info(c, alice, untagged))
+    assert never_claimed(info(c, alice, too_long))
+    assert never_claimed(info(c, bob, elsewhere))
+    assert worker_requests(c)[1] == 2  # the second task came with the first's commit
+
+
+def test_a_worker_at_its_task_limit_asks_for_no_next_task(c):
+    alice = c.user("alice")
+    uuids = [c.submit(alice, spec("true")) for _ in range(3)]
+    worker = burst_worker(c, "alice", "--max-tasks", "1")
+    assert worker.wait(60) == 0, worker.log()
+    tasks = [info(c, alice, task_uuid) for task_uuid in uuids]
+    assert [t["state"] for t in tasks] == ["Finished", "Ready", "Ready"], tasks
+    assert all(never_claimed(t) for t in tasks[1:]), tasks
+
+
+# ---- the coordinator's side, through the API -------------------------------------------
+
+
+def commit(worker, task, end=None, after=None, exit_status=0, msg=None):
+    return worker.api_reply("POST", "/workers/tasks", mito.commit_request(
+        task["id"], mito.commit_op(exit_status, msg), end, after))
+
+
+def one_running_one_waiting(c):
+    """Two tasks of alice's; a worker registered through the API holds the first.
+    Returns (alice, worker uuid, worker client, the task it holds, the waiting uuid)."""
+    alice = c.user("alice")
+    c.submit(alice, spec("true"))
+    waiting = c.submit(alice, spec("true"))
+    worker_id, worker = c.register(alice)
+    return alice, worker_id, worker, c.fetch(worker), waiting
+
+
+def test_our_coordinator_names_the_feature_on_fetch_answers(c):
+    alice = c.user("alice")
+    _, worker = c.register(alice)
+    reply = worker.api_reply("GET", "/workers/tasks", params={"wait": 0})
+    assert "next-task" in mito.features_of(reply.headers)
+
+
+def test_a_commit_with_end_and_next_commits_and_claims(c):
+    alice, _, worker, task, second = one_running_one_waiting(c)
+    first = task["uuid"]
+    reply = commit(worker, task, end="Cancel", after={}, exit_status=9 << 8,
+                   msg="ExecTimeout")
+    assert reply.data["url"] is None
+    assert reply.data["task"]["uuid"] == second
+    assert "X-Mito-Long-Poll" in reply.headers  # a fetch answer's headers too
+    done = info(c, alice, first)
+    assert done["state"] == "Cancelled"
+    assert done["result"] == {"exit_status": 9 << 8, "msg": "ExecTimeout"}
+    assert info(c, alice, second)["state"] == "Running"
+    # with nothing left: "task": null, and the worker holds nothing
+    assert commit(worker, reply.data["task"], end="Finish", after={}).data == {
+        "url": None, "task": None}
+    assert info(c, alice, second)["state"] == "Finished"
+
+
+def test_a_commit_without_next_is_upstreams_answer(c):
+    alice, _, worker, task, waiting = one_running_one_waiting(c)
+    assert commit(worker, task, end="Finish").data == {"url": None}
+    assert never_claimed(info(c, alice, waiting))
+
+
+def test_a_cancelled_task_is_not_handed_out_by_a_commit(c):
+    alice, _, worker, task, cancelled = one_running_one_waiting(c)
+    alice.api("DELETE", f"/tasks/{cancelled}")
+    assert commit(worker, task, end="Finish", after={}).data["task"] is None
+    assert info(c, alice, cancelled)["state"] == "Cancelled"
+
+
+def test_a_worker_shut_down_gracefully_gets_no_next_task(c):
+    alice, worker_id, worker, task, waiting = one_running_one_waiting(c)
+    alice.api("DELETE", f"/workers/{worker_id}", params={"op": "graceful"})
+    assert commit(worker, task, end="Finish", after={}).data["task"] is None
+    assert never_claimed(info(c, alice, waiting))
+    assert worker_id not in c.workers()
+
+
+@pytest.mark.parametrize("body, why", [
+    ({"op": "Finish", "end": "Finish"}, "fields 'end' and 'next' go only with a Commit"),
+    ({"op": {"Upload": {"content_type": "result", "content_length": 1}}, "next": {}},
+     "fields 'end' and 'next' go only with a Commit"),
+    ({"op": {"Commit": {"exit_status": 0}}, "end": "Done"}, "bad field 'end'"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": []}, "bad field 'next'"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": "soon"}},
+     "bad field 'time_left'"),
+])
+def test_bad_next_task_fields_are_400s_naming_them(c, body, why):
+    alice = c.user("alice")
+    task_uuid = c.submit(alice, spec("true"))
+    _, worker = c.register(alice)
+    task = c.fetch(worker)
+    with pytest.raises(mito.ApiError) as refused:
+        worker.api("POST", "/workers/tasks", {"id": task["id"], **body})
+    assert refused.value.status == 400 and why in refused.value.msg, refused.value
+    assert info(c, alice, task_uuid)["state"] == "Running"  # nothing half done
