@@ -16,29 +16,57 @@ logging, HTTP, credentials), 2 Protocol (the wire shapes), 3 Worker, 4 Coordinat
 6 the command line.
 """
 
+import os
+import sys
+
+# ---- start-up: the long-lived roles run from bytecode ---------------------------------
+# `python3 mito.py` compiles these 10,000 lines, and CPython keeps the parser's tree of
+# a script until the script ends: ~22 MiB that an idle worker or coordinator would carry
+# for ever (issue 9 §4). So those two replace themselves (os.execv: same PID, arguments,
+# open files and ignored signals: nohup, SLURM and `manager` see one process) by an
+# interpreter that loads this file as a module: from the bytecode cached in __pycache__
+# (written there when the folder is writable), else compiled again, the tree freed.
+
+LONG_LIVED = ("worker", "coordinator")
+_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file
+    "import sys, importlib.util as u; sys.argv[0] = f = sys.argv.pop(1); "
+    "m = u.module_from_spec(u.spec_from_file_location('__main__', f)); "
+    "sys.modules['__main__'] = m; m.__spec__.loader.exec_module(m)")
+
+
+def run_as_module(source):
+    """Become `python3 -P -c LOADER source args...`, with the same interpreter options
+    (-P: the current folder's modules must not shadow the standard library). Returns
+    only if that cannot be, and the script goes on as it is."""
+    flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    if sys.orig_argv[len(flags) + 1:] != sys.argv or not sys.executable:
+        return
+    try:
+        os.execv(sys.executable, [sys.executable, *flags, "-P", "-c", _MODULE_LOADER,
+                                  source, *sys.argv[1:]])
+    except OSError:
+        pass
+
+
+if __name__ == "__main__" and __spec__ is None and sys.argv[1:2] and sys.argv[1] in LONG_LIVED:
+    run_as_module(os.path.abspath(__file__))
+
 import argparse
 import base64
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
 import datetime
-import difflib
 import functools
-import getpass
-import hashlib
 import heapq
-import hmac
-import http.client
 import ipaddress
 import json
 import logging
 import logging.handlers
 import math
 import operator
-import os
 import posixpath
 import random
 import re
@@ -47,18 +75,58 @@ import selectors
 import shlex
 import shutil
 import signal
-import sqlite3
 import socket
-import ssl
 import stat
 import subprocess
-import sys
-import tarfile
 import threading
 import time
 import tomllib
 import urllib.parse
 import uuid as uuidlib
+
+
+class LazyModule:
+    """A standard module imported on first use, then bound in its place.
+
+    Only the role that uses a module pays for it: an idle worker carries neither the
+    coordinator's sqlite3 nor OpenSSL (ssl, hashlib, hmac: 4 MiB of RSS on their own).
+    Issue 9 §4 wants an idle worker at <= 25 MiB; the list below is the whole convention.
+    """
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getattr__(self, attribute):
+        module = __import__(self.name)  # as `import a.b` does: binds `a`; thread-safe
+        globals()[module.__name__] = module  # later uses skip this proxy
+        return getattr(module, attribute)
+
+
+concurrent = LazyModule("concurrent.futures")  # coordinator, client
+difflib = LazyModule("difflib")  # a misspelt option's suggestion
+getpass = LazyModule("getpass")  # client prompts
+hashlib = LazyModule("hashlib")  # coordinator (scrypt, sha256)
+hmac = LazyModule("hmac")  # coordinator
+sqlite3 = LazyModule("sqlite3")  # coordinator
+ssl = LazyModule("ssl")  # https only
+tarfile = LazyModule("tarfile")  # a task's outputs, the client's downloads
+
+
+def import_without_ssl(name):
+    """`import name` as if ssl were missing; the top package, as `import` binds it.
+    http.client imports ssl only to define HTTPSConnection, which TlsConnection
+    replaces, importing ssl when a URL is https."""
+    hide = "ssl" not in sys.modules
+    if hide:
+        sys.modules["ssl"] = None  # `import ssl` raises ImportError
+    try:
+        return __import__(name)
+    finally:
+        if hide:
+            del sys.modules["ssl"]
+
+
+http = import_without_ssl("http.client")
 
 __version__ = "0.6.0"
 
@@ -504,6 +572,24 @@ class Stopped(Exception):
     """The process is leaving; whatever was in progress is abandoned."""
 
 
+class TlsConnection(http.client.HTTPConnection):
+    """http.client's HTTPSConnection, minus the proxy tunnel we never use: defined here
+    so that http.client can be imported without ssl (see import_without_ssl)."""
+
+    default_port = 443
+
+    def __init__(self, host, context=None, **kwargs):
+        super().__init__(host, **kwargs)
+        if context is None:
+            context = ssl.create_default_context()
+            context.set_alpn_protocols(["http/1.1"])
+        self.context = context
+
+    def connect(self):
+        super().connect()
+        self.sock = self.context.wrap_socket(self.sock, server_hostname=self.host)
+
+
 @dataclasses.dataclass
 class Reply:
     status: int
@@ -535,8 +621,8 @@ class Http:
         conn = pool.get(key)
         if conn is None:
             if parts.scheme == "https":
-                conn = http.client.HTTPSConnection(parts.netloc, timeout=timeout,
-                                                   context=self.ssl_context, blocksize=1 << 16)
+                conn = TlsConnection(parts.netloc, timeout=timeout,
+                                     context=self.ssl_context, blocksize=1 << 16)
             else:
                 conn = http.client.HTTPConnection(parts.netloc, timeout=timeout,
                                                   blocksize=1 << 16)
@@ -600,12 +686,11 @@ class Http:
         except _StaleConnection:
             self._drop(parts)
             raise
-        except ssl.SSLCertVerificationError as error:
-            self._drop(parts)
-            raise CertificateRefused(f"{parts.netloc}: {error.verify_message} (give "
-                                     f"--ca-cert for a self-signed certificate)") from None
         except (OSError, http.client.HTTPException) as error:
             self._drop(parts)
+            if parts.scheme == "https" and isinstance(error, ssl.SSLCertVerificationError):
+                raise CertificateRefused(f"{parts.netloc}: {error.verify_message} (give "
+                                         f"--ca-cert for a self-signed certificate)") from None
             raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
         except Exception:  # e.g. the sink refused to write: the answer is half read
             self._drop(parts)
@@ -745,9 +830,15 @@ def persist(call, what, stop=None, reach=None):
 # ---- credentials --------------------------------------------------------------------
 
 
+try:  # as random.py takes its sha512: the built-in MD5, so a worker that logs in
+    from _md5 import md5  # does not load OpenSSL's libcrypto (3.7 MiB) for one digest
+except ImportError:
+    from hashlib import md5
+
+
 def md5_password(password):
     """The password as the protocol sends it: its MD5 digest as 16 integers."""
-    return list(hashlib.md5(password.encode("utf-8")).digest())
+    return list(md5(password.encode("utf-8")).digest())
 
 
 class CredentialFile:
@@ -832,6 +923,40 @@ def _ask(prompt, reader, problem, hint=_LOGIN_HINT):
         return reader(prompt)
     except (EOFError, KeyboardInterrupt):
         fail_usage(problem)
+
+
+# ---- process memory -----------------------------------------------------------------
+
+
+def _libc():
+    """The C library, for prctl(2) and malloc's knobs; None where there is none to call
+    (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+M_MMAP_THRESHOLD = -3  # mallopt(3)
+BIG_BUFFER = 1 << 20  # bytes: allocations from this size get pages of their own
+
+
+def settle_memory():
+    """Give back what starting up freed, and keep big buffers out of the heap.
+
+    glibc keeps freed memory in its heaps, and its mmap threshold grows to 32 MiB once
+    a big block is freed: the coordinator's 16 MiB scrypt buffers then stay resident
+    after each login (63 MiB idle instead of 28). A fixed threshold (which also stops
+    that growth) returns each to the OS on free; malloc_trim returns what compiling
+    this file left (issue 9 §4). glibc only: elsewhere, nothing to do.
+    """
+    if LIBC is None or not hasattr(LIBC, "malloc_trim"):
+        return
+    LIBC.mallopt(M_MMAP_THRESHOLD, BIG_BUFFER)
+    LIBC.malloc_trim(0)
 
 
 # =====================================================================================
@@ -1253,17 +1378,6 @@ def pack(archive, members):
 # ---- task processes ------------------------------------------------------------------
 
 
-def _libc():
-    """The C library, for prctl(2); None where there is none to call (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-LIBC = _libc()
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
@@ -1343,14 +1457,6 @@ def kill_marked(needle, roots=None):
         time.sleep(0.01)
     log.error("processes marked %s survive %d rounds of SIGKILL", needle.decode(),
               KILL_ROUNDS)
-
-
-def guard_until_eof(needle):
-    """The guard process's life: wait until the worker's end of our stdin closes
-    (the worker left, or was killed with -9), then kill what its tasks left."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.stdin.buffer.read()
-    kill_marked(needle.encode())
 
 
 def wait_exit(pid, timeout):
@@ -1460,9 +1566,15 @@ class OrphanGuard:
     """A helper process that outlives a worker killed with -9 just long enough to kill
     the processes of its tasks (all of them, found by their marker: PR_SET_PDEATHSIG
     would reach only each task's first process, at a price per spawn). It waits for EOF on a pipe only the worker holds open; the kernel
-    closes it however the worker ends. It runs this file's guard_until_eof()."""
+    closes it however the worker ends. It then runs this file's kill_marked()."""
 
-    SCRIPT = "import runpy, sys; runpy.run_path(sys.argv[1])['guard_until_eof'](sys.argv[2])"
+    # It idles as a bare interpreter holding the file's text as the worker started it
+    # (the file may be replaced meanwhile), and compiles it only at EOF: loaded at start,
+    # this file would take it ~40 MiB of RSS for the worker's whole life (issue 9 §4).
+    SCRIPT = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              "text = open(sys.argv[1], 'rb').read(); sys.stdin.buffer.read(); "
+              "names = {'__name__': 'mito_guard'}; exec(compile(text, sys.argv[1], 'exec'), "
+              "names); names['kill_marked'](sys.argv[2].encode())")
 
     def __init__(self):
         self.marker = uuidlib.uuid4().hex
@@ -1474,7 +1586,7 @@ class OrphanGuard:
             return
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", self.SCRIPT, os.path.abspath(__file__),
+                [sys.executable, "-P", "-c", self.SCRIPT, os.path.abspath(__file__),
                  f"{GUARD_MARKER}={self.marker}"], stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, start_new_session=True)
         except OSError as error:
@@ -3724,6 +3836,10 @@ class Store:
             "SELECT id FROM tasks WHERE state = 'Ready' AND throttle_id != 0 AND "
             "throttle_id = ? ORDER BY priority DESC, id LIMIT (SELECT MAX(max_running - "
             "running, 0) FROM throttles WHERE id = ?)", (throttle_id, throttle_id))]
+
+    def throttle(self, throttle_id):
+        """The throttle's row (max_running, running), or None (0: no throttle)."""
+        return self.one("SELECT * FROM throttles WHERE id = ?", throttle_id)
 
     def claim(self, worker, time_left=None):
         """Give the worker the best task it may take, or None. The best task is read under
@@ -6393,6 +6509,10 @@ class DashboardViews:
 
     def why_waiting(self, task):
         """One sentence: what a Ready task waits for."""
+        throttle = self.store.throttle(task["throttle_id"])
+        if throttle and throttle["running"] >= throttle["max_running"]:
+            return (f"its array runs at most {throttle['max_running']} at once "
+                    f"(--array-parallel): it goes when one of them ends")
         serving, matching, idle = self.store.candidates(task)
         group, tags = task["group_name"], json.loads(task["tags"])
         if not serving:
@@ -10652,6 +10772,7 @@ def build_parser():
 
 def main(argv=None):
     args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
+    settle_memory()
     try:
         setup_console_logging()
         return args.run(args)
