@@ -4,6 +4,8 @@ coordinator's cost stay flat when many workers wait?
 
 Prints, in one run (figures and ratios, no assertions: the goals of issue 9 are read
 off the output):
+  0. the footprint (issue 9 §4): RSS and peak of an idle one-slot worker, of its guard
+     process and of the coordinator serving it;
   1. the raw rate of spawning `true` from 2 threads (the limit for any worker);
   2. 2 slots (one `worker --concurrency 2`): the end-to-end rate of N `true` tasks
      submitted in batches, and of the same tasks submitted one per new connection;
@@ -22,6 +24,7 @@ off the output):
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -69,14 +72,26 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def status_of(pid):
-    """(threads, RSS in MiB) of a process."""
+def proc_status(pid):
+    """/proc/PID/status as {name: [words]}."""
     values = {}
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
             name, _, value = line.partition(":")
             values[name] = value.split()
+    return values
+
+
+def status_of(pid):
+    """(threads, RSS in MiB) of a process."""
+    values = proc_status(pid)
     return int(values["Threads"][0]), int(values["VmRSS"][0]) / 1024
+
+
+def memory_of(pid):
+    """(RSS, peak RSS) of a process, in MiB."""
+    values = proc_status(pid)
+    return int(values["VmRSS"][0]) / 1024, int(values["VmHWM"][0]) / 1024
 
 
 class System:
@@ -210,6 +225,29 @@ def percentiles(found):
     return f"p50 {p50:.1f} ms, p95 {p95:.1f} ms"
 
 
+def footprint():
+    """Issue 9 §4: RSS of an idle worker (one slot, registered, long polling), of the
+    guard process it starts, and of the coordinator serving it, each with its peak."""
+    system = System()
+    try:
+        system.add_slots(1, per_process=1)
+        time.sleep(2)
+        worker = system.workers[0].pid
+        with open(f"/proc/{worker}/task/{worker}/children") as handle:
+            guard = int(handle.read().split()[0])
+        cache = importlib.util.cache_from_source(System.worker_py)
+        cached = os.path.exists(cache) and \
+            os.path.getmtime(cache) >= os.path.getmtime(System.worker_py)
+        print(f"footprint (Python {sys.version.split()[0]}, bytecode cached in "
+              f"__pycache__: {'yes' if cached else 'no, compiled at start'}):")
+        print("  idle worker {:.1f} MiB RSS (peak {:.1f}), its orphan guard {:.1f} MiB "
+              "(peak {:.1f})".format(*memory_of(worker), *memory_of(guard)))
+        print("  idle coordinator {:.1f} MiB RSS (peak {:.1f}; each login's scrypt "
+              "takes 16 MiB)".format(*memory_of(system.process.pid)))
+    finally:
+        system.close()
+
+
 def two_slots(args, raw):
     system = System()
     try:
@@ -269,6 +307,7 @@ def main():
     args = parser.parse_args()
     System.worker_py = os.path.abspath(args.worker_py)
 
+    footprint()
     raw = spawn_rate(args.spawns)
     print(f"raw spawn rate of `true` from 2 threads: {raw:7.0f} /s")
     burst_2 = two_slots(args, raw)
