@@ -40,6 +40,19 @@ def test_status_says_why_the_oldest_task_waits_as_workers_come(cluster):
         "all 1 worker(s) that can take it are busy"
 
 
+def test_status_says_a_task_waits_for_its_arrays_limit(cluster):
+    c = cluster(heartbeat_timeout="60s")
+    alice = c.user("alice")
+    limit = {"array_parallel": {"key": "sweep", "limit": 1}}
+    first = alice.api("POST", "/tasks", {"task_spec": spec("true"), **limit})["uuid"]
+    alice.api("POST", "/tasks", {"task_spec": spec("true"), **limit})
+    _, worker = c.register(alice, groups=["alice"])
+    assert c.fetch(worker)["uuid"] == first
+    c.register(alice, groups=["alice"])  # idle, but the array has its one running
+    assert status(alice)["oldest_waiting"]["why"] == \
+        "its array runs at most 1 at once (--array-parallel): it goes when one of them ends"
+
+
 def test_status_counts_tasks_workers_running_throughput_and_failures(cluster):
     c = cluster(heartbeat_timeout="60s")
     alice = c.user("alice")
