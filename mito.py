@@ -10,7 +10,8 @@ be installed::
     python3 mito.py worker --config worker.toml  # join an existing coordinator
     python3 mito.py client tasks submit -- echo hello
 
-The file reads top to bottom in sections: 1 Common (durations, timestamps, config,
+After a short start-up block (the long-lived roles load the file again as a module, to
+stay small), it reads top to bottom in sections: 1 Common (durations, timestamps, config,
 logging, HTTP, credentials), 2 Protocol (the wire shapes), 3 Worker, 4 Coordinator
 (4b its Dashboard, 4c its Network layer), 5 Client (5b Manager, 5c Alloc), and
 6 the command line.
@@ -48,7 +49,14 @@ def run_as_module(source):
         pass
 
 
-if __name__ == "__main__" and __spec__ is None and sys.argv[1:2] and sys.argv[1] in LONG_LIVED:
+def started_as_the_script():
+    """True when the interpreter runs this file as its program (`python3 mito.py`):
+    not imported, not `-m`, not run by another program (runpy.run_path), which all
+    leave a caller's frame under this one and must keep their process as it is."""
+    return __name__ == "__main__" and sys._getframe(1).f_back is None
+
+
+if started_as_the_script() and sys.argv[1:2] and sys.argv[1] in LONG_LIVED:
     run_as_module(os.path.abspath(__file__))
 
 import argparse
