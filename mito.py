@@ -2195,6 +2195,7 @@ class Worker:
         ticket = self.process.take_ticket()
         if not ticket:
             raise Stopped()
+        identity = self.http.token
         try:
             reply = self.call("GET", "/workers/tasks", what="fetch", params=params,
                               timeout=params["wait"] + 30, reply=True)
@@ -2206,12 +2207,22 @@ class Worker:
             self.process.return_ticket()
         self.read_offers(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
+        if task is not None and not self.still_registered_as(identity):
+            log.warning("task %s was handed to this worker's former registration; "
+                        "the coordinator requeues it", task.get("uuid"))
+            task = None
         if task is None:
             self.saw_empty_queue = True
             self.process.wake()
         else:
             self.took(task)
         return task
+
+    def still_registered_as(self, token):
+        """False once this worker registered again: what was handed to its former
+        registration is not its to run. A registration under way is waited for."""
+        with self.rejoining:
+            return self.http.token == token
 
     def read_offers(self, headers):
         """What the coordinator offers beyond upstream, as its fetch answers say."""
