@@ -9213,7 +9213,8 @@ RETRY_ARGUMENTS = (
     (("--max-retries",), {"type": argument_type(a_retry_limit), "metavar": "N",
                           "help": "Run a failed task again, up to N more times (mito.py's "
                                   "coordinator only)"}),
-    (("--retry-on",), {"type": argument_type(retry_reasons_of), "metavar": "REASONS",
+    (("--retry-on",), {"type": argument_type(retry_reasons_of), "action": "extend",
+                       "metavar": "REASONS",
                        "help": "Which failures are retried: some of exit (a non-zero exit), "
                                "timeout, lost (its worker was lost: preempted, crashed); "
                                "default all three"}))
