@@ -29,9 +29,11 @@ import sys
 # (written there when the folder is writable), else compiled again, the tree freed.
 
 LONG_LIVED = ("worker", "coordinator")
-_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file
-    "import sys, importlib.util as u; sys.argv[0] = f = sys.argv.pop(1); "
-    "m = u.module_from_spec(u.spec_from_file_location('__main__', f)); "
+_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file, which
+    # may be named without .py (an executable `mito`): hence the explicit loader
+    "import sys, importlib.util as u, importlib.machinery as k; "
+    "sys.argv[0] = f = sys.argv.pop(1); m = u.module_from_spec(u.spec_from_file_location("
+    "'__main__', f, loader=k.SourceFileLoader('__main__', f))); "
     "sys.modules['__main__'] = m; m.__spec__.loader.exec_module(m)")
 
 
