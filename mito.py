@@ -7005,6 +7005,9 @@ VIEWS.task = {
       ["Creator", t.creator_username], ["Worker", view.worker || "-"], ["Priority", t.priority],
       ["Timeout", duration(t.timeout)], ["Tags", t.tags.join(", ") || "-"], ["Labels", t.labels.join(", ") || "-"],
       ["Created", ago(t.created_at)], ["Updated", ago(t.updated_at)], ["Command", el("code", null, command(t.spec.args))]];
+    if (view.retry) facts.push(["Retries", view.attempts.filter((a) => a.retried).length + " of " +
+      view.retry.max_retries + " used (on " + view.retry.retry_on.join(", ") + "); attempts: " +
+      (view.attempts.map((a) => a.reason || "ok").join(", ") || "none ended")]);
     fill(ctx, "details", el("dl", {class: "facts"}, facts.map(([k, v]) => [el("dt", null, k), el("dd", null, v)])),
       el("details", null, el("summary", null, "Spec"), el("pre", null, JSON.stringify(t.spec, null, 2))));
     fill(ctx, "history", table(["Event", "At", "Worker"], view.history.map((e) =>

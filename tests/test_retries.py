@@ -163,7 +163,9 @@ def test_a_failing_task_is_retried_until_it_succeeds(cluster, tmp_path):
     assert first["result"] == {"exit_status": 256, "msg": None}  # exit 1, a wait status
     assert first["started_at"] <= first["ended_at"]
     assert list(answer)[:2] == ["info", "artifacts"]  # upstream's keys first
-    events = [e["event"] for e in c.admin.api("GET", f"/dashboard/tasks/{task_uuid}")["history"]]
+    view = c.admin.api("GET", f"/dashboard/tasks/{task_uuid}")  # the dashboard's task page
+    assert view["attempts"] == answer["attempts"]
+    events = [e["event"] for e in view["history"]]
     assert events == ["Submitted", "Started", "Retried", "Started", "Retried", "Started",
                       "Finished"]
     shown = client(c, "tasks", "get", task_uuid)
