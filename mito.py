@@ -29,9 +29,11 @@ import sys
 # (written there when the folder is writable), else compiled again, the tree freed.
 
 LONG_LIVED = ("worker", "coordinator")
-_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file
-    "import sys, importlib.util as u; sys.argv[0] = f = sys.argv.pop(1); "
-    "m = u.module_from_spec(u.spec_from_file_location('__main__', f)); "
+_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file, which
+    # may be named without .py (an executable `mito`): hence the explicit loader
+    "import sys, importlib.util as u, importlib.machinery as k; "
+    "sys.argv[0] = f = sys.argv.pop(1); m = u.module_from_spec(u.spec_from_file_location("
+    "'__main__', f, loader=k.SourceFileLoader('__main__', f))); "
     "sys.modules['__main__'] = m; m.__spec__.loader.exec_module(m)")
 
 
@@ -2406,6 +2408,7 @@ class Worker:
         ticket = self.process.take_ticket()
         if not ticket:
             raise Stopped()
+        identity = self.http.token
         try:
             reply = self.call("GET", "/workers/tasks", what="fetch", params=params,
                               timeout=params["wait"] + 30, reply=True)
@@ -2417,12 +2420,22 @@ class Worker:
             self.process.return_ticket()
         self.read_offers(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
+        if task is not None and not self.still_registered_as(identity):
+            log.warning("task %s was handed to this worker's former registration; "
+                        "the coordinator requeues it", task.get("uuid"))
+            task = None
         if task is None:
             self.saw_empty_queue = True
             self.process.wake()
         else:
             self.took(task)
         return task
+
+    def still_registered_as(self, token):
+        """False once this worker registered again: what was handed to its former
+        registration is not its to run. A registration under way is waited for."""
+        with self.rejoining:
+            return self.http.token == token
 
     def read_offers(self, headers):
         """What the coordinator offers beyond upstream, as its fetch answers say."""
@@ -9417,7 +9430,8 @@ RETRY_ARGUMENTS = (
     (("--max-retries",), {"type": argument_type(a_retry_limit), "metavar": "N",
                           "help": "Run a failed task again, up to N more times (mito.py's "
                                   "coordinator only)"}),
-    (("--retry-on",), {"type": argument_type(retry_reasons_of), "metavar": "REASONS",
+    (("--retry-on",), {"type": argument_type(retry_reasons_of), "action": "extend",
+                       "metavar": "REASONS",
                        "help": "Which failures are retried: some of exit (a non-zero exit), "
                                "timeout, lost (its worker was lost: preempted, crashed); "
                                "default all three"}))
