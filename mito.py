@@ -2311,6 +2311,7 @@ class Worker:
             log.warning("the coordinator dropped worker %s for silence; its task (if "
                         "any) was requeued; registering again", self.worker_id)
             self.kill()
+            self.next_task = None  # handed to the former registration: requeued with it
             try:
                 self.register(None if time_left is None else math.floor(time_left))
             except (ApiError, CertificateRefused, UsageError) as error:
