@@ -1041,7 +1041,7 @@ OUTPUT_STREAMS = ("stdout", "stderr")
 FEATURES_HEADER = "X-Mito-Features"
 ARRAY_PARALLEL_FEATURE = "array-parallel"  # submit's "array_parallel": {"key", "limit"}
 NEXT_TASK_FEATURE = "next-task"  # see commit_request()
-COORDINATOR_FEATURES = ("output", ARRAY_PARALLEL_FEATURE, NEXT_TASK_FEATURE)
+COORDINATOR_FEATURES = ("output", "retries", ARRAY_PARALLEL_FEATURE, NEXT_TASK_FEATURE)
 
 # The saved round trips (feature "next-task"): a worker's Commit report may also carry
 # "end": "Finish" or "Cancel" (its end report, when nothing was uploaded or submitted
@@ -1062,6 +1062,14 @@ def commit_request(task_id, op, end=None, after=None):
     if after is not None:
         body["next"] = after
     return body
+
+
+# Retries, an addition named "retries": a submission (POST /tasks, or an item of POST
+# /tasks/submit) may carry "max_retries": N and "retry_on": the reasons a run ending so
+# is run again (default: all of them); GET /tasks/{uuid} then adds "retry" and "attempts"
+# after upstream's keys. A lost run is one whose worker was dropped while it ran.
+RETRY_REASONS = ("exit", "timeout", "lost")
+MAX_RETRIES = 1000  # a typo ("10000000") would keep a failing task busy for ever
 
 
 def features_of(headers):
@@ -1098,6 +1106,8 @@ def watch_reached(state, result, target):
         if target in ("UploadResultFinished", "TaskCommitted"):
             return result is not None
         return target in _REACHED_WHEN_FINISHED
+    if state == "Unknown" and result is not None:  # ended with its worker lost (retries)
+        return target == "TaskCommitted"
     if state == "Cancelled" and result is not None:
         reason = result.get("msg")
         return (target == "TaskCommitted"
@@ -2724,6 +2734,10 @@ _WORKER_ROLE_SPELLINGS = {spelling: level for level, name in ROLE_NAMES.items()
 LONG_POLL_MAX = 30
 REQUEUE_GRACE = 60          # a running task this far past its timeout is taken back
 DROPS_KEPT = 10000          # workers dropped for silence remembered: they ask within minutes
+# The result of a task that ended with its worker lost (state Unknown, no retry left): a
+# death by SIGKILL, what the lost worker's OrphanGuard does to it (upstream's result
+# messages have no name for it, and the Rust client reads only those).
+LOST_RESULT = {"exit_status": 9, "msg": None}  # 9: the wait status of a death by SIGKILL
 JSON_BODY_LIMIT = 1 << 20
 DRAIN_LIMIT = 16 << 20      # a larger refused body is not read: the connection is closed
 URL_LIFETIME = 3600
@@ -2999,7 +3013,7 @@ def a_task_spec(value):
 
 
 def a_submission(value):
-    """A SubmitTaskReq, checked and with its defaults filled in."""
+    """A SubmitTaskReq, checked and with its defaults filled in (and our additions)."""
     value = an_object(value)
     return {"group_name": field(value, "group_name", a_str, None),
             "tags": field(value, "tags", strs, []),
@@ -3007,7 +3021,34 @@ def a_submission(value):
             "timeout": field(value, "timeout", a_timeout, 600.0),
             "priority": field(value, "priority", an_i32, 0),
             "task_spec": field(value, "task_spec", a_task_spec),
-            "array_parallel": field(value, "array_parallel", an_array_parallel, None)}
+            "array_parallel": field(value, "array_parallel", an_array_parallel, None),
+            **a_retry_policy(value)}
+
+
+def a_retry_count(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
+        raise ValueError(f"expected a whole number 0..{MAX_RETRIES}")
+    return value
+
+
+def retry_reasons(value):
+    """retry_on: some of RETRY_REASONS, stored as one comma-joined text."""
+    unknown = [reason for reason in strs(value) if reason not in RETRY_REASONS]
+    if unknown or not value:
+        raise ValueError(f"expected some of {', '.join(RETRY_REASONS)}" +
+                         (f", not {unknown[0]!r}" if unknown else ""))
+    return ",".join(reason for reason in RETRY_REASONS if reason in value)
+
+
+def a_retry_policy(value):
+    """max_retries and retry_on (every reason unless given); none: upstream's rules."""
+    max_retries = field(value, "max_retries", a_retry_count, None)
+    retry_on = field(value, "retry_on", retry_reasons, None)
+    if max_retries is None and retry_on is not None:
+        raise HttpError(400, "bad field 'retry_on': it needs max_retries")
+    if max_retries is not None and retry_on is None:
+        retry_on = ",".join(RETRY_REASONS)
+    return {"max_retries": max_retries, "retry_on": retry_on}
 
 
 THROTTLE_KEY_MAX = 128  # characters of an array_parallel key: an array id is 8
@@ -3263,6 +3304,19 @@ _SCHEMA = [
     # Workers dropped for silence, so that after a restart too their 401 tells them to
     # register again, not to leave (issue 8 §2); the newest DROPS_KEPT only.
     "CREATE TABLE dropped_workers (id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)",
+    # Retries (issue 12 §2): a task's policy (max_retries NULL: upstream's, a lost run is
+    # requeued without limit, an ended one never), the retries it used, and how often it
+    # went back to the queue (an upload URL names that count: it serves one run only).
+    # Each ended run of a task with a policy is a task_attempts row.
+    (
+        "ALTER TABLE tasks ADD COLUMN max_retries INTEGER",
+        "ALTER TABLE tasks ADD COLUMN retry_on TEXT",
+        "ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE task_attempts (task_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+        "worker TEXT, started_at REAL, ended_at REAL NOT NULL, result TEXT, reason TEXT, "
+        "retried INTEGER NOT NULL, PRIMARY KEY (task_id, attempt)) WITHOUT ROWID",
+    ),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -3323,6 +3377,7 @@ class Store:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
+        self.remove_blob = lambda ref: None  # the BlobStore's, once it is
         self.auth_rows = RowCache()
         # ids of workers known to hold no uncommitted task (under the write lock): their
         # fetch skips the look for a task whose fetch answer was lost
@@ -3385,7 +3440,8 @@ class Store:
 
     @staticmethod
     def _record(db, task_ids, event, worker=None):
-        """Add `event` (Started, Requeued, Released, Finished, Cancelled) to the history
+        """Add `event` (Started, Requeued, Retried, Released, Finished, Cancelled, Lost)
+        to the history
         of tasks, inside the transaction that made it happen. (A task's submission is
         its row's created_at: a batch of submissions costs no extra rows.)"""
         if task_ids:
@@ -3601,21 +3657,83 @@ class Store:
             self.holding_nothing.discard(worker_id)  # (a new worker may get its id)
         return requeued
 
-    def _requeue(self, db, worker_id):
-        """Put every uncommitted task still on the worker back in the queue; their ids."""
-        held = db.execute("SELECT id, uuid FROM tasks WHERE worker_id = ? AND committed = 0",
+    def _requeue(self, db, worker_id, lost=True):
+        """Put every uncommitted task still on the worker back in the queue; the ids of
+        the tasks that may run now (those requeued, a throttle's next). A `lost` run (not
+        a fetch answer the worker never got) of a task with a retry policy is an attempt:
+        it runs again only as the policy says."""
+        held = db.execute("SELECT * FROM tasks WHERE worker_id = ? AND committed = 0",
                           (worker_id,)).fetchall()
-        if held:
-            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker_id,))
+        if not held:
+            return []
+        worker = db.execute("SELECT uuid FROM workers WHERE id = ?", (worker_id,)).fetchone()
+        db.execute("UPDATE workers SET task_id = NULL WHERE id = ?", (worker_id,))
+        requeued = []
         for task in held:
-            db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = NULL, "
-                       "updated_at = ? WHERE id = ?", (time.time(), task["id"]))
-            self._record(db, [task["id"]], "Requeued")
-            # what the abandoned run submitted downstream would be submitted twice
+            if lost and task["max_retries"] is not None:
+                if self._end_attempt(db, task, worker and worker["uuid"], None, "lost"):
+                    requeued.append(task["id"])
+            else:
+                self._back_to_queue(db, task)
+                self._record(db, [task["id"]], "Requeued")
+                log.info("task %s requeued", task["uuid"])
+                requeued.append(task["id"])
+            requeued += self._unthrottled(db, task["throttle_id"])  # a slot is free
+        return requeued
+
+    def _back_to_queue(self, db, task, retried=False):
+        """Make the task Ready again and forget its run: the downstream task it submitted
+        (it would be submitted twice), its upload URLs (`requeues` moves on) and, when a
+        retry follows, its artifacts (the task's are those of its last attempt)."""
+        db.execute("UPDATE tasks SET state = 'Ready', worker_id = NULL, downstream = NULL, "
+                   "requeues = requeues + 1, retries = retries + ?, updated_at = ? "
+                   "WHERE id = ?", (int(retried), time.time(), task["id"]))
+        db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'", (task["uuid"],))
+        if retried:
+            self._drop_artifacts(db, task)
+
+    def _drop_artifacts(self, db, task):
+        """Forget the task's artifacts and their files, inside the transaction: no upload
+        of the next attempt can land in between."""
+        dropped = db.execute("DELETE FROM artifacts WHERE task_uuid = ? RETURNING kind, size",
+                             (task["uuid"],)).fetchall()
+        if dropped:
+            db.execute("UPDATE groups SET storage_used = MAX(0, storage_used - ?) WHERE id = ?",
+                       (sum(row["size"] for row in dropped), task["group_id"]))
+        for row in dropped:
+            self.remove_blob(("artifact", task["uuid"], row["kind"]))
+
+    # -- retries: each ended run of a task with a policy is an attempt
+
+    def _end_attempt(self, db, task, worker_uuid, result, reason):
+        """Record the ended run of a task with a retry policy (`task` read in this
+        transaction; `reason` one of RETRY_REASONS or None); if the policy retries it,
+        put it back in the queue (True). A lost run not retried ends the task Unknown."""
+        retry = (reason in task["retry_on"].split(",")
+                 and task["retries"] < task["max_retries"])
+        started = db.execute("SELECT at FROM task_events WHERE task_id = ? AND event = "
+                             "'Started' ORDER BY id DESC LIMIT 1", (task["id"],)).fetchone()
+        db.execute("INSERT INTO task_attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (task["id"], task["retries"] + 1, worker_uuid, started and started[0],
+                    time.time(), result and json.dumps(result), reason, int(retry)))
+        if retry:
+            self._back_to_queue(db, task, retried=True)
+            self._record(db, [task["id"]], "Retried", worker_uuid)
+            log.info("task %s: attempt %d ended (%s); retried", task["uuid"],
+                     task["retries"] + 1, reason)
+        elif reason == "lost":
+            db.execute("UPDATE tasks SET state = 'Unknown', result = ?, committed = 1, "
+                       "worker_id = NULL, downstream = NULL, updated_at = ? WHERE id = ?",
+                       (json.dumps(LOST_RESULT), time.time(), task["id"]))
             db.execute("DELETE FROM tasks WHERE upstream = ? AND state = 'Pending'",
                        (task["uuid"],))
-            log.info("task %s requeued", task["uuid"])
-        return [task["id"] for task in held]
+            self._record(db, [task["id"]], "Lost", worker_uuid)
+            log.info("task %s: lost with its worker, not retried", task["uuid"])
+        return retry
+
+    def task_attempts(self, task_id):
+        return self.all("SELECT * FROM task_attempts WHERE task_id = ? ORDER BY attempt",
+                        task_id)
 
     def was_dropped(self, worker_uuid):
         """Whether the worker was dropped for silence (not shut down, not expired)."""
@@ -3688,12 +3806,13 @@ class Store:
                 task_uuid = str(uuidlib.uuid4())
                 task_id = db.execute(
                     "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
-                    "timeout, priority, spec, upstream, throttle_id, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "timeout, priority, spec, upstream, throttle_id, max_retries, retry_on, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (task_uuid, creator_id, group_id, json.dumps(sorted(set(request["tags"]))),
                      json.dumps(sorted(set(request["labels"]))), state, request["timeout"],
                      request["priority"], json.dumps(request["task_spec"]), upstream,
-                     self._throttle(db, creator_id, request.get("array_parallel")), now, now)
+                     self._throttle(db, creator_id, request.get("array_parallel")),
+                     request.get("max_retries"), request.get("retry_on"), now, now)
                 ).lastrowid
                 made.append((task_id, task_uuid))
             if upstream:
@@ -3760,7 +3879,7 @@ class Store:
         if worker_id not in self.holding_nothing and self.one(
                 "SELECT 1 FROM tasks WHERE worker_id = ? AND committed = 0", worker_id):
             with self._transaction(self.db()) as db:
-                requeued = self._requeue(db, worker_id)
+                requeued = self._requeue(db, worker_id, lost=False)
         self.holding_nothing.add(worker_id)
         return requeued
 
@@ -3816,24 +3935,37 @@ class Store:
                               "worker_id = ? AND committed = 0", state, time.time(), task_id,
                               worker_id) > 0
 
-    def commit_task(self, task, worker, result):
-        """Archive the task with its result; release its downstream task; let a worker
-        that was asked to shut down gracefully go."""
+    def commit_task(self, task, worker, result, reason=None):
+        """Archive the task with its result, unless its retry policy retries it for
+        `reason`; release its downstream task; let a worker that was asked to shut down
+        gracefully go. A task no longer the worker's (lost meanwhile) is a 404."""
         state = "Cancelled" if task["state"] == "Cancelled" else "Finished"
         with self.write() as db:
-            db.execute("UPDATE tasks SET state = ?, result = ?, reporter = ?, committed = 1, "
-                       "worker_id = NULL, updated_at = ? WHERE id = ?",
-                       (state, json.dumps(result), worker["uuid"], time.time(), task["id"]))
             if db.execute("UPDATE workers SET task_id = NULL WHERE id = ? AND task_id = ?",
                           (worker["id"], task["id"])).rowcount:
                 self.holding_nothing.add(worker["id"])  # its last claim was this task
-            self._record(db, [task["id"]], state, worker["uuid"])
-            released = self._release_downstream(db, task)
-            released += self._unthrottled(db, task["throttle_id"])
+            held = task["max_retries"] is not None and db.execute(  # as it is now
+                "SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
+                (task["id"], worker["id"])).fetchone()
+            if held and self._end_attempt(db, held, worker["uuid"], result, reason):
+                woken = [task["id"]]
+            else:
+                woken = self._archive(db, task, state, result, worker)
+            woken += self._unthrottled(db, task["throttle_id"])
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
-        if released:
-            self.wake_fetchers(released)
+        if woken:
+            self.wake_fetchers(woken)
+
+    def _archive(self, db, task, state, result, worker):
+        """Commit the task's result; the ids of its downstream tasks, now Ready."""
+        if not db.execute("UPDATE tasks SET state = ?, result = ?, reporter = ?, committed = 1, "
+                          "worker_id = NULL, updated_at = ? WHERE id = ? AND worker_id = ? "
+                          "AND committed = 0", (state, json.dumps(result), worker["uuid"],
+                                                time.time(), task["id"], worker["id"])).rowcount:
+            raise not_found(f"task {task['uuid']}")  # requeued meanwhile: no longer its
+        self._record(db, [task["id"]], state, worker["uuid"])
+        return self._release_downstream(db, task)
 
     def _release_downstream(self, db, task):
         """The task's downstream task (submitted by its run) may now run: its id, or none."""
@@ -3951,9 +4083,10 @@ class Store:
         if (old["updated_at"] if old else 0) != grant.get("was"):
             raise forbidden("this upload URL was already used")
         if grant.get("w") is not None and not db.execute(
-                "SELECT 1 FROM tasks WHERE uuid = ? AND worker_id = ? AND committed = 0",
-                (keys.get("task_uuid"), grant["w"])).fetchone():
-            raise forbidden("this upload URL died with its task's commit")
+                "SELECT 1 FROM tasks WHERE uuid = ? AND worker_id = ? AND committed = 0 "
+                "AND requeues = ?", (keys.get("task_uuid"), grant["w"], grant.get("q", 0))
+        ).fetchone():
+            raise forbidden("this upload URL died with its task's commit or requeue")
         return old
 
     def record_blob(self, table, keys, size, group_id, grant, place):
@@ -4021,7 +4154,7 @@ class Store:
         return {row[0]: row[1] for row in self.all(
             "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) FROM task_events e "
             "JOIN tasks t ON t.id = e.task_id WHERE e.at >= ? AND e.event IN "
-            f"('Finished', 'Cancelled') AND {self._in_groups('t.group_id', group_ids)} "
+            f"('Finished', 'Cancelled', 'Lost') AND {self._in_groups('t.group_id', group_ids)} "
             "GROUP BY minute", since, since)}
 
     def recent_failures(self, group_ids, since, limit=10):
@@ -4030,8 +4163,8 @@ class Store:
         return self.all(
             "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
             "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
-            "g.id = t.group_id WHERE e.at >= ? AND e.event IN ('Finished', 'Cancelled') AND "
-            "(json_extract(t.result, '$.exit_status') != 0 OR "
+            "g.id = t.group_id WHERE e.at >= ? AND e.event IN ('Finished', 'Cancelled', 'Lost') "
+            "AND (json_extract(t.result, '$.exit_status') != 0 OR "
             "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != 'UserCancellation')"
             f" AND {self._in_groups('t.group_id', group_ids)} ORDER BY e.id DESC LIMIT ?",
             since, limit)
@@ -4392,6 +4525,15 @@ def task_info(row):
             "reporter_uuid": row["reporter"]}
 
 
+def attempt_info(row):
+    """One ended run of a task with a retry policy (`result` None: its worker was lost)."""
+    return {"attempt": row["attempt"], "worker_uuid": row["worker"],
+            "started_at": row["started_at"] and stamp(row["started_at"]),
+            "ended_at": stamp(row["ended_at"]),
+            "result": json.loads(row["result"]) if row["result"] else None,
+            "reason": row["reason"], "retried": bool(row["retried"])}
+
+
 def worker_task(row):
     """WorkerTaskResp: what a worker fetches."""
     return {"id": row["id"], "uuid": row["uuid"], "timeout": format_duration(stored_timeout(row)),
@@ -4520,6 +4662,7 @@ class Coordinator:
         self.signer = Signer(load_secret(os.path.join(self.state_dir, "secret")))
         self.store = Store(os.path.join(self.state_dir, "mitosis.db"), settings.tag_matching)
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
+        self.store.remove_blob = self.blobs.remove
         self.dispatcher = Dispatcher(self.store, settings.tag_matching)
         self.liveness = Liveness(self.store, settings.heartbeat_timeout)
         self.outputs = TaskOutputs()
@@ -4957,9 +5100,9 @@ class WorkerApiHandlers(Handlers):
     def report_commit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
             raise HttpError(400, "task can not be marked as done before Finish or Cancel")
-        exit_status = field(value, "exit_status", an_i32)
-        msg = field(value, "msg", a_result_message, None)
-        self.store.commit_task(task, req.worker, {"exit_status": exit_status, "msg": msg})
+        result = {"exit_status": field(value, "exit_status", an_i32),
+                  "msg": field(value, "msg", a_result_message, None)}
+        self.store.commit_task(task, req.worker, result, retry_reason(result))
 
     def report_submit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
@@ -5131,11 +5274,12 @@ class TaskHandlers(Handlers):
         old = self.store.artifact(task["uuid"], kind)
         self.store.check_quota(task["group_id"], old["size"] if old else 0, size)
         self.store.set_task_state(task["id"], task["state"])  # an upload is a sign of life
-        # a worker's upload URL dies when it commits the task
+        # a worker's upload URL dies when it commits the task, or the task is requeued
+        worker = {"w": req.worker["id"], "q": task["requeues"]} if req.worker else {}
         url = self.coordinator.blobs.url(self.coordinator.public_url, "PUT",
                                          ("artifact", task["uuid"], kind), size,
                                          task["group_id"], was=old["updated_at"] if old else 0,
-                                         w=req.worker["id"] if req.worker else None)
+                                         **worker)
         return url, old is not None
 
     def task_output(self, req, task):
@@ -5143,7 +5287,7 @@ class TaskHandlers(Handlers):
         row = self.coordinator.task_of(req, task, READ)
         stream = req.arg("stream", an_output_stream, "stdout")
         offset = req.arg("offset", a_natural, 0)
-        ended = row["state"] in ("Finished", "Cancelled")
+        ended = row["state"] in ("Finished", "Cancelled", "Unknown")
         data, start, following, finished = self.coordinator.outputs.read(
             row["uuid"], stream, offset, ended)
         return {"data": data.decode("utf-8", "replace"), "offset": start, "next": following,
@@ -5180,8 +5324,14 @@ class TaskHandlers(Handlers):
         return {"results": results}
 
     def task_answer(self, row):
-        return {"info": task_info(row),
-                "artifacts": [blob_info(a) for a in self.store.artifacts(row["uuid"])]}
+        """TaskQueryResp; a task with a retry policy adds it and its attempts."""
+        answer = {"info": task_info(row),
+                  "artifacts": [blob_info(a) for a in self.store.artifacts(row["uuid"])]}
+        if row["max_retries"] is not None:
+            answer["retry"] = {"max_retries": row["max_retries"],
+                               "retry_on": row["retry_on"].split(",")}
+            answer["attempts"] = [attempt_info(a) for a in self.store.task_attempts(row["id"])]
+        return answer
 
     def get_task(self, req, task):
         return self.task_answer(self.coordinator.task_of(req, task, READ))
@@ -5402,6 +5552,14 @@ class AdminHandlers(Handlers):
                             else "no shutdown_secret is configured")
         log.warning("shutdown requested by %s", req.user["username"])
         self.coordinator.stopping.set()
+
+
+def retry_reason(result):
+    """Why a committed run failed, in RETRY_REASONS' words: None when it did not, or
+    not in a way a retry may cure (a missing resource, a refused spec)."""
+    if result["msg"] == "ExecTimeout":
+        return "timeout"
+    return "exit" if result["exit_status"] != 0 else None
 
 
 def referenced_tasks(spec):
@@ -6199,7 +6357,7 @@ class Metrics:
             for event in events:
                 if event["event"] == "Started":
                     self.latency.observe(max(0.0, event["at"] - event["created_at"]))
-                elif event["event"] in ("Finished", "Cancelled"):
+                elif event["event"] in ("Finished", "Cancelled", "Lost"):
                     outcome = outcome_of(event["result"])
                     self.ended[outcome] = self.ended.get(outcome, 0) + 1
                 self.last_event = event["id"]
@@ -6538,7 +6696,7 @@ header button { background: transparent; border-color: #6b7687; }
 
 const REFRESH_MS = 3000;
 const PAGE_SIZE = 25;
-const STATES = ["Pending", "Ready", "Running", "Finished", "Cancelled"];
+const STATES = ["Pending", "Ready", "Running", "Finished", "Cancelled", "Unknown"];
 const STORE = window.sessionStorage;   // the token lives in this tab only
 let current = null;
 let refreshing = false;
@@ -8293,13 +8451,16 @@ parse_artifact_kind = argument_type(artifact_kind)
 
 
 def submit_request(client, args):
-    """SubmitTaskReq from `tasks submit`'s options (mod.rs gen_submit_task_req)."""
+    """SubmitTaskReq from `tasks submit`'s options (mod.rs gen_submit_task_req), and
+    our coordinator's additions when asked for."""
+    retry = retry_request(client, args)
     return {"group_name": client.group_or_mine(args.group),
             "tags": split_list(args.tags), "labels": split_list(args.labels),
             "timeout": args.timeout, "priority": args.priority,
             "task_spec": {"args": args.command_args, "envs": parse_envs(args.envs),
                           "resources": resources_of(client, args.resources),
-                          "terminal_output": args.terminal, "watch": args.watch}}
+                          "terminal_output": args.terminal, "watch": args.watch},
+            **retry}
 
 
 def resources_of(client, values):
@@ -8336,6 +8497,9 @@ def cmd_tasks_submit_many(client, args):
         raise UsageError(f"{args.file} is not JSON: {error}") from None
     if not isinstance(tasks, list):
         raise UsageError(f"{args.file} must hold a JSON array of tasks")
+    if any(isinstance(task, dict) and task.keys() & {"max_retries", "retry_on"}
+           for task in tasks):
+        client.require("retries", "retries (max_retries in a task)")
     answer = client.call("POST", "/tasks/submit", {"tasks": tasks})
     failed = [r["Err"] for r in answer["results"] if "Err" in r]
     client.show(answer, lambda data: [print(r["Ok"]["uuid"] if "Ok" in r else
@@ -8422,7 +8586,8 @@ class TaskWait:
                 now = time.monotonic()
                 if self.deadline is not None and now >= self.deadline:
                     raise WaitTimedOut()
-                self.line.show(self.status(task["info"], now - self.start))
+                self.line.show(self.status(task["info"], now - self.start) +
+                               retry_note(task))
                 time.sleep(pause if self.deadline is None else
                            max(0.0, min(pause, self.deadline - now)))
                 pause = min(pause * 1.5, WAIT_POLL_CAP)
@@ -8458,9 +8623,9 @@ def task_exit(task):
     info = task["info"]
     result = info["result"]
     code = exit_code_of(result["exit_status"])
-    if result.get("msg"):
-        print(f"task {info['uuid']} {info['state'].lower()}: {result['msg']}",
-              file=sys.stderr)
+    why = result.get("msg") or (LOST_WHY if info["state"] == "Unknown" else None)
+    if why:
+        print(f"task {info['uuid']} {info['state'].lower()}: {why}", file=sys.stderr)
         code = code or 1
     return code
 
@@ -8583,6 +8748,7 @@ def render_task(task):
             ("updated", human_age(info["updated_at"])),
             ("command", shlex.join(info["spec"]["args"]))]
     rows += [(f"artifact {a['content_type']}", human_size(a["size"])) for a in task["artifacts"]]
+    rows += attempt_rows(task)
     for name, value in rows:
         print(f"{name:>18}  {value}")
 
@@ -9016,6 +9182,76 @@ def cmd_arrays_cancel(client, args):
     if args.group:
         request["group_name"] = args.group
     return print_cancelled(client, client.call("POST", "/tasks/cancel", request))
+
+
+# ---- retries: a task run again when it fails (issue 12 §2) -------------------------------
+# `tasks submit --max-retries N [--retry-on exit,timeout,lost]` (arrays too) adds the two
+# fields to each submission, only for a coordinator that names the "retries" feature; a
+# Rust coordinator would ignore them, so the client refuses before submitting anything.
+
+LOST_WHY = "its worker was lost and no retry was left"
+
+
+def a_retry_limit(text):
+    if not text.isdigit() or int(text) > MAX_RETRIES:
+        raise ValueError(f"bad retry count {text!r}: expected a whole number 0..{MAX_RETRIES}")
+    return int(text)
+
+
+def retry_reasons_of(text):
+    reasons = [reason.strip() for reason in text.split(",")]
+    for reason in reasons:
+        if reason not in RETRY_REASONS:
+            raise ValueError(f"bad retry reason {reason!r}: expected some of "
+                             f"{','.join(RETRY_REASONS)}")
+    return reasons
+
+
+RETRY_ARGUMENTS = (
+    (("--max-retries",), {"type": argument_type(a_retry_limit), "metavar": "N",
+                          "help": "Run a failed task again, up to N more times (mito.py's "
+                                  "coordinator only)"}),
+    (("--retry-on",), {"type": argument_type(retry_reasons_of), "metavar": "REASONS",
+                       "help": "Which failures are retried: some of exit (a non-zero exit), "
+                               "timeout, lost (its worker was lost: preempted, crashed); "
+                               "default all three"}))
+
+
+def retry_request(client, args):
+    """A submission's retry fields: none without --max-retries (upstream's body)."""
+    if args.retry_on is not None and args.max_retries is None:
+        raise UsageError("--retry-on needs --max-retries")
+    if args.max_retries is None:
+        return {}
+    client.require("retries", "retries (--max-retries)")
+    return {"max_retries": args.max_retries,
+            "retry_on": args.retry_on or list(RETRY_REASONS)}
+
+
+def retry_note(task):
+    """", retry 2 of 3" while a task with a retry policy waits or runs again."""
+    if not task.get("attempts"):
+        return ""
+    return f", retry {len(task['attempts'])} of {task['retry']['max_retries']}"
+
+
+def attempt_rows(task):
+    """`tasks get`'s rows of a task with a retry policy: the policy, each attempt."""
+    retry = task.get("retry")
+    if retry is None:
+        return []
+    return [("retries", f"up to {retry['max_retries']} on {','.join(retry['retry_on'])}")] + [
+        (f"attempt {attempt['attempt']}", attempt_summary(attempt))
+        for attempt in task.get("attempts", [])]
+
+
+def attempt_summary(attempt):
+    result = attempt["result"]
+    how = "worker lost" if result is None else (
+        f"exit {exit_code_of(result['exit_status'])}" +
+        (f" ({result['msg']})" if result.get("msg") else ""))
+    return (f"{how} on worker {attempt['worker_uuid'] or '-'}, ended "
+            f"{human_age(attempt['ended_at'])}" + ("; retried" if attempt["retried"] else ""))
 
 
 # ---- artifacts ---------------------------------------------------------------------------
@@ -9608,7 +9844,7 @@ def add_submit_command(tasks):
         (("--wait-timeout",), {"type": parse_duration_arg, "metavar": "DURATION",
                                "help": f"Stop waiting after this long (exit status "
                                        f"{WAIT_TIMED_OUT}; the task goes on)"}),
-        *ARRAY_ARGUMENTS,
+        *ARRAY_ARGUMENTS, *RETRY_ARGUMENTS,
         (("command_args",), {"nargs": "*", "metavar": "-- COMMAND ARGS"}))
 
 
