@@ -10,7 +10,8 @@ be installed::
     python3 mito.py worker --config worker.toml  # join an existing coordinator
     python3 mito.py client tasks submit -- echo hello
 
-The file reads top to bottom in sections: 1 Common (durations, timestamps, config,
+After a short start-up block (the long-lived roles load the file again as a module, to
+stay small), it reads top to bottom in sections: 1 Common (durations, timestamps, config,
 logging, HTTP, credentials), 2 Protocol (the wire shapes), 3 Worker, 4 Coordinator
 (4b its Dashboard, 4c its Network layer), 5 Client (5b Manager, 5c Alloc), and
 6 the command line.
@@ -28,9 +29,11 @@ import sys
 # (written there when the folder is writable), else compiled again, the tree freed.
 
 LONG_LIVED = ("worker", "coordinator")
-_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file
-    "import sys, importlib.util as u; sys.argv[0] = f = sys.argv.pop(1); "
-    "m = u.module_from_spec(u.spec_from_file_location('__main__', f)); "
+_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file, which
+    # may be named without .py (an executable `mito`): hence the explicit loader
+    "import sys, importlib.util as u, importlib.machinery as k; "
+    "sys.argv[0] = f = sys.argv.pop(1); m = u.module_from_spec(u.spec_from_file_location("
+    "'__main__', f, loader=k.SourceFileLoader('__main__', f))); "
     "sys.modules['__main__'] = m; m.__spec__.loader.exec_module(m)")
 
 
@@ -48,7 +51,14 @@ def run_as_module(source):
         pass
 
 
-if __name__ == "__main__" and __spec__ is None and sys.argv[1:2] and sys.argv[1] in LONG_LIVED:
+def started_as_the_script():
+    """True when the interpreter runs this file as its program (`python3 mito.py`):
+    not imported, not `-m`, not run by another program (runpy.run_path), which all
+    leave a caller's frame under this one and must keep their process as it is."""
+    return __name__ == "__main__" and sys._getframe(1).f_back is None
+
+
+if started_as_the_script() and sys.argv[1:2] and sys.argv[1] in LONG_LIVED:
     run_as_module(os.path.abspath(__file__))
 
 import argparse
@@ -593,8 +603,158 @@ class TlsConnection(http.client.HTTPConnection):
 @dataclasses.dataclass
 class Reply:
     status: int
-    headers: http.client.HTTPMessage
+    headers: object  # AnswerHeaders, or http.client's for a file transfer
     data: object
+
+
+class BadAnswer(OSError):
+    """The server's answer is not HTTP/1.1 as RFC 9112 has it (or is cut short)."""
+
+
+class AnswerHeaders(dict):
+    """An answer's header fields by lower-case name, looked up in any case."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name):
+        return super().__contains__(name.lower())
+
+    def __getitem__(self, name):
+        return super().__getitem__(name.lower())
+
+
+ANSWER_HEAD_LIMIT = 65536  # bytes of status line and headers: our coordinator's own limit
+
+
+class ApiConnection:
+    """One kept-alive connection for the coordinator's JSON API, the worker's hot path
+    (fetch, reports, heartbeats): a request goes out in one write, and answers are read
+    through one buffer that lives as long as the socket, where http.client makes a file
+    object and parses the headers with the email package for every answer (about half
+    of a small request's client CPU). Bodies: Content-Length, chunked, or until close
+    (RFC 9112 section 6.3)."""
+
+    def __init__(self, parts, ssl_context, timeout):
+        self.host, self.netloc = parts.hostname, parts.netloc
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl_context = None
+        if parts.scheme == "https":
+            self.ssl_context = ssl_context or ssl.create_default_context()
+        self.timeout, self.sock, self.buffer = timeout, None, b""
+        self.busy = False  # an exchange under way, or one interrupted (Ctrl-C) mid-way
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.buffer, self.busy = sock, b"", False
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def exchange(self, method, target, body, headers):
+        """One request; (status, AnswerHeaders, body bytes, whether the server closes)."""
+        self.busy = True
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            head += f"Content-Length: {len(body or b'')}\r\n"
+        self.sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {self.netloc}\r\n{head}\r\n"
+                          .encode("latin-1") + (body or b""))
+        version, status, fields = self.read_head()
+        while 100 <= status < 200:  # an interim answer (RFC 9110 section 15.2): skip it
+            version, status, fields = self.read_head()
+        data, until_close = self.read_body(method, status, fields)
+        closes = (until_close or version == "HTTP/1.0"
+                  or "close" in fields.get("connection", "").lower())
+        self.busy = False
+        return status, fields, data, closes
+
+    def fill(self, started):
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            if not started:  # a kept-alive connection the server had closed meanwhile
+                raise ConnectionAbortedError("closed before answering")
+            raise BadAnswer("the answer was cut short")
+        self.buffer += chunk
+
+    def read_head(self):
+        end = self.buffer.find(b"\r\n\r\n")
+        while end < 0:
+            if len(self.buffer) > ANSWER_HEAD_LIMIT:
+                raise BadAnswer(f"answer head over {ANSWER_HEAD_LIMIT} bytes")
+            self.fill(started=bool(self.buffer))
+            end = self.buffer.find(b"\r\n\r\n")
+        head, self.buffer = self.buffer[:end].decode("latin-1"), self.buffer[end + 4:]
+        status_line, *lines = head.split("\r\n")
+        version, _, rest = status_line.partition(" ")
+        if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+            raise BadAnswer(f"bad status line {status_line[:80]!r}")
+        fields = AnswerHeaders()
+        for line in lines:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            fields[name] = f"{fields[name]}, {value.strip()}" if name in fields else value.strip()
+        return version, int(rest[:3]), fields
+
+    def read_body(self, method, status, fields):
+        """The body, and whether it ran until the server closed the connection."""
+        if method == "HEAD" or status in (204, 304):
+            return b"", False
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            return self.read_chunked(), False
+        length = fields.get("content-length")
+        if length is None:
+            while self.fill_or_end():
+                pass
+            data, self.buffer = self.buffer, b""
+            return data, True
+        if not length.isdigit():
+            raise BadAnswer(f"bad Content-Length {length[:40]!r}")
+        return self.take(int(length)), False
+
+    def fill_or_end(self):
+        chunk = self.sock.recv(1 << 16)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def take(self, size):
+        while len(self.buffer) < size:
+            self.fill(started=True)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def read_line(self):
+        end = self.buffer.find(b"\r\n")
+        while end < 0:
+            if len(self.buffer) > ANSWER_HEAD_LIMIT:
+                raise BadAnswer("a chunk line too long")
+            self.fill(started=True)
+            end = self.buffer.find(b"\r\n")
+        line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+        return line
+
+    def read_chunked(self):
+        parts = []
+        while True:
+            size_text = self.read_line().split(b";")[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise BadAnswer(f"bad chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                while self.read_line():  # trailer fields, up to the empty line
+                    pass
+                return b"".join(parts)
+            parts.append(self.take(size))
+            self.take(2)  # the CRLF after the chunk
 
 
 class Http:
@@ -615,12 +775,14 @@ class Http:
 
     # -- connections
 
-    def _connection(self, parts, timeout):
+    def _connection(self, parts, timeout, lean):
         pool = self._local.__dict__.setdefault("pool", {})
-        key = (parts.scheme, parts.netloc)
+        key = (parts.scheme, parts.netloc, lean)
         conn = pool.get(key)
         if conn is None:
-            if parts.scheme == "https":
+            if lean:
+                conn = ApiConnection(parts, self.ssl_context, timeout)
+            elif parts.scheme == "https":
                 conn = TlsConnection(parts.netloc, timeout=timeout,
                                      context=self.ssl_context, blocksize=1 << 16)
             else:
@@ -628,12 +790,15 @@ class Http:
                                                   blocksize=1 << 16)
             pool[key] = conn
         conn.timeout = timeout
+        if lean and conn.busy:  # left mid-exchange: its answer may still be on the way
+            conn.close()
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
         return conn
 
-    def _drop(self, parts):
-        conn = self._local.__dict__.get("pool", {}).pop((parts.scheme, parts.netloc), None)
+    def _drop(self, parts, lean):
+        conn = self._local.__dict__.get("pool", {}).pop((parts.scheme, parts.netloc, lean),
+                                                        None)
         if conn is not None:
             conn.close()
 
@@ -643,57 +808,75 @@ class Http:
         A request on a kept-alive connection that the server closed meanwhile (it fails
         before any answer arrives) is sent once more on a fresh connection. Any other
         failure, including one in the middle of an answer, is Unreachable: the caller
-        decides whether to start over.
+        decides whether to start over. JSON calls (bytes or no body, the answer to
+        memory) go through an ApiConnection, file transfers through http.client.
         """
         parts = urllib.parse.urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lean = sink is None and not hasattr(body, "read")
         for attempt in (1, 2):
-            conn = self._connection(parts, timeout or self.timeout)
+            conn = self._connection(parts, timeout or self.timeout, lean)
             reused = conn.sock is not None
             try:
-                with self._failures(parts):
+                with self._failures(parts, lean):
                     try:
                         if not reused:
                             conn.connect()
-                            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        if hasattr(body, "seek"):
-                            body.seek(0)
-                        conn.request(method, target, body=body, headers=headers or {})
-                        response = conn.getresponse()
-                    except (http.client.RemoteDisconnected, ConnectionError,
-                            http.client.ImproperConnectionState):
+                        if lean:
+                            status, fields, data, closes = conn.exchange(
+                                method, target, body, headers or {})
+                        else:
+                            status, fields, data, closes = self._transfer(
+                                conn, reused, method, target, body, headers, sink)
+                    except (ConnectionError, _StaleConnection) as error:
                         # closed by the server meanwhile, or left mid-request by an
                         # interrupted call (Ctrl-C): nothing was sent, a fresh one will do
                         if reused and attempt == 1:
                             raise _StaleConnection() from None
+                        if isinstance(error, _StaleConnection):
+                            raise ConnectionAbortedError("closed before answering") from None
                         raise
-                    if sink is not None and 200 <= response.status < 300:
-                        shutil.copyfileobj(response, sink, 1 << 16)
-                        data = b""
-                    else:
-                        data = response.read()
             except _StaleConnection:
                 continue
-            if response.will_close:
-                self._drop(parts)
-            return response.status, response.headers, data
+            if closes:
+                self._drop(parts, lean)
+            return status, fields, data
+
+    @staticmethod
+    def _transfer(conn, reused, method, target, body, headers, sink):
+        """A request through http.client (a file to send or to receive)."""
+        if not reused:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(body, "seek"):
+            body.seek(0)
+        try:
+            conn.request(method, target, body=body, headers=headers or {})
+            response = conn.getresponse()
+        except (http.client.RemoteDisconnected, http.client.ImproperConnectionState):
+            raise _StaleConnection() from None
+        if sink is not None and 200 <= response.status < 300:
+            shutil.copyfileobj(response, sink, 1 << 16)
+            data = b""
+        else:
+            data = response.read()
+        return response.status, response.headers, data, response.will_close
 
     @contextlib.contextmanager
-    def _failures(self, parts):
+    def _failures(self, parts, lean):
         """Translate transport failures; the connection is dropped after any of them."""
         try:
             yield
         except _StaleConnection:
-            self._drop(parts)
+            self._drop(parts, lean)
             raise
         except (OSError, http.client.HTTPException) as error:
-            self._drop(parts)
+            self._drop(parts, lean)
             if parts.scheme == "https" and isinstance(error, ssl.SSLCertVerificationError):
                 raise CertificateRefused(f"{parts.netloc}: {error.verify_message} (give "
                                          f"--ca-cert for a self-signed certificate)") from None
             raise Unreachable(f"{parts.netloc}: {error or type(error).__name__}") from None
         except Exception:  # e.g. the sink refused to write: the answer is half read
-            self._drop(parts)
+            self._drop(parts, lean)
             raise
 
     def api(self, method, path, payload=None, params=None, timeout=None, token=None):
@@ -2195,6 +2378,7 @@ class Worker:
         ticket = self.process.take_ticket()
         if not ticket:
             raise Stopped()
+        identity = self.http.token
         try:
             reply = self.call("GET", "/workers/tasks", what="fetch", params=params,
                               timeout=params["wait"] + 30, reply=True)
@@ -2206,12 +2390,22 @@ class Worker:
             self.process.return_ticket()
         self.read_offers(reply.headers)
         task = reply.data if isinstance(reply.data, dict) else None
+        if task is not None and not self.still_registered_as(identity):
+            log.warning("task %s was handed to this worker's former registration; "
+                        "the coordinator requeues it", task.get("uuid"))
+            task = None
         if task is None:
             self.saw_empty_queue = True
             self.process.wake()
         else:
             self.took(task)
         return task
+
+    def still_registered_as(self, token):
+        """False once this worker registered again: what was handed to its former
+        registration is not its to run. A registration under way is waited for."""
+        with self.rejoining:
+            return self.http.token == token
 
     def read_offers(self, headers):
         """What the coordinator offers beyond upstream, as its fetch answers say."""
@@ -7017,6 +7211,9 @@ VIEWS.task = {
       ["Creator", t.creator_username], ["Worker", view.worker || "-"], ["Priority", t.priority],
       ["Timeout", duration(t.timeout)], ["Tags", t.tags.join(", ") || "-"], ["Labels", t.labels.join(", ") || "-"],
       ["Created", ago(t.created_at)], ["Updated", ago(t.updated_at)], ["Command", el("code", null, command(t.spec.args))]];
+    if (view.retry) facts.push(["Retries", view.attempts.filter((a) => a.retried).length + " of " +
+      view.retry.max_retries + " used (on " + view.retry.retry_on.join(", ") + "); attempts: " +
+      (view.attempts.map((a) => a.reason || "ok").join(", ") || "none ended")]);
     fill(ctx, "details", el("dl", {class: "facts"}, facts.map(([k, v]) => [el("dt", null, k), el("dd", null, v)])),
       el("details", null, el("summary", null, "Spec"), el("pre", null, JSON.stringify(t.spec, null, 2))));
     fill(ctx, "history", table(["Event", "At", "Worker"], view.history.map((e) =>
@@ -9226,7 +9423,8 @@ RETRY_ARGUMENTS = (
     (("--max-retries",), {"type": argument_type(a_retry_limit), "metavar": "N",
                           "help": "Run a failed task again, up to N more times (mito.py's "
                                   "coordinator only)"}),
-    (("--retry-on",), {"type": argument_type(retry_reasons_of), "metavar": "REASONS",
+    (("--retry-on",), {"type": argument_type(retry_reasons_of), "action": "extend",
+                       "metavar": "REASONS",
                        "help": "Which failures are retried: some of exit (a non-zero exit), "
                                "timeout, lost (its worker was lost: preempted, crashed); "
                                "default all three"}))

@@ -216,6 +216,18 @@ def test_cancel_a_waiting_task_from_its_page(system, page):
     assert page.find_elements(By.ID, "cancel") == []
 
 
+def test_a_task_page_shows_its_retries_and_requeues(system, page):
+    c = system
+    task_uuid = c.alice.api("POST", "/tasks", {
+        "tags": [], "labels": [], "timeout": "1m", "priority": 0, "max_retries": 1,
+        "retry_on": ["exit"], "task_spec": {"args": ["sh", "-c", "exit 3"]}})["uuid"]
+    c.wait_task(c.alice, task_uuid)
+    go(page, f"#/task/{task_uuid}")
+    wait_for(page, lambda: "1 of 1 used (on exit); attempts: exit, exit"
+             in text_of(page, "part-details"), "the retries")
+    assert "Retried" in text_of(page, "part-history")
+
+
 def test_the_overview_says_why_a_task_waits_and_draws_the_chart(system, page, tmp_path):
     c = system
     c.submit(c.alice, spec("true"), group="nobody-serves")

@@ -163,7 +163,9 @@ def test_a_failing_task_is_retried_until_it_succeeds(cluster, tmp_path):
     assert first["result"] == {"exit_status": 256, "msg": None}  # exit 1, a wait status
     assert first["started_at"] <= first["ended_at"]
     assert list(answer)[:2] == ["info", "artifacts"]  # upstream's keys first
-    events = [e["event"] for e in c.admin.api("GET", f"/dashboard/tasks/{task_uuid}")["history"]]
+    view = c.admin.api("GET", f"/dashboard/tasks/{task_uuid}")  # the dashboard's task page
+    assert view["attempts"] == answer["attempts"]
+    events = [e["event"] for e in view["history"]]
     assert events == ["Submitted", "Started", "Retried", "Started", "Retried", "Started",
                       "Finished"]
     shown = client(c, "tasks", "get", task_uuid)
@@ -204,9 +206,10 @@ def test_a_reason_not_listed_is_not_retried(cluster, tmp_path):
     alice = c.user("alice")
     c.worker("alice")
     counter = tmp_path / "counter"
-    task_uuid = submit(c, "--max-retries", "3", "--retry-on", "timeout,lost",
+    task_uuid = submit(c, "--max-retries", "3", "--retry-on", "lost", "--retry-on", "timeout",
                        script=fails_until(counter, 2))
     answer = ended(c, alice, task_uuid)
+    assert answer["retry"]["retry_on"] == ["timeout", "lost"]
     assert reasons(answer) == [("exit", False)]
     assert answer["info"]["result"] == {"exit_status": 256, "msg": None}
     assert counter.read_text().strip() == "1"
@@ -303,6 +306,26 @@ def test_a_task_cancelled_between_attempts_stays_cancelled(cluster):
     assert answer["info"]["state"] == "Cancelled"
     assert answer["info"]["result"]["msg"] == "UserCancellation"
     assert reasons(answer) == [("exit", True)]
+
+
+def test_a_lost_fetch_answer_is_no_attempt_but_a_force_shutdown_is(cluster):
+    """A worker that fetches while holding the task never got it: requeued, not counted.
+    A worker shut down with Force while it runs the task lost that run: counted."""
+    c = cluster()
+    alice = c.user("alice")
+    task_uuid = submit(c, "--max-retries", "1", "--retry-on", "lost", script="true")
+    worker_uuid, worker = c.register(alice)
+    assert c.fetch(worker)["uuid"] == task_uuid
+    assert c.fetch(worker)["uuid"] == task_uuid  # the first answer "lost": taken again
+    assert "attempts" in c.task(alice, task_uuid) and not c.task(alice, task_uuid)["attempts"]
+    alice.api("DELETE", f"/workers/{worker_uuid}", params={"op": "Force"})
+    answer = c.task(alice, task_uuid)
+    assert answer["info"]["state"] == "Ready" and reasons(answer) == [("lost", True)]
+    second_uuid, second = c.register(alice)
+    c.finish(second, c.fetch(second))
+    answer = c.task(alice, task_uuid)
+    assert reasons(answer) == [("lost", True), (None, False)]
+    assert [a["worker_uuid"] for a in answer["attempts"]] == [worker_uuid, second_uuid]
 
 
 def test_only_the_final_attempt_submits_its_downstream_task(cluster, tmp_path):

@@ -60,10 +60,12 @@ def test_an_idle_worker_imports_neither_sqlite3_nor_openssl(mito, fake, credenti
     assert not imported & NOT_IN_AN_IDLE_WORKER, worker.stderr()[-3000:]
 
 
-@pytest.mark.parametrize("may_write", [True, False], ids=["writable", "no-bytecode"])
+@pytest.mark.parametrize("name, may_write", [("mito.py", True), ("mito.py", False),
+                                             ("mito", True)],
+                         ids=["writable", "no-bytecode", "no-suffix"])
 def test_a_worker_runs_as_a_module_in_the_same_process(mito, fake, credentials, mito_py,
-                                                       tmp_path, may_write):
-    copy = tmp_path / "elsewhere" / "mito.py"
+                                                       tmp_path, name, may_write):
+    copy = tmp_path / "elsewhere" / name
     copy.parent.mkdir()
     shutil.copy(mito_py, copy)
     env = {"PYTHONDONTWRITEBYTECODE": None if may_write else "1"}

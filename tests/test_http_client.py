@@ -1,0 +1,119 @@
+"""The client's lean path for the JSON API (ApiConnection under Http.api), against a
+real socket on 127.0.0.1 that answers with scripted bytes: bodies by Content-Length,
+chunked or until close, interim answers, headers in any case, connections kept alive,
+a kept-alive connection the server closed meanwhile, and answers that break HTTP."""
+
+import socket
+import threading
+
+import pytest
+
+import mito
+
+JSON = b"Content-Type: application/json\r\n"
+
+
+class ScriptedServer:
+    """Accepts connections; answers each request read with the next scripted answer
+    (bytes), closing the connection after it when the script says so."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)  # (bytes, close after it?)
+        self.connections = 0
+        self.requests = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while self.answers:
+            conn, _ = self.listener.accept()
+            self.connections += 1
+            with conn:
+                while self.answers and self.answer_one(conn):
+                    pass
+
+    def answer_one(self, conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        self.requests.append(data)
+        answer, close = self.answers.pop(0)
+        conn.sendall(answer)
+        return not close
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def serve():
+    made = []
+
+    def make(*answers):
+        made.append(ScriptedServer(answers))
+        return mito.Http(made[-1].url, token="t"), made[-1]
+    yield make
+    for server in made:
+        server.close()
+
+
+def test_chunked_and_sized_bodies_on_one_kept_alive_connection(serve):
+    http, server = serve(
+        (b"HTTP/1.1 200 OK\r\n" + JSON + b"Transfer-Encoding: chunked\r\n\r\n"
+         b"4\r\n{\"a\"\r\n3;x=y\r\n: 1\r\n1\r\n}\r\n0\r\nTrailer: z\r\n\r\n", False),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n" + JSON +
+         b"Content-Length: 7\r\nX-Mito-Long-Poll: 30\r\n\r\n{\"b\":2}", False))
+    assert http.api("GET", "/one") == {"a": 1}
+    reply = http.api_reply("POST", "/two", {"x": 1})
+    assert reply.data == {"b": 2}
+    assert "x-mito-long-poll" in reply.headers and reply.headers.get("X-MITO-LONG-POLL") == "30"
+    assert server.connections == 1
+    first, second = server.requests
+    assert first.startswith(b"GET /one HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"Authorization: Bearer t\r\n" in first
+    assert b"Content-Length: 7\r\n" in second  # {"x":1}
+
+
+def test_a_body_until_close_ends_the_connection(serve):
+    http, server = serve(
+        (b"HTTP/1.1 200 OK\r\n" + JSON + b"\r\n{\"c\": 3}", True),
+        (b"HTTP/1.0 200 OK\r\n" + JSON + b"Content-Length: 2\r\n\r\n{}", False),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", False))
+    assert http.api("GET", "/a") == {"c": 3}
+    assert http.api("GET", "/b") == {}  # HTTP/1.0: not kept alive either
+    assert http.api("GET", "/c") is None
+    assert server.connections == 3
+
+
+def test_a_connection_the_server_closed_meanwhile_is_opened_again(serve):
+    http, server = serve(
+        (b"HTTP/1.1 200 OK\r\n" + JSON + b"Content-Length: 2\r\n\r\n{}", True),
+        (b"HTTP/1.1 200 OK\r\n" + JSON + b"Content-Length: 8\r\n\r\n{\"d\": 4}", False))
+    assert http.api("GET", "/a") == {}  # the server closes without saying so
+    assert http.api("GET", "/b") == {"d": 4}
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("answer", [
+    b"SPDY/3 200 OK\r\n\r\n",
+    b"HTTP/1.1 2x0 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",  # cut short
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_an_answer_that_breaks_http_is_unreachable(serve, answer):
+    http, _ = serve((answer, True))
+    with pytest.raises(mito.Unreachable):
+        http.api("GET", "/a")
+
+
+def test_an_error_answer_keeps_its_message(serve):
+    http, _ = serve((b"HTTP/1.1 404 Not Found\r\n" + JSON +
+                     b"Content-Length: 18\r\n\r\n{\"msg\": \"no such\"}", False))
+    with pytest.raises(mito.ApiError) as refused:
+        http.api("GET", "/a")
+    assert (refused.value.status, refused.value.msg) == (404, "no such")
