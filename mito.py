@@ -2014,7 +2014,8 @@ class TaskRun:
         limit = self.worker.output_limit
         if not (limit and self.spec.get("terminal_output")):
             return contextlib.nullcontext()
-        return OutputTail(self.worker.http, self.uuid, self.dirs.std, limit)
+        return OutputTail(self.worker.http, self.uuid, self.dirs.std, limit,
+                          self.worker.process.output_sender)
 
     def execute(self, timeout):
         """Run `/usr/bin/env ARGS...`; return (raw wait status, timed out?)."""
@@ -2144,34 +2145,57 @@ def output_limit(headers):
         return 0
 
 
-class OutputTail:
-    """A thread that sends what a task appends to std/stdout.log and std/stderr.log to
-    the coordinator every OUTPUT_INTERVAL and once more when the process has ended
-    (`with OutputTail(...)` around it). An increment holds at most `limit` bytes per
-    stream: a stream that grew faster skips to its last `limit` bytes. A failed send is
-    tried again next time and never touches the task."""
+class OutputSender:
+    """One thread per worker process, started with the first tail, that sends the
+    increments of every running task's OutputTail each OUTPUT_INTERVAL: no thread is
+    started per task. `lock` guards the set of tails."""
 
-    def __init__(self, http, task_uuid, folder, limit, interval=OUTPUT_INTERVAL):
-        self.http, self.uuid, self.limit, self.interval = http, task_uuid, limit, interval
+    def __init__(self, interval=OUTPUT_INTERVAL):
+        self.interval, self.tails, self.lock = interval, set(), threading.Lock()
+        self.thread = None
+
+    def add(self, tail):
+        with self.lock:
+            self.tails.add(tail)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.loop, name="output", daemon=True)
+                self.thread.start()
+
+    def remove(self, tail):
+        with self.lock:
+            self.tails.discard(tail)
+
+    def loop(self):
+        while True:
+            time.sleep(self.interval)
+            with self.lock:
+                tails = list(self.tails)
+            for tail in tails:
+                tail.send(finished=False)
+
+
+class OutputTail:
+    """What a task appends to std/stdout.log and std/stderr.log, sent to the coordinator
+    every OUTPUT_INTERVAL (by the process's OutputSender) and once more when the process
+    has ended (`with OutputTail(...)` around it). An increment holds at most `limit`
+    bytes per stream: a stream that grew faster skips to its last `limit` bytes. A
+    failed send is tried again next time and never touches the task."""
+
+    def __init__(self, http, task_uuid, folder, limit, sender):
+        self.http, self.uuid, self.limit, self.sender = http, task_uuid, limit, sender
         self.paths = {stream: os.path.join(folder, f"{stream}.log") for stream in OUTPUT_STREAMS}
         self.sent = dict.fromkeys(OUTPUT_STREAMS, 0)  # bytes of each stream the coordinator has
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.loop, name=f"output:{task_uuid}",
-                                       daemon=True)
+        self.sending = threading.Lock()  # the sender's thread or the task's, one at a time
+        self.finished = False  # the last increment went: nothing may follow it
 
     def __enter__(self):
-        self.thread.start()
+        self.sender.add(self)
         return self
 
     def __exit__(self, kind, error, trace):
-        self.done.set()
-        self.thread.join()
+        self.sender.remove(self)
         if kind is None:  # the process ended: the last increment says so
             self.send(finished=True)
-
-    def loop(self):
-        while not self.done.wait(self.interval):
-            self.send(finished=False)
 
     def increments(self):
         found = {}
@@ -2187,6 +2211,12 @@ class OutputTail:
         return found
 
     def send(self, finished):
+        with self.sending:
+            if not self.finished:
+                self.send_increments(finished)
+                self.finished = finished
+
+    def send_increments(self, finished):
         increments = self.increments()
         if not increments and not finished:
             return
@@ -2536,6 +2566,7 @@ class WorkerProcess:
         self.started = self.in_flight = 0
         self.exit_status = 0
         self.guard = OrphanGuard()
+        self.output_sender = OutputSender()
         # what every task's environment starts from, read once, not for every task
         self.task_environment = {name: value for name, value in os.environ.items()
                                  if name != "MITO_PASSWORD"}

@@ -9,6 +9,7 @@ write, then wait for a file the test creates, so "while it runs" is certain, not
 import base64
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -196,12 +197,45 @@ def test_a_requeued_task_starts_its_output_afresh():
 def test_the_worker_sends_at_most_its_limit_per_stream_skipping_to_the_newest(tmp_path):
     (tmp_path / "stdout.log").write_bytes(b"a" * 5000 + b"newest")
     (tmp_path / "stderr.log").write_bytes(b"short")
-    tail = mito.OutputTail(None, "t", str(tmp_path), limit=100)
+    tail = mito.OutputTail(None, "t", str(tmp_path), 100, mito.OutputSender())
     found = tail.increments()
     assert found["stdout"] == (4906, b"a" * 94 + b"newest")
     assert found["stderr"] == (0, b"short")
     tail.sent = {"stdout": 5006, "stderr": 2}
     assert tail.increments() == {"stderr": (2, b"ort")}
+
+
+class RecordingHttp:
+    """Stands for the worker's Http: records each output increment sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def api(self, method, path, body, timeout):
+        self.sent.append((path.split("/")[3], body["finished"]))
+
+
+def test_one_sender_thread_serves_every_running_task_and_nothing_follows_the_end(tmp_path):
+    sender, http = mito.OutputSender(interval=0.05), RecordingHttp()
+    tails = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stdout.log").write_bytes(b"output")
+        tails.append(mito.OutputTail(http, name, str(tmp_path / name), 100, sender))
+    threads = threading.active_count()
+    for tail in tails:
+        tail.__enter__()
+    wait_until(lambda: {task for task, _ in http.sent} == {"a", "b"},
+               what="both tasks' output to be sent")
+    assert threading.active_count() == threads + 1  # one thread for both, none per task
+    for tail in tails:
+        (Path(tail.paths["stdout"])).write_bytes(b"output, more")
+        tail.__exit__(None, None, None)
+    ended = list(http.sent)
+    time.sleep(0.3)  # six of the sender's intervals: it must send nothing more
+    assert http.sent == ended
+    assert [finished for task, finished in ended if task == "a"][-1] is True
+    assert [finished for task, finished in ended if task == "b"][-1] is True
 
 
 def test_a_task_that_swaps_its_output_file_for_a_fifo_still_ends(cluster):
