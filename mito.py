@@ -3560,6 +3560,12 @@ _ROW_FILTERS = ("creator_usernames", "tags", "labels", "exit_status", "priority"
                 "reporter_uuid")
 
 
+# A task's life writes ~20 pages to the WAL; SQLite's default checkpoint (1,000 pages)
+# would copy the same hot pages back and fsync every ~50 tasks, on the event loop. This
+# many pages (40 MiB at most in the WAL) make it every ~500.
+WAL_CHECKPOINT_PAGES = 10000
+
+
 class RowCache:
     """Rows read on every request (the caller's user or worker row), kept in memory.
     Store.invalidate_auth_cache() empties it on every write that changes them; a row
@@ -3619,6 +3625,7 @@ class Store:
                                    timeout=30)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self._local.conn = conn
         return conn
 
@@ -4078,16 +4085,18 @@ class Store:
             row = self.best_ready(db, worker, time_left)
             if row is not None:
                 with self._transaction(db):
-                    db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, "
-                               "updated_at = ? WHERE id = ?",
-                               (worker["id"], time.time(), row["id"]))
-                    db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
-                               (row["id"], worker["id"]))
-                    self._record(db, [row["id"]], "Started", worker["uuid"])
-                self.holding_nothing.discard(worker["id"])
+                    self._assign(db, row, worker)
         if requeued:
             self.wake_fetchers(requeued)
         return row  # as it was when claimed: what a worker is sent does not change
+
+    def _assign(self, db, row, worker):
+        """The task `row` is the worker's now (in the caller's transaction)."""
+        db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
+                   "WHERE id = ?", (worker["id"], time.time(), row["id"]))
+        db.execute("UPDATE workers SET task_id = ? WHERE id = ?", (row["id"], worker["id"]))
+        self._record(db, [row["id"]], "Started", worker["uuid"])
+        self.holding_nothing.discard(worker["id"])
 
     def _requeue_lost(self, worker_id):
         """A worker fetches only when it holds no task: one still on it is a task whose
@@ -4154,15 +4163,19 @@ class Store:
                               "worker_id = ? AND committed = 0", state, time.time(), task_id,
                               worker_id) > 0
 
-    def commit_task(self, task, worker, result, reason=None):
+    def commit_task(self, task, worker, result, reason=None, next_fetch=None):
         """Archive the task with its result, unless its retry policy retries it for
         `reason`; release its downstream task; let a worker that was asked to shut down
-        gracefully go. A task no longer the worker's (lost meanwhile) is a 404."""
+        gracefully go. A task no longer the worker's (lost meanwhile) is a 404. With
+        `next_fetch` ({"time_left"}: the next-task addition), claim the worker's next
+        task as a fetch would, in the same transaction (one write where there were two):
+        its row, or None."""
         state = "Cancelled" if task["state"] == "Cancelled" else "Finished"
+        claimed = None
         with self.write() as db:
-            if db.execute("UPDATE workers SET task_id = NULL WHERE id = ? AND task_id = ?",
-                          (worker["id"], task["id"])).rowcount:
-                self.holding_nothing.add(worker["id"])  # its last claim was this task
+            # its last claim was this task: it holds nothing once this commits
+            freed = db.execute("UPDATE workers SET task_id = NULL WHERE id = ? AND "
+                               "task_id = ?", (worker["id"], task["id"])).rowcount
             held = task["max_retries"] is not None and db.execute(  # as it is now
                 "SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
                 (task["id"], worker["id"])).fetchone()
@@ -4171,10 +4184,20 @@ class Store:
             else:
                 woken = self._archive(db, task, state, result, worker)
             woken += self._unthrottled(db, task["throttle_id"])
+            if next_fetch is not None and worker["state"] != "GracefulShutdown":
+                if not freed and worker["id"] not in self.holding_nothing:
+                    woken += self._requeue(db, worker["id"])
+                freed = True  # (it holds nothing but what it claims now)
+                claimed = self.best_ready(db, worker, next_fetch.get("time_left"))
+                if claimed is not None:
+                    self._assign(db, claimed, worker)
+        if freed and claimed is None:
+            self.holding_nothing.add(worker["id"])
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         if woken:
             self.wake_fetchers(woken)
+        return claimed
 
     def _archive(self, db, task, state, result, worker):
         """Commit the task's result; the ids of its downstream tasks, now Ready."""
@@ -4795,7 +4818,7 @@ class Request:
                  local_address=("127.0.0.1", 0)):
         path, _, query = target.partition("?")
         self.method, self.path, self.headers = method, path, headers
-        self.query = urllib.parse.parse_qs(query)
+        self.query = urllib.parse.parse_qs(query) if query else {}
         self.peer, self.scheme, self.local_address = peer, scheme, local_address
         self.params = {}
         self.body_stream = None
@@ -5288,9 +5311,9 @@ class WorkerApiHandlers(Handlers):
         if end is not None:  # the end report folded in: committed as if it came first
             task = dict(task, state=END_STATES[end])
         name, value = next(iter(op.items()))
-        url = getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
         if after is not None:
-            return self.next_task(req, url, after)
+            return self.commit_and_next(req, task, an_object_or_400(value), after)
+        url = getattr(self, f"report_{name.lower()}")(req, task, an_object_or_400(value))
         return {"url": url}  # ReportTaskResp: the Rust worker parses every report's answer
 
     @staticmethod
@@ -5303,25 +5326,24 @@ class WorkerApiHandlers(Handlers):
             raise HttpError(400, "fields 'end' and 'next' go only with a Commit")
         return end, after
 
-    def next_task(self, req, url, after):
-        """A Commit's answer with the worker's next task (next-task): claimed by the
-        rules of a fetch without wait (Dispatcher.fetch), none for a worker that the
-        commit let go (asked to shut down gracefully)."""
-        task = None
-        if req.worker["state"] != "GracefulShutdown":
-            task = self.coordinator.dispatcher.fetch(
-                req.worker, after.get("time_left"), 0, time.monotonic()).body
-        return Answer(body={"url": url, "task": task}, headers=FETCH_HEADERS)
+    def commit_and_next(self, req, task, value, after):
+        """A Commit's answer with the worker's next task (next-task): claimed in the
+        commit's own transaction by the rules of a fetch without wait (groups, tags,
+        time_left), none for a worker that the commit let go (asked to shut down
+        gracefully)."""
+        claimed = self.report_commit(req, task, value, after)
+        return Answer(body={"url": None, "task": claimed and worker_task(claimed)},
+                      headers=FETCH_HEADERS)
 
     def report_upload(self, req, task, value):
         return self.coordinator.tasks.artifact_upload(req, task, value)[0]
 
-    def report_commit(self, req, task, value):
+    def report_commit(self, req, task, value, after=None):
         if task["state"] not in ("Finished", "Cancelled"):
             raise HttpError(400, "task can not be marked as done before Finish or Cancel")
         result = {"exit_status": field(value, "exit_status", an_i32),
                   "msg": field(value, "msg", a_result_message, None)}
-        self.store.commit_task(task, req.worker, result, retry_reason(result))
+        return self.store.commit_task(task, req.worker, result, retry_reason(result), after)
 
     def report_submit(self, req, task, value):
         if task["state"] not in ("Finished", "Cancelled"):
@@ -7478,6 +7500,8 @@ class HttpParser:
         done = []
         while not self.skipping:
             if self.head is None:
+                if not self.buffer:
+                    break
                 self.head = self._parse_head()
                 if self.head is None:
                     break

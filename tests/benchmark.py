@@ -20,6 +20,8 @@ off the output):
     python3 tests/benchmark.py --slots 5000        # the large fleet (slow to register)
     python3 tests/benchmark.py --worker-py OLD/mito.py  # workers from another copy, to
                                                        # tell the coordinator's share
+    python3 tests/benchmark.py --compare hyperqueue  # also HyperQueue, the same tasks,
+                                                     # pip-installed into a scratch venv
 """
 
 import argparse
@@ -248,6 +250,70 @@ def footprint():
         system.close()
 
 
+# HyperQueue's PyPI wheel holds its server and worker as a Python extension (no `hq`
+# binary): LocalCluster runs both in the calling process. Its wait_for_jobs() looks once
+# a second, so the end is a last task that depends on all the others and writes when it
+# ran. CPU: the process's own (server and worker), not the tasks'.
+HYPERQUEUE_RUN = """
+import json, os, resource, sys, time
+from hyperqueue import Job, LocalCluster
+from hyperqueue.cluster import WorkerConfig
+
+def run(client, count):
+    job, done = Job(), os.path.abspath(f"done-{count}")
+    tasks = [job.program(["true"]) for _ in range(count)]
+    job.program(["sh", "-c", f"date +%s.%N > {done}.part && mv {done}.part {done}"],
+                deps=tasks)
+    start = time.time()
+    client.submit(job)
+    while not os.path.exists(done):
+        time.sleep(0.002)
+    with open(done) as handle:
+        return float(handle.read()) - start
+
+count = int(sys.argv[1])
+with LocalCluster() as cluster:
+    cluster.start_worker(WorkerConfig(cores=2))
+    client = cluster.client()
+    run(client, 100)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    elapsed = run(client, count)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+print(json.dumps({"rate": count / elapsed, "cpu_ms": cpu * 1000 / count}))
+"""
+
+
+def hyperqueue(count):
+    """(version, tasks/s, its CPU ms per task) of `count` `true` tasks on HyperQueue's
+    server and one worker with 2 CPUs, from its PyPI wheel in a scratch venv (asked for
+    with --compare hyperqueue only: never a test dependency)."""
+    home = tempfile.mkdtemp(prefix="mito-bench-hq-")
+    try:
+        venv = os.path.join(home, "venv")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([f"{venv}/bin/pip", "install", "--quiet", "--disable-pip-version-check",
+                        "hyperqueue"], check=True)
+        version = subprocess.run([f"{venv}/bin/python", "-c", "import hyperqueue; print("
+                                  "hyperqueue.get_version())"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        answer = subprocess.run([f"{venv}/bin/python", "-c", HYPERQUEUE_RUN, str(count)],
+                                cwd=home, env={**os.environ, "HOME": home},
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, check=True)
+        figures = json.loads(answer.stdout.splitlines()[-1])
+        return version, figures["rate"], figures["cpu_ms"]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def compare_hyperqueue(args, rate):
+    version, theirs, cpu_ms = hyperqueue(args.tasks)
+    print(f"HyperQueue {version} (PyPI wheel, LocalCluster, one worker with 2 CPUs), "
+          f"{args.tasks} tasks: {theirs:7.0f} tasks/s, its CPU {cpu_ms:.2f} ms per task; "
+          f"mito.py in batches: {rate / theirs:.2f} x its rate")
+
+
 def two_slots(args, raw):
     system = System()
     try:
@@ -266,7 +332,7 @@ def two_slots(args, raw):
         print(f"2 slots, submit to start:              {percentiles(latencies(system, args.samples))}")
         threads, rss = status_of(system.process.pid)
         print(f"2 slots, coordinator: {threads} threads, {rss:.0f} MiB RSS")
-        return burst
+        return rate, burst
     finally:
         system.close()
 
@@ -304,13 +370,18 @@ def main():
     parser.add_argument("--slots", type=int, default=500)
     parser.add_argument("--worker-py", default=System.worker_py,
                         help="run the workers from this mito.py (default: this one)")
+    parser.add_argument("--compare", choices=["hyperqueue"], action="append", default=[],
+                        help="also run the same tasks on this system (installed into a "
+                             "scratch venv from PyPI)")
     args = parser.parse_args()
     System.worker_py = os.path.abspath(args.worker_py)
 
     footprint()
     raw = spawn_rate(args.spawns)
     print(f"raw spawn rate of `true` from 2 threads: {raw:7.0f} /s")
-    burst_2 = two_slots(args, raw)
+    rate_2, burst_2 = two_slots(args, raw)
+    if "hyperqueue" in args.compare:
+        compare_hyperqueue(args, rate_2)
     if args.slots:
         many_slots(args, burst_2)
 
