@@ -327,8 +327,10 @@ def two_slots(args, raw):
                                                   system.submit_on_new_connections)
         print(f"2 slots, a new connection per submit: {single:7.0f} tasks/s "
               f"({single / raw:.2f} x raw); coordinator {coordinator_single:.2f} ms per task")
-        burst, _, _ = run_tasks(system, BURST, lambda n: system.submit(["true"], n))
-        print(f"2 slots, burst of {BURST}:              {burst:7.0f} tasks/s")
+        burst, coordinator_burst, worker_burst = run_tasks(
+            system, BURST, lambda n: system.submit(["true"], n))
+        print(f"2 slots, burst of {BURST}:              {burst:7.0f} tasks/s; CPU per task: "
+              f"coordinator {coordinator_burst:.2f} ms, worker {worker_burst:.2f} ms")
         print(f"2 slots, submit to start:              {percentiles(latencies(system, args.samples))}")
         threads, rss = status_of(system.process.pid)
         print(f"2 slots, coordinator: {threads} threads, {rss:.0f} MiB RSS")
@@ -349,10 +351,11 @@ def many_slots(args, burst_2):
         print(f"{args.slots} idle slots: coordinator {threads} threads (before: "
               f"{threads_before}), {rss:.0f} MiB RSS (before: {rss_before:.0f}), "
               f"{idle_cpu:.1f}% CPU while they wait")
-        burst, coordinator_ms, _ = run_tasks(system, BURST, lambda n: system.submit(["true"], n))
+        burst, coordinator_ms, workers_ms = run_tasks(system, BURST,
+                                                      lambda n: system.submit(["true"], n))
         print(f"{args.slots} idle slots, burst of {BURST}:  {burst:7.0f} tasks/s "
-              f"({burst / burst_2:.2f} x the 2-slot burst); coordinator "
-              f"{coordinator_ms:.2f} ms CPU per task")
+              f"({burst / burst_2:.2f} x the 2-slot burst); CPU per task: coordinator "
+              f"{coordinator_ms:.2f} ms, workers {workers_ms:.2f} ms")
         print(f"{args.slots} idle slots, submit to start: "
               f"{percentiles(latencies(system, args.samples))}")
         tasks = system.http.api("POST", "/tasks/query", {"states": ["Finished"]})["tasks"]

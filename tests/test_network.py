@@ -330,6 +330,24 @@ def running(fleet, key="a1"):
     return fleet.store.one("SELECT running FROM throttles WHERE key = ?", key)[0]
 
 
+def test_a_commit_that_asks_for_the_next_task_is_one_write_transaction(fleet):
+    store, worker = fleet.store, fleet.worker()
+    first, second = fleet.submit(), fleet.submit()
+    claimed = store.claim(worker)
+    assert claimed["uuid"] == first
+    store.end_task(claimed["id"], worker["id"], "Finished")
+    fleet.writes = 0
+    task = store.assigned_task(worker["id"], claimed["id"])
+    after = store.commit_task(task, worker, {"exit_status": 0, "msg": None},
+                              next_fetch={"time_left": None})
+    assert after["uuid"] == second and fleet.writes == 1
+    assert store.task(first)["committed"] and store.task(second)["worker_id"] == worker["id"]
+    task = store.assigned_task(worker["id"], after["id"])
+    store.end_task(task["id"], worker["id"], "Finished")
+    assert store.commit_task(task, worker, {"exit_status": 0, "msg": None},
+                             next_fetch={"time_left": None}) is None  # nothing left
+
+
 def test_a_full_array_is_passed_over_and_its_next_task_goes_out_when_one_ends(fleet):
     parks = [park(fleet, fleet.worker()) for _ in range(3)]
     fleet.writes = 0
