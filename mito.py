@@ -2253,13 +2253,14 @@ class Worker:
     # -- the coordinator
 
     def call(self, method, path, payload=None, what=None, persistent=True, reply=False,
-             **kwargs):
-        """An API call with the worker token; 401 -> Unauthorized. With `persistent`,
-        connection failures are retried until the coordinator answers. With `reply`,
-        the whole Reply (headers too) rather than its data."""
+             token=None, **kwargs):
+        """An API call with the worker token (or `token`, one read earlier); 401 ->
+        Unauthorized. With `persistent`, connection failures are retried until the
+        coordinator answers. With `reply`, the whole Reply (headers too) rather than
+        its data."""
         reach = self.process.reach
         send = self.http.api_reply if reply else self.http.api
-        token = self.http.token
+        token = token or self.http.token
 
         def attempt():
             with reach.request((kwargs.get("params") or {}).get("wait", 0)):
@@ -2412,7 +2413,7 @@ class Worker:
         identity = self.http.token
         try:
             reply = self.call("GET", "/workers/tasks", what="fetch", params=params,
-                              timeout=params["wait"] + 30, reply=True)
+                              timeout=params["wait"] + 30, reply=True, token=identity)
         except ApiError as error:
             log.warning("fetch failed: %s", error)
             self.long_poll = False

@@ -100,7 +100,16 @@ def test_shutdown_by_an_admin_still_means_leave_with_0(cluster):
 ])
 def test_only_a_drop_for_silence_makes_the_worker_register_again(fake, start_worker,
                                                                  message, rejoins):
-    fake.intercept("POST", "/workers/heartbeat", lambda r: error(401, message), times=1)
+    dropped = set()
+
+    def drop(request):
+        """The first heartbeat's registration is dropped: its token is refused from
+        then on (a fetch under it too), as our coordinator does once it deleted it."""
+        if not dropped and request.path == "/workers/heartbeat":
+            dropped.add(request.token)
+        return error(401, message) if request.token in dropped else None
+    fake.intercept("POST", "/workers/heartbeat", drop)
+    fake.intercept("GET", "/workers/tasks", drop)
     worker = start_worker(heartbeat="200ms")
     if rejoins:
         fake.wait_registration(2)
