@@ -69,6 +69,20 @@ def test_tasks_without_outputs_cost_one_request_each(c):
         assert task["result"] == {"exit_status": n << 8, "msg": None}
 
 
+def test_each_slot_gets_its_own_next_task(c):
+    """Two slots: each commit brings a task for its own slot; every task runs once."""
+    alice = c.user("alice")
+    uuids = [c.submit(alice, spec("true")) for _ in range(8)]
+    before = worker_requests(c)
+    worker = burst_worker(c, "alice", "--concurrency", "2")
+    assert worker.wait(60) == 0, worker.log()
+    fetches, reports = (now - then for now, then in zip(worker_requests(c), before))
+    assert (fetches, reports) == (4, 8)  # per slot: its first fetch and the empty one
+    tasks = [info(c, alice, task_uuid) for task_uuid in uuids]
+    assert all(t["state"] == "Finished" and t["result"]["exit_status"] == 0 for t in tasks)
+    assert len({t["reporter_uuid"] for t in tasks}) == 2, tasks  # both slots ran some
+
+
 def test_outputs_downstream_tasks_and_timeouts_keep_their_reports(c, tmp_path):
     """A task with a result sends Finish, Upload, Commit; one with a downstream task
     Finish, Submit, Commit; a timed-out one folds its Cancel into the commit."""
