@@ -989,17 +989,25 @@ class Backoff:
         return pause
 
 
+# answers of a proxy whose coordinator is restarting, or of a coordinator past its
+# connection or login cap: the request never reached a decision, so it is sent again
+PASSING_STATUSES = (502, 503, 504)
+
+
 def persist(call, what, stop=None, reach=None):
     """Run `call` until it gets an answer from the coordinator, backing off between
-    connection failures and logging each one. Other errors pass through. `reach`, if
-    given, hears of each success and failure (and may give up)."""
+    connection failures (and PASSING_STATUSES) and logging each one: a result is not
+    lost to a proxy's 502. Other errors pass through. `reach`, if given, hears of
+    each success and failure (and may give up)."""
     backoff = Backoff()
     while True:
         if stop is not None and stop.is_set():
             raise Stopped()
         try:
             answer = call()
-        except Unreachable as error:
+        except (Unreachable, ApiError) as error:
+            if isinstance(error, ApiError) and error.status not in PASSING_STATUSES:
+                raise
             if reach is not None:
                 reach.failed()
             log.warning("%s: coordinator unreachable (%s); retrying", what, error)
@@ -8425,7 +8433,7 @@ class Client:
                     self.login(patient=patient)
                 return self.http.api(method, path, payload, params)
             except ApiError as error:
-                if not (patient and error.status in (502, 503, 504)):
+                if not (patient and error.status in PASSING_STATUSES):
                     raise ClientError(f"{method} {path} failed ({error.status}): "
                                       f"{error.msg}") from None
                 problem = error.msg

@@ -60,6 +60,18 @@ def test_401_on_a_report_makes_the_worker_exit_cleanly(fake, start_worker):
     assert fake.ops(task) == []
 
 
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_passing_refusal_of_a_report_is_retried_not_lost(fake, start_worker, status):
+    fake.intercept("POST", "/workers/tasks",
+                   lambda r: error(status, "coordinator restarting (test 7735)"), times=2)
+    worker = start_worker()
+    task = fake.add_task(["true"])
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+    assert [r.op for r in fake.find("POST", "/workers/tasks")] == [
+        "Finish", "Finish", "Finish", "Commit"]
+    assert "test 7735" in worker.stderr() and worker.alive()
+
+
 def test_401_while_a_task_runs_kills_it_and_exits(fake, start_worker, tmp_path):
     pidfile = tmp_path / "pids"
     fake.intercept("POST", "/workers/heartbeat",
