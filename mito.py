@@ -5845,8 +5845,18 @@ def an_object_or_400(value):
 
 
 def an_end_report(value):
-    if value not in END_STATES:
-        raise ValueError("expected \"Finish\" or \"Cancel\"")
+    if not isinstance(value, str) or value not in END_STATES:
+        raise ValueError(f"{value!r} is not \"Finish\" or \"Cancel\"")
+    return value
+
+
+def a_time_left(value):
+    """Seconds a worker has left: a number 0..2^63 (NaN would match no task, as if the
+    worker had none left, true would be taken for 1 second, and SQLite refuses an int
+    past 2^63)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value < 2**63):
+        raise ValueError(f"{value!r} is not a number of seconds >= 0")
     return value
 
 
@@ -5854,7 +5864,7 @@ def a_next_fetch(value):
     """The "next" of a Commit (next-task): {} or {"time_left": seconds}."""
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
-    field(value, "time_left", a_number, None)
+    field(value, "time_left", a_time_left, None)
     return value
 
 
