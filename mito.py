@@ -3297,9 +3297,10 @@ def an_array_parallel(value):
     if set(value) != {"key", "limit"}:
         raise ValueError(f"expected exactly the keys key and limit, not {sorted(value)}")
     if not isinstance(key, str) or not 0 < len(a_plain_str(key)) <= THROTTLE_KEY_MAX:
-        raise ValueError(f"key {key!r} must be a string of 1 to {THROTTLE_KEY_MAX} characters")
+        raise ValueError(f"key {key!r:.40} must be a string of 1 to {THROTTLE_KEY_MAX} "
+                         f"characters")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= I32_MAX:
-        raise ValueError(f"limit {limit!r} must be an integer from 1 to {I32_MAX}")
+        raise ValueError(f"limit {limit!r:.40} must be an integer from 1 to {I32_MAX}")
     return {"key": key, "limit": limit}
 
 
@@ -8762,6 +8763,13 @@ def cmd_tasks_submit(client, args):
                            show_output=args.terminal)
 
 
+# the keys of a task our coordinator adds to upstream's SubmitTaskReq: a coordinator
+# without their feature (Rust's) would drop them silently, so nothing is sent to it
+SUBMIT_ADDITIONS = (({"max_retries", "retry_on"}, "retries", "retries (max_retries in a task)"),
+                    ({"array_parallel"}, ARRAY_PARALLEL_FEATURE,
+                     "array-parallel (array_parallel in a task)"))
+
+
 def cmd_tasks_submit_many(client, args):
     """`tasks submit-many -f tasks.json`: a JSON array of SubmitTaskReq in one request."""
     try:
@@ -8773,9 +8781,9 @@ def cmd_tasks_submit_many(client, args):
         raise UsageError(f"{args.file} is not JSON: {error}") from None
     if not isinstance(tasks, list):
         raise UsageError(f"{args.file} must hold a JSON array of tasks")
-    if any(isinstance(task, dict) and task.keys() & {"max_retries", "retry_on"}
-           for task in tasks):
-        client.require("retries", "retries (max_retries in a task)")
+    for keys, feature, what in SUBMIT_ADDITIONS:
+        if any(isinstance(task, dict) and task.keys() & keys for task in tasks):
+            client.require(feature, what)
     answer = client.call("POST", "/tasks/submit", {"tasks": tasks})
     failed = [r["Err"] for r in answer["results"] if "Err" in r]
     client.show(answer, lambda data: [print(r["Ok"]["uuid"] if "Ok" in r else
