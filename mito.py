@@ -3297,9 +3297,10 @@ def an_array_parallel(value):
     if set(value) != {"key", "limit"}:
         raise ValueError(f"expected exactly the keys key and limit, not {sorted(value)}")
     if not isinstance(key, str) or not 0 < len(a_plain_str(key)) <= THROTTLE_KEY_MAX:
-        raise ValueError(f"key {key!r} must be a string of 1 to {THROTTLE_KEY_MAX} characters")
+        raise ValueError(f"key {key!r:.40} must be a string of 1 to {THROTTLE_KEY_MAX} "
+                         f"characters")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= I32_MAX:
-        raise ValueError(f"limit {limit!r} must be an integer from 1 to {I32_MAX}")
+        raise ValueError(f"limit {limit!r:.40} must be an integer from 1 to {I32_MAX}")
     return {"key": key, "limit": limit}
 
 
@@ -5554,24 +5555,37 @@ class TaskHandlers(Handlers):
                                          ("artifact", task_uuid, kind), None, None)
         return {"url": url, "size": artifact["size"]}
 
-    def submit_one(self, req, value):
+    @staticmethod
+    def checked_submission(value):
         try:
-            request = a_submission(value)
+            return a_submission(value)
         except (ValueError, TypeError) as error:
             raise HttpError(400, f"bad task: {error}") from None
+
+    def submit_one(self, req, request):
         group = self.coordinator.group_of(req, request["group_name"] or req.user["username"],
                                           WRITE)
         task_id, task_uuid = self.store.insert_tasks(req.user["id"], [(group["id"], request)])[0]
         return {"task_id": task_id, "uuid": task_uuid}
 
     def submit_task(self, req):
-        return self.submit_one(req, req.body())
+        return self.submit_one(req, self.checked_submission(req.body()))
 
     def submit_batch(self, req):
-        results = []
-        for value in field(req.body(), "tasks", some_of(list_of, "tasks")):
+        """Every item is checked before any is inserted: a malformed one refuses the whole
+        batch, naming it (as upstream's serde does), so none is half submitted. An item
+        refused for its group (unknown, no Write role) is its own Err, as upstream's."""
+        requests = []
+        for index, value in enumerate(field(req.body(), "tasks", some_of(list_of, "tasks"))):
             try:
-                results.append({"Ok": self.submit_one(req, value)})
+                requests.append(self.checked_submission(value))
+            except HttpError as error:
+                raise HttpError(400, f"task {index} of the batch (none was submitted): "
+                                     f"{error.msg}") from None
+        results = []
+        for request in requests:
+            try:
+                results.append({"Ok": self.submit_one(req, request)})
             except HttpError as error:
                 results.append({"Err": {"msg": error.msg}})
         return {"results": results}
@@ -5835,8 +5849,18 @@ def an_object_or_400(value):
 
 
 def an_end_report(value):
-    if value not in END_STATES:
-        raise ValueError("expected \"Finish\" or \"Cancel\"")
+    if not isinstance(value, str) or value not in END_STATES:
+        raise ValueError(f"{value!r} is not \"Finish\" or \"Cancel\"")
+    return value
+
+
+def a_time_left(value):
+    """Seconds a worker has left: a number 0..2^63 (NaN would match no task, as if the
+    worker had none left, true would be taken for 1 second, and SQLite refuses an int
+    past 2^63)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value < 2**63):
+        raise ValueError(f"{value!r} is not a number of seconds >= 0")
     return value
 
 
@@ -5844,7 +5868,7 @@ def a_next_fetch(value):
     """The "next" of a Commit (next-task): {} or {"time_left": seconds}."""
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
-    field(value, "time_left", a_number, None)
+    field(value, "time_left", a_time_left, None)
     return value
 
 
@@ -8742,6 +8766,13 @@ def cmd_tasks_submit(client, args):
                            show_output=args.terminal)
 
 
+# the keys of a task our coordinator adds to upstream's SubmitTaskReq: a coordinator
+# without their feature (Rust's) would drop them silently, so nothing is sent to it
+SUBMIT_ADDITIONS = (({"max_retries", "retry_on"}, "retries", "retries (max_retries in a task)"),
+                    ({"array_parallel"}, ARRAY_PARALLEL_FEATURE,
+                     "array-parallel (array_parallel in a task)"))
+
+
 def cmd_tasks_submit_many(client, args):
     """`tasks submit-many -f tasks.json`: a JSON array of SubmitTaskReq in one request."""
     try:
@@ -8753,9 +8784,9 @@ def cmd_tasks_submit_many(client, args):
         raise UsageError(f"{args.file} is not JSON: {error}") from None
     if not isinstance(tasks, list):
         raise UsageError(f"{args.file} must hold a JSON array of tasks")
-    if any(isinstance(task, dict) and task.keys() & {"max_retries", "retry_on"}
-           for task in tasks):
-        client.require("retries", "retries (max_retries in a task)")
+    for keys, feature, what in SUBMIT_ADDITIONS:
+        if any(isinstance(task, dict) and task.keys() & keys for task in tasks):
+            client.require(feature, what)
     answer = client.call("POST", "/tasks/submit", {"tasks": tasks})
     failed = [r["Err"] for r in answer["results"] if "Err" in r]
     client.show(answer, lambda data: [print(r["Ok"]["uuid"] if "Ok" in r else

@@ -394,8 +394,11 @@ def test_bad_retry_fields_are_a_400_naming_them(cluster, extra, named):
     with pytest.raises(mito.ApiError) as refused:
         alice.api("POST", "/tasks", body)
     assert refused.value.status == 400 and named in refused.value.msg
-    results = alice.api("POST", "/tasks/submit", {"tasks": [body]})["results"]
-    assert "Err" in results[0] and named in results[0]["Err"]["msg"]
+    good = dict(body, max_retries=1, retry_on=["exit"])
+    with pytest.raises(mito.ApiError) as refused:  # the good item is not submitted either
+        alice.api("POST", "/tasks/submit", {"tasks": [good, body]})
+    assert refused.value.status == 400 and named in refused.value.msg
+    assert refused.value.msg.startswith("task 1 of the batch (none was submitted): ")
     assert alice.api("POST", "/tasks/query", {})["tasks"] == []
 
 
@@ -409,20 +412,24 @@ def mito_runner(request):
 
 
 @pytest.mark.parametrize("argv, what", [
-    (["tasks", "submit", "--max-retries", "2", "--", "true"], "(--max-retries)"),
+    (["tasks", "submit", "--max-retries", "2", "--", "true"], "retries (--max-retries)"),
     (["tasks", "submit", "--array", "1-3", "--max-retries", "1", "--retry-on", "lost", "--",
-      "true"], "(--max-retries)"),
-    (["tasks", "submit-many", "-f", "tasks.json"], "(max_retries in a task)"),
+      "true"], "retries (--max-retries)"),
+    (["tasks", "submit-many", "-f", "tasks.json"], "retries (max_retries in a task)"),
+    (["tasks", "submit-many", "-f", "throttled.json"],
+     "array-parallel (array_parallel in a task)"),
 ])
 def test_a_rust_coordinator_gets_nothing_and_the_user_is_told(mito_runner, upstream, argv,
                                                               what):
-    (mito_runner.cwd / "tasks.json").write_text(json.dumps([{
-        "tags": [], "labels": [], "timeout": "1m", "priority": 0, "max_retries": 1,
-        "task_spec": {"args": ["true"]}}]))
+    task = {"tags": [], "labels": [], "timeout": "1m", "priority": 0,
+            "task_spec": {"args": ["true"]}}
+    (mito_runner.cwd / "tasks.json").write_text(json.dumps([task, {**task, "max_retries": 1}]))
+    (mito_runner.cwd / "throttled.json").write_text(json.dumps([task, {
+        **task, "array_parallel": {"key": "k", "limit": 1}}]))
     run = mito_runner.run("client", "-c", upstream.url, "-u", "alice", "-p", "pw", *argv)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == (f"error: the coordinator at {upstream.url} does not "
-                                  f"support retries {what} (it is not mito.py's)")
+                                  f"support {what} (it is not mito.py's)")
     assert not [r for r in upstream.requests if r[1].startswith("/tasks")]
     assert upstream.problems == []
 

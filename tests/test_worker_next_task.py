@@ -205,6 +205,13 @@ def test_a_worker_shut_down_gracefully_gets_no_next_task(c):
     ({"op": {"Commit": {"exit_status": 0}}, "next": []}, "bad field 'next'"),
     ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": "soon"}},
      "bad field 'time_left'"),
+    ({"op": {"Commit": {"exit_status": 0}}, "end": ["Finish"]}, "['Finish'] is not"),
+    ({"op": {"Commit": {"exit_status": 0}}, "end": {}}, "{} is not"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": float("nan")}}, "nan is not"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": float("inf")}}, "inf is not"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": -1}}, "-1 is not"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": True}}, "True is not"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": 10**30}}, "0000 is not"),
 ])
 def test_bad_next_task_fields_are_400s_naming_them(c, body, why):
     alice = c.user("alice")
