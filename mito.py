@@ -2179,7 +2179,10 @@ class OutputSender:
             with self.lock:
                 tails = list(self.tails)
             for tail in tails:
-                tail.send(finished=False)
+                try:
+                    tail.send(finished=False)
+                except Exception:  # boundary: one task's output, never every task's
+                    log.exception("task %s: output not sent", tail.uuid)
 
 
 class OutputTail:
