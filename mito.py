@@ -2179,7 +2179,10 @@ class OutputSender:
             with self.lock:
                 tails = list(self.tails)
             for tail in tails:
-                tail.send(finished=False)
+                try:
+                    tail.send(finished=False)
+                except Exception:  # boundary: one task's output, never every task's
+                    log.exception("task %s: output not sent", tail.uuid)
 
 
 class OutputTail:
@@ -4872,9 +4875,8 @@ def path_kind(text):
 class Liveness:
     """What the coordinator knows of its workers' liveness beyond the Store's rows:
     every authenticated worker request counts as a heartbeat (a long-polling worker with
-    a long heartbeat interval is alive), and a worker dropped for silence (the Store
-    keeps which, across restarts) hears in its 401 to register again (issue 8 §2),
-    while one shut down or at the end of its lifetime hears that it must leave."""
+    a long heartbeat interval is alive). Which workers were dropped for silence the
+    Store keeps, across restarts: why_gone() words their 401s."""
 
     def __init__(self, store, heartbeat_timeout):
         self.store = store
@@ -4894,11 +4896,15 @@ class Liveness:
         self.written = {worker_id: at for worker_id, at in list(self.written.items())
                         if at > now - self.every}
 
-    def why_gone(self, worker_uuid):
-        if isinstance(worker_uuid, str) and self.store.was_dropped(worker_uuid):
-            return (f"worker {worker_uuid} was {WORKER_DROPPED} longer than the heartbeat "
-                    f"timeout; register again")
-        return "this worker is not registered (or was shut down)"
+
+def why_gone(store, worker_uuid):
+    """The 401 message of a worker the coordinator no longer knows, whether it asks
+    anew or waits in a fetch (Dispatcher.recheck): only one dropped for silence is
+    told to register again; any other leaves, as upstream's worker does."""
+    if isinstance(worker_uuid, str) and store.was_dropped(worker_uuid):
+        return (f"worker {worker_uuid} was {WORKER_DROPPED} longer than the heartbeat "
+                f"timeout; register again")
+    return "this worker is not registered (or was shut down)"
 
 
 class Coordinator:
@@ -4945,7 +4951,7 @@ class Coordinator:
             req.worker = (payload.get("k") == "worker"
                           and self.store.auth_worker(payload.get("sub")))
             if not req.worker:
-                raise HttpError(401, self.liveness.why_gone(payload.get("sub")))
+                raise HttpError(401, why_gone(self.store, payload.get("sub")))
             self.liveness.heard_from(req.worker)
             return
         user = self.token_user(payload, kind)
@@ -6258,7 +6264,7 @@ class Dispatcher:
             return
         worker = self.store.worker(park.worker["uuid"])
         if worker is None:
-            park.resolve(Answer(401, {"msg": "this worker was shut down"}))
+            park.resolve(Answer(401, {"msg": why_gone(self.store, park.worker["uuid"])}))
             return
         now = time.monotonic()
         answer = self.fetch(worker, park.time_left_at(now), park.deadline - now, now)

@@ -238,6 +238,30 @@ def test_one_sender_thread_serves_every_running_task_and_nothing_follows_the_end
     assert [finished for task, finished in ended if task == "b"][-1] is True
 
 
+class BrokenHttp:
+    """An answer the worker cannot read (a proxy's page, a changed certificate)."""
+
+    def api(self, method, path, body, timeout):
+        raise mito.CertificateRefused("the certificate changed")
+
+
+def test_one_tasks_failed_send_does_not_stop_the_others_output(tmp_path):
+    """The sender thread serves every task: a send that fails in a way the tail does
+    not expect must not end it (the other tasks' output stopped for good)."""
+    sender, http = mito.OutputSender(interval=0.02), RecordingHttp()
+    tails = []
+    for name, through in (("a", BrokenHttp()), ("b", http)):
+        (tmp_path / name).mkdir()
+        tails.append(mito.OutputTail(through, name, str(tmp_path / name), 100, sender))
+        tails[-1].__enter__()
+    for step in range(3):
+        for name in ("a", "b"):
+            (tmp_path / name / "stdout.log").write_bytes(b"x" * (step + 1))
+        wait_until(lambda: len(http.sent) > step, what=f"increment {step + 1} of task b")
+    sender.remove(tails[0])
+    tails[1].__exit__(None, None, None)
+
+
 def test_a_task_that_swaps_its_output_file_for_a_fifo_still_ends(cluster):
     """The std files are the worker's, but a task can reach them: the output tail must
     neither block on a FIFO nor follow a symlink put there."""

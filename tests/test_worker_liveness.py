@@ -67,8 +67,26 @@ def test_liveness_keeps_no_entry_per_worker_ever_seen_and_the_newest_drops(tmp_p
     monkeypatch.setattr(mito, "DROPS_KEPT", 3)
     store.remove_workers([], silent=[f"w{n}" for n in range(5)])
     assert [store.was_dropped(f"w{n}") for n in range(5)] == [False, False, True, True, True]
-    assert "register again" in liveness.why_gone("w4")
-    assert "register again" not in liveness.why_gone("w0")
+    assert "register again" in mito.why_gone(store, "w4")
+    assert "register again" not in mito.why_gone(store, "w0")
+
+
+def test_a_worker_dropped_while_its_fetch_waits_registers_again(cluster):
+    """Its parked fetch is answered 401 at the drop: that 401 says to register again
+    too (it said "shut down", and the worker left, status 0)."""
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    worker = c.worker("alice", "pw", "--heartbeat-interval", "1h",  # its fetch hears first
+                      "--polling-interval", "30s")
+    time.sleep(1)  # idle: its fetch is parked on the coordinator (a long poll of 30 s)
+    worker.signal(signal.SIGSTOP)  # its heartbeats stop; the parked fetch stays
+    wait_until(lambda: worker.uuid not in c.workers(), 20, what="the worker to be dropped")
+    worker.signal(signal.SIGCONT)
+    wait_until(lambda: "registering again" in worker.log() or not worker.alive(), 30,
+               what="the worker to hear of its drop")
+    assert worker.alive(), worker.log()[-2000:]
+    task_uuid = c.submit(alice, sh("true"))
+    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
 
 
 def test_fetches_count_as_liveness(cluster):
