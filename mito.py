@@ -5366,6 +5366,9 @@ class WorkerApiHandlers(Handlers):
         if task["state"] not in ("Finished", "Cancelled"):
             raise HttpError(400, "task can not spawn new tasks before Finish or Cancel")
         request = a_submission(value)
+        if request["array_parallel"] is not None:  # a key is its creator's, in every group
+            raise HttpError(400, "bad field 'array_parallel': a downstream task takes none "
+                                 "(it would set its creator's limit for that key everywhere)")
         if task["downstream"]:  # a retried Submit whose answer was lost: one is enough
             return None
         group = self.store.one("SELECT * FROM groups WHERE id = ?", task["group_id"])
