@@ -42,7 +42,8 @@ def run_as_module(source):
     (-P: the current folder's modules must not shadow the standard library). Returns
     only if that cannot be, and the script goes on as it is."""
     flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
-    if sys.orig_argv[len(flags) + 1:] != sys.argv or not sys.executable:
+    if (sys.orig_argv[len(flags) + 1:] != sys.argv or not sys.executable
+            or not os.path.isfile(source)):  # `python3 - worker < mito.py`: no file
         return
     try:
         os.execv(sys.executable, [sys.executable, *flags, "-P", "-c", _MODULE_LOADER,

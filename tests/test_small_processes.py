@@ -80,3 +80,13 @@ def test_a_worker_runs_as_a_module_in_the_same_process(mito, fake, credentials, 
     assert worker.stop() == 0  # SIGTERM reaches the same PID, which leaves cleanly
     assert fake.find("DELETE", "/workers")
 
+
+
+def test_a_worker_read_from_stdin_stays_the_script(mito_py, tmp_path):
+    """`ssh node python3 - worker ... < mito.py`: there is no file to load as a module
+    (it tried to load "<stdin>" and failed with a traceback)."""
+    with open(mito_py, "rb") as script:
+        done = subprocess.run([sys.executable, "-", "worker", "--help"], stdin=script,
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout and "Traceback" not in done.stderr
