@@ -9230,7 +9230,11 @@ class ArraySpec:
             raise UsageError(f"cannot read {path}: "
                              f"{getattr(error, 'strerror', None) or error}") from None
         if args.each_line:
-            return cls(list(enumerate(text.splitlines())))
+            lines = text.splitlines()
+            with_nul = next((n for n, line in enumerate(lines, 1) if "\0" in line), None)
+            if with_nul:  # an environment variable cannot hold it: refused before any submit
+                raise UsageError(f"line {with_nul} of {path} holds a NUL character")
+            return cls(list(enumerate(lines)))
         try:
             elements = json.loads(text)
         except ValueError as error:
@@ -9302,6 +9306,19 @@ class ArrayRefused(Exception):
         self.submitted = submitted
 
 
+def submit_chunk(client, chunk, start, requests):
+    """POST /tasks/submit of one chunk. One that fails whole (a malformed task: our
+    coordinator then stores none of it) is an ArrayRefused: the chunks before it were
+    submitted, and the user is told so."""
+    try:
+        return client.call("POST", "/tasks/submit", {"tasks": chunk})
+    except ClientError as error:
+        first, last = (requests[k]["task_spec"]["envs"]["MITO_ARRAY_INDEX"]
+                       for k in (start, start + len(chunk) - 1))
+        raise ArrayRefused(f"the tasks of indices {first}..{last} were not submitted: "
+                           f"{error}", submitted=start) from None
+
+
 def submit_in_batches(client, requests, parallel, progress):
     """Submit the requests in order, a chunk per POST /tasks/submit; the uuids. With
     `parallel` N, task k watches task k-N: a chunk holds at most N tasks, so k-N's uuid
@@ -9313,7 +9330,7 @@ def submit_in_batches(client, requests, parallel, progress):
             chunk = [dict(r, task_spec=dict(r["task_spec"], watch=[
                 uuids[k - parallel], ARRAY_WATCH_STATE] if k >= parallel else None))
                 for k, r in enumerate(chunk, start)]
-        answer = client.call("POST", "/tasks/submit", {"tasks": chunk})
+        answer = submit_chunk(client, chunk, start, requests)
         for k, result in enumerate(answer["results"], start):
             if "Err" in result:
                 index = requests[k]["task_spec"]["envs"]["MITO_ARRAY_INDEX"]

@@ -269,3 +269,25 @@ def test_a_bad_array_parallel_is_a_400_naming_it(cluster, value):
     assert status == 400 and "task 1 of the batch" in body["msg"], body
     assert "array_parallel" in body["msg"], body
     assert cluster.api("POST", "/tasks/query", {"count": True})["count"] == before
+
+
+def test_an_entry_with_a_nul_is_refused_before_anything_is_sent(cluster, tmp_path):
+    lines = tmp_path / "lines"
+    lines.write_bytes(b"a\nb\x00c\n")
+    before = cluster.api("POST", "/tasks/query", {"count": True})["count"]
+    cluster.client("tasks", "submit", "--each-line", str(lines), "--", "true").failed(
+        2, f"line 2 of {lines} holds a NUL character")
+    assert cluster.api("POST", "/tasks/query", {"count": True})["count"] == before
+
+
+def test_a_request_refused_whole_after_others_says_what_was_submitted(cluster, tmp_path):
+    """The coordinator stores none of a request it refuses whole (here: past its body
+    limit); the requests before it were stored, and the user is told how to cancel."""
+    lines = tmp_path / "lines"
+    lines.write_text("".join(f"{n}\n" for n in range(500)) + "x" * 2_000_000 + "\n")
+    run = cluster.client("tasks", "submit", "--each-line", str(lines), "--", "true")
+    line = run.failed(1, "indices 500..500 were not submitted", "(413)",
+                      "500 task(s) of array", "arrays cancel")
+    array_id = re.search(r"arrays cancel ([0-9a-f]{8})", line).group(1)
+    assert len(array_tasks(cluster, array_id)) == 500
+    cluster.client("arrays", "cancel", array_id).ok()
