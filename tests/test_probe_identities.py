@@ -39,3 +39,23 @@ def test_a_worker_cannot_set_the_array_limit_of_its_tasks_creator(cluster):
         "count"] == 1  # no downstream task either
     wendy.api("POST", "/tasks", {**base, "array_parallel": {"key": "a1b2c3d4", "limit": 7}})
     assert throttle_limits(c) == {("alice", "a1b2c3d4"): 1, ("wendy", "a1b2c3d4"): 7}
+
+
+@pytest.mark.parametrize("who", ["a worker of the same group", "another user's worker"])
+def test_a_commit_with_end_and_next_under_another_workers_token_changes_nothing(cluster,
+                                                                              who):
+    """The next-task fields are read before the task's owner is checked: a foreign
+    Commit carrying them must neither end the task nor claim one for its sender."""
+    c = cluster()
+    alice, mallory = c.user("alice"), c.user("mallory")
+    task_uuid = c.submit(alice, {"args": ["true"]})
+    _, owner = c.register(alice)
+    task = c.fetch(owner)
+    waiting = c.submit(alice, {"args": ["true"]})
+    _, other = c.register(alice if who.startswith("a worker") else mallory)
+    with pytest.raises(mito.ApiError) as refused:
+        other.api("POST", "/workers/tasks", {"id": task["id"], "op": {
+            "Commit": {"exit_status": 0}}, "end": "Finish", "next": {}})
+    assert refused.value.status == 404
+    assert c.task(alice, task_uuid)["info"]["state"] == "Running"
+    assert c.task(alice, waiting)["info"]["state"] == "Ready"
