@@ -3875,11 +3875,13 @@ class Store:
             db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
                            [(group_id, worker_id) for group_id in group_ids])
 
-    def remove_workers(self, worker_ids, silent=()):
+    def remove_workers(self, worker_ids, silent=(), lost=True):
         """Delete workers; each one's unfinished task goes back to Ready. `silent`: the
-        uuids of those dropped for silence, remembered (the newest DROPS_KEPT)."""
+        uuids of those dropped for silence, remembered (the newest DROPS_KEPT). Not
+        `lost`: the workers left in good order (their own DELETE /workers), so a task
+        on them is given back, not a lost attempt (it may never have started)."""
         with self.write() as db:
-            requeued = self._delete_workers(db, worker_ids)
+            requeued = self._delete_workers(db, worker_ids, lost)
             db.executemany("INSERT OR IGNORE INTO dropped_workers (uuid) VALUES (?)",
                            [(worker_uuid,) for worker_uuid in silent])
             if silent:
@@ -3888,11 +3890,11 @@ class Store:
         self.invalidate_auth_cache()
         self.wake_fetchers(requeued, worker_ids)
 
-    def _delete_workers(self, db, worker_ids):
+    def _delete_workers(self, db, worker_ids, lost=True):
         """Delete workers inside a transaction; the ids of the tasks requeued."""
         requeued = []
         for worker_id in worker_ids:
-            requeued += self._requeue(db, worker_id)
+            requeued += self._requeue(db, worker_id, lost)
             db.execute("DELETE FROM group_workers WHERE worker_id = ?", (worker_id,))
             db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             self.holding_nothing.discard(worker_id)  # (a new worker may get its id)
@@ -3901,7 +3903,7 @@ class Store:
     def _requeue(self, db, worker_id, lost=True):
         """Put every uncommitted task still on the worker back in the queue; the ids of
         the tasks that may run now (those requeued, a throttle's next). A `lost` run (not
-        a fetch answer the worker never got) of a task with a retry policy is an attempt:
+        a fetch answer the worker never got, nor a task its worker gave back) of a task with a retry policy is an attempt:
         it runs again only as the policy says."""
         held = db.execute("SELECT * FROM tasks WHERE worker_id = ? AND committed = 0",
                           (worker_id,)).fetchall()
@@ -5295,7 +5297,7 @@ class WorkerApiHandlers(Handlers):
         return {"worker_id": worker_uuid, "token": token, "redis_url": None}
 
     def unregister_worker(self, req):
-        self.store.remove_workers([req.worker["id"]])
+        self.store.remove_workers([req.worker["id"]], lost=False)
         log.info("worker %s unregistered", req.worker["uuid"])
 
     def heartbeat(self, req):

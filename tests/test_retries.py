@@ -328,6 +328,23 @@ def test_a_lost_fetch_answer_is_no_attempt_but_a_force_shutdown_is(cluster):
     assert [a["worker_uuid"] for a in answer["attempts"]] == [worker_uuid, second_uuid]
 
 
+def test_a_task_its_worker_gives_back_by_leaving_is_no_lost_attempt(cluster):
+    """A worker that leaves in good order (DELETE /workers: drained, SIGTERM, or with
+    the next task a commit just handed it) gives its task back: requeued as upstream
+    does, not a lost run (it ended Unknown, "its worker was lost", never having run)."""
+    c = cluster()
+    alice = c.user("alice")
+    task_uuid = submit(c, "--max-retries", "2", "--retry-on", "exit", script="true")
+    _, worker = c.register(alice)
+    assert c.fetch(worker)["uuid"] == task_uuid
+    worker.api("DELETE", "/workers")
+    answer = c.task(alice, task_uuid)
+    assert answer["info"]["state"] == "Ready" and answer["attempts"] == []
+    _, second = c.register(alice)
+    c.finish(second, c.fetch(second))
+    assert c.task(alice, task_uuid)["info"]["state"] == "Finished"
+
+
 def test_only_the_final_attempt_submits_its_downstream_task(cluster, tmp_path):
     c = cluster()
     alice = c.user("alice")
