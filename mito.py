@@ -1235,6 +1235,13 @@ ARRAY_PARALLEL_FEATURE = "array-parallel"  # submit's "array_parallel": {"key", 
 NEXT_TASK_FEATURE = "next-task"  # see commit_request()
 COORDINATOR_FEATURES = ("output", "retries", ARRAY_PARALLEL_FEATURE, NEXT_TASK_FEATURE)
 
+
+def features_of(headers):
+    """The features an answer's headers name (none: not mito.py's coordinator)."""
+    return frozenset(filter(None, (name.strip() for name in
+                                   (headers.get(FEATURES_HEADER) or "").split(","))))
+
+
 # The saved round trips (feature "next-task"): a worker's Commit report may also carry
 # "end": "Finish" or "Cancel" (its end report, when nothing was uploaded or submitted
 # since the command ended) and "next": {"time_left": S} (its next task, claimed as a
@@ -1262,12 +1269,6 @@ def commit_request(task_id, op, end=None, after=None):
 # after upstream's keys. A lost run is one whose worker was dropped while it ran.
 RETRY_REASONS = ("exit", "timeout", "lost")
 MAX_RETRIES = 1000  # a typo ("10000000") would keep a failing task busy for ever
-
-
-def features_of(headers):
-    """The features an answer's headers name (none: not mito.py's coordinator)."""
-    return frozenset(filter(None, (name.strip() for name in
-                                   (headers.get(FEATURES_HEADER) or "").split(","))))
 
 
 def output_request(increments, finished):
