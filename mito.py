@@ -4128,22 +4128,24 @@ class Store:
         self.holding_nothing.add(worker_id)
         return requeued
 
-    def best_ready(self, db, worker, time_left):
-        """The best Ready task the worker may take: only the tag sets of its groups that
-        it may take are looked at (ready_sets), then the best task of each."""
+    def best_ready(self, db, worker, time_left, skip=None):
+        """The best Ready task the worker may take (but the task `skip`): only the tag
+        sets of its groups that it may take are looked at (ready_sets), then the best
+        task of each."""
         sets = db.execute(
             "SELECT t.group_id, t.tags, t.throttle_id FROM ready_sets t LEFT JOIN throttles th "
             "ON th.id = t.throttle_id WHERE t.group_id IN (SELECT group_id FROM group_workers "
             "WHERE worker_id = :worker AND role >= 2) AND (t.throttle_id = 0 OR "
             f"th.running < th.max_running) AND {self.tag_rule}",
             {"worker": worker["id"], "tags": worker["tags"]}).fetchall()
-        fits = "" if time_left is None else "AND timeout <= ? "
+        fits = ("" if time_left is None else "AND timeout <= ? ") + (
+            "" if skip is None else "AND id != ? ")
+        extra = tuple(value for value in (time_left, skip) if value is not None)
         best = None
         for group_id, tags, throttle_id in sets:
             row = db.execute("SELECT * FROM tasks WHERE state = 'Ready' AND group_id = ? AND "
                              f"tags = ? AND throttle_id = ? {fits}ORDER BY priority DESC, id "
-                             "LIMIT 1", (group_id, tags, throttle_id)
-                             + (() if time_left is None else (time_left,))).fetchone()
+                             "LIMIT 1", (group_id, tags, throttle_id) + extra).fetchone()
             if row is not None and (best is None or (row["priority"], -row["id"]) >
                                     (best["priority"], -best["id"])):
                 best = row
@@ -4196,16 +4198,17 @@ class Store:
             held = task["max_retries"] is not None and db.execute(  # as it is now
                 "SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
                 (task["id"], worker["id"])).fetchone()
-            if held and self._end_attempt(db, held, worker["uuid"], result, reason):
-                woken = [task["id"]]
-            else:
-                woken = self._archive(db, task, state, result, worker)
+            retried = held and self._end_attempt(db, held, worker["uuid"], result, reason)
+            woken = [task["id"]] if retried else self._archive(db, task, state, result, worker)
             woken += self._unthrottled(db, task["throttle_id"])
             if next_fetch is not None and worker["state"] != "GracefulShutdown":
                 if not freed and worker["id"] not in self.holding_nothing:
                     woken += self._requeue(db, worker["id"])
                 freed = True  # (it holds nothing but what it claims now)
-                claimed = self.best_ready(db, worker, next_fetch.get("time_left"))
+                # not the task it retries: a resent commit (its answer lost) would be
+                # taken for the next attempt's, which never ran
+                claimed = self.best_ready(db, worker, next_fetch.get("time_left"),
+                                          task["id"] if retried else None)
                 if claimed is not None:
                     self._assign(db, claimed, worker)
         if freed and claimed is None:

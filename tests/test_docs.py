@@ -71,3 +71,16 @@ def test_version_flags():
         out = subprocess.run([sys.executable, os.path.join(ROOT, "mito.py"), *argv],
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == f"mito.py {mito.__version__}"
+
+
+def test_no_merge_conflict_markers_are_left_behind():
+    """A merge resolved in a hurry once left `<<<<<<< HEAD` ... `>>>>>>> main` in the
+    README; in mito.py they would not even parse."""
+    names = ["README.md", "mito.py", "config.example.toml"] + [
+        os.path.join("tests", name) for name in os.listdir(os.path.join(ROOT, "tests"))
+        if name.endswith(".py")]
+    markers = ("<" * 7 + " ", "=" * 7 + "\n", ">" * 7 + " ")
+    left = [f"{name}:{number}" for name in names
+            for number, line in enumerate(read(name).splitlines(keepends=True), 1)
+            if line.startswith(markers)]
+    assert left == []

@@ -308,6 +308,24 @@ def test_a_task_cancelled_between_attempts_stays_cancelled(cluster):
     assert reasons(answer) == [("exit", True)]
 
 
+def test_a_resent_commit_is_not_taken_for_the_next_attempts(cluster):
+    """A Commit that asks for the next task (next-task) does not get back the task it
+    retries: its answer lost, the worker sends it again, and that must not end an
+    attempt that never ran (it did, when the same task came back to the same worker)."""
+    c = cluster()
+    alice = c.user("alice")
+    task_uuid = submit(c, "--max-retries", "3", script="exit 1")
+    _, worker = c.register(alice)
+    task = c.fetch(worker)
+    commit = {"id": task["id"], "op": {"Commit": {"exit_status": 1}}, "end": "Finish",
+              "next": {}}
+    assert worker.api("POST", "/workers/tasks", commit)["task"] is None
+    assert status_of(lambda: worker.api("POST", "/workers/tasks", commit)) == 404
+    answer = c.task(alice, task_uuid)
+    assert answer["info"]["state"] == "Ready" and len(answer["attempts"]) == 1
+    assert c.fetch(worker)["uuid"] == task_uuid  # a fetch takes it again
+
+
 def test_a_lost_fetch_answer_is_no_attempt_but_a_force_shutdown_is(cluster):
     """A worker that fetches while holding the task never got it: requeued, not counted.
     A worker shut down with Force while it runs the task lost that run: counted."""
