@@ -48,6 +48,11 @@ def test_a_worker_dropped_before_a_coordinator_restart_still_registers_again(clu
     c.kill9()
     c.restart()
     worker.signal(signal.SIGCONT)
+    assert_registers_again_and_runs_a_task(c, alice, worker)
+
+
+def assert_registers_again_and_runs_a_task(c, alice, worker):
+    """The worker, dropped and resumed, hears of its drop, registers again and works."""
     wait_until(lambda: "registering again" in worker.log() or not worker.alive(), 30,
                what="the worker to hear of its drop")
     assert worker.alive(), worker.log()[-2000:]
@@ -82,11 +87,7 @@ def test_a_worker_dropped_while_its_fetch_waits_registers_again(cluster):
     worker.signal(signal.SIGSTOP)  # its heartbeats stop; the parked fetch stays
     wait_until(lambda: worker.uuid not in c.workers(), 20, what="the worker to be dropped")
     worker.signal(signal.SIGCONT)
-    wait_until(lambda: "registering again" in worker.log() or not worker.alive(), 30,
-               what="the worker to hear of its drop")
-    assert worker.alive(), worker.log()[-2000:]
-    task_uuid = c.submit(alice, sh("true"))
-    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+    assert_registers_again_and_runs_a_task(c, alice, worker)
 
 
 def test_fetches_count_as_liveness(cluster):
