@@ -3040,7 +3040,6 @@ def of_type(kind, what):
 an_object = of_type(dict, "a JSON object")
 a_str = of_type(str, "a string")
 a_bool = of_type(bool, "true or false")
-a_number = of_type((int, float), "a number")
 list_of = of_type(list, "a list")
 
 
