@@ -637,7 +637,7 @@ class ApiConnection:
     (RFC 9112 section 6.3)."""
 
     def __init__(self, parts, ssl_context, timeout):
-        self.host, self.netloc = parts.hostname, parts.netloc
+        self.host, self.netloc = parts.hostname, parts.netloc.rpartition("@")[2]  # Host:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl_context = None
         if parts.scheme == "https":
@@ -5309,7 +5309,7 @@ class WorkerApiHandlers(Handlers):
         """Hand out the best task this worker may take; with ?wait=S, park the request up
         to S seconds (at most 30) until one is submitted or requeued for it."""
         wait = req.arg("wait", float, 0.0)
-        time_left = req.arg("time_left", float)
+        time_left = req.arg("time_left", lambda text: a_time_left(float(text)))
         stopping = self.coordinator.stopping.is_set()
         wait = min(LONG_POLL_MAX, wait) if wait > 0 and not stopping else 0
         return self.coordinator.dispatcher.fetch(req.worker, time_left, wait, time.monotonic())

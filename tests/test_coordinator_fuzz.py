@@ -245,3 +245,12 @@ def test_the_server_keeps_serving_after_bad_requests(world):
             client.api("POST", "/tasks", {"task_spec": {"args": "not a list"}})
         assert error.value.status == 400
         assert client.api("GET", "/auth") == "mitosis_admin"
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "1e400", "true", "x"])
+def test_a_fetch_with_a_bad_time_left_is_400(world, value):
+    c = world
+    worker = c.register(c.admin, groups=["fuzzgroup"])[1]
+    path = "/workers/tasks?" + urllib.parse.urlencode({"time_left": value})
+    status, _, data = raw_request(c.url, "GET", path, None, {}, token=worker.token)
+    assert status == 400 and "time_left" in json.loads(data)["msg"], (status, data)
