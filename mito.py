@@ -1758,8 +1758,9 @@ GUARD_MARKER = "MITO_WORKER_GUARD"  # in every task's environment: which worker 
 class OrphanGuard:
     """A helper process that outlives a worker killed with -9 just long enough to kill
     the processes of its tasks (all of them, found by their marker: PR_SET_PDEATHSIG
-    would reach only each task's first process, at a price per spawn). It waits for EOF on a pipe only the worker holds open; the kernel
-    closes it however the worker ends. It then runs this file's kill_marked()."""
+    would reach only each task's first process, at a price per spawn). It waits for
+    EOF on a pipe only the worker holds open; the kernel closes it however the worker
+    ends. It then runs this file's kill_marked()."""
 
     # It idles as a bare interpreter holding the file's text as the worker started it
     # (the file may be replaced meanwhile), and compiles it only at EOF: loaded at start,
@@ -3902,8 +3903,8 @@ class Store:
     def _requeue(self, db, worker_id, lost=True):
         """Put every uncommitted task still on the worker back in the queue; the ids of
         the tasks that may run now (those requeued, a throttle's next). A `lost` run (not
-        a fetch answer the worker never got, nor a task its worker gave back) of a task with a retry policy is an attempt:
-        it runs again only as the policy says."""
+        a fetch answer the worker never got, nor a task its worker gave back) of a task
+        with a retry policy is an attempt: it runs again only as the policy says."""
         held = db.execute("SELECT * FROM tasks WHERE worker_id = ? AND committed = 0",
                           (worker_id,)).fetchall()
         if not held:
@@ -4202,7 +4203,7 @@ class Store:
             woken += self._unthrottled(db, task["throttle_id"])
             if next_fetch is not None and worker["state"] != "GracefulShutdown":
                 if not freed and worker["id"] not in self.holding_nothing:
-                    woken += self._requeue(db, worker["id"])
+                    woken += self._requeue(db, worker["id"], lost=False)  # as a fetch does
                 freed = True  # (it holds nothing but what it claims now)
                 # not the task it retries: a resent commit (its answer lost) would be
                 # taken for the next attempt's, which never ran
@@ -4210,8 +4211,8 @@ class Store:
                                           task["id"] if retried else None)
                 if claimed is not None:
                     self._assign(db, claimed, worker)
-        if freed and claimed is None:
-            self.holding_nothing.add(worker["id"])
+            if freed and claimed is None:  # (guarded by the write lock)
+                self.holding_nothing.add(worker["id"])
         if worker["state"] == "GracefulShutdown":
             self.remove_workers([worker["id"]])
         if woken:
@@ -4504,11 +4505,12 @@ class PasswordGuard:
     After LIMITS wrong passwords within WINDOW seconds for one user (a guessed
     account), or more from one address (users sprayed from one host; a lab behind one
     NAT has many users mistyping), the next attempts answer 429 with Retry-After
-    (before any hashing) until the oldest of them ages out. An unknown user costs the same scrypt as a known one
-    (no user enumeration by timing), and at most HASHERS hashes run at once: scrypt
-    takes 16 MiB each, so 64 concurrent logins must not take 1 GiB. The hashes run on
-    HASHERS threads of their own: glibc keeps a freed 16 MiB block in the arena of the
-    thread that used it, so hashing on every request thread kept one per arena."""
+    (before any hashing) until the oldest of them ages out. An unknown user costs the
+    same scrypt as a known one (no user enumeration by timing), and at most HASHERS
+    hashes run at once: scrypt takes 16 MiB each, so 64 concurrent logins must not take
+    1 GiB. The hashes run on HASHERS threads of their own: glibc keeps a freed 16 MiB
+    block in the arena of the thread that used it, so hashing on every request thread
+    kept one per arena."""
 
     LIMITS = {"user": 5, "address": 20}  # failures per WINDOW, by kind of key
     WINDOW = 60.0
