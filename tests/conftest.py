@@ -126,3 +126,8 @@ def mito(tmp_path):
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives the dashboard in headless chromium "
                                        "(select with -m browser, leave out with -m 'not browser')")
+    # pytest-benchmark, where a machine has it (not our dependency), makes ./.benchmarks
+    # at start (its configure runs last): keep it out of the project's top level too
+    if hasattr(config.option, "benchmark_storage"):
+        config.option.benchmark_storage = \
+            f"file://{Path(tempfile.gettempdir()) / 'mito-tests-benchmarks'}"
