@@ -67,6 +67,20 @@ def raw_request(base_url, method, path, body=None, headers=None, token=None, tim
         conn.close()
 
 
+def raw_answer_head(url, data):
+    """The head of the answer to raw bytes (a request the parser refuses, say)."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n\r\n")[0].decode("latin-1")
+
+
 def answers_health(coordinator, url):
     """True once the coordinator at `url` answers GET /health with 200; fails the test
     if its process (a `Proc`) has exited."""

@@ -7,15 +7,13 @@ coordinator names none: the strict upstream fake stands in for it).
 """
 
 import json
-import signal
-import socket
 import sqlite3
 
 import pytest
 
-from e2e import (ADMIN, ADMIN_PASSWORD, cluster, mito, raw_request, sh,  # noqa: F401
+from e2e import (ADMIN, ADMIN_PASSWORD, cluster, mito, raw_request,  # noqa: F401
                  status_of, wait_until)
-from support import untar
+from support import raw_answer_head
 from test_client_upstream_requests import StrictUpstream
 
 
@@ -40,20 +38,6 @@ def counting_requests(client):
         return exchange(method, url, *args, **kwargs)
     client.http.exchange = counted
     return sent
-
-
-def raw_answer_head(url, data):
-    """The head of the answer to raw bytes (a request the parser refuses, say)."""
-    host, port = url.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(data)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    return answer.split(b"\r\n\r\n")[0].decode("latin-1")
 
 
 # ---- the feature header ---------------------------------------------------------------------
