@@ -4025,6 +4025,17 @@ class Store:
             "AND t.state = 'Running' WHERE w.last_heartbeat < ? OR w.expires_at < ? "
             "OR t.updated_at + t.timeout + ? < ?", silent_since, now, REQUEUE_GRACE, now)
 
+    def heard_before(self, since):
+        """The ids of the workers last heard from before `since`."""
+        return [row[0] for row in self.all("SELECT id FROM workers WHERE last_heartbeat < ?",
+                                           since)]
+
+    def refresh_workers(self, worker_ids, now):
+        """Mark the workers heard from at `now` (Liveness.spare_parked)."""
+        with self.write() as db:
+            db.executemany("UPDATE workers SET last_heartbeat = ? WHERE id = ?",
+                           [(now, worker_id) for worker_id in worker_ids])
+
     def forgive_silence(self):
         """After a restart, every worker gets a full heartbeat timeout to come back,
         and every running task its full timeout again: the outage was not theirs."""
@@ -4883,11 +4894,12 @@ def path_kind(text):
 class Liveness:
     """What the coordinator knows of its workers' liveness beyond the Store's rows:
     every authenticated worker request counts as a heartbeat (a long-polling worker with
-    a long heartbeat interval is alive). Which workers were dropped for silence the
-    Store keeps, across restarts: why_gone() words their 401s."""
+    a long heartbeat interval is alive), and so does a fetch parked in the Dispatcher,
+    held up to LONG_POLL_MAX s, longer than a short heartbeat timeout. Which workers were
+    dropped for silence the Store keeps, across restarts: why_gone() words their 401s."""
 
-    def __init__(self, store, heartbeat_timeout):
-        self.store = store
+    def __init__(self, store, heartbeat_timeout, dispatcher):
+        self.store, self.dispatcher, self.timeout = store, dispatcher, heartbeat_timeout
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
         # worker id -> when heard_from last wrote (the row may be cached); an entry older
         # than `every` decides nothing, so forget_old() drops it: workers come and go
@@ -4898,6 +4910,29 @@ class Liveness:
         if now - max(worker["last_heartbeat"], self.written.get(worker["id"], 0)) >= self.every:
             self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
+
+    def reap(self, now):
+        """One round of the reaper: drop the workers silent for a heartbeat timeout, past
+        their lifetime or far past their task's timeout; their tasks go back."""
+        self.spare_parked(now)
+        dead = self.store.dead_workers(now - self.timeout, now)
+        if dead:
+            log.warning("removing silent or overdue workers: %s",
+                        ", ".join(row["uuid"] for row in dead))
+            self.store.remove_workers([row["id"] for row in dead], silent=[
+                row["uuid"] for row in dead if row["expires_at"] >= now])
+        self.forget_old(now)
+
+    def spare_parked(self, now):
+        """Mark the parked workers heard from more than half a timeout ago as heard from
+        now, before the reaper looks: none is then ever a timeout old, not even caught
+        between two parks (an offer it lost, a recheck). A park's end marks its worker
+        while it is still parked (Dispatcher.expire), so the gap after it is closed too:
+        the worker has a whole timeout to fetch again."""
+        parked = [worker_id for worker_id in self.store.heard_before(now - self.timeout / 2)
+                  if self.dispatcher.is_parked(worker_id)]
+        if parked:
+            self.store.refresh_workers(parked, now)
 
     def forget_old(self, now):
         """Keep only the writes of the last `every` seconds (the reaper's call)."""
@@ -4930,7 +4965,8 @@ class Coordinator:
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
         self.store.remove_blob = self.blobs.remove
         self.dispatcher = Dispatcher(self.store, settings.tag_matching)
-        self.liveness = Liveness(self.store, settings.heartbeat_timeout)
+        self.liveness = Liveness(self.store, settings.heartbeat_timeout, self.dispatcher)
+        self.dispatcher.heard_from = self.liveness.heard_from  # a park's end is news
         self.outputs = TaskOutputs()
         self.stopping = threading.Event()
         self.public_url = settings.public_url  # run_coordinator sets the bound one if None
@@ -5024,14 +5060,7 @@ class Coordinator:
         period = max(0.05, min(5.0, self.settings.heartbeat_timeout / 4))
         while not self.stopping.wait(period):
             try:
-                now = time.time()
-                dead = self.store.dead_workers(now - self.settings.heartbeat_timeout, now)
-                if dead:
-                    log.warning("removing silent or overdue workers: %s",
-                                ", ".join(row["uuid"] for row in dead))
-                    self.store.remove_workers([row["id"] for row in dead], silent=[
-                        row["uuid"] for row in dead if row["expires_at"] >= now])
-                self.liveness.forget_old(now)
+                self.liveness.reap(time.time())
             except sqlite3.Error:
                 log.exception("liveness check failed")
 
@@ -6169,6 +6198,7 @@ class Dispatcher:
         self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
         self.sequence = 0
         self.changes = 0     # how many times tasks became ready: a fetch's race check
+        self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
         store.on_change = self.changed
 
     def fetch(self, worker, time_left, wait, now):
@@ -6282,12 +6312,21 @@ class Dispatcher:
             park.resolve(answer)
 
     def expire(self, now):
-        """Answer every park whose deadline has passed with no task."""
+        """Answer every park whose deadline has passed with no task. Its worker is heard
+        from first, while it is still parked: the reaper never finds it neither parked
+        nor heard from lately (Liveness.spare_parked)."""
         while self.deadlines and self.deadlines[0][0] <= now:
             with self.lock:
                 park = heapq.heappop(self.deadlines)[2]
-            if self.withdraw(park):
+                waiting = self.parks.get(park.worker["id"]) is park
+            if waiting:
+                self.heard_from(park.worker)
+            if waiting and self.withdraw(park):
                 park.resolve(self.answer(None))
+
+    def is_parked(self, worker_id):
+        """Whether the worker's fetch waits here now (Liveness: it is alive)."""
+        return worker_id in self.parks
 
     def next_deadline(self):
         return self.deadlines[0][0] if self.deadlines else None
