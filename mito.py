@@ -157,6 +157,38 @@ def fail_usage(message):
     raise UsageError(message)
 
 
+# ---- numbers in text: ASCII digits only ---------------------------------------------
+# int(), float(), str.isdigit() and re's \d take any script's digits ("١" is 1, and "²"
+# passes isdigit() only to fail int()). Upstream (Rust's str::parse, humantime) reads
+# only 0-9, and so does every number a user or a request writes to us.
+
+
+def ascii_digits(text):
+    """Whether `text` is a non-empty run of 0-9."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
+
+
+def ascii_int(text):
+    """int(text) for 0-9 digits after an optional sign."""
+    if not isinstance(text, str) or not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"{text!r} is not a whole number (0-9)")
+    return int(text)
+
+
+def ascii_uuid(text):
+    """str(UUID(text)) for ASCII text only: UUID() reads its hex digits with int()."""
+    if not text.isascii():
+        raise ValueError(f"{text!r} is not a UUID")
+    return str(uuidlib.UUID(text))
+
+
+def ascii_decimal(text):
+    """float(text) for 0-9 digits with an optional fraction ("30", "0.5")."""
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+        raise ValueError(f"{text!r} is not a number (0-9, e.g. 30 or 0.5)")
+    return float(text)
+
+
 # ---- durations (humantime) ----------------------------------------------------------
 
 _DURATION_UNITS = {
@@ -171,7 +203,7 @@ _DURATION_UNITS = {
     "M": 2630016, "month": 2630016, "months": 2630016,
     "y": 31557600, "yr": 31557600, "yrs": 31557600, "year": 31557600, "years": 31557600,
 }
-_DURATION_PART = re.compile(r"\s*(\d+)\s*([a-zA-Zµ]+)\s*")
+_DURATION_PART = re.compile(r"\s*([0-9]+)\s*([a-zA-Zµ]+)\s*")
 
 
 def parse_duration(text):
@@ -240,7 +272,8 @@ def format_duration(seconds):
 # ---- timestamps ---------------------------------------------------------------------
 
 _TIME_CRATE_FORM = re.compile(
-    r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))? ([+-])(\d{2}):(\d{2}):(\d{2})$")
+    r"^([0-9]{4}-[0-9]{2}-[0-9]{2}) ([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))? ([+-])"
+    r"([0-9]{2}):([0-9]{2}):([0-9]{2})$")
 
 
 def now_utc():
@@ -349,7 +382,7 @@ def check_url(text):
 
 def check_bind(text):
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not ascii_digits(port) or not 0 <= int(port) < 65536:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host.strip("[]"), int(port)
 
@@ -364,9 +397,9 @@ def _truthy(text):
 
 
 def _whole_number(value):
-    if isinstance(value, bool) or not str(value).strip().lstrip("-").isdigit():
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"not a whole number: {value!r}")
-    return int(value)
+    return value if isinstance(value, int) else ascii_int(value.strip())
 
 
 def _string(value):
@@ -3070,7 +3103,7 @@ def strs(value):
 
 
 def a_uuid(value):
-    return str(uuidlib.UUID(a_str(value)))
+    return ascii_uuid(a_str(value))
 
 
 def uuids(value):
@@ -3152,7 +3185,7 @@ def a_key(value):
     return key
 
 
-_COMPARISON = re.compile(r"^\s*(=|==|!=|>=|<=|>|<)?\s*(-?\d+)\s*$")
+_COMPARISON = re.compile(r"^\s*(=|==|!=|>=|<=|>|<)?\s*(-?[0-9]+)\s*$")
 
 
 def a_comparison(value):
@@ -3366,7 +3399,7 @@ def shutdown_op(value):
 
 def parse_size(text):
     """Bytes from "10GB", "500MiB", "1024" (decimal and binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?i?B?)\s*", text, re.IGNORECASE)
     if not match:
         raise ValueError(f"{text!r} is not a size (e.g. 10GB, 500MiB)")
     unit = match.group(2).upper().rstrip("B")
@@ -4879,7 +4912,7 @@ class Request:
 
 def path_uuid(text):
     try:
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     except ValueError:
         raise HttpError(400, f"bad uuid {text!r}") from None
 
@@ -5339,8 +5372,8 @@ class WorkerApiHandlers(Handlers):
     def fetch_task(self, req):
         """Hand out the best task this worker may take; with ?wait=S, park the request up
         to S seconds (at most 30) until one is submitted or requeued for it."""
-        wait = req.arg("wait", float, 0.0)
-        time_left = req.arg("time_left", lambda text: a_time_left(float(text)))
+        wait = req.arg("wait", ascii_decimal, 0.0)
+        time_left = req.arg("time_left", lambda text: a_time_left(ascii_decimal(text)))
         stopping = self.coordinator.stopping.is_set()
         wait = min(LONG_POLL_MAX, wait) if wait > 0 and not stopping else 0
         return self.coordinator.dispatcher.fetch(req.worker, time_left, wait, time.monotonic())
@@ -5779,7 +5812,7 @@ class TransferHandlers(Handlers):
     def blob_put(self, req, token):
         grant = self.coordinator.blobs.grant(token, "PUT")
         length = req.header("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not ascii_digits(length):
             raise HttpError(411, "Content-Length required")
         if int(length) != grant["n"]:
             raise HttpError(400, f"Content-Length {length} differs from the announced "
@@ -5835,7 +5868,7 @@ class AdminHandlers(Handlers):
     def admin_group_quota(self, req, username):
         user = self.existing_user(username)
         quota = field(req.body(), "group_quota",
-                      lambda text: adjust(user["group_quota"], text, int, 2**31 - 1))
+                      lambda text: adjust(user["group_quota"], text, ascii_int, 2**31 - 1))
         return {"group_quota": self.store.update_user(username, group_quota=quota)["group_quota"]}
 
     def admin_storage_quota(self, req, group):
@@ -5929,7 +5962,7 @@ def an_output_stream(value):
 
 def a_natural(value):
     """A query parameter's whole number >= 0."""
-    if not value.isdigit() or len(value) > 18:
+    if not ascii_digits(value) or len(value) > 18:
         raise ValueError(f"{value!r} is not a whole number")
     return int(value)
 
@@ -8320,7 +8353,7 @@ def short_uuids(uuids):
 
 def full_uuid(text):
     with contextlib.suppress(ValueError):
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     return None
 
 
@@ -8710,21 +8743,28 @@ def humantime_of(text):
 
 
 def i32_of(text):
-    number = int(text)
+    number = ascii_int(text)
     if not -2**31 <= number < 2**31:
         raise ValueError(f"{text!r}: out of range (a 32-bit integer)")
     return number
 
 
+def whole_number_of(text):
+    """A limit, an offset, a count or a PID: 0 or more, written 0-9."""
+    if not ascii_digits(text):
+        raise ValueError(f"{text!r} is not a whole number (0-9)")
+    return int(text)
+
+
 def a_positive_count(text):
-    if not text.isdigit() or int(text) < 1:
+    if not ascii_digits(text) or int(text) < 1:
         raise ValueError(f"{text!r}: expected a number of at least 1")
     return int(text)
 
 
 def uuid_of(text):
     try:
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a UUID") from None
 
@@ -8772,6 +8812,7 @@ def states_of(values):
 parse_watch = argument_type(watch_of)
 parse_duration_arg = argument_type(humantime_of)
 parse_i32 = argument_type(i32_of)
+parse_whole = argument_type(whole_number_of)
 parse_uuid = argument_type(uuid_of)
 parse_comparison = argument_type(comparison_of)
 exit_status_filter = argument_type(exit_status_of)
@@ -9223,7 +9264,7 @@ def array_indices(text):
     """`1-1000`, `1-1000:10`, `7` or a comma list of them: the indices, in order."""
     indices = []
     for part in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+))?)?", part.strip())
         if not match:
             raise ValueError(f"bad array range {part!r}: expected START-END[:STEP] or INDEX")
         start = int(match[1])
@@ -9550,7 +9591,7 @@ LOST_WHY = "its worker was lost and no retry was left"
 
 
 def a_retry_limit(text):
-    if not text.isdigit() or int(text) > MAX_RETRIES:
+    if not ascii_digits(text) or int(text) > MAX_RETRIES:
         raise ValueError(f"bad retry count {text!r}: expected a whole number 0..{MAX_RETRIES}")
     return int(text)
 
@@ -10242,7 +10283,7 @@ def add_tasks_follow_ups(tasks):
                                     "help": "A JSON array of task submissions (POST /tasks)"}))
     add_command(tasks, "get", cmd_tasks_get, "Show a task", UUID_ARG)
     query = add_command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
-                        (("--limit",), {"type": int}), (("--offset",), {"type": int}),
+                        (("--limit",), {"type": parse_whole}), (("--offset",), {"type": parse_whole}),
                         VERBOSE,
                         (("--count",), {"action": "store_true", "help": "Only count them"}))
     add_task_filters(query)
@@ -10343,7 +10384,7 @@ def add_attachments_commands(parent, admin=False):
                 group, key, (("-o", "--output"), {"help": "A file, or a directory to save in"}),
                 NO_DOWNLOAD, PROGRESS, SMART)
     keyword = (("-k", "--key", "--prefix"), {"dest": "key", "help": "Keys containing this"})
-    paging = ((("--limit",), {"type": int}), (("--offset",), {"type": int}))
+    paging = ((("--limit",), {"type": parse_whole}), (("--offset",), {"type": parse_whole}))
     add_command(attachments, "query", cmd_attachments_query, "List attachments", group, keyword,
                 *paging, (("--count",), {"action": "store_true", "help": "Only count them"}))
     add_command(attachments, "download-many", cmd_attachments_download_many,
@@ -10761,7 +10802,7 @@ def add_manager_commands(parser):
     actions = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
     spawn = actions.add_parser("spawn", help="Start N detached workers (each with its log)",
                                usage="%(prog)s N [WORKER OPTIONS]")
-    spawn.add_argument("count", type=int, metavar="N", help="How many workers to start")
+    spawn.add_argument("count", type=parse_whole, metavar="N", help="How many workers to start")
     spawn.add_argument("command_args", nargs=argparse.REMAINDER, metavar="WORKER_OPTIONS",
                        help="Options for `mito.py worker` (see worker --help)")
     spawn.set_defaults(manage=cmd_manager_spawn)
@@ -10771,7 +10812,7 @@ def add_manager_commands(parser):
     status.set_defaults(manage=cmd_manager_status)
     kill = actions.add_parser("kill", help="Stop workers started by `manager spawn` "
                               "(SIGTERM, then wait); all of them if no PID is given")
-    kill.add_argument("pids", type=int, nargs="*", metavar="PID")
+    kill.add_argument("pids", type=parse_whole, nargs="*", metavar="PID")
     kill.add_argument("--wait", type=parse_duration_arg, default=MANAGER_KILL_WAIT,
                       metavar="DURATION", help="How long to wait for them to leave "
                       f"(default {MANAGER_KILL_WAIT})")
@@ -11034,9 +11075,9 @@ def add_alloc_arguments(parser):
     parser.add_argument("--group", help="Watch this group's tasks; its workers serve it")
     parser.add_argument("--tags", nargs="*", action="extend", default=[],
                         help="The workers' tags (tasks whose tags they hold are counted)")
-    parser.add_argument("--max-jobs", type=int, required=True, metavar="N",
+    parser.add_argument("--max-jobs", type=parse_whole, required=True, metavar="N",
                         help="At most N of our jobs queued or running at once")
-    parser.add_argument("--workers-per-job", type=int, required=True, metavar="K",
+    parser.add_argument("--workers-per-job", type=parse_whole, required=True, metavar="K",
                         help="Each job runs one worker with --concurrency K")
     parser.add_argument("--time-limit", type=parse_duration_arg, required=True,
                         metavar="DURATION", help="Each job's walltime (e.g. 1h)")
