@@ -1707,6 +1707,23 @@ def wait_exit(pid, timeout):
             os.close(fd)
 
 
+def program_of(args, env):
+    """The program `/usr/bin/env ARGS...` would run, found as env's execvp finds it:
+    ARGS[0] itself if it holds a slash, else the first file of that name in the
+    task's own PATH. None where env must run: ARGS[0] is an assignment (FOO=1) or one
+    of env's options, or no such file is found (env then says so, exit status 127)."""
+    name = args[0] if args else ""
+    if not name or "=" in name or name.startswith("-"):
+        return None
+    if "/" in name:
+        return name
+    for folder in os.get_exec_path(env):
+        path = os.path.join(folder or ".", name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def kill_group(pgid, sig):
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -1726,21 +1743,36 @@ class TaskProcesses:
         self.needle = f"MITO_TASK_UUID={task_uuid}".encode()
         self.proc = None
         self.status = None  # the leader's raw wait status, once reaped
+        self.ended = False  # the leader has ended (a zombie until reaped)
         self._spawning = threading.Lock()  # a kill() never misses a spawn under way
 
-    def spawn(self, argv, env, stdout, stderr, stop):
-        """Start the leader, unless `stop` is set; OSError, ValueError or TypeError if
-        it cannot start. No preexec_fn: running Python between fork and exec costs
-        20-30 ms a task (copy-on-write faults, no vfork); a worker killed with -9
-        leaves its tasks to the OrphanGuard instead."""
+    def spawn(self, args, env, stdout, stderr, stop):
+        """Start the leader, `/usr/bin/env ARGS...` as upstream, unless `stop` is set;
+        OSError, ValueError or TypeError if it cannot start. The program env would run
+        is started straight away where that is plain (program_of): env's own exec was
+        half of a `true` task's process time. If that start fails, env runs after all,
+        to fail (or fall back to sh) exactly as upstream. No preexec_fn: running
+        Python between fork and exec costs 20-30 ms a task (copy-on-write faults, no
+        vfork); a worker killed with -9 leaves its tasks to the OrphanGuard instead."""
         with self._spawning, self._lock:
             if stop.is_set():
                 raise Stopped()
-            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=stdout, stderr=stderr,
-                                         start_new_session=True)
+            self.proc = self.start(args, env, stdout, stderr)
             self.spared.add(self.proc.pid)
         return self.proc.pid
+
+    @staticmethod
+    def start(args, env, stdout, stderr):
+        files = dict(stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+        program = program_of(args, env)
+        if program:
+            try:
+                return subprocess.Popen(args, executable=program, env=env,
+                                        start_new_session=True, **files)
+            except OSError as error:
+                log.debug("cannot start %s (%s); trying %s", program, error, ENV_PROGRAM)
+        return subprocess.Popen([ENV_PROGRAM, *args], env=env, start_new_session=True,
+                                **files)
 
     def kill(self):
         """Kill them all at once, from any thread (the worker is leaving)."""
@@ -1760,18 +1792,37 @@ class TaskProcesses:
         if self.proc is not None and self.status is None:
             kill_group(self.proc.pid, sig)
 
+    def wait(self, timeout):
+        """Wait up to `timeout` seconds for the leader to end; True if it did."""
+        self.ended = wait_exit(self.proc.pid, timeout)
+        return self.ended
+
+    def strays(self):
+        """The processes the ended leader may have left: the worker's adopted children
+        that nobody else reaps. Every process it left is one of them or below one (a
+        subreaper adopts the orphans as the leader ends, before the leader can be
+        waited for). None where that does not hold: no subreaper, or the leader may
+        still be running."""
+        if not (self.below_worker and self.ended):
+            return None
+        return [pid for pid in adopted_pids() if pid not in self.spared]
+
     def reap(self):
-        """Kill the group and what escaped it, then reap the leader; its wait status."""
+        """Kill the group and what escaped it, then reap the leader; its wait status.
+        A leader that ended leaving nothing behind (the usual case) is just reaped:
+        no process's environment needs reading."""
         if self.proc is None or self.status is not None:
             return self.status
         self.signal(signal.SIGKILL)
-        kill_marked(self.needle, self.suspects())
-        if self.status is None:
-            _, self.status = os.waitpid(self.proc.pid, 0)
-            self.proc.returncode = os.waitstatus_to_exitcode(self.status)
-            with self._lock:
-                self.spared.discard(self.proc.pid)
-        reap_orphans()
+        suspected = self.strays() != []  # some, or not known (None)
+        if suspected:
+            kill_marked(self.needle, self.suspects())
+        _, self.status = os.waitpid(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(self.status)
+        with self._lock:
+            self.spared.discard(self.proc.pid)
+        if suspected:
+            reap_orphans()
         return self.status
 
 
@@ -2068,18 +2119,18 @@ class TaskRun:
         stderr_path = os.path.join(self.dirs.std, "stderr.log") if keep else os.devnull
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             try:
-                pid = self.processes.spawn(self.command(), self.environment(), out, err,
-                                           self.stop)
+                self.processes.spawn(self.command(), self.environment(), out, err,
+                                     self.stop)
             except (OSError, ValueError, TypeError) as error:
                 err.write(f"mito: cannot run {self.spec.get('args')!r}: {error}\n".encode())
                 log.warning("task %s: cannot run: %s", self.uuid, error)
                 return (126 if isinstance(error, PermissionError) else 127) << 8, False
-        timed_out = not wait_exit(pid, timeout)
+        timed_out = not self.processes.wait(timeout)
         if timed_out:
             log.warning("task %s: timed out after %s; terminating", self.uuid,
                         format_duration(timeout))
             self.processes.signal(signal.SIGTERM)
-            wait_exit(pid, KILL_GRACE)
+            self.processes.wait(KILL_GRACE)
         status = self.processes.reap()
         if self.stop.is_set():
             raise Stopped()
@@ -2089,7 +2140,7 @@ class TaskRun:
         args = self.spec.get("args")
         if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
             raise TypeError(f"args must be a list of strings, not {args!r}")
-        return [ENV_PROGRAM, *args]
+        return args
 
     def kill(self):
         self.processes.kill()
