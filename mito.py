@@ -157,6 +157,38 @@ def fail_usage(message):
     raise UsageError(message)
 
 
+# ---- numbers in text: ASCII digits only ---------------------------------------------
+# int(), float(), str.isdigit() and re's \d take any script's digits ("١" is 1, and "²"
+# passes isdigit() only to fail int()). Upstream (Rust's str::parse, humantime) reads
+# only 0-9, and so does every number a user or a request writes to us.
+
+
+def ascii_digits(text):
+    """Whether `text` is a non-empty run of 0-9."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
+
+
+def ascii_int(text):
+    """int(text) for 0-9 digits after an optional sign."""
+    if not isinstance(text, str) or not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"{text!r} is not a whole number (0-9)")
+    return int(text)
+
+
+def ascii_uuid(text):
+    """str(UUID(text)) for ASCII text only: UUID() reads its hex digits with int()."""
+    if not text.isascii():
+        raise ValueError(f"{text!r} is not a UUID")
+    return str(uuidlib.UUID(text))
+
+
+def ascii_decimal(text):
+    """float(text) for 0-9 digits with an optional fraction ("30", "0.5")."""
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+        raise ValueError(f"{text!r} is not a number (0-9, e.g. 30 or 0.5)")
+    return float(text)
+
+
 # ---- durations (humantime) ----------------------------------------------------------
 
 _DURATION_UNITS = {
@@ -171,7 +203,7 @@ _DURATION_UNITS = {
     "M": 2630016, "month": 2630016, "months": 2630016,
     "y": 31557600, "yr": 31557600, "yrs": 31557600, "year": 31557600, "years": 31557600,
 }
-_DURATION_PART = re.compile(r"\s*(\d+)\s*([a-zA-Zµ]+)\s*")
+_DURATION_PART = re.compile(r"\s*([0-9]+)\s*([a-zA-Zµ]+)\s*")
 
 
 def parse_duration(text):
@@ -240,7 +272,8 @@ def format_duration(seconds):
 # ---- timestamps ---------------------------------------------------------------------
 
 _TIME_CRATE_FORM = re.compile(
-    r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))? ([+-])(\d{2}):(\d{2}):(\d{2})$")
+    r"^([0-9]{4}-[0-9]{2}-[0-9]{2}) ([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))? ([+-])"
+    r"([0-9]{2}):([0-9]{2}):([0-9]{2})$")
 
 
 def now_utc():
@@ -349,7 +382,7 @@ def check_url(text):
 
 def check_bind(text):
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not ascii_digits(port) or not 0 <= int(port) < 65536:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host.strip("[]"), int(port)
 
@@ -364,9 +397,9 @@ def _truthy(text):
 
 
 def _whole_number(value):
-    if isinstance(value, bool) or not str(value).strip().lstrip("-").isdigit():
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"not a whole number: {value!r}")
-    return int(value)
+    return value if isinstance(value, int) else ascii_int(value.strip())
 
 
 def _string(value):
@@ -3162,7 +3195,7 @@ def strs(value):
 
 
 def a_uuid(value):
-    return str(uuidlib.UUID(a_str(value)))
+    return ascii_uuid(a_str(value))
 
 
 def uuids(value):
@@ -3244,7 +3277,7 @@ def a_key(value):
     return key
 
 
-_COMPARISON = re.compile(r"^\s*(=|==|!=|>=|<=|>|<)?\s*(-?\d+)\s*$")
+_COMPARISON = re.compile(r"^\s*(=|==|!=|>=|<=|>|<)?\s*(-?[0-9]+)\s*$")
 
 
 def a_comparison(value):
@@ -3458,7 +3491,7 @@ def shutdown_op(value):
 
 def parse_size(text):
     """Bytes from "10GB", "500MiB", "1024" (decimal and binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?i?B?)\s*", text, re.IGNORECASE)
     if not match:
         raise ValueError(f"{text!r} is not a size (e.g. 10GB, 500MiB)")
     unit = match.group(2).upper().rstrip("B")
@@ -4116,6 +4149,17 @@ class Store:
             "ON t.id = w.task_id "
             "AND t.state = 'Running' WHERE w.last_heartbeat < ? OR w.expires_at < ? "
             "OR t.updated_at + t.timeout + ? < ?", silent_since, now, REQUEUE_GRACE, now)
+
+    def heard_before(self, since):
+        """The ids of the workers last heard from before `since`."""
+        return [row[0] for row in self.all("SELECT id FROM workers WHERE last_heartbeat < ?",
+                                           since)]
+
+    def refresh_workers(self, worker_ids, now):
+        """Mark the workers heard from at `now` (Liveness.spare_parked)."""
+        with self.write() as db:
+            db.executemany("UPDATE workers SET last_heartbeat = ? WHERE id = ?",
+                           [(now, worker_id) for worker_id in worker_ids])
 
     def forgive_silence(self):
         """After a restart, every worker gets a full heartbeat timeout to come back,
@@ -4960,7 +5004,7 @@ class Request:
 
 def path_uuid(text):
     try:
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     except ValueError:
         raise HttpError(400, f"bad uuid {text!r}") from None
 
@@ -4975,11 +5019,12 @@ def path_kind(text):
 class Liveness:
     """What the coordinator knows of its workers' liveness beyond the Store's rows:
     every authenticated worker request counts as a heartbeat (a long-polling worker with
-    a long heartbeat interval is alive). Which workers were dropped for silence the
-    Store keeps, across restarts: why_gone() words their 401s."""
+    a long heartbeat interval is alive), and so does a fetch parked in the Dispatcher,
+    held up to LONG_POLL_MAX s, longer than a short heartbeat timeout. Which workers were
+    dropped for silence the Store keeps, across restarts: why_gone() words their 401s."""
 
-    def __init__(self, store, heartbeat_timeout):
-        self.store = store
+    def __init__(self, store, heartbeat_timeout, dispatcher):
+        self.store, self.dispatcher, self.timeout = store, dispatcher, heartbeat_timeout
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
         # worker id -> when heard_from last wrote (the row may be cached); an entry older
         # than `every` decides nothing, so forget_old() drops it: workers come and go
@@ -4990,6 +5035,29 @@ class Liveness:
         if now - max(worker["last_heartbeat"], self.written.get(worker["id"], 0)) >= self.every:
             self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
+
+    def reap(self, now):
+        """One round of the reaper: drop the workers silent for a heartbeat timeout, past
+        their lifetime or far past their task's timeout; their tasks go back."""
+        self.spare_parked(now)
+        dead = self.store.dead_workers(now - self.timeout, now)
+        if dead:
+            log.warning("removing silent or overdue workers: %s",
+                        ", ".join(row["uuid"] for row in dead))
+            self.store.remove_workers([row["id"] for row in dead], silent=[
+                row["uuid"] for row in dead if row["expires_at"] >= now])
+        self.forget_old(now)
+
+    def spare_parked(self, now):
+        """Mark the parked workers heard from more than half a timeout ago as heard from
+        now, before the reaper looks: none is then ever a timeout old, not even caught
+        between two parks (an offer it lost, a recheck). A park's end marks its worker
+        while it is still parked (Dispatcher.expire), so the gap after it is closed too:
+        the worker has a whole timeout to fetch again."""
+        parked = [worker_id for worker_id in self.store.heard_before(now - self.timeout / 2)
+                  if self.dispatcher.is_parked(worker_id)]
+        if parked:
+            self.store.refresh_workers(parked, now)
 
     def forget_old(self, now):
         """Keep only the writes of the last `every` seconds (the reaper's call)."""
@@ -5022,7 +5090,8 @@ class Coordinator:
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
         self.store.remove_blob = self.blobs.remove
         self.dispatcher = Dispatcher(self.store, settings.tag_matching)
-        self.liveness = Liveness(self.store, settings.heartbeat_timeout)
+        self.liveness = Liveness(self.store, settings.heartbeat_timeout, self.dispatcher)
+        self.dispatcher.heard_from = self.liveness.heard_from  # a park's end is news
         self.outputs = TaskOutputs()
         self.stopping = threading.Event()
         self.public_url = settings.public_url  # run_coordinator sets the bound one if None
@@ -5116,14 +5185,7 @@ class Coordinator:
         period = max(0.05, min(5.0, self.settings.heartbeat_timeout / 4))
         while not self.stopping.wait(period):
             try:
-                now = time.time()
-                dead = self.store.dead_workers(now - self.settings.heartbeat_timeout, now)
-                if dead:
-                    log.warning("removing silent or overdue workers: %s",
-                                ", ".join(row["uuid"] for row in dead))
-                    self.store.remove_workers([row["id"] for row in dead], silent=[
-                        row["uuid"] for row in dead if row["expires_at"] >= now])
-                self.liveness.forget_old(now)
+                self.liveness.reap(time.time())
             except sqlite3.Error:
                 log.exception("liveness check failed")
 
@@ -5402,8 +5464,8 @@ class WorkerApiHandlers(Handlers):
     def fetch_task(self, req):
         """Hand out the best task this worker may take; with ?wait=S, park the request up
         to S seconds (at most 30) until one is submitted or requeued for it."""
-        wait = req.arg("wait", float, 0.0)
-        time_left = req.arg("time_left", lambda text: a_time_left(float(text)))
+        wait = req.arg("wait", ascii_decimal, 0.0)
+        time_left = req.arg("time_left", lambda text: a_time_left(ascii_decimal(text)))
         stopping = self.coordinator.stopping.is_set()
         wait = min(LONG_POLL_MAX, wait) if wait > 0 and not stopping else 0
         return self.coordinator.dispatcher.fetch(req.worker, time_left, wait, time.monotonic())
@@ -5842,7 +5904,7 @@ class TransferHandlers(Handlers):
     def blob_put(self, req, token):
         grant = self.coordinator.blobs.grant(token, "PUT")
         length = req.header("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not ascii_digits(length):
             raise HttpError(411, "Content-Length required")
         if int(length) != grant["n"]:
             raise HttpError(400, f"Content-Length {length} differs from the announced "
@@ -5898,7 +5960,7 @@ class AdminHandlers(Handlers):
     def admin_group_quota(self, req, username):
         user = self.existing_user(username)
         quota = field(req.body(), "group_quota",
-                      lambda text: adjust(user["group_quota"], text, int, 2**31 - 1))
+                      lambda text: adjust(user["group_quota"], text, ascii_int, 2**31 - 1))
         return {"group_quota": self.store.update_user(username, group_quota=quota)["group_quota"]}
 
     def admin_storage_quota(self, req, group):
@@ -5992,7 +6054,7 @@ def an_output_stream(value):
 
 def a_natural(value):
     """A query parameter's whole number >= 0."""
-    if not value.isdigit() or len(value) > 18:
+    if not ascii_digits(value) or len(value) > 18:
         raise ValueError(f"{value!r} is not a whole number")
     return int(value)
 
@@ -6261,6 +6323,7 @@ class Dispatcher:
         self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
         self.sequence = 0
         self.changes = 0     # how many times tasks became ready: a fetch's race check
+        self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
         store.on_change = self.changed
 
     def fetch(self, worker, time_left, wait, now):
@@ -6374,12 +6437,21 @@ class Dispatcher:
             park.resolve(answer)
 
     def expire(self, now):
-        """Answer every park whose deadline has passed with no task."""
+        """Answer every park whose deadline has passed with no task. Its worker is heard
+        from first, while it is still parked: the reaper never finds it neither parked
+        nor heard from lately (Liveness.spare_parked)."""
         while self.deadlines and self.deadlines[0][0] <= now:
             with self.lock:
                 park = heapq.heappop(self.deadlines)[2]
-            if self.withdraw(park):
+                waiting = self.parks.get(park.worker["id"]) is park
+            if waiting:
+                self.heard_from(park.worker)
+            if waiting and self.withdraw(park):
                 park.resolve(self.answer(None))
+
+    def is_parked(self, worker_id):
+        """Whether the worker's fetch waits here now (Liveness: it is alive)."""
+        return worker_id in self.parks
 
     def next_deadline(self):
         return self.deadlines[0][0] if self.deadlines else None
@@ -8373,7 +8445,7 @@ def short_uuids(uuids):
 
 def full_uuid(text):
     with contextlib.suppress(ValueError):
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     return None
 
 
@@ -8763,21 +8835,28 @@ def humantime_of(text):
 
 
 def i32_of(text):
-    number = int(text)
+    number = ascii_int(text)
     if not -2**31 <= number < 2**31:
         raise ValueError(f"{text!r}: out of range (a 32-bit integer)")
     return number
 
 
+def whole_number_of(text):
+    """A limit, an offset, a count or a PID: 0 or more, written 0-9."""
+    if not ascii_digits(text):
+        raise ValueError(f"{text!r} is not a whole number (0-9)")
+    return int(text)
+
+
 def a_positive_count(text):
-    if not text.isdigit() or int(text) < 1:
+    if not ascii_digits(text) or int(text) < 1:
         raise ValueError(f"{text!r}: expected a number of at least 1")
     return int(text)
 
 
 def uuid_of(text):
     try:
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a UUID") from None
 
@@ -8825,6 +8904,7 @@ def states_of(values):
 parse_watch = argument_type(watch_of)
 parse_duration_arg = argument_type(humantime_of)
 parse_i32 = argument_type(i32_of)
+parse_whole = argument_type(whole_number_of)
 parse_uuid = argument_type(uuid_of)
 parse_comparison = argument_type(comparison_of)
 exit_status_filter = argument_type(exit_status_of)
@@ -9276,7 +9356,7 @@ def array_indices(text):
     """`1-1000`, `1-1000:10`, `7` or a comma list of them: the indices, in order."""
     indices = []
     for part in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+))?)?", part.strip())
         if not match:
             raise ValueError(f"bad array range {part!r}: expected START-END[:STEP] or INDEX")
         start = int(match[1])
@@ -9603,7 +9683,7 @@ LOST_WHY = "its worker was lost and no retry was left"
 
 
 def a_retry_limit(text):
-    if not text.isdigit() or int(text) > MAX_RETRIES:
+    if not ascii_digits(text) or int(text) > MAX_RETRIES:
         raise ValueError(f"bad retry count {text!r}: expected a whole number 0..{MAX_RETRIES}")
     return int(text)
 
@@ -10295,7 +10375,7 @@ def add_tasks_follow_ups(tasks):
                                     "help": "A JSON array of task submissions (POST /tasks)"}))
     add_command(tasks, "get", cmd_tasks_get, "Show a task", UUID_ARG)
     query = add_command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
-                        (("--limit",), {"type": int}), (("--offset",), {"type": int}),
+                        (("--limit",), {"type": parse_whole}), (("--offset",), {"type": parse_whole}),
                         VERBOSE,
                         (("--count",), {"action": "store_true", "help": "Only count them"}))
     add_task_filters(query)
@@ -10396,7 +10476,7 @@ def add_attachments_commands(parent, admin=False):
                 group, key, (("-o", "--output"), {"help": "A file, or a directory to save in"}),
                 NO_DOWNLOAD, PROGRESS, SMART)
     keyword = (("-k", "--key", "--prefix"), {"dest": "key", "help": "Keys containing this"})
-    paging = ((("--limit",), {"type": int}), (("--offset",), {"type": int}))
+    paging = ((("--limit",), {"type": parse_whole}), (("--offset",), {"type": parse_whole}))
     add_command(attachments, "query", cmd_attachments_query, "List attachments", group, keyword,
                 *paging, (("--count",), {"action": "store_true", "help": "Only count them"}))
     add_command(attachments, "download-many", cmd_attachments_download_many,
@@ -10814,7 +10894,7 @@ def add_manager_commands(parser):
     actions = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
     spawn = actions.add_parser("spawn", help="Start N detached workers (each with its log)",
                                usage="%(prog)s N [WORKER OPTIONS]")
-    spawn.add_argument("count", type=int, metavar="N", help="How many workers to start")
+    spawn.add_argument("count", type=parse_whole, metavar="N", help="How many workers to start")
     spawn.add_argument("command_args", nargs=argparse.REMAINDER, metavar="WORKER_OPTIONS",
                        help="Options for `mito.py worker` (see worker --help)")
     spawn.set_defaults(manage=cmd_manager_spawn)
@@ -10824,7 +10904,7 @@ def add_manager_commands(parser):
     status.set_defaults(manage=cmd_manager_status)
     kill = actions.add_parser("kill", help="Stop workers started by `manager spawn` "
                               "(SIGTERM, then wait); all of them if no PID is given")
-    kill.add_argument("pids", type=int, nargs="*", metavar="PID")
+    kill.add_argument("pids", type=parse_whole, nargs="*", metavar="PID")
     kill.add_argument("--wait", type=parse_duration_arg, default=MANAGER_KILL_WAIT,
                       metavar="DURATION", help="How long to wait for them to leave "
                       f"(default {MANAGER_KILL_WAIT})")
@@ -11087,9 +11167,9 @@ def add_alloc_arguments(parser):
     parser.add_argument("--group", help="Watch this group's tasks; its workers serve it")
     parser.add_argument("--tags", nargs="*", action="extend", default=[],
                         help="The workers' tags (tasks whose tags they hold are counted)")
-    parser.add_argument("--max-jobs", type=int, required=True, metavar="N",
+    parser.add_argument("--max-jobs", type=parse_whole, required=True, metavar="N",
                         help="At most N of our jobs queued or running at once")
-    parser.add_argument("--workers-per-job", type=int, required=True, metavar="K",
+    parser.add_argument("--workers-per-job", type=parse_whole, required=True, metavar="K",
                         help="Each job runs one worker with --concurrency K")
     parser.add_argument("--time-limit", type=parse_duration_arg, required=True,
                         metavar="DURATION", help="Each job's walltime (e.g. 1h)")
