@@ -4041,7 +4041,10 @@ class Store:
                         "WHERE t.uuid = ?", task_uuid)
 
     def insert_tasks(self, creator_id, submissions, upstream=None):
-        """Insert checked submissions [(group_id, request)]; returns [(id, uuid)]."""
+        """Insert checked submissions [(group_id, request)], all in one transaction;
+        returns [(id, uuid)]."""
+        if not submissions:
+            return []
         now, made = time.time(), []
         state = "Pending" if upstream else "Ready"
         with self.write() as db:
@@ -5596,13 +5599,23 @@ class TaskHandlers(Handlers):
             except HttpError as error:
                 raise HttpError(400, f"task {index} of the batch (none was submitted): "
                                      f"{error.msg}") from None
-        results = []
-        for request in requests:
-            try:
-                results.append({"Ok": self.submit_one(req, request)})
-            except HttpError as error:
-                results.append({"Err": {"msg": error.msg}})
-        return {"results": results}
+        names = [request["group_name"] or req.user["username"] for request in requests]
+        groups = {name: self.group_or_refusal(req, name) for name in dict.fromkeys(names)}
+        made = iter(self.store.insert_tasks(req.user["id"], [  # one transaction for all
+            (groups[name]["id"], request) for name, request in zip(names, requests)
+            if not isinstance(groups[name], HttpError)]))
+        return {"results": [{"Err": {"msg": groups[name].msg}}
+                            if isinstance(groups[name], HttpError) else
+                            {"Ok": dict(zip(("task_id", "uuid"), next(made)))}
+                            for name in names]}
+
+    def group_or_refusal(self, req, name):
+        """The group a batch's items go to, checked once per batch, or the HttpError
+        that refuses each item naming it."""
+        try:
+            return self.coordinator.group_of(req, name, WRITE)
+        except HttpError as error:
+            return error
 
     def task_answer(self, row):
         """TaskQueryResp; a task with a retry policy adds it and its attempts."""
