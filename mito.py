@@ -157,6 +157,38 @@ def fail_usage(message):
     raise UsageError(message)
 
 
+# ---- numbers in text: ASCII digits only ---------------------------------------------
+# int(), float(), str.isdigit() and re's \d take any script's digits ("١" is 1, and "²"
+# passes isdigit() only to fail int()). Upstream (Rust's str::parse, humantime) reads
+# only 0-9, and so does every number a user or a request writes to us.
+
+
+def ascii_digits(text):
+    """Whether `text` is a non-empty run of 0-9."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
+
+
+def ascii_int(text):
+    """int(text) for 0-9 digits after an optional sign."""
+    if not isinstance(text, str) or not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"{text!r} is not a whole number (0-9)")
+    return int(text)
+
+
+def ascii_uuid(text):
+    """str(UUID(text)) for ASCII text only: UUID() reads its hex digits with int()."""
+    if not text.isascii():
+        raise ValueError(f"{text!r} is not a UUID")
+    return str(uuidlib.UUID(text))
+
+
+def ascii_decimal(text):
+    """float(text) for 0-9 digits with an optional fraction ("30", "0.5")."""
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+        raise ValueError(f"{text!r} is not a number (0-9, e.g. 30 or 0.5)")
+    return float(text)
+
+
 # ---- durations (humantime) ----------------------------------------------------------
 
 _DURATION_UNITS = {
@@ -171,7 +203,7 @@ _DURATION_UNITS = {
     "M": 2630016, "month": 2630016, "months": 2630016,
     "y": 31557600, "yr": 31557600, "yrs": 31557600, "year": 31557600, "years": 31557600,
 }
-_DURATION_PART = re.compile(r"\s*(\d+)\s*([a-zA-Zµ]+)\s*")
+_DURATION_PART = re.compile(r"\s*([0-9]+)\s*([a-zA-Zµ]+)\s*")
 
 
 def parse_duration(text):
@@ -240,7 +272,8 @@ def format_duration(seconds):
 # ---- timestamps ---------------------------------------------------------------------
 
 _TIME_CRATE_FORM = re.compile(
-    r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))? ([+-])(\d{2}):(\d{2}):(\d{2})$")
+    r"^([0-9]{4}-[0-9]{2}-[0-9]{2}) ([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))? ([+-])"
+    r"([0-9]{2}):([0-9]{2}):([0-9]{2})$")
 
 
 def now_utc():
@@ -349,7 +382,7 @@ def check_url(text):
 
 def check_bind(text):
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not ascii_digits(port) or not 0 <= int(port) < 65536:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host.strip("[]"), int(port)
 
@@ -364,9 +397,9 @@ def _truthy(text):
 
 
 def _whole_number(value):
-    if isinstance(value, bool) or not str(value).strip().lstrip("-").isdigit():
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"not a whole number: {value!r}")
-    return int(value)
+    return value if isinstance(value, int) else ascii_int(value.strip())
 
 
 def _string(value):
@@ -661,14 +694,18 @@ class ApiConnection:
             self.sock.close()
             self.sock = None
 
-    def exchange(self, method, target, body, headers):
-        """One request; (status, AnswerHeaders, body bytes, whether the server closes)."""
+    def exchange(self, method, target, body, headers, meanwhile=None):
+        """One request; (status, AnswerHeaders, body bytes, whether the server closes).
+        `meanwhile`, if given, runs once the request is sent: the caller's work that
+        need not wait for the answer is done while the server works on it."""
         self.busy = True
         head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         if body is not None or method in ("POST", "PUT", "PATCH"):
             head += f"Content-Length: {len(body or b'')}\r\n"
         self.sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {self.netloc}\r\n{head}\r\n"
                           .encode("latin-1") + (body or b""))
+        if meanwhile is not None:
+            meanwhile()
         version, status, fields = self.read_head()
         while 100 <= status < 200:  # an interim answer (RFC 9110 section 15.2): skip it
             version, status, fields = self.read_head()
@@ -803,14 +840,16 @@ class Http:
         if conn is not None:
             conn.close()
 
-    def exchange(self, method, url, body=None, headers=None, timeout=None, sink=None):
+    def exchange(self, method, url, body=None, headers=None, timeout=None, sink=None,
+                 meanwhile=None):
         """One request; the answer's body goes to `sink` (a file) on 2xx, else to memory.
 
         A request on a kept-alive connection that the server closed meanwhile (it fails
         before any answer arrives) is sent once more on a fresh connection. Any other
         failure, including one in the middle of an answer, is Unreachable: the caller
         decides whether to start over. JSON calls (bytes or no body, the answer to
-        memory) go through an ApiConnection, file transfers through http.client.
+        memory) go through an ApiConnection (which runs `meanwhile`), file transfers
+        through http.client.
         """
         parts = urllib.parse.urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -825,7 +864,7 @@ class Http:
                             conn.connect()
                         if lean:
                             status, fields, data, closes = conn.exchange(
-                                method, target, body, headers or {})
+                                method, target, body, headers or {}, meanwhile)
                         else:
                             status, fields, data, closes = self._transfer(
                                 conn, reused, method, target, body, headers, sink)
@@ -884,7 +923,10 @@ class Http:
         """Call the coordinator; JSON in and out. Raises ApiError or Unreachable."""
         return self.api_reply(method, path, payload, params, timeout, token).data
 
-    def api_reply(self, method, path, payload=None, params=None, timeout=None, token=None):
+    def api_reply(self, method, path, payload=None, params=None, timeout=None, token=None,
+                  meanwhile=None):
+        """The whole Reply of api(); `meanwhile` runs while the coordinator works on the
+        request (ApiConnection.exchange)."""
         url = self.base_url + path
         if params:
             url += "?" + urllib.parse.urlencode(params, safe=",:")
@@ -895,7 +937,8 @@ class Http:
         if payload is not None:
             body = json.dumps(payload, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
-        status, reply_headers, data = self.exchange(method, url, body, headers, timeout)
+        status, reply_headers, data = self.exchange(method, url, body, headers, timeout,
+                                                    meanwhile=meanwhile)
         if status < 500:  # a 5xx may come from a proxy in front of the coordinator
             self.features = features_of(reply_headers)
         if not 200 <= status < 300:
@@ -1433,17 +1476,30 @@ def clear_scratch(root, keep=()):
     recursion: each subdirectory is moved up into `root` before it is emptied, so a
     tree 1,000 levels deep costs two file descriptors, not a thousand stack frames.
     The folders named in `keep` are emptied but stay: an rmdir and a mkdir are a
-    journal write each, and they were a quarter of a `true` task's cost."""
+    journal write each, and they were a quarter of a `true` task's cost. Returns the
+    folders of `keep` it found (real directories, now empty)."""
     fd = open_in_scratch(root, os.O_RDONLY | os.O_DIRECTORY, stat.S_IFDIR)
+    kept = set()
     try:
-        folders = [name for name in os.listdir(fd) if not _unlinked(name, fd)]
+        folders = _entries_left(fd)
         while folders:
             name = folders.pop()
             folders += _empty_into_root(name, fd)
-            if name not in keep:
+            if name in keep:
+                kept.add(name)
+            else:
                 os.rmdir(name, dir_fd=fd)
     finally:
         os.close(fd)
+    return kept
+
+
+def _entries_left(dir_fd):
+    """Unlink every entry of the folder that is not a directory; the directories'
+    names. The entry's type spares the failed unlink of each directory."""
+    with os.scandir(dir_fd) as entries:
+        return [entry.name for entry in entries
+                if entry.is_dir(follow_symlinks=False) or not _unlinked(entry.name, dir_fd)]
 
 
 def _unlinked(name, dir_fd):
@@ -1475,10 +1531,9 @@ def _empty_into_root(name, root_fd):
     fd = _open_folder(name, root_fd)
     moved = []
     try:
-        for entry in os.listdir(fd):
-            if not _unlinked(entry, fd):
-                moved.append(f".cleared-{uuidlib.uuid4().hex}")
-                os.rename(entry, moved[-1], src_dir_fd=fd, dst_dir_fd=root_fd)
+        for entry in _entries_left(fd):
+            moved.append(f".cleared-{uuidlib.uuid4().hex}")
+            os.rename(entry, moved[-1], src_dir_fd=fd, dst_dir_fd=root_fd)
     finally:
         os.close(fd)
     return moved
@@ -1509,20 +1564,31 @@ class ScratchDirs:
         A scratch that cannot be emptied (a disk gone read-only, a folder it may not
         enter) is moved aside: the next task still starts clean."""
         try:
-            if not is_real_dir(self.root):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.root)  # a task swapped it for a symlink or a file
-            os.makedirs(self.root, exist_ok=True)
-            clear_scratch(self.root, keep=self.FOLDERS)
+            kept = self.clear()
         except OSError as error:
             aside = f"{self.root}.stale-{uuidlib.uuid4().hex[:8]}"
             log.error("cannot empty %s (%s); moving it to %s", self.root, error, aside)
             os.rename(self.root, aside)
             os.makedirs(self.root)
-        for folder in (self.resource, self.result, self.exec, self.std, self.upload):
-            with contextlib.suppress(FileExistsError):  # kept: a real, empty directory
-                os.mkdir(folder)
+            kept = set()
+        for name in self.FOLDERS:
+            if name not in kept:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(self.root, name))
         self.clean = True
+
+    def clear(self):
+        """Empty the root (made again if a task swapped it for a symlink or a file, or
+        removed it); the folders of FOLDERS found there."""
+        try:
+            return clear_scratch(self.root, keep=self.FOLDERS)
+        except OSError:
+            if is_real_dir(self.root):
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root)
+        os.makedirs(self.root, exist_ok=True)
+        return clear_scratch(self.root, keep=self.FOLDERS)
 
     def remove(self):
         with contextlib.suppress(OSError):
@@ -1674,6 +1740,23 @@ def wait_exit(pid, timeout):
             os.close(fd)
 
 
+def program_of(args, env):
+    """The program `/usr/bin/env ARGS...` would run, found as env's execvp finds it:
+    ARGS[0] itself if it holds a slash, else the first file of that name in the
+    task's own PATH. None where env must run: ARGS[0] is an assignment (FOO=1) or one
+    of env's options, or no such file is found (env then says so, exit status 127)."""
+    name = args[0] if args else ""
+    if not name or "=" in name or name.startswith("-"):
+        return None
+    if "/" in name:
+        return name
+    for folder in os.get_exec_path(env):
+        path = os.path.join(folder or ".", name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def kill_group(pgid, sig):
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -1693,21 +1776,36 @@ class TaskProcesses:
         self.needle = f"MITO_TASK_UUID={task_uuid}".encode()
         self.proc = None
         self.status = None  # the leader's raw wait status, once reaped
+        self.ended = False  # the leader has ended (a zombie until reaped)
         self._spawning = threading.Lock()  # a kill() never misses a spawn under way
 
-    def spawn(self, argv, env, stdout, stderr, stop):
-        """Start the leader, unless `stop` is set; OSError, ValueError or TypeError if
-        it cannot start. No preexec_fn: running Python between fork and exec costs
-        20-30 ms a task (copy-on-write faults, no vfork); a worker killed with -9
-        leaves its tasks to the OrphanGuard instead."""
+    def spawn(self, args, env, stdout, stderr, stop):
+        """Start the leader, `/usr/bin/env ARGS...` as upstream, unless `stop` is set;
+        OSError, ValueError or TypeError if it cannot start. The program env would run
+        is started straight away where that is plain (program_of): env's own exec was
+        half of a `true` task's process time. If that start fails, env runs after all,
+        to fail (or fall back to sh) exactly as upstream. No preexec_fn: running
+        Python between fork and exec costs 20-30 ms a task (copy-on-write faults, no
+        vfork); a worker killed with -9 leaves its tasks to the OrphanGuard instead."""
         with self._spawning, self._lock:
             if stop.is_set():
                 raise Stopped()
-            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=stdout, stderr=stderr,
-                                         start_new_session=True)
+            self.proc = self.start(args, env, stdout, stderr)
             self.spared.add(self.proc.pid)
         return self.proc.pid
+
+    @staticmethod
+    def start(args, env, stdout, stderr):
+        files = dict(stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+        program = program_of(args, env)
+        if program:
+            try:
+                return subprocess.Popen(args, executable=program, env=env,
+                                        start_new_session=True, **files)
+            except OSError as error:
+                log.debug("cannot start %s (%s); trying %s", program, error, ENV_PROGRAM)
+        return subprocess.Popen([ENV_PROGRAM, *args], env=env, start_new_session=True,
+                                **files)
 
     def kill(self):
         """Kill them all at once, from any thread (the worker is leaving)."""
@@ -1727,18 +1825,37 @@ class TaskProcesses:
         if self.proc is not None and self.status is None:
             kill_group(self.proc.pid, sig)
 
+    def wait(self, timeout):
+        """Wait up to `timeout` seconds for the leader to end; True if it did."""
+        self.ended = wait_exit(self.proc.pid, timeout)
+        return self.ended
+
+    def strays(self):
+        """The processes the ended leader may have left: the worker's adopted children
+        that nobody else reaps. Every process it left is one of them or below one (a
+        subreaper adopts the orphans as the leader ends, before the leader can be
+        waited for). None where that does not hold: no subreaper, or the leader may
+        still be running."""
+        if not (self.below_worker and self.ended):
+            return None
+        return [pid for pid in adopted_pids() if pid not in self.spared]
+
     def reap(self):
-        """Kill the group and what escaped it, then reap the leader; its wait status."""
+        """Kill the group and what escaped it, then reap the leader; its wait status.
+        A leader that ended leaving nothing behind (the usual case) is just reaped:
+        no process's environment needs reading."""
         if self.proc is None or self.status is not None:
             return self.status
         self.signal(signal.SIGKILL)
-        kill_marked(self.needle, self.suspects())
-        if self.status is None:
-            _, self.status = os.waitpid(self.proc.pid, 0)
-            self.proc.returncode = os.waitstatus_to_exitcode(self.status)
-            with self._lock:
-                self.spared.discard(self.proc.pid)
-        reap_orphans()
+        suspected = self.strays() != []  # some, or not known (None)
+        if suspected:
+            kill_marked(self.needle, self.suspects())
+        _, self.status = os.waitpid(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(self.status)
+        with self._lock:
+            self.spared.discard(self.proc.pid)
+        if suspected:
+            reap_orphans()
         return self.status
 
 
@@ -1878,27 +1995,31 @@ class TaskRun:
         self.commit(msg)
 
     def clean_up(self):
-        """No process and no file of the task outlives it."""
+        """No process and no file of the task outlives it. Done while the coordinator
+        works on the commit (commit), and at the end in any case."""
         try:
             self.processes.reap()
-            if not self.stop.is_set():  # leaving: Worker.leave() removes the scratch
+            # leaving: Worker.leave() removes the scratch
+            if not self.stop.is_set() and not self.dirs.clean:
                 self.dirs.reset()
         except Exception:  # the task boundary: the next task gets a fresh scratch anyway
             log.exception("task %s: cleaning up failed", self.uuid)
 
     # -- talking to the coordinator
 
-    def report(self, op, check=False, body=None):
+    def report(self, op, check=False, body=None, meanwhile=None):
         """POST a report (`body`: the whole request, else made of `op`), after the held
         end report if any; its Reply. 404 -> TaskGone. With `check`, other refusals
-        raise ApiError, else they are logged and the task goes on (None)."""
+        raise ApiError, else they are logged and the task goes on (None). `meanwhile`
+        runs while the coordinator works on it."""
         what = op if isinstance(op, str) else next(iter(op))
         if body is None:
             self.send_held_end()
         try:
             return self.worker.call("POST", "/workers/tasks",
                                     body or report_request(self.id, op),
-                                    what=f"task {self.uuid}: {what}", reply=True)
+                                    what=f"task {self.uuid}: {what}", reply=True,
+                                    meanwhile=meanwhile)
         except ApiError as error:
             if error.status == 404:
                 raise TaskGone() from None
@@ -1920,10 +2041,12 @@ class TaskRun:
 
     def commit(self, msg):
         """Commit; where the coordinator offers it, with the held end report and the
-        request for the worker's next task, which the answer may carry."""
+        request for the worker's next task, which the answer may carry. The task is
+        cleaned up while the coordinator works on the commit: a round trip saved."""
         op = commit_op(self.status, msg)
         with self.worker.next_fetch() as after:
-            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after))
+            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after),
+                                meanwhile=self.clean_up)
             if after is not None and reply is not None:
                 self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
@@ -2035,18 +2158,18 @@ class TaskRun:
         stderr_path = os.path.join(self.dirs.std, "stderr.log") if keep else os.devnull
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             try:
-                pid = self.processes.spawn(self.command(), self.environment(), out, err,
-                                           self.stop)
+                self.processes.spawn(self.command(), self.environment(), out, err,
+                                     self.stop)
             except (OSError, ValueError, TypeError) as error:
                 err.write(f"mito: cannot run {self.spec.get('args')!r}: {error}\n".encode())
                 log.warning("task %s: cannot run: %s", self.uuid, error)
                 return (126 if isinstance(error, PermissionError) else 127) << 8, False
-        timed_out = not wait_exit(pid, timeout)
+        timed_out = not self.processes.wait(timeout)
         if timed_out:
             log.warning("task %s: timed out after %s; terminating", self.uuid,
                         format_duration(timeout))
             self.processes.signal(signal.SIGTERM)
-            wait_exit(pid, KILL_GRACE)
+            self.processes.wait(KILL_GRACE)
         status = self.processes.reap()
         if self.stop.is_set():
             raise Stopped()
@@ -2056,7 +2179,7 @@ class TaskRun:
         args = self.spec.get("args")
         if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
             raise TypeError(f"args must be a list of strings, not {args!r}")
-        return [ENV_PROGRAM, *args]
+        return args
 
     def kill(self):
         self.processes.kill()
@@ -2082,8 +2205,10 @@ class TaskRun:
     def upload_artifacts(self):
         """Pack and upload each artifact; False if one could not go within the time.
         A 403 (quota) stops the uploads, logged, as upstream: the task still commits."""
-        clear_scratch(self.dirs.upload)  # whatever the task planted there
-        for kind, members in self.artifacts():
+        found = self.artifacts()
+        if found:
+            clear_scratch(self.dirs.upload)  # whatever the task planted there
+        for kind, members in found:
             archive = os.path.join(self.dirs.upload, f"{kind}.tar.gz")
             pack(archive, members)
             outcome = self.upload(kind, archive)
@@ -3070,7 +3195,7 @@ def strs(value):
 
 
 def a_uuid(value):
-    return str(uuidlib.UUID(a_str(value)))
+    return ascii_uuid(a_str(value))
 
 
 def uuids(value):
@@ -3152,7 +3277,7 @@ def a_key(value):
     return key
 
 
-_COMPARISON = re.compile(r"^\s*(=|==|!=|>=|<=|>|<)?\s*(-?\d+)\s*$")
+_COMPARISON = re.compile(r"^\s*(=|==|!=|>=|<=|>|<)?\s*(-?[0-9]+)\s*$")
 
 
 def a_comparison(value):
@@ -3366,7 +3491,7 @@ def shutdown_op(value):
 
 def parse_size(text):
     """Bytes from "10GB", "500MiB", "1024" (decimal and binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?i?B?)\s*", text, re.IGNORECASE)
     if not match:
         raise ValueError(f"{text!r} is not a size (e.g. 10GB, 500MiB)")
     unit = match.group(2).upper().rstrip("B")
@@ -4024,6 +4149,17 @@ class Store:
             "ON t.id = w.task_id "
             "AND t.state = 'Running' WHERE w.last_heartbeat < ? OR w.expires_at < ? "
             "OR t.updated_at + t.timeout + ? < ?", silent_since, now, REQUEUE_GRACE, now)
+
+    def heard_before(self, since):
+        """The ids of the workers last heard from before `since`."""
+        return [row[0] for row in self.all("SELECT id FROM workers WHERE last_heartbeat < ?",
+                                           since)]
+
+    def refresh_workers(self, worker_ids, now):
+        """Mark the workers heard from at `now` (Liveness.spare_parked)."""
+        with self.write() as db:
+            db.executemany("UPDATE workers SET last_heartbeat = ? WHERE id = ?",
+                           [(now, worker_id) for worker_id in worker_ids])
 
     def forgive_silence(self):
         """After a restart, every worker gets a full heartbeat timeout to come back,
@@ -4871,7 +5007,7 @@ class Request:
 
 def path_uuid(text):
     try:
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     except ValueError:
         raise HttpError(400, f"bad uuid {text!r}") from None
 
@@ -4886,11 +5022,12 @@ def path_kind(text):
 class Liveness:
     """What the coordinator knows of its workers' liveness beyond the Store's rows:
     every authenticated worker request counts as a heartbeat (a long-polling worker with
-    a long heartbeat interval is alive). Which workers were dropped for silence the
-    Store keeps, across restarts: why_gone() words their 401s."""
+    a long heartbeat interval is alive), and so does a fetch parked in the Dispatcher,
+    held up to LONG_POLL_MAX s, longer than a short heartbeat timeout. Which workers were
+    dropped for silence the Store keeps, across restarts: why_gone() words their 401s."""
 
-    def __init__(self, store, heartbeat_timeout):
-        self.store = store
+    def __init__(self, store, heartbeat_timeout, dispatcher):
+        self.store, self.dispatcher, self.timeout = store, dispatcher, heartbeat_timeout
         self.every = min(1.0, heartbeat_timeout / 10)  # at most one write a second each
         # worker id -> when heard_from last wrote (the row may be cached); an entry older
         # than `every` decides nothing, so forget_old() drops it: workers come and go
@@ -4901,6 +5038,29 @@ class Liveness:
         if now - max(worker["last_heartbeat"], self.written.get(worker["id"], 0)) >= self.every:
             self.written[worker["id"]] = now
             self.store.heartbeat(worker["id"])
+
+    def reap(self, now):
+        """One round of the reaper: drop the workers silent for a heartbeat timeout, past
+        their lifetime or far past their task's timeout; their tasks go back."""
+        self.spare_parked(now)
+        dead = self.store.dead_workers(now - self.timeout, now)
+        if dead:
+            log.warning("removing silent or overdue workers: %s",
+                        ", ".join(row["uuid"] for row in dead))
+            self.store.remove_workers([row["id"] for row in dead], silent=[
+                row["uuid"] for row in dead if row["expires_at"] >= now])
+        self.forget_old(now)
+
+    def spare_parked(self, now):
+        """Mark the parked workers heard from more than half a timeout ago as heard from
+        now, before the reaper looks: none is then ever a timeout old, not even caught
+        between two parks (an offer it lost, a recheck). A park's end marks its worker
+        while it is still parked (Dispatcher.expire), so the gap after it is closed too:
+        the worker has a whole timeout to fetch again."""
+        parked = [worker_id for worker_id in self.store.heard_before(now - self.timeout / 2)
+                  if self.dispatcher.is_parked(worker_id)]
+        if parked:
+            self.store.refresh_workers(parked, now)
 
     def forget_old(self, now):
         """Keep only the writes of the last `every` seconds (the reaper's call)."""
@@ -4933,7 +5093,8 @@ class Coordinator:
         self.blobs = BlobStore(os.path.join(self.state_dir, "blobs"), self.signer)
         self.store.remove_blob = self.blobs.remove
         self.dispatcher = Dispatcher(self.store, settings.tag_matching)
-        self.liveness = Liveness(self.store, settings.heartbeat_timeout)
+        self.liveness = Liveness(self.store, settings.heartbeat_timeout, self.dispatcher)
+        self.dispatcher.heard_from = self.liveness.heard_from  # a park's end is news
         self.outputs = TaskOutputs()
         self.stopping = threading.Event()
         self.public_url = settings.public_url  # run_coordinator sets the bound one if None
@@ -5027,14 +5188,7 @@ class Coordinator:
         period = max(0.05, min(5.0, self.settings.heartbeat_timeout / 4))
         while not self.stopping.wait(period):
             try:
-                now = time.time()
-                dead = self.store.dead_workers(now - self.settings.heartbeat_timeout, now)
-                if dead:
-                    log.warning("removing silent or overdue workers: %s",
-                                ", ".join(row["uuid"] for row in dead))
-                    self.store.remove_workers([row["id"] for row in dead], silent=[
-                        row["uuid"] for row in dead if row["expires_at"] >= now])
-                self.liveness.forget_old(now)
+                self.liveness.reap(time.time())
             except sqlite3.Error:
                 log.exception("liveness check failed")
 
@@ -5313,8 +5467,8 @@ class WorkerApiHandlers(Handlers):
     def fetch_task(self, req):
         """Hand out the best task this worker may take; with ?wait=S, park the request up
         to S seconds (at most 30) until one is submitted or requeued for it."""
-        wait = req.arg("wait", float, 0.0)
-        time_left = req.arg("time_left", lambda text: a_time_left(float(text)))
+        wait = req.arg("wait", ascii_decimal, 0.0)
+        time_left = req.arg("time_left", lambda text: a_time_left(ascii_decimal(text)))
         stopping = self.coordinator.stopping.is_set()
         wait = min(LONG_POLL_MAX, wait) if wait > 0 and not stopping else 0
         return self.coordinator.dispatcher.fetch(req.worker, time_left, wait, time.monotonic())
@@ -5763,7 +5917,7 @@ class TransferHandlers(Handlers):
     def blob_put(self, req, token):
         grant = self.coordinator.blobs.grant(token, "PUT")
         length = req.header("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not ascii_digits(length):
             raise HttpError(411, "Content-Length required")
         if int(length) != grant["n"]:
             raise HttpError(400, f"Content-Length {length} differs from the announced "
@@ -5819,7 +5973,7 @@ class AdminHandlers(Handlers):
     def admin_group_quota(self, req, username):
         user = self.existing_user(username)
         quota = field(req.body(), "group_quota",
-                      lambda text: adjust(user["group_quota"], text, int, 2**31 - 1))
+                      lambda text: adjust(user["group_quota"], text, ascii_int, 2**31 - 1))
         return {"group_quota": self.store.update_user(username, group_quota=quota)["group_quota"]}
 
     def admin_storage_quota(self, req, group):
@@ -5913,7 +6067,7 @@ def an_output_stream(value):
 
 def a_natural(value):
     """A query parameter's whole number >= 0."""
-    if not value.isdigit() or len(value) > 18:
+    if not ascii_digits(value) or len(value) > 18:
         raise ValueError(f"{value!r} is not a whole number")
     return int(value)
 
@@ -6182,6 +6336,7 @@ class Dispatcher:
         self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
         self.sequence = 0
         self.changes = 0     # how many times tasks became ready: a fetch's race check
+        self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
         store.on_change = self.changed
 
     def fetch(self, worker, time_left, wait, now):
@@ -6295,12 +6450,21 @@ class Dispatcher:
             park.resolve(answer)
 
     def expire(self, now):
-        """Answer every park whose deadline has passed with no task."""
+        """Answer every park whose deadline has passed with no task. Its worker is heard
+        from first, while it is still parked: the reaper never finds it neither parked
+        nor heard from lately (Liveness.spare_parked)."""
         while self.deadlines and self.deadlines[0][0] <= now:
             with self.lock:
                 park = heapq.heappop(self.deadlines)[2]
-            if self.withdraw(park):
+                waiting = self.parks.get(park.worker["id"]) is park
+            if waiting:
+                self.heard_from(park.worker)
+            if waiting and self.withdraw(park):
                 park.resolve(self.answer(None))
+
+    def is_parked(self, worker_id):
+        """Whether the worker's fetch waits here now (Liveness: it is alive)."""
+        return worker_id in self.parks
 
     def next_deadline(self):
         return self.deadlines[0][0] if self.deadlines else None
@@ -8318,7 +8482,7 @@ def short_uuids(uuids):
 
 def full_uuid(text):
     with contextlib.suppress(ValueError):
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     return None
 
 
@@ -8708,21 +8872,28 @@ def humantime_of(text):
 
 
 def i32_of(text):
-    number = int(text)
+    number = ascii_int(text)
     if not -2**31 <= number < 2**31:
         raise ValueError(f"{text!r}: out of range (a 32-bit integer)")
     return number
 
 
+def whole_number_of(text):
+    """A limit, an offset, a count or a PID: 0 or more, written 0-9."""
+    if not ascii_digits(text):
+        raise ValueError(f"{text!r} is not a whole number (0-9)")
+    return int(text)
+
+
 def a_positive_count(text):
-    if not text.isdigit() or int(text) < 1:
+    if not ascii_digits(text) or int(text) < 1:
         raise ValueError(f"{text!r}: expected a number of at least 1")
     return int(text)
 
 
 def uuid_of(text):
     try:
-        return str(uuidlib.UUID(text))
+        return ascii_uuid(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a UUID") from None
 
@@ -8770,6 +8941,7 @@ def states_of(values):
 parse_watch = argument_type(watch_of)
 parse_duration_arg = argument_type(humantime_of)
 parse_i32 = argument_type(i32_of)
+parse_whole = argument_type(whole_number_of)
 parse_uuid = argument_type(uuid_of)
 parse_comparison = argument_type(comparison_of)
 exit_status_filter = argument_type(exit_status_of)
@@ -9221,7 +9393,7 @@ def array_indices(text):
     """`1-1000`, `1-1000:10`, `7` or a comma list of them: the indices, in order."""
     indices = []
     for part in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+))?)?", part.strip())
         if not match:
             raise ValueError(f"bad array range {part!r}: expected START-END[:STEP] or INDEX")
         start = int(match[1])
@@ -9548,7 +9720,7 @@ LOST_WHY = "its worker was lost and no retry was left"
 
 
 def a_retry_limit(text):
-    if not text.isdigit() or int(text) > MAX_RETRIES:
+    if not ascii_digits(text) or int(text) > MAX_RETRIES:
         raise ValueError(f"bad retry count {text!r}: expected a whole number 0..{MAX_RETRIES}")
     return int(text)
 
@@ -10240,7 +10412,7 @@ def add_tasks_follow_ups(tasks):
                                     "help": "A JSON array of task submissions (POST /tasks)"}))
     add_command(tasks, "get", cmd_tasks_get, "Show a task", UUID_ARG)
     query = add_command(tasks, "query", cmd_tasks_query, "List tasks matching filters",
-                        (("--limit",), {"type": int}), (("--offset",), {"type": int}),
+                        (("--limit",), {"type": parse_whole}), (("--offset",), {"type": parse_whole}),
                         VERBOSE,
                         (("--count",), {"action": "store_true", "help": "Only count them"}))
     add_task_filters(query)
@@ -10341,7 +10513,7 @@ def add_attachments_commands(parent, admin=False):
                 group, key, (("-o", "--output"), {"help": "A file, or a directory to save in"}),
                 NO_DOWNLOAD, PROGRESS, SMART)
     keyword = (("-k", "--key", "--prefix"), {"dest": "key", "help": "Keys containing this"})
-    paging = ((("--limit",), {"type": int}), (("--offset",), {"type": int}))
+    paging = ((("--limit",), {"type": parse_whole}), (("--offset",), {"type": parse_whole}))
     add_command(attachments, "query", cmd_attachments_query, "List attachments", group, keyword,
                 *paging, (("--count",), {"action": "store_true", "help": "Only count them"}))
     add_command(attachments, "download-many", cmd_attachments_download_many,
@@ -10759,7 +10931,7 @@ def add_manager_commands(parser):
     actions = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
     spawn = actions.add_parser("spawn", help="Start N detached workers (each with its log)",
                                usage="%(prog)s N [WORKER OPTIONS]")
-    spawn.add_argument("count", type=int, metavar="N", help="How many workers to start")
+    spawn.add_argument("count", type=parse_whole, metavar="N", help="How many workers to start")
     spawn.add_argument("command_args", nargs=argparse.REMAINDER, metavar="WORKER_OPTIONS",
                        help="Options for `mito.py worker` (see worker --help)")
     spawn.set_defaults(manage=cmd_manager_spawn)
@@ -10769,7 +10941,7 @@ def add_manager_commands(parser):
     status.set_defaults(manage=cmd_manager_status)
     kill = actions.add_parser("kill", help="Stop workers started by `manager spawn` "
                               "(SIGTERM, then wait); all of them if no PID is given")
-    kill.add_argument("pids", type=int, nargs="*", metavar="PID")
+    kill.add_argument("pids", type=parse_whole, nargs="*", metavar="PID")
     kill.add_argument("--wait", type=parse_duration_arg, default=MANAGER_KILL_WAIT,
                       metavar="DURATION", help="How long to wait for them to leave "
                       f"(default {MANAGER_KILL_WAIT})")
@@ -11032,9 +11204,9 @@ def add_alloc_arguments(parser):
     parser.add_argument("--group", help="Watch this group's tasks; its workers serve it")
     parser.add_argument("--tags", nargs="*", action="extend", default=[],
                         help="The workers' tags (tasks whose tags they hold are counted)")
-    parser.add_argument("--max-jobs", type=int, required=True, metavar="N",
+    parser.add_argument("--max-jobs", type=parse_whole, required=True, metavar="N",
                         help="At most N of our jobs queued or running at once")
-    parser.add_argument("--workers-per-job", type=int, required=True, metavar="K",
+    parser.add_argument("--workers-per-job", type=parse_whole, required=True, metavar="K",
                         help="Each job runs one worker with --concurrency K")
     parser.add_argument("--time-limit", type=parse_duration_arg, required=True,
                         metavar="DURATION", help="Each job's walltime (e.g. 1h)")

@@ -63,7 +63,7 @@ def assert_registers_again_and_runs_a_task(c, alice, worker):
 def test_liveness_keeps_no_entry_per_worker_ever_seen_and_the_newest_drops(tmp_path,
                                                                            monkeypatch):
     store = mito.Store(str(tmp_path / "mitosis.db"))
-    liveness = mito.Liveness(store, heartbeat_timeout=10)  # a write a second at most
+    liveness = mito.Liveness(store, heartbeat_timeout=10, dispatcher=None)  # 1 write/s at most
     for worker_id in range(100):
         liveness.heard_from({"id": worker_id, "last_heartbeat": 0})
     assert len(liveness.written) == 100
@@ -76,18 +76,79 @@ def test_liveness_keeps_no_entry_per_worker_ever_seen_and_the_newest_drops(tmp_p
     assert "register again" not in mito.why_gone(store, "w0")
 
 
-def test_a_worker_dropped_while_its_fetch_waits_registers_again(cluster):
-    """Its parked fetch is answered 401 at the drop: that 401 says to register again
-    too (it said "shut down", and the worker left, status 0)."""
+def test_a_worker_stopped_while_its_fetch_waits_is_dropped_and_registers_again(cluster):
+    """A parked fetch keeps its worker alive only while it waits: once it has expired,
+    the stopped worker fetches no more and is dropped; resumed, the 401 of its next
+    request says to register again (it said "shut down", and the worker left, 0)."""
     c = cluster(heartbeat_timeout="2s")
     alice = c.user("alice")
     worker = c.worker("alice", "pw", "--heartbeat-interval", "1h",  # its fetch hears first
-                      "--polling-interval", "30s")
-    time.sleep(1)  # idle: its fetch is parked on the coordinator (a long poll of 30 s)
+                      "--polling-interval", "5s")
+    time.sleep(1)  # idle: its fetch is parked on the coordinator (a long poll of 5 s)
     worker.signal(signal.SIGSTOP)  # its heartbeats stop; the parked fetch stays
-    wait_until(lambda: worker.uuid not in c.workers(), 20, what="the worker to be dropped")
+    wait_until(lambda: worker.uuid not in c.workers(), 30, what="the worker to be dropped")
     worker.signal(signal.SIGCONT)
     assert_registers_again_and_runs_a_task(c, alice, worker)
+
+
+LONG_POLLS = ("--heartbeat-interval", "1h",  # only its fetches tell it is alive
+              "--polling-interval", "5s")  # each held 5 s: longer than the timeout
+
+
+def test_idle_workers_parked_longer_than_a_short_heartbeat_timeout_are_never_dropped(
+        cluster):
+    """A fetch held longer than the heartbeat timeout keeps its worker alive while it
+    waits, and after it expired, until the next one arrives: no drop and register-again
+    churn over several timeouts and several parks' ends."""
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    worker = c.worker("alice", "pw", *LONG_POLLS)
+    time.sleep(13)  # six timeouts, two parks expired
+    assert list(c.workers()) == [worker.uuid], c.log()[-3000:]
+    assert "removing silent" not in c.log() and "registering again" not in worker.log()
+    task_uuid = c.submit(alice, sh("true"))
+    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+    assert c.task(alice, task_uuid)["info"]["reporter_uuid"] == worker.uuid
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_worker_gone_silent_is_dropped_and_its_task_runs_on_another(cluster, tmp_path,
+                                                                       how):
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    first = c.worker("alice", "pw", "--polling-interval", "5s")
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    task_uuid = c.submit(alice, sh(f'echo run >> "{runs}"; '
+                                   f'while [ ! -e "{release}" ]; do sleep 0.05; done'))
+    wait_until(runs.exists, what="the task to start")
+    first.signal(how)
+    wait_until(lambda: first.uuid not in c.workers(), 30, what="the worker to be dropped")
+    second = c.worker("alice", "pw", *LONG_POLLS, name="second")
+    wait_until(lambda: len(runs.read_text().split()) == 2, 30,
+               what=f"the requeued task to run again:\n{second.log()[-3000:]}")
+    release.touch()
+    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+    assert c.task(alice, task_uuid)["info"]["reporter_uuid"] == second.uuid
+    first.signal(signal.SIGKILL)
+
+
+def test_a_park_ends_with_its_worker_heard_from_while_still_parked(tmp_path):
+    """The gap at a park's end: had the park gone first, a reaper between the two would
+    find the worker neither parked nor heard from for a whole (short) timeout."""
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    dispatcher = mito.Dispatcher(store, "worker-subset")
+    worker = {"id": 7, "uuid": "w7", "tags": "[]", "last_heartbeat": 0}
+    park = mito.Park(worker, [], None, arrived=0, deadline=30)
+    dispatcher.add(park)
+    heard = []
+    dispatcher.heard_from = lambda row: heard.append((row["id"], dispatcher.is_parked(7)))
+    dispatcher.expire(now=29)
+    assert heard == [] and dispatcher.is_parked(7)
+    dispatcher.expire(now=31)
+    assert heard == [(7, True)] and not dispatcher.is_parked(7)
+    assert park.answer is not None and park.answer.body is None
+    dispatcher.expire(now=61)  # the heap's stale entries are no news
+    assert heard == [(7, True)]
 
 
 def test_fetches_count_as_liveness(cluster):

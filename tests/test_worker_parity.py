@@ -27,6 +27,30 @@ def test_the_command_runs_through_usr_bin_env(fake, start_worker):
         assert std_log(fake, task) == (out, b"")
 
 
+def test_the_program_is_found_as_env_finds_it(fake, start_worker, tmp_path):
+    """The worker may start ARGS[0] itself rather than through env, but it must be the
+    program env would run: found in the task's own PATH, past a folder or a file that
+    cannot run; a script without #! runs through sh (env's execvp falls back to it)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, script, mode in ((first, "echo not-runnable", 0o644),
+                                 (second, "#!/bin/sh\necho found-second", 0o755)):
+        folder.mkdir()
+        (folder / "mito-probe").write_text(script)
+        (folder / "mito-probe").chmod(mode)
+    (first / "mito-folder").mkdir()
+    (second / "mito-folder").write_text("echo a-script-without-shebang\n")
+    (second / "mito-folder").chmod(0o755)
+    path = {"PATH": f"{first}:{second}:/usr/bin:/bin"}
+    start_worker()
+    unshebanged = b"a-script-without-shebang\n"
+    cases = [(["mito-probe"], b"found-second\n"), (["mito-folder"], unshebanged),
+             ([str(second / "mito-folder")], unshebanged)]
+    tasks = [(fake.add_task(args, envs=path, terminal_output=True), out) for args, out in cases]
+    for task, out in tasks:
+        assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+        assert std_log(fake, task) == (out, b"")
+
+
 def test_a_quiet_task_still_uploads_its_std_log(fake, start_worker):
     start_worker()
     task = fake.add_task(["true"], terminal_output=True)

@@ -9,7 +9,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -274,6 +278,28 @@ def test_kill_9_of_the_worker_kills_its_task(fake, start_worker, tmp_path):
     for pid in recorded:
         wait_until(lambda: process_dead(pid), 10, what=f"task process {pid} to die")
     assert fake.commit(task) is None
+
+
+def test_without_a_subreaper_escaped_processes_are_searched_for_in_all_of_proc(tmp_path,
+                                                                              monkeypatch):
+    """Where the worker cannot be a subreaper, a task's escaped processes end up under
+    init, not below the worker: its reap still finds them (by their marker) and kills
+    them. Here in this process, which is no subreaper."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import mito
+    monkeypatch.setattr(mito.TaskProcesses, "below_worker", False)
+    task_uuid, pids = str(uuid.uuid4()), tmp_path / "pids"
+    processes = mito.TaskProcesses(task_uuid)
+    env = dict(os.environ, MITO_TASK_UUID=task_uuid, PIDS=str(pids))
+    with open(os.devnull, "wb") as devnull:
+        processes.spawn(["sh", "-c", 'setsid sleep 300 & echo $! > "$PIDS.1"; '
+                         '(sleep 300 & echo $! > "$PIDS.2"); cat "$PIDS".? > "$PIDS"'],
+                        env, devnull, devnull, threading.Event())
+    assert processes.wait(30)
+    assert processes.strays() is None  # no shortcut: all of /proc is searched
+    assert os.waitstatus_to_exitcode(processes.reap()) == 0
+    for pid in recorded_pids(pids):
+        wait_until(lambda: process_dead(pid), 10, what=f"escaped process {pid} to die")
 
 
 # ---- the scratch directory ----------------------------------------------------------------
