@@ -2269,27 +2269,32 @@ def output_limit(headers):
 class OutputSender:
     """One thread per worker process, started with the first tail, that sends the
     increments of every running task's OutputTail each OUTPUT_INTERVAL: no thread is
-    started per task. `lock` guards the set of tails."""
+    started per task, and none wakes while no task runs (it waits on `changed` for a
+    tail). A task shorter than an interval loses nothing: its tail sends its output
+    when the process ends. `changed` guards the set of tails."""
 
     def __init__(self, interval=OUTPUT_INTERVAL):
-        self.interval, self.tails, self.lock = interval, set(), threading.Lock()
+        self.interval, self.tails, self.changed = interval, set(), threading.Condition()
         self.thread = None
 
     def add(self, tail):
-        with self.lock:
+        with self.changed:
             self.tails.add(tail)
+            self.changed.notify()
             if self.thread is None:
                 self.thread = threading.Thread(target=self.loop, name="output", daemon=True)
                 self.thread.start()
 
     def remove(self, tail):
-        with self.lock:
+        with self.changed:
             self.tails.discard(tail)
 
     def loop(self):
         while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.tails)
             time.sleep(self.interval)
-            with self.lock:
+            with self.changed:
                 tails = list(self.tails)
             for tail in tails:
                 try:
