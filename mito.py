@@ -694,14 +694,18 @@ class ApiConnection:
             self.sock.close()
             self.sock = None
 
-    def exchange(self, method, target, body, headers):
-        """One request; (status, AnswerHeaders, body bytes, whether the server closes)."""
+    def exchange(self, method, target, body, headers, meanwhile=None):
+        """One request; (status, AnswerHeaders, body bytes, whether the server closes).
+        `meanwhile`, if given, runs once the request is sent: the caller's work that
+        need not wait for the answer is done while the server works on it."""
         self.busy = True
         head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         if body is not None or method in ("POST", "PUT", "PATCH"):
             head += f"Content-Length: {len(body or b'')}\r\n"
         self.sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {self.netloc}\r\n{head}\r\n"
                           .encode("latin-1") + (body or b""))
+        if meanwhile is not None:
+            meanwhile()
         version, status, fields = self.read_head()
         while 100 <= status < 200:  # an interim answer (RFC 9110 section 15.2): skip it
             version, status, fields = self.read_head()
@@ -836,14 +840,16 @@ class Http:
         if conn is not None:
             conn.close()
 
-    def exchange(self, method, url, body=None, headers=None, timeout=None, sink=None):
+    def exchange(self, method, url, body=None, headers=None, timeout=None, sink=None,
+                 meanwhile=None):
         """One request; the answer's body goes to `sink` (a file) on 2xx, else to memory.
 
         A request on a kept-alive connection that the server closed meanwhile (it fails
         before any answer arrives) is sent once more on a fresh connection. Any other
         failure, including one in the middle of an answer, is Unreachable: the caller
         decides whether to start over. JSON calls (bytes or no body, the answer to
-        memory) go through an ApiConnection, file transfers through http.client.
+        memory) go through an ApiConnection (which runs `meanwhile`), file transfers
+        through http.client.
         """
         parts = urllib.parse.urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -858,7 +864,7 @@ class Http:
                             conn.connect()
                         if lean:
                             status, fields, data, closes = conn.exchange(
-                                method, target, body, headers or {})
+                                method, target, body, headers or {}, meanwhile)
                         else:
                             status, fields, data, closes = self._transfer(
                                 conn, reused, method, target, body, headers, sink)
@@ -917,7 +923,10 @@ class Http:
         """Call the coordinator; JSON in and out. Raises ApiError or Unreachable."""
         return self.api_reply(method, path, payload, params, timeout, token).data
 
-    def api_reply(self, method, path, payload=None, params=None, timeout=None, token=None):
+    def api_reply(self, method, path, payload=None, params=None, timeout=None, token=None,
+                  meanwhile=None):
+        """The whole Reply of api(); `meanwhile` runs while the coordinator works on the
+        request (ApiConnection.exchange)."""
         url = self.base_url + path
         if params:
             url += "?" + urllib.parse.urlencode(params, safe=",:")
@@ -928,7 +937,8 @@ class Http:
         if payload is not None:
             body = json.dumps(payload, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
-        status, reply_headers, data = self.exchange(method, url, body, headers, timeout)
+        status, reply_headers, data = self.exchange(method, url, body, headers, timeout,
+                                                    meanwhile=meanwhile)
         if status < 500:  # a 5xx may come from a proxy in front of the coordinator
             self.features = features_of(reply_headers)
         if not 200 <= status < 300:
@@ -1492,17 +1502,30 @@ def clear_scratch(root, keep=()):
     recursion: each subdirectory is moved up into `root` before it is emptied, so a
     tree 1,000 levels deep costs two file descriptors, not a thousand stack frames.
     The folders named in `keep` are emptied but stay: an rmdir and a mkdir are a
-    journal write each, and they were a quarter of a `true` task's cost."""
+    journal write each, and they were a quarter of a `true` task's cost. Returns the
+    folders of `keep` it found (real directories, now empty)."""
     fd = open_in_scratch(root, os.O_RDONLY | os.O_DIRECTORY, stat.S_IFDIR)
+    kept = set()
     try:
-        folders = [name for name in os.listdir(fd) if not _unlinked(name, fd)]
+        folders = _entries_left(fd)
         while folders:
             name = folders.pop()
             folders += _empty_into_root(name, fd)
-            if name not in keep:
+            if name in keep:
+                kept.add(name)
+            else:
                 os.rmdir(name, dir_fd=fd)
     finally:
         os.close(fd)
+    return kept
+
+
+def _entries_left(dir_fd):
+    """Unlink every entry of the folder that is not a directory; the directories'
+    names. The entry's type spares the failed unlink of each directory."""
+    with os.scandir(dir_fd) as entries:
+        return [entry.name for entry in entries
+                if entry.is_dir(follow_symlinks=False) or not _unlinked(entry.name, dir_fd)]
 
 
 def _unlinked(name, dir_fd):
@@ -1534,10 +1557,9 @@ def _empty_into_root(name, root_fd):
     fd = _open_folder(name, root_fd)
     moved = []
     try:
-        for entry in os.listdir(fd):
-            if not _unlinked(entry, fd):
-                moved.append(f".cleared-{uuidlib.uuid4().hex}")
-                os.rename(entry, moved[-1], src_dir_fd=fd, dst_dir_fd=root_fd)
+        for entry in _entries_left(fd):
+            moved.append(f".cleared-{uuidlib.uuid4().hex}")
+            os.rename(entry, moved[-1], src_dir_fd=fd, dst_dir_fd=root_fd)
     finally:
         os.close(fd)
     return moved
@@ -1568,20 +1590,31 @@ class ScratchDirs:
         A scratch that cannot be emptied (a disk gone read-only, a folder it may not
         enter) is moved aside: the next task still starts clean."""
         try:
-            if not is_real_dir(self.root):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.root)  # a task swapped it for a symlink or a file
-            os.makedirs(self.root, exist_ok=True)
-            clear_scratch(self.root, keep=self.FOLDERS)
+            kept = self.clear()
         except OSError as error:
             aside = f"{self.root}.stale-{uuidlib.uuid4().hex[:8]}"
             log.error("cannot empty %s (%s); moving it to %s", self.root, error, aside)
             os.rename(self.root, aside)
             os.makedirs(self.root)
-        for folder in (self.resource, self.result, self.exec, self.std, self.upload):
-            with contextlib.suppress(FileExistsError):  # kept: a real, empty directory
-                os.mkdir(folder)
+            kept = set()
+        for name in self.FOLDERS:
+            if name not in kept:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(self.root, name))
         self.clean = True
+
+    def clear(self):
+        """Empty the root (made again if a task swapped it for a symlink or a file, or
+        removed it); the folders of FOLDERS found there."""
+        try:
+            return clear_scratch(self.root, keep=self.FOLDERS)
+        except OSError:
+            if is_real_dir(self.root):
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root)
+        os.makedirs(self.root, exist_ok=True)
+        return clear_scratch(self.root, keep=self.FOLDERS)
 
     def remove(self):
         with contextlib.suppress(OSError):
@@ -1988,27 +2021,31 @@ class TaskRun:
         self.commit(msg)
 
     def clean_up(self):
-        """No process and no file of the task outlives it."""
+        """No process and no file of the task outlives it. Done while the coordinator
+        works on the commit (commit), and at the end in any case."""
         try:
             self.processes.reap()
-            if not self.stop.is_set():  # leaving: Worker.leave() removes the scratch
+            # leaving: Worker.leave() removes the scratch
+            if not self.stop.is_set() and not self.dirs.clean:
                 self.dirs.reset()
         except Exception:  # the task boundary: the next task gets a fresh scratch anyway
             log.exception("task %s: cleaning up failed", self.uuid)
 
     # -- talking to the coordinator
 
-    def report(self, op, check=False, body=None):
+    def report(self, op, check=False, body=None, meanwhile=None):
         """POST a report (`body`: the whole request, else made of `op`), after the held
         end report if any; its Reply. 404 -> TaskGone. With `check`, other refusals
-        raise ApiError, else they are logged and the task goes on (None)."""
+        raise ApiError, else they are logged and the task goes on (None). `meanwhile`
+        runs while the coordinator works on it."""
         what = op if isinstance(op, str) else next(iter(op))
         if body is None:
             self.send_held_end()
         try:
             return self.worker.call("POST", "/workers/tasks",
                                     body or report_request(self.id, op),
-                                    what=f"task {self.uuid}: {what}", reply=True)
+                                    what=f"task {self.uuid}: {what}", reply=True,
+                                    meanwhile=meanwhile)
         except ApiError as error:
             if error.status == 404:
                 raise TaskGone() from None
@@ -2030,10 +2067,12 @@ class TaskRun:
 
     def commit(self, msg):
         """Commit; where the coordinator offers it, with the held end report and the
-        request for the worker's next task, which the answer may carry."""
+        request for the worker's next task, which the answer may carry. The task is
+        cleaned up while the coordinator works on the commit: a round trip saved."""
         op = commit_op(self.status, msg)
         with self.worker.next_fetch() as after:
-            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after))
+            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after),
+                                meanwhile=self.clean_up)
             if after is not None and reply is not None:
                 self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
@@ -2192,8 +2231,10 @@ class TaskRun:
     def upload_artifacts(self):
         """Pack and upload each artifact; False if one could not go within the time.
         A 403 (quota) stops the uploads, logged, as upstream: the task still commits."""
-        clear_scratch(self.dirs.upload)  # whatever the task planted there
-        for kind, members in self.artifacts():
+        found = self.artifacts()
+        if found:
+            clear_scratch(self.dirs.upload)  # whatever the task planted there
+        for kind, members in found:
             archive = os.path.join(self.dirs.upload, f"{kind}.tar.gz")
             pack(archive, members)
             outcome = self.upload(kind, archive)

@@ -21,6 +21,7 @@ class ScriptedServer:
         self.answers = list(answers)  # (bytes, close after it?)
         self.connections = 0
         self.requests = []
+        self.gate = None  # an Event: when given, each answer waits for it (else a 500)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self.serve, daemon=True).start()
@@ -42,6 +43,8 @@ class ScriptedServer:
             data += chunk
         self.requests.append(data)
         answer, close = self.answers.pop(0)
+        if self.gate is not None and not self.gate.wait(10):
+            answer = b"HTTP/1.1 500 Not Gated\r\nContent-Length: 0\r\n\r\n"
         conn.sendall(answer)
         return not close
 
@@ -96,6 +99,16 @@ def test_a_connection_the_server_closed_meanwhile_is_opened_again(serve):
     assert http.api("GET", "/a") == {}  # the server closes without saying so
     assert http.api("GET", "/b") == {"d": 4}
     assert server.connections == 2 and len(server.requests) == 2
+
+
+def test_meanwhile_runs_while_the_server_works_on_the_request(serve):
+    """The caller's work that need not wait for the answer (a task's clean-up during
+    its commit) runs once the request is out: this server answers only after it."""
+    http, server = serve((b"HTTP/1.1 200 OK\r\n" + JSON + b"Content-Length: 2\r\n\r\n{}",
+                          False))
+    server.gate = threading.Event()
+    reply = http.api_reply("POST", "/commit", {"x": 1}, meanwhile=server.gate.set)
+    assert (reply.status, reply.data) == (200, {})
 
 
 @pytest.mark.parametrize("answer", [
