@@ -1312,6 +1312,32 @@ def commit_request(task_id, op, end=None, after=None):
 # after upstream's keys. A lost run is one whose worker was dropped while it ran.
 RETRY_REASONS = ("exit", "timeout", "lost")
 MAX_RETRIES = 1000  # a typo ("10000000") would keep a failing task busy for ever
+RETRY_FIELDS = ("max_retries", "retry_on")
+
+
+def retry_policy(max_retries, retry_on, names=RETRY_FIELDS):
+    """A submission's retry fields, checked alike by the client before it sends them
+    and by the coordinator: {} when neither is given (upstream's rules), else both,
+    retry_on defaulting to every reason, in RETRY_REASONS' order. The ValueError names
+    the bad value and its field by `names` (the client's are its flags)."""
+    if max_retries is None:
+        if retry_on is not None:
+            raise ValueError(f"{names[1]} needs {names[0]}")
+        return {}
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not (
+            0 <= max_retries <= MAX_RETRIES):
+        raise ValueError(f"bad {names[0]} {max_retries!r}: expected a whole number "
+                         f"0..{MAX_RETRIES}")
+    reasons = list(RETRY_REASONS) if retry_on is None else retry_on
+    if not isinstance(reasons, list) or not reasons:
+        raise ValueError(f"bad {names[1]} {retry_on!r}: expected a list of some of "
+                         f"{', '.join(RETRY_REASONS)}")
+    for reason in reasons:
+        if reason not in RETRY_REASONS:
+            raise ValueError(f"bad {names[1]} reason {reason!r}: expected some of "
+                             f"{', '.join(RETRY_REASONS)}")
+    return {"max_retries": max_retries,
+            "retry_on": [reason for reason in RETRY_REASONS if reason in reasons]}
 
 
 def output_request(increments, finished):
@@ -2285,27 +2311,32 @@ def output_limit(headers):
 class OutputSender:
     """One thread per worker process, started with the first tail, that sends the
     increments of every running task's OutputTail each OUTPUT_INTERVAL: no thread is
-    started per task. `lock` guards the set of tails."""
+    started per task, and none wakes while no task runs (it waits on `changed` for a
+    tail). A task shorter than an interval loses nothing: its tail sends its output
+    when the process ends. `changed` guards the set of tails."""
 
     def __init__(self, interval=OUTPUT_INTERVAL):
-        self.interval, self.tails, self.lock = interval, set(), threading.Lock()
+        self.interval, self.tails, self.changed = interval, set(), threading.Condition()
         self.thread = None
 
     def add(self, tail):
-        with self.lock:
+        with self.changed:
             self.tails.add(tail)
+            self.changed.notify()
             if self.thread is None:
                 self.thread = threading.Thread(target=self.loop, name="output", daemon=True)
                 self.thread.start()
 
     def remove(self, tail):
-        with self.lock:
+        with self.changed:
             self.tails.discard(tail)
 
     def loop(self):
         while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.tails)
             time.sleep(self.interval)
-            with self.lock:
+            with self.changed:
                 tails = list(self.tails)
             for tail in tails:
                 try:
@@ -3398,30 +3429,14 @@ def a_submission(value):
             **a_retry_policy(value)}
 
 
-def a_retry_count(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
-        raise ValueError(f"expected a whole number 0..{MAX_RETRIES}")
-    return value
-
-
-def retry_reasons(value):
-    """retry_on: some of RETRY_REASONS, stored as one comma-joined text."""
-    unknown = [reason for reason in strs(value) if reason not in RETRY_REASONS]
-    if unknown or not value:
-        raise ValueError(f"expected some of {', '.join(RETRY_REASONS)}" +
-                         (f", not {unknown[0]!r}" if unknown else ""))
-    return ",".join(reason for reason in RETRY_REASONS if reason in value)
-
-
 def a_retry_policy(value):
-    """max_retries and retry_on (every reason unless given); none: upstream's rules."""
-    max_retries = field(value, "max_retries", a_retry_count, None)
-    retry_on = field(value, "retry_on", retry_reasons, None)
-    if max_retries is None and retry_on is not None:
-        raise HttpError(400, "bad field 'retry_on': it needs max_retries")
-    if max_retries is not None and retry_on is None:
-        retry_on = ",".join(RETRY_REASONS)
-    return {"max_retries": max_retries, "retry_on": retry_on}
+    """max_retries and retry_on (retry_policy), retry_on stored as one comma-joined text."""
+    try:
+        policy = retry_policy(value.get("max_retries"), value.get("retry_on"))
+    except ValueError as error:
+        raise HttpError(400, str(error)) from None
+    return {"max_retries": policy.get("max_retries"),
+            "retry_on": ",".join(policy["retry_on"]) if policy else None}
 
 
 THROTTLE_KEY_MAX = 128  # characters of an array_parallel key: an array id is 8
@@ -4185,7 +4200,10 @@ class Store:
                         "WHERE t.uuid = ?", task_uuid)
 
     def insert_tasks(self, creator_id, submissions, upstream=None):
-        """Insert checked submissions [(group_id, request)]; returns [(id, uuid)]."""
+        """Insert checked submissions [(group_id, request)], all in one transaction;
+        returns [(id, uuid)]."""
+        if not submissions:
+            return []
         now, made = time.time(), []
         state = "Pending" if upstream else "Ready"
         with self.write() as db:
@@ -5778,13 +5796,23 @@ class TaskHandlers(Handlers):
             except HttpError as error:
                 raise HttpError(400, f"task {index} of the batch (none was submitted): "
                                      f"{error.msg}") from None
-        results = []
-        for request in requests:
-            try:
-                results.append({"Ok": self.submit_one(req, request)})
-            except HttpError as error:
-                results.append({"Err": {"msg": error.msg}})
-        return {"results": results}
+        names = [request["group_name"] or req.user["username"] for request in requests]
+        groups = {name: self.group_or_refusal(req, name) for name in dict.fromkeys(names)}
+        made = iter(self.store.insert_tasks(req.user["id"], [  # one transaction for all
+            (groups[name]["id"], request) for name, request in zip(names, requests)
+            if not isinstance(groups[name], HttpError)]))
+        return {"results": [{"Err": {"msg": groups[name].msg}}
+                            if isinstance(groups[name], HttpError) else
+                            {"Ok": dict(zip(("task_id", "uuid"), next(made)))}
+                            for name in names]}
+
+    def group_or_refusal(self, req, name):
+        """The group a batch's items go to, checked once per batch, or the HttpError
+        that refuses each item naming it."""
+        try:
+            return self.coordinator.group_of(req, name, WRITE)
+        except HttpError as error:
+            return error
 
     def task_answer(self, row):
         """TaskQueryResp; a task with a retry policy adds it and its attempts."""
@@ -7703,11 +7731,19 @@ SEND_CHUNK = 1 << 18             # a file answer is read from disk this much at 
 POOL_HANDLERS = {"users.login", "users.change_password", "admin.admin_create_user",
                  "admin.admin_password", "transfers.blob_put", "transfers.blob_get"}
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(_TOKEN_CHARS)
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")      # controls and spaces: not in a target
 _VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but tab: not in a value
 _STATUS_TEXT = {status.value: status.phrase for status in http.HTTPStatus}
+_LENGTH = re.compile(r"[0-9]{1,18}")
+# A head with nothing to refuse (a field value: tab, visible ASCII or obs-text), taken
+# in one match: HttpParser's fast path. Any other head goes line by line, which names
+# what it refuses; both accept the same heads.
+_PLAIN_HEAD = re.compile(
+    rb"(%s) (/[^\x00-\x20\x7f]*) (HTTP/1\.[0-9])\r?\n((?:%s:[\t\x20-\x7e\x80-\xff]*\r?\n)*)\r?\n"
+    % (_TOKEN_CHARS, _TOKEN_CHARS))
 
 
 class BadRequest(HttpError):
@@ -7810,6 +7846,13 @@ class HttpParser:
             return None
         head = bytes(self.buffer[:end])
         del self.buffer[:end]
+        plain = _PLAIN_HEAD.fullmatch(head) if end <= REQUEST_LINE_LIMIT else None
+        if plain and plain.group(4).count(b"\n") <= HEADER_COUNT_LIMIT:
+            method, target, version, lines = plain.groups()
+            fields = (line.partition(":")[::2]
+                      for line in lines.decode("latin-1").split("\n")[:-1])
+            return self._message(method.decode(), target.decode("latin-1"), version.decode(),
+                                 self._fields(fields))
         lines = head.split(b"\n")
         lines = [line[:-1] if line.endswith(b"\r") else line for line in lines][:-2]
         method, target, version = self._request_line(lines[0])
@@ -7857,15 +7900,23 @@ class HttpParser:
             raise BadRequest(431, f"more than {HEADER_COUNT_LIMIT} header lines")
         if sum(len(line) for line in lines) > HEADER_SECTION_LIMIT:
             raise BadRequest(431, f"header lines over {HEADER_SECTION_LIMIT} bytes")
-        headers = {}
+        fields = []
         for line in lines:
             name, colon, value = line.partition(b":")
             if not colon or not _TOKEN.fullmatch(name):
                 raise BadRequest(400, f"malformed header line {line[:100].decode('latin-1')!r}")
-            value = value.strip(b" \t")
-            if _VALUE_BAD.search(value):
+            if _VALUE_BAD.search(value.strip(b" \t")):
                 raise BadRequest(400, f"control character in header {name.decode()}")
-            key, text = name.decode().lower(), value.decode("latin-1")
+            fields.append((name.decode(), value.decode("latin-1")))
+        return HttpParser._fields(fields)
+
+    @staticmethod
+    def _fields(fields):
+        """{lower-case name: value} of checked (name, value) pairs (the value still with
+        the spaces around it and a line's CR)."""
+        headers = {}
+        for name, value in fields:
+            key, text = name.lower(), value.strip(" \t\r")
             if key == "content-length" and headers.get(key, text) != text:
                 raise BadRequest(400, "two different Content-Length headers")
             if key in headers and key != "content-length":  # RFC 9110 §5.3
@@ -7880,9 +7931,10 @@ class HttpParser:
         if version == "HTTP/1.1" and "host" not in headers:
             raise BadRequest(400, "missing Host header")
         length = headers.get("content-length", "0")
-        if not re.fullmatch(r"[0-9]{1,18}", length):
+        if not _LENGTH.fullmatch(length):
             raise BadRequest(400, f"bad Content-Length {length[:40]!r}: expected digits")
-        tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+        tokens = {token.strip().lower() for token in headers["connection"].split(",")} \
+            if "connection" in headers else ()
         keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
         return HttpMessage(method, target, headers, int(length), keep_alive)
 
@@ -9730,26 +9782,16 @@ def cmd_arrays_cancel(client, args):
 LOST_WHY = "its worker was lost and no retry was left"
 
 
-def a_retry_limit(text):
-    if not ascii_digits(text) or int(text) > MAX_RETRIES:
-        raise ValueError(f"bad retry count {text!r}: expected a whole number 0..{MAX_RETRIES}")
-    return int(text)
-
-
 def retry_reasons_of(text):
-    reasons = [reason.strip() for reason in text.split(",")]
-    for reason in reasons:
-        if reason not in RETRY_REASONS:
-            raise ValueError(f"bad retry reason {reason!r}: expected some of "
-                             f"{','.join(RETRY_REASONS)}")
-    return reasons
+    """--retry-on exit,timeout (checked with --max-retries by retry_policy)."""
+    return [reason.strip() for reason in text.split(",")]
 
 
 RETRY_ARGUMENTS = (
-    (("--max-retries",), {"type": argument_type(a_retry_limit), "metavar": "N",
+    (("--max-retries",), {"type": parse_whole, "metavar": "N",
                           "help": "Run a failed task again, up to N more times (mito.py's "
                                   "coordinator only)"}),
-    (("--retry-on",), {"type": argument_type(retry_reasons_of), "action": "extend",
+    (("--retry-on",), {"type": retry_reasons_of, "action": "extend",
                        "metavar": "REASONS",
                        "help": "Which failures are retried: some of exit (a non-zero exit), "
                                "timeout, lost (its worker was lost: preempted, crashed); "
@@ -9758,13 +9800,14 @@ RETRY_ARGUMENTS = (
 
 def retry_request(client, args):
     """A submission's retry fields: none without --max-retries (upstream's body)."""
-    if args.retry_on is not None and args.max_retries is None:
-        raise UsageError("--retry-on needs --max-retries")
-    if args.max_retries is None:
-        return {}
-    client.require("retries", "retries (--max-retries)")
-    return {"max_retries": args.max_retries,
-            "retry_on": args.retry_on or list(RETRY_REASONS)}
+    try:
+        policy = retry_policy(args.max_retries, args.retry_on,
+                              names=("--max-retries", "--retry-on"))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if policy:
+        client.require("retries", "retries (--max-retries)")
+    return policy
 
 
 def retry_note(task):
