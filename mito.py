@@ -1312,6 +1312,32 @@ def commit_request(task_id, op, end=None, after=None):
 # after upstream's keys. A lost run is one whose worker was dropped while it ran.
 RETRY_REASONS = ("exit", "timeout", "lost")
 MAX_RETRIES = 1000  # a typo ("10000000") would keep a failing task busy for ever
+RETRY_FIELDS = ("max_retries", "retry_on")
+
+
+def retry_policy(max_retries, retry_on, names=RETRY_FIELDS):
+    """A submission's retry fields, checked alike by the client before it sends them
+    and by the coordinator: {} when neither is given (upstream's rules), else both,
+    retry_on defaulting to every reason, in RETRY_REASONS' order. The ValueError names
+    the bad value and its field by `names` (the client's are its flags)."""
+    if max_retries is None:
+        if retry_on is not None:
+            raise ValueError(f"{names[1]} needs {names[0]}")
+        return {}
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not (
+            0 <= max_retries <= MAX_RETRIES):
+        raise ValueError(f"bad {names[0]} {max_retries!r}: expected a whole number "
+                         f"0..{MAX_RETRIES}")
+    reasons = list(RETRY_REASONS) if retry_on is None else retry_on
+    if not isinstance(reasons, list) or not reasons:
+        raise ValueError(f"bad {names[1]} {retry_on!r}: expected a list of some of "
+                         f"{', '.join(RETRY_REASONS)}")
+    for reason in reasons:
+        if reason not in RETRY_REASONS:
+            raise ValueError(f"bad {names[1]} reason {reason!r}: expected some of "
+                             f"{', '.join(RETRY_REASONS)}")
+    return {"max_retries": max_retries,
+            "retry_on": [reason for reason in RETRY_REASONS if reason in reasons]}
 
 
 def output_request(increments, finished):
@@ -2288,27 +2314,32 @@ def output_limit(headers):
 class OutputSender:
     """One thread per worker process, started with the first tail, that sends the
     increments of every running task's OutputTail each OUTPUT_INTERVAL: no thread is
-    started per task. `lock` guards the set of tails."""
+    started per task, and none wakes while no task runs (it waits on `changed` for a
+    tail). A task shorter than an interval loses nothing: its tail sends its output
+    when the process ends. `changed` guards the set of tails."""
 
     def __init__(self, interval=OUTPUT_INTERVAL):
-        self.interval, self.tails, self.lock = interval, set(), threading.Lock()
+        self.interval, self.tails, self.changed = interval, set(), threading.Condition()
         self.thread = None
 
     def add(self, tail):
-        with self.lock:
+        with self.changed:
             self.tails.add(tail)
+            self.changed.notify()
             if self.thread is None:
                 self.thread = threading.Thread(target=self.loop, name="output", daemon=True)
                 self.thread.start()
 
     def remove(self, tail):
-        with self.lock:
+        with self.changed:
             self.tails.discard(tail)
 
     def loop(self):
         while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.tails)
             time.sleep(self.interval)
-            with self.lock:
+            with self.changed:
                 tails = list(self.tails)
             for tail in tails:
                 try:
@@ -3394,30 +3425,14 @@ def a_submission(value):
             **a_retry_policy(value)}
 
 
-def a_retry_count(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
-        raise ValueError(f"expected a whole number 0..{MAX_RETRIES}")
-    return value
-
-
-def retry_reasons(value):
-    """retry_on: some of RETRY_REASONS, stored as one comma-joined text."""
-    unknown = [reason for reason in strs(value) if reason not in RETRY_REASONS]
-    if unknown or not value:
-        raise ValueError(f"expected some of {', '.join(RETRY_REASONS)}" +
-                         (f", not {unknown[0]!r}" if unknown else ""))
-    return ",".join(reason for reason in RETRY_REASONS if reason in value)
-
-
 def a_retry_policy(value):
-    """max_retries and retry_on (every reason unless given); none: upstream's rules."""
-    max_retries = field(value, "max_retries", a_retry_count, None)
-    retry_on = field(value, "retry_on", retry_reasons, None)
-    if max_retries is None and retry_on is not None:
-        raise HttpError(400, "bad field 'retry_on': it needs max_retries")
-    if max_retries is not None and retry_on is None:
-        retry_on = ",".join(RETRY_REASONS)
-    return {"max_retries": max_retries, "retry_on": retry_on}
+    """max_retries and retry_on (retry_policy), retry_on stored as one comma-joined text."""
+    try:
+        policy = retry_policy(value.get("max_retries"), value.get("retry_on"))
+    except ValueError as error:
+        raise HttpError(400, str(error)) from None
+    return {"max_retries": policy.get("max_retries"),
+            "retry_on": ",".join(policy["retry_on"]) if policy else None}
 
 
 THROTTLE_KEY_MAX = 128  # characters of an array_parallel key: an array id is 8
@@ -9686,26 +9701,16 @@ def cmd_arrays_cancel(client, args):
 LOST_WHY = "its worker was lost and no retry was left"
 
 
-def a_retry_limit(text):
-    if not ascii_digits(text) or int(text) > MAX_RETRIES:
-        raise ValueError(f"bad retry count {text!r}: expected a whole number 0..{MAX_RETRIES}")
-    return int(text)
-
-
 def retry_reasons_of(text):
-    reasons = [reason.strip() for reason in text.split(",")]
-    for reason in reasons:
-        if reason not in RETRY_REASONS:
-            raise ValueError(f"bad retry reason {reason!r}: expected some of "
-                             f"{','.join(RETRY_REASONS)}")
-    return reasons
+    """--retry-on exit,timeout (checked with --max-retries by retry_policy)."""
+    return [reason.strip() for reason in text.split(",")]
 
 
 RETRY_ARGUMENTS = (
-    (("--max-retries",), {"type": argument_type(a_retry_limit), "metavar": "N",
+    (("--max-retries",), {"type": parse_whole, "metavar": "N",
                           "help": "Run a failed task again, up to N more times (mito.py's "
                                   "coordinator only)"}),
-    (("--retry-on",), {"type": argument_type(retry_reasons_of), "action": "extend",
+    (("--retry-on",), {"type": retry_reasons_of, "action": "extend",
                        "metavar": "REASONS",
                        "help": "Which failures are retried: some of exit (a non-zero exit), "
                                "timeout, lost (its worker was lost: preempted, crashed); "
@@ -9714,13 +9719,14 @@ RETRY_ARGUMENTS = (
 
 def retry_request(client, args):
     """A submission's retry fields: none without --max-retries (upstream's body)."""
-    if args.retry_on is not None and args.max_retries is None:
-        raise UsageError("--retry-on needs --max-retries")
-    if args.max_retries is None:
-        return {}
-    client.require("retries", "retries (--max-retries)")
-    return {"max_retries": args.max_retries,
-            "retry_on": args.retry_on or list(RETRY_REASONS)}
+    try:
+        policy = retry_policy(args.max_retries, args.retry_on,
+                              names=("--max-retries", "--retry-on"))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if policy:
+        client.require("retries", "retries (--max-retries)")
+    return policy
 
 
 def retry_note(task):

@@ -380,7 +380,7 @@ def test_arrays_carry_the_retry_policy_to_each_task(cluster):
 
 @pytest.mark.parametrize("options, named", [
     (["--max-retries", "-1"], "'-1'"), (["--max-retries", "x"], "'x'"),
-    (["--max-retries", "1001"], "'1001'"), (["--max-retries", "1", "--retry-on", "bogus"],
+    (["--max-retries", "1001"], "1001"), (["--max-retries", "1", "--retry-on", "bogus"],
                                             "'bogus'"),
     (["--max-retries", "1", "--retry-on", "exit,"], "''"),
     (["--retry-on", "exit"], "--retry-on needs --max-retries"),
@@ -419,6 +419,29 @@ def test_bad_retry_fields_are_a_400_naming_them(cluster, extra, named):
     assert refused.value.status == 400 and named in refused.value.msg
     assert refused.value.msg.startswith("task 1 of the batch (none was submitted): ")
     assert alice.api("POST", "/tasks/query", {})["tasks"] == []
+
+
+@pytest.mark.parametrize("options, extra", [
+    (["--max-retries", "1001"], {"max_retries": 1001}),
+    (["--max-retries", "1", "--retry-on", "exit,bogus"],
+     {"max_retries": 1, "retry_on": ["exit", "bogus"]}),
+    (["--retry-on", "lost"], {"retry_on": ["lost"]}),
+])
+def test_the_client_and_the_coordinator_refuse_a_retry_policy_in_the_same_words(
+        cluster, options, extra):
+    """One validator (retry_policy) on both sides: the client names its flags where
+    the coordinator names the fields, and says the rest alike."""
+    c = cluster()
+    alice = c.user("alice")
+    run = client(c, "tasks", "submit", *options, "--", "true")
+    assert run.returncode == 2, run.stderr
+    said = run.stderr.strip().removeprefix("error: ")
+    with pytest.raises(mito.ApiError) as refused:
+        alice.api("POST", "/tasks", {"tags": [], "labels": [], "timeout": "1m", "priority": 0,
+                                     "task_spec": {"args": ["true"]}, **extra})
+    assert refused.value.status == 400
+    assert said.replace("--max-retries", "max_retries").replace("--retry-on", "retry_on") \
+        == refused.value.msg
 
 
 # ---- against a Rust coordinator ------------------------------------------------------------

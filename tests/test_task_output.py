@@ -238,6 +238,26 @@ def test_one_sender_thread_serves_every_running_task_and_nothing_follows_the_end
     assert [finished for task, finished in ended if task == "b"][-1] is True
 
 
+def test_the_sender_waits_untimed_while_no_task_runs_and_wakes_for_the_next(tmp_path):
+    """No wake-up each interval on an idle worker: between tasks the sender's thread
+    waits for a tail, not on a timer; the next task's output still goes while it runs."""
+    sender, http = mito.OutputSender(interval=0.02), RecordingHttp()
+    (tmp_path / "stdout.log").write_bytes(b"output")
+    with mito.OutputTail(http, "a", str(tmp_path), 100, sender):
+        wait_until(lambda: ("a", False) in http.sent, what="the running task's output")
+
+    def waiting_for_a_tail():
+        frame, names = sys._current_frames().get(sender.thread.ident), set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back
+        return "wait_for" in names
+    wait_until(waiting_for_a_tail, what="the idle sender to wait for a task, untimed")
+    with mito.OutputTail(http, "b", str(tmp_path), 100, sender):
+        wait_until(lambda: ("b", False) in http.sent, what="the next task's output, running")
+    assert http.sent[-1] == ("b", True)
+
+
 class BrokenHttp:
     """An answer the worker cannot read (a proxy's page, a changed certificate)."""
 
