@@ -92,7 +92,7 @@ def test_a_worker_stopped_while_its_fetch_waits_is_dropped_and_registers_again(c
 
 
 LONG_POLLS = ("--heartbeat-interval", "1h",  # only its fetches tell it is alive
-              "--polling-interval", "5s")  # each held 5 s: longer than the timeout
+              "--polling-interval", "6s")  # each held 6 s: twice the timeout
 
 
 def test_idle_workers_parked_longer_than_a_short_heartbeat_timeout_are_never_dropped(
@@ -100,10 +100,10 @@ def test_idle_workers_parked_longer_than_a_short_heartbeat_timeout_are_never_dro
     """A fetch held longer than the heartbeat timeout keeps its worker alive while it
     waits, and after it expired, until the next one arrives: no drop and register-again
     churn over several timeouts and several parks' ends."""
-    c = cluster(heartbeat_timeout="2s")
+    c = cluster(heartbeat_timeout="3s")  # after a park, 3 s to fetch again: ample
     alice = c.user("alice")
     worker = c.worker("alice", "pw", *LONG_POLLS)
-    time.sleep(13)  # six timeouts, two parks expired
+    time.sleep(13)  # four timeouts, two parks expired
     assert list(c.workers()) == [worker.uuid], c.log()[-3000:]
     assert "removing silent" not in c.log() and "registering again" not in worker.log()
     task_uuid = c.submit(alice, sh("true"))
@@ -123,7 +123,7 @@ def test_a_worker_gone_silent_is_dropped_and_its_task_runs_on_another(cluster, t
     wait_until(runs.exists, what="the task to start")
     first.signal(how)
     wait_until(lambda: first.uuid not in c.workers(), 30, what="the worker to be dropped")
-    second = c.worker("alice", "pw", *LONG_POLLS, name="second")
+    second = c.worker("alice", "pw", "--polling-interval", "5s", name="second")
     wait_until(lambda: len(runs.read_text().split()) == 2, 30,
                what=f"the requeued task to run again:\n{second.log()[-3000:]}")
     release.touch()
