@@ -1812,12 +1812,16 @@ class TaskProcesses:
         half of a `true` task's process time. If that start fails, env runs after all,
         to fail (or fall back to sh) exactly as upstream. No preexec_fn: running
         Python between fork and exec costs 20-30 ms a task (copy-on-write faults, no
-        vfork); a worker killed with -9 leaves its tasks to the OrphanGuard instead."""
-        with self._spawning, self._lock:
+        vfork); a worker killed with -9 leaves its tasks to the OrphanGuard instead.
+        The start is not under the class's lock, which would hold up the other slots:
+        a slot's thread is not the main one, so its child is never among the adopted
+        that reap_orphans may reap before it is spared."""
+        with self._spawning:
             if stop.is_set():
                 raise Stopped()
             self.proc = self.start(args, env, stdout, stderr)
-            self.spared.add(self.proc.pid)
+            with self._lock:
+                self.spared.add(self.proc.pid)
         return self.proc.pid
 
     @staticmethod
