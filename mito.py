@@ -2406,8 +2406,8 @@ class OutputTail:
 
 
 class Worker:
-    """One registered Mitosis worker (a slot of the process): its token, heartbeat
-    thread, fetch loop and scratch directory."""
+    """One registered Mitosis worker (a slot of the process): its token, fetch loop
+    and scratch directory (its heartbeats go out with the process's, in Heartbeats)."""
 
     def __init__(self, process):
         self.process, self.settings, self.stop = process, process.settings, process.stop
@@ -2420,7 +2420,7 @@ class Worker:
         self.next_task_offered = False  # the coordinator names next-task (saved round trips)
         self.next_task = None  # handed out with the last commit: run it without a fetch
         self.unauthorized = False
-        self.rejoining = threading.Lock()  # one re-registration for both threads
+        self.rejoining = threading.Lock()  # one re-registration (fetch, heartbeats)
         self.finished = threading.Event()  # the fetch loop has ended
         self.idle_since = time.monotonic()
         self.saw_empty_queue = False
@@ -2508,30 +2508,14 @@ class Worker:
         return False
 
     def start(self):
-        for target in (self.heartbeat_loop, self.fetch_loop):
-            threading.Thread(target=target, name=f"worker:{self.worker_id}",
-                             daemon=True).start()
+        threading.Thread(target=self.fetch_loop, name=f"worker:{self.worker_id}",
+                         daemon=True).start()
 
     @property
     def busy(self):
         return self.current is not None
 
-    # -- the two threads
-
-    def heartbeat_loop(self):
-        while not wait_event(self.stop, self.settings.heartbeat_interval):
-            try:
-                self.call("POST", "/workers/heartbeat", persistent=False)
-            except Unauthorized as error:
-                if not self.may_go_on(error):
-                    return
-            except (ApiError, Unreachable, CertificateRefused) as error:
-                log.warning("heartbeat failed: %s", error)
-            except GaveUp:
-                self.process.give_up()
-                return
-            except Exception:  # the heartbeat loop's boundary: a worker never runs on
-                log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
+    # -- the fetch loop
 
     def fetch_loop(self):
         try:
@@ -2693,6 +2677,49 @@ class Worker:
             self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
         log.info("worker %s stopped", self.worker_id)
+
+
+class Heartbeats:
+    """Every slot's heartbeat, each with its own token, from one thread of the process:
+    a thread per slot would sleep all day (5,000 of them on a large node). A slot
+    dropped for silence registers again (Worker.may_go_on); one that leaves is left
+    out. While the coordinator does not answer, a round stops at the first slot: the
+    others would wait as long."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def start(self):
+        threading.Thread(target=self.loop, name="heartbeats", daemon=True).start()
+
+    def loop(self):
+        process, slots = self.process, list(self.process.slots)
+        while slots and not wait_event(process.stop, process.settings.heartbeat_interval):
+            try:
+                slots = self.round(slots)
+            except GaveUp:
+                process.give_up()
+                return
+
+    @staticmethod
+    def round(slots):
+        """One heartbeat for each slot; the slots that go on."""
+        going_on = []
+        for number, slot in enumerate(slots):
+            try:
+                slot.call("POST", "/workers/heartbeat", persistent=False)
+            except Unauthorized as error:
+                if not slot.may_go_on(error):
+                    continue
+            except Unreachable as error:
+                log.warning("heartbeat failed: %s", error)
+                return going_on + slots[number:]
+            except (ApiError, CertificateRefused) as error:
+                log.warning("heartbeat failed: %s", error)
+            except Exception:  # the heartbeat loop's boundary: a worker never runs on
+                log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
+            going_on.append(slot)
+        return going_on
 
 
 class GaveUp(Exception):
@@ -2863,6 +2890,7 @@ class WorkerProcess:
                  self.settings.groups)
         for slot in self.slots:
             slot.start()
+        Heartbeats(self).start()
         self.supervise()
         return self.leave()
 
