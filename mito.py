@@ -2076,8 +2076,10 @@ class TaskRun:
         cleaned up while the coordinator works on the commit: a round trip saved."""
         op = commit_op(self.status, msg)
         with self.worker.next_fetch() as after:
-            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after),
-                                meanwhile=self.clean_up, hold=(after or {}).get("wait", 0))
+            body, hold = commit_request(self.id, op, self.held_end, after), \
+                (after or {}).get("wait", 0)
+            with self.worker.holding(body if hold else None):
+                reply = self.report(op, body=body, meanwhile=self.clean_up, hold=hold)
             if after is not None and reply is not None:
                 self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
@@ -2420,6 +2422,8 @@ class Worker:
         self.next_task_offered = False  # the coordinator names next-task (saved round trips)
         self.next_task = None  # handed out with the last commit: run it without a fetch
         self.unauthorized = False
+        self.held = None  # a commit's body while it waits for the next task
+        self.confirmed = None  # the held commit known to have reached the coordinator
         self.rejoining = threading.Lock()  # one re-registration (fetch, heartbeats)
         self.finished = threading.Event()  # the fetch loop has ended
         self.idle_since = time.monotonic()
@@ -2513,7 +2517,10 @@ class Worker:
 
     @property
     def busy(self):
-        return self.current is not None
+        """Running a task, or committing it (unless the commit is known to have arrived
+        and only waits for the next task)."""
+        return self.current is not None and (self.held is None or
+                                             self.confirmed is not self.held)
 
     # -- the fetch loop
 
@@ -2629,6 +2636,39 @@ class Worker:
             yield after
         finally:
             process.return_ticket()
+
+    @contextlib.contextmanager
+    def holding(self, commit):
+        """While `commit` (a request body, or None) waits for the next task."""
+        self.held = commit
+        try:
+            yield
+        finally:
+            self.held = None
+
+    def confirm_held(self):
+        """Draining: send a commit that waits for the next task once more, without
+        "next". Its answer (200, or 404: applied already) says that the commit has
+        reached the coordinator, so the slot is idle: it may unregister without its
+        task being requeued and run twice. Unconfirmed, the slot waits for the held
+        answer (at most the long poll's wait)."""
+        held = self.held
+        if held is None:
+            return
+        try:
+            self.call("POST", "/workers/tasks", {key: value for key, value in held.items()
+                                                 if key != "next"}, persistent=False)
+        except ApiError as error:
+            if error.status != 404:
+                log.warning("worker %s: commit not confirmed: %s", self.worker_id, error)
+                return
+        except (Unreachable, Unauthorized, CertificateRefused, GaveUp) as error:
+            log.warning("worker %s: commit not confirmed: %s", self.worker_id, error)
+            return
+        log.info("worker %s: its last task's commit has reached the coordinator (its "
+                 "answer waited for a next task)", self.worker_id)
+        self.confirmed = held
+        self.process.wake()
 
     def took_next(self, reply):
         """The commit's answer: the next task, if it carries one (a fetch answer)."""
@@ -2843,6 +2883,7 @@ class WorkerProcess:
         if number == signal.SIGUSR1:
             log.info("received SIGUSR1: finishing the running tasks, then leaving")
             self.draining.set()
+            threading.Thread(target=self.confirm_held_commits, daemon=True).start()
             self.wake()
             return
         self._signals += 1
@@ -2853,6 +2894,10 @@ class WorkerProcess:
         for slot in self.slots:
             slot.kill()
         self.wake()
+
+    def confirm_held_commits(self):
+        for slot in self.slots:
+            slot.confirm_held()
 
     # -- the life of the process
 
