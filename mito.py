@@ -6419,6 +6419,7 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
+            self.heard_from(park.worker)  # its park ends: a whole timeout to report
             park.resolve(self.answer(claimed))
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker
