@@ -1812,12 +1812,16 @@ class TaskProcesses:
         half of a `true` task's process time. If that start fails, env runs after all,
         to fail (or fall back to sh) exactly as upstream. No preexec_fn: running
         Python between fork and exec costs 20-30 ms a task (copy-on-write faults, no
-        vfork); a worker killed with -9 leaves its tasks to the OrphanGuard instead."""
-        with self._spawning, self._lock:
+        vfork); a worker killed with -9 leaves its tasks to the OrphanGuard instead.
+        The start is not under the class's lock, which would hold up the other slots:
+        a slot's thread is not the main one, so its child is never among the adopted
+        that reap_orphans may reap before it is spared."""
+        with self._spawning:
             if stop.is_set():
                 raise Stopped()
             self.proc = self.start(args, env, stdout, stderr)
-            self.spared.add(self.proc.pid)
+            with self._lock:
+                self.spared.add(self.proc.pid)
         return self.proc.pid
 
     @staticmethod
@@ -4192,7 +4196,10 @@ class Store:
                         "WHERE t.uuid = ?", task_uuid)
 
     def insert_tasks(self, creator_id, submissions, upstream=None):
-        """Insert checked submissions [(group_id, request)]; returns [(id, uuid)]."""
+        """Insert checked submissions [(group_id, request)], all in one transaction;
+        returns [(id, uuid)]."""
+        if not submissions:
+            return []
         now, made = time.time(), []
         state = "Pending" if upstream else "Ready"
         with self.write() as db:
@@ -5765,13 +5772,23 @@ class TaskHandlers(Handlers):
             except HttpError as error:
                 raise HttpError(400, f"task {index} of the batch (none was submitted): "
                                      f"{error.msg}") from None
-        results = []
-        for request in requests:
-            try:
-                results.append({"Ok": self.submit_one(req, request)})
-            except HttpError as error:
-                results.append({"Err": {"msg": error.msg}})
-        return {"results": results}
+        names = [request["group_name"] or req.user["username"] for request in requests]
+        groups = {name: self.group_or_refusal(req, name) for name in dict.fromkeys(names)}
+        made = iter(self.store.insert_tasks(req.user["id"], [  # one transaction for all
+            (groups[name]["id"], request) for name, request in zip(names, requests)
+            if not isinstance(groups[name], HttpError)]))
+        return {"results": [{"Err": {"msg": groups[name].msg}}
+                            if isinstance(groups[name], HttpError) else
+                            {"Ok": dict(zip(("task_id", "uuid"), next(made)))}
+                            for name in names]}
+
+    def group_or_refusal(self, req, name):
+        """The group a batch's items go to, checked once per batch, or the HttpError
+        that refuses each item naming it."""
+        try:
+            return self.coordinator.group_of(req, name, WRITE)
+        except HttpError as error:
+            return error
 
     def task_answer(self, row):
         """TaskQueryResp; a task with a retry policy adds it and its attempts."""
@@ -7671,11 +7688,19 @@ SEND_CHUNK = 1 << 18             # a file answer is read from disk this much at 
 POOL_HANDLERS = {"users.login", "users.change_password", "admin.admin_create_user",
                  "admin.admin_password", "transfers.blob_put", "transfers.blob_get"}
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(_TOKEN_CHARS)
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")      # controls and spaces: not in a target
 _VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but tab: not in a value
 _STATUS_TEXT = {status.value: status.phrase for status in http.HTTPStatus}
+_LENGTH = re.compile(r"[0-9]{1,18}")
+# A head with nothing to refuse (a field value: tab, visible ASCII or obs-text), taken
+# in one match: HttpParser's fast path. Any other head goes line by line, which names
+# what it refuses; both accept the same heads.
+_PLAIN_HEAD = re.compile(
+    rb"(%s) (/[^\x00-\x20\x7f]*) (HTTP/1\.[0-9])\r?\n((?:%s:[\t\x20-\x7e\x80-\xff]*\r?\n)*)\r?\n"
+    % (_TOKEN_CHARS, _TOKEN_CHARS))
 
 
 class BadRequest(HttpError):
@@ -7778,6 +7803,13 @@ class HttpParser:
             return None
         head = bytes(self.buffer[:end])
         del self.buffer[:end]
+        plain = _PLAIN_HEAD.fullmatch(head) if end <= REQUEST_LINE_LIMIT else None
+        if plain and plain.group(4).count(b"\n") <= HEADER_COUNT_LIMIT:
+            method, target, version, lines = plain.groups()
+            fields = (line.partition(":")[::2]
+                      for line in lines.decode("latin-1").split("\n")[:-1])
+            return self._message(method.decode(), target.decode("latin-1"), version.decode(),
+                                 self._fields(fields))
         lines = head.split(b"\n")
         lines = [line[:-1] if line.endswith(b"\r") else line for line in lines][:-2]
         method, target, version = self._request_line(lines[0])
@@ -7825,15 +7857,23 @@ class HttpParser:
             raise BadRequest(431, f"more than {HEADER_COUNT_LIMIT} header lines")
         if sum(len(line) for line in lines) > HEADER_SECTION_LIMIT:
             raise BadRequest(431, f"header lines over {HEADER_SECTION_LIMIT} bytes")
-        headers = {}
+        fields = []
         for line in lines:
             name, colon, value = line.partition(b":")
             if not colon or not _TOKEN.fullmatch(name):
                 raise BadRequest(400, f"malformed header line {line[:100].decode('latin-1')!r}")
-            value = value.strip(b" \t")
-            if _VALUE_BAD.search(value):
+            if _VALUE_BAD.search(value.strip(b" \t")):
                 raise BadRequest(400, f"control character in header {name.decode()}")
-            key, text = name.decode().lower(), value.decode("latin-1")
+            fields.append((name.decode(), value.decode("latin-1")))
+        return HttpParser._fields(fields)
+
+    @staticmethod
+    def _fields(fields):
+        """{lower-case name: value} of checked (name, value) pairs (the value still with
+        the spaces around it and a line's CR)."""
+        headers = {}
+        for name, value in fields:
+            key, text = name.lower(), value.strip(" \t\r")
             if key == "content-length" and headers.get(key, text) != text:
                 raise BadRequest(400, "two different Content-Length headers")
             if key in headers and key != "content-length":  # RFC 9110 §5.3
@@ -7848,9 +7888,10 @@ class HttpParser:
         if version == "HTTP/1.1" and "host" not in headers:
             raise BadRequest(400, "missing Host header")
         length = headers.get("content-length", "0")
-        if not re.fullmatch(r"[0-9]{1,18}", length):
+        if not _LENGTH.fullmatch(length):
             raise BadRequest(400, f"bad Content-Length {length[:40]!r}: expected digits")
-        tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+        tokens = {token.strip().lower() for token in headers["connection"].split(",")} \
+            if "connection" in headers else ()
         keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
         return HttpMessage(method, target, headers, int(length), keep_alive)
 

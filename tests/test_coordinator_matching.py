@@ -115,6 +115,29 @@ def test_user_group_role_decides_who_may_submit(clusters, role, allowed):
     assert status_of(lambda: user.api("GET", f"/groups/{group}")) == (200 if role else 403)
 
 
+def test_a_batch_answers_each_item_in_order_though_its_tasks_go_in_together(clusters):
+    """A batch is inserted in one transaction, its groups checked once each: an item
+    for a group the user may not write to is still its own Err, in its place, and each
+    Ok names the task that was stored for its item."""
+    c = clusters["worker-subset"]
+    name = fresh("member")
+    user = c.user(name)
+    mine = c.group(fresh("mine"), members={name: "Write"})
+    theirs = c.group(fresh("theirs"), members={name: "Read"})
+    groups = [mine, theirs, mine, "no-such-group", None, mine]
+    items = [{"group_name": group, "priority": index, "task_spec": spec("true")}
+             for index, group in enumerate(groups)]
+    results = user.api("POST", "/tasks/submit", {"tasks": items})["results"]
+    assert [list(result) for result in results] == [
+        ["Ok"], ["Err"], ["Ok"], ["Err"], ["Ok"], ["Ok"]]
+    assert theirs in results[1]["Err"]["msg"] and "no-such-group" in results[3]["Err"]["msg"]
+    for index, result in enumerate(results):
+        if "Ok" in result:
+            info = user.api("GET", f"/tasks/{result['Ok']['uuid']}")["info"]
+            assert (info["task_id"], info["priority"]) == (result["Ok"]["task_id"], index)
+            assert info["group_name"] == (groups[index] or name)
+
+
 def test_real_worker_with_read_role_does_not_run_the_groups_tasks(cluster):
     """The same rule with real worker processes and their -g/-t flags."""
     c = cluster()

@@ -3,6 +3,7 @@ requests over real sockets (every one a 4xx with a JSON {"msg": ...}, never a 5x
 a dropped connection)."""
 
 import json
+import re
 import socket
 import time
 
@@ -581,3 +582,40 @@ def test_the_parser_answers_any_bytes_with_requests_or_one_bad_request(pieces, s
                     assert len(message.body) == message.length
     except mito.BadRequest as refused:
         assert 400 <= refused.status < 506 and refused.msg
+
+
+HEAD_PIECES = [b"GET ", b"POST ", b"/tasks", b"?a=1", b" HTTP/1.1", b" HTTP/1.0", b" HTTP/1.9",
+               b"\r\n", b"\n", b"\r", b"Host: h", b"Content-Length: ", b"3", b"abc", b": ",
+               b":", b" ", b"\t", b"\x00", b"\x7f", b"\xff", b"\x1f", b"X-A", b"x-a",
+               b"Connection: close", b"Connection: keep-alive, x", b"\r\n\r\n"]
+
+
+def read_head(data, fast):
+    """What the parser makes of `data`: its requests' fields, or the refusal's status;
+    `fast` False takes every head line by line (the fast path's match never hits)."""
+    saved = mito._PLAIN_HEAD
+    if not fast:
+        mito._PLAIN_HEAD = re.compile(rb"(?!)")
+    try:
+        return [(m.method, m.target, m.headers, m.length, m.keep_alive)
+                for m in mito.HttpParser().feed(data)]
+    except mito.BadRequest as refused:
+        return refused.status
+    finally:
+        mito._PLAIN_HEAD = saved
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(HEAD_PIECES) | st.binary(max_size=8), max_size=25))
+def test_the_parsers_fast_path_reads_every_head_as_the_line_by_line_path_does(pieces):
+    data = b"".join(pieces) + b"\r\n\r\n"
+    assert read_head(data, fast=True) == read_head(data, fast=False)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /h HTTP/1.1\r\nHost: h\r\nX-A:  a b\t \r\nx-a:\r\nContent-Length: 0\r\n\r\n",
+    b"GET /h?q=%20 HTTP/1.0\nConnection: Keep-Alive\n\n",
+    b"GET /h HTTP/1.1\r\nHost: \xe9t\xe9\r\n\r\n"] + [data + b"\r\n\r\n" for data, _ in
+                                                   PARSER_REFUSALS])
+def test_the_parsers_fast_path_reads_plain_and_refused_heads_alike(head):
+    assert read_head(head, fast=True) == read_head(head, fast=False)
