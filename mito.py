@@ -210,6 +210,11 @@ def parse_duration(text):
     """Seconds (float) from a humantime string such as "3m", "1h 30m" or "7days"."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"not a duration: {text!r}")
+    return _parse_duration(text)
+
+
+@functools.lru_cache(maxsize=1024)  # each task of a submission names its timeout again
+def _parse_duration(text):
     parts, pos = [], 0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos or match.group(2) not in _DURATION_UNITS:
@@ -252,6 +257,7 @@ def wait_event(event, seconds):
     return True
 
 
+@functools.lru_cache(maxsize=1024)  # each task handed out says its timeout again
 def format_duration(seconds):
     """The humantime form the Rust side emits: "7days", "10m", "1h 30m", "0s"."""
     nanos = round(seconds * 1e9)
