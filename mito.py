@@ -8294,11 +8294,15 @@ class EventLoopServer:
             with contextlib.suppress(BlockingIOError):
                 self.waker.recv(4096)
         else:
-            try:
-                key.data.on_event(mask)
-            except Exception:  # a bug in the network layer: drop that connection only
-                log.exception("error serving %s", key.data.peer)
-                key.data.close()
+            self.serve(key.data, mask)
+
+    @staticmethod
+    def serve(connection, mask):
+        try:
+            connection.on_event(mask)
+        except Exception:  # a bug in the network layer: drop that connection only
+            log.exception("error serving %s", connection.peer)
+            connection.close()
 
     def accept(self):
         for _ in range(64):
@@ -8320,6 +8324,8 @@ class EventLoopServer:
             connection = HttpConnection(self, sock, peer)
             self.connections.add(connection)
             self.watch(connection)
+            if self.tls is None:  # a client sends its request at once: read it now, not
+                self.serve(connection, selectors.EVENT_READ)  # after one more select
 
     def turn_away(self, sock):
         """Past the connection cap: a 503 in plain HTTP (best effort), then close."""
