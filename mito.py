@@ -2037,11 +2037,12 @@ class TaskRun:
 
     # -- talking to the coordinator
 
-    def report(self, op, check=False, body=None, meanwhile=None):
+    def report(self, op, check=False, body=None, meanwhile=None, hold=0):
         """POST a report (`body`: the whole request, else made of `op`), after the held
         end report if any; its Reply. 404 -> TaskGone. With `check`, other refusals
         raise ApiError, else they are logged and the task goes on (None). `meanwhile`
-        runs while the coordinator works on it."""
+        runs while the coordinator works on it; `hold`: the seconds a commit may wait
+        for the next task."""
         what = op if isinstance(op, str) else next(iter(op))
         if body is None:
             self.send_held_end()
@@ -2049,7 +2050,7 @@ class TaskRun:
             return self.worker.call("POST", "/workers/tasks",
                                     body or report_request(self.id, op),
                                     what=f"task {self.uuid}: {what}", reply=True,
-                                    meanwhile=meanwhile)
+                                    meanwhile=meanwhile, hold=hold)
         except ApiError as error:
             if error.status == 404:
                 raise TaskGone() from None
@@ -2076,7 +2077,7 @@ class TaskRun:
         op = commit_op(self.status, msg)
         with self.worker.next_fetch() as after:
             reply = self.report(op, body=commit_request(self.id, op, self.held_end, after),
-                                meanwhile=self.clean_up)
+                                meanwhile=self.clean_up, hold=(after or {}).get("wait", 0))
             if after is not None and reply is not None:
                 self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
@@ -2427,17 +2428,19 @@ class Worker:
     # -- the coordinator
 
     def call(self, method, path, payload=None, what=None, persistent=True, reply=False,
-             token=None, **kwargs):
+             token=None, hold=0, **kwargs):
         """An API call with the worker token (or `token`, one read earlier); 401 ->
         Unauthorized. With `persistent`, connection failures are retried until the
         coordinator answers. With `reply`, the whole Reply (headers too) rather than
-        its data."""
+        its data. `hold`: the seconds the coordinator may hold the answer (long poll)."""
         reach = self.process.reach
         send = self.http.api_reply if reply else self.http.api
         token = token or self.http.token
+        if hold:
+            kwargs["timeout"] = hold + 30  # an answer held that long, then some time
 
         def attempt():
-            with reach.request((kwargs.get("params") or {}).get("wait", 0)):
+            with reach.request(hold):
                 return send(method, path, payload, token=token, **kwargs)
         try:
             if persistent:
@@ -2587,7 +2590,7 @@ class Worker:
         identity = self.http.token
         try:
             reply = self.call("GET", "/workers/tasks", what="fetch", params=params,
-                              timeout=params["wait"] + 30, reply=True, token=identity)
+                              hold=params["wait"], reply=True, token=identity)
         except ApiError as error:
             log.warning("fetch failed: %s", error)
             self.long_poll = False
@@ -2627,14 +2630,19 @@ class Worker:
     @contextlib.contextmanager
     def next_fetch(self):
         """The "next" of a commit (next-task): what to ask for the next task, or None
-        where none may be taken now (not offered, leaving, draining, max_tasks)."""
+        where none may be taken now (not offered, leaving, draining, max_tasks). Where
+        the coordinator long-polls, the commit waits for the next task as a fetch would
+        ("wait"), so that an idle slot sends no fetch of its own."""
         process = self.process
         if not (self.next_task_offered and process.may_fetch() and process.take_ticket()):
             yield None
             return
         try:
-            time_left = process.time_left()
-            yield {} if time_left is None else {"time_left": int(time_left)}
+            time_left, wait = process.time_left(), process.fetch_wait()
+            after = {} if time_left is None else {"time_left": int(time_left)}
+            if self.long_poll and wait > 0:
+                after["wait"] = wait
+            yield after
         finally:
             process.return_ticket()
 
@@ -5528,12 +5536,32 @@ class WorkerApiHandlers(Handlers):
 
     def commit_and_next(self, req, task, value, after):
         """A Commit's answer with the worker's next task (next-task): claimed in the
-        commit's own transaction by the rules of a fetch without wait (groups, tags,
-        time_left), none for a worker that the commit let go (asked to shut down
-        gracefully)."""
+        commit's own transaction by the rules of a fetch (groups, tags, time_left), none
+        for a worker that the commit let go (asked to shut down gracefully). With
+        next.wait, a commit that finds no task is held like a long-polling fetch, the
+        commit itself applied at once: a slot that waits costs no fetch of its own."""
+        dispatcher = self.coordinator.dispatcher
+        changes = dispatcher.changes  # (read before the claim, as a fetch does)
         claimed = self.report_commit(req, task, value, after)
-        return Answer(body={"url": None, "task": claimed and worker_task(claimed)},
-                      headers=FETCH_HEADERS)
+        wait = 0 if claimed is not None else self.commit_wait(req, task, after)
+        if wait > 0:
+            return dispatcher.park(req.worker, after.get("time_left"), wait,
+                                   time.monotonic(), changes, commit_answer)
+        return commit_answer(claimed)
+
+    def commit_wait(self, req, task, after):
+        """How long a Commit that found no next task may be held: none while the
+        coordinator stops, when the commit let its worker go, or when it requeued its
+        own task for a retry (held, the retry would go to this worker, and a resend of
+        this commit after a lost answer would be taken for the retry's commit)."""
+        wait = min(LONG_POLL_MAX, after.get("wait") or 0)
+        if (wait <= 0 or self.coordinator.stopping.is_set()
+                or req.worker["state"] == "GracefulShutdown"):
+            return 0
+        if task["max_retries"] is not None and \
+                self.store.task(task["uuid"])["state"] == "Ready":
+            return 0
+        return wait
 
     def report_upload(self, req, task, value):
         return self.coordinator.tasks.artifact_upload(req, task, value)[0]
@@ -6065,10 +6093,12 @@ def a_time_left(value):
 
 
 def a_next_fetch(value):
-    """The "next" of a Commit (next-task): {} or {"time_left": seconds}."""
+    """The "next" of a Commit (next-task): {} or {"time_left": seconds, "wait":
+    seconds}, the two as a fetch's ?time_left= and ?wait=."""
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
     field(value, "time_left", a_time_left, None)
+    field(value, "wait", a_time_left, None)  # (the same range of seconds)
     return value
 
 
@@ -6305,15 +6335,27 @@ FETCH_HEADERS = {"X-Mito-Long-Poll": str(LONG_POLL_MAX),
                  OUTPUT_HEADER: str(OUTPUT_INCREMENT_MAX)}
 
 
-class Park:
-    """One long-polling fetch, waiting for a task until its deadline. resolve() settles
-    it once, from any thread; the network layer's `notify` then carries the answer to
-    the worker's connection."""
+def fetch_answer(task):
+    """A fetch's answer: the task (a row) as a WorkerTaskResp, or null."""
+    return Answer(body=worker_task(task) if task else None, headers=FETCH_HEADERS)
 
-    def __init__(self, worker, groups, time_left, arrived, deadline):
+
+def commit_answer(task):
+    """A next-task Commit's answer: upstream's ReportTaskResp plus the next task."""
+    return Answer(body={"url": None, "task": task and worker_task(task)},
+                  headers=FETCH_HEADERS)
+
+
+class Park:
+    """One long-polling fetch (or a next-task Commit held like one), waiting for a task
+    until its deadline. resolve() settles it once, from any thread; the network layer's
+    `notify` then carries the answer to the worker's connection."""
+
+    def __init__(self, worker, groups, time_left, arrived, deadline, shape=fetch_answer):
         self.worker, self.groups = worker, groups  # the row, and the group ids it serves
         self.tags = frozenset(json.loads(worker["tags"]))
         self.time_left, self.arrived, self.deadline = time_left, arrived, deadline
+        self.shape = shape  # task row or None -> the Answer its request expects
         self.answer = None
         self._lock = threading.Lock()
         self._notify = None
@@ -6321,6 +6363,10 @@ class Park:
     def time_left_at(self, now):
         """The worker's time_left was measured when it asked: time held counts against it."""
         return None if self.time_left is None else self.time_left - (now - self.arrived)
+
+    def hand(self, task):
+        """Answer with `task` (a row, or None: no task) in the shape its request expects."""
+        self.resolve(self.shape(task))
 
     def resolve(self, answer):
         with self._lock:
@@ -6358,25 +6404,26 @@ class Dispatcher:
         self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
         store.on_change = self.changed
 
-    def fetch(self, worker, time_left, wait, now):
+    def fetch(self, worker, time_left, wait, now, shape=fetch_answer):
         """The worker's answer now, or a Park that will be resolved within `wait` s."""
         changes = self.changes
         task = self.store.claim(worker, time_left)
         if task is not None or wait <= 0:
-            return self.answer(task)
+            return shape(task)
+        return self.park(worker, time_left, wait, now, changes, shape)
+
+    def park(self, worker, time_left, wait, now, changes, shape=fetch_answer):
+        """Hold the worker's request until a task comes for it or `wait` s pass; `changes`
+        is self.changes as read before the claim that found nothing."""
         park = Park(worker, self.store.serving_groups(worker["id"]), time_left, now,
-                    now + wait)
+                    now + wait, shape)
         self.add(park)
         # a task that became ready between the claim and add() was offered to nobody
         task = self.store.claim(worker, time_left) if self.changes != changes else None
         if task is not None:
             self.withdraw(park)
-            park.resolve(self.answer(task))
+            park.hand(task)
         return park
-
-    @staticmethod
-    def answer(task):
-        return Answer(body=worker_task(task) if task else None, headers=FETCH_HEADERS)
 
     def add(self, park):
         worker_id = park.worker["id"]
@@ -6388,7 +6435,7 @@ class Dispatcher:
             self.sequence += 1
             heapq.heappush(self.deadlines, (park.deadline, self.sequence, park))
         if older is not None:  # the worker gave up on it (its connection is gone)
-            older.resolve(self.answer(None))
+            older.hand(None)
 
     def _remove(self, worker_id):
         """Unregister the worker's park (the caller holds the lock); the park or None."""
@@ -6436,7 +6483,7 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
-            park.resolve(self.answer(claimed))
+            park.hand(claimed)
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker
 
@@ -6462,7 +6509,8 @@ class Dispatcher:
             park.resolve(Answer(401, {"msg": why_gone(self.store, park.worker["uuid"])}))
             return
         now = time.monotonic()
-        answer = self.fetch(worker, park.time_left_at(now), park.deadline - now, now)
+        answer = self.fetch(worker, park.time_left_at(now), park.deadline - now, now,
+                            park.shape)
         if isinstance(answer, Park):
             answer.on_resolve(lambda settled: park.resolve(settled.answer))
         else:
@@ -6479,7 +6527,7 @@ class Dispatcher:
             if waiting:
                 self.heard_from(park.worker)
             if waiting and self.withdraw(park):
-                park.resolve(self.answer(None))
+                park.hand(None)
 
     def is_parked(self, worker_id):
         """Whether the worker's fetch waits here now (Liveness: it is alive)."""
@@ -6493,7 +6541,7 @@ class Dispatcher:
         with self.lock:
             parks, self.parks, self.by_group = list(self.parks.values()), {}, {}
         for park in parks:
-            park.resolve(self.answer(None))
+            park.hand(None)
 
 
 def server_ssl_context(settings):

@@ -6,12 +6,18 @@ the rules of a fetch (groups, tags, time_left); a worker that may not take anoth
 coordinator's /metrics. The Rust coordinator's side (upstream's sequence, unchanged)
 is in test_worker_rust_coordinator.py."""
 
+import contextlib
 import re
+import signal
+import socket
+import threading
+import urllib.parse
 import uuid
 
 import pytest
 
 from e2e import Cluster, sh, spec
+from support import wait_until
 
 import mito
 
@@ -133,6 +139,98 @@ def test_a_worker_at_its_task_limit_asks_for_no_next_task(c):
     assert all(never_claimed(t) for t in tasks[1:]), tasks
 
 
+class RequestCounter:
+    """A TCP relay in front of the coordinator that counts the request lines going
+    through it (/metrics leaves out a long poll that was held)."""
+
+    def __init__(self, url):
+        self.target = urllib.parse.urlsplit(url)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent = []  # every chunk the clients sent, in order
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            client, _ = self.listener.accept()
+            server = socket.create_connection((self.target.hostname, self.target.port))
+            threading.Thread(target=self.pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(server, client, False), daemon=True).start()
+
+    def pump(self, source, sink, count):
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                if count:
+                    self.sent.append(chunk)
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def count(self, request_line):
+        return b"".join(self.sent).count(request_line.encode())
+
+
+def test_an_idle_slot_waits_for_its_next_task_in_its_commit(c, tmp_path):
+    """A long-polling worker that runs tasks as they come sends no fetch between them:
+    its commit, applied at once, waits for the next task as a fetch would."""
+    alice = c.user("alice")
+    relay = RequestCounter(c.url)
+    worker = c.sandbox.spawn(
+        "worker", "-c", relay.url, "-u", "alice", "-p", "pw", "--retain",
+        "--credential-path", tmp_path / "cred", "--polling-interval", "30s", name="worker")
+    wait_until(lambda: relay.count("GET /workers/tasks") == 1, what="the first fetch")
+    for n in range(3):
+        ran = tmp_path / f"ran-{n}"
+        task_uuid = c.submit(alice, spec("touch", str(ran)))
+        assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+        assert ran.exists()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+    # the first fetch, then the commits only (each used to be followed by a fetch)
+    assert relay.count("GET /workers/tasks") == 1, worker.log()
+    assert relay.count("POST /workers/tasks ") == 3, worker.log()
+
+
+@pytest.mark.parametrize("how, polling", [(signal.SIGTERM, "30s"), (signal.SIGUSR1, "2s")])
+def test_a_worker_waiting_in_its_commit_leaves_on_a_signal(c, tmp_path, how, polling):
+    """Told to stop, a slot whose commit waits for the next task leaves at once (the
+    hold is 30 s here); draining, once the commit's answer has come (up to the long
+    poll's wait: until then the worker cannot know its commit was applied). Its last
+    task stays committed, once; the next is left for another worker."""
+    alice = c.user("alice")
+    worker = c.worker("alice", "pw", "--polling-interval", polling)
+    task_uuid = c.submit(alice, spec("true"))
+    c.wait_task(alice, task_uuid)  # committed: its answer is held
+    worker.signal(how)
+    assert worker.wait(20) == 0, worker.log()
+    assert c.workers(alice) == {}
+    later = c.submit(alice, spec("true"))
+    assert never_claimed(info(c, alice, later))
+    task = info(c, alice, task_uuid)
+    assert task["state"] == "Finished" and task["result"]["exit_status"] == 0, task
+
+
+def test_a_held_commit_lost_with_its_coordinator_is_resent_and_nothing_runs_twice(
+        c, tmp_path):
+    """The coordinator dies while a commit waits for the next task: the worker resends
+    the commit to the new one, which has it already (a 404), and goes on fetching."""
+    alice = c.user("alice")
+    worker = c.worker("alice", "pw", "--polling-interval", "30s", "--heartbeat-interval",
+                      "1h")
+    first = c.submit(alice, spec("true"))
+    c.wait_task(alice, first)  # committed: its answer is held
+    c.kill9()
+    c.restart()
+    ran = tmp_path / "second-ran"
+    second = c.submit(alice, spec("touch", str(ran)))
+    assert c.wait_task(alice, second)["reporter_uuid"] == worker.uuid
+    assert ran.exists()
+    done = info(c, alice, first)
+    assert done["state"] == "Finished" and done["result"]["exit_status"] == 0, done
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+
+
 # ---- the coordinator's side, through the API -------------------------------------------
 
 
@@ -176,6 +274,44 @@ def test_a_commit_with_end_and_next_commits_and_claims(c):
     assert info(c, alice, second)["state"] == "Finished"
 
 
+def test_a_commit_with_next_wait_is_applied_then_held_for_the_next_task(c):
+    alice, _, worker, task, second = one_running_one_waiting(c)
+    task = commit(worker, task, end="Finish", after={}).data["task"]  # holds the second
+    answers = []
+    held = threading.Thread(target=lambda: answers.append(
+        commit(worker, task, end="Finish", after={"wait": 20})))
+    held.start()
+    c.wait_task(alice, second)  # committed while its answer waits
+    third = c.submit(alice, spec("true"))
+    held.join(30)
+    assert answers[0].data["url"] is None
+    assert answers[0].data["task"]["uuid"] == third
+    assert "X-Mito-Long-Poll" in answers[0].headers
+    assert info(c, alice, third)["state"] == "Running"
+
+
+def test_a_held_commit_with_no_task_coming_answers_none(c):
+    alice, _, worker, task, second = one_running_one_waiting(c)
+    alice.api("DELETE", f"/tasks/{second}")
+    assert commit(worker, task, end="Finish", after={"wait": 1}).data == {
+        "url": None, "task": None}
+
+
+def test_a_commit_that_requeues_its_task_for_a_retry_is_not_held(c):
+    """Held, it would hand the retry to the same worker (and a resend of the commit,
+    its answer lost, would be taken for the retry's commit): answered at once, empty."""
+    alice = c.user("alice")
+    retried = alice.api("POST", "/tasks", {
+        "tags": [], "labels": [], "timeout": "10m", "priority": 0,
+        "task_spec": spec("false"), "max_retries": 1})["uuid"]
+    _, worker = c.register(alice)
+    task = c.fetch(worker)
+    assert commit(worker, task, end="Finish", after={"wait": 20}, exit_status=1 << 8).data \
+        == {"url": None, "task": None}
+    assert info(c, alice, retried)["state"] == "Ready"
+    assert c.fetch(worker)["uuid"] == retried  # its next fetch takes it
+
+
 def test_a_commit_without_next_is_upstreams_answer(c):
     alice, _, worker, task, waiting = one_running_one_waiting(c)
     assert commit(worker, task, end="Finish").data == {"url": None}
@@ -212,6 +348,8 @@ def test_a_worker_shut_down_gracefully_gets_no_next_task(c):
     ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": -1}}, "-1 is not"),
     ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": True}}, "True is not"),
     ({"op": {"Commit": {"exit_status": 0}}, "next": {"time_left": 10**30}}, "0000 is not"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"wait": "soon"}}, "bad field 'wait'"),
+    ({"op": {"Commit": {"exit_status": 0}}, "next": {"wait": -1}}, "-1 is not"),
 ])
 def test_bad_next_task_fields_are_400s_naming_them(c, body, why):
     alice = c.user("alice")
