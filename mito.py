@@ -210,6 +210,11 @@ def parse_duration(text):
     """Seconds (float) from a humantime string such as "3m", "1h 30m" or "7days"."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"not a duration: {text!r}")
+    return _parse_duration(text)
+
+
+@functools.lru_cache(maxsize=1024)  # each task of a submission names its timeout again
+def _parse_duration(text):
     parts, pos = [], 0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos or match.group(2) not in _DURATION_UNITS:
@@ -252,6 +257,7 @@ def wait_event(event, seconds):
     return True
 
 
+@functools.lru_cache(maxsize=1024)  # each task handed out says its timeout again
 def format_duration(seconds):
     """The humantime form the Rust side emits: "7days", "10m", "1h 30m", "0s"."""
     nanos = round(seconds * 1e9)
@@ -3733,6 +3739,11 @@ _ROW_FILTERS = ("creator_usernames", "tags", "labels", "exit_status", "priority"
 WAL_CHECKPOINT_PAGES = 10000
 
 
+def json_set(values):
+    """Tags or labels as stored: sorted JSON (most tasks have none: no encoding)."""
+    return json.dumps(sorted(set(values))) if values else "[]"
+
+
 class RowCache:
     """Rows read on every request (the caller's user or worker row), kept in memory.
     Store.invalidate_auth_cache() empties it on every write that changes them; a row
@@ -3772,6 +3783,7 @@ class Store:
         self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
         self.remove_blob = lambda ref: None  # the BlobStore's, once it is
         self.auth_rows = RowCache()
+        self.group_ids = {}  # group name -> id (group_id())
         # ids of workers known to hold no uncommitted task (under the write lock): their
         # fetch skips the look for a task whose fetch answer was lost
         self.holding_nothing = set()
@@ -3926,6 +3938,17 @@ class Store:
     def group(self, name):
         return self.one("SELECT * FROM groups WHERE name = ?", name)
 
+    def group_id(self, name):
+        """A group's id by name (None: no such group), kept once read: groups are never
+        renamed nor deleted, and submits and queries name theirs on every request."""
+        group_id = self.group_ids.get(name)
+        if group_id is None:
+            row = self.one("SELECT id FROM groups WHERE name = ?", name)
+            if row is None:
+                return None
+            group_id = self.group_ids[name] = row[0]
+        return group_id
+
     def group_role(self, user_id, group_id):
         row = self.one("SELECT role FROM user_groups WHERE user_id = ? AND group_id = ?",
                        user_id, group_id)
@@ -3973,8 +3996,8 @@ class Store:
             worker_id = db.execute(
                 "INSERT INTO workers (uuid, creator_id, tags, labels, last_heartbeat, "
                 "expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (worker_uuid, creator_id, json.dumps(sorted(set(tags))),
-                 json.dumps(sorted(set(labels))), now, expires_at, now, now)).lastrowid
+                (worker_uuid, creator_id, json_set(tags), json_set(labels), now, expires_at,
+                 now, now)).lastrowid
             db.executemany("INSERT INTO group_workers VALUES (?, ?, ?)",
                            [(group_id, worker_id, role) for group_id, role in group_roles.items()])
         return worker_uuid
@@ -4006,7 +4029,7 @@ class Store:
                        worker_id)
 
     def update_worker(self, worker_id, **changes):
-        changes = {k: json.dumps(sorted(set(v))) if k in ("tags", "labels") else v
+        changes = {k: json_set(v) if k in ("tags", "labels") else v
                    for k, v in changes.items()}
         columns = ", ".join(f"{name} = :{name}" for name in changes)
         with self.write() as db:
@@ -4217,8 +4240,8 @@ class Store:
                     "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
                     "timeout, priority, spec, upstream, throttle_id, max_retries, retry_on, "
                     "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (task_uuid, creator_id, group_id, json.dumps(sorted(set(request["tags"]))),
-                     json.dumps(sorted(set(request["labels"]))), state, request["timeout"],
+                    (task_uuid, creator_id, group_id, json_set(request["tags"]),
+                     json_set(request["labels"]), state, request["timeout"],
                      request["priority"], json.dumps(request["task_spec"]), upstream,
                      self._throttle(db, creator_id, request.get("array_parallel")),
                      request.get("max_retries"), request.get("retry_on"), now, now)
@@ -4406,8 +4429,8 @@ class Store:
         return released
 
     def change_task(self, task_id, changes):
-        changes = {k: json.dumps(sorted(set(v)) if k in ("tags", "labels") else v)
-                   if k in ("tags", "labels", "spec") else v for k, v in changes.items()}
+        changes = {k: json_set(v) if k in ("tags", "labels") else json.dumps(v)
+                   if k == "spec" else v for k, v in changes.items()}
         columns = "".join(f"{name} = :{name}, " for name in changes)
         with self.write() as db:
             db.execute(f"UPDATE tasks SET {columns}updated_at = :now WHERE id = :id",
@@ -5172,28 +5195,38 @@ class Coordinator:
         user = payload.get("k") == "user" and self.store.auth_user(payload.get("sub"))
         return user if user and user["sign"] == payload.get("sign") else None
 
-    def group_of(self, req, name, need):
-        """The group, if the user holds at least role `need` in it (admins always do)."""
-        group = self.store.group(name)
-        if group is None:
+    def group_id_of(self, req, name, need):
+        """The group's id, if the user holds at least role `need` in it (admins always
+        do): all that a submit, a query or a task's reader needs of it."""
+        group_id = self.store.group_id(name)
+        if group_id is None:
             raise not_found(f"group {name}")
-        if not req.user["admin"] and self.store.group_role(req.user["id"], group["id"]) < need:
+        if not req.user["admin"] and self.store.group_role(req.user["id"], group_id) < need:
             raise forbidden(f"user {req.user['username']} needs the {ROLE_NAMES[need]} role "
                             f"in group {name}")
-        return group
+        return group_id
+
+    def group_of(self, req, name, need):
+        """The group's row, checked as group_id_of checks it."""
+        self.group_id_of(req, name, need)
+        return self.store.group(name)
+
+    def listed_group_id(self, req, name, need):
+        """group_id_of for the list and batch routes, where upstream's
+        check_task_list_query answers an unknown group with 400, not 404."""
+        if self.store.group_id(name) is None:
+            raise HttpError(400, f"group {name} not found")
+        return self.group_id_of(req, name, need)
 
     def listed_group(self, req, name, need):
-        """group_of for the list and batch routes, where upstream's check_task_list_query
-        answers an unknown group with 400, not 404."""
-        if self.store.group(name) is None:
-            raise HttpError(400, f"group {name} not found")
-        return self.group_of(req, name, need)
+        self.listed_group_id(req, name, need)
+        return self.store.group(name)
 
     def task_of(self, req, task_uuid, need):
         task = self.store.task(path_uuid(task_uuid))
         if task is None:
             raise not_found(f"task {task_uuid}")
-        self.group_of(req, task["group_name"], need)
+        self.group_id_of(req, task["group_name"], need)
         return task
 
     def worker_of(self, req, worker_uuid, need):
@@ -5781,9 +5814,9 @@ class TaskHandlers(Handlers):
             raise HttpError(400, f"bad task: {error}") from None
 
     def submit_one(self, req, request):
-        group = self.coordinator.group_of(req, request["group_name"] or req.user["username"],
-                                          WRITE)
-        task_id, task_uuid = self.store.insert_tasks(req.user["id"], [(group["id"], request)])[0]
+        name = request["group_name"] or req.user["username"]
+        group_id = self.coordinator.group_id_of(req, name, WRITE)
+        task_id, task_uuid = self.store.insert_tasks(req.user["id"], [(group_id, request)])[0]
         return {"task_id": task_id, "uuid": task_uuid}
 
     def submit_task(self, req):
@@ -5803,7 +5836,7 @@ class TaskHandlers(Handlers):
         names = [request["group_name"] or req.user["username"] for request in requests]
         groups = {name: self.group_or_refusal(req, name) for name in dict.fromkeys(names)}
         made = iter(self.store.insert_tasks(req.user["id"], [  # one transaction for all
-            (groups[name]["id"], request) for name, request in zip(names, requests)
+            (groups[name], request) for name, request in zip(names, requests)
             if not isinstance(groups[name], HttpError)]))
         return {"results": [{"Err": {"msg": groups[name].msg}}
                             if isinstance(groups[name], HttpError) else
@@ -5811,10 +5844,10 @@ class TaskHandlers(Handlers):
                             for name in names]}
 
     def group_or_refusal(self, req, name):
-        """The group a batch's items go to, checked once per batch, or the HttpError
-        that refuses each item naming it."""
+        """The id of the group a batch's items go to, checked once per batch, or the
+        HttpError that refuses each item naming it."""
         try:
-            return self.coordinator.group_of(req, name, WRITE)
+            return self.coordinator.group_id_of(req, name, WRITE)
         except HttpError as error:
             return error
 
@@ -5863,7 +5896,7 @@ class TaskHandlers(Handlers):
         caller's own, as the Rust coordinator does."""
         filters = task_filter(body)
         name = filters["group_name"] or req.user["username"]
-        group_ids = [self.coordinator.listed_group(req, name, need)["id"]]
+        group_ids = [self.coordinator.listed_group_id(req, name, need)]
         return filters, self.store.query_tasks(filters, group_ids, count)
 
     def query_tasks(self, req):
@@ -6483,6 +6516,7 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
+            self.heard_from(park.worker)  # its park ends: a whole timeout to report
             park.hand(claimed)
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker
@@ -6996,7 +7030,7 @@ class DashboardViews:
         body = req.body()
         filters, groups = task_filter(body), self.visible_groups(req.user)
         if filters["group_name"]:
-            groups = [self.coordinator.listed_group(req, filters["group_name"], READ)["id"]]
+            groups = [self.coordinator.listed_group_id(req, filters["group_name"], READ)]
         if field(body, "count", a_bool, False):
             return {"count": self.store.query_tasks(filters, groups, count=True), "tasks": []}
         rows = self.store.query_tasks(filters, groups)
@@ -8340,11 +8374,15 @@ class EventLoopServer:
             with contextlib.suppress(BlockingIOError):
                 self.waker.recv(4096)
         else:
-            try:
-                key.data.on_event(mask)
-            except Exception:  # a bug in the network layer: drop that connection only
-                log.exception("error serving %s", key.data.peer)
-                key.data.close()
+            self.serve(key.data, mask)
+
+    @staticmethod
+    def serve(connection, mask):
+        try:
+            connection.on_event(mask)
+        except Exception:  # a bug in the network layer: drop that connection only
+            log.exception("error serving %s", connection.peer)
+            connection.close()
 
     def accept(self):
         for _ in range(64):
@@ -8366,6 +8404,8 @@ class EventLoopServer:
             connection = HttpConnection(self, sock, peer)
             self.connections.add(connection)
             self.watch(connection)
+            if self.tls is None:  # a client sends its request at once: read it now, not
+                self.serve(connection, selectors.EVENT_READ)  # after one more select
 
     def turn_away(self, sock):
         """Past the connection cap: a 503 in plain HTTP (best effort), then close."""
