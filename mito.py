@@ -2082,8 +2082,8 @@ class TaskRun:
         cleaned up while the coordinator works on the commit: a round trip saved."""
         op = commit_op(self.status, msg)
         with self.worker.next_fetch() as after:
-            body, hold = commit_request(self.id, op, self.held_end, after), \
-                (after or {}).get("wait", 0)
+            body = commit_request(self.id, op, self.held_end, after)
+            hold = (after or {}).get("wait", 0)  # it may wait for the next task
             with self.worker.holding(body if hold else None):
                 reply = self.report(op, body=body, meanwhile=self.clean_up, hold=hold)
             if after is not None and reply is not None:
