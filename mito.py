@@ -2082,8 +2082,10 @@ class TaskRun:
         cleaned up while the coordinator works on the commit: a round trip saved."""
         op = commit_op(self.status, msg)
         with self.worker.next_fetch() as after:
-            reply = self.report(op, body=commit_request(self.id, op, self.held_end, after),
-                                meanwhile=self.clean_up, hold=(after or {}).get("wait", 0))
+            body, hold = commit_request(self.id, op, self.held_end, after), \
+                (after or {}).get("wait", 0)
+            with self.worker.holding(body if hold else None):
+                reply = self.report(op, body=body, meanwhile=self.clean_up, hold=hold)
             if after is not None and reply is not None:
                 self.worker.took_next(reply)
         log.info("task %s: committed, exit status %s%s", self.uuid,
@@ -2412,8 +2414,8 @@ class OutputTail:
 
 
 class Worker:
-    """One registered Mitosis worker (a slot of the process): its token, heartbeat
-    thread, fetch loop and scratch directory."""
+    """One registered Mitosis worker (a slot of the process): its token, fetch loop
+    and scratch directory (its heartbeats go out with the process's, in Heartbeats)."""
 
     def __init__(self, process):
         self.process, self.settings, self.stop = process, process.settings, process.stop
@@ -2426,7 +2428,9 @@ class Worker:
         self.next_task_offered = False  # the coordinator names next-task (saved round trips)
         self.next_task = None  # handed out with the last commit: run it without a fetch
         self.unauthorized = False
-        self.rejoining = threading.Lock()  # one re-registration for both threads
+        self.held = None  # a commit's body while it waits for the next task
+        self.confirmed = None  # the held commit known to have reached the coordinator
+        self.rejoining = threading.Lock()  # one re-registration (fetch, heartbeats)
         self.finished = threading.Event()  # the fetch loop has ended
         self.idle_since = time.monotonic()
         self.saw_empty_queue = False
@@ -2514,30 +2518,17 @@ class Worker:
         return False
 
     def start(self):
-        for target in (self.heartbeat_loop, self.fetch_loop):
-            threading.Thread(target=target, name=f"worker:{self.worker_id}",
-                             daemon=True).start()
+        threading.Thread(target=self.fetch_loop, name=f"worker:{self.worker_id}",
+                         daemon=True).start()
 
     @property
     def busy(self):
-        return self.current is not None
+        """Running a task, or committing it (unless the commit is known to have arrived
+        and only waits for the next task)."""
+        return self.current is not None and (self.held is None or
+                                             self.confirmed is not self.held)
 
-    # -- the two threads
-
-    def heartbeat_loop(self):
-        while not wait_event(self.stop, self.settings.heartbeat_interval):
-            try:
-                self.call("POST", "/workers/heartbeat", persistent=False)
-            except Unauthorized as error:
-                if not self.may_go_on(error):
-                    return
-            except (ApiError, Unreachable, CertificateRefused) as error:
-                log.warning("heartbeat failed: %s", error)
-            except GaveUp:
-                self.process.give_up()
-                return
-            except Exception:  # the heartbeat loop's boundary: a worker never runs on
-                log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
+    # -- the fetch loop
 
     def fetch_loop(self):
         try:
@@ -2652,6 +2643,39 @@ class Worker:
         finally:
             process.return_ticket()
 
+    @contextlib.contextmanager
+    def holding(self, commit):
+        """While `commit` (a request body, or None) waits for the next task."""
+        self.held = commit
+        try:
+            yield
+        finally:
+            self.held = None
+
+    def confirm_held(self):
+        """Draining: send a commit that waits for the next task once more, without
+        "next". Its answer (200, or 404: applied already) says that the commit has
+        reached the coordinator, so the slot is idle: it may unregister without its
+        task being requeued and run twice. Unconfirmed, the slot waits for the held
+        answer (at most the long poll's wait)."""
+        held = self.held
+        if held is None:
+            return
+        try:
+            self.call("POST", "/workers/tasks", {key: value for key, value in held.items()
+                                                 if key != "next"}, persistent=False)
+        except ApiError as error:
+            if error.status != 404:
+                log.warning("worker %s: commit not confirmed: %s", self.worker_id, error)
+                return
+        except (Unreachable, Unauthorized, CertificateRefused, GaveUp) as error:
+            log.warning("worker %s: commit not confirmed: %s", self.worker_id, error)
+            return
+        log.info("worker %s: its last task's commit has reached the coordinator (its "
+                 "answer waited for a next task)", self.worker_id)
+        self.confirmed = held
+        self.process.wake()
+
     def took_next(self, reply):
         """The commit's answer: the next task, if it carries one (a fetch answer)."""
         self.read_offers(reply.headers)
@@ -2699,6 +2723,49 @@ class Worker:
             self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
         log.info("worker %s stopped", self.worker_id)
+
+
+class Heartbeats:
+    """Every slot's heartbeat, each with its own token, from one thread of the process:
+    a thread per slot would sleep all day (5,000 of them on a large node). A slot
+    dropped for silence registers again (Worker.may_go_on); one that leaves is left
+    out. While the coordinator does not answer, a round stops at the first slot: the
+    others would wait as long."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def start(self):
+        threading.Thread(target=self.loop, name="heartbeats", daemon=True).start()
+
+    def loop(self):
+        process, slots = self.process, list(self.process.slots)
+        while slots and not wait_event(process.stop, process.settings.heartbeat_interval):
+            try:
+                slots = self.round(slots)
+            except GaveUp:
+                process.give_up()
+                return
+
+    @staticmethod
+    def round(slots):
+        """One heartbeat for each slot; the slots that go on."""
+        going_on = []
+        for number, slot in enumerate(slots):
+            try:
+                slot.call("POST", "/workers/heartbeat", persistent=False)
+            except Unauthorized as error:
+                if not slot.may_go_on(error):
+                    continue
+            except Unreachable as error:
+                log.warning("heartbeat failed: %s", error)
+                return going_on + slots[number:]
+            except (ApiError, CertificateRefused) as error:
+                log.warning("heartbeat failed: %s", error)
+            except Exception:  # the heartbeat loop's boundary: a worker never runs on
+                log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
+            going_on.append(slot)
+        return going_on
 
 
 class GaveUp(Exception):
@@ -2822,6 +2889,7 @@ class WorkerProcess:
         if number == signal.SIGUSR1:
             log.info("received SIGUSR1: finishing the running tasks, then leaving")
             self.draining.set()
+            threading.Thread(target=self.confirm_held_commits, daemon=True).start()
             self.wake()
             return
         self._signals += 1
@@ -2832,6 +2900,10 @@ class WorkerProcess:
         for slot in self.slots:
             slot.kill()
         self.wake()
+
+    def confirm_held_commits(self):
+        for slot in self.slots:
+            slot.confirm_held()
 
     # -- the life of the process
 
@@ -2869,6 +2941,7 @@ class WorkerProcess:
                  self.settings.groups)
         for slot in self.slots:
             slot.start()
+        Heartbeats(self).start()
         self.supervise()
         return self.leave()
 
@@ -6538,6 +6611,7 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
+            self.heard_from(park.worker)  # its park ends: a whole timeout to report
             park.hand(claimed)
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker

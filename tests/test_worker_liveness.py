@@ -132,25 +132,6 @@ def test_a_worker_gone_silent_is_dropped_and_its_task_runs_on_another(cluster, t
     first.signal(signal.SIGKILL)
 
 
-def test_a_park_ends_with_its_worker_heard_from_while_still_parked(tmp_path):
-    """The gap at a park's end: had the park gone first, a reaper between the two would
-    find the worker neither parked nor heard from for a whole (short) timeout."""
-    store = mito.Store(str(tmp_path / "mitosis.db"))
-    dispatcher = mito.Dispatcher(store, "worker-subset")
-    worker = {"id": 7, "uuid": "w7", "tags": "[]", "last_heartbeat": 0}
-    park = mito.Park(worker, [], None, arrived=0, deadline=30)
-    dispatcher.add(park)
-    heard = []
-    dispatcher.heard_from = lambda row: heard.append((row["id"], dispatcher.is_parked(7)))
-    dispatcher.expire(now=29)
-    assert heard == [] and dispatcher.is_parked(7)
-    dispatcher.expire(now=31)
-    assert heard == [(7, True)] and not dispatcher.is_parked(7)
-    assert park.answer is not None and park.answer.body is None
-    dispatcher.expire(now=61)  # the heap's stale entries are no news
-    assert heard == [(7, True)]
-
-
 def test_fetches_count_as_liveness(cluster):
     """A heartbeat interval far past the coordinator's timeout: the long-polling
     fetches keep the worker alive, and it is never dropped."""
@@ -200,3 +181,39 @@ def test_only_a_drop_for_silence_makes_the_worker_register_again(fake, start_wor
     else:
         assert worker.wait(20) == 0
         assert len(fake.registrations) == 1
+
+
+def test_a_park_ends_with_its_worker_heard_from_while_still_parked(tmp_path):
+    """The gap at a park's end: had the park gone first, a reaper between the two would
+    find the worker neither parked nor heard from for a whole (short) timeout."""
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    dispatcher = mito.Dispatcher(store, "worker-subset")
+    worker = {"id": 7, "uuid": "w7", "tags": "[]", "last_heartbeat": 0}
+    park = mito.Park(worker, [], None, arrived=0, deadline=30)
+    dispatcher.add(park)
+    heard = []
+    dispatcher.heard_from = lambda row: heard.append((row["id"], dispatcher.is_parked(7)))
+    dispatcher.expire(now=29)
+    assert heard == [] and dispatcher.is_parked(7)
+    dispatcher.expire(now=31)
+    assert heard == [(7, True)] and not dispatcher.is_parked(7)
+    assert park.answer is not None and park.answer.body is None
+    dispatcher.expire(now=61)  # the heap's stale entries are no news
+    assert heard == [(7, True)]
+
+
+def test_a_park_that_gets_a_task_ends_with_its_worker_heard_from(tmp_path):
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    dispatcher = mito.Dispatcher(store, "worker-subset")
+    store.create_user("alice", b"x", b"s", admin=False)
+    user, group = store.user("alice"), store.group("alice")
+    worker = store.worker(store.register_worker(user["id"], [], [], {group["id"]: mito.WRITE},
+                                                time.time() + 600))
+    park = dispatcher.fetch(worker, None, 30, time.monotonic())
+    heard = []
+    dispatcher.heard_from = lambda row: heard.append(row["id"])
+    store.insert_tasks(user["id"], [(group["id"], {
+        "tags": [], "labels": [], "timeout": 60, "priority": 0,
+        "task_spec": {"args": ["true"]}})])
+    assert park.answer is not None and park.answer.body is not None
+    assert heard == [worker["id"]]

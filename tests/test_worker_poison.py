@@ -280,6 +280,32 @@ def test_kill_9_of_the_worker_kills_its_task(fake, start_worker, tmp_path):
     assert fake.commit(task) is None
 
 
+def marked_processes(task):
+    """Live processes carrying the task's MITO_TASK_UUID (a zombie shows no environment)."""
+    needle, found = f"MITO_TASK_UUID={task['uuid']}".encode(), []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if needle in handle.read().split(b"\0"):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_a_leader_that_ends_takes_its_child_about_to_fork_along(fake, start_worker, tmp_path):
+    """The leader is gone before its child (out of its process group) forks: the reap
+    must not take a leader that left nothing behind for granted (the child was adopted
+    by the worker), so no process of the task survives it."""
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", 'setsid sh -c \'sleep 0.5; sleep 300 & echo $! > "$PID"; '
+                                      'wait\' & sleep 0.2'], envs={"PID": str(tmp_path / "pid")})
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+    wait_until(lambda: marked_processes(task) == [], 10, what="no process of the task left")
+    still_working(fake, worker)
+    assert not (tmp_path / "pid").exists()
+
+
 def test_without_a_subreaper_escaped_processes_are_searched_for_in_all_of_proc(tmp_path,
                                                                               monkeypatch):
     """Where the worker cannot be a subreaper, a task's escaped processes end up under

@@ -57,6 +57,24 @@ def test_heartbeats_at_the_configured_cadence(fake, start_worker):
     assert len(within_two_seconds) <= 11, gaps
 
 
+def test_every_slot_heartbeats_with_its_token_from_one_thread_of_the_process(
+        fake, start_worker):
+    """A slot costs the process one thread (its fetch loop), not two: the heartbeats
+    of all its slots go out from one thread, each under its slot's token."""
+    def threads(process):
+        return len(os.listdir(f"/proc/{process.pid}/task"))
+    one = start_worker(heartbeat="200ms")
+    many = start_worker("--concurrency", "9", heartbeat="200ms")
+    wait_until(lambda: len(fake.registrations) == 10, what="10 registrations")
+    tokens = {registration["token"] for registration in fake.registrations}
+    wait_until(lambda: {beat.token for beat in fake.find("POST", "/workers/heartbeat")}
+               == tokens, what="a heartbeat from every slot")
+    wait_until(lambda: threads(many) - threads(one) == 8,
+               what=f"one thread per slot ({threads(many)} threads for 9 slots, "
+                    f"{threads(one)} for 1)")
+    assert one.alive() and many.alive()
+
+
 def test_heartbeats_go_on_while_a_task_runs(fake, start_worker):
     worker = start_worker(heartbeat="200ms")
     task = fake.add_task(["sleep", "2"])
