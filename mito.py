@@ -1667,6 +1667,9 @@ def pack(archive, members):
 
 
 # ---- task processes ------------------------------------------------------------------
+# spawn (a session of its own, the task's marker in its environment) -> wait -> kill
+# its group and whatever escaped it (found by marker below the worker, a subreaper)
+# -> reap; OrphanGuard kills them too if the worker itself is killed with -9
 
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
@@ -1949,6 +1952,12 @@ class OrphanGuard:
         self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+
+
+# ---- one task, fetch to commit: TaskRun --------------------------------------------------
+# resources -> watch -> the command (TaskProcesses) -> outputs -> downstream task ->
+# commit: whatever the spec or the command does, the task ends committed and the
+# worker takes the next one (TaskRun.run is the task boundary).
 
 
 class TaskFileWriter:
@@ -2308,6 +2317,11 @@ class TaskRun:
             return False
 
 
+# ---- live output: a running task's std logs, in increments -------------------------------
+# OutputTail (one per task) -> OutputSender (one thread per process, asleep while no
+# task runs) -> POST /workers/tasks/{uuid}/output -> the coordinator's TaskOutputs
+
+
 OUTPUT_INTERVAL = 1.0  # seconds between two increments of a running task's output
 OUTPUT_SEND_TIMEOUT = 10.0
 
@@ -2411,6 +2425,11 @@ class OutputTail:
             return
         for stream, (start, data) in increments.items():
             self.sent[stream] = start + len(data)
+
+
+# ---- the slot: one registered worker -----------------------------------------------------
+# register -> heartbeat thread + fetch loop -> TaskRun per task -> leave (DELETE
+# /workers); a 401 for silence registers again, any other 401 leaves
 
 
 class Worker:
@@ -2766,6 +2785,11 @@ class Heartbeats:
                 log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
             going_on.append(slot)
         return going_on
+
+
+# ---- the process: its slots, signals, lifetime and shutdown ------------------------------
+# `mito.py worker` -> WorkerProcess (lock, login, logs, signals) -> `concurrency`
+# Workers; the main thread supervises until they are done, then exits with a status
 
 
 class GaveUp(Exception):
@@ -3843,6 +3867,37 @@ class RowCache:
             self.rows.clear()
 
 
+class Transaction:
+    """One write transaction for a `with` block: COMMIT at its end, ROLLBACK if the
+    block raises; `lock` (the Store's write lock), if given, is held throughout. A
+    class, not a generator: every write goes through it (~2.5 us less each)."""
+
+    __slots__ = ("db", "lock")
+
+    def __init__(self, db, lock=None):
+        self.db, self.lock = db, lock
+
+    def __enter__(self):
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.release()
+            raise
+        return self.db
+
+    def __exit__(self, kind, error, trace):
+        try:
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            self.release()
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
+
+
 class Store:
     """The coordinator's state in one SQLite file (WAL). Writes are serialised by one
     lock and run in one transaction each; reads use the calling thread's connection.
@@ -3870,6 +3925,8 @@ class Store:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={number}")
 
+    # -- connections and transactions
+
     def db(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -3881,23 +3938,14 @@ class Store:
             self._local.conn = conn
         return conn
 
-    @contextlib.contextmanager
     def write(self):
-        with self._write_lock:
-            with self._transaction(self.db()) as db:
-                yield db
+        """`with store.write() as db:` one write transaction, under the write lock."""
+        return self._transaction(self.db(), self._write_lock)
 
     @staticmethod
-    @contextlib.contextmanager
-    def _transaction(db):
-        """One write transaction; the caller holds the write lock."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _transaction(db, lock=None):
+        """One write transaction; without `lock`, the caller holds the write lock."""
+        return Transaction(db, lock)
 
     def write_one(self, sql, *args):
         """A write of one statement: its own transaction (autocommit), no BEGIN and
@@ -4226,6 +4274,8 @@ class Store:
         return self.all("SELECT * FROM task_attempts WHERE task_id = ? ORDER BY attempt",
                         task_id)
 
+    # -- workers: drops, shutdowns, queries and liveness
+
     def was_dropped(self, worker_uuid):
         """Whether the worker was dropped for silence (not shut down, not expired)."""
         return self.one("SELECT 1 FROM dropped_workers WHERE uuid = ?", worker_uuid) is not None
@@ -4353,6 +4403,8 @@ class Store:
         """The throttle's row (max_running, running), or None (0: no throttle)."""
         return self.one("SELECT * FROM throttles WHERE id = ?", throttle_id)
 
+    # -- dispatch: the best task a worker may take, claimed in one transaction
+
     def claim(self, worker, time_left=None):
         """Give the worker the best task it may take, or None. The best task is read under
         the write lock (no other write can come between the read and the claim), and a
@@ -4428,6 +4480,8 @@ class Store:
         """The ids of the groups whose tasks the worker takes (role Write or Admin)."""
         return frozenset(row[0] for row in self.all(
             "SELECT group_id FROM group_workers WHERE worker_id = ? AND role >= 2", worker_id))
+
+    # -- a task's run: its reports, its commit, changes and cancellations
 
     def assigned_task(self, worker_id, task_id):
         return self.one("SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
@@ -4520,6 +4574,8 @@ class Store:
                 (result, time.time(), task_id)).rowcount]
             self._record(db, cancelled, "Cancelled")
         return len(cancelled)
+
+    # -- task queries and counts
 
     def query_tasks(self, filters, group_ids, count=False):
         """Tasks of the groups `group_ids` (None: all) that match `filters`."""
