@@ -2428,8 +2428,8 @@ class OutputTail:
 
 
 # ---- the slot: one registered worker -----------------------------------------------------
-# register -> heartbeat thread + fetch loop -> TaskRun per task -> leave (DELETE
-# /workers); a 401 for silence registers again, any other 401 leaves
+# register -> fetch loop (its heartbeats: the process's Heartbeats) -> TaskRun per task
+# -> leave (DELETE /workers); a 401 for silence registers again, any other 401 leaves
 
 
 class Worker:
@@ -2744,6 +2744,11 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
 
 
+# ---- the process: its slots, signals, lifetime and shutdown ------------------------------
+# `mito.py worker` -> WorkerProcess (lock, login, logs, signals) -> `concurrency`
+# Workers; the main thread supervises until they are done, then exits with a status
+
+
 class Heartbeats:
     """Every slot's heartbeat, each with its own token, from one thread of the process:
     a thread per slot would sleep all day (5,000 of them on a large node). A slot
@@ -2785,11 +2790,6 @@ class Heartbeats:
                 log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
             going_on.append(slot)
         return going_on
-
-
-# ---- the process: its slots, signals, lifetime and shutdown ------------------------------
-# `mito.py worker` -> WorkerProcess (lock, login, logs, signals) -> `concurrency`
-# Workers; the main thread supervises until they are done, then exits with a status
 
 
 class GaveUp(Exception):
