@@ -206,15 +206,22 @@ _DURATION_UNITS = {
 _DURATION_PART = re.compile(r"\s*([0-9]+)\s*([a-zA-Zµ]+)\s*")
 
 
+# Durations are remembered (a submission's tasks name their timeout again and again),
+# up to this many characters: a longer text (a request may carry 1 MiB of it) is read
+# each time, or 1,024 of them would keep a gigabyte of the coordinator's memory.
+DURATION_MEMO_TEXT = 64
+
+
 def parse_duration(text):
     """Seconds (float) from a humantime string such as "3m", "1h 30m" or "7days"."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"not a duration: {text!r}")
-    return _parse_duration(text)
+    if len(text) > DURATION_MEMO_TEXT:
+        return _read_duration(text)
+    return _remembered_duration(text)
 
 
-@functools.lru_cache(maxsize=1024)  # each task of a submission names its timeout again
-def _parse_duration(text):
+def _read_duration(text):
     parts, pos = [], 0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos or match.group(2) not in _DURATION_UNITS:
@@ -227,6 +234,9 @@ def _parse_duration(text):
         return float(sum(count * unit for count, unit in parts))
     except OverflowError:
         raise ValueError(f"not a duration: {text!r} is too long") from None
+
+
+_remembered_duration = functools.lru_cache(maxsize=1024)(_read_duration)
 
 
 # Every wait whose length a task or a user sets goes through clamp_wait(): the clocks
