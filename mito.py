@@ -3899,9 +3899,17 @@ class Transaction:
 
     def __exit__(self, kind, error, trace):
         try:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+            if kind is None:
+                self.db.execute("COMMIT")
         finally:
-            self.release()
+            try:
+                # the block raised, or COMMIT failed (a full disk, a busy file), after
+                # which SQLite may keep the transaction open: left so, every later BEGIN
+                # on this connection would fail; one it rolled back itself is left be
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+            finally:
+                self.release()
 
     def release(self):
         if self.lock is not None:
