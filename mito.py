@@ -1722,6 +1722,11 @@ def adopted_pids():
     return child_pids(os.getpid(), os.getpid())
 
 
+def worker_children(thread=None):
+    """The worker's adopted children and those of its thread `thread` (a native id)."""
+    return adopted_pids() + (child_pids(os.getpid(), thread) if thread else [])
+
+
 def descendants(roots):
     """`roots` and every process below them, read from /proc/PID/task/TID/children."""
     found, todo = [], list(roots)
@@ -1822,6 +1827,7 @@ class TaskProcesses:
         self.proc = None
         self.status = None  # the leader's raw wait status, once reaped
         self.ended = False  # the leader has ended (a zombie until reaped)
+        self.thread = None  # the native id of the thread that started it: its parent
         self._spawning = threading.Lock()  # a kill() never misses a spawn under way
 
     def spawn(self, args, env, stdout, stderr, stop):
@@ -1839,6 +1845,7 @@ class TaskProcesses:
             if stop.is_set():
                 raise Stopped()
             self.proc = self.start(args, env, stdout, stderr)
+            self.thread = threading.get_native_id()
             with self._lock:
                 self.spared.add(self.proc.pid)
         return self.proc.pid
@@ -1867,7 +1874,13 @@ class TaskProcesses:
         worker (a subreaper); None, anywhere in /proc, when the worker is none."""
         if not self.below_worker:
             return None
-        return [self.proc.pid, *adopted_pids()] if self.proc else adopted_pids()
+        return [self.proc.pid, *self.beside()] if self.proc else adopted_pids()
+
+    def beside(self):
+        """The worker's children that nobody else reaps and that may hold this task's
+        processes: its adopted orphans, and its spawning thread's children other than
+        the leader (a leader's clone(CLONE_PARENT) child is the thread's child)."""
+        return [pid for pid in worker_children(self.thread) if pid not in self.spared]
 
     def signal(self, sig):
         """Send `sig` to the leader's process group (the leader a zombie at worst)."""
@@ -1887,7 +1900,7 @@ class TaskProcesses:
         still be running."""
         if not (self.below_worker and self.ended):
             return None
-        return [pid for pid in adopted_pids() if pid not in self.spared]
+        return self.beside()
 
     def reap(self):
         """Kill the group and what escaped it, then reap the leader; its wait status.
@@ -1904,15 +1917,16 @@ class TaskProcesses:
         with self._lock:
             self.spared.discard(self.proc.pid)
         if suspected:
-            reap_orphans()
+            reap_orphans(self.thread)
         return self.status
 
 
-def reap_orphans():
-    """Reap the zombies reparented to the worker (it is a subreaper), sparing the
-    children whose owners reap them (TaskProcesses.spared); a live one is left."""
+def reap_orphans(thread=None):
+    """Reap the zombies reparented to the worker (it is a subreaper) and those of the
+    slot's `thread`, sparing the children whose owners reap them
+    (TaskProcesses.spared); a live one is left."""
     with TaskProcesses._lock:
-        for pid in adopted_pids():
+        for pid in worker_children(thread):
             if pid not in TaskProcesses.spared:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
