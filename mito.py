@@ -2115,8 +2115,8 @@ class TaskRun:
         cleaned up while the coordinator works on the commit: a round trip saved."""
         op = commit_op(self.status, msg)
         with self.worker.next_fetch() as after:
-            body, hold = commit_request(self.id, op, self.held_end, after), \
-                (after or {}).get("wait", 0)
+            body = commit_request(self.id, op, self.held_end, after)
+            hold = (after or {}).get("wait", 0)  # it may wait for the next task
             with self.worker.holding(body if hold else None):
                 reply = self.report(op, body=body, meanwhile=self.clean_up, hold=hold)
             if after is not None and reply is not None:
@@ -2452,8 +2452,8 @@ class OutputTail:
 
 
 # ---- the slot: one registered worker -----------------------------------------------------
-# register -> heartbeat thread + fetch loop -> TaskRun per task -> leave (DELETE
-# /workers); a 401 for silence registers again, any other 401 leaves
+# register -> fetch loop (its heartbeats: the process's Heartbeats) -> TaskRun per task
+# -> leave (DELETE /workers); a 401 for silence registers again, any other 401 leaves
 
 
 class Worker:
@@ -2768,6 +2768,11 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
 
 
+# ---- the process: its slots, signals, lifetime and shutdown ------------------------------
+# `mito.py worker` -> WorkerProcess (lock, login, logs, signals) -> `concurrency`
+# Workers; the main thread supervises until they are done, then exits with a status
+
+
 class Heartbeats:
     """Every slot's heartbeat, each with its own token, from one thread of the process:
     a thread per slot would sleep all day (5,000 of them on a large node). A slot
@@ -2809,11 +2814,6 @@ class Heartbeats:
                 log.exception("heartbeat failed")  # without heartbeats (issue 8 §1)
             going_on.append(slot)
         return going_on
-
-
-# ---- the process: its slots, signals, lifetime and shutdown ------------------------------
-# `mito.py worker` -> WorkerProcess (lock, login, logs, signals) -> `concurrency`
-# Workers; the main thread supervises until they are done, then exits with a status
 
 
 class GaveUp(Exception):
