@@ -1852,6 +1852,8 @@ class TaskProcesses:
 
     @staticmethod
     def start(args, env, stdout, stderr):
+        """The leader's Popen: the program itself where program_of names it, else (or
+        if that exec fails: a file that may not run, no #!) `/usr/bin/env ARGS...`."""
         files = dict(stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
         program = program_of(args, env)
         if program:
@@ -1893,11 +1895,11 @@ class TaskProcesses:
         return self.ended
 
     def strays(self):
-        """The processes the ended leader may have left: the worker's adopted children
-        that nobody else reaps. Every process it left is one of them or below one (a
-        subreaper adopts the orphans as the leader ends, before the leader can be
-        waited for). None where that does not hold: no subreaper, or the leader may
-        still be running."""
+        """The processes the ended leader may have left: the worker's children beside
+        it that nobody else reaps (beside()). Every process it left is one of them or
+        below one (a subreaper adopts the orphans as the leader ends, before the leader
+        can be waited for). None where that does not hold: no subreaper, or the leader
+        may still be running."""
         if not (self.below_worker and self.ended):
             return None
         return self.beside()
@@ -5380,6 +5382,7 @@ class Coordinator:
         return self.group_id_of(req, name, need)
 
     def listed_group(self, req, name, need):
+        """The group's row, checked as listed_group_id checks it (400 if unknown)."""
         self.listed_group_id(req, name, need)
         return self.store.group(name)
 
@@ -8539,6 +8542,7 @@ class EventLoopServer:
 
     @staticmethod
     def serve(connection, mask):
+        """One connection's event; a failure of ours drops that connection, not the loop."""
         try:
             connection.on_event(mask)
         except Exception:  # a bug in the network layer: drop that connection only
