@@ -206,15 +206,22 @@ _DURATION_UNITS = {
 _DURATION_PART = re.compile(r"\s*([0-9]+)\s*([a-zA-Zµ]+)\s*")
 
 
+# Durations are remembered (a submission's tasks name their timeout again and again),
+# up to this many characters: a longer text (a request may carry 1 MiB of it) is read
+# each time, or 1,024 of them would keep a gigabyte of the coordinator's memory.
+DURATION_MEMO_TEXT = 64
+
+
 def parse_duration(text):
     """Seconds (float) from a humantime string such as "3m", "1h 30m" or "7days"."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"not a duration: {text!r}")
-    return _parse_duration(text)
+    if len(text) > DURATION_MEMO_TEXT:
+        return _read_duration(text)
+    return _remembered_duration(text)
 
 
-@functools.lru_cache(maxsize=1024)  # each task of a submission names its timeout again
-def _parse_duration(text):
+def _read_duration(text):
     parts, pos = [], 0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos or match.group(2) not in _DURATION_UNITS:
@@ -227,6 +234,9 @@ def _parse_duration(text):
         return float(sum(count * unit for count, unit in parts))
     except OverflowError:
         raise ValueError(f"not a duration: {text!r} is too long") from None
+
+
+_remembered_duration = functools.lru_cache(maxsize=1024)(_read_duration)
 
 
 # Every wait whose length a task or a user sets goes through clamp_wait(): the clocks
@@ -1712,6 +1722,11 @@ def adopted_pids():
     return child_pids(os.getpid(), os.getpid())
 
 
+def worker_children(thread=None):
+    """The worker's adopted children and those of its thread `thread` (a native id)."""
+    return adopted_pids() + (child_pids(os.getpid(), thread) if thread else [])
+
+
 def descendants(roots):
     """`roots` and every process below them, read from /proc/PID/task/TID/children."""
     found, todo = [], list(roots)
@@ -1812,6 +1827,7 @@ class TaskProcesses:
         self.proc = None
         self.status = None  # the leader's raw wait status, once reaped
         self.ended = False  # the leader has ended (a zombie until reaped)
+        self.thread = None  # the native id of the thread that started it: its parent
         self._spawning = threading.Lock()  # a kill() never misses a spawn under way
 
     def spawn(self, args, env, stdout, stderr, stop):
@@ -1829,12 +1845,15 @@ class TaskProcesses:
             if stop.is_set():
                 raise Stopped()
             self.proc = self.start(args, env, stdout, stderr)
+            self.thread = threading.get_native_id()
             with self._lock:
                 self.spared.add(self.proc.pid)
         return self.proc.pid
 
     @staticmethod
     def start(args, env, stdout, stderr):
+        """The leader's Popen: the program itself where program_of names it, else (or
+        if that exec fails: a file that may not run, no #!) `/usr/bin/env ARGS...`."""
         files = dict(stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
         program = program_of(args, env)
         if program:
@@ -1857,7 +1876,13 @@ class TaskProcesses:
         worker (a subreaper); None, anywhere in /proc, when the worker is none."""
         if not self.below_worker:
             return None
-        return [self.proc.pid, *adopted_pids()] if self.proc else adopted_pids()
+        return [self.proc.pid, *self.beside()] if self.proc else adopted_pids()
+
+    def beside(self):
+        """The worker's children that nobody else reaps and that may hold this task's
+        processes: its adopted orphans, and its spawning thread's children other than
+        the leader (a leader's clone(CLONE_PARENT) child is the thread's child)."""
+        return [pid for pid in worker_children(self.thread) if pid not in self.spared]
 
     def signal(self, sig):
         """Send `sig` to the leader's process group (the leader a zombie at worst)."""
@@ -1870,14 +1895,14 @@ class TaskProcesses:
         return self.ended
 
     def strays(self):
-        """The processes the ended leader may have left: the worker's adopted children
-        that nobody else reaps. Every process it left is one of them or below one (a
-        subreaper adopts the orphans as the leader ends, before the leader can be
-        waited for). None where that does not hold: no subreaper, or the leader may
-        still be running."""
+        """The processes the ended leader may have left: the worker's children beside
+        it that nobody else reaps (beside()). Every process it left is one of them or
+        below one (a subreaper adopts the orphans as the leader ends, before the leader
+        can be waited for). None where that does not hold: no subreaper, or the leader
+        may still be running."""
         if not (self.below_worker and self.ended):
             return None
-        return [pid for pid in adopted_pids() if pid not in self.spared]
+        return self.beside()
 
     def reap(self):
         """Kill the group and what escaped it, then reap the leader; its wait status.
@@ -1894,15 +1919,16 @@ class TaskProcesses:
         with self._lock:
             self.spared.discard(self.proc.pid)
         if suspected:
-            reap_orphans()
+            reap_orphans(self.thread)
         return self.status
 
 
-def reap_orphans():
-    """Reap the zombies reparented to the worker (it is a subreaper), sparing the
-    children whose owners reap them (TaskProcesses.spared); a live one is left."""
+def reap_orphans(thread=None):
+    """Reap the zombies reparented to the worker (it is a subreaper) and those of the
+    slot's `thread`, sparing the children whose owners reap them
+    (TaskProcesses.spared); a live one is left."""
     with TaskProcesses._lock:
-        for pid in adopted_pids():
+        for pid in worker_children(thread):
             if pid not in TaskProcesses.spared:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
@@ -3889,9 +3915,17 @@ class Transaction:
 
     def __exit__(self, kind, error, trace):
         try:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+            if kind is None:
+                self.db.execute("COMMIT")
         finally:
-            self.release()
+            try:
+                # the block raised, or COMMIT failed (a full disk, a busy file), after
+                # which SQLite may keep the transaction open: left so, every later BEGIN
+                # on this connection would fail; one it rolled back itself is left be
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+            finally:
+                self.release()
 
     def release(self):
         if self.lock is not None:
@@ -5359,6 +5393,7 @@ class Coordinator:
         return self.group_id_of(req, name, need)
 
     def listed_group(self, req, name, need):
+        """The group's row, checked as listed_group_id checks it (400 if unknown)."""
         self.listed_group_id(req, name, need)
         return self.store.group(name)
 
@@ -8529,6 +8564,7 @@ class EventLoopServer:
 
     @staticmethod
     def serve(connection, mask):
+        """One connection's event; a failure of ours drops that connection, not the loop."""
         try:
             connection.on_event(mask)
         except Exception:  # a bug in the network layer: drop that connection only

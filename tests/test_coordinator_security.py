@@ -12,6 +12,7 @@ import signal
 import socket
 import sqlite3
 import time
+import tracemalloc
 import urllib.parse
 
 import pytest
@@ -433,3 +434,20 @@ def test_password_hashing_is_bounded_under_64_concurrent_logins(cluster):
     grown = peak_memory() - before
     # each scrypt takes 16 MiB: unbounded, 64 at once took about 1 GiB
     assert grown < (mito.PasswordGuard.HASHERS + 3) * 16 << 20, grown
+
+
+# ---- what a request may make the coordinator keep ------------------------------------------
+
+
+def test_long_durations_are_not_kept_in_memory():
+    """Durations are remembered (a batch names its timeout again for every task), but a
+    request may carry a megabyte of one: 1,024 such texts kept would be a gigabyte."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(30):
+            assert mito.parse_duration("1s " * 12000 + f"{number}s") == 12000 + number
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 256 << 10, f"{kept} bytes kept after reading 30 long durations (1 MiB)"

@@ -5,6 +5,7 @@ a dropped connection)."""
 import json
 import re
 import socket
+import sqlite3
 import time
 
 import pytest
@@ -268,6 +269,22 @@ def fleet(tmp_path):
         return store.insert_tasks(counted.user["id"], [(counted.group[group], request)])[0][1]
     counted.submit = submit
     return counted
+
+
+def test_a_write_whose_commit_fails_leaves_the_store_writable(fleet):
+    """SQLite keeps a transaction open when its COMMIT fails (here a deferred foreign
+    key; a full disk or a busy file alike): rolled back, the next writes still go
+    through on that connection, instead of a 500 for each until a restart."""
+    db = fleet.store.db()
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("CREATE TABLE probe_a (id INTEGER PRIMARY KEY)")
+    db.execute("CREATE TABLE probe_b (a INTEGER REFERENCES probe_a (id) "
+               "DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError):
+        with fleet.store.write() as db:
+            db.execute("INSERT INTO probe_b VALUES (1)")
+    assert fleet.store.task(fleet.submit())["state"] == "Ready"
+    assert not db.execute("SELECT * FROM probe_b").fetchall()
 
 
 def park(fleet, worker, time_left=None):

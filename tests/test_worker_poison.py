@@ -306,6 +306,35 @@ def test_a_leader_that_ends_takes_its_child_about_to_fork_along(fake, start_work
     assert not (tmp_path / "pid").exists()
 
 
+# clone(CLONE_PARENT): the new process is a child of the caller's parent, the worker
+CLONE_PARENT_SIBLING = """
+import ctypes, os, sys, time
+pid = ctypes.CDLL(None, use_errno=True).syscall(56, 0x8000 | 17, 0, 0, 0, 0)
+if pid == 0:
+    os.setsid()
+    open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(300)
+    os._exit(0)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the clone syscall's number")
+def test_a_process_the_leader_makes_the_workers_child_dies_and_is_reaped(
+        fake, start_worker, tmp_path):
+    """A leader's clone(CLONE_PARENT) child is the worker's child, not the leader's,
+    and it left the group (setsid): the reap still finds it by its marker, kills it
+    and reaps it."""
+    worker = start_worker()
+    pid_file = tmp_path / "sibling"
+    task = fake.add_task([sys.executable, "-c", CLONE_PARENT_SIBLING, str(pid_file)])
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+    [pid] = recorded_pids(pid_file)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10,
+               what=f"the leader's sibling {pid} to be killed and reaped")
+    still_working(fake, worker)
+
+
 def test_without_a_subreaper_escaped_processes_are_searched_for_in_all_of_proc(tmp_path,
                                                                               monkeypatch):
     """Where the worker cannot be a subreaper, a task's escaped processes end up under
