@@ -1752,12 +1752,15 @@ def marked_processes(needle, roots=None):
     return found
 
 
-def kill_marked(needle, roots=None):
-    """SIGKILL every process carrying `needle`, again while they keep forking."""
+def kill_marked(needle, suspects=None):
+    """SIGKILL every process carrying `needle`, again while they keep forking.
+    `suspects()` says where they can be (None: anywhere), asked again each round: the
+    children a killed process was forking are adopted by the worker, out from under
+    the processes the last round looked below."""
     if not os.path.isdir("/proc"):
         return
     for _ in range(KILL_ROUNDS):
-        pids = marked_processes(needle, roots)
+        pids = marked_processes(needle, suspects and suspects())
         if not pids:
             return
         for pid in pids:
@@ -1869,7 +1872,7 @@ class TaskProcesses:
         """Kill them all at once, from any thread (the worker is leaving)."""
         with self._spawning:
             self.signal(signal.SIGKILL)
-            kill_marked(self.needle, self.suspects())
+            kill_marked(self.needle, self.suspects)
 
     def suspects(self):
         """Where this task's processes can be: below its leader or adopted by the
@@ -1913,7 +1916,7 @@ class TaskProcesses:
         self.signal(signal.SIGKILL)
         suspected = self.strays() != []  # some, or not known (None)
         if suspected:
-            kill_marked(self.needle, self.suspects())
+            kill_marked(self.needle, self.suspects)
         _, self.status = os.waitpid(self.proc.pid, 0)
         self.proc.returncode = os.waitstatus_to_exitcode(self.status)
         with self._lock:

@@ -306,6 +306,22 @@ def test_a_leader_that_ends_takes_its_child_about_to_fork_along(fake, start_work
     assert not (tmp_path / "pid").exists()
 
 
+FORKING_FOR_EVER = "import os, time\nwhile True:\n    if os.fork() == 0:\n        time.sleep(300)\n"
+
+
+def test_a_process_the_task_leaves_forking_in_a_loop_dies_with_all_its_children(
+        fake, start_worker):
+    """The leader leaves processes (out of its group) that fork without end: each
+    round of the reap must look again below the worker, which adopts the children the
+    killed forker had just made, out from under the processes looked at before."""
+    worker = start_worker()
+    forker = f"setsid {sys.executable} -c '{FORKING_FOR_EVER}' & "
+    task = fake.add_task(["sh", "-c", forker * 4 + "sleep 0.3"])
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+    wait_until(lambda: marked_processes(task) == [], 10, what="no process of the task left")
+    still_working(fake, worker)
+
+
 # clone(CLONE_PARENT): the new process is a child of the caller's parent, the worker
 CLONE_PARENT_SIBLING = """
 import ctypes, os, sys, time
