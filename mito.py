@@ -4468,6 +4468,17 @@ class Store:
         self._record(db, [row["id"]], "Started", worker["uuid"])
         self.holding_nothing.discard(worker["id"])
 
+    def requeue_unsent(self, worker_id, task):
+        """Back to the queue with `task`, handed to the worker in an answer that could not
+        be sent; not if the worker has fetched since (its fetch put the task back, and it
+        may hold it again: `requeues` moved on)."""
+        with self._write_lock:
+            requeued = self._requeue_lost(worker_id) if self.one(
+                "SELECT 1 FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0 AND "
+                "requeues = ?", task["id"], worker_id, task["requeues"]) else []
+        if requeued:
+            self.wake_fetchers(requeued)
+
     def _requeue_lost(self, worker_id):
         """A worker fetches only when it holds no task: one still on it is a task whose
         fetch answer was lost (or that it dropped). Back to the queue with it, or it would
@@ -6559,6 +6570,7 @@ class Park:
         self.time_left, self.arrived, self.deadline = time_left, arrived, deadline
         self.shape = shape  # task row or None -> the Answer its request expects
         self.answer = None
+        self.task = None  # the row handed out in the answer, if any
         self._lock = threading.Lock()
         self._notify = None
 
@@ -6568,13 +6580,13 @@ class Park:
 
     def hand(self, task):
         """Answer with `task` (a row, or None: no task) in the shape its request expects."""
-        self.resolve(self.shape(task))
+        self.resolve(self.shape(task), task)
 
-    def resolve(self, answer):
+    def resolve(self, answer, task=None):
         with self._lock:
             if self.answer is not None:
                 return
-            self.answer, notify = answer, self._notify
+            self.answer, self.task, notify = answer, task, self._notify
         if notify:
             notify(self)
 
@@ -6712,12 +6724,13 @@ class Dispatcher:
             park.resolve(Answer(401, {"msg": why_gone(self.store, park.worker["uuid"])}))
             return
         now = time.monotonic()
-        answer = self.fetch(worker, park.time_left_at(now), park.deadline - now, now,
-                            park.shape)
-        if isinstance(answer, Park):
-            answer.on_resolve(lambda settled: park.resolve(settled.answer))
-        else:
-            park.resolve(answer)
+        changes, time_left = self.changes, park.time_left_at(now)
+        task = self.store.claim(worker, time_left)
+        if task is not None or park.deadline <= now:
+            park.hand(task)
+            return
+        again = self.park(worker, time_left, park.deadline - now, now, changes, park.shape)
+        again.on_resolve(lambda settled: park.resolve(settled.answer, settled.task))
 
     def expire(self, now):
         """Answer every park whose deadline has passed with no task. Its worker is heard
@@ -6731,6 +6744,13 @@ class Dispatcher:
                 self.heard_from(park.worker)
             if waiting and self.withdraw(park):
                 park.hand(None)
+
+    def undelivered(self, park):
+        """The park's connection closed before its answer could be sent: a task in it
+        goes back to the queue now, as the worker's next fetch would put it back (it
+        may never come: a killed worker is dropped only when its silence times out)."""
+        if park.task is not None:
+            self.store.requeue_unsent(park.worker["id"], park.task)
 
     def is_parked(self, worker_id):
         """Whether the worker's fetch waits here now (Liveness: it is alive)."""
@@ -8366,7 +8386,9 @@ class HttpConnection:
         self.send(answer, message.keep_alive)
 
     def parked_answer(self, park, message):
-        if self.park is park and not self.closed:
+        if self.closed:  # hung up as its answer came: a task in it must not stay on it
+            self.server.dispatcher.undelivered(park)
+        elif self.park is park:
             self.busy, self.park = False, None
             self.send(park.answer, message.keep_alive)
             self.next_request()
