@@ -2481,6 +2481,7 @@ class Worker:
         self.rejoining = threading.Lock()  # one re-registration (fetch, heartbeats)
         self.finished = threading.Event()  # the fetch loop has ended
         self.idle_since = time.monotonic()
+        self.idle_from = None  # when a commit began to wait in vain for the next task
         self.saw_empty_queue = False
 
     # -- the coordinator
@@ -2614,12 +2615,12 @@ class Worker:
         return True
 
     def run(self, task):
-        self.current = TaskRun(self, task)
+        self.current, self.idle_from = TaskRun(self, task), None
         try:
             self.current.run()
         finally:
             self.current = None
-            self.idle_since = time.monotonic()
+            self.idle_since = self.idle_from or time.monotonic()
             self.saw_empty_queue = False
             self.process.task_done()
 
@@ -2669,7 +2670,7 @@ class Worker:
 
     def took(self, task):
         """Not idle from now on, even before run() marks the slot busy."""
-        self.saw_empty_queue, self.idle_since = False, time.monotonic()
+        self.saw_empty_queue, self.idle_since, self.idle_from = False, time.monotonic(), None
         self.process.task_started()
 
     @contextlib.contextmanager
@@ -2685,20 +2686,24 @@ class Worker:
         try:
             time_left, wait = process.time_left(), process.fetch_wait()
             after = {} if time_left is None else {"time_left": int(time_left)}
-            if self.long_poll and wait > 0:
-                after["wait"] = wait
+            if self.long_poll and wait > 0:  # not past the idle timeout: a slot held is busy
+                after["wait"] = min(wait, self.settings.idle_timeout or wait)
             yield after
         finally:
             process.return_ticket()
 
     @contextlib.contextmanager
     def holding(self, commit):
-        """While `commit` (a request body, or None) waits for the next task."""
-        self.held = commit
+        """While `commit` (a request body, or None) waits for the next task. That wait
+        is idle time (idle_timeout): unless a task comes (took()), the slot has been
+        idle since the commit was sent."""
+        self.held, began = commit, time.monotonic()
         try:
             yield
         finally:
             self.held = None
+            if commit is not None:
+                self.idle_from = began
 
     def confirm_held(self):
         """Draining: send a commit that waits for the next task once more, without

@@ -210,6 +210,18 @@ def test_a_worker_waiting_in_its_commit_leaves_at_once_on_a_signal(c, tmp_path, 
     assert task["state"] == "Finished" and task["result"]["exit_status"] == 0, task
 
 
+def test_a_slot_waiting_in_its_commit_counts_as_idle_for_the_idle_timeout(c, tmp_path):
+    """--idle-timeout 2s with long polls of 30 s: the commit that waits for the next
+    task counts as idle time (it waits no longer than the idle timeout), so the worker
+    leaves about 2 s after its last task, not after the whole wait."""
+    alice = c.user("alice")
+    worker = c.worker("alice", "pw", "--polling-interval", "30s", "--idle-timeout", "2s")
+    task_uuid = c.submit(alice, spec("true"))
+    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+    assert worker.wait(20) == 0, worker.log()
+    assert "idle for 2s" in worker.log()
+
+
 def test_a_held_commit_lost_with_its_coordinator_is_resent_and_nothing_runs_twice(
         c, tmp_path):
     """The coordinator dies while a commit waits for the next task: the worker resends
