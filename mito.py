@@ -5264,6 +5264,7 @@ class Liveness:
         # worker id -> when heard_from last wrote (the row may be cached); an entry older
         # than `every` decides nothing, so forget_old() drops it: workers come and go
         self.written = {}
+        self.last_round = None  # when reap() last ran (wall time)
 
     def heard_from(self, worker):
         now = time.time()
@@ -5274,6 +5275,7 @@ class Liveness:
     def reap(self, now):
         """One round of the reaper: drop the workers silent for a heartbeat timeout, past
         their lifetime or far past their task's timeout; their tasks go back."""
+        self.forgive_a_stall(now)
         self.spare_parked(now)
         dead = self.store.dead_workers(now - self.timeout, now)
         if dead:
@@ -5282,6 +5284,18 @@ class Liveness:
             self.store.remove_workers([row["id"] for row in dead], silent=[
                 row["uuid"] for row in dead if row["expires_at"] >= now])
         self.forget_old(now)
+
+    def forgive_a_stall(self, now):
+        """After half a timeout without a round, the coordinator itself did not run
+        (stopped, suspended, starved): the heartbeats sent meanwhile wait unread in its
+        sockets, and the silence was not the workers'. As after a restart, each gets
+        a whole timeout again, rather than all being dropped and their tasks killed."""
+        if self.last_round is not None and now - self.last_round > self.timeout / 2:
+            log.warning("the coordinator did not run for %s: every worker gets a whole "
+                        "heartbeat timeout to be heard from again",
+                        format_duration(round(now - self.last_round)))
+            self.store.forgive_silence()
+        self.last_round = now
 
     def spare_parked(self, now):
         """Mark the parked workers heard from more than half a timeout ago as heard from

@@ -217,3 +217,25 @@ def test_a_park_that_gets_a_task_ends_with_its_worker_heard_from(tmp_path):
         "task_spec": {"args": ["true"]}})])
     assert park.answer is not None and park.answer.body is not None
     assert heard == [worker["id"]]
+
+
+def test_a_coordinator_that_stalls_longer_than_the_timeout_drops_no_worker(cluster, tmp_path):
+    """The coordinator is stopped for longer than its heartbeat timeout (a suspended VM,
+    a starved host): the workers' heartbeats wait unread in its sockets. Back, it must
+    not take its own stall for their silence, drop them all and have their running
+    tasks killed and run again."""
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    worker = c.worker("alice")
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    task_uuid = c.submit(alice, sh(f'echo run >> "{runs}"; '
+                                   f'while [ ! -e "{release}" ]; do sleep 0.05; done'))
+    wait_until(runs.exists, what="the task to start")
+    c.coordinator.signal(signal.SIGSTOP)
+    time.sleep(4)
+    c.coordinator.signal(signal.SIGCONT)
+    time.sleep(1)  # the reaper's rounds after the stall (every 0.5 s here)
+    release.touch()
+    assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
+    assert runs.read_text().split() == ["run"], c.log()[-2000:]
+    assert worker.uuid in c.workers() and "requeued" not in c.log()
