@@ -13,8 +13,10 @@ from e2e import cluster, mito, sh, wait_until  # noqa: F401
 from fake_coordinator import error, fake, start_worker  # noqa: F401
 
 
-def test_a_worker_dropped_for_silence_registers_again_and_finishes_the_task(cluster,
-                                                                          tmp_path):
+def running_until_released(cluster, tmp_path):
+    """A coordinator (2 s heartbeat timeout), alice, her worker and her task running on
+    it, which writes a line to `runs` each time it starts and ends once `release` exists:
+    (c, alice, worker, task uuid, runs, release)."""
     c = cluster(heartbeat_timeout="2s")
     alice = c.user("alice")
     worker = c.worker("alice")
@@ -22,6 +24,12 @@ def test_a_worker_dropped_for_silence_registers_again_and_finishes_the_task(clus
     task_uuid = c.submit(alice, sh(f'echo run >> "{runs}"; '
                                    f'while [ ! -e "{release}" ]; do sleep 0.05; done'))
     wait_until(runs.exists, what="the task to start")
+    return c, alice, worker, task_uuid, runs, release
+
+
+def test_a_worker_dropped_for_silence_registers_again_and_finishes_the_task(cluster,
+                                                                          tmp_path):
+    c, alice, worker, task_uuid, runs, release = running_until_released(cluster, tmp_path)
     worker.signal(signal.SIGSTOP)  # an outage, as the coordinator sees it
     wait_until(lambda: worker.uuid not in c.workers(), 20, what="the worker to be dropped")
     worker.signal(signal.SIGCONT)
@@ -224,13 +232,7 @@ def test_a_coordinator_that_stalls_longer_than_the_timeout_drops_no_worker(clust
     a starved host): the workers' heartbeats wait unread in its sockets. Back, it must
     not take its own stall for their silence, drop them all and have their running
     tasks killed and run again."""
-    c = cluster(heartbeat_timeout="2s")
-    alice = c.user("alice")
-    worker = c.worker("alice")
-    runs, release = tmp_path / "runs", tmp_path / "release"
-    task_uuid = c.submit(alice, sh(f'echo run >> "{runs}"; '
-                                   f'while [ ! -e "{release}" ]; do sleep 0.05; done'))
-    wait_until(runs.exists, what="the task to start")
+    c, alice, worker, task_uuid, runs, release = running_until_released(cluster, tmp_path)
     c.coordinator.signal(signal.SIGSTOP)
     time.sleep(4)
     c.coordinator.signal(signal.SIGCONT)
