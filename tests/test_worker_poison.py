@@ -376,6 +376,55 @@ def test_without_a_subreaper_escaped_processes_are_searched_for_in_all_of_proc(t
 # ---- the scratch directory ----------------------------------------------------------------
 
 
+def test_the_scratch_is_made_at_registration_before_any_task(mito, fake, start_worker):
+    """A burst onto idle slots does not pay for making each slot's folders."""
+    worker = start_worker()
+    scratch = mito.mitosis_cache / "worker" / worker.worker_id
+    folders = {"resource", "result", "exec", "std", "upload"}
+    wait_until(lambda: scratch.is_dir() and set(os.listdir(scratch)) == folders, 10,
+               what="the scratch's folders")
+    assert fake.find("POST", "/workers/tasks") == []  # no task has run
+    still_working(fake, worker)
+
+
+def test_a_scratch_left_unseen_is_looked_at_again_before_a_task(tmp_path, monkeypatch):
+    """A cleaner of old files may take an idle worker's folders: after TRUSTED seconds
+    the next task does not take the last clean-up's word for them."""
+    import mito
+    dirs = mito.ScratchDirs(str(tmp_path / "scratch"))
+    dirs.prepare()
+    shutil.rmtree(dirs.exec)
+    dirs.take()  # trusted: just emptied
+    assert not os.path.isdir(dirs.exec)
+    dirs.prepare()
+    shutil.rmtree(dirs.exec)
+    monkeypatch.setattr(mito.ScratchDirs, "TRUSTED", 0.0)
+    time.sleep(0.01)
+    dirs.take()
+    assert os.path.isdir(dirs.exec)
+
+
+def test_a_scratch_that_cannot_be_made_fails_its_tasks_not_the_worker(mito, fake,
+                                                                     start_worker):
+    mito.mitosis_cache.mkdir(parents=True, exist_ok=True)
+    (mito.mitosis_cache / "worker").write_text("a file where the workers' folder goes")
+    worker = start_worker()
+    task = fake.add_task(["true"])
+    commit = fake.wait_commit(task)
+    assert commit["msg"] is not None, commit  # the task fails, committed
+    assert worker.alive(), worker.stderr()
+    assert "cannot make the scratch directory" in worker.stderr()
+    assert "cannot make the scratch directory" in commit_log(worker)
+    assert "Traceback" not in worker.stderr(), worker.stderr()
+    still_failing = fake.add_task(["true"])
+    assert fake.wait_commit(still_failing)["msg"] is not None
+    assert worker.alive(), worker.stderr()
+
+
+def commit_log(worker):
+    return "\n".join(line for line in worker.stderr().splitlines() if "task " in line)
+
+
 def test_scratch_is_emptied_after_each_task(mito, fake, start_worker):
     worker = start_worker()
     task = fake.add_task(["sh", "-c", 'head -c 3000000 /dev/zero > "$MITO_RESULT_DIR/big"; '
