@@ -5397,8 +5397,9 @@ class Coordinator:
         if payload is None:
             raise HttpError(401, "invalid or expired token" if header else "missing token")
         if kind == "worker":
-            req.worker = (payload.get("k") == "worker"
-                          and self.store.auth_worker(payload.get("sub")))
+            if payload.get("k") != "worker":  # (its "sub" is a username: no worker's uuid)
+                raise HttpError(401, "this route takes a worker's token, not a user's")
+            req.worker = self.store.auth_worker(payload.get("sub"))
             if not req.worker:
                 raise HttpError(401, why_gone(self.store, payload.get("sub")))
             self.liveness.heard_from(req.worker)

@@ -59,3 +59,20 @@ def test_a_commit_with_end_and_next_under_another_workers_token_changes_nothing(
     assert refused.value.status == 404
     assert c.task(alice, task_uuid)["info"]["state"] == "Running"
     assert c.task(alice, waiting)["info"]["state"] == "Ready"
+
+
+def test_a_users_token_on_a_worker_route_is_told_so(cluster):
+    """A user's token (even the admin's) on a worker's route: 401 saying the route takes
+    a worker's token, not that some worker was shut down; the held task stays as it was."""
+    c = cluster()
+    alice = c.user("alice")
+    task_uuid = c.submit(alice, {"args": ["true"]})
+    _, worker = c.register(alice)
+    task = c.fetch(worker)
+    for user in (alice, c.admin):
+        with pytest.raises(mito.ApiError) as refused:
+            user.api("POST", "/workers/tasks", {"id": task["id"], "op": {
+                "Commit": {"exit_status": 0}}, "end": "Finish", "next": {"wait": 5}})
+        assert (refused.value.status, refused.value.msg) == (
+            401, "this route takes a worker's token, not a user's")
+    assert c.task(alice, task_uuid)["info"]["state"] == "Running"
