@@ -8435,12 +8435,27 @@ class HttpConnection:
         self.send(answer, message.keep_alive)
 
     def parked_answer(self, park, message):
+        if self.park is park and self.hung_up():
+            self.park = None
+            self.close()
         if self.closed:  # hung up as its answer came: a task in it must not stay on it
             self.server.dispatcher.undelivered(park)
         elif self.park is park:
             self.busy, self.park = False, None
             self.send(park.answer, message.keep_alive)
             self.next_request()
+
+    def hung_up(self):
+        """Whether the client has closed its end (its FIN waits unread): an answer sent
+        now would be taken by the kernel and lost. The raw socket is peeked, under TLS
+        too: nothing is consumed."""
+        flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+        try:
+            return socket.socket.recv(self.sock, 1, flags) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def hand_to_pool(self, message, req, name, auth, started):
         """Run a slow handler on the pool. A blob route gets the socket too (blocking,
