@@ -2832,6 +2832,8 @@ class Heartbeats:
         while slots and not wait_event(process.stop, process.settings.heartbeat_interval):
             try:
                 slots = self.round(slots)
+            except Stopped:  # leaving while a dropped slot registered again
+                return
             except GaveUp:
                 process.give_up()
                 return
