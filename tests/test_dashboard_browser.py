@@ -192,8 +192,11 @@ def test_a_task_page_follows_the_output_while_the_task_runs(system, page, tmp_pa
              and "Finished" in text_of(page, "part-details"), "the end of the task")
     assert text_of(page, "out-stdout").split() == [f"line{i}" for i in range(1, 11)]
     wait_for(page, lambda: "oops" in text_of(page, "out-stderr"), "stderr")
-    history = text_of(page, "part-history")
-    assert "Submitted" in history and "Started" in history and "Finished" in history
+    # its state is Finished from the worker's Finish report; the history's Finished
+    # comes with the commit, after the std-log's upload
+    wait_for(page, lambda: all(event in text_of(page, "part-history")
+                               for event in ("Submitted", "Started", "Finished")),
+             "the whole history")
     wait_for(page, lambda: "std-log" in text_of(page, "part-artifacts"), "the artifacts")
     screenshot(page, tmp_path, "task")
 
