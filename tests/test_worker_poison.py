@@ -332,6 +332,9 @@ if pid == 0:
     os.rename(sys.argv[1] + ".tmp", sys.argv[1])
     time.sleep(300)
     os._exit(0)
+deadline = time.monotonic() + 30
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+    time.sleep(0.01)  # the leader ends once its sibling has said who it is
 """
 
 
