@@ -1601,10 +1601,11 @@ class ScratchWatch:
     instance or watch limit reached), every scratch is emptied, as without it."""
 
     def __init__(self):
-        self.fd = LIBC.inotify_init1(IN_NONBLOCK | IN_CLOEXEC) if LIBC else -1
+        start = getattr(LIBC, "inotify_init1", None)  # (glibc 2.9, musl)
+        self.fd = start(IN_NONBLOCK | IN_CLOEXEC) if start else -1
         if self.fd < 0:
             log.debug("no inotify (errno %d): every task's scratch is emptied",
-                      ctypes.get_errno() if LIBC else 0)
+                      ctypes.get_errno() if start else 0)
         self.owners = {}  # watch descriptor -> the ScratchDirs it belongs to
         self.changed = set()  # the ScratchDirs with an event since they were emptied
         self._lock = threading.Lock()  # owners, changed and the reads of fd

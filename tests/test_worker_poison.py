@@ -451,6 +451,17 @@ def test_a_watched_scratch_nothing_touched_is_not_looked_through_again(tmp_path,
     assert emptied == [1]
 
 
+def test_without_inotify_the_scratch_is_emptied_after_every_task(tmp_path, monkeypatch):
+    import mito
+    monkeypatch.setattr(mito, "LIBC", None)
+    dirs = mito.ScratchDirs(str(tmp_path / "scratch"), mito.ScratchWatch())
+    dirs.prepare()
+    assert not dirs.watched
+    Path(dirs.result, "out").write_text("x")
+    dirs.reset()
+    assert as_emptied(dirs)
+
+
 SCRATCH_CHANGES = {
     "a file in a folder": lambda d: Path(d.result, "out").write_text("x"),
     "a file beside the folders": lambda d: Path(d.root, "new-task.json").write_text("{}"),
