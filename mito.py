@@ -1520,13 +1520,13 @@ def clear_scratch(root, keep=()):
     The folders named in `keep` are emptied but stay: an rmdir and a mkdir are a
     journal write each, and they were a quarter of a `true` task's cost. Returns the
     folders of `keep` it found (real directories, now empty)."""
-    fd = open_in_scratch(root, os.O_RDONLY | os.O_DIRECTORY, stat.S_IFDIR)
+    fd = _open_root(root)
     kept = set()
     try:
         folders = _entries_left(fd)
         while folders:
             name = folders.pop()
-            folders += _empty_into_root(name, fd)
+            folders += _empty_into_root(name, fd, SCRATCH_MODE if name in keep else None)
             if name in keep:
                 kept.add(name)
             else:
@@ -1534,6 +1534,34 @@ def clear_scratch(root, keep=()):
     finally:
         os.close(fd)
     return kept
+
+
+# the mode of a scratch and of the folders kept in it: the worker's user's only
+SCRATCH_MODE = 0o700
+
+
+def _open_root(root):
+    """A descriptor for the scratch root (never through a symlink), given SCRATCH_MODE
+    again where a task changed it: a task that locked it (chmod 000, or no write bit)
+    would lock the worker out; one that opened it (777) would let others in."""
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    try:
+        fd = open_in_scratch(root, flags, stat.S_IFDIR)
+    except PermissionError:  # chmod through an O_PATH descriptor: no symlink followed
+        path_fd = os.open(root, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", SCRATCH_MODE)
+        finally:
+            os.close(path_fd)
+        fd = open_in_scratch(root, flags, stat.S_IFDIR)
+    _set_mode(fd, SCRATCH_MODE)
+    return fd
+
+
+def _set_mode(fd, mode):
+    """Give the folder `mode` unless it has it (a chmod is a write)."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+        os.fchmod(fd, mode)
 
 
 def _entries_left(dir_fd):
@@ -1553,24 +1581,27 @@ def _unlinked(name, dir_fd):
         return False
 
 
-def _open_folder(name, dir_fd):
+def _open_folder(name, dir_fd, mode=None):
     """A descriptor for the real directory `name`, made ours again (rwx) if a task
-    locked it (chmod 000); unchanged ones are not touched (a chmod is a write)."""
+    locked it (chmod 000), and given `mode` if one is named (a folder kept for the next
+    task: no mode a task gave it passes on)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except PermissionError:
-        os.chmod(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, flags, dir_fd=dir_fd)
-    if os.fstat(fd).st_mode & 0o700 != 0o700:
+        os.chmod(name, SCRATCH_MODE, dir_fd=dir_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    if mode is not None:
+        _set_mode(fd, mode)
+    elif os.fstat(fd).st_mode & 0o700 != 0o700:
         os.fchmod(fd, 0o700)
     return fd
 
 
-def _empty_into_root(name, root_fd):
+def _empty_into_root(name, root_fd, mode=None):
     """Unlink what the folder `name` holds and move its subfolders up into the root
-    under fresh names, which it returns."""
-    fd = _open_folder(name, root_fd)
+    under fresh names, which it returns. `mode`: the folder's mode from now on."""
+    fd = _open_folder(name, root_fd, mode)
     moved = []
     try:
         for entry in _entries_left(fd):
@@ -1619,12 +1650,12 @@ class ScratchDirs:
             aside = f"{self.root}.stale-{uuidlib.uuid4().hex[:8]}"
             log.error("cannot empty %s (%s); moving it to %s", self.root, error, aside)
             os.rename(self.root, aside)
-            os.makedirs(self.root)
+            os.makedirs(self.root, SCRATCH_MODE)
             kept = set()
         for name in self.FOLDERS:
             if name not in kept:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(os.path.join(self.root, name))
+                    os.mkdir(os.path.join(self.root, name), SCRATCH_MODE)
         self.emptied_at = time.monotonic()
 
     @property
@@ -1652,7 +1683,7 @@ class ScratchDirs:
                 raise
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root)
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, SCRATCH_MODE, exist_ok=True)
         return clear_scratch(self.root, keep=self.FOLDERS)
 
     def remove(self):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -422,6 +423,56 @@ def test_a_scratch_that_cannot_be_made_fails_its_tasks_not_the_worker(mito, fake
     still_failing = fake.add_task(["true"])
     assert fake.wait_commit(still_failing)["msg"] is not None
     assert worker.alive(), worker.stderr()
+
+
+def test_a_mode_a_task_gives_its_scratch_does_not_pass_to_the_next_task(fake, start_worker,
+                                                                         tmp_path):
+    """The scratch's folders are kept between tasks (emptied, not made again): the
+    next task finds them private to the worker's user (0700) again, not open to all,
+    locked, or without their write bit."""
+    worker = start_worker()
+    locking = fake.add_task(["sh", "-c", 'cd "$MITO_RESULT_DIR/.."; chmod 777 result; '
+                             "chmod 000 resource; chmod 1777 exec; chmod 500 ."])
+    assert fake.wait_commit(locking) == {"exit_status": 0, "msg": None}, worker.stderr()
+    modes = tmp_path / "modes"
+    looking = fake.add_task(["sh", "-c", f'cd "$MITO_RESULT_DIR/.."; stat -c "%n %a" . '
+                             f"result resource exec > {modes}; touch result/x exec/x"])
+    assert fake.wait_commit(looking) == {"exit_status": 0, "msg": None}, worker.stderr()
+    assert modes.read_text().split("\n")[:-1] == [
+        ". 700", "result 700", "resource 700", "exec 700"]
+    still_working(fake, worker)
+
+
+def test_a_scratch_locked_against_its_worker_is_opened_again(tmp_path):
+    """Run as a user whom a mode can lock out (not root): a scratch whose root and
+    folder a task locked (chmod 000) is emptied and opened again (it used to be moved
+    aside); the next task finds its folders, mode 0700."""
+    python, user, home = sys.executable, {}, tmp_path
+    if os.geteuid() == 0:  # root enters any folder: run as nobody, from where it may read
+        python, user = "/usr/bin/python3", {"user": 65534, "group": 65534, "extra_groups": []}
+        home = Path(tempfile.mkdtemp(prefix="mito-test-scratch-"))
+        os.chown(home, 65534, 65534)
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import mito
+dirs = mito.ScratchDirs(os.path.join({str(home)!r}, "scratch"))
+dirs.prepare()
+open(os.path.join(dirs.result, "x"), "w").close()
+os.chmod(dirs.result, 0o000)
+os.chmod(dirs.root, 0o000)
+dirs.reset()
+print(sorted(os.listdir({str(home)!r})), [oct(os.stat(path).st_mode & 0o7777)
+      for path in (dirs.root, dirs.result, dirs.exec)], os.listdir(dirs.result))
+"""
+    try:
+        run = subprocess.run([python, "-c", script], capture_output=True, text=True,
+                             timeout=60, **user)
+    finally:
+        if home != tmp_path:
+            shutil.rmtree(home)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "['scratch'] ['0o700', '0o700', '0o700'] []", run.stderr
 
 
 def commit_log(worker):
