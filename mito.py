@@ -1818,17 +1818,20 @@ def wait_exit(pid, timeout):
 
 def program_of(args, env):
     """The program `/usr/bin/env ARGS...` would run, found as env's execvp finds it:
-    ARGS[0] itself if it holds a slash, else the first file of that name in the
-    task's own PATH. None where env must run: ARGS[0] is an assignment (FOO=1) or one
-    of env's options, or no such file is found (env then says so, exit status 127)."""
+    ARGS[0] itself if it holds a slash, else the first entry of that name in the
+    task's own PATH (execvp passes over only the names it cannot reach; one that does
+    not run, a folder or a file without x, fails the direct start, and env runs).
+    None where env must run: ARGS[0] is an assignment (FOO=1) or one of env's options,
+    or nothing of that name is found (env then says so, exit status 127). os.access,
+    not isfile: a miss raises no exception (130 us a task, now 20, with 11 folders)."""
     name = args[0] if args else ""
     if not name or "=" in name or name.startswith("-"):
         return None
     if "/" in name:
         return name
     for folder in os.get_exec_path(env):
-        path = os.path.join(folder or ".", name)
-        if os.path.isfile(path):
+        path = f"{folder or '.'}/{name}"
+        if os.access(path, os.F_OK):
             return path
     return None
 
@@ -4608,6 +4611,24 @@ class Store:
         return self.one("SELECT * FROM tasks WHERE id = ? AND worker_id = ? AND committed = 0",
                         task_id, worker_id)
 
+    def commit_applied(self, task_id, worker_uuid):
+        """How this worker's Commit of the task was applied already: "committed",
+        "retried" (its attempt ended, the task went back to the queue), or None (not by
+        this worker). A Commit sent again after its answer was lost finds it here."""
+        row = self.one("SELECT committed, reporter FROM tasks WHERE id = ?", task_id)
+        if row is None:
+            return None
+        if row["committed"]:
+            return "committed" if row["reporter"] == worker_uuid else None
+        last = self.one("SELECT worker, result FROM task_attempts WHERE task_id = ? "
+                        "ORDER BY attempt DESC LIMIT 1", task_id)
+        return "retried" if last and last["worker"] == worker_uuid and last["result"] else None
+
+    def held_task(self, worker_id):
+        """The task on the worker now, if any (as a commit or a fetch handed it out)."""
+        return self.one("SELECT * FROM tasks WHERE worker_id = ? AND committed = 0 LIMIT 1",
+                        worker_id)
+
     def set_task_state(self, task_id, state):
         self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?", state,
                        time.time(), task_id)
@@ -5810,7 +5831,7 @@ class WorkerApiHandlers(Handlers):
             return {"url": None}
         task = self.store.assigned_task(req.worker["id"], task_id)
         if task is None:
-            raise not_found(f"task {task_id}")
+            return self.resent_commit(req, task_id, end, after)
         if not isinstance(op, dict) or len(op) != 1 or next(iter(op)) not in (
                 "Upload", "Commit", "Submit"):
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
@@ -5849,18 +5870,45 @@ class WorkerApiHandlers(Handlers):
         return commit_answer(claimed)
 
     def commit_wait(self, req, task, after):
-        """How long a Commit that found no next task may be held: none while the
-        coordinator stops, when the commit let its worker go, or when it requeued its
-        own task for a retry (held, the retry would go to this worker, and a resend of
-        this commit after a lost answer would be taken for the retry's commit)."""
+        """How long a Commit that found no next task may be held (next_wait): none when
+        it requeued its own task for a retry (held, the retry would go to this worker,
+        and a resend of this commit after a lost answer would be taken for the retry's
+        commit)."""
+        wait = self.next_wait(req, after)
+        if wait and task["max_retries"] is not None and \
+                self.store.task(task["uuid"])["state"] == "Ready":
+            return 0
+        return wait
+
+    def next_wait(self, req, after):
+        """How long a Commit may wait for the next task: as asked, up to a long poll;
+        none while the coordinator stops, or when the commit let its worker go."""
         wait = min(LONG_POLL_MAX, after.get("wait") or 0)
         if (wait <= 0 or self.coordinator.stopping.is_set()
                 or req.worker["state"] == "GracefulShutdown"):
             return 0
-        if task["max_retries"] is not None and \
-                self.store.task(task["uuid"])["state"] == "Ready":
-            return 0
         return wait
+
+    def resent_commit(self, req, task_id, end, after):
+        """A report on a task the worker does not hold: a 404 (upstream's answer), unless
+        it is a next-task Commit ("end" or "next": only our worker sends them) sent again
+        after its answer was lost (a cut connection, a proxy's 502). That one was
+        applied already: it is answered as the first one was, not with a 404 telling
+        the worker that its task was taken from it. With "next": the task the first
+        handed out (on the worker, which never heard of it), else the next one as a
+        fetch finds it; none after a retry (that would be the task just requeued)."""
+        applied = ((end is not None or after is not None)  # (then op is a Commit)
+                   and self.store.commit_applied(task_id, req.worker["uuid"]))
+        if not applied:
+            raise not_found(f"task {task_id}")
+        if after is None:
+            return {"url": None}
+        held = self.store.held_task(req.worker["id"])
+        if held is not None or applied == "retried":
+            return commit_answer(held)
+        return self.coordinator.dispatcher.fetch(req.worker, after.get("time_left"),
+                                                 self.next_wait(req, after),
+                                                 time.monotonic(), commit_answer)
 
     def report_upload(self, req, task, value):
         return self.coordinator.tasks.artifact_upload(req, task, value)[0]

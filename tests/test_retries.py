@@ -295,16 +295,19 @@ def test_a_task_cancelled_between_attempts_stays_cancelled(cluster):
 def test_a_resent_commit_is_not_taken_for_the_next_attempts(cluster):
     """A Commit that asks for the next task (next-task) does not get back the task it
     retries: its answer lost, the worker sends it again, and that must not end an
-    attempt that never ran (it did, when the same task came back to the same worker)."""
+    attempt that never ran (it did, when the same task came back to the same worker).
+    The resend is answered as the first was (applied already), with no task."""
     c = cluster()
     alice = c.user("alice")
     task_uuid = submit(c, "--max-retries", "3", script="exit 1")
     _, worker = c.register(alice)
     task = c.fetch(worker)
     commit = {"id": task["id"], "op": {"Commit": {"exit_status": 1}}, "end": "Finish",
-              "next": {}}
+              "next": {"wait": 5}}
     assert worker.api("POST", "/workers/tasks", commit)["task"] is None
-    assert status_of(lambda: worker.api("POST", "/workers/tasks", commit)) == 404
+    assert worker.api("POST", "/workers/tasks", commit)["task"] is None  # not held either
+    _, other = c.register(alice)
+    assert status_of(lambda: other.api("POST", "/workers/tasks", commit)) == 404
     answer = c.task(alice, task_uuid)
     assert answer["info"]["state"] == "Ready" and len(answer["attempts"]) == 1
     assert c.fetch(worker)["uuid"] == task_uuid  # a fetch takes it again

@@ -10,13 +10,14 @@ import contextlib
 import re
 import signal
 import socket
+import sqlite3
 import threading
 import urllib.parse
 import uuid
 
 import pytest
 
-from e2e import Cluster, sh, spec
+from e2e import Cluster, sh, spec, status_of
 from support import wait_until
 
 import mito
@@ -225,7 +226,8 @@ def test_a_slot_waiting_in_its_commit_counts_as_idle_for_the_idle_timeout(c, tmp
 def test_a_held_commit_lost_with_its_coordinator_is_resent_and_nothing_runs_twice(
         c, tmp_path):
     """The coordinator dies while a commit waits for the next task: the worker resends
-    the commit to the new one, which has it already (a 404), and goes on fetching."""
+    the commit to the new one, which has it already (and answers as the first would
+    have), and goes on."""
     alice = c.user("alice")
     worker = c.worker("alice", "pw", "--polling-interval", "30s", "--heartbeat-interval",
                       "1h")
@@ -241,6 +243,81 @@ def test_a_held_commit_lost_with_its_coordinator_is_resent_and_nothing_runs_twic
     assert done["state"] == "Finished" and done["result"]["exit_status"] == 0, done
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.log()
+
+
+class CommitAnswerCutter(RequestCounter):
+    """The relay, but the answer to the first Commit it sees is read from the
+    coordinator and never passed on: the connection is closed instead, as a proxy or a
+    network failure would, after the coordinator applied the commit."""
+
+    def __init__(self, url):
+        self.cut = threading.Event()
+        super().__init__(url)
+
+    def accept(self):
+        while True:
+            client, _ = self.listener.accept()
+            server = socket.create_connection((self.target.hostname, self.target.port))
+            pair = {"commit": False}
+            threading.Thread(target=self.requests, args=(client, server, pair),
+                             daemon=True).start()
+            threading.Thread(target=self.answers, args=(server, client, pair),
+                             daemon=True).start()
+
+    def requests(self, client, server, pair):
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(65536):
+                self.sent.append(chunk)
+                if b'"Commit"' in chunk and not self.cut.is_set():
+                    pair["commit"] = True
+                server.sendall(chunk)
+
+    def answers(self, server, client, pair):
+        with contextlib.suppress(OSError):
+            while chunk := server.recv(65536):
+                if pair["commit"] and not self.cut.is_set():
+                    self.cut.set()  # applied by the coordinator; the worker hears nothing
+                    break
+                client.sendall(chunk)
+        for sock in (client, server):  # (shutdown: the other thread's recv holds it open)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_commit_resent_after_its_answer_was_lost_gets_the_next_task_it_carried(
+        c, tmp_path):
+    """The first commit is applied and claims the next task, but its answer is lost:
+    the worker sends it again. The resend is answered as the first was (the task it
+    handed out, not a 404 that would make the worker say its task was dropped and put
+    the next one back in the queue): the first task is committed once, the second runs
+    once and is never requeued."""
+    alice = c.user("alice")
+    ran = tmp_path / "second-ran"
+    first = c.submit(alice, spec("true"), priority=1)
+    second = c.submit(alice, sh(f"echo once >> {ran}"))
+    relay = CommitAnswerCutter(c.url)
+    worker = c.sandbox.spawn(
+        "worker", "-c", relay.url, "-u", "alice", "-p", "pw", "--retain",
+        "--credential-path", tmp_path / "cred", "--polling-interval", "30s",
+        "--heartbeat-interval", "1h", name="worker")
+    assert c.wait_task(alice, second)["result"] == {"exit_status": 0, "msg": None}
+    assert relay.cut.is_set()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+    assert ran.read_text() == "once\n"
+    assert relay.count("POST /workers/tasks ") >= 3, worker.log()  # the first one resent
+    assert "no longer ours" not in worker.log()
+    done = info(c, alice, first)
+    assert done["state"] == "Finished" and done["result"]["exit_status"] == 0, done
+    assert events(c, first) == ["Started", "Finished"]
+    assert events(c, second) == ["Started", "Finished"]  # never requeued
+
+
+def events(c, task_uuid):
+    with contextlib.closing(sqlite3.connect(c.state_dir / "mitosis.db")) as db:
+        return [event for event, in db.execute(
+            "SELECT e.event FROM task_events e JOIN tasks t ON t.id = e.task_id "
+            "WHERE t.uuid = ? ORDER BY e.id", (task_uuid,))]
 
 
 # ---- the coordinator's side, through the API -------------------------------------------
@@ -284,6 +361,22 @@ def test_a_commit_with_end_and_next_commits_and_claims(c):
     assert commit(worker, reply.data["task"], end="Finish", after={}).data == {
         "url": None, "task": None}
     assert info(c, alice, second)["state"] == "Finished"
+
+
+def test_a_resent_commit_is_answered_as_the_first_and_applied_once(c):
+    """Its answer lost, a commit comes again: the task it handed out (still the
+    worker's) comes again too. A plain Commit (upstream's) is a 404 as upstream has it."""
+    alice, _, worker, task, second = one_running_one_waiting(c)
+    first = commit(worker, task, end="Finish", after={}).data
+    assert first["task"]["uuid"] == second
+    assert commit(worker, task, end="Finish", after={}).data == first
+    assert commit(worker, task, end="Finish").data == {"url": None}
+    assert status_of(lambda: commit(worker, task)) == 404
+    assert events(c, task["uuid"]) == ["Started", "Finished"]
+    assert events(c, second) == ["Started"]
+    assert status_of(lambda: worker.api("POST", "/workers/tasks", {
+        "id": task["id"], "op": {"Upload": {"content_type": "result",
+                                            "content_length": 1}}})) == 404
 
 
 def test_a_commit_with_next_wait_is_applied_then_held_for_the_next_task(c):
