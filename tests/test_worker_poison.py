@@ -390,6 +390,21 @@ def test_the_scratch_is_made_at_registration_before_any_task(mito, fake, start_w
     still_working(fake, worker)
 
 
+def test_a_list_of_children_longer_than_one_read_is_read_whole(monkeypatch):
+    """/proc/PID/task/TID/children is read by a bare descriptor (read_proc): a list
+    that takes several reads (a task that left many processes) is read to its end."""
+    import mito
+    monkeypatch.setattr(mito, "PROC_READ", 4)
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(5)]
+    try:
+        listed = mito.child_pids(os.getpid(), threading.get_native_id())
+        assert sorted(listed) == sorted(child.pid for child in children)
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
 def test_a_scratch_left_unseen_is_looked_at_again_before_a_task(tmp_path, monkeypatch):
     """A cleaner of old files may take an idle worker's folders: after TRUSTED seconds
     the next task does not take the last clean-up's word for them."""
