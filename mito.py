@@ -4033,6 +4033,9 @@ class Store:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
+        # the Dispatcher's too: inside a submit's transaction, its new tasks to parked
+        # fetchers; (db, tasks) -> a Handover, or None when there is nobody to hand to
+        self.hand_over = lambda db, tasks: None
         self.remove_blob = lambda ref: None  # the BlobStore's, once it is
         self.auth_rows = RowCache()
         self.group_ids = {}  # group name -> id (group_id())
@@ -4475,30 +4478,50 @@ class Store:
 
     def insert_tasks(self, creator_id, submissions, upstream=None):
         """Insert checked submissions [(group_id, request)], all in one transaction;
-        returns [(id, uuid)]."""
+        returns [(id, uuid)]. Ready ones go to parked fetchers in that transaction
+        (hand_over); if it fails, nothing is handed. A task submitted by the run of
+        `upstream` is Pending until that task is committed."""
         if not submissions:
             return []
-        now, made = time.time(), []
-        state = "Pending" if upstream else "Ready"
-        with self.write() as db:
-            for group_id, request in submissions:
-                task_uuid = str(uuidlib.uuid4())
-                task_id = db.execute(
-                    "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
-                    "timeout, priority, spec, upstream, throttle_id, max_retries, retry_on, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (task_uuid, creator_id, group_id, json_set(request["tags"]),
-                     json_set(request["labels"]), state, request["timeout"],
-                     request["priority"], json.dumps(request["task_spec"]), upstream,
-                     self._throttle(db, creator_id, request.get("array_parallel")),
-                     request.get("max_retries"), request.get("retry_on"), now, now)
-                ).lastrowid
-                made.append((task_id, task_uuid))
-            if upstream:
+        if upstream:
+            with self.write() as db:
+                made = self._insert(db, creator_id, submissions, "Pending", upstream)
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
-                           (made[-1][1], upstream))
-        if not upstream:
-            self.wake_fetchers([task_id for task_id, _ in made])
+                           (made[-1][0][1], upstream))
+            return [task for task, _ in made]
+        handover = None
+        try:
+            with self.write() as db:
+                made = self._insert(db, creator_id, submissions, "Ready")
+                handover = self.hand_over(db, [ready for _, ready in made])
+        except BaseException:
+            if handover is not None:
+                handover.undo()
+            raise
+        placed = handover.done() if handover is not None else ()
+        unplaced = [task_id for (task_id, _), _ in made if task_id not in placed]
+        if unplaced:
+            self.wake_fetchers(unplaced)
+        return [task for task, _ in made]
+
+    def _insert(self, db, creator_id, submissions, state, upstream=None):
+        """[((id, uuid), (id, group_id, tags, timeout, throttle_id))] of the inserted
+        tasks: the second for the Dispatcher, as Store.takeable() reads it."""
+        now, made = time.time(), []
+        for group_id, request in submissions:
+            task_uuid = str(uuidlib.uuid4())
+            throttle_id = self._throttle(db, creator_id, request.get("array_parallel"))
+            task_id = db.execute(
+                "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
+                "timeout, priority, spec, upstream, throttle_id, max_retries, retry_on, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (task_uuid, creator_id, group_id, json_set(request["tags"]),
+                 json_set(request["labels"]), state, request["timeout"],
+                 request["priority"], json.dumps(request["task_spec"]), upstream,
+                 throttle_id, request.get("max_retries"), request.get("retry_on"), now, now)
+            ).lastrowid
+            made.append(((task_id, task_uuid), (task_id, group_id, frozenset(request["tags"]),
+                                                request["timeout"], throttle_id)))
         return made
 
     @staticmethod
@@ -4545,11 +4568,23 @@ class Store:
             self.wake_fetchers(requeued)
         return row  # as it was when claimed: what a worker is sent does not change
 
+    def claim_within(self, db, worker, time_left):
+        """claim() inside the caller's transaction, for a worker known to hold nothing
+        (holding_nothing: no look for a lost task): the task it got, or None."""
+        row = self.best_ready(db, worker, time_left)
+        if row is not None:
+            self._assign(db, row, worker)
+        return row
+
     def _assign(self, db, row, worker):
-        """The task `row` is the worker's now (in the caller's transaction)."""
+        """The task `row` is the worker's now (in the caller's transaction). The worker
+        is heard from now, in the same statement: a parked one handed a task has a
+        whole heartbeat timeout to report, at no write of its own."""
+        now = time.time()
         db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
-                   "WHERE id = ?", (worker["id"], time.time(), row["id"]))
-        db.execute("UPDATE workers SET task_id = ? WHERE id = ?", (row["id"], worker["id"]))
+                   "WHERE id = ?", (worker["id"], now, row["id"]))
+        db.execute("UPDATE workers SET task_id = ?, last_heartbeat = ? WHERE id = ?",
+                   (row["id"], now, worker["id"]))
         self._record(db, [row["id"]], "Started", worker["uuid"])
         self.holding_nothing.discard(worker["id"])
 
@@ -6681,7 +6716,8 @@ def find_lone_surrogate(value, where):
 
 
 # ---- dispatch: parked fetchers -------------------------------------------------------------
-# submit/requeue/release -> Store.wake_fetchers(task ids) -> Dispatcher.changed -> one Park
+# submit -> Store.insert_tasks -> (its transaction) Dispatcher.hand_over -> Handover -> Parks;
+# requeue/release, or a task no park took -> Store.wake_fetchers -> Dispatcher.changed -> Park
 
 # A worker may take a task when the worker's tags are a subset of the task's, or (the
 # Rust coordinator's rule) the task's of the worker's: _TAG_RULES in memory.
@@ -6749,8 +6785,10 @@ class Dispatcher:
     woken all at once to race for it. A fetcher that finds nothing parks without a
     write transaction; one picked for a task it then cannot get (taken meanwhile)
     parks again and the task goes on to the next. The parks are guarded by `lock`,
-    never held while SQLite runs; any thread may call in (the event loop, the pool,
-    the reaper). A submit thus costs one claim, however many workers wait."""
+    never held while SQLite runs (the Store's write lock, if held, is taken first);
+    any thread may call in (the event loop, the pool, the reaper). A submit's tasks are
+    claimed for parked fetchers in the submit's own transaction (Handover), however
+    many workers wait; other tasks that become ready cost one claim each."""
 
     def __init__(self, store, tag_matching):
         self.store, self.matches = store, _TAG_MATCHES[tag_matching]
@@ -6761,7 +6799,7 @@ class Dispatcher:
         self.sequence = 0
         self.changes = 0     # how many times tasks became ready: a fetch's race check
         self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
-        store.on_change = self.changed
+        store.on_change, store.hand_over = self.changed, self.hand_over
 
     def fetch(self, worker, time_left, wait, now, shape=fetch_answer):
         """The worker's answer now, or a Park that will be resolved within `wait` s."""
@@ -6842,21 +6880,37 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
-            self.heard_from(park.worker)  # its park ends: a whole timeout to report
-            park.hand(claimed)
+            park.hand(claimed)  # (the claim marked its worker heard from: Store._assign)
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker
 
-    def take_eligible(self, task, tried):
-        _, group_id, tags, timeout = task
+    def take_eligible(self, task, tried, only=None):
+        """Take out the oldest park (of a worker in `only`, if given, not in `tried`)
+        that may take the task (id, group id, tags, timeout, ...); or None."""
+        group_id, tags, timeout = task[1:4]
         now = time.monotonic()
         with self.lock:
             for worker_id, park in self.by_group.get(group_id, {}).items():
                 left = park.time_left_at(now)
-                if (worker_id not in tried and self.matches(park.tags, tags)
+                if (worker_id not in tried and (only is None or worker_id in only)
+                        and self.matches(park.tags, tags)
                         and (left is None or timeout <= left)):
                     return self._remove(worker_id)
         return None
+
+    def hand_over(self, db, tasks):
+        """Store.insert_tasks' hook, inside its transaction: claim the new tasks
+        [(id, group id, tags, timeout, throttle id)] for parked fetchers; the Handover
+        to finish after the commit (or to undo), or None when nobody is parked."""
+        if not self.parks:
+            return None
+        handover = Handover(self)
+        try:
+            handover.place(db, tasks)
+        except BaseException:
+            handover.undo()
+            raise
+        return handover
 
     def recheck(self, worker_id):
         """A parked worker changed: read it again and try once more (401 if it is gone)."""
@@ -6910,6 +6964,58 @@ class Dispatcher:
             parks, self.parks, self.by_group = list(self.parks.values()), {}, {}
         for park in parks:
             park.hand(None)
+
+
+class Handover:
+    """A submit's new Ready tasks handed to parked fetchers inside the transaction that
+    inserts them: one write transaction for the submit and its claims, where each
+    task handed cost one more (and a read to find it takeable). place() picks parks
+    as offer() does and claims for them in that transaction (a worker may get a
+    better, older task: the new one then looks for another taker); after the COMMIT,
+    done() answers them; if the transaction fails, undo() puts every park picked
+    back, unanswered. Only parks of workers known to hold nothing are picked (their
+    claim needs no look for a lost task, which would write); a task that none took
+    goes through Dispatcher.offer after the commit (Store.wake_fetchers)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.handed = []     # (park, the task row claimed for it)
+        self.unused = []     # parks picked that got no task
+        self.placed = set()  # ids of the tasks claimed
+
+    def place(self, db, tasks):
+        store, now = self.dispatcher.store, time.monotonic()
+        full, nobody = set(), set()  # throttles found full; (group, tags, timeout) no park fits
+        for task in tasks:
+            while task[0] not in self.placed and task[4] not in full \
+                    and task[1:4] not in nobody:
+                park = self.dispatcher.take_eligible(task, (), store.holding_nothing)
+                if park is None:
+                    nobody.add(task[1:4])
+                    break
+                self.unused.append(park)  # until it gets a task (undo() puts it back)
+                row = store.claim_within(db, park.worker, park.time_left_at(now))
+                if row is None:  # its groups changed, or the task's throttle is full
+                    if task[4]:  # (then so for all its tasks)
+                        full.add(task[4])
+                    continue
+                self.handed.append((self.unused.pop(), row))
+                self.placed.add(row["id"])
+
+    def done(self):
+        """After the COMMIT: answer the parks that got a task, put back the others;
+        the ids of the tasks placed."""
+        for park in self.unused:
+            self.dispatcher.add(park)
+        for park, row in self.handed:
+            park.hand(row)
+        return self.placed
+
+    def undo(self):
+        """The transaction failed: nothing was claimed; every park picked waits again."""
+        for park in self.unused + [park for park, _ in self.handed]:
+            self.dispatcher.add(park)
+        self.handed, self.unused, self.placed = [], [], set()
 
 
 def server_ssl_context(settings):
