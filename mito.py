@@ -1840,6 +1840,31 @@ def kill_marked(needle, suspects=None):
               KILL_ROUNDS)
 
 
+TASK_MARKER = b"MITO_TASK_UUID="  # every task process's environment holds it, at first
+
+
+def unmarked_start(pid):
+    """When the live process `pid` started (in clock ticks since boot, /proc/PID/stat),
+    if it carries no task's marker (it cleared its environment: `env -i`); else None.
+    A zombie (its environment reads empty) is None."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            marked = TASK_MARKER in handle.read()
+        if fields[0] not in (b"Z", b"X") and not marked:
+            return int(fields[19])  # field 22, starttime
+    return None
+
+
+def start_ticks(pid):
+    """When the process `pid` started, in clock ticks since boot; None if it is gone."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[19])
+    return None
+
+
 def wait_exit(pid, timeout):
     """Wait up to `timeout` seconds (None: for ever) for `pid` to end, without reaping
     it: while it stays a zombie its process-group id cannot be reused."""
@@ -1895,11 +1920,13 @@ class TaskProcesses:
 
     spared = set()  # children someone else reaps (task leaders, the guard): see reap_orphans
     below_worker = False  # the worker is a subreaper: every task process is below it
+    running = set()  # the tasks from their spawn to their reap (kill_unmarked)
     _lock = threading.Lock()
 
     def __init__(self, task_uuid):
-        self.needle = f"MITO_TASK_UUID={task_uuid}".encode()
+        self.needle = TASK_MARKER + task_uuid.encode()
         self.proc = None
+        self.started = None  # the leader's start, in clock ticks since boot (kill_unmarked)
         self.status = None  # the leader's raw wait status, once reaped
         self.ended = False  # the leader has ended (a zombie until reaped)
         self.thread = None  # the native id of the thread that started it: its parent
@@ -1919,7 +1946,12 @@ class TaskProcesses:
         with self._spawning:
             if stop.is_set():
                 raise Stopped()
-            self.proc = self.start(args, env, stdout, stderr)
+            self.running.add(self)  # (before its first process: see kill_unmarked)
+            try:
+                self.proc = self.start(args, env, stdout, stderr)
+            except BaseException:
+                self.running.discard(self)
+                raise
             self.thread = threading.get_native_id()
             with self._lock:
                 self.spared.add(self.proc.pid)
@@ -1983,6 +2015,7 @@ class TaskProcesses:
         """Kill the group and what escaped it, then reap the leader; its wait status.
         A leader that ended leaving nothing behind (the usual case) is just reaped:
         no process's environment needs reading."""
+        self.running.discard(self)  # ending: its processes are nobody's to spare now
         if self.proc is None or self.status is not None:
             return self.status
         self.signal(signal.SIGKILL)
@@ -1994,8 +2027,44 @@ class TaskProcesses:
         with self._lock:
             self.spared.discard(self.proc.pid)
         if suspected:
+            self.kill_unmarked()
             reap_orphans(self.thread)
         return self.status
+
+    def kill_unmarked(self):
+        """SIGKILL, with all below them, the worker's adopted orphans that carry no
+        task's marker (`setsid env -i ...` clears it) and cannot be a running task's:
+        each started before every running task's leader (the kernel's start times: a
+        task's processes all start after its leader). Such an orphan is this task's, or
+        one an earlier task left. One that started after another task's leader is
+        spared; the reap of the last task running takes it. The worker's own children
+        are spared (the leaders, the guard; the batch-system query ends before any task)."""
+        for _ in range(KILL_ROUNDS):
+            orphans = {pid: unmarked_start(pid) for pid in self.beside()}
+            orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
+            before = self.running_since() if orphans else None
+            pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
+            if not pids:
+                return
+            log.warning("killing processes %s: they cleared their environment, and no "
+                        "running task may own them", pids)
+            for pid in descendants(pids):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    @classmethod
+    def running_since(cls):
+        """The earliest start (clock ticks) of a running task's leader (inf: none runs),
+        or None while a task is being spawned (its processes may have started already)."""
+        earliest = math.inf
+        for task in list(cls.running):
+            if task.proc is None:
+                return None
+            if task.started is None:  # read once, while the leader is not reaped
+                task.started = start_ticks(task.proc.pid) or math.inf
+            earliest = min(earliest, task.started)
+        return earliest
 
 
 def reap_orphans(thread=None):

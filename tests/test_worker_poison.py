@@ -4,6 +4,7 @@ Each bad spec is handed to a real worker by the fake coordinator; each bad proce
 real. POISON_SPECS is the table of specs; the tests below it are the bad processes.
 Every test ends by running one more task on the same worker: a worker lost fails it."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -279,6 +280,57 @@ def test_kill_9_of_the_worker_kills_its_task(fake, start_worker, tmp_path):
     for pid in recorded:
         wait_until(lambda: process_dead(pid), 10, what=f"task process {pid} to die")
     assert fake.commit(task) is None
+
+
+def unmarked_escapee(name, then=""):
+    """A task's script leaving a process in a session of its own and with an empty
+    environment (no MITO_TASK_UUID, nor the sandbox's marker), its pid in $PIDS.name."""
+    return (f'(setsid env -i sh -c "echo \\$\\$ > $PIDS.{name}.tmp; exec sleep 300" &); '
+            f'while [ ! -s "$PIDS.{name}.tmp" ]; do sleep 0.02; done; '
+            f'mv "$PIDS.{name}.tmp" "$PIDS.{name}"; {then}')
+
+
+@pytest.fixture
+def unmarked(tmp_path):
+    """Where the escapees record their pids; any still alive is killed at teardown
+    (the sandbox's sweep cannot find them: they carry no marker)."""
+    yield tmp_path / "unmarked"
+    for path in tmp_path.glob("unmarked.*"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+def test_a_process_that_clears_its_environment_dies_with_its_task(fake, start_worker,
+                                                                  unmarked):
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", unmarked_escapee("a")], envs={"PIDS": str(unmarked)})
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}, worker.stderr()
+    pid = recorded_pids(Path(f"{unmarked}.a"))[0]
+    wait_until(lambda: process_dead(pid), 10, what=f"the unmarked process {pid} to die")
+    still_working(fake, worker)
+
+
+def test_an_unmarked_process_another_running_task_may_own_is_spared(fake, start_worker,
+                                                                    unmarked, tmp_path):
+    """Two slots: the long task leaves an unmarked process, then the short task ends
+    leaving one too. Started after the long task's leader, either may be the long
+    task's: the short task's end kills neither. The long task's end kills both."""
+    worker = start_worker("--concurrency", "2")
+    fake.wait_registration(2)
+    go = tmp_path / "go"
+    long = fake.add_task(["sh", "-c", unmarked_escapee(
+        "long", f'while [ ! -e {go} ]; do sleep 0.05; done')], envs={"PIDS": str(unmarked)})
+    kept = recorded_pids(Path(f"{unmarked}.long"))[0]
+    short = fake.add_task(["sh", "-c", unmarked_escapee("short")],
+                          envs={"PIDS": str(unmarked)})
+    assert fake.wait_commit(short) == {"exit_status": 0, "msg": None}, worker.stderr()
+    left = recorded_pids(Path(f"{unmarked}.short"))[0]
+    assert not process_dead(kept), worker.stderr()  # the long task's: it still runs
+    go.touch()
+    assert fake.wait_commit(long) == {"exit_status": 0, "msg": None}, worker.stderr()
+    for pid in (kept, left):
+        wait_until(lambda: process_dead(pid), 10, what=f"the unmarked process {pid} to die")
+    still_working(fake, worker)
 
 
 def marked_processes(task):
