@@ -1521,13 +1521,13 @@ def clear_scratch(root, keep=()):
     The folders named in `keep` are emptied but stay: an rmdir and a mkdir are a
     journal write each, and they were a quarter of a `true` task's cost. Returns the
     folders of `keep` it found (real directories, now empty)."""
-    fd = open_in_scratch(root, os.O_RDONLY | os.O_DIRECTORY, stat.S_IFDIR)
+    fd = _open_root(root)
     kept = set()
     try:
         folders = _entries_left(fd)
         while folders:
             name = folders.pop()
-            folders += _empty_into_root(name, fd)
+            folders += _empty_into_root(name, fd, SCRATCH_MODE if name in keep else None)
             if name in keep:
                 kept.add(name)
             else:
@@ -1535,6 +1535,34 @@ def clear_scratch(root, keep=()):
     finally:
         os.close(fd)
     return kept
+
+
+# the mode of a scratch and of the folders kept in it: the worker's user's only
+SCRATCH_MODE = 0o700
+
+
+def _open_root(root):
+    """A descriptor for the scratch root (never through a symlink), given SCRATCH_MODE
+    again where a task changed it: a task that locked it (chmod 000, or no write bit)
+    would lock the worker out; one that opened it (777) would let others in."""
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    try:
+        fd = open_in_scratch(root, flags, stat.S_IFDIR)
+    except PermissionError:  # chmod through an O_PATH descriptor: no symlink followed
+        path_fd = os.open(root, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", SCRATCH_MODE)
+        finally:
+            os.close(path_fd)
+        fd = open_in_scratch(root, flags, stat.S_IFDIR)
+    _set_mode(fd, SCRATCH_MODE)
+    return fd
+
+
+def _set_mode(fd, mode):
+    """Give the folder `mode` unless it has it (a chmod is a write)."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+        os.fchmod(fd, mode)
 
 
 def _entries_left(dir_fd):
@@ -1554,24 +1582,27 @@ def _unlinked(name, dir_fd):
         return False
 
 
-def _open_folder(name, dir_fd):
+def _open_folder(name, dir_fd, mode=None):
     """A descriptor for the real directory `name`, made ours again (rwx) if a task
-    locked it (chmod 000); unchanged ones are not touched (a chmod is a write)."""
+    locked it (chmod 000), and given `mode` if one is named (a folder kept for the next
+    task: no mode a task gave it passes on)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except PermissionError:
-        os.chmod(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, flags, dir_fd=dir_fd)
-    if os.fstat(fd).st_mode & 0o700 != 0o700:
+        os.chmod(name, SCRATCH_MODE, dir_fd=dir_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    if mode is not None:
+        _set_mode(fd, mode)
+    elif os.fstat(fd).st_mode & 0o700 != 0o700:
         os.fchmod(fd, 0o700)
     return fd
 
 
-def _empty_into_root(name, root_fd):
+def _empty_into_root(name, root_fd, mode=None):
     """Unlink what the folder `name` holds and move its subfolders up into the root
-    under fresh names, which it returns."""
-    fd = _open_folder(name, root_fd)
+    under fresh names, which it returns. `mode`: the folder's mode from now on."""
+    fd = _open_folder(name, root_fd, mode)
     moved = []
     try:
         for entry in _entries_left(fd):
@@ -1698,12 +1729,12 @@ class ScratchDirs:
             aside = f"{self.root}.stale-{uuidlib.uuid4().hex[:8]}"
             log.error("cannot empty %s (%s); moving it to %s", self.root, error, aside)
             os.rename(self.root, aside)
-            os.makedirs(self.root)
+            os.makedirs(self.root, SCRATCH_MODE)
             kept = set()
         for name in self.FOLDERS:
             if name not in kept:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(os.path.join(self.root, name))
+                    os.mkdir(os.path.join(self.root, name), SCRATCH_MODE)
         self.watched = self.watch is not None and self.watch.watch(self)
         self.emptied_at = time.monotonic()
 
@@ -1732,7 +1763,7 @@ class ScratchDirs:
                 raise
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root)
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, SCRATCH_MODE, exist_ok=True)
         return clear_scratch(self.root, keep=self.FOLDERS)
 
     def remove(self):
@@ -1889,6 +1920,31 @@ def kill_marked(needle, suspects=None):
               KILL_ROUNDS)
 
 
+TASK_MARKER = b"MITO_TASK_UUID="  # every task process's environment holds it, at first
+
+
+def unmarked_start(pid):
+    """When the live process `pid` started (in clock ticks since boot, /proc/PID/stat),
+    if it carries no task's marker (it cleared its environment: `env -i`); else None.
+    A zombie (its environment reads empty) is None."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            marked = TASK_MARKER in handle.read()
+        if fields[0] not in (b"Z", b"X") and not marked:
+            return int(fields[19])  # field 22, starttime
+    return None
+
+
+def start_ticks(pid):
+    """When the process `pid` started, in clock ticks since boot; None if it is gone."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[19])
+    return None
+
+
 def wait_exit(pid, timeout):
     """Wait up to `timeout` seconds (None: for ever) for `pid` to end, without reaping
     it: while it stays a zombie its process-group id cannot be reused."""
@@ -1944,11 +2000,13 @@ class TaskProcesses:
 
     spared = set()  # children someone else reaps (task leaders, the guard): see reap_orphans
     below_worker = False  # the worker is a subreaper: every task process is below it
+    running = set()  # the tasks from their spawn to their reap (kill_unmarked)
     _lock = threading.Lock()
 
     def __init__(self, task_uuid):
-        self.needle = f"MITO_TASK_UUID={task_uuid}".encode()
+        self.needle = TASK_MARKER + task_uuid.encode()
         self.proc = None
+        self.started = None  # the leader's start, in clock ticks since boot (kill_unmarked)
         self.status = None  # the leader's raw wait status, once reaped
         self.ended = False  # the leader has ended (a zombie until reaped)
         self.thread = None  # the native id of the thread that started it: its parent
@@ -1968,7 +2026,12 @@ class TaskProcesses:
         with self._spawning:
             if stop.is_set():
                 raise Stopped()
-            self.proc = self.start(args, env, stdout, stderr)
+            self.running.add(self)  # (before its first process: see kill_unmarked)
+            try:
+                self.proc = self.start(args, env, stdout, stderr)
+            except BaseException:
+                self.running.discard(self)
+                raise
             self.thread = threading.get_native_id()
             with self._lock:
                 self.spared.add(self.proc.pid)
@@ -2032,6 +2095,7 @@ class TaskProcesses:
         """Kill the group and what escaped it, then reap the leader; its wait status.
         A leader that ended leaving nothing behind (the usual case) is just reaped:
         no process's environment needs reading."""
+        self.running.discard(self)  # ending: its processes are nobody's to spare now
         if self.proc is None or self.status is not None:
             return self.status
         self.signal(signal.SIGKILL)
@@ -2043,8 +2107,44 @@ class TaskProcesses:
         with self._lock:
             self.spared.discard(self.proc.pid)
         if suspected:
+            self.kill_unmarked()
             reap_orphans(self.thread)
         return self.status
+
+    def kill_unmarked(self):
+        """SIGKILL, with all below them, the worker's adopted orphans that carry no
+        task's marker (`setsid env -i ...` clears it) and cannot be a running task's:
+        each started before every running task's leader (the kernel's start times: a
+        task's processes all start after its leader). Such an orphan is this task's, or
+        one an earlier task left. One that started after another task's leader is
+        spared; the reap of the last task running takes it. The worker's own children
+        are spared (the leaders, the guard; the batch-system query ends before any task)."""
+        for _ in range(KILL_ROUNDS):
+            orphans = {pid: unmarked_start(pid) for pid in self.beside()}
+            orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
+            before = self.running_since() if orphans else None
+            pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
+            if not pids:
+                return
+            log.warning("killing processes %s: they cleared their environment, and no "
+                        "running task may own them", pids)
+            for pid in descendants(pids):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    @classmethod
+    def running_since(cls):
+        """The earliest start (clock ticks) of a running task's leader (inf: none runs),
+        or None while a task is being spawned (its processes may have started already)."""
+        earliest = math.inf
+        for task in list(cls.running):
+            if task.proc is None:
+                return None
+            if task.started is None:  # read once, while the leader is not reaped
+                task.started = start_ticks(task.proc.pid) or math.inf
+            earliest = min(earliest, task.started)
+        return earliest
 
 
 def reap_orphans(thread=None):
@@ -4084,6 +4184,9 @@ class Store:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.on_change = lambda task_ids, worker_ids: None  # the Dispatcher's, once it is
+        # the Dispatcher's too: inside a submit's transaction, its new tasks to parked
+        # fetchers; (db, tasks) -> a Handover, or None when there is nobody to hand to
+        self.hand_over = lambda db, tasks: None
         self.remove_blob = lambda ref: None  # the BlobStore's, once it is
         self.auth_rows = RowCache()
         self.group_ids = {}  # group name -> id (group_id())
@@ -4526,30 +4629,50 @@ class Store:
 
     def insert_tasks(self, creator_id, submissions, upstream=None):
         """Insert checked submissions [(group_id, request)], all in one transaction;
-        returns [(id, uuid)]."""
+        returns [(id, uuid)]. Ready ones go to parked fetchers in that transaction
+        (hand_over); if it fails, nothing is handed. A task submitted by the run of
+        `upstream` is Pending until that task is committed."""
         if not submissions:
             return []
-        now, made = time.time(), []
-        state = "Pending" if upstream else "Ready"
-        with self.write() as db:
-            for group_id, request in submissions:
-                task_uuid = str(uuidlib.uuid4())
-                task_id = db.execute(
-                    "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
-                    "timeout, priority, spec, upstream, throttle_id, max_retries, retry_on, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (task_uuid, creator_id, group_id, json_set(request["tags"]),
-                     json_set(request["labels"]), state, request["timeout"],
-                     request["priority"], json.dumps(request["task_spec"]), upstream,
-                     self._throttle(db, creator_id, request.get("array_parallel")),
-                     request.get("max_retries"), request.get("retry_on"), now, now)
-                ).lastrowid
-                made.append((task_id, task_uuid))
-            if upstream:
+        if upstream:
+            with self.write() as db:
+                made = self._insert(db, creator_id, submissions, "Pending", upstream)
                 db.execute("UPDATE tasks SET downstream = ? WHERE uuid = ?",
-                           (made[-1][1], upstream))
-        if not upstream:
-            self.wake_fetchers([task_id for task_id, _ in made])
+                           (made[-1][0][1], upstream))
+            return [task for task, _ in made]
+        handover = None
+        try:
+            with self.write() as db:
+                made = self._insert(db, creator_id, submissions, "Ready")
+                handover = self.hand_over(db, [ready for _, ready in made])
+        except BaseException:
+            if handover is not None:
+                handover.undo()
+            raise
+        placed = handover.done() if handover is not None else ()
+        unplaced = [task_id for (task_id, _), _ in made if task_id not in placed]
+        if unplaced:
+            self.wake_fetchers(unplaced)
+        return [task for task, _ in made]
+
+    def _insert(self, db, creator_id, submissions, state, upstream=None):
+        """[((id, uuid), (id, group_id, tags, timeout, throttle_id))] of the inserted
+        tasks: the second for the Dispatcher, as Store.takeable() reads it."""
+        now, made = time.time(), []
+        for group_id, request in submissions:
+            task_uuid = str(uuidlib.uuid4())
+            throttle_id = self._throttle(db, creator_id, request.get("array_parallel"))
+            task_id = db.execute(
+                "INSERT INTO tasks (uuid, creator_id, group_id, tags, labels, state, "
+                "timeout, priority, spec, upstream, throttle_id, max_retries, retry_on, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (task_uuid, creator_id, group_id, json_set(request["tags"]),
+                 json_set(request["labels"]), state, request["timeout"],
+                 request["priority"], json.dumps(request["task_spec"]), upstream,
+                 throttle_id, request.get("max_retries"), request.get("retry_on"), now, now)
+            ).lastrowid
+            made.append(((task_id, task_uuid), (task_id, group_id, frozenset(request["tags"]),
+                                                request["timeout"], throttle_id)))
         return made
 
     @staticmethod
@@ -4596,11 +4719,23 @@ class Store:
             self.wake_fetchers(requeued)
         return row  # as it was when claimed: what a worker is sent does not change
 
+    def claim_within(self, db, worker, time_left):
+        """claim() inside the caller's transaction, for a worker known to hold nothing
+        (holding_nothing: no look for a lost task): the task it got, or None."""
+        row = self.best_ready(db, worker, time_left)
+        if row is not None:
+            self._assign(db, row, worker)
+        return row
+
     def _assign(self, db, row, worker):
-        """The task `row` is the worker's now (in the caller's transaction)."""
+        """The task `row` is the worker's now (in the caller's transaction). The worker
+        is heard from now, in the same statement: a parked one handed a task has a
+        whole heartbeat timeout to report, at no write of its own."""
+        now = time.time()
         db.execute("UPDATE tasks SET state = 'Running', worker_id = ?, updated_at = ? "
-                   "WHERE id = ?", (worker["id"], time.time(), row["id"]))
-        db.execute("UPDATE workers SET task_id = ? WHERE id = ?", (row["id"], worker["id"]))
+                   "WHERE id = ?", (worker["id"], now, row["id"]))
+        db.execute("UPDATE workers SET task_id = ?, last_heartbeat = ? WHERE id = ?",
+                   (row["id"], now, worker["id"]))
         self._record(db, [row["id"]], "Started", worker["uuid"])
         self.holding_nothing.discard(worker["id"])
 
@@ -6732,7 +6867,8 @@ def find_lone_surrogate(value, where):
 
 
 # ---- dispatch: parked fetchers -------------------------------------------------------------
-# submit/requeue/release -> Store.wake_fetchers(task ids) -> Dispatcher.changed -> one Park
+# submit -> Store.insert_tasks -> (its transaction) Dispatcher.hand_over -> Handover -> Parks;
+# requeue/release, or a task no park took -> Store.wake_fetchers -> Dispatcher.changed -> Park
 
 # A worker may take a task when the worker's tags are a subset of the task's, or (the
 # Rust coordinator's rule) the task's of the worker's: _TAG_RULES in memory.
@@ -6800,8 +6936,10 @@ class Dispatcher:
     woken all at once to race for it. A fetcher that finds nothing parks without a
     write transaction; one picked for a task it then cannot get (taken meanwhile)
     parks again and the task goes on to the next. The parks are guarded by `lock`,
-    never held while SQLite runs; any thread may call in (the event loop, the pool,
-    the reaper). A submit thus costs one claim, however many workers wait."""
+    never held while SQLite runs (the Store's write lock, if held, is taken first);
+    any thread may call in (the event loop, the pool, the reaper). A submit's tasks are
+    claimed for parked fetchers in the submit's own transaction (Handover), however
+    many workers wait; other tasks that become ready cost one claim each."""
 
     def __init__(self, store, tag_matching):
         self.store, self.matches = store, _TAG_MATCHES[tag_matching]
@@ -6812,7 +6950,7 @@ class Dispatcher:
         self.sequence = 0
         self.changes = 0     # how many times tasks became ready: a fetch's race check
         self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
-        store.on_change = self.changed
+        store.on_change, store.hand_over = self.changed, self.hand_over
 
     def fetch(self, worker, time_left, wait, now, shape=fetch_answer):
         """The worker's answer now, or a Park that will be resolved within `wait` s."""
@@ -6893,21 +7031,37 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
-            self.heard_from(park.worker)  # its park ends: a whole timeout to report
-            park.hand(claimed)
+            park.hand(claimed)  # (the claim marked its worker heard from: Store._assign)
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker
 
-    def take_eligible(self, task, tried):
-        _, group_id, tags, timeout = task
+    def take_eligible(self, task, tried, only=None):
+        """Take out the oldest park (of a worker in `only`, if given, not in `tried`)
+        that may take the task (id, group id, tags, timeout, ...); or None."""
+        group_id, tags, timeout = task[1:4]
         now = time.monotonic()
         with self.lock:
             for worker_id, park in self.by_group.get(group_id, {}).items():
                 left = park.time_left_at(now)
-                if (worker_id not in tried and self.matches(park.tags, tags)
+                if (worker_id not in tried and (only is None or worker_id in only)
+                        and self.matches(park.tags, tags)
                         and (left is None or timeout <= left)):
                     return self._remove(worker_id)
         return None
+
+    def hand_over(self, db, tasks):
+        """Store.insert_tasks' hook, inside its transaction: claim the new tasks
+        [(id, group id, tags, timeout, throttle id)] for parked fetchers; the Handover
+        to finish after the commit (or to undo), or None when nobody is parked."""
+        if not self.parks:
+            return None
+        handover = Handover(self)
+        try:
+            handover.place(db, tasks)
+        except BaseException:
+            handover.undo()
+            raise
+        return handover
 
     def recheck(self, worker_id):
         """A parked worker changed: read it again and try once more (401 if it is gone)."""
@@ -6961,6 +7115,58 @@ class Dispatcher:
             parks, self.parks, self.by_group = list(self.parks.values()), {}, {}
         for park in parks:
             park.hand(None)
+
+
+class Handover:
+    """A submit's new Ready tasks handed to parked fetchers inside the transaction that
+    inserts them: one write transaction for the submit and its claims, where each
+    task handed cost one more (and a read to find it takeable). place() picks parks
+    as offer() does and claims for them in that transaction (a worker may get a
+    better, older task: the new one then looks for another taker); after the COMMIT,
+    done() answers them; if the transaction fails, undo() puts every park picked
+    back, unanswered. Only parks of workers known to hold nothing are picked (their
+    claim needs no look for a lost task, which would write); a task that none took
+    goes through Dispatcher.offer after the commit (Store.wake_fetchers)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.handed = []     # (park, the task row claimed for it)
+        self.unused = []     # parks picked that got no task
+        self.placed = set()  # ids of the tasks claimed
+
+    def place(self, db, tasks):
+        store, now = self.dispatcher.store, time.monotonic()
+        full, nobody = set(), set()  # throttles found full; (group, tags, timeout) no park fits
+        for task in tasks:
+            while task[0] not in self.placed and task[4] not in full \
+                    and task[1:4] not in nobody:
+                park = self.dispatcher.take_eligible(task, (), store.holding_nothing)
+                if park is None:
+                    nobody.add(task[1:4])
+                    break
+                self.unused.append(park)  # until it gets a task (undo() puts it back)
+                row = store.claim_within(db, park.worker, park.time_left_at(now))
+                if row is None:  # its groups changed, or the task's throttle is full
+                    if task[4]:  # (then so for all its tasks)
+                        full.add(task[4])
+                    continue
+                self.handed.append((self.unused.pop(), row))
+                self.placed.add(row["id"])
+
+    def done(self):
+        """After the COMMIT: answer the parks that got a task, put back the others;
+        the ids of the tasks placed."""
+        for park in self.unused:
+            self.dispatcher.add(park)
+        for park, row in self.handed:
+            park.hand(row)
+        return self.placed
+
+    def undo(self):
+        """The transaction failed: nothing was claimed; every park picked waits again."""
+        for park in self.unused + [park for park, _ in self.handed]:
+            self.dispatcher.add(park)
+        self.handed, self.unused, self.placed = [], [], set()
 
 
 def server_ssl_context(settings):

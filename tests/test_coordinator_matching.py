@@ -275,3 +275,34 @@ def test_long_poll_ignores_tasks_it_may_not_take(clusters):
     assert c.fetch(worker, wait=1.5) is None
     timer.join()
     assert time.monotonic() - started >= 1.4
+
+
+def test_a_batch_larger_than_the_parked_fetchers_gives_each_one_task_each_task_once(clusters):
+    """A /tasks/submit batch lands on long-polling workers (handed inside the submit's
+    own transaction): each parked fetch gets one task, no task goes out twice, and the
+    rest stay Ready for the next fetches."""
+    c = clusters["worker-subset"]
+    group = c.group(fresh("burst"))
+    owner = writer_of(c, group)
+    workers = [c.register(owner, groups=[group])[1] for _ in range(4)]
+    got = [None] * len(workers)
+
+    def long_poll(index):
+        got[index] = c.fetch(workers[index], wait=20)
+    threads = [threading.Thread(target=long_poll, args=(i,)) for i in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # (one not parked yet claims at once: the same outcome)
+    items = [{"group_name": group, "task_spec": spec("true")} for _ in range(7)]
+    results = c.admin.api("POST", "/tasks/submit", {"tasks": items})["results"]
+    batch = [result["Ok"]["uuid"] for result in results]
+    for thread in threads:
+        thread.join(40)
+    assert all(task is not None for task in got)
+    fetched = [task["uuid"] for task in got]
+    for worker, task in zip(workers, got):
+        c.finish(worker, task)
+    while (task := c.fetch(workers[0])) is not None:
+        fetched.append(task["uuid"])
+        c.finish(workers[0], task)
+    assert sorted(fetched) == sorted(batch)

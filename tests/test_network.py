@@ -305,7 +305,7 @@ def test_one_task_goes_to_exactly_one_of_many_parked_fetchers(fleet):
     task_uuid = fleet.submit()
     [winner] = handed(parks)
     assert winner.answer.body["uuid"] == task_uuid
-    assert fleet.writes == 2  # the submit and the one claim: not one per idle fetcher
+    assert fleet.writes == 1  # the submit, its claim inside it: not one per idle fetcher
     assert not [p for p in parks if p.answer is not None and p is not winner]
 
 
@@ -372,7 +372,7 @@ def test_a_full_array_is_passed_over_and_its_next_task_goes_out_when_one_ends(fl
     array = [fleet.submit(**ONE_AT_A_TIME) for _ in range(3)]
     [first] = handed(parks)
     assert first.answer.body["uuid"] == array[0]
-    assert fleet.writes == 4  # three submits and one claim: none for the held-back tasks
+    assert fleet.writes == 3  # three submits (the first claims): none for the held-back
     assert park(fleet, fleet.worker()).answer is None  # a full array's tasks are not offered
     plain = fleet.submit()
     assert [p.answer.body["uuid"] for p in handed(parks) if p is not first] == [plain]
@@ -394,6 +394,108 @@ def test_a_requeued_array_task_frees_its_slot_and_goes_out_again(fleet):
     assert waiting.answer.body["uuid"] == array[0] and running(fleet) == 1
     fleet.store.cancel_tasks([fleet.store.task(array[1])["id"]])
     assert running(fleet) == 1
+
+
+def submit_batch(fleet, count, group="alice", **more):
+    """`count` tasks in one insert (one /tasks/submit batch): their uuids."""
+    request = {"tags": [], "labels": [], "timeout": 60, "priority": 0,
+               "task_spec": {"args": ["true"]}, **more}
+    made = fleet.store.insert_tasks(fleet.user["id"],
+                                    [(fleet.group[group], request)] * count)
+    return [task_uuid for _, task_uuid in made]
+
+
+def test_a_batch_goes_to_the_parked_fetchers_in_its_own_transaction_each_task_once(fleet):
+    parks = [park(fleet, fleet.worker()) for _ in range(5)]
+    fleet.writes = 0
+    batch = submit_batch(fleet, 8)
+    assert fleet.writes == 1  # the insert and the five claims: one transaction
+    got = [p.answer.body["uuid"] for p in parks]
+    assert len(set(got)) == 5 and set(got) <= set(batch)
+    assert all(fleet.store.task(u)["worker_id"] == p.worker["id"] for u, p in zip(got, parks))
+    assert not fleet.dispatcher.parks
+    later = [fleet.dispatcher.fetch(fleet.worker(), None, 0, time.monotonic()).body["uuid"]
+             for _ in range(3)]
+    assert sorted(got + later) == sorted(batch)
+
+
+def test_a_batch_goes_only_to_the_fetchers_that_may_take_each_task(fleet):
+    other_group = park(fleet, fleet.worker("bob"))
+    tagged = park(fleet, fleet.worker(tags=["gpu"]))
+    short = park(fleet, fleet.worker(), time_left=5)
+    request = {"labels": [], "priority": 0, "task_spec": {"args": ["true"]}}
+    made = fleet.store.insert_tasks(fleet.user["id"], [
+        (fleet.group["alice"], dict(request, tags=[], timeout=60)),
+        (fleet.group["alice"], dict(request, tags=["gpu"], timeout=60))])
+    assert tagged.answer.body["uuid"] == made[1][1]
+    assert other_group.answer is None and short.answer is None
+    assert fleet.store.task(made[0][1])["state"] == "Ready"
+
+
+def test_a_throttle_holds_when_its_batch_lands_on_many_parked_fetchers(fleet):
+    parks = [park(fleet, fleet.worker()) for _ in range(10)]
+    fleet.writes = 0
+    batch = submit_batch(fleet, 6, array_parallel={"key": "a1", "limit": 2})
+    assert fleet.writes == 1
+    assert sorted(p.answer.body["uuid"] for p in handed(parks)) == sorted(batch[:2])
+    assert running(fleet) == 2 and len(fleet.dispatcher.parks) == 8
+    assert [fleet.store.task(u)["state"] for u in batch[2:]] == ["Ready"] * 4
+
+
+def test_a_next_task_commit_held_like_a_fetch_is_handed_a_task_in_its_shape(fleet):
+    worker = fleet.worker()
+    fleet.store.claim(worker)  # (finds nothing: the worker is known to hold nothing)
+    held = fleet.dispatcher.park(worker, None, 30, time.monotonic(),
+                                 fleet.dispatcher.changes, mito.commit_answer)
+    fetching = park(fleet, fleet.worker())
+    first, second = submit_batch(fleet, 2)
+    assert held.answer.body["url"] is None and held.answer.body["task"]["uuid"] == first
+    assert fetching.answer.body["uuid"] == second
+    assert held.answer.headers == fetching.answer.headers == mito.FETCH_HEADERS
+    # the long poll's answer is the task as an immediate fetch sends it
+    immediate = fleet.dispatcher.fetch(fleet.worker(), None, 0, time.monotonic())
+    assert immediate.body is None
+    third = submit_batch(fleet, 1)[0]
+    now = fleet.dispatcher.fetch(fleet.worker(), None, 0, time.monotonic())
+    assert now.body["uuid"] == third and set(now.body) == set(fetching.answer.body)
+
+
+@pytest.mark.parametrize("failure", ["commit", "claim"])
+def test_a_submit_whose_transaction_fails_hands_nothing_and_the_parks_wait_on(fleet, failure,
+                                                                            monkeypatch):
+    parks = [park(fleet, fleet.worker()) for _ in range(3)]
+    store = fleet.store
+    if failure == "commit":  # a deferred foreign key fails the COMMIT itself
+        db = store.db()
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("CREATE TABLE probe_a (id INTEGER PRIMARY KEY)")
+        db.execute("CREATE TABLE probe_b (a INTEGER REFERENCES probe_a (id) "
+                   "DEFERRABLE INITIALLY DEFERRED)")
+        db.execute("CREATE TRIGGER probe AFTER INSERT ON tasks BEGIN "
+                   "INSERT INTO probe_b VALUES (1); END")
+        error = sqlite3.IntegrityError
+    else:  # the second claim inside the transaction fails
+        claims = []
+
+        def claim_within(db, worker, time_left):
+            claims.append(worker["id"])
+            if len(claims) == 2:
+                raise sqlite3.OperationalError("disk I/O error")
+            return mito.Store.claim_within(store, db, worker, time_left)
+        monkeypatch.setattr(store, "claim_within", claim_within)
+        error = sqlite3.OperationalError
+    with pytest.raises(error):
+        submit_batch(fleet, 2)
+    assert all(p.answer is None for p in parks)
+    assert len(fleet.dispatcher.parks) == 3
+    assert store.one("SELECT COUNT(*) FROM tasks")[0] == 0
+    assert store.one("SELECT COUNT(*) FROM workers WHERE task_id IS NOT NULL")[0] == 0
+    if failure == "commit":
+        store.db().execute("DROP TRIGGER probe")
+    else:
+        monkeypatch.undo()
+    batch = submit_batch(fleet, 2)
+    assert sorted(p.answer.body["uuid"] for p in handed(parks)) == sorted(batch)
 
 
 # ---- the malformed-request suite, timeouts and the connection cap, over real sockets -------
