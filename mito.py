@@ -4821,11 +4821,6 @@ class Store:
                         "ORDER BY attempt DESC LIMIT 1", task_id)
         return "retried" if last and last["worker"] == worker_uuid and last["result"] else None
 
-    def held_task(self, worker_id):
-        """The task on the worker now, if any (as a commit or a fetch handed it out)."""
-        return self.one("SELECT * FROM tasks WHERE worker_id = ? AND committed = 0 LIMIT 1",
-                        worker_id)
-
     def set_task_state(self, task_id, state):
         self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?", state,
                        time.time(), task_id)
@@ -6091,18 +6086,20 @@ class WorkerApiHandlers(Handlers):
         it is a next-task Commit ("end" or "next": only our worker sends them) sent again
         after its answer was lost (a cut connection, a proxy's 502). That one was
         applied already: it is answered as the first one was, not with a 404 telling
-        the worker that its task was taken from it. With "next": the task the first
-        handed out (on the worker, which never heard of it), else the next one as a
-        fetch finds it; none after a retry (that would be the task just requeued)."""
+        the worker that its task was taken from it. With "next": the next task, as a
+        fetch finds it (the task the first answer carried goes back to the queue first,
+        as for a fetch: its `requeues` moves on, so that answer, if it is still on its
+        way to the closed connection, cannot requeue it again: Store.requeue_unsent).
+        None after a retry: that could be the task just requeued, and a second resend
+        would be taken for its next attempt's commit."""
         applied = ((end is not None or after is not None)  # (then op is a Commit)
                    and self.store.commit_applied(task_id, req.worker["uuid"]))
         if not applied:
             raise not_found(f"task {task_id}")
         if after is None:
             return {"url": None}
-        held = self.store.held_task(req.worker["id"])
-        if held is not None or applied == "retried":
-            return commit_answer(held)
+        if applied == "retried":
+            return commit_answer(None)
         return self.coordinator.dispatcher.fetch(req.worker, after.get("time_left"),
                                                  self.next_wait(req, after),
                                                  time.monotonic(), commit_answer)
