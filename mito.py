@@ -1719,7 +1719,7 @@ class ScratchDirs:
         A scratch that cannot be emptied (a disk gone read-only, a folder it may not
         enter) is moved aside: the next task still starts clean. One that nothing has
         touched since it was emptied (ScratchWatch) is left as it is."""
-        if self.watched and self.watch.untouched(self):
+        if self.untouched():
             self.emptied_at = time.monotonic()
             return
         self.watched = False
@@ -1741,6 +1741,11 @@ class ScratchDirs:
     @property
     def clean(self):
         return self.emptied_at is not None
+
+    def untouched(self):
+        """Nothing made, moved, removed or chmod-ed in it since it was emptied (its
+        ScratchWatch saw no event): its folders are still there and empty."""
+        return self.watched and self.watch.untouched(self)
 
     def prepare(self):
         """Make the folders at registration, not at the first task: a burst of tasks
@@ -2494,9 +2499,12 @@ class TaskRun:
     def artifacts(self):
         """(kind, members) for each artifact, named as PROTOCOL.md says: result and
         exec-log when their folder (a real one) has entries; std-log whenever
-        terminal_output is on, even empty, as upstream."""
+        terminal_output is on, even empty, as upstream. An untouched scratch holds none
+        (ScratchDirs.untouched: no folder to look into)."""
         found = []
-        for kind, folder in (("result", self.dirs.result), ("exec-log", self.dirs.exec)):
+        folders = [] if self.dirs.untouched() else [("result", self.dirs.result),
+                                                     ("exec-log", self.dirs.exec)]
+        for kind, folder in folders:
             if not is_real_dir(folder):
                 log.warning("task %s: %s is no longer a directory; not uploaded",
                             self.uuid, folder)
@@ -2548,7 +2556,10 @@ class TaskRun:
 
     def submit_downstream(self):
         """Submit the task the command wrote to $MITO_NEW_TASK, if any (a regular
-        file only: a FIFO or a symlink there is refused, never waited on)."""
+        file only: a FIFO or a symlink there is refused, never waited on). An
+        untouched scratch has none."""
+        if self.dirs.untouched():
+            return True
         try:
             fd = open_in_scratch(self.dirs.new_task)
         except FileNotFoundError:
