@@ -1520,13 +1520,13 @@ def clear_scratch(root, keep=()):
     The folders named in `keep` are emptied but stay: an rmdir and a mkdir are a
     journal write each, and they were a quarter of a `true` task's cost. Returns the
     folders of `keep` it found (real directories, now empty)."""
-    fd = open_in_scratch(root, os.O_RDONLY | os.O_DIRECTORY, stat.S_IFDIR)
+    fd = _open_root(root)
     kept = set()
     try:
         folders = _entries_left(fd)
         while folders:
             name = folders.pop()
-            folders += _empty_into_root(name, fd)
+            folders += _empty_into_root(name, fd, SCRATCH_MODE if name in keep else None)
             if name in keep:
                 kept.add(name)
             else:
@@ -1534,6 +1534,34 @@ def clear_scratch(root, keep=()):
     finally:
         os.close(fd)
     return kept
+
+
+# the mode of a scratch and of the folders kept in it: the worker's user's only
+SCRATCH_MODE = 0o700
+
+
+def _open_root(root):
+    """A descriptor for the scratch root (never through a symlink), given SCRATCH_MODE
+    again where a task changed it: a task that locked it (chmod 000, or no write bit)
+    would lock the worker out; one that opened it (777) would let others in."""
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    try:
+        fd = open_in_scratch(root, flags, stat.S_IFDIR)
+    except PermissionError:  # chmod through an O_PATH descriptor: no symlink followed
+        path_fd = os.open(root, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", SCRATCH_MODE)
+        finally:
+            os.close(path_fd)
+        fd = open_in_scratch(root, flags, stat.S_IFDIR)
+    _set_mode(fd, SCRATCH_MODE)
+    return fd
+
+
+def _set_mode(fd, mode):
+    """Give the folder `mode` unless it has it (a chmod is a write)."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+        os.fchmod(fd, mode)
 
 
 def _entries_left(dir_fd):
@@ -1553,24 +1581,27 @@ def _unlinked(name, dir_fd):
         return False
 
 
-def _open_folder(name, dir_fd):
+def _open_folder(name, dir_fd, mode=None):
     """A descriptor for the real directory `name`, made ours again (rwx) if a task
-    locked it (chmod 000); unchanged ones are not touched (a chmod is a write)."""
+    locked it (chmod 000), and given `mode` if one is named (a folder kept for the next
+    task: no mode a task gave it passes on)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except PermissionError:
-        os.chmod(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, flags, dir_fd=dir_fd)
-    if os.fstat(fd).st_mode & 0o700 != 0o700:
+        os.chmod(name, SCRATCH_MODE, dir_fd=dir_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    if mode is not None:
+        _set_mode(fd, mode)
+    elif os.fstat(fd).st_mode & 0o700 != 0o700:
         os.fchmod(fd, 0o700)
     return fd
 
 
-def _empty_into_root(name, root_fd):
+def _empty_into_root(name, root_fd, mode=None):
     """Unlink what the folder `name` holds and move its subfolders up into the root
-    under fresh names, which it returns."""
-    fd = _open_folder(name, root_fd)
+    under fresh names, which it returns. `mode`: the folder's mode from now on."""
+    fd = _open_folder(name, root_fd, mode)
     moved = []
     try:
         for entry in _entries_left(fd):
@@ -1619,12 +1650,12 @@ class ScratchDirs:
             aside = f"{self.root}.stale-{uuidlib.uuid4().hex[:8]}"
             log.error("cannot empty %s (%s); moving it to %s", self.root, error, aside)
             os.rename(self.root, aside)
-            os.makedirs(self.root)
+            os.makedirs(self.root, SCRATCH_MODE)
             kept = set()
         for name in self.FOLDERS:
             if name not in kept:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(os.path.join(self.root, name))
+                    os.mkdir(os.path.join(self.root, name), SCRATCH_MODE)
         self.emptied_at = time.monotonic()
 
     @property
@@ -1652,7 +1683,7 @@ class ScratchDirs:
                 raise
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root)
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, SCRATCH_MODE, exist_ok=True)
         return clear_scratch(self.root, keep=self.FOLDERS)
 
     def remove(self):
@@ -1809,6 +1840,31 @@ def kill_marked(needle, suspects=None):
               KILL_ROUNDS)
 
 
+TASK_MARKER = b"MITO_TASK_UUID="  # every task process's environment holds it, at first
+
+
+def unmarked_start(pid):
+    """When the live process `pid` started (in clock ticks since boot, /proc/PID/stat),
+    if it carries no task's marker (it cleared its environment: `env -i`); else None.
+    A zombie (its environment reads empty) is None."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            marked = TASK_MARKER in handle.read()
+        if fields[0] not in (b"Z", b"X") and not marked:
+            return int(fields[19])  # field 22, starttime
+    return None
+
+
+def start_ticks(pid):
+    """When the process `pid` started, in clock ticks since boot; None if it is gone."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[19])
+    return None
+
+
 def wait_exit(pid, timeout):
     """Wait up to `timeout` seconds (None: for ever) for `pid` to end, without reaping
     it: while it stays a zombie its process-group id cannot be reused."""
@@ -1864,11 +1920,13 @@ class TaskProcesses:
 
     spared = set()  # children someone else reaps (task leaders, the guard): see reap_orphans
     below_worker = False  # the worker is a subreaper: every task process is below it
+    running = set()  # the tasks from their spawn to their reap (kill_unmarked)
     _lock = threading.Lock()
 
     def __init__(self, task_uuid):
-        self.needle = f"MITO_TASK_UUID={task_uuid}".encode()
+        self.needle = TASK_MARKER + task_uuid.encode()
         self.proc = None
+        self.started = None  # the leader's start, in clock ticks since boot (kill_unmarked)
         self.status = None  # the leader's raw wait status, once reaped
         self.ended = False  # the leader has ended (a zombie until reaped)
         self.thread = None  # the native id of the thread that started it: its parent
@@ -1888,7 +1946,12 @@ class TaskProcesses:
         with self._spawning:
             if stop.is_set():
                 raise Stopped()
-            self.proc = self.start(args, env, stdout, stderr)
+            self.running.add(self)  # (before its first process: see kill_unmarked)
+            try:
+                self.proc = self.start(args, env, stdout, stderr)
+            except BaseException:
+                self.running.discard(self)
+                raise
             self.thread = threading.get_native_id()
             with self._lock:
                 self.spared.add(self.proc.pid)
@@ -1952,6 +2015,7 @@ class TaskProcesses:
         """Kill the group and what escaped it, then reap the leader; its wait status.
         A leader that ended leaving nothing behind (the usual case) is just reaped:
         no process's environment needs reading."""
+        self.running.discard(self)  # ending: its processes are nobody's to spare now
         if self.proc is None or self.status is not None:
             return self.status
         self.signal(signal.SIGKILL)
@@ -1963,8 +2027,44 @@ class TaskProcesses:
         with self._lock:
             self.spared.discard(self.proc.pid)
         if suspected:
+            self.kill_unmarked()
             reap_orphans(self.thread)
         return self.status
+
+    def kill_unmarked(self):
+        """SIGKILL, with all below them, the worker's adopted orphans that carry no
+        task's marker (`setsid env -i ...` clears it) and cannot be a running task's:
+        each started before every running task's leader (the kernel's start times: a
+        task's processes all start after its leader). Such an orphan is this task's, or
+        one an earlier task left. One that started after another task's leader is
+        spared; the reap of the last task running takes it. The worker's own children
+        are spared (the leaders, the guard; the batch-system query ends before any task)."""
+        for _ in range(KILL_ROUNDS):
+            orphans = {pid: unmarked_start(pid) for pid in self.beside()}
+            orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
+            before = self.running_since() if orphans else None
+            pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
+            if not pids:
+                return
+            log.warning("killing processes %s: they cleared their environment, and no "
+                        "running task may own them", pids)
+            for pid in descendants(pids):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    @classmethod
+    def running_since(cls):
+        """The earliest start (clock ticks) of a running task's leader (inf: none runs),
+        or None while a task is being spawned (its processes may have started already)."""
+        earliest = math.inf
+        for task in list(cls.running):
+            if task.proc is None:
+                return None
+            if task.started is None:  # read once, while the leader is not reaped
+                task.started = start_ticks(task.proc.pid) or math.inf
+            earliest = min(earliest, task.started)
+        return earliest
 
 
 def reap_orphans(thread=None):
@@ -4645,11 +4745,6 @@ class Store:
                         "ORDER BY attempt DESC LIMIT 1", task_id)
         return "retried" if last and last["worker"] == worker_uuid and last["result"] else None
 
-    def held_task(self, worker_id):
-        """The task on the worker now, if any (as a commit or a fetch handed it out)."""
-        return self.one("SELECT * FROM tasks WHERE worker_id = ? AND committed = 0 LIMIT 1",
-                        worker_id)
-
     def set_task_state(self, task_id, state):
         self.write_one("UPDATE tasks SET state = ?, updated_at = ? WHERE id = ?", state,
                        time.time(), task_id)
@@ -5922,18 +6017,20 @@ class WorkerApiHandlers(Handlers):
         it is a next-task Commit ("end" or "next": only our worker sends them) sent again
         after its answer was lost (a cut connection, a proxy's 502). That one was
         applied already: it is answered as the first one was, not with a 404 telling
-        the worker that its task was taken from it. With "next": the task the first
-        handed out (on the worker, which never heard of it), else the next one as a
-        fetch finds it; none after a retry (that would be the task just requeued)."""
+        the worker that its task was taken from it. With "next": the next task, as a
+        fetch finds it (the task the first answer carried goes back to the queue first,
+        as for a fetch: its `requeues` moves on, so that answer, if it is still on its
+        way to the closed connection, cannot requeue it again: Store.requeue_unsent).
+        None after a retry: that could be the task just requeued, and a second resend
+        would be taken for its next attempt's commit."""
         applied = ((end is not None or after is not None)  # (then op is a Commit)
                    and self.store.commit_applied(task_id, req.worker["uuid"]))
         if not applied:
             raise not_found(f"task {task_id}")
         if after is None:
             return {"url": None}
-        held = self.store.held_task(req.worker["id"])
-        if held is not None or applied == "retried":
-            return commit_answer(held)
+        if applied == "retried":
+            return commit_answer(None)
         return self.coordinator.dispatcher.fetch(req.worker, after.get("time_left"),
                                                  self.next_wait(req, after),
                                                  time.monotonic(), commit_answer)

@@ -4,13 +4,16 @@ authenticated worker request counts as liveness; a 401 that is not a drop (a Rus
 coordinator's, a shutdown) still makes the worker leave with 0, as upstream's does.
 Real coordinators with heartbeat timeouts of seconds and real workers on 127.0.0.1."""
 
+import contextlib
 import signal
+import threading
 import time
 
 import pytest
 
 from e2e import cluster, mito, sh, wait_until  # noqa: F401
 from fake_coordinator import error, fake, start_worker  # noqa: F401
+from test_worker_next_task import RequestCounter
 
 
 def running_until_released(cluster, tmp_path):
@@ -247,3 +250,66 @@ def test_a_coordinator_that_stalls_longer_than_the_timeout_drops_no_worker(clust
     assert c.wait_task(alice, task_uuid)["result"] == {"exit_status": 0, "msg": None}
     assert runs.read_text().split() == ["run"], c.log()[-2000:]
     assert worker.uuid in c.workers() and "requeued" not in c.log()
+
+
+class RegistrationRefuser(RequestCounter):
+    """The relay, answering 503 to every registration (POST /workers) once `refusing`
+    is set, as a proxy does whose coordinator restarts: the worker retries it."""
+
+    REFUSAL = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self, url):
+        self.refusing, self.refused = threading.Event(), 0
+        super().__init__(url)
+
+    def pump(self, source, sink, count):
+        if not count:  # the answers
+            return super().pump(source, sink, count)
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                if self.refusing.is_set() and chunk.startswith(b"POST /workers HTTP/"):
+                    self.swallow_body(source, chunk)
+                    self.refused += 1
+                    source.sendall(self.REFUSAL)
+                    continue
+                self.sent.append(chunk)
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(2)
+
+    @staticmethod
+    def swallow_body(source, chunk):
+        head, _, body = chunk.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += source.recv(65536)
+
+
+def test_a_worker_told_to_stop_while_its_dropped_slot_registers_again_leaves_quietly(
+        cluster, tmp_path):
+    """Dropped for silence while it runs a task, the worker's heartbeats thread
+    registers it again, which a proxy refuses for now (503, retried). SIGTERM then: the
+    worker leaves with 0, without a traceback (the thread used to die of Stopped)."""
+    c = cluster(heartbeat_timeout="2s")
+    alice = c.user("alice")
+    relay = RegistrationRefuser(c.url)
+    worker = c.sandbox.spawn(
+        "worker", "-c", relay.url, "-u", "alice", "-p", "pw", "--retain",
+        "--credential-path", tmp_path / "cred", "--polling-interval", "100ms",
+        "--heartbeat-interval", "200ms", name="worker")
+    runs = tmp_path / "runs"
+    c.submit(alice, sh(f'echo run >> "{runs}"; sleep 300'))
+    wait_until(runs.exists, what="the task to start")
+    worker_uuid, = c.workers()
+    relay.refusing.set()
+    worker.signal(signal.SIGSTOP)
+    wait_until(lambda: worker_uuid not in c.workers(), 20, what="the worker to be dropped")
+    worker.signal(signal.SIGCONT)
+    wait_until(lambda: relay.refused >= 2, 20,
+               what=f"registrations refused, retried:\n{worker.log()[-3000:]}")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+    assert "Traceback" not in worker.log() and "Exception in thread" not in worker.log(), \
+        worker.log()
+    assert "registering again" in worker.log()

@@ -4,12 +4,14 @@ Each bad spec is handed to a real worker by the fake coordinator; each bad proce
 real. POISON_SPECS is the table of specs; the tests below it are the bad processes.
 Every test ends by running one more task on the same worker: a worker lost fails it."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -280,6 +282,57 @@ def test_kill_9_of_the_worker_kills_its_task(fake, start_worker, tmp_path):
     assert fake.commit(task) is None
 
 
+def unmarked_escapee(name, then=""):
+    """A task's script leaving a process in a session of its own and with an empty
+    environment (no MITO_TASK_UUID, nor the sandbox's marker), its pid in $PIDS.name."""
+    return (f'(setsid env -i sh -c "echo \\$\\$ > $PIDS.{name}.tmp; exec sleep 300" &); '
+            f'while [ ! -s "$PIDS.{name}.tmp" ]; do sleep 0.02; done; '
+            f'mv "$PIDS.{name}.tmp" "$PIDS.{name}"; {then}')
+
+
+@pytest.fixture
+def unmarked(tmp_path):
+    """Where the escapees record their pids; any still alive is killed at teardown
+    (the sandbox's sweep cannot find them: they carry no marker)."""
+    yield tmp_path / "unmarked"
+    for path in tmp_path.glob("unmarked.*"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+def test_a_process_that_clears_its_environment_dies_with_its_task(fake, start_worker,
+                                                                  unmarked):
+    worker = start_worker()
+    task = fake.add_task(["sh", "-c", unmarked_escapee("a")], envs={"PIDS": str(unmarked)})
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}, worker.stderr()
+    pid = recorded_pids(Path(f"{unmarked}.a"))[0]
+    wait_until(lambda: process_dead(pid), 10, what=f"the unmarked process {pid} to die")
+    still_working(fake, worker)
+
+
+def test_an_unmarked_process_another_running_task_may_own_is_spared(fake, start_worker,
+                                                                    unmarked, tmp_path):
+    """Two slots: the long task leaves an unmarked process, then the short task ends
+    leaving one too. Started after the long task's leader, either may be the long
+    task's: the short task's end kills neither. The long task's end kills both."""
+    worker = start_worker("--concurrency", "2")
+    fake.wait_registration(2)
+    go = tmp_path / "go"
+    long = fake.add_task(["sh", "-c", unmarked_escapee(
+        "long", f'while [ ! -e {go} ]; do sleep 0.05; done')], envs={"PIDS": str(unmarked)})
+    kept = recorded_pids(Path(f"{unmarked}.long"))[0]
+    short = fake.add_task(["sh", "-c", unmarked_escapee("short")],
+                          envs={"PIDS": str(unmarked)})
+    assert fake.wait_commit(short) == {"exit_status": 0, "msg": None}, worker.stderr()
+    left = recorded_pids(Path(f"{unmarked}.short"))[0]
+    assert not process_dead(kept), worker.stderr()  # the long task's: it still runs
+    go.touch()
+    assert fake.wait_commit(long) == {"exit_status": 0, "msg": None}, worker.stderr()
+    for pid in (kept, left):
+        wait_until(lambda: process_dead(pid), 10, what=f"the unmarked process {pid} to die")
+    still_working(fake, worker)
+
+
 def marked_processes(task):
     """Live processes carrying the task's MITO_TASK_UUID (a zombie shows no environment)."""
     needle, found = f"MITO_TASK_UUID={task['uuid']}".encode(), []
@@ -437,6 +490,56 @@ def test_a_scratch_that_cannot_be_made_fails_its_tasks_not_the_worker(mito, fake
     still_failing = fake.add_task(["true"])
     assert fake.wait_commit(still_failing)["msg"] is not None
     assert worker.alive(), worker.stderr()
+
+
+def test_a_mode_a_task_gives_its_scratch_does_not_pass_to_the_next_task(fake, start_worker,
+                                                                         tmp_path):
+    """The scratch's folders are kept between tasks (emptied, not made again): the
+    next task finds them private to the worker's user (0700) again, not open to all,
+    locked, or without their write bit."""
+    worker = start_worker()
+    locking = fake.add_task(["sh", "-c", 'cd "$MITO_RESULT_DIR/.."; chmod 777 result; '
+                             "chmod 000 resource; chmod 1777 exec; chmod 500 ."])
+    assert fake.wait_commit(locking) == {"exit_status": 0, "msg": None}, worker.stderr()
+    modes = tmp_path / "modes"
+    looking = fake.add_task(["sh", "-c", f'cd "$MITO_RESULT_DIR/.."; stat -c "%n %a" . '
+                             f"result resource exec > {modes}; touch result/x exec/x"])
+    assert fake.wait_commit(looking) == {"exit_status": 0, "msg": None}, worker.stderr()
+    assert modes.read_text().split("\n")[:-1] == [
+        ". 700", "result 700", "resource 700", "exec 700"]
+    still_working(fake, worker)
+
+
+def test_a_scratch_locked_against_its_worker_is_opened_again(tmp_path):
+    """Run as a user whom a mode can lock out (not root): a scratch whose root and
+    folder a task locked (chmod 000) is emptied and opened again (it used to be moved
+    aside); the next task finds its folders, mode 0700."""
+    python, user, home = sys.executable, {}, tmp_path
+    if os.geteuid() == 0:  # root enters any folder: run as nobody, from where it may read
+        python, user = "/usr/bin/python3", {"user": 65534, "group": 65534, "extra_groups": []}
+        home = Path(tempfile.mkdtemp(prefix="mito-test-scratch-"))
+        os.chown(home, 65534, 65534)
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import mito
+dirs = mito.ScratchDirs(os.path.join({str(home)!r}, "scratch"))
+dirs.prepare()
+open(os.path.join(dirs.result, "x"), "w").close()
+os.chmod(dirs.result, 0o000)
+os.chmod(dirs.root, 0o000)
+dirs.reset()
+print(sorted(os.listdir({str(home)!r})), [oct(os.stat(path).st_mode & 0o7777)
+      for path in (dirs.root, dirs.result, dirs.exec)], os.listdir(dirs.result))
+"""
+    try:
+        run = subprocess.run([python, "-c", script], capture_output=True, text=True,
+                             timeout=60, **user)
+    finally:
+        if home != tmp_path:
+            shutil.rmtree(home)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "['scratch'] ['0o700', '0o700', '0o700'] []", run.stderr
 
 
 def commit_log(worker):
