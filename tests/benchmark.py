@@ -9,7 +9,8 @@ off the output):
   1. the raw rate of spawning `true` from 2 threads (the limit for any worker);
   2. 2 slots (one `worker --concurrency 2`): the end-to-end rate of N `true` tasks
      submitted in batches, and of the same tasks submitted one per new connection;
-     the coordinator's and the worker's CPU per task; submit-to-start p50/p95 with the
+     the coordinator's and the worker's CPU per task, and the share of the machine's
+     CPU left idle during the batches (latency-bound?); submit-to-start p50/p95 with the
      slots idle (the task is `sh -c 'date +%s.%N > FILE'`: the time it writes, read
      from the submitter's clock, is an upper bound on the start);
   3. the same with --slots idle slots (several `worker --concurrency 100` processes,
@@ -72,6 +73,13 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def machine_times():
+    """(all, idle) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(value) for value in handle.readline().split()[1:]]
+    return sum(values), values[3] + values[4]  # idle + iowait
 
 
 def proc_status(pid):
@@ -189,18 +197,24 @@ class System:
 
 
 def run_tasks(system, count, submit):
-    """(tasks/s, coordinator CPU ms per task, workers' CPU ms per task) of `count`
-    `true` tasks submitted by `submit(count)`, until all are committed."""
+    """(tasks/s, coordinator CPU ms per task, workers' CPU ms per task, the share of
+    the machine's CPU time left idle) of `count` `true` tasks submitted by
+    `submit(count)`, until all are committed. An idle share well above zero on an
+    otherwise idle machine: the run waits on latency (the slots, the coordinator and
+    the tasks wait on each other), not only on CPU."""
     done_before = system.finished()
     processes = [system.process.pid] + [w.pid for w in system.workers]
     cpu_before = [cpu_seconds(pid) for pid in processes]
+    machine_before = machine_times()
     start = time.perf_counter()
     submit(count)
     while system.finished() < done_before + count:
         time.sleep(0.05)  # (each look is a request: the coordinator's CPU counts it)
     elapsed = time.perf_counter() - start
     spent = [cpu_seconds(pid) - before for pid, before in zip(processes, cpu_before)]
-    return count / elapsed, spent[0] * 1000 / count, sum(spent[1:]) * 1000 / count
+    total, idle = (after - before for after, before in zip(machine_times(), machine_before))
+    return (count / elapsed, spent[0] * 1000 / count, sum(spent[1:]) * 1000 / count,
+            idle / max(total, 1))
 
 
 def latencies(system, samples):
@@ -318,16 +332,16 @@ def two_slots(args, raw):
     system = System()
     try:
         system.add_slots(2, per_process=2)
-        rate, coordinator_ms, worker_ms = run_tasks(
+        rate, coordinator_ms, worker_ms, idle = run_tasks(
             system, args.tasks, lambda n: system.submit(["true"], n))
         print(f"2 slots, {args.tasks} tasks in batches:  {rate:7.0f} tasks/s "
               f"({rate / raw:.2f} x raw); CPU per task: coordinator {coordinator_ms:.2f} ms, "
-              f"worker {worker_ms:.2f} ms")
-        single, coordinator_single, _ = run_tasks(system, args.tasks // 2,
-                                                  system.submit_on_new_connections)
+              f"worker {worker_ms:.2f} ms; the machine {idle:.0%} idle meanwhile")
+        single, coordinator_single, _, _ = run_tasks(system, args.tasks // 2,
+                                                     system.submit_on_new_connections)
         print(f"2 slots, a new connection per submit: {single:7.0f} tasks/s "
               f"({single / raw:.2f} x raw); coordinator {coordinator_single:.2f} ms per task")
-        burst, coordinator_burst, worker_burst = run_tasks(
+        burst, coordinator_burst, worker_burst, _ = run_tasks(
             system, BURST, lambda n: system.submit(["true"], n))
         print(f"2 slots, burst of {BURST}:              {burst:7.0f} tasks/s; CPU per task: "
               f"coordinator {coordinator_burst:.2f} ms, worker {worker_burst:.2f} ms")
@@ -351,8 +365,8 @@ def many_slots(args, burst_2):
         print(f"{args.slots} idle slots: coordinator {threads} threads (before: "
               f"{threads_before}), {rss:.0f} MiB RSS (before: {rss_before:.0f}), "
               f"{idle_cpu:.1f}% CPU while they wait")
-        burst, coordinator_ms, workers_ms = run_tasks(system, BURST,
-                                                      lambda n: system.submit(["true"], n))
+        burst, coordinator_ms, workers_ms, _ = run_tasks(system, BURST,
+                                                         lambda n: system.submit(["true"], n))
         print(f"{args.slots} idle slots, burst of {BURST}:  {burst:7.0f} tasks/s "
               f"({burst / burst_2:.2f} x the 2-slot burst); CPU per task: coordinator "
               f"{coordinator_ms:.2f} ms, workers {workers_ms:.2f} ms")

@@ -475,6 +475,74 @@ def test_a_scratch_left_unseen_is_looked_at_again_before_a_task(tmp_path, monkey
     assert os.path.isdir(dirs.exec)
 
 
+def as_emptied(dirs):
+    """The scratch as reset() leaves it: a real directory holding its folders only,
+    each real, empty and ours (rwx)."""
+    if os.path.islink(dirs.root) or sorted(os.listdir(dirs.root)) != sorted(dirs.FOLDERS):
+        return False
+    folders = [os.path.join(dirs.root, name) for name in dirs.FOLDERS]
+    return all(not os.path.islink(folder) and os.listdir(folder) == [] and
+               os.stat(folder).st_mode & 0o700 == 0o700 for folder in folders)
+
+
+def test_a_watched_scratch_nothing_touched_is_not_looked_through_again(tmp_path,
+                                                                       monkeypatch):
+    import mito
+    dirs = mito.ScratchDirs(str(tmp_path / "scratch"), mito.ScratchWatch())
+    dirs.prepare()
+    assert dirs.watched
+    emptied = []
+    clear = mito.ScratchDirs.clear
+    monkeypatch.setattr(mito.ScratchDirs, "clear", lambda self: emptied.append(1) or
+                        clear(self))
+    dirs.reset()
+    assert emptied == [] and as_emptied(dirs)
+    Path(dirs.result, "out").write_text("x")
+    dirs.reset()
+    assert emptied == [1] and as_emptied(dirs)
+    dirs.reset()  # watched again: untouched since
+    assert emptied == [1]
+
+
+def test_without_inotify_the_scratch_is_emptied_after_every_task(tmp_path, monkeypatch):
+    import mito
+    monkeypatch.setattr(mito, "LIBC", None)
+    dirs = mito.ScratchDirs(str(tmp_path / "scratch"), mito.ScratchWatch())
+    dirs.prepare()
+    assert not dirs.watched
+    Path(dirs.result, "out").write_text("x")
+    dirs.reset()
+    assert as_emptied(dirs)
+
+
+SCRATCH_CHANGES = {
+    "a file in a folder": lambda d: Path(d.result, "out").write_text("x"),
+    "a file beside the folders": lambda d: Path(d.root, "new-task.json").write_text("{}"),
+    "a folder in a folder": lambda d: Path(d.exec, "a", "b").mkdir(parents=True),
+    "a folder locked": lambda d: os.chmod(d.std, 0o500),
+    "a folder removed": lambda d: os.rmdir(d.upload),
+    "a folder swapped for a symlink": lambda d: (os.rename(d.resource, d.root + ".aside"),
+                                                 os.symlink(d.root + ".aside", d.resource)),
+    "the root swapped for a symlink": lambda d: (os.rename(d.root, d.root + ".aside"),
+                                                 os.mkdir(d.root + ".aside/stray"),
+                                                 os.symlink(d.root + ".aside", d.root)),
+}
+
+
+@pytest.mark.parametrize("change", SCRATCH_CHANGES)
+def test_a_watched_scratch_is_emptied_after_any_change(tmp_path, change):
+    """ScratchWatch spares the emptying only where no event came: each change a task
+    can make to its scratch is one, and the next task starts clean."""
+    import mito
+    watch = mito.ScratchWatch()
+    dirs = mito.ScratchDirs(str(tmp_path / "scratch"), watch)
+    dirs.prepare()
+    SCRATCH_CHANGES[change](dirs)
+    assert not watch.untouched(dirs)
+    dirs.reset()
+    assert as_emptied(dirs) and dirs.watched and watch.untouched(dirs)
+
+
 def test_a_scratch_that_cannot_be_made_fails_its_tasks_not_the_worker(mito, fake,
                                                                      start_worker):
     mito.mitosis_cache.mkdir(parents=True, exist_ok=True)
