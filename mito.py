@@ -2116,9 +2116,10 @@ class TaskProcesses:
         task's marker (`setsid env -i ...` clears it) and cannot be a running task's:
         each started before every running task's leader (the kernel's start times: a
         task's processes all start after its leader). Such an orphan is this task's, or
-        one an earlier task left. One that started after another task's leader is
-        spared; the reap of the last task running takes it. The worker's own children
-        are spared (the leaders, the guard; the batch-system query ends before any task)."""
+        one an earlier task left. One that started after another running task's leader
+        is spared: a later reap takes it, once every task then running started after it.
+        The worker's own children are spared (the leaders, the guard; the batch-system
+        query ends before any task starts)."""
         for _ in range(KILL_ROUNDS):
             orphans = {pid: unmarked_start(pid) for pid in self.beside()}
             orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
