@@ -2116,9 +2116,10 @@ class TaskProcesses:
         task's marker (`setsid env -i ...` clears it) and cannot be a running task's:
         each started before every running task's leader (the kernel's start times: a
         task's processes all start after its leader). Such an orphan is this task's, or
-        one an earlier task left. One that started after another task's leader is
-        spared; the reap of the last task running takes it. The worker's own children
-        are spared (the leaders, the guard; the batch-system query ends before any task)."""
+        one an earlier task left. One that started after another running task's leader
+        is spared: a later reap takes it, once every task then running started after it.
+        The worker's own children are spared (the leaders, the guard; the batch-system
+        query ends before any task starts)."""
         for _ in range(KILL_ROUNDS):
             orphans = {pid: unmarked_start(pid) for pid in self.beside()}
             orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
@@ -4155,7 +4156,8 @@ def json_set(values):
 
 
 class RowCache:
-    """Rows read on every request (the caller's user or worker row), kept in memory.
+    """Rows read on every request (the caller's user or worker row; a parked worker's
+    groups), kept in memory.
     Store.invalidate_auth_cache() empties it on every write that changes them; a row
     read while such a write happened is not kept (the generation moved on)."""
 
@@ -4313,7 +4315,8 @@ class Store:
 
     def invalidate_auth_cache(self):
         """Call after every write that changes a user (state, password, sign, admin,
-        quota) or a worker (state, tags, deletion): the next request re-reads them."""
+        quota) or a worker (state, tags, groups, deletion): the next request re-reads
+        them."""
         self.auth_rows.clear()
 
     # -- users and groups
@@ -4488,12 +4491,14 @@ class Store:
             db.executemany("INSERT INTO group_workers VALUES (?, ?, ?) ON CONFLICT DO UPDATE "
                            "SET role = excluded.role",
                            [(group_id, worker_id, role) for group_id, role in group_roles.items()])
+        self.invalidate_auth_cache()  # (serving_groups)
         self.wake_fetchers(worker_ids=[worker_id])
 
     def remove_worker_groups(self, worker_id, group_ids):
         with self.write() as db:
             db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
                            [(group_id, worker_id) for group_id in group_ids])
+        self.invalidate_auth_cache()  # (serving_groups)
 
     def remove_workers(self, worker_ids, silent=(), lost=True):
         """Delete workers; each one's unfinished task goes back to Ready. `silent`: the
@@ -4844,9 +4849,11 @@ class Store:
             json.dumps(list(task_ids)))]
 
     def serving_groups(self, worker_id):
-        """The ids of the groups whose tasks the worker takes (role Write or Admin)."""
-        return frozenset(row[0] for row in self.all(
-            "SELECT group_id FROM group_workers WHERE worker_id = ? AND role >= 2", worker_id))
+        """The ids of the groups whose tasks the worker takes (role Write or Admin), from
+        memory: every park reads them; a change of the worker's groups clears them."""
+        return self.auth_rows.get(("serving", worker_id), lambda: frozenset(
+            row[0] for row in self.all("SELECT group_id FROM group_workers WHERE "
+                                       "worker_id = ? AND role >= 2", worker_id)))
 
     # -- a task's run: its reports, its commit, changes and cancellations
 
@@ -5593,7 +5600,14 @@ class Liveness:
         self.written = {}
         self.last_round = None  # when reap() last ran (wall time)
 
-    def heard_from(self, worker):
+    def heard_from(self, worker, written=None):
+        """The worker is alive now; its row is written at most once every `every` s.
+        `written`: when a claim for it wrote its row already (Store._assign), in the
+        transaction that handed it a task: only noted, so its next request (the
+        commit) writes nothing either."""
+        if written is not None:
+            self.written[worker["id"]] = written
+            return
         now = time.time()
         if now - max(worker["last_heartbeat"], self.written.get(worker["id"], 0)) >= self.every:
             self.written[worker["id"]] = now
@@ -6992,7 +7006,8 @@ class Dispatcher:
         self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
         self.sequence = 0
         self.changes = 0     # how many times tasks became ready: a fetch's race check
-        self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
+        # Liveness.heard_from(worker, written=None), set by the Coordinator
+        self.heard_from = lambda worker, written=None: None
         store.on_change, store.hand_over = self.changed, self.hand_over
 
     def fetch(self, worker, time_left, wait, now, shape=fetch_answer):
@@ -7067,6 +7082,7 @@ class Dispatcher:
             park = self.take_eligible(task, tried)
             if park is None:
                 return
+            claimed_at = time.time()
             claimed = self.store.claim(park.worker, park.time_left_at(time.monotonic()))
             if claimed is None:
                 self.add(park)  # taken meanwhile, or not for this worker after all
@@ -7074,7 +7090,8 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
-            park.hand(claimed)  # (the claim marked its worker heard from: Store._assign)
+            self.heard_from(park.worker, claimed_at)  # (the claim wrote it: Store._assign)
+            park.hand(claimed)
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker
 
@@ -7173,6 +7190,7 @@ class Handover:
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
+        self.began = time.time()  # (a claim marks its worker heard from: Store._assign)
         self.handed = []     # (park, the task row claimed for it)
         self.unused = []     # parks picked that got no task
         self.placed = set()  # ids of the tasks claimed
@@ -7202,6 +7220,7 @@ class Handover:
         for park in self.unused:
             self.dispatcher.add(park)
         for park, row in self.handed:
+            self.dispatcher.heard_from(park.worker, self.began)
             park.hand(row)
         return self.placed
 
