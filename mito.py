@@ -2996,13 +2996,8 @@ class Worker:
             run.kill()
 
     def leave(self):
-        """Kill the running task (it is requeued, not committed), unregister, clean up."""
-        self.kill()
-        if not self.unauthorized:
-            try:
-                self.http.api("DELETE", "/workers", timeout=3)
-            except (ApiError, Unreachable) as error:
-                log.warning("worker %s could not unregister: %s", self.worker_id, error)
+        """Once unregistered (its task is requeued, not committed: unregister_slots),
+        wait for the killed task's clean-up, then remove the scratch."""
         if self.busy:
             self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
@@ -3095,6 +3090,54 @@ class Reachability:
             return False
         times = list(self.pending.values()) + ([self.since] if self.since is not None else [])
         return any(time.monotonic() - moment >= self.patience for moment in times)
+
+
+UNREGISTER_LINES = 4        # kept-alive connections a leaving process unregisters over
+UNREGISTER_TIMEOUT = 3.0    # seconds for one slot's DELETE /workers
+UNREGISTER_DEADLINE = 15.0  # seconds after which the slots not yet done are left
+
+
+def unregister_slots(process, slots):
+    """DELETE /workers for each slot, with its own token, one after another over a few
+    kept-alive connections. One new connection per slot, all at once, is what 50
+    processes of 100 slots stopping together (scancel) send a coordinator: its accept
+    queue overflowed, and 4 slots in 5 timed out and stayed listed until its heartbeat
+    timeout. A line stops at an unreachable coordinator (the rest would wait for it
+    too); what failed is said in one log line, not one per slot."""
+    pending, failed, lock = collections.deque(slots), [], threading.Lock()
+    deadline = time.monotonic() + UNREGISTER_DEADLINE
+
+    def next_slot():
+        with lock:
+            return pending.popleft() if pending and time.monotonic() < deadline else None
+
+    def line():
+        http = Http(process.settings.coordinator_addr, ssl_context=process.ssl_context)
+        while (slot := next_slot()) is not None:
+            try:
+                http.api("DELETE", "/workers", timeout=UNREGISTER_TIMEOUT,
+                         token=slot.http.token)
+            except ApiError as error:
+                if error.status != 401:  # 401: dropped already, as it was to be
+                    failed.append((slot, error))
+            except Unreachable as error:
+                failed.append((slot, error))
+                return
+    lines = [threading.Thread(target=line, daemon=True)
+             for _ in range(min(UNREGISTER_LINES, len(slots)))]
+    for thread in lines:
+        thread.start()
+    for thread in lines:
+        thread.join(UNREGISTER_DEADLINE + UNREGISTER_TIMEOUT)
+    with lock:
+        failed += [(slot, "not tried: the coordinator did not answer") for slot in pending]
+        pending.clear()
+    if len(failed) == 1:
+        log.warning("worker %s could not unregister: %s", failed[0][0].worker_id, failed[0][1])
+    elif failed:
+        log.warning("%d of %d workers could not unregister (%s: %s); the coordinator drops "
+                    "them after its heartbeat timeout", len(failed), len(slots),
+                    failed[0][0].worker_id, failed[0][1])
 
 
 class WorkerProcess:
@@ -3300,8 +3343,11 @@ class WorkerProcess:
         return max(0.01, min(waits))
 
     def leave(self):
-        """Every slot: kill its task, unregister (in parallel, 3 s each), clean up."""
+        """Every slot: kill its task, unregister, clean up (in parallel)."""
         self.stop.set()
+        for slot in self.slots:
+            slot.kill()
+        unregister_slots(self, [slot for slot in self.slots if not slot.unauthorized])
         threads = [threading.Thread(target=slot.leave, daemon=True) for slot in self.slots]
         for thread in threads:
             thread.start()
@@ -8956,7 +9002,9 @@ class EventLoopServer:
         self.coordinator, self.dispatcher = coordinator, coordinator.dispatcher
         self.tls, self.max_connections = tls, max_connections
         self.request_timeout = request_timeout
-        self.listener = socket.create_server(address, backlog=1024)
+        # thousands of slots reconnect at once after a restart (the kernel caps the
+        # backlog at net.core.somaxconn)
+        self.listener = socket.create_server(address, backlog=4096)
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()
         self.server_port = self.server_address[1]
