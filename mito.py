@@ -2121,9 +2121,10 @@ class TaskProcesses:
         task's marker (`setsid env -i ...` clears it) and cannot be a running task's:
         each started before every running task's leader (the kernel's start times: a
         task's processes all start after its leader). Such an orphan is this task's, or
-        one an earlier task left. One that started after another task's leader is
-        spared; the reap of the last task running takes it. The worker's own children
-        are spared (the leaders, the guard; the batch-system query ends before any task)."""
+        one an earlier task left. One that started after another running task's leader
+        is spared: a later reap takes it, once every task then running started after it.
+        The worker's own children are spared (the leaders, the guard; the batch-system
+        query ends before any task starts)."""
         for _ in range(KILL_ROUNDS):
             orphans = {pid: unmarked_start(pid) for pid in self.beside()}
             orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
@@ -3006,13 +3007,8 @@ class Worker:
             run.kill()
 
     def leave(self):
-        """Kill the running task (it is requeued, not committed), unregister, clean up."""
-        self.kill()
-        if not self.unauthorized:
-            try:
-                self.http.api("DELETE", "/workers", timeout=3)
-            except (ApiError, Unreachable) as error:
-                log.warning("worker %s could not unregister: %s", self.worker_id, error)
+        """Once unregistered (its task is requeued, not committed: unregister_slots),
+        wait for the killed task's clean-up, then remove the scratch."""
         if self.busy:
             self.finished.wait(KILL_GRACE / 2)  # its task's clean-up is over
         self.scratch.remove()
@@ -3105,6 +3101,54 @@ class Reachability:
             return False
         times = list(self.pending.values()) + ([self.since] if self.since is not None else [])
         return any(time.monotonic() - moment >= self.patience for moment in times)
+
+
+UNREGISTER_LINES = 4        # kept-alive connections a leaving process unregisters over
+UNREGISTER_TIMEOUT = 3.0    # seconds for one slot's DELETE /workers
+UNREGISTER_DEADLINE = 15.0  # seconds after which the slots not yet done are left
+
+
+def unregister_slots(process, slots):
+    """DELETE /workers for each slot, with its own token, one after another over a few
+    kept-alive connections. One new connection per slot, all at once, is what 50
+    processes of 100 slots stopping together (scancel) send a coordinator: its accept
+    queue overflowed, and 4 slots in 5 timed out and stayed listed until its heartbeat
+    timeout. A line stops at an unreachable coordinator (the rest would wait for it
+    too); what failed is said in one log line, not one per slot."""
+    pending, failed, lock = collections.deque(slots), [], threading.Lock()
+    deadline = time.monotonic() + UNREGISTER_DEADLINE
+
+    def next_slot():
+        with lock:
+            return pending.popleft() if pending and time.monotonic() < deadline else None
+
+    def line():
+        http = Http(process.settings.coordinator_addr, ssl_context=process.ssl_context)
+        while (slot := next_slot()) is not None:
+            try:
+                http.api("DELETE", "/workers", timeout=UNREGISTER_TIMEOUT,
+                         token=slot.http.token)
+            except ApiError as error:
+                if error.status != 401:  # 401: dropped already, as it was to be
+                    failed.append((slot, error))
+            except Unreachable as error:
+                failed.append((slot, error))
+                return
+    lines = [threading.Thread(target=line, daemon=True)
+             for _ in range(min(UNREGISTER_LINES, len(slots)))]
+    for thread in lines:
+        thread.start()
+    for thread in lines:
+        thread.join(UNREGISTER_DEADLINE + UNREGISTER_TIMEOUT)
+    with lock:
+        failed += [(slot, "not tried: the coordinator did not answer") for slot in pending]
+        pending.clear()
+    if len(failed) == 1:
+        log.warning("worker %s could not unregister: %s", failed[0][0].worker_id, failed[0][1])
+    elif failed:
+        log.warning("%d of %d workers could not unregister (%s: %s); the coordinator drops "
+                    "them after its heartbeat timeout", len(failed), len(slots),
+                    failed[0][0].worker_id, failed[0][1])
 
 
 class WorkerProcess:
@@ -3310,8 +3354,11 @@ class WorkerProcess:
         return max(0.01, min(waits))
 
     def leave(self):
-        """Every slot: kill its task, unregister (in parallel, 3 s each), clean up."""
+        """Every slot: kill its task, unregister, clean up (in parallel)."""
         self.stop.set()
+        for slot in self.slots:
+            slot.kill()
+        unregister_slots(self, [slot for slot in self.slots if not slot.unauthorized])
         threads = [threading.Thread(target=slot.leave, daemon=True) for slot in self.slots]
         for thread in threads:
             thread.start()
@@ -4120,7 +4167,8 @@ def json_set(values):
 
 
 class RowCache:
-    """Rows read on every request (the caller's user or worker row), kept in memory.
+    """Rows read on every request (the caller's user or worker row; a parked worker's
+    groups), kept in memory.
     Store.invalidate_auth_cache() empties it on every write that changes them; a row
     read while such a write happened is not kept (the generation moved on)."""
 
@@ -4278,7 +4326,8 @@ class Store:
 
     def invalidate_auth_cache(self):
         """Call after every write that changes a user (state, password, sign, admin,
-        quota) or a worker (state, tags, deletion): the next request re-reads them."""
+        quota) or a worker (state, tags, groups, deletion): the next request re-reads
+        them."""
         self.auth_rows.clear()
 
     # -- users and groups
@@ -4453,12 +4502,14 @@ class Store:
             db.executemany("INSERT INTO group_workers VALUES (?, ?, ?) ON CONFLICT DO UPDATE "
                            "SET role = excluded.role",
                            [(group_id, worker_id, role) for group_id, role in group_roles.items()])
+        self.invalidate_auth_cache()  # (serving_groups)
         self.wake_fetchers(worker_ids=[worker_id])
 
     def remove_worker_groups(self, worker_id, group_ids):
         with self.write() as db:
             db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
                            [(group_id, worker_id) for group_id in group_ids])
+        self.invalidate_auth_cache()  # (serving_groups)
 
     def remove_workers(self, worker_ids, silent=(), lost=True):
         """Delete workers; each one's unfinished task goes back to Ready. `silent`: the
@@ -4809,9 +4860,11 @@ class Store:
             json.dumps(list(task_ids)))]
 
     def serving_groups(self, worker_id):
-        """The ids of the groups whose tasks the worker takes (role Write or Admin)."""
-        return frozenset(row[0] for row in self.all(
-            "SELECT group_id FROM group_workers WHERE worker_id = ? AND role >= 2", worker_id))
+        """The ids of the groups whose tasks the worker takes (role Write or Admin), from
+        memory: every park reads them; a change of the worker's groups clears them."""
+        return self.auth_rows.get(("serving", worker_id), lambda: frozenset(
+            row[0] for row in self.all("SELECT group_id FROM group_workers WHERE "
+                                       "worker_id = ? AND role >= 2", worker_id)))
 
     # -- a task's run: its reports, its commit, changes and cancellations
 
@@ -5558,7 +5611,14 @@ class Liveness:
         self.written = {}
         self.last_round = None  # when reap() last ran (wall time)
 
-    def heard_from(self, worker):
+    def heard_from(self, worker, written=None):
+        """The worker is alive now; its row is written at most once every `every` s.
+        `written`: when a claim for it wrote its row already (Store._assign), in the
+        transaction that handed it a task: only noted, so its next request (the
+        commit) writes nothing either."""
+        if written is not None:
+            self.written[worker["id"]] = written
+            return
         now = time.time()
         if now - max(worker["last_heartbeat"], self.written.get(worker["id"], 0)) >= self.every:
             self.written[worker["id"]] = now
@@ -6957,7 +7017,8 @@ class Dispatcher:
         self.deadlines = []  # heap of (deadline, sequence, park); withdrawn ones stay
         self.sequence = 0
         self.changes = 0     # how many times tasks became ready: a fetch's race check
-        self.heard_from = lambda worker: None  # Liveness.heard_from, set by the Coordinator
+        # Liveness.heard_from(worker, written=None), set by the Coordinator
+        self.heard_from = lambda worker, written=None: None
         store.on_change, store.hand_over = self.changed, self.hand_over
 
     def fetch(self, worker, time_left, wait, now, shape=fetch_answer):
@@ -7032,6 +7093,7 @@ class Dispatcher:
             park = self.take_eligible(task, tried)
             if park is None:
                 return
+            claimed_at = time.time()
             claimed = self.store.claim(park.worker, park.time_left_at(time.monotonic()))
             if claimed is None:
                 self.add(park)  # taken meanwhile, or not for this worker after all
@@ -7039,7 +7101,8 @@ class Dispatcher:
                 if not self.store.takeable([task[0]]):
                     return
                 continue
-            park.hand(claimed)  # (the claim marked its worker heard from: Store._assign)
+            self.heard_from(park.worker, claimed_at)  # (the claim wrote it: Store._assign)
+            park.hand(claimed)
             if claimed["id"] == task[0]:
                 return  # else it got a better task: this one still needs a taker
 
@@ -7138,6 +7201,7 @@ class Handover:
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
+        self.began = time.time()  # (a claim marks its worker heard from: Store._assign)
         self.handed = []     # (park, the task row claimed for it)
         self.unused = []     # parks picked that got no task
         self.placed = set()  # ids of the tasks claimed
@@ -7167,6 +7231,7 @@ class Handover:
         for park in self.unused:
             self.dispatcher.add(park)
         for park, row in self.handed:
+            self.dispatcher.heard_from(park.worker, self.began)
             park.hand(row)
         return self.placed
 
@@ -8948,7 +9013,9 @@ class EventLoopServer:
         self.coordinator, self.dispatcher = coordinator, coordinator.dispatcher
         self.tls, self.max_connections = tls, max_connections
         self.request_timeout = request_timeout
-        self.listener = socket.create_server(address, backlog=1024)
+        # thousands of slots reconnect at once after a restart (the kernel caps the
+        # backlog at net.core.somaxconn)
+        self.listener = socket.create_server(address, backlog=4096)
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()
         self.server_port = self.server_address[1]

@@ -60,6 +60,7 @@ class Request:
     status: int = None     # the status answered
     answered: float = None  # time.monotonic() when the answer was ready
     answer: object = None  # the JSON answered
+    peer: tuple = None     # the client's (host, port): which connection it came on
 
     @property
     def token(self):
@@ -129,7 +130,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        response = fake._handle(self.command, self.path, self.headers, body)
+        response = fake._handle(self.command, self.path, self.headers, body,
+                                   self.client_address)
         data = response.body
         content_type = response.content_type
         if data is None and content_type is None:
@@ -323,11 +325,11 @@ class FakeCoordinator:
 
     # ---- handling
 
-    def _handle(self, method, target, headers, body):
+    def _handle(self, method, target, headers, body, peer=None):
         parts = urllib.parse.urlsplit(target)
         request = Request(method, parts.path, urllib.parse.parse_qs(parts.query, True),
                           {name.lower(): value for name, value in headers.items()}, body,
-                          None, time.monotonic())
+                          None, time.monotonic(), peer=peer)
         with self.cond:
             self.requests.append(request)
         try:

@@ -332,6 +332,20 @@ def test_a_fetcher_that_cannot_get_the_task_passes_it_on(fleet):
     assert second.answer.body["uuid"] == task_uuid
 
 
+def test_a_parked_worker_put_into_another_group_gets_that_groups_tasks(fleet):
+    """A park's groups are kept in memory (Store.serving_groups): a change of them
+    must reach the park, not wait for the worker's next fetch."""
+    waiting = park(fleet, fleet.worker())
+    bobs = fleet.submit(group="bob")
+    assert waiting.answer is None
+    fleet.store.set_worker_groups(waiting.worker["id"], {fleet.group["bob"]: mito.WRITE})
+    assert waiting.answer.body["uuid"] == bobs
+    fleet.store.remove_worker_groups(waiting.worker["id"], [fleet.group["bob"]])
+    again = park(fleet, waiting.worker)
+    fleet.submit(group="bob")
+    assert again.answer is None
+
+
 def test_parks_expire_empty_and_a_removed_worker_hears_401(fleet):
     waiting, removed = park(fleet, fleet.worker()), park(fleet, fleet.worker())
     fleet.store.remove_workers([removed.worker["id"]])

@@ -139,6 +139,36 @@ def test_shutdown_does_not_wait_long_for_an_unanswered_unregister(fake, start_wo
     assert len(fake.find("DELETE", "/workers")) == 1
 
 
+def test_a_leaving_process_unregisters_its_slots_over_a_few_connections(fake, start_worker):
+    """Not one new connection per slot at once: 50 processes of 100 slots stopping
+    together overflowed a coordinator's accept queue."""
+    process = start_worker("--concurrency", "12")
+    wait_until(lambda: len(fake.registrations) == 12, what="12 registrations")
+    tokens = {registration["token"] for registration in fake.registrations}
+    wait_until(lambda: {r.token for r in fake.find("GET", "/workers/tasks")} == tokens,
+               what="each slot's first fetch")
+    process.signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    deletes = fake.find("DELETE", "/workers")
+    assert sorted(r.token for r in deletes) == sorted(tokens)
+    assert len({r.peer for r in deletes}) <= 4, [r.peer for r in deletes]
+    assert "could not unregister" not in process.stderr()
+
+
+def test_unregistering_stops_at_an_unanswering_coordinator(fake, start_worker):
+    fake.intercept("DELETE", "/workers", lambda r: time.sleep(30))
+    process = start_worker("--concurrency", "8")
+    wait_until(lambda: len({r.token for r in fake.find("GET", "/workers/tasks")}) == 8,
+               what="each slot's first fetch")
+    process.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert process.wait(30) == 0
+    assert time.monotonic() - signalled < 15.0  # one timeout per line, not per slot
+    assert len(fake.find("DELETE", "/workers")) <= 4
+    said = [line for line in process.stderr().splitlines() if "could not unregister" in line]
+    assert len(said) == 1 and "8 of 8 workers could not unregister" in said[0], said
+
+
 def test_shutdown_with_the_coordinator_gone(mito, fake, start_worker):
     worker = start_worker()
     fake.wait_request("GET", "/workers/tasks")

@@ -222,6 +222,8 @@ def test_a_park_that_gets_a_task_ends_with_its_worker_heard_from(tmp_path):
                                                 time.time() + 600))
     park = dispatcher.fetch(worker, None, 30, time.monotonic())
     store.write_one("UPDATE workers SET last_heartbeat = 0")  # heard from long ago
+    heard = []
+    dispatcher.heard_from = lambda row, written=None: heard.append((row["id"], written))
     submitted = time.time()
     store.insert_tasks(user["id"], [(group["id"], {
         "tags": [], "labels": [], "timeout": 60, "priority": 0,
@@ -229,6 +231,9 @@ def test_a_park_that_gets_a_task_ends_with_its_worker_heard_from(tmp_path):
     assert park.answer is not None and park.answer.body is not None
     # (marked in the claim's own transaction: Store._assign)
     assert store.worker(worker["uuid"])["last_heartbeat"] >= submitted
+    # and Liveness is told, so that the worker's next request writes no heartbeat
+    assert [(worker_id, written <= time.time()) for worker_id, written in heard] == [
+        (worker["id"], True)]
 
 
 def test_a_coordinator_that_stalls_longer_than_the_timeout_drops_no_worker(cluster, tmp_path):
