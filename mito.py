@@ -7207,6 +7207,8 @@ class Handover:
         self.placed = set()  # ids of the tasks claimed
 
     def place(self, db, tasks):
+        """In the transaction: each new task (id, group id, tags, timeout, throttle id)
+        goes to the parks that may take it, one after another, until one gets it."""
         store, now = self.dispatcher.store, time.monotonic()
         full, nobody = set(), set()  # throttles found full; (group, tags, timeout) no park fits
         for task in tasks:
