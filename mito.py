@@ -1701,11 +1701,16 @@ class ScratchDirs:
         self.emptied_at = None  # monotonic time it was emptied, if no task used it since
         self.watch = watch  # the process's ScratchWatch, if any
         self.watched = False  # by `watch`, since it was last emptied
+        # the root's (st_ino, st_dev) when watched: a parent a task renamed (no event on
+        # the root) and replaced leads its path to another directory
+        self.identity = None
 
     def take(self):
         """The scratch for a new task: emptied now unless the last task's clean-up (or
-        the registration) did it lately (one emptying a task, not two)."""
-        if not self.clean or time.monotonic() - self.emptied_at > self.TRUSTED:
+        the registration) did it lately (one emptying a task, not two). A watched one
+        is asked again (reset: one read if untouched): what a process left in it since
+        (another slot's task, an orphan spared) is seen."""
+        if not self.clean or self.watched or time.monotonic() - self.emptied_at > self.TRUSTED:
             try:
                 self.reset()
             except OSError as error:
@@ -1735,8 +1740,28 @@ class ScratchDirs:
             if name not in kept:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(os.path.join(self.root, name), SCRATCH_MODE)
-        self.watched = self.watch is not None and self.watch.watch(self)
+        self.watched = self.watch is not None and self.watch.watch(self) and self.as_emptied()
         self.emptied_at = time.monotonic()
+
+    def as_emptied(self):
+        """Its root holds its folders only, each a real, empty directory of SCRATCH_MODE.
+        ScratchWatch.watch() forgets the events that came before it, its own emptying's
+        and any another process (another slot's task, an orphan spared) made meanwhile:
+        a look after it sees the latter. Only a scratch a task touched pays for it."""
+        folders = [os.path.join(self.root, name) for name in self.FOLDERS]
+        with contextlib.suppress(OSError):
+            self.identity = self.root_identity()
+            return (len(os.listdir(self.root)) == len(folders) and
+                    all(os.lstat(path).st_mode == stat.S_IFDIR | SCRATCH_MODE
+                        for path in [self.root, *folders]) and
+                    not any(has_entries(folder) for folder in folders))
+        return False
+
+    def root_identity(self):
+        """The (st_ino, st_dev) of the directory its root's path leads to, if any."""
+        with contextlib.suppress(OSError):
+            return os.stat(self.root)[1:3]
+        return None
 
     @property
     def clean(self):
@@ -1745,7 +1770,8 @@ class ScratchDirs:
     def untouched(self):
         """Nothing made, moved, removed or chmod-ed in it since it was emptied (its
         ScratchWatch saw no event): its folders are still there and empty."""
-        return self.watched and self.watch.untouched(self)
+        return (self.watched and self.watch.untouched(self) and
+                self.root_identity() == self.identity)
 
     def prepare(self):
         """Make the folders at registration, not at the first task: a burst of tasks

@@ -543,6 +543,50 @@ def test_a_watched_scratch_is_emptied_after_any_change(tmp_path, change):
     assert as_emptied(dirs) and dirs.watched and watch.untouched(dirs)
 
 
+def test_what_another_process_leaves_while_a_scratch_is_emptied_is_not_forgotten(
+        tmp_path, monkeypatch):
+    """Another slot's task (or an orphan spared) writes into the scratch after the
+    emptying looked through its folder and before the watch was set: watch() forgets
+    that event with its own emptying's, so the next reset must not take it as empty."""
+    import mito
+    dirs = mito.ScratchDirs(str(tmp_path / "scratch"), mito.ScratchWatch())
+    dirs.prepare()
+    Path(dirs.exec, "x").write_text("x")
+    clear = mito.ScratchDirs.clear
+    monkeypatch.setattr(mito.ScratchDirs, "clear", lambda self: (
+        clear(self), Path(self.result, "planted").write_text("x"))[0])
+    dirs.reset()
+    monkeypatch.setattr(mito.ScratchDirs, "clear", clear)
+    dirs.reset()
+    assert as_emptied(dirs)
+
+
+def test_what_is_left_in_a_scratch_after_its_emptying_is_emptied_before_the_next_task(
+        tmp_path):
+    """Not trusted for TRUSTED seconds when watched: the watch is asked again."""
+    import mito
+    dirs = mito.ScratchDirs(str(tmp_path / "scratch"), mito.ScratchWatch())
+    dirs.prepare()
+    Path(dirs.resource, "planted").write_text("x")
+    dirs.take()
+    assert as_emptied(dirs)
+
+
+def test_a_scratch_whose_parent_was_renamed_and_made_again_is_emptied(tmp_path):
+    """No event reaches the watched root when its parent is renamed: the path now
+    leads to another directory, which the next task would find as it was left."""
+    import mito
+    parent = tmp_path / "worker"
+    dirs = mito.ScratchDirs(str(parent / "scratch"), mito.ScratchWatch())
+    dirs.prepare()
+    parent.rename(tmp_path / "aside")
+    for name in dirs.FOLDERS:
+        Path(dirs.root, name).mkdir(parents=True, mode=0o700)
+    Path(dirs.result, "planted").write_text("x")
+    dirs.reset()
+    assert as_emptied(dirs)
+
+
 def test_a_scratch_that_cannot_be_made_fails_its_tasks_not_the_worker(mito, fake,
                                                                      start_worker):
     mito.mitosis_cache.mkdir(parents=True, exist_ok=True)
