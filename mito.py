@@ -1702,13 +1702,13 @@ class ScratchDirs:
         self.watch = watch  # the process's ScratchWatch, if any
         self.watched = False  # by `watch`, since it was last emptied
         # the root's (st_ino, st_dev) when watched: a parent a task renamed (no event on
-        # the root) and replaced leads its path to another directory
+        # the root) and made again leads its path to another directory (reset looks)
         self.identity = None
 
     def take(self):
         """The scratch for a new task: emptied now unless the last task's clean-up (or
         the registration) did it lately (one emptying a task, not two). A watched one
-        is asked again (reset: one read if untouched): what a process left in it since
+        is asked again (reset: a read and a stat if untouched): what was left in it since
         (another slot's task, an orphan spared) is seen."""
         if not self.clean or self.watched or time.monotonic() - self.emptied_at > self.TRUSTED:
             try:
@@ -1724,7 +1724,7 @@ class ScratchDirs:
         A scratch that cannot be emptied (a disk gone read-only, a folder it may not
         enter) is moved aside: the next task still starts clean. One that nothing has
         touched since it was emptied (ScratchWatch) is left as it is."""
-        if self.untouched():
+        if self.untouched() and self.root_identity() == self.identity:
             self.emptied_at = time.monotonic()
             return
         self.watched = False
@@ -1770,8 +1770,7 @@ class ScratchDirs:
     def untouched(self):
         """Nothing made, moved, removed or chmod-ed in it since it was emptied (its
         ScratchWatch saw no event): its folders are still there and empty."""
-        return (self.watched and self.watch.untouched(self) and
-                self.root_identity() == self.identity)
+        return self.watched and self.watch.untouched(self)
 
     def prepare(self):
         """Make the folders at registration, not at the first task: a burst of tasks
