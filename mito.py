@@ -2149,20 +2149,28 @@ class TaskProcesses:
         one an earlier task left. One that started after another running task's leader
         is spared: a later reap takes it, once every task then running started after it.
         The worker's own children are spared (the leaders, the guard; the batch-system
-        query ends before any task starts)."""
+        query ends before any task starts). The lock holds off reap_orphans (another
+        slot's) from the look to the kill: an orphan that ends meanwhile stays a zombie,
+        its pid not free for a process of anyone's to take and be killed."""
         for _ in range(KILL_ROUNDS):
-            orphans = {pid: unmarked_start(pid) for pid in self.beside()}
-            orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
-            before = self.running_since() if orphans else None
-            pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
-            if not pids:
-                return
+            with self._lock:
+                if not self.kill_unmarked_once():
+                    return
+            time.sleep(0.01)
+
+    def kill_unmarked_once(self):
+        """One look for the unmarked orphans kill_unmarked takes; whether it found any."""
+        orphans = {pid: unmarked_start(pid) for pid in self.beside()}
+        orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
+        before = self.running_since() if orphans else None
+        pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
+        if pids:
             log.warning("killing processes %s: they cleared their environment, and no "
                         "running task may own them", pids)
-            for pid in descendants(pids):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.01)
+        for pid in descendants(pids):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return bool(pids)
 
     @classmethod
     def running_since(cls):

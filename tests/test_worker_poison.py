@@ -333,6 +333,35 @@ def test_an_unmarked_process_another_running_task_may_own_is_spared(fake, start_
     still_working(fake, worker)
 
 
+def test_no_orphan_is_reaped_between_its_look_and_its_kill():
+    """kill_unmarked reads an orphan's start, then kills its pid: were it reaped
+    between the two (reap_orphans, from another slot), that pid could be a new
+    process's, anyone's. Run in a process of its own, as its worker: kill_unmarked
+    kills every unmarked child of the process it runs in."""
+    script = f"""
+import subprocess, sys, threading
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import mito
+orphan = subprocess.Popen(["sleep", "60"], env={{}})
+looked, blocked = mito.unmarked_start, []
+
+def look(pid):
+    ticks = looked(pid)
+    reaper = threading.Thread(target=mito.reap_orphans)
+    reaper.start()
+    reaper.join(2)
+    blocked.append(reaper.is_alive())
+    return ticks
+mito.unmarked_start = look
+mito.TaskProcesses("t").kill_unmarked()
+print(blocked[:1])
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert run.stdout.split() == ["[True]"], run.stdout + run.stderr
+    assert "killing processes" in run.stderr  # (the reaper then took the dead one)
+
+
 def marked_processes(task):
     """Live processes carrying the task's MITO_TASK_UUID (a zombie shows no environment)."""
     needle, found = f"MITO_TASK_UUID={task['uuid']}".encode(), []
