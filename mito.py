@@ -7087,16 +7087,31 @@ class Dispatcher:
         return park
 
     def add(self, park):
-        worker_id = park.worker["id"]
         with self.lock:
-            older = self._remove(worker_id)
-            self.parks[worker_id] = park
-            for group_id in park.groups:
-                self.by_group.setdefault(group_id, {})[worker_id] = park
-            self.sequence += 1
-            heapq.heappush(self.deadlines, (park.deadline, self.sequence, park))
+            older = self._remove(park.worker["id"])
+            self._register(park)
         if older is not None:  # the worker gave up on it (its connection is gone)
             older.hand(None)
+
+    def put_back(self, park):
+        """A park taken out for a task it did not get (Handover) waits again, unless its
+        worker parked anew meanwhile (it gave up on this one: its connection closed):
+        the newer one stays, this one is answered with no task."""
+        with self.lock:
+            newer = park.worker["id"] in self.parks
+            if not newer:
+                self._register(park)
+        if newer:
+            park.hand(None)
+
+    def _register(self, park):
+        """Make the park findable (the caller holds the lock)."""
+        worker_id = park.worker["id"]
+        self.parks[worker_id] = park
+        for group_id in park.groups:
+            self.by_group.setdefault(group_id, {})[worker_id] = park
+        self.sequence += 1
+        heapq.heappush(self.deadlines, (park.deadline, self.sequence, park))
 
     def _remove(self, worker_id):
         """Unregister the worker's park (the caller holds the lock); the park or None."""
@@ -7140,7 +7155,7 @@ class Dispatcher:
             claimed_at = time.time()
             claimed = self.store.claim(park.worker, park.time_left_at(time.monotonic()))
             if claimed is None:
-                self.add(park)  # taken meanwhile, or not for this worker after all
+                self.put_back(park)  # taken meanwhile, or not for this worker after all
                 tried.add(park.worker["id"])
                 if not self.store.takeable([task[0]]):
                     return
@@ -7275,7 +7290,7 @@ class Handover:
         """After the COMMIT: answer the parks that got a task, put back the others;
         the ids of the tasks placed."""
         for park in self.unused:
-            self.dispatcher.add(park)
+            self.dispatcher.put_back(park)
         for park, row in self.handed:
             self.dispatcher.heard_from(park.worker, self.began)
             park.hand(row)
@@ -7284,7 +7299,7 @@ class Handover:
     def undo(self):
         """The transaction failed: nothing was claimed; every park picked waits again."""
         for park in self.unused + [park for park, _ in self.handed]:
-            self.dispatcher.add(park)
+            self.dispatcher.put_back(park)
         self.handed, self.unused, self.placed = [], [], set()
 
 

@@ -512,6 +512,39 @@ def test_a_submit_whose_transaction_fails_hands_nothing_and_the_parks_wait_on(fl
     assert sorted(p.answer.body["uuid"] for p in handed(parks)) == sorted(batch)
 
 
+def test_a_park_put_back_does_not_push_out_the_one_its_worker_made_meanwhile(fleet,
+                                                                         monkeypatch):
+    """A submit takes a park out to claim for it; meanwhile its connection closes and
+    the worker fetches again (a new park). The submit fails: the old park is put back,
+    and the worker's new fetch, not the old closed one, waits on for the next task."""
+    old = park(fleet, fleet.worker())
+    store, hand_over = fleet.store, fleet.dispatcher.hand_over
+    db = store.db()  # a deferred foreign key fails the COMMIT
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("CREATE TABLE probe_a (id INTEGER PRIMARY KEY)")
+    db.execute("CREATE TABLE probe_b (a INTEGER REFERENCES probe_a (id) "
+               "DEFERRABLE INITIALLY DEFERRED)")
+    db.execute("CREATE TRIGGER probe AFTER INSERT ON tasks BEGIN "
+               "INSERT INTO probe_b VALUES (1); END")
+    new = []
+
+    def fetched_again_meanwhile(db, tasks):
+        handover = hand_over(db, tasks)
+        new.append(mito.Park(old.worker, old.groups, None, time.monotonic(),
+                             time.monotonic() + 30))
+        fleet.dispatcher.add(new[0])
+        return handover
+    monkeypatch.setattr(store, "hand_over", fetched_again_meanwhile)
+    with pytest.raises(sqlite3.IntegrityError):
+        fleet.submit()
+    monkeypatch.undo()
+    db.execute("DROP TRIGGER probe")
+    assert old.answer is not None and old.answer.body is None
+    assert new[0].answer is None and fleet.dispatcher.parks == {old.worker["id"]: new[0]}
+    task_uuid = fleet.submit()
+    assert new[0].answer.body["uuid"] == task_uuid
+
+
 # ---- the malformed-request suite, timeouts and the connection cap, over real sockets -------
 
 TOKEN = b"Bearer not-a-token"
