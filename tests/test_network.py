@@ -474,19 +474,25 @@ def test_a_next_task_commit_held_like_a_fetch_is_handed_a_task_in_its_shape(flee
     assert now.body["uuid"] == third and set(now.body) == set(fetching.answer.body)
 
 
+def fail_inserts_at_commit(store):
+    """A deferred foreign key fails the COMMIT of every task insert (a full disk or a
+    busy file alike), until the trigger `probe` is dropped."""
+    db = store.db()
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("CREATE TABLE probe_a (id INTEGER PRIMARY KEY)")
+    db.execute("CREATE TABLE probe_b (a INTEGER REFERENCES probe_a (id) "
+               "DEFERRABLE INITIALLY DEFERRED)")
+    db.execute("CREATE TRIGGER probe AFTER INSERT ON tasks BEGIN "
+               "INSERT INTO probe_b VALUES (1); END")
+
+
 @pytest.mark.parametrize("failure", ["commit", "claim"])
 def test_a_submit_whose_transaction_fails_hands_nothing_and_the_parks_wait_on(fleet, failure,
                                                                             monkeypatch):
     parks = [park(fleet, fleet.worker()) for _ in range(3)]
     store = fleet.store
-    if failure == "commit":  # a deferred foreign key fails the COMMIT itself
-        db = store.db()
-        db.execute("PRAGMA foreign_keys = ON")
-        db.execute("CREATE TABLE probe_a (id INTEGER PRIMARY KEY)")
-        db.execute("CREATE TABLE probe_b (a INTEGER REFERENCES probe_a (id) "
-                   "DEFERRABLE INITIALLY DEFERRED)")
-        db.execute("CREATE TRIGGER probe AFTER INSERT ON tasks BEGIN "
-                   "INSERT INTO probe_b VALUES (1); END")
+    if failure == "commit":
+        fail_inserts_at_commit(store)
         error = sqlite3.IntegrityError
     else:  # the second claim inside the transaction fails
         claims = []
@@ -519,13 +525,7 @@ def test_a_park_put_back_does_not_push_out_the_one_its_worker_made_meanwhile(fle
     and the worker's new fetch, not the old closed one, waits on for the next task."""
     old = park(fleet, fleet.worker())
     store, hand_over = fleet.store, fleet.dispatcher.hand_over
-    db = store.db()  # a deferred foreign key fails the COMMIT
-    db.execute("PRAGMA foreign_keys = ON")
-    db.execute("CREATE TABLE probe_a (id INTEGER PRIMARY KEY)")
-    db.execute("CREATE TABLE probe_b (a INTEGER REFERENCES probe_a (id) "
-               "DEFERRABLE INITIALLY DEFERRED)")
-    db.execute("CREATE TRIGGER probe AFTER INSERT ON tasks BEGIN "
-               "INSERT INTO probe_b VALUES (1); END")
+    fail_inserts_at_commit(store)
     new = []
 
     def fetched_again_meanwhile(db, tasks):
@@ -538,7 +538,7 @@ def test_a_park_put_back_does_not_push_out_the_one_its_worker_made_meanwhile(fle
     with pytest.raises(sqlite3.IntegrityError):
         fleet.submit()
     monkeypatch.undo()
-    db.execute("DROP TRIGGER probe")
+    store.db().execute("DROP TRIGGER probe")
     assert old.answer is not None and old.answer.body is None
     assert new[0].answer is None and fleet.dispatcher.parks == {old.worker["id"]: new[0]}
     task_uuid = fleet.submit()
