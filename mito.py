@@ -1847,7 +1847,7 @@ def pack(archive, members):
 
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-PROC_READ = 1 << 16  # bytes a /proc read asks for (read_proc): ~7,000 pids of children
+PROC_READ = 1 << 16  # bytes a /proc read asks for (read_proc)
 
 
 def become_subreaper():
@@ -1882,13 +1882,15 @@ def child_pids(pid, thread=None):
 
 def read_proc(path):
     """A /proc file's bytes through a bare descriptor: a task's end reads two, and
-    open()'s buffered file object made each read twice as dear. A short read is the
-    end (a seq_file fills what it is asked for), so one read does for a small file."""
+    open()'s buffered file object made each read twice as dear. Read until a read
+    gives nothing: a seq_file hands out at most its buffer's worth (a page) a read,
+    however much is asked for, so a short read is not the end (a worker that adopted
+    a thousand processes lost all but the first page of them, and they lived on)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        parts = [os.read(fd, PROC_READ)]
-        while len(parts[-1]) == PROC_READ:
-            parts.append(os.read(fd, PROC_READ))
+        parts = []
+        while part := os.read(fd, PROC_READ):
+            parts.append(part)
         return b"".join(parts)
     finally:
         os.close(fd)

@@ -487,6 +487,23 @@ def test_a_list_of_children_longer_than_one_read_is_read_whole(monkeypatch):
             child.wait()
 
 
+def test_a_list_of_children_longer_than_a_page_is_read_whole():
+    """The kernel hands out /proc/PID/task/TID/children a page (4 KiB) a read, however
+    much is asked for: a worker that adopted a thousand processes must list them all
+    (a short read is not the end of the list)."""
+    import mito
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(1000)]
+    try:
+        assert len(" ".join(str(child.pid) for child in children)) > 4096  # (> a page)
+        listed = mito.child_pids(os.getpid(), threading.get_native_id())
+        assert sorted(listed) == sorted(child.pid for child in children)
+    finally:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.wait()
+
+
 def test_a_scratch_left_unseen_is_looked_at_again_before_a_task(tmp_path, monkeypatch):
     """A cleaner of old files may take an idle worker's folders: after TRUSTED seconds
     the next task does not take the last clean-up's word for them."""
