@@ -1211,6 +1211,27 @@ def settle_memory():
     LIBC.malloc_trim(0)
 
 
+# ---- processes in /proc -------------------------------------------------------------
+
+
+def proc_stat(pid, zombie=False):
+    """The fields of /proc/PID/stat after the command name (field 3, the state, is
+    [0]), or None if there is no such process, or it is a zombie (unless `zombie`)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if zombie or fields[0] not in (b"Z", b"X") else None
+
+
+def process_start_ticks(pid, zombie=False):
+    """When the process started, in clock ticks since boot (field 22); None as
+    proc_stat."""
+    fields = proc_stat(pid, zombie)
+    return None if fields is None else int(fields[19])
+
+
 # =====================================================================================
 # 2. Protocol: the wire shapes, in one place (PROTOCOL.md, mitosis-openapi.yaml)
 # =====================================================================================
@@ -1959,21 +1980,11 @@ def unmarked_start(pid):
     """When the live process `pid` started (in clock ticks since boot, /proc/PID/stat),
     if it carries no task's marker (it cleared its environment: `env -i`); else None.
     A zombie (its environment reads empty) is None."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            marked = TASK_MARKER in handle.read()
-        if fields[0] not in (b"Z", b"X") and not marked:
-            return int(fields[19])  # field 22, starttime
-    return None
-
-
-def start_ticks(pid):
-    """When the process `pid` started, in clock ticks since boot; None if it is gone."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return int(handle.read().rsplit(b")", 1)[1].split()[19])
+    ticks = process_start_ticks(pid)
+    with contextlib.suppress(OSError):
+        if ticks is not None:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                return None if TASK_MARKER in handle.read() else ticks
     return None
 
 
@@ -2183,7 +2194,7 @@ class TaskProcesses:
             if task.proc is None:
                 return None
             if task.started is None:  # read once, while the leader is not reaped
-                task.started = start_ticks(task.proc.pid) or math.inf
+                task.started = process_start_ticks(task.proc.pid, zombie=True) or math.inf
             earliest = min(earliest, task.started)
         return earliest
 
@@ -11586,22 +11597,6 @@ MANAGER_KILL_WAIT = "1m"  # how long `manager kill` waits for workers to leave b
 LOG_TAIL_BYTES = 1 << 16  # how much of a worker's log `manager status` reads for tasks
 TASK_STARTED = re.compile(r"task (\S+): starting ")
 TASK_ENDED = re.compile(r"task (\S+): committed")
-
-
-def proc_stat(pid):
-    """The fields of /proc/PID/stat after the command name (field 3 is [0]), or None if
-    there is no such process or it is a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == b"Z" else fields
-
-
-def process_start_ticks(pid):
-    fields = proc_stat(pid)
-    return None if fields is None else int(fields[19])
 
 
 @dataclasses.dataclass
