@@ -673,13 +673,19 @@ def test_a_scratch_locked_against_its_worker_is_opened_again(tmp_path):
     folder a task locked (chmod 000) is emptied and opened again (it used to be moved
     aside); the next task finds its folders, mode 0700."""
     python, user, home = sys.executable, {}, tmp_path
+    code = Path(__file__).resolve().parents[1]
     if os.geteuid() == 0:  # root enters any folder: run as nobody, from where it may read
         python, user = "/usr/bin/python3", {"user": 65534, "group": 65534, "extra_groups": []}
         home = Path(tempfile.mkdtemp(prefix="mito-test-scratch-"))
         os.chown(home, 65534, 65534)
+        # a copy of mito.py nobody may read: the checkout may be closed to it (mktemp -d)
+        code = Path(tempfile.mkdtemp(prefix="mito-test-code-"))
+        shutil.copy(Path(__file__).resolve().parents[1] / "mito.py", code)
+        code.chmod(0o755)
+        (code / "mito.py").chmod(0o644)
     script = f"""
 import os, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+sys.path.insert(0, {str(code)!r})
 import mito
 dirs = mito.ScratchDirs(os.path.join({str(home)!r}, "scratch"))
 dirs.prepare()
@@ -692,10 +698,11 @@ print(sorted(os.listdir({str(home)!r})), [oct(os.stat(path).st_mode & 0o7777)
 """
     try:
         run = subprocess.run([python, "-c", script], capture_output=True, text=True,
-                             timeout=60, **user)
+                             timeout=60, cwd=code, **user)
     finally:
         if home != tmp_path:
             shutil.rmtree(home)
+            shutil.rmtree(code)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "['scratch'] ['0o700', '0o700', '0o700'] []", run.stderr
 
