@@ -610,11 +610,13 @@ class SharedDailyLogHandler(logging.Handler):
 
 
 class ApiError(Exception):
-    """The coordinator answered with a non-2xx status; `msg` is its explanation."""
+    """The coordinator answered with a non-2xx status; `msg` is its explanation.
+    `resent`: the answer came to a request sent again (Http.exchange, persist) after
+    an earlier try got no answer, so that earlier try may have been applied."""
 
     def __init__(self, status, msg):
         super().__init__(f"{status}: {msg}")
-        self.status, self.msg = status, msg
+        self.status, self.msg, self.resent = status, msg, False
 
 
 class Unreachable(Exception):
@@ -656,6 +658,7 @@ class Reply:
     status: int
     headers: object  # AnswerHeaders, or http.client's for a file transfer
     data: object
+    resent: bool = False  # the request went twice: the first may have been applied
 
 
 class BadAnswer(OSError):
@@ -694,6 +697,7 @@ class ApiConnection:
             self.ssl_context = ssl_context or ssl.create_default_context()
         self.timeout, self.sock, self.buffer = timeout, None, b""
         self.busy = False  # an exchange under way, or one interrupted (Ctrl-C) mid-way
+        self.sent = False  # the last request was written whole: the server may have it
 
     def connect(self):
         sock = socket.create_connection((self.host, self.port), self.timeout)
@@ -715,12 +719,13 @@ class ApiConnection:
         """One request; (status, AnswerHeaders, body bytes, whether the server closes).
         `meanwhile`, if given, runs once the request is sent: the caller's work that
         need not wait for the answer is done while the server works on it."""
-        self.busy = True
+        self.busy, self.sent = True, False
         head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         if body is not None or method in ("POST", "PUT", "PATCH"):
             head += f"Content-Length: {len(body or b'')}\r\n"
         self.sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {self.netloc}\r\n{head}\r\n"
                           .encode("latin-1") + (body or b""))
+        self.sent = True
         if meanwhile is not None:
             meanwhile()
         version, status, fields = self.read_head()
@@ -862,15 +867,18 @@ class Http:
         """One request; the answer's body goes to `sink` (a file) on 2xx, else to memory.
 
         A request on a kept-alive connection that the server closed meanwhile (it fails
-        before any answer arrives) is sent once more on a fresh connection. Any other
-        failure, including one in the middle of an answer, is Unreachable: the caller
-        decides whether to start over. JSON calls (bytes or no body, the answer to
-        memory) go through an ApiConnection (which runs `meanwhile`), file transfers
-        through http.client.
+        before any answer arrives) is sent once more on a fresh connection (the Reply is
+        `resent` if the first was written whole: the server may have applied it and
+        closed without answering, as a cut connection does). Any other failure,
+        including one in the middle of an answer, is Unreachable: the caller decides
+        whether to start over. JSON calls (bytes or no body, the answer to memory) go
+        through an ApiConnection (which runs `meanwhile`), file transfers through
+        http.client.
         """
         parts = urllib.parse.urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         lean = sink is None and not hasattr(body, "read")
+        resent = False
         for attempt in (1, 2):
             conn = self._connection(parts, timeout or self.timeout, lean)
             reused = conn.sock is not None
@@ -886,18 +894,20 @@ class Http:
                             status, fields, data, closes = self._transfer(
                                 conn, reused, method, target, body, headers, sink)
                     except (ConnectionError, _StaleConnection) as error:
-                        # closed by the server meanwhile, or left mid-request by an
-                        # interrupted call (Ctrl-C): nothing was sent, a fresh one will do
+                        # closed by the server meanwhile (before the request, or after
+                        # it unanswered: conn.sent), or left mid-request by an
+                        # interrupted call (Ctrl-C): a fresh connection will do
                         if reused and attempt == 1:
                             raise _StaleConnection() from None
                         if isinstance(error, _StaleConnection):
                             raise ConnectionAbortedError("closed before answering") from None
                         raise
             except _StaleConnection:
+                resent = lean and conn.sent
                 continue
             if closes:
                 self._drop(parts, lean)
-            return status, fields, data
+            return Reply(status, fields, data, resent)
 
     @staticmethod
     def _transfer(conn, reused, method, target, body, headers, sink):
@@ -954,13 +964,15 @@ class Http:
         if payload is not None:
             body = json.dumps(payload, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
-        status, reply_headers, data = self.exchange(method, url, body, headers, timeout,
-                                                    meanwhile=meanwhile)
+        answer = self.exchange(method, url, body, headers, timeout, meanwhile=meanwhile)
+        status, reply_headers, data = answer.status, answer.headers, answer.data
         if status < 500:  # a 5xx may come from a proxy in front of the coordinator
             self.features = features_of(reply_headers)
         if not 200 <= status < 300:
-            raise ApiError(status, error_message(data, status))
-        return Reply(status, reply_headers, decode_body(data, reply_headers))
+            error = ApiError(status, error_message(data, status))
+            error.resent = answer.resent
+            raise error
+        return Reply(status, reply_headers, decode_body(data, reply_headers), answer.resent)
 
     def absolute(self, url):
         """Presigned URLs may be relative to the coordinator."""
@@ -971,12 +983,12 @@ class Http:
         wrap the open file (the client counts what goes, for its progress line)."""
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
-            status, _, data = self.exchange(
+            answer = self.exchange(
                 "PUT", self.absolute(url), wrap(handle) if wrap else handle,
                 {"Content-Length": str(size), "Content-Type": "application/octet-stream"},
                 timeout)
-        if not 200 <= status < 300:
-            raise ApiError(status, error_message(data, status))
+        if not 200 <= answer.status < 300:
+            raise ApiError(answer.status, error_message(answer.data, answer.status))
 
     def get_file(self, url, path, timeout=None, wrap=None):
         """Stream a presigned URL to `path`, written under a temporary name and renamed
@@ -984,10 +996,10 @@ class Http:
         temporary = f"{path}.part"
         try:
             with open(temporary, "wb") as handle:
-                status, _, data = self.exchange("GET", self.absolute(url), timeout=timeout,
-                                                sink=wrap(handle) if wrap else handle)
-            if not 200 <= status < 300:
-                raise ApiError(status, error_message(data, status))
+                answer = self.exchange("GET", self.absolute(url), timeout=timeout,
+                                       sink=wrap(handle) if wrap else handle)
+            if not 200 <= answer.status < 300:
+                raise ApiError(answer.status, error_message(answer.data, answer.status))
             os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -1058,9 +1070,11 @@ PASSING_STATUSES = (502, 503, 504)
 def persist(call, what, stop=None, reach=None):
     """Run `call` until it gets an answer from the coordinator, backing off between
     connection failures (and PASSING_STATUSES) and logging each one: a result is not
-    lost to a proxy's 502. Other errors pass through. `reach`, if given, hears of
-    each success and failure (and may give up)."""
+    lost to a proxy's 502. Other errors pass through, marked `resent` after a failed
+    try (ApiError). `reach`, if given, hears of each success and failure (and may
+    give up)."""
     backoff = Backoff()
+    resent = False
     while True:
         if stop is not None and stop.is_set():
             raise Stopped()
@@ -1068,7 +1082,9 @@ def persist(call, what, stop=None, reach=None):
             answer = call()
         except (Unreachable, ApiError) as error:
             if isinstance(error, ApiError) and error.status not in PASSING_STATUSES:
+                error.resent = error.resent or resent
                 raise
+            resent = True
             if reach is not None:
                 reach.failed()
             log.warning("%s: coordinator unreachable (%s); retrying", what, error)
@@ -1503,7 +1519,16 @@ class Unauthorized(Exception):
 
 
 class TaskGone(Exception):
-    """A report got 404: the task was requeued or cancelled and is no longer ours."""
+    """A report got 404: the task was requeued or cancelled and is no longer ours. To a
+    Commit sent again after its answer was lost (`resent_commit`), it says less: the
+    first try may have committed the task (the Rust coordinator answers the resend
+    404 either way; ours answers it as applied)."""
+
+    def __init__(self, resent_commit=False):
+        super().__init__("commit's answer was lost; the coordinator no longer lists it as "
+                         "ours (committed by the first attempt, or requeued)"
+                         if resent_commit else "no longer ours (requeued or cancelled); "
+                                               "dropped")
 
 
 class TaskFailed(Exception):
@@ -2308,8 +2333,8 @@ class TaskRun:
             except Exception:  # the task boundary: a task's failure is not the worker's
                 log.exception("task %s: failed in the worker", self.uuid)
                 self.end_early(SPEC_REFUSED if self.ended is None else OUTPUT_LOST)
-        except TaskGone:
-            log.warning("task %s: no longer ours (requeued or cancelled); dropped", self.uuid)
+        except TaskGone as gone:
+            log.warning("task %s: %s", self.uuid, gone)
         except (Stopped, Unauthorized, GaveUp):
             raise
         except Exception:  # the task boundary, even for its commit
@@ -2377,7 +2402,7 @@ class TaskRun:
                                     meanwhile=meanwhile, hold=hold)
         except ApiError as error:
             if error.status == 404:
-                raise TaskGone() from None
+                raise TaskGone(error.resent and what == "Commit") from None
             if check:
                 raise
             log.error("task %s: %s refused: %s", self.uuid, what, error)
@@ -6151,7 +6176,7 @@ class WorkerApiHandlers(Handlers):
             return {"url": None}
         task = self.store.assigned_task(req.worker["id"], task_id)
         if task is None:
-            return self.resent_commit(req, task_id, end, after)
+            return self.resent_commit(req, task_id, op, end, after)
         if not isinstance(op, dict) or len(op) != 1 or next(iter(op)) not in (
                 "Upload", "Commit", "Submit"):
             raise HttpError(400, "bad field 'op': Finish, Cancel, or one of "
@@ -6209,18 +6234,19 @@ class WorkerApiHandlers(Handlers):
             return 0
         return wait
 
-    def resent_commit(self, req, task_id, end, after):
+    def resent_commit(self, req, task_id, op, end, after):
         """A report on a task the worker does not hold: a 404 (upstream's answer), unless
-        it is a next-task Commit ("end" or "next": only our worker sends them) sent again
-        after its answer was lost (a cut connection, a proxy's 502). That one was
-        applied already: it is answered as the first one was, not with a 404 telling
-        the worker that its task was taken from it. With "next": the next task, as a
-        fetch finds it (the task the first answer carried goes back to the queue first,
-        as for a fetch: its `requeues` moves on, so that answer, if it is still on its
-        way to the closed connection, cannot requeue it again: Store.requeue_unsent).
-        None after a retry: that could be the task just requeued, and a second resend
-        would be taken for its next attempt's commit."""
-        applied = ((end is not None or after is not None)  # (then op is a Commit)
+        it is a Commit this worker sent again after its answer was lost (a cut
+        connection, a proxy's 502). That one was applied already: it is answered as the
+        first one was, not with a 404 telling the worker that its task was taken from
+        it (upstream's worker takes both alike). Plain, or with "end": {"url": null}.
+        With "next": the next task, as a fetch finds it (the task the first answer
+        carried goes back to the queue first, as for a fetch: its `requeues` moves on,
+        so that answer, if it is still on its way to the closed connection, cannot
+        requeue it again: Store.requeue_unsent). None after a retry: that could be the
+        task just requeued, and a second resend would be taken for its next attempt's
+        commit."""
+        applied = (isinstance(op, dict) and "Commit" in op
                    and self.store.commit_applied(task_id, req.worker["uuid"]))
         if not applied:
             raise not_found(f"task {task_id}")

@@ -81,6 +81,8 @@ class Response:
     headers: dict = field(default_factory=dict)
     content_type: str = None
     cut_after: int = None        # send only this many body bytes, then reset the connection
+    unanswered: bool = False     # close the connection without answering (a cut, after
+                                 # the request was applied); `status` is what is recorded
 
 
 def error(status, msg):
@@ -132,6 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         response = fake._handle(self.command, self.path, self.headers, body,
                                    self.client_address)
+        if response.unanswered:
+            self.close_connection = True
+            return
         data = response.body
         content_type = response.content_type
         if data is None and content_type is None:

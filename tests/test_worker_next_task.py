@@ -313,6 +313,29 @@ def test_a_commit_resent_after_its_answer_was_lost_gets_the_next_task_it_carried
     assert events(c, second)[-2:] == ["Started", "Finished"]
 
 
+def test_a_plain_commit_resent_after_its_answer_was_lost_is_answered_as_applied(
+        c, tmp_path):
+    """A commit with neither "end" nor "next" (a task with outputs, at --max-tasks):
+    its answer cut, the worker sends it again and hears that it was applied (not a
+    404 that made it say its committed task was dropped)."""
+    alice = c.user("alice")
+    task_uuid = c.submit(alice, sh("echo r > $MITO_RESULT_DIR/r"))
+    relay = CommitAnswerCutter(c.url)
+    worker = c.sandbox.spawn(
+        "worker", "-c", relay.url, "-u", "alice", "-p", "pw", "--retain",
+        "--credential-path", tmp_path / "cred", "--max-tasks", "1",
+        "--heartbeat-interval", "1h", name="worker")
+    assert worker.wait(60) == 0, worker.log()
+    assert relay.cut.is_set()
+    commits = [chunk for chunk in relay.sent if b'"Commit"' in chunk]
+    assert len(commits) == 2 and b'"next"' not in commits[0] and b'"end"' not in commits[0]
+    assert f"task {task_uuid}: committed, exit status 0" in worker.log()
+    assert "no longer" not in worker.log()
+    done = info(c, alice, task_uuid)
+    assert done["state"] == "Finished" and done["result"]["exit_status"] == 0, done
+    assert events(c, task_uuid) == ["Started", "Finished"]
+
+
 def events(c, task_uuid):
     with contextlib.closing(sqlite3.connect(c.state_dir / "mitosis.db")) as db:
         return [event for event, in db.execute(
@@ -366,13 +389,15 @@ def test_a_commit_with_end_and_next_commits_and_claims(c):
 def test_a_resent_commit_is_answered_as_the_first_and_applied_once(c):
     """Its answer lost, a commit comes again: the task it handed out (the worker never
     heard of it) is handed out again, as a fetch would. A plain Commit (upstream's) is
-    a 404 as upstream has it."""
+    answered as applied too, where upstream says 404; to another worker it is a 404."""
     alice, _, worker, task, second = one_running_one_waiting(c)
     first = commit(worker, task, end="Finish", after={}).data
     assert first["task"]["uuid"] == second
     assert commit(worker, task, end="Finish", after={}).data == first
     assert commit(worker, task, end="Finish").data == {"url": None}
-    assert status_of(lambda: commit(worker, task)) == 404
+    assert commit(worker, task).data == {"url": None}
+    _, other = c.register(alice)
+    assert status_of(lambda: commit(other, task)) == 404
     assert events(c, task["uuid"]) == ["Started", "Finished"]
     assert events(c, second) == ["Started", "Requeued", "Started"]
     assert info(c, alice, second)["state"] == "Running"

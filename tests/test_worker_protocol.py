@@ -501,6 +501,28 @@ def test_unreadable_downstream_task_is_submit_new_task_failed(fake, start_worker
 # ---- refusals -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lost", [error(502, "bad gateway"), Response(0, unanswered=True)],
+                         ids=["a proxy's 502", "a cut connection"])
+def test_a_commit_whose_answer_was_lost_is_not_said_dropped_on_its_resends_404(
+        fake, start_worker, lost):
+    """The Rust coordinator answers a resent Commit 404 (the first try may have been
+    applied): the worker says what it knows, not that it dropped its task."""
+    fake.intercept("POST", "/workers/tasks", lambda r: lost if r.op == "Commit" else None,
+                   times=1)
+    fake.intercept("POST", "/workers/tasks",
+                   lambda r: error(404, "no such task") if r.op == "Commit" else None, times=1)
+    worker = start_worker()
+    task = fake.add_task(["true"])
+    after = fake.add_task(["true"])
+    assert fake.wait_commit(after) == {"exit_status": 0, "msg": None}
+    assert len(fake.find("POST", "/workers/tasks", op="Commit")) == 3
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert f"task {task['uuid']}: commit's answer was lost; the coordinator no longer " \
+           f"lists it as ours (committed by the first attempt, or requeued)" in worker.stderr()
+    assert "dropped" not in worker.stderr()
+
+
 @pytest.mark.parametrize("refused", ["Finish", "Upload"])
 def test_404_on_a_report_drops_the_task(fake, start_worker, refused):
     fake.intercept("POST", "/workers/tasks",
