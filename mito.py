@@ -7318,12 +7318,20 @@ class Handover:
                     break
                 self.unused.append(park)  # until it gets a task (undo() puts it back)
                 row = store.claim_within(db, park.worker, park.time_left_at(now))
-                if row is None:  # its groups changed, or the task's throttle is full
-                    if task[4]:  # (then so for all its tasks)
+                if row is None:  # the task's throttle is full, or its groups changed
+                    if self.full(task[4]):  # (then so for all its tasks)
                         full.add(task[4])
                     continue
                 self.handed.append((self.unused.pop(), row))
                 self.placed.add(row["id"])
+
+    def full(self, throttle_id):
+        """Whether the task's throttle (0: none) has no free slot, as this transaction
+        sees it. A claim can also fail because the park's groups are out of date (a
+        worker taken out of a group while parked): that says nothing of the throttle,
+        whose other tasks the next parks may still take."""
+        throttle = throttle_id and self.dispatcher.store.throttle(throttle_id)
+        return bool(throttle) and throttle["running"] >= throttle["max_running"]
 
     def done(self):
         """After the COMMIT: answer the parks that got a task, put back the others;

@@ -518,6 +518,20 @@ def test_a_submit_whose_transaction_fails_hands_nothing_and_the_parks_wait_on(fl
     assert sorted(p.answer.body["uuid"] for p in handed(parks)) == sorted(batch)
 
 
+def test_a_park_with_out_of_date_groups_does_not_keep_an_array_from_the_others(fleet):
+    """A park whose worker was taken out of its group meanwhile (a park's groups are
+    remembered) fails its claim: the array is not full for that, and its tasks still
+    go to the other parks inside the submit's transaction, not one claim each after."""
+    stale = park(fleet, fleet.worker())
+    others = [park(fleet, fleet.worker()) for _ in range(2)]
+    fleet.store.remove_worker_groups(stale.worker["id"], [fleet.group["alice"]])
+    fleet.writes = 0
+    batch = submit_batch(fleet, 2, array_parallel={"key": "a2", "limit": 2})
+    assert sorted(p.answer.body["uuid"] for p in handed(others)) == sorted(batch)
+    assert stale.answer is None and running(fleet, "a2") == 2
+    assert fleet.writes == 1  # the submit with both claims
+
+
 def test_a_park_put_back_does_not_push_out_the_one_its_worker_made_meanwhile(fleet,
                                                                          monkeypatch):
     """A submit takes a park out to claim for it; meanwhile its connection closes and
