@@ -3197,40 +3197,73 @@ def unregister_slots(process, slots):
     queue overflowed, and 4 slots in 5 timed out and stayed listed until its heartbeat
     timeout. A line stops at an unreachable coordinator (the rest would wait for it
     too); what failed is said in one log line, not one per slot."""
-    pending, failed, lock = collections.deque(slots), [], threading.Lock()
-    deadline = time.monotonic() + UNREGISTER_DEADLINE
-
-    def next_slot():
-        with lock:
-            return pending.popleft() if pending and time.monotonic() < deadline else None
-
-    def line():
-        http = Http(process.settings.coordinator_addr, ssl_context=process.ssl_context)
-        while (slot := next_slot()) is not None:
-            try:
-                http.api("DELETE", "/workers", timeout=UNREGISTER_TIMEOUT,
-                         token=slot.http.token)
-            except ApiError as error:
-                if error.status != 401:  # 401: dropped already, as it was to be
-                    failed.append((slot, error))
-            except Unreachable as error:
-                failed.append((slot, error))
-                return
-    lines = [threading.Thread(target=line, daemon=True)
+    unregistration = Unregistration(process, slots)
+    lines = [threading.Thread(target=unregistration.line, daemon=True)
              for _ in range(min(UNREGISTER_LINES, len(slots)))]
     for thread in lines:
         thread.start()
     for thread in lines:
-        thread.join(UNREGISTER_DEADLINE + UNREGISTER_TIMEOUT)
-    with lock:
-        failed += [(slot, "not tried: the coordinator did not answer") for slot in pending]
-        pending.clear()
+        thread.join(max(0.0, unregistration.summary_at - time.monotonic()))
+    failed = unregistration.close()
     if len(failed) == 1:
         log.warning("worker %s could not unregister: %s", failed[0][0].worker_id, failed[0][1])
     elif failed:
         log.warning("%d of %d workers could not unregister (%s: %s); the coordinator drops "
                     "them after its heartbeat timeout", len(failed), len(slots),
                     failed[0][0].worker_id, failed[0][1])
+
+
+class Unregistration:
+    """What unregister_slots' lines share, under one lock: the slots not yet taken, those
+    waiting for their answer, and those that failed, until close(). A slot still
+    waiting then (an answer trickling in past the time limit) counts as failed, and
+    its line, which finishes later, can no longer change what was logged."""
+
+    def __init__(self, process, slots):
+        self.process = process
+        self.pending, self.waiting, self.failed = collections.deque(slots), set(), []
+        self.lock, self.closed = threading.Lock(), False
+        self.deadline = time.monotonic() + UNREGISTER_DEADLINE  # no slot taken after
+        self.summary_at = self.deadline + UNREGISTER_TIMEOUT  # the last one's answer
+
+    def next_slot(self):
+        with self.lock:
+            if not self.pending or self.closed or time.monotonic() >= self.deadline:
+                return None
+            slot = self.pending.popleft()
+            self.waiting.add(slot)
+            return slot
+
+    def settle(self, slot, error=None):
+        with self.lock:
+            if self.closed:
+                return
+            self.waiting.discard(slot)
+            if error is not None:
+                self.failed.append((slot, error))
+
+    def line(self):
+        process = self.process
+        http = Http(process.settings.coordinator_addr, ssl_context=process.ssl_context)
+        while (slot := self.next_slot()) is not None:
+            try:
+                http.api("DELETE", "/workers", timeout=UNREGISTER_TIMEOUT,
+                         token=slot.http.token)
+            except ApiError as error:  # 401: dropped already, as it was to be
+                self.settle(slot, None if error.status == 401 else error)
+            except Unreachable as error:
+                self.settle(slot, error)
+                return
+            else:
+                self.settle(slot)
+
+    def close(self):
+        """The failures, final: with the slots still waiting and those never tried."""
+        with self.lock:
+            self.closed = True
+            return (self.failed + [(slot, "no answer in time") for slot in self.waiting]
+                    + [(slot, "not tried: the coordinator did not answer")
+                       for slot in self.pending])
 
 
 class WorkerProcess:

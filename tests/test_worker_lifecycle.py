@@ -1,14 +1,20 @@
 """The worker's life: leaving on 401, on a signal and at the end of its lifetime,
 surviving a coordinator that goes away, and where it writes its logs."""
 
+import contextlib
 import io
+import logging
 import re
 import signal
+import socket
 import tarfile
+import threading
 import time
+import types
 
 import pytest
 
+import mito  # the module (the tests that take the `mito` fixture do not use it)
 from support import wait_until
 from fake_coordinator import error, fake, process_dead, start_worker  # noqa: F401
 
@@ -167,6 +173,60 @@ def test_unregistering_stops_at_an_unanswering_coordinator(fake, start_worker):
     assert len(fake.find("DELETE", "/workers")) <= 4
     said = [line for line in process.stderr().splitlines() if "could not unregister" in line]
     assert len(said) == 1 and "8 of 8 workers could not unregister" in said[0], said
+
+
+class TricklingCoordinator:
+    """Answers every request with a head that never ends, a byte every 50 ms: no read
+    times out, so a request stays under way as long as the test likes."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.done = threading.Event()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self.trickle, args=(conn,), daemon=True).start()
+
+    def trickle(self, conn):
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not self.done.wait(0.05):
+                conn.sendall(b"a")
+
+    def close(self):
+        self.done.set()
+        self.listener.close()
+
+
+class Slot:
+    def __init__(self, number):
+        self.worker_id, self.http = f"slot-{number}", types.SimpleNamespace(token=f"t{number}")
+
+
+def test_a_slot_still_unregistering_at_the_time_limit_is_counted_as_failed(
+        monkeypatch, caplog):
+    """The one log line counts every slot not known to be unregistered when it is
+    written: the never tried and the one whose answer has not come (it would have been
+    counted, if at all, only after the line was written)."""
+    coordinator = TricklingCoordinator()
+    monkeypatch.setattr(mito, "UNREGISTER_LINES", 1)
+    monkeypatch.setattr(mito, "UNREGISTER_DEADLINE", 0.2)
+    monkeypatch.setattr(mito, "UNREGISTER_TIMEOUT", 2.0)
+    process = types.SimpleNamespace(ssl_context=None, settings=types.SimpleNamespace(
+        coordinator_addr=coordinator.url))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mito"):
+            mito.unregister_slots(process, [Slot(n) for n in range(3)])
+    finally:
+        coordinator.close()
+    said = [r.getMessage() for r in caplog.records if "could not unregister" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("3 of 3 workers could not unregister "
+                                                 "(slot-0: no answer in time)"), said
 
 
 def test_shutdown_with_the_coordinator_gone(mito, fake, start_worker):
