@@ -130,3 +130,23 @@ def test_an_error_answer_keeps_its_message(serve):
     with pytest.raises(mito.ApiError) as refused:
         http.api("GET", "/a")
     assert (refused.value.status, refused.value.msg) == (404, "no such")
+
+
+def test_a_request_answered_by_a_closed_connection_is_sent_again_and_says_so(serve):
+    """Written whole on a kept-alive connection that then closes unanswered (cut after
+    the server may have applied it), a request goes again on a fresh connection; an
+    error answer to that one says it was resent, so a 404 is not taken for the whole
+    story (a Commit's first try may have committed it)."""
+    refusal = b"HTTP/1.1 404 Not Found\r\n" + JSON + b"Content-Length: 12\r\n\r\n{\"msg\": \"x\"}"
+    http, server = serve(
+        (b"HTTP/1.1 200 OK\r\n" + JSON + b"Content-Length: 2\r\n\r\n{}", False),
+        (b"", True),  # read whole, then closed without an answer
+        (refusal, False), (refusal, False))
+    assert http.api("GET", "/a") == {}
+    with pytest.raises(mito.ApiError) as refused:
+        http.api("POST", "/commit", {"x": 1})
+    assert refused.value.resent and server.connections == 2
+    assert [r[:13] for r in server.requests[1:]] == [b"POST /commit "] * 2
+    with pytest.raises(mito.ApiError) as refused:
+        http.api("POST", "/commit", {"x": 1})
+    assert not refused.value.resent
