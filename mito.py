@@ -1008,7 +1008,7 @@ class Http:
 
 def error_message(data, status):
     """The `msg` of an error body, or its text, or the status's reason phrase."""
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
+    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
         return str(json.loads(data)["msg"])
     text = data.decode("utf-8", "replace").strip() if data else ""
     return text[:300] or http.client.responses.get(status, "error")

@@ -150,3 +150,13 @@ def test_a_request_answered_by_a_closed_connection_is_sent_again_and_says_so(ser
     with pytest.raises(mito.ApiError) as refused:
         http.api("POST", "/commit", {"x": 1})
     assert not refused.value.resent
+
+
+def test_an_error_answer_in_json_without_a_msg_is_said_by_its_text(serve):
+    """A proxy's or another server's JSON error, not ours: no KeyError (which ended a
+    worker's loop as a bug), its text instead."""
+    http, _ = serve((b"HTTP/1.1 502 Bad Gateway\r\n" + JSON +
+                     b"Content-Length: 17\r\n\r\n{\"error\": \"down\"}", False))
+    with pytest.raises(mito.ApiError) as refused:
+        http.api("GET", "/a")
+    assert (refused.value.status, refused.value.msg) == (502, '{"error": "down"}')
