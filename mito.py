@@ -2069,6 +2069,7 @@ class TaskProcesses:
     spared = set()  # children someone else reaps (task leaders, the guard): see reap_orphans
     below_worker = False  # the worker is a subreaper: every task process is below it
     running = set()  # the tasks from their spawn to their reap (kill_unmarked)
+    left_unmarked = False  # kill_unmarked spared one for a running task: sweep once none runs
     _lock = threading.Lock()
 
     def __init__(self, task_uuid):
@@ -2161,11 +2162,16 @@ class TaskProcesses:
 
     def reap(self):
         """Kill the group and what escaped it, then reap the leader; its wait status.
-        A leader that ended leaving nothing behind (the usual case) is just reaped:
-        no process's environment needs reading."""
+        The last task to end sweeps what was spared for it (sweep_when_idle)."""
         self.running.discard(self)  # ending: its processes are nobody's to spare now
-        if self.proc is None or self.status is not None:
-            return self.status
+        if self.proc is not None and self.status is None:
+            self.reap_leader()
+        self.sweep_when_idle()
+        return self.status
+
+    def reap_leader(self):
+        """A leader that ended leaving nothing behind (the usual case) is just reaped:
+        no process's environment needs reading."""
         self.signal(signal.SIGKILL)
         suspected = self.strays() != []  # some, or not known (None)
         if suspected:
@@ -2175,33 +2181,37 @@ class TaskProcesses:
         with self._lock:
             self.spared.discard(self.proc.pid)
         if suspected:
-            self.kill_unmarked()
+            self.kill_unmarked(self.beside)
             reap_orphans(self.thread)
-        return self.status
 
-    def kill_unmarked(self):
-        """SIGKILL, with all below them, the worker's adopted orphans that carry no
-        task's marker (`setsid env -i ...` clears it) and cannot be a running task's:
-        each started before every running task's leader (the kernel's start times: a
-        task's processes all start after its leader). Such an orphan is this task's, or
-        one an earlier task left. One that started after another running task's leader
-        is spared: a later reap takes it, once every task then running started after it.
-        The worker's own children are spared (the leaders, the guard; the batch-system
+    @classmethod
+    def kill_unmarked(cls, candidates):
+        """SIGKILL, with all below them, the worker's orphans (`candidates()`: those
+        nobody else reaps) that carry no task's marker (`setsid env -i ...` clears it)
+        and cannot be a running task's: each started before every running task's leader
+        (the kernel's start times: a task's processes all start after its leader). Such
+        an orphan is the ending task's, or one an earlier task left. One that started
+        after another running task's leader is spared: a later reap takes it, once every
+        task then running started after it, or once none runs (sweep_when_idle). The
+        worker's own children are spared (the leaders, the guard; the batch-system
         query ends before any task starts). The lock holds off reap_orphans (another
         slot's) from the look to the kill: an orphan that ends meanwhile stays a zombie,
         its pid not free for a process of anyone's to take and be killed."""
         for _ in range(KILL_ROUNDS):
-            with self._lock:
-                if not self.kill_unmarked_once():
+            with cls._lock:
+                if not cls.kill_unmarked_once(candidates()):
                     return
             time.sleep(0.01)
 
-    def kill_unmarked_once(self):
+    @classmethod
+    def kill_unmarked_once(cls, candidates):
         """One look for the unmarked orphans kill_unmarked takes; whether it found any."""
-        orphans = {pid: unmarked_start(pid) for pid in self.beside()}
+        orphans = {pid: unmarked_start(pid) for pid in candidates}
         orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
-        before = self.running_since() if orphans else None
+        before = cls.running_since() if orphans else None
         pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
+        if len(pids) < len(orphans):  # some a running task may own: looked at again
+            cls.left_unmarked = True
         if pids:
             log.warning("killing processes %s: they cleared their environment, and no "
                         "running task may own them", pids)
@@ -2209,6 +2219,24 @@ class TaskProcesses:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         return bool(pids)
+
+    @classmethod
+    def sweep_when_idle(cls):
+        """Once no task runs, the unmarked orphans spared meanwhile for a running task
+        are nobody's: swept, wherever they are. The reap that ends the last task looks
+        only at its own slot's children and the adopted; a leader's child made with
+        clone(CLONE_PARENT) is its slot thread's, and would live on, the slot idle."""
+        if cls.left_unmarked and not cls.running:
+            cls.sweep()
+
+    @classmethod
+    def sweep(cls):
+        """kill_unmarked over every child of the worker, of any of its threads, that
+        nobody else reaps: once none runs after one was spared, and when the worker
+        leaves (its tasks are killed: a task still running is respected all the same)."""
+        cls.left_unmarked = False
+        cls.kill_unmarked(lambda: [pid for pid in child_pids(os.getpid())
+                                   if pid not in cls.spared])
 
     @classmethod
     def running_since(cls):
@@ -3479,6 +3507,7 @@ class WorkerProcess:
             thread.start()
         for thread in threads:
             thread.join(5)
+        TaskProcesses.sweep()  # what no task's end could sweep (sweep_when_idle)
         self.guard.stop()
         return self.exit_status
 

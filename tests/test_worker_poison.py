@@ -333,6 +333,49 @@ def test_an_unmarked_process_another_running_task_may_own_is_spared(fake, start_
     still_working(fake, worker)
 
 
+# clone(CLONE_PARENT | SIGCHLD) by number: the child is its caller's sibling (here in a
+# session of its own, with an empty environment)
+CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220}
+SIBLING_ESCAPEE = """
+import ctypes, os, platform, sys
+pid = ctypes.CDLL(None).syscall({CLONE_SYSCALLS}[platform.machine()], 0x8000 | 17, 0, 0, 0, 0)
+if pid == 0:
+    os.setsid()
+    os.execve("/usr/bin/env", ["env", "-i", "sleep", "300"], {{}})
+with open(sys.argv[1] + ".tmp", "w") as handle:
+    handle.write(str(pid))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+""".format(CLONE_SYSCALLS=CLONE_SYSCALLS)
+
+
+@pytest.mark.skipif(os.uname().machine not in CLONE_SYSCALLS, reason="clone's number")
+@pytest.mark.parametrize("end", ["the long task ends", "the worker leaves"])
+def test_an_unmarked_process_spared_for_a_running_task_dies_once_none_runs(
+        fake, start_worker, unmarked, tmp_path, end):
+    """Two slots: while the long task runs, the short one leaves an unmarked process
+    that is its slot's child, not an adopted orphan (made with clone(CLONE_PARENT), the
+    leader's sibling), spared: the long task may own it. The long task's end looks only
+    at its own slot's children: once no task runs, the worker sweeps all of its own
+    (or, leaving, before it exits), and that process dies."""
+    worker = start_worker("--concurrency", "2")
+    fake.wait_registration(2)
+    go, started = tmp_path / "go", tmp_path / "started"
+    long = fake.add_task(["sh", "-c", f"touch {started}; while [ ! -e {go} ]; do sleep 0.05; "
+                                      f"done"])
+    wait_until(started.exists, what="the long task to start")
+    short = fake.add_task([sys.executable, "-c", SIBLING_ESCAPEE, f"{unmarked}.sibling"])
+    assert fake.wait_commit(short) == {"exit_status": 0, "msg": None}, worker.stderr()
+    sibling = recorded_pids(Path(f"{unmarked}.sibling"))[0]
+    assert not process_dead(sibling), worker.stderr()  # the long task's, for all we know
+    if end == "the long task ends":
+        go.touch()
+        assert fake.wait_commit(long) == {"exit_status": 0, "msg": None}, worker.stderr()
+    else:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.stderr()
+    wait_until(lambda: process_dead(sibling), 10, what=f"the unmarked process {sibling} to die")
+
+
 def test_no_orphan_is_reaped_between_its_look_and_its_kill():
     """kill_unmarked reads an orphan's start, then kills its pid: were it reaped
     between the two (reap_orphans, from another slot), that pid could be a new
@@ -353,7 +396,8 @@ def look(pid):
     blocked.append(reaper.is_alive())
     return ticks
 mito.unmarked_start = look
-mito.TaskProcesses("t").kill_unmarked()
+task = mito.TaskProcesses("t")
+task.kill_unmarked(task.beside)
 print(blocked[:1])
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
