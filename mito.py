@@ -620,7 +620,10 @@ class ApiError(Exception):
 
 
 class Unreachable(Exception):
-    """No HTTP answer at all: refused, reset, timed out or not resolved."""
+    """No HTTP answer at all: refused, reset, timed out or not resolved. `sent`: the
+    request may have reached the server (Http.exchange says when it cannot have)."""
+
+    sent = True
 
 
 class CertificateRefused(Exception):
@@ -700,6 +703,7 @@ class ApiConnection:
         self.sent = False  # the last request was written whole: the server may have it
 
     def connect(self):
+        self.sent = False
         sock = socket.create_connection((self.host, self.port), self.timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -905,6 +909,9 @@ class Http:
             except _StaleConnection:
                 resent = lean and conn.sent
                 continue
+            except Unreachable as error:
+                error.sent = resent or not lean or conn.sent
+                raise
             if closes:
                 self._drop(parts, lean)
             return Reply(status, fields, data, resent)
@@ -972,7 +979,7 @@ class Http:
             error = ApiError(status, error_message(data, status))
             error.resent = answer.resent
             raise error
-        return Reply(status, reply_headers, decode_body(data, reply_headers), answer.resent)
+        return Reply(status, reply_headers, decode_body(data, reply_headers))
 
     def absolute(self, url):
         """Presigned URLs may be relative to the coordinator."""
@@ -1070,9 +1077,9 @@ PASSING_STATUSES = (502, 503, 504)
 def persist(call, what, stop=None, reach=None):
     """Run `call` until it gets an answer from the coordinator, backing off between
     connection failures (and PASSING_STATUSES) and logging each one: a result is not
-    lost to a proxy's 502. Other errors pass through, marked `resent` after a failed
-    try (ApiError). `reach`, if given, hears of each success and failure (and may
-    give up)."""
+    lost to a proxy's 502. Other errors pass through, marked `resent` after a try
+    that may have reached the coordinator (ApiError). `reach`, if given, hears of each
+    success and failure (and may give up)."""
     backoff = Backoff()
     resent = False
     while True:
@@ -1084,7 +1091,7 @@ def persist(call, what, stop=None, reach=None):
             if isinstance(error, ApiError) and error.status not in PASSING_STATUSES:
                 error.resent = error.resent or resent
                 raise
-            resent = True
+            resent = resent or not isinstance(error, Unreachable) or error.sent
             if reach is not None:
                 reach.failed()
             log.warning("%s: coordinator unreachable (%s); retrying", what, error)

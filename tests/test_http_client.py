@@ -160,3 +160,28 @@ def test_an_error_answer_in_json_without_a_msg_is_said_by_its_text(serve):
     with pytest.raises(mito.ApiError) as refused:
         http.api("GET", "/a")
     assert (refused.value.status, refused.value.msg) == (502, '{"error": "down"}')
+
+
+def test_a_request_that_never_reached_the_server_is_not_taken_for_sent(serve):
+    """Refused at connect: nothing can have been applied. A later answer to the
+    request sent again (persist) is not marked resent; after a cut it is."""
+    http, server = serve()
+    server.close()  # (nobody listens on its port any more)
+    with pytest.raises(mito.Unreachable) as refused:
+        http.api("POST", "/commit", {"x": 1})
+    assert not refused.value.sent
+
+    def tries(*first):
+        failures = list(first)
+
+        def call():
+            if failures:
+                raise failures.pop(0)
+            raise mito.ApiError(404, "no such task")
+        with pytest.raises(mito.ApiError) as gone:
+            mito.persist(call, "commit")
+        return gone.value.resent
+    cut = mito.Unreachable("cut")
+    assert tries(refused.value) is False
+    assert tries(refused.value, cut) is True
+    assert tries(mito.ApiError(502, "bad gateway")) is True
