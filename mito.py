@@ -4910,9 +4910,11 @@ class Store:
             "throttle_id = ? ORDER BY priority DESC, id LIMIT (SELECT MAX(max_running - "
             "running, 0) FROM throttles WHERE id = ?)", (throttle_id, throttle_id))]
 
-    def throttle(self, throttle_id):
-        """The throttle's row (max_running, running), or None (0: no throttle)."""
-        return self.one("SELECT * FROM throttles WHERE id = ?", throttle_id)
+    def throttle(self, throttle_id, db=None):
+        """The throttle's row (max_running, running), or None (0: no throttle); as the
+        transaction `db` sees it, if given."""
+        return (db or self.db()).execute("SELECT * FROM throttles WHERE id = ?",
+                                         (throttle_id,)).fetchone()
 
     # -- dispatch: the best task a worker may take, claimed in one transaction
 
@@ -7388,18 +7390,18 @@ class Handover:
                 self.unused.append(park)  # until it gets a task (undo() puts it back)
                 row = store.claim_within(db, park.worker, park.time_left_at(now))
                 if row is None:  # the task's throttle is full, or its groups changed
-                    if self.full(task[4]):  # (then so for all its tasks)
+                    if self.full(db, task[4]):  # (then so for all its tasks)
                         full.add(task[4])
                     continue
                 self.handed.append((self.unused.pop(), row))
                 self.placed.add(row["id"])
 
-    def full(self, throttle_id):
-        """Whether the task's throttle (0: none) has no free slot, as this transaction
-        sees it. A claim can also fail because the park's groups are out of date (a
-        worker taken out of a group while parked): that says nothing of the throttle,
-        whose other tasks the next parks may still take."""
-        throttle = throttle_id and self.dispatcher.store.throttle(throttle_id)
+    def full(self, db, throttle_id):
+        """Whether the task's throttle (0: none) has no free slot, as the transaction
+        `db` sees it. A claim can also fail because the park's groups are out of date
+        (a worker taken out of a group while parked): that says nothing of the
+        throttle, whose other tasks the next parks may still take."""
+        throttle = throttle_id and self.dispatcher.store.throttle(throttle_id, db)
         return bool(throttle) and throttle["running"] >= throttle["max_running"]
 
     def done(self):
