@@ -353,3 +353,47 @@ def test_label_values_and_histograms_are_written_as_the_text_format_says():
     assert samples[("h_bucket", (key, ("le", "1")))] == 2
     assert samples[("h_bucket", (key, ("le", "+Inf")))] == 3
     assert samples[("h_count", (key,))] == 3 and samples[("h_sum", (key,))] == 3.8
+
+
+def test_events_lose_autoincrement_and_the_time_index_but_keep_their_ids(tmp_path, monkeypatch):
+    """A database from before the migration keeps its history; new events take ids after
+    the old ones, and no event writes sqlite_sequence or an index on its time."""
+    path = str(tmp_path / "mitosis.db")
+    monkeypatch.setattr(mito, "_SCHEMA", mito._SCHEMA[:-1])
+    old = mito.Store(path)
+    old.create_user("alice", b"hash", b"salt", False)
+    alice, group = old.user("alice"), old.group("alice")
+    request = mito.a_submission({"task_spec": {"args": ["true"]}})
+    worker = old.worker(old.register_worker(alice["id"], [], [], {group["id"]: 2}, 2e9))
+    [(first_id, first_uuid)] = old.insert_tasks(alice["id"], [(group["id"], request)])
+    old.claim(worker)
+    old.end_task(first_id, worker["id"], "Finished")
+    old.commit_task(old.task(first_uuid), worker, {"exit_status": 0, "msg": None})
+    monkeypatch.undo()
+
+    store = mito.Store(path)
+    assert [row["event"] for row in store.task_history(first_id)] == ["Started", "Finished"]
+    [(second_id, _)] = store.insert_tasks(alice["id"], [(group["id"], request)])
+    store.claim(store.worker(worker["uuid"]))
+    events = store.all("SELECT id, task_id, event FROM task_events ORDER BY id")
+    assert [tuple(row) for row in events] == [
+        (1, first_id, "Started"), (2, first_id, "Finished"), (3, second_id, "Started")]
+    assert store.one("SELECT 1 FROM sqlite_sequence WHERE name = 'task_events'") is None
+    indexes = {row[0] for row in store.all(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'task_events'")}
+    assert indexes == {"task_events_task"}
+    assert "AUTOINCREMENT" not in store.one(
+        "SELECT sql FROM sqlite_master WHERE name = 'task_events'")[0]
+
+
+def test_the_first_event_since_a_time_is_found_by_id_across_gaps(tmp_path):
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    assert store.first_event_since(0) == 0  # no events at all
+    events = [(1, 10.0), (2, 20.0), (3, 20.0), (5, 30.0), (9, 40.0), (10, 40.0), (17, 55.5)]
+    with store.write() as db:
+        db.executemany("INSERT INTO task_events (id, task_id, event, at) "
+                       "VALUES (?, 1, 'Started', ?)", events)
+    for since in (0, 5, 10, 10.5, 15, 20, 25, 30, 35, 40, 41, 55.5, 56, 1e9):
+        bound = store.first_event_since(since)
+        assert [i for i, at in events if i >= bound] == [i for i, at in events if at >= since], \
+            since
