@@ -4,6 +4,7 @@ credential a worker keeps (issue 8 §3): each against the strict fake coordinato
 import json
 import signal
 
+from e2e import mito
 from fake_coordinator import error, fake, start_worker  # noqa: F401
 from support import untar
 
@@ -49,6 +50,27 @@ def test_the_program_is_found_as_env_finds_it(fake, start_worker, tmp_path):
     for task, out in tasks:
         assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
         assert std_log(fake, task) == (out, b"")
+
+
+def test_a_path_search_is_reused_for_a_second_then_done_again(tmp_path, monkeypatch):
+    """A task's start does not look through every PATH folder again for the same name
+    and PATH (an access() per folder); a program put into an earlier folder is found
+    once the search's answer is older than PATH_SEARCH_MEMORY."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+    (second / "mito-memo").write_text("#!/bin/sh\n")
+    env = {"PATH": f"{first}:{second}"}
+    assert mito.program_of(["mito-memo"], env) == f"{second}/mito-memo"
+    (first / "mito-memo").write_text("#!/bin/sh\n")
+    looked, search = [], mito.search_path
+    monkeypatch.setattr(mito, "search_path",
+                        lambda name, env: looked.append(name) or search(name, env))
+    assert mito.program_of(["mito-memo"], env) == f"{second}/mito-memo" and looked == []
+    assert mito.program_of(["mito-memo"], {"PATH": str(first)}) == f"{first}/mito-memo"
+    assert looked == ["mito-memo"]  # another PATH: a search of its own
+    monkeypatch.setattr(mito, "PATH_SEARCH_MEMORY", -1.0)  # every answer is too old now
+    assert mito.program_of(["mito-memo"], env) == f"{first}/mito-memo"
 
 
 def test_a_quiet_task_still_uploads_its_std_log(fake, start_worker):
