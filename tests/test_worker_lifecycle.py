@@ -215,7 +215,7 @@ def test_a_slot_still_unregistering_at_the_time_limit_is_counted_as_failed(
     counted, if at all, only after the line was written)."""
     coordinator = TricklingCoordinator()
     monkeypatch.setattr(mito, "UNREGISTER_LINES", 1)
-    monkeypatch.setattr(mito, "UNREGISTER_DEADLINE", 0.2)
+    monkeypatch.setattr(mito, "UNREGISTER_DEADLINE", 1.0)
     monkeypatch.setattr(mito, "UNREGISTER_TIMEOUT", 2.0)
     process = types.SimpleNamespace(ssl_context=None, settings=types.SimpleNamespace(
         coordinator_addr=coordinator.url))
@@ -225,8 +225,10 @@ def test_a_slot_still_unregistering_at_the_time_limit_is_counted_as_failed(
     finally:
         coordinator.close()
     said = [r.getMessage() for r in caplog.records if "could not unregister" in r.getMessage()]
+    # (slot-0's reason: no answer in time; its own time-out instead, were the machine
+    # to stall the trickle that long: counted all the same)
     assert len(said) == 1 and said[0].startswith("3 of 3 workers could not unregister "
-                                                 "(slot-0: no answer in time)"), said
+                                                 "(slot-0: "), said
 
 
 def test_shutdown_with_the_coordinator_gone(mito, fake, start_worker):
