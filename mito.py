@@ -5316,8 +5316,10 @@ class Store:
         one at a time, each stamped as it is, so ids and times grow together: a binary
         search over ids (~20 lookups by primary key) finds it without an index on `at`,
         which every event would have to write. (A clock stepped back makes the bound
-        only approximate; the callers also compare `at`.)"""
-        low, high = self.one("SELECT MIN(id), MAX(id) + 1 FROM task_events")
+        only approximate; the callers also compare `at`.) The ends are two subqueries:
+        MIN and MAX in one SELECT read every event."""
+        low, high = self.one("SELECT (SELECT MIN(id) FROM task_events), "
+                             "(SELECT MAX(id) + 1 FROM task_events)")
         if low is None:
             return 0
         while low < high:

@@ -397,3 +397,21 @@ def test_the_first_event_since_a_time_is_found_by_id_across_gaps(tmp_path):
         bound = store.first_event_since(since)
         assert [i for i, at in events if i >= bound] == [i for i, at in events if at >= since], \
             since
+
+
+def test_the_first_event_since_a_time_reads_no_event_but_by_its_id(tmp_path):
+    """Its cost does not grow with the history: every statement it runs looks events up
+    by id (MIN and MAX in one SELECT would read them all, on every /status)."""
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    with store.write() as db:
+        db.executemany("INSERT INTO task_events (task_id, event, at) VALUES (1, 'Started', ?)",
+                       [(float(at),) for at in range(100)])
+    statements = []
+    store.db().set_trace_callback(statements.append)
+    try:
+        assert store.first_event_since(42.5) == 44
+    finally:
+        store.db().set_trace_callback(None)
+    for sql in statements:
+        plan = [row[3] for row in store.all("EXPLAIN QUERY PLAN " + sql)]
+        assert not [step for step in plan if step.startswith("SCAN task_events")], (sql, plan)
