@@ -4692,6 +4692,7 @@ class Store:
             db.executemany("DELETE FROM group_workers WHERE group_id = ? AND worker_id = ?",
                            [(group_id, worker_id) for group_id in group_ids])
         self.invalidate_auth_cache()  # (serving_groups)
+        self.wake_fetchers(worker_ids=[worker_id])  # a park's remembered groups, renewed
 
     def remove_workers(self, worker_ids, silent=(), lost=True):
         """Delete workers; each one's unfinished task goes back to Ready. `silent`: the

@@ -3,7 +3,8 @@
 coordinator's cost stay flat when many workers wait?
 
 Prints, in one run (figures and ratios, no assertions: the goals of issue 9 are read
-off the output):
+off the output). Each rate is the median of --repeat runs, with their range: on this
+noisy machine a single run of a few hundred tasks can be off by a third.
   0. the footprint (issue 9 §4): RSS and peak of an idle one-slot worker, of its guard
      process and of the coordinator serving it;
   1. the raw rate of spawning `true` from 2 threads (the limit for any worker);
@@ -217,6 +218,18 @@ def run_tasks(system, count, submit):
             idle / max(total, 1))
 
 
+def median_run(system, count, submit, repeat):
+    """run_tasks() `repeat` times: the median of each of its figures, and the range of
+    the rates as text."""
+    runs = [run_tasks(system, count, submit) for _ in range(repeat)]
+    rates = [run[0] for run in runs]
+    return [statistics.median(column) for column in zip(*runs)], spread(rates)
+
+
+def spread(rates):
+    return f"median of {len(rates)}, {min(rates):.0f}-{max(rates):.0f}/s"
+
+
 def latencies(system, samples):
     """Submit-to-start of `samples` tasks, one at a time, the slots idle: sorted s."""
     folder = tempfile.mkdtemp(prefix="mito-latency-")
@@ -330,21 +343,28 @@ def compare_hyperqueue(args, rate):
 
 def two_slots(args, raw):
     system = System()
+
+    def batches(count):
+        system.submit(["true"], count)
+
     try:
         system.add_slots(2, per_process=2)
-        rate, coordinator_ms, worker_ms, idle = run_tasks(
-            system, args.tasks, lambda n: system.submit(["true"], n))
+        (rate, coordinator_ms, worker_ms, idle), rates = median_run(
+            system, args.tasks, batches, args.repeat)
         print(f"2 slots, {args.tasks} tasks in batches:  {rate:7.0f} tasks/s "
-              f"({rate / raw:.2f} x raw); CPU per task: coordinator {coordinator_ms:.2f} ms, "
-              f"worker {worker_ms:.2f} ms; the machine {idle:.0%} idle meanwhile")
-        single, coordinator_single, _, _ = run_tasks(system, args.tasks // 2,
-                                                     system.submit_on_new_connections)
+              f"({rate / raw:.2f} x raw; {rates}); CPU per task: coordinator "
+              f"{coordinator_ms:.2f} ms, worker {worker_ms:.2f} ms; the machine {idle:.0%} "
+              "idle meanwhile")
+        (single, coordinator_single, _, _), rates = median_run(
+            system, args.tasks // 2, system.submit_on_new_connections, args.repeat)
         print(f"2 slots, a new connection per submit: {single:7.0f} tasks/s "
-              f"({single / raw:.2f} x raw); coordinator {coordinator_single:.2f} ms per task")
-        burst, coordinator_burst, worker_burst, _ = run_tasks(
-            system, BURST, lambda n: system.submit(["true"], n))
-        print(f"2 slots, burst of {BURST}:              {burst:7.0f} tasks/s; CPU per task: "
-              f"coordinator {coordinator_burst:.2f} ms, worker {worker_burst:.2f} ms")
+              f"({single / raw:.2f} x raw; {rates}); coordinator {coordinator_single:.2f} ms "
+              "per task")
+        (burst, coordinator_burst, worker_burst, _), rates = median_run(
+            system, BURST, batches, args.repeat)
+        print(f"2 slots, burst of {BURST}:              {burst:7.0f} tasks/s ({rates}); "
+              f"CPU per task: coordinator {coordinator_burst:.2f} ms, worker "
+              f"{worker_burst:.2f} ms")
         print(f"2 slots, submit to start:              {percentiles(latencies(system, args.samples))}")
         threads, rss = status_of(system.process.pid)
         print(f"2 slots, coordinator: {threads} threads, {rss:.0f} MiB RSS")
@@ -365,11 +385,11 @@ def many_slots(args, burst_2):
         print(f"{args.slots} idle slots: coordinator {threads} threads (before: "
               f"{threads_before}), {rss:.0f} MiB RSS (before: {rss_before:.0f}), "
               f"{idle_cpu:.1f}% CPU while they wait")
-        burst, coordinator_ms, workers_ms, _ = run_tasks(system, BURST,
-                                                         lambda n: system.submit(["true"], n))
+        (burst, coordinator_ms, workers_ms, _), rates = median_run(
+            system, BURST, lambda n: system.submit(["true"], n), args.repeat)
         print(f"{args.slots} idle slots, burst of {BURST}:  {burst:7.0f} tasks/s "
-              f"({burst / burst_2:.2f} x the 2-slot burst); CPU per task: coordinator "
-              f"{coordinator_ms:.2f} ms, workers {workers_ms:.2f} ms")
+              f"({burst / burst_2:.2f} x the 2-slot burst; {rates}); CPU per task: "
+              f"coordinator {coordinator_ms:.2f} ms, workers {workers_ms:.2f} ms")
         print(f"{args.slots} idle slots, submit to start: "
               f"{percentiles(latencies(system, args.samples))}")
         tasks = system.http.api("POST", "/tasks/query", {"states": ["Finished"]})["tasks"]
@@ -385,6 +405,8 @@ def main():
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--spawns", type=int, default=1000)
     parser.add_argument("--slots", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each rate; the median is shown (default: 3)")
     parser.add_argument("--worker-py", default=System.worker_py,
                         help="run the workers from this mito.py (default: this one)")
     parser.add_argument("--compare", choices=["hyperqueue"], action="append", default=[],
@@ -394,8 +416,9 @@ def main():
     System.worker_py = os.path.abspath(args.worker_py)
 
     footprint()
-    raw = spawn_rate(args.spawns)
-    print(f"raw spawn rate of `true` from 2 threads: {raw:7.0f} /s")
+    raws = [spawn_rate(args.spawns) for _ in range(args.repeat)]
+    raw = statistics.median(raws)
+    print(f"raw spawn rate of `true` from 2 threads: {raw:7.0f} /s ({spread(raws)})")
     rate_2, burst_2 = two_slots(args, raw)
     if "hyperqueue" in args.compare:
         compare_hyperqueue(args, rate_2)

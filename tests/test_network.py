@@ -323,10 +323,19 @@ def test_a_task_goes_only_to_a_fetcher_that_may_take_it(fleet):
     assert short.answer is None
 
 
+def lose_group_unsaid(fleet, worker, group="alice"):
+    """The worker leaves the group without a word to the Dispatcher, so its park's
+    remembered groups are out of date. (Store.remove_worker_groups tells it; the claim
+    checks the groups again all the same, and this is what it guards against.)"""
+    with fleet.store.write() as db:
+        db.execute("DELETE FROM group_workers WHERE worker_id = ? AND group_id = ?",
+                   (worker["id"], fleet.group[group]))
+    fleet.store.invalidate_auth_cache()
+
+
 def test_a_fetcher_that_cannot_get_the_task_passes_it_on(fleet):
     first, second = park(fleet, fleet.worker()), park(fleet, fleet.worker())
-    # the first one's worker lost its group behind the dispatcher's back
-    fleet.store.remove_worker_groups(first.worker["id"], [fleet.group["alice"]])
+    lose_group_unsaid(fleet, first.worker)
     task_uuid = fleet.submit()
     assert handed([first, second]) == [second]
     assert second.answer.body["uuid"] == task_uuid
@@ -344,6 +353,17 @@ def test_a_parked_worker_put_into_another_group_gets_that_groups_tasks(fleet):
     again = park(fleet, waiting.worker)
     fleet.submit(group="bob")
     assert again.answer is None
+
+
+def test_a_parked_worker_taken_out_of_a_group_is_parked_again_with_its_groups(fleet):
+    """Removing a group renews the park's remembered groups at once: later submits do
+    not pick it for a claim that must fail."""
+    waiting = park(fleet, fleet.worker())
+    fleet.store.remove_worker_groups(waiting.worker["id"], [fleet.group["alice"]])
+    assert fleet.group["alice"] not in fleet.dispatcher.parks[waiting.worker["id"]].groups
+    other = park(fleet, fleet.worker())
+    task_uuid = fleet.submit()
+    assert other.answer.body["uuid"] == task_uuid and waiting.answer is None
 
 
 def test_parks_expire_empty_and_a_removed_worker_hears_401(fleet):
@@ -524,7 +544,7 @@ def test_a_park_with_out_of_date_groups_does_not_keep_an_array_from_the_others(f
     go to the other parks inside the submit's transaction, not one claim each after."""
     stale = park(fleet, fleet.worker())
     others = [park(fleet, fleet.worker()) for _ in range(2)]
-    fleet.store.remove_worker_groups(stale.worker["id"], [fleet.group["alice"]])
+    lose_group_unsaid(fleet, stale.worker)
     fleet.writes = 0
     batch = submit_batch(fleet, 2, array_parallel={"key": "a2", "limit": 2})
     assert sorted(p.answer.body["uuid"] for p in handed(others)) == sorted(batch)
