@@ -3085,10 +3085,11 @@ class Worker:
 
     def confirm_held(self):
         """Draining: send a commit that waits for the next task once more, without
-        "next". Its answer (200, or 404: applied already) says that the commit has
-        reached the coordinator, so the slot is idle: it may unregister without its
-        task being requeued and run twice. Unconfirmed, the slot waits for the held
-        answer (at most the long poll's wait)."""
+        "next". Its answer says that the slot is idle: 200, the commit was applied (by
+        this try or the held one: a resend is answered as applied), or 404, the task is
+        no longer the slot's (requeued before the commit came). The slot may then
+        unregister without its task being requeued and run twice. Unconfirmed, the
+        slot waits for the held answer (at most the long poll's wait)."""
         held = self.held
         if held is None:
             return
@@ -3099,11 +3100,14 @@ class Worker:
             if error.status != 404:
                 log.warning("worker %s: commit not confirmed: %s", self.worker_id, error)
                 return
+            log.info("worker %s: its last task is no longer its own (%s)", self.worker_id,
+                     error.msg)
         except (Unreachable, Unauthorized, CertificateRefused, GaveUp) as error:
             log.warning("worker %s: commit not confirmed: %s", self.worker_id, error)
             return
-        log.info("worker %s: its last task's commit has reached the coordinator (its "
-                 "answer waited for a next task)", self.worker_id)
+        else:
+            log.info("worker %s: its last task's commit has reached the coordinator (its "
+                     "answer waited for a next task)", self.worker_id)
         self.confirmed = held
         self.process.wake()
 
