@@ -3316,12 +3316,16 @@ class Unregistration:
                 self.settle(slot)
 
     def close(self):
-        """The failures, final: with the slots still waiting and those never tried."""
+        """The failures, final: with the slots still waiting and those never tried
+        (every line stopped at an unreachable coordinator, or the time limit came
+        first: one that answers slowly leaves slots untried too)."""
         with self.lock:
             self.closed = True
+            untried = (f"not tried in the {UNREGISTER_DEADLINE:g} s allowed"
+                       if time.monotonic() >= self.deadline
+                       else "not tried: the coordinator did not answer")
             return (self.failed + [(slot, "no answer in time") for slot in self.waiting]
-                    + [(slot, "not tried: the coordinator did not answer")
-                       for slot in self.pending])
+                    + [(slot, untried) for slot in self.pending])
 
 
 class WorkerProcess:

@@ -189,9 +189,9 @@ class TricklingCoordinator:
         with contextlib.suppress(OSError):
             while True:
                 conn, _ = self.listener.accept()
-                threading.Thread(target=self.trickle, args=(conn,), daemon=True).start()
+                threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
 
-    def trickle(self, conn):
+    def answer(self, conn):
         with conn, contextlib.suppress(OSError):
             conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
@@ -201,6 +201,15 @@ class TricklingCoordinator:
     def close(self):
         self.done.set()
         self.listener.close()
+
+
+class SlowCoordinator(TricklingCoordinator):
+    """Answers every request on a kept-alive connection, each 0.2 s after it came."""
+
+    def answer(self, conn):
+        with conn, contextlib.suppress(OSError):
+            while conn.recv(65536) and not self.done.wait(0.2):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 
 
 class Slot:
@@ -229,6 +238,24 @@ def test_a_slot_still_unregistering_at_the_time_limit_is_counted_as_failed(
     # to stall the trickle that long: counted all the same)
     assert len(said) == 1 and said[0].startswith("3 of 3 workers could not unregister "
                                                  "(slot-0: "), said
+
+
+def test_slots_left_untried_by_the_time_limit_are_not_said_unanswered(monkeypatch, caplog):
+    """A coordinator that answers, slowly: the slots the time limit leaves untried
+    are said to be so, not left for a coordinator that did not answer."""
+    coordinator = SlowCoordinator()
+    monkeypatch.setattr(mito, "UNREGISTER_LINES", 1)
+    monkeypatch.setattr(mito, "UNREGISTER_DEADLINE", 0.5)
+    monkeypatch.setattr(mito, "UNREGISTER_TIMEOUT", 10.0)
+    process = types.SimpleNamespace(ssl_context=None, settings=types.SimpleNamespace(
+        coordinator_addr=coordinator.url))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mito"):
+            mito.unregister_slots(process, [Slot(n) for n in range(20)])
+    finally:
+        coordinator.close()
+    said = [r.getMessage() for r in caplog.records if "could not unregister" in r.getMessage()]
+    assert len(said) == 1 and ": not tried in the 0.5 s allowed)" in said[0], said
 
 
 def test_shutdown_with_the_coordinator_gone(mito, fake, start_worker):
