@@ -217,23 +217,27 @@ class Slot:
         self.worker_id, self.http = f"slot-{number}", types.SimpleNamespace(token=f"t{number}")
 
 
+def unregister_through(coordinator, slots, deadline, timeout, monkeypatch, caplog):
+    """unregister_slots over one line to `coordinator`; its log lines."""
+    monkeypatch.setattr(mito, "UNREGISTER_LINES", 1)
+    monkeypatch.setattr(mito, "UNREGISTER_DEADLINE", deadline)
+    monkeypatch.setattr(mito, "UNREGISTER_TIMEOUT", timeout)
+    process = types.SimpleNamespace(ssl_context=None, settings=types.SimpleNamespace(
+        coordinator_addr=coordinator.url))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mito"):
+            mito.unregister_slots(process, [Slot(n) for n in range(slots)])
+    finally:
+        coordinator.close()
+    return [r.getMessage() for r in caplog.records if "could not unregister" in r.getMessage()]
+
+
 def test_a_slot_still_unregistering_at_the_time_limit_is_counted_as_failed(
         monkeypatch, caplog):
     """The one log line counts every slot not known to be unregistered when it is
     written: the never tried and the one whose answer has not come (it would have been
     counted, if at all, only after the line was written)."""
-    coordinator = TricklingCoordinator()
-    monkeypatch.setattr(mito, "UNREGISTER_LINES", 1)
-    monkeypatch.setattr(mito, "UNREGISTER_DEADLINE", 1.0)
-    monkeypatch.setattr(mito, "UNREGISTER_TIMEOUT", 2.0)
-    process = types.SimpleNamespace(ssl_context=None, settings=types.SimpleNamespace(
-        coordinator_addr=coordinator.url))
-    try:
-        with caplog.at_level(logging.WARNING, logger="mito"):
-            mito.unregister_slots(process, [Slot(n) for n in range(3)])
-    finally:
-        coordinator.close()
-    said = [r.getMessage() for r in caplog.records if "could not unregister" in r.getMessage()]
+    said = unregister_through(TricklingCoordinator(), 3, 1.0, 2.0, monkeypatch, caplog)
     # (slot-0's reason: no answer in time; its own time-out instead, were the machine
     # to stall the trickle that long: counted all the same)
     assert len(said) == 1 and said[0].startswith("3 of 3 workers could not unregister "
@@ -243,18 +247,7 @@ def test_a_slot_still_unregistering_at_the_time_limit_is_counted_as_failed(
 def test_slots_left_untried_by_the_time_limit_are_not_said_unanswered(monkeypatch, caplog):
     """A coordinator that answers, slowly: the slots the time limit leaves untried
     are said to be so, not left for a coordinator that did not answer."""
-    coordinator = SlowCoordinator()
-    monkeypatch.setattr(mito, "UNREGISTER_LINES", 1)
-    monkeypatch.setattr(mito, "UNREGISTER_DEADLINE", 0.5)
-    monkeypatch.setattr(mito, "UNREGISTER_TIMEOUT", 10.0)
-    process = types.SimpleNamespace(ssl_context=None, settings=types.SimpleNamespace(
-        coordinator_addr=coordinator.url))
-    try:
-        with caplog.at_level(logging.WARNING, logger="mito"):
-            mito.unregister_slots(process, [Slot(n) for n in range(20)])
-    finally:
-        coordinator.close()
-    said = [r.getMessage() for r in caplog.records if "could not unregister" in r.getMessage()]
+    said = unregister_through(SlowCoordinator(), 20, 0.5, 10.0, monkeypatch, caplog)
     assert len(said) == 1 and ": not tried in the 0.5 s allowed)" in said[0], said
 
 
