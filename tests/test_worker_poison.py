@@ -334,14 +334,17 @@ def test_an_unmarked_process_another_running_task_may_own_is_spared(fake, start_
 
 
 # clone(CLONE_PARENT | SIGCHLD) by number: the child is its caller's sibling (here in a
-# session of its own, with an empty environment)
+# session of its own, with an empty environment). The task ends once the child has
+# cleared its environment: until its exec it carries the task's marker, and dies with it.
 CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220}
 SIBLING_ESCAPEE = """
-import ctypes, os, platform, sys
+import ctypes, os, platform, sys, time
 pid = ctypes.CDLL(None).syscall({CLONE_SYSCALLS}[platform.machine()], 0x8000 | 17, 0, 0, 0, 0)
 if pid == 0:
     os.setsid()
     os.execve("/usr/bin/env", ["env", "-i", "sleep", "300"], {{}})
+while open(f"/proc/{{pid}}/environ", "rb").read():
+    time.sleep(0.01)
 with open(sys.argv[1] + ".tmp", "w") as handle:
     handle.write(str(pid))
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
