@@ -9284,11 +9284,18 @@ class EventLoopServer:
                     next_sweep = now + 1.0
                 self.dispatcher.expire(now)
                 deadline = min(next_sweep, self.dispatcher.next_deadline() or next_sweep)
-                for key, mask in self.selector.select(max(0.0, deadline - now)):
+                for key, mask in sorted(self.selector.select(max(0.0, deadline - now)),
+                                        key=self.accept_last):
                     self.on_ready(key, mask)
                 self.run_calls()
         finally:
             self.stopped.set()
+
+    @staticmethod
+    def accept_last(event):
+        """New connections after the requests on open ones: a slot's commit, which frees
+        it for its next task, is not held up by a new client's submit that came with it."""
+        return event[0].data is None
 
     def on_ready(self, key, mask):
         if key.data is None:

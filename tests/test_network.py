@@ -4,6 +4,7 @@ a dropped connection)."""
 
 import json
 import re
+import selectors
 import socket
 import sqlite3
 import time
@@ -819,3 +820,13 @@ def test_the_parsers_fast_path_reads_every_head_as_the_line_by_line_path_does(pi
                                                    PARSER_REFUSALS])
 def test_the_parsers_fast_path_reads_plain_and_refused_heads_alike(head):
     assert read_head(head, fast=True) == read_head(head, fast=False)
+
+
+def test_requests_on_open_connections_go_before_new_connections():
+    """In one turn of the loop, a slot's commit on its kept-alive connection is answered
+    before a new client's connection is accepted (its submit would hold the slot up)."""
+    listener, slot, wake = (selectors.SelectorKey(None, n, 1, data)
+                            for n, data in ((3, None), (4, "a connection"), (5, "wake")))
+    events = [(listener, 1), (slot, 1), (wake, 1)]
+    assert [key.fd for key, _ in sorted(events, key=mito.EventLoopServer.accept_last)] == \
+        [4, 5, 3]
