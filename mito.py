@@ -25,31 +25,77 @@ import sys
 # a script until the script ends: ~22 MiB that an idle worker or coordinator would carry
 # for ever (issue 9 §4). So those two replace themselves (os.execv: same PID, arguments,
 # open files and ignored signals: nohup, SLURM and `manager` see one process) by an
-# interpreter that loads this file as a module: from the bytecode cached in __pycache__
-# (written there when the folder is writable), else compiled again, the tree freed.
+# interpreter that loads this file as a module, from the bytecode cached in __pycache__
+# (written there when the folder is writable). Where none is cached, the script compiles
+# the file again and hands the code over in a memory file: code compiled in a process
+# stays strewn among the compiler's scraps (3-4 MiB of an idle worker's RSS), code
+# loaded from bytecode lies packed, as it does when cached.
 
 LONG_LIVED = ("worker", "coordinator")
-_MODULE_LOADER = (  # the replacing interpreter's program; argv[1] is this file, which
-    # may be named without .py (an executable `mito`): hence the explicit loader
-    "import sys, importlib.util as u, importlib.machinery as k; "
-    "sys.argv[0] = f = sys.argv.pop(1); m = u.module_from_spec(u.spec_from_file_location("
-    "'__main__', f, loader=k.SourceFileLoader('__main__', f))); "
-    "sys.modules['__main__'] = m; m.__spec__.loader.exec_module(m)")
+# The replacing interpreter's program. argv[1] is this file, which may be named without
+# .py (an executable `mito`): hence the explicit loader; argv[2] the memory file holding
+# its code, or -1 (none: the loader reads the cache, or compiles).
+_MODULE_LOADER = """\
+import marshal, sys, importlib.util as u, importlib.machinery as k
+sys.argv[0] = f = sys.argv.pop(1)
+fd = int(sys.argv.pop(1))
+handed = []
+if fd >= 0:
+    with open(fd, 'rb') as memory_file:
+        handed.append(marshal.load(memory_file))
+class Loader(k.SourceFileLoader):
+    def source_to_code(self, *args, **options):
+        return handed.pop() if handed else super().source_to_code(*args, **options)
+m = u.module_from_spec(u.spec_from_file_location('__main__', f, loader=Loader('__main__', f)))
+sys.modules['__main__'] = m
+m.__spec__.loader.exec_module(m)
+"""
 
 
 def run_as_module(source):
-    """Become `python3 -P -c LOADER source args...`, with the same interpreter options
-    (-P: the current folder's modules must not shadow the standard library). Returns
-    only if that cannot be, and the script goes on as it is."""
+    """Become `python3 -P -c LOADER source FD args...`, with the same interpreter
+    options (-P: the current folder's modules must not shadow the standard library).
+    Returns only if that cannot be, and the script goes on as it is."""
     flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     if (sys.orig_argv[len(flags) + 1:] != sys.argv or not sys.executable
             or not os.path.isfile(source)):  # `python3 - worker < mito.py`: no file
         return
     try:
+        code = -1 if bytecode_cached(source) else compiled_in_memory_file(source)
         os.execv(sys.executable, [sys.executable, *flags, "-P", "-c", _MODULE_LOADER,
-                                  source, *sys.argv[1:]])
+                                  source, str(code), *sys.argv[1:]])
     except OSError:
         pass
+
+
+def bytecode_cached(source):
+    """True if __pycache__ holds bytecode of this very `source` (as the import system
+    checks it: by the source's time and size)."""
+    import importlib.util
+    try:
+        with open(importlib.util.cache_from_source(source), "rb") as handle:
+            header = handle.read(16)
+        found = os.stat(source)
+    except (OSError, ValueError):
+        return False
+    stamp = [0, int(found.st_mtime), found.st_size]  # flags 0: checked by time
+    return header == importlib.util.MAGIC_NUMBER + b"".join(
+        (value & 0xFFFFFFFF).to_bytes(4, "little") for value in stamp)
+
+
+def compiled_in_memory_file(source):
+    """A descriptor, kept across exec, of a memory file holding `source`'s code as
+    bytecode; -1 where memory files are not (not Linux)."""
+    import marshal
+    if not hasattr(os, "memfd_create"):
+        return -1
+    with open(source, "rb") as handle:
+        code = compile(handle.read(), source, "exec", dont_inherit=True)
+    descriptor = os.memfd_create("mito-code")
+    os.write(descriptor, marshal.dumps(code))  # memory files take it in one write
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    os.set_inheritable(descriptor, True)
+    return descriptor
 
 
 def started_as_the_script():

@@ -8,6 +8,7 @@ parser's tree of the script is not kept for the life of the process.
 """
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from conftest import Process
 from fake_coordinator import fake  # noqa: F401
+from mito import bytecode_cached
 from support import wait_until
 from test_worker_config import credentials  # noqa: F401
 
@@ -72,13 +74,19 @@ def test_a_worker_runs_as_a_module_in_the_same_process(mito, fake, credentials, 
     worker = spawn_worker(mito, fake, credentials, copy, ("-u",), env)
     command = cmdline(worker.pid)
     assert command[1:3] == ["-u", "-P"] and command[3] == "-c", command
-    assert command[5:7] == [str(copy), "worker"], command
+    assert command[5] == str(copy) and command[7] == "worker", command
+    assert command[6] != "-1", command  # nothing cached: the script handed its code over
+    assert not [fd for fd in os.listdir(f"/proc/{worker.pid}/fd")
+                if "mito-code" in os.readlink(f"/proc/{worker.pid}/fd/{fd}")]  # closed
     cached = importlib.util.cache_from_source(str(copy))
     wait_until(lambda: worker.alive() and (copy.parent / "__pycache__").exists() == may_write,
                what="the bytecode cache as allowed")
     assert not may_write or open(cached, "rb").read(4) == importlib.util.MAGIC_NUMBER
+    assert bytecode_cached(str(copy)) == may_write  # the next start loads it
     assert worker.stop() == 0  # SIGTERM reaches the same PID, which leaves cleanly
     assert fake.find("DELETE", "/workers")
+    copy.write_text(copy.read_text() + "# changed\n")
+    assert not bytecode_cached(str(copy))  # out of date: compiled again
 
 
 
