@@ -7,7 +7,8 @@ off the output). Each rate is the median of --repeat runs, with their range: on 
 noisy machine a single run of a few hundred tasks can be off by a third.
   0. the footprint (issue 9 §4): RSS and peak of an idle one-slot worker, of its guard
      process and of the coordinator serving it;
-  1. the raw rate of spawning `true` from 2 threads (the limit for any worker);
+  1. the raw rate of spawning `true` from 2 threads (the limit for any worker), also
+     measured again just before each end-to-end run below, its ratio taken to that;
   2. 2 slots (one `worker --concurrency 2`): the end-to-end rate of N `true` tasks
      submitted in batches, and of the same tasks submitted one per new connection;
      the coordinator's and the worker's CPU per task, and the share of the machine's
@@ -218,10 +219,17 @@ def run_tasks(system, count, submit):
             idle / max(total, 1))
 
 
-def median_run(system, count, submit, repeat):
+def median_run(system, count, submit, repeat, spawns=0):
     """run_tasks() `repeat` times: the median of each of its figures, and the range of
-    the rates as text."""
-    runs = [run_tasks(system, count, submit) for _ in range(repeat)]
+    the rates as text. With `spawns`, each run comes just after a raw spawn rate of
+    that many `true`, and one more figure is the median of the runs' ratios to it: the
+    machine's speed drifts within a minute (one benchmark's raw rates spread from 2,129
+    to 3,011/s), and a ratio of neighbours does not see the drift."""
+    runs = []
+    for _ in range(repeat):
+        raw = spawn_rate(spawns) if spawns else None
+        run = run_tasks(system, count, submit)
+        runs.append(run + ((run[0] / raw,) if spawns else ()))
     rates = [run[0] for run in runs]
     return [statistics.median(column) for column in zip(*runs)], spread(rates)
 
@@ -341,7 +349,9 @@ def compare_hyperqueue(args, rate):
           f"mito.py in batches: {rate / theirs:.2f} x its rate")
 
 
-def two_slots(args, raw):
+def two_slots(args):
+    """The 2-slot figures; the end-to-end rates as ratios to the raw rate measured just
+    before each of their runs."""
     system = System()
 
     def batches(count):
@@ -349,16 +359,17 @@ def two_slots(args, raw):
 
     try:
         system.add_slots(2, per_process=2)
-        (rate, coordinator_ms, worker_ms, idle), rates = median_run(
-            system, args.tasks, batches, args.repeat)
+        (rate, coordinator_ms, worker_ms, idle, ratio), rates = median_run(
+            system, args.tasks, batches, args.repeat, args.spawns)
         print(f"2 slots, {args.tasks} tasks in batches:  {rate:7.0f} tasks/s "
-              f"({rate / raw:.2f} x raw; {rates}); CPU per task: coordinator "
+              f"({ratio:.2f} x raw; {rates}); CPU per task: coordinator "
               f"{coordinator_ms:.2f} ms, worker {worker_ms:.2f} ms; the machine {idle:.0%} "
               "idle meanwhile")
-        (single, coordinator_single, _, _), rates = median_run(
-            system, args.tasks // 2, system.submit_on_new_connections, args.repeat)
+        (single, coordinator_single, _, _, ratio), rates = median_run(
+            system, args.tasks // 2, system.submit_on_new_connections, args.repeat,
+            args.spawns)
         print(f"2 slots, a new connection per submit: {single:7.0f} tasks/s "
-              f"({single / raw:.2f} x raw; {rates}); coordinator {coordinator_single:.2f} ms "
+              f"({ratio:.2f} x raw; {rates}); coordinator {coordinator_single:.2f} ms "
               "per task")
         (burst, coordinator_burst, worker_burst, _), rates = median_run(
             system, BURST, batches, args.repeat)
@@ -418,8 +429,10 @@ def main():
     footprint()
     raws = [spawn_rate(args.spawns) for _ in range(args.repeat)]
     raw = statistics.median(raws)
-    print(f"raw spawn rate of `true` from 2 threads: {raw:7.0f} /s ({spread(raws)})")
-    rate_2, burst_2 = two_slots(args, raw)
+    print(f"raw spawn rate of `true` from 2 threads: {raw:7.0f} /s ({spread(raws)}); "
+          "each ratio to it below: the median of its runs' ratios to a raw rate measured "
+          "just before each")
+    rate_2, burst_2 = two_slots(args)
     if "hyperqueue" in args.compare:
         compare_hyperqueue(args, rate_2)
     if args.slots:
