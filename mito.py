@@ -5341,25 +5341,43 @@ class Store:
                 low = found + 1
         return low
 
+    def _ended_since(self, since, group_ids):
+        """The FROM and WHERE that find the tasks in `group_ids` that ended since `since`
+        (events e, tasks t), and their arguments. The join starts from the smaller side,
+        counted without reading either (left to itself, SQLite walked all of a user's
+        groups' tasks: 200 ms at 300k, for the last hour's 5k events): the window's
+        events, found by id, each task then by its key; or, when the groups hold fewer
+        tasks (task_counts) than the window holds events, the groups' tasks, each with
+        its events by task_id."""
+        first = self.first_event_since(since)
+        join = "task_events e CROSS JOIN tasks t ON t.id = e.task_id"
+        if group_ids is not None:
+            events = self.one("SELECT MAX(id) + 1 - ? FROM task_events", first)[0] or 0
+            tasks = self.one("SELECT COALESCE(SUM(n), 0) FROM task_counts WHERE "
+                             f"{self._in_groups('group_id', group_ids)}")[0]
+            if tasks < events:
+                join = "tasks t CROSS JOIN task_events e ON e.task_id = t.id"
+        return (f"FROM {join} WHERE e.id >= ? AND e.at >= ? AND e.event IN "
+                f"('Finished', 'Cancelled', 'Lost') AND "
+                f"{self._in_groups('t.group_id', group_ids)}", (first, since))
+
     def ended_per_minute(self, since, group_ids):
         """{minute index since `since`: tasks that ended in it}."""
+        ended, args = self._ended_since(since, group_ids)
         return {row[0]: row[1] for row in self.all(
-            "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) FROM task_events e "
-            "JOIN tasks t ON t.id = e.task_id WHERE e.id >= ? AND e.at >= ? AND e.event IN "
-            f"('Finished', 'Cancelled', 'Lost') AND {self._in_groups('t.group_id', group_ids)} "
-            "GROUP BY minute", since, self.first_event_since(since), since)}
+            "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) "
+            f"{ended} GROUP BY minute", since, *args)}
 
     def recent_failures(self, group_ids, since, limit=10):
         """The last tasks that ended since `since` with a non-zero exit or a failure
         message (a user's cancellation is no failure)."""
+        ended, args = self._ended_since(since, group_ids)
         return self.all(
-            "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
-            "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
-            "g.id = t.group_id WHERE e.id >= ? AND e.at >= ? AND e.event IN "
-            "('Finished', 'Cancelled', 'Lost') AND (json_extract(t.result, '$.exit_status') "
-            "!= 0 OR coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != "
-            f"'UserCancellation') AND {self._in_groups('t.group_id', group_ids)} "
-            "ORDER BY e.id DESC LIMIT ?", self.first_event_since(since), since, limit)
+            "SELECT t.uuid, (SELECT name FROM groups WHERE id = t.group_id) AS group_name, "
+            f"t.spec, t.result, e.at AS ended_at, e.worker {ended} AND "
+            "(json_extract(t.result, '$.exit_status') != 0 OR "
+            "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != "
+            "'UserCancellation') ORDER BY e.id DESC LIMIT ?", *args, limit)
 
     def oldest_ready(self, group_ids):
         return self.one(
