@@ -4145,8 +4145,13 @@ def adjust(current, text, parse, limit=2**63 - 1):
 
 # ---- the Store: every SQL statement lives here ------------------------------------------
 
+# One step of the schema, the database's user_version its number in _SCHEMA (from 1): a
+# script, or statements one by one; `what` is said in the log before it runs, since a
+# step that copies a table can keep a big database busy for seconds.
+Migration = collections.namedtuple("Migration", "what script")
+
 _SCHEMA = [
-    """
+    Migration("the tables of users, groups, workers, tasks and files", """
     CREATE TABLE users (
         id INTEGER PRIMARY KEY, username TEXT UNIQUE NOT NULL,
         password BLOB NOT NULL, salt BLOB NOT NULL, admin INTEGER NOT NULL DEFAULT 0,
@@ -4185,22 +4190,22 @@ _SCHEMA = [
     CREATE TABLE attachments (
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
-    """,
+    """),
     # A task's history after its submission, for the dashboard, `client status` and
     # /metrics: ids grow in commit order (writes hold one lock), so a reader can follow
     # it incrementally.
-    """
+    Migration("a history of task events", """
     CREATE TABLE task_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
         at REAL NOT NULL, worker TEXT);
     CREATE INDEX task_events_task ON task_events (task_id, id);
     CREATE INDEX task_events_at ON task_events (at);
     CREATE INDEX tasks_group_state ON tasks (group_id, state);
-    """,
+    """),
     # Tasks by group and state, kept by triggers in the writing transaction, so that
     # counting costs the same with a million finished tasks as with none. (Statements
     # one by one: trigger bodies hold semicolons.)
-    (
+    Migration("task counts by group and state, counted from every task", (
         "DROP INDEX tasks_group_state",
         "CREATE TABLE task_counts (group_id INTEGER NOT NULL, state TEXT NOT NULL, "
         "n INTEGER NOT NULL, PRIMARY KEY (group_id, state)) WITHOUT ROWID",
@@ -4217,11 +4222,11 @@ _SCHEMA = [
         "CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN "
         "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
         "END",
-    ),
+    )),
     # Ready tasks by group and tag set, kept by triggers: a fetch looks only at the tag
     # sets of its own groups that it may take, then at the best task of each through
     # tasks_ready, however many tasks wait for other workers (issue 9, item 5).
-    (
+    Migration("ready tasks by group and tags, counted from the ready tasks", (
         "CREATE TABLE ready_sets (group_id INTEGER NOT NULL, tags TEXT NOT NULL, "
         "n INTEGER NOT NULL, PRIMARY KEY (group_id, tags)) WITHOUT ROWID",
         "INSERT INTO ready_sets SELECT group_id, tags, COUNT(*) FROM tasks "
@@ -4246,13 +4251,13 @@ _SCHEMA = [
         "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags; "
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
         "END",
-    ),
+    )),
     # Throttles (issue 12 §1, --array-parallel N): at most max_running tasks of one key run
     # at once. `running` counts a throttle's claimed tasks (worker_id set), kept by
     # triggers in the claiming, committing or requeueing transaction. A throttle is a lane
     # of the ready sets (0: none), so a fetch skips a full one's tasks without reading
     # them; tasks_throttled finds the next task when a slot frees.
-    (
+    Migration("throttles (--array-parallel), the ready tasks counted again", (
         "CREATE TABLE throttles (id INTEGER PRIMARY KEY, creator_id INTEGER NOT NULL, "
         "key TEXT NOT NULL, max_running INTEGER NOT NULL, running INTEGER NOT NULL DEFAULT 0, "
         "UNIQUE (creator_id, key))",
@@ -4299,15 +4304,16 @@ _SCHEMA = [
         "AND throttle_id = old.throttle_id; "
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
         "AND throttle_id = old.throttle_id AND n <= 0; END",
-    ),
+    )),
     # Workers dropped for silence, so that after a restart too their 401 tells them to
     # register again, not to leave (issue 8 §2); the newest DROPS_KEPT only.
-    "CREATE TABLE dropped_workers (id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)",
+    Migration("dropped workers, remembered across restarts", "CREATE TABLE dropped_workers "
+              "(id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)"),
     # Retries (issue 12 §2): a task's policy (max_retries NULL: upstream's, a lost run is
     # requeued without limit, an ended one never), the retries it used, and how often it
     # went back to the queue (an upload URL names that count: it serves one run only).
     # Each ended run of a task with a policy is a task_attempts row.
-    (
+    Migration("retry policies and attempts", (
         "ALTER TABLE tasks ADD COLUMN max_retries INTEGER",
         "ALTER TABLE tasks ADD COLUMN retry_on TEXT",
         "ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
@@ -4315,19 +4321,20 @@ _SCHEMA = [
         "CREATE TABLE task_attempts (task_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
         "worker TEXT, started_at REAL, ended_at REAL NOT NULL, result TEXT, reason TEXT, "
         "retried INTEGER NOT NULL, PRIMARY KEY (task_id, attempt)) WITHOUT ROWID",
-    ),
+    )),
     # Three fewer pages to the WAL per task (of ~22; each page costs two writes): events
     # lose AUTOINCREMENT, whose sqlite_sequence row every event rewrote (their ids grow
     # all the same: none is ever deleted, and a new one takes the largest + 1), and the
     # index on `at`, which each event wrote (a time is found by id: first_event_since).
-    (
+    Migration("task events rebuilt without AUTOINCREMENT and their time index: every "
+              "event is copied", (
         "CREATE TABLE task_events_new (id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL, "
         "event TEXT NOT NULL, at REAL NOT NULL, worker TEXT)",
         "INSERT INTO task_events_new SELECT id, task_id, event, at, worker FROM task_events",
         "DROP TABLE task_events",
         "ALTER TABLE task_events_new RENAME TO task_events",
         "CREATE INDEX task_events_task ON task_events (task_id, id)",
-    ),
+    )),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -4445,7 +4452,12 @@ class Store:
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(_SCHEMA[version:], version + 1):
+        if version == 0:
+            log.info("creating the database %s (version %d)", path, len(_SCHEMA))
+        for number, (what, script) in enumerate(_SCHEMA[version:], version + 1):
+            if version:
+                log.info("upgrading the database %s from version %d to %d: %s", path,
+                         number - 1, number, what)
             statements = script if isinstance(script, tuple) else script.split(";")
             with self.write() as db:
                 for statement in filter(str.strip, statements):

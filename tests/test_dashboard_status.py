@@ -3,8 +3,10 @@ count, who sees what, and why the oldest waiting task waits. The metrics are rea
 a strict reader of the Prometheus text format written here."""
 
 import json
+import logging
 import math
 import re
+import sqlite3
 
 import pytest
 
@@ -386,6 +388,45 @@ def test_events_lose_autoincrement_and_the_time_index_but_keep_their_ids(tmp_pat
     assert indexes == {"task_events_task"}
     assert "AUTOINCREMENT" not in store.one(
         "SELECT sql FROM sqlite_master WHERE name = 'task_events'")[0]
+
+
+class VersionWitness(logging.Handler):
+    """Keeps each line logged with the version the database file is at as it is logged."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.seen = path, []
+
+    def emit(self, record):
+        with sqlite3.connect(self.path) as db:
+            self.seen.append((record.getMessage(),
+                              db.execute("PRAGMA user_version").fetchone()[0]))
+
+
+def test_each_migration_says_what_it_does_before_it_runs(tmp_path, monkeypatch):
+    """A coordinator that does not answer yet, busy rebuilding the events of a big
+    database (3 s at 2 million), says why; a new database says it is made, in one line."""
+    path = str(tmp_path / "mitosis.db")
+    [rebuild] = [n for n, step in enumerate(mito._SCHEMA)
+                 if "CREATE TABLE task_events_new" in str(step)]
+    witness, level = VersionWitness(path), mito.log.level
+    mito.log.addHandler(witness)
+    mito.log.setLevel(logging.INFO)
+    try:
+        with monkeypatch.context() as old:
+            old.setattr(mito, "_SCHEMA", mito._SCHEMA[:rebuild])
+            mito.Store(path)
+        assert witness.seen == [(f"creating the database {path} (version {rebuild})", 0)]
+        witness.seen.clear()
+        mito.Store(path)
+    finally:
+        mito.log.removeHandler(witness)
+        mito.log.setLevel(level)
+    assert witness.seen == [
+        (f"upgrading the database {path} from version {n} to {n + 1}: {step.what}", n)
+        for n, step in enumerate(mito._SCHEMA[rebuild:], rebuild)]
+    assert witness.seen[0][0].endswith(
+        "task events rebuilt without AUTOINCREMENT and their time index: every event is copied")
 
 
 def test_the_first_event_since_a_time_is_found_by_id_across_gaps(tmp_path):
