@@ -379,6 +379,29 @@ def test_an_unmarked_process_spared_for_a_running_task_dies_once_none_runs(
     wait_until(lambda: process_dead(sibling), 10, what=f"the unmarked process {sibling} to die")
 
 
+def test_a_process_that_clears_its_environment_after_its_task_ends_dies_as_the_worker_leaves(
+        fake, start_worker, unmarked, tmp_path):
+    """At its task's end the process carries another task's marker, so that end spares
+    it (it may be that task's); it clears its environment afterwards. No task ends
+    after that to find it: only the worker's last sweep, as it leaves, kills it."""
+    worker = start_worker()
+    go = tmp_path / "go"
+    late = (f'(MITO_TASK_UUID=elsewhere setsid sh -c "echo \\$\\$ > $PIDS.late.tmp; '
+            f'while [ ! -e {go} ]; do sleep 0.05; done; exec env -i sleep 300" &); '
+            f'while [ ! -s "$PIDS.late.tmp" ]; do sleep 0.02; done; '
+            f'mv "$PIDS.late.tmp" "$PIDS.late"')
+    task = fake.add_task(["sh", "-c", late], envs={"PIDS": str(unmarked)})
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}, worker.stderr()
+    [pid] = recorded_pids(Path(f"{unmarked}.late"))
+    go.touch()
+    wait_until(lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"),
+               what=f"process {pid} to clear its environment")
+    assert not process_dead(pid), worker.stderr()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.stderr()
+    wait_until(lambda: process_dead(pid), 10, what=f"the unmarked process {pid} to die")
+
+
 def test_no_orphan_is_reaped_between_its_look_and_its_kill():
     """kill_unmarked reads an orphan's start, then kills its pid: were it reaped
     between the two (reap_orphans, from another slot), that pid could be a new
