@@ -2223,28 +2223,48 @@ class TaskProcesses:
         query ends before any task starts). The lock holds off reap_orphans (another
         slot's) from the look to the kill: an orphan that ends meanwhile stays a zombie,
         its pid not free for a process of anyone's to take and be killed."""
+        killed = {}
         for _ in range(KILL_ROUNDS):
             with cls._lock:
-                if not cls.kill_unmarked_once(candidates()):
+                found = cls.kill_unmarked_once(candidates())
+                if not found:
+                    if killed:
+                        cls.reap_killed(killed)
                     return
+                killed.update(found)
             time.sleep(0.01)
 
     @classmethod
     def kill_unmarked_once(cls, candidates):
-        """One look for the unmarked orphans kill_unmarked takes; whether it found any."""
+        """One look for the unmarked orphans kill_unmarked takes: those it killed,
+        {pid: start}."""
         orphans = {pid: unmarked_start(pid) for pid in candidates}
         orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
         before = cls.running_since() if orphans else None
-        pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
-        if len(pids) < len(orphans):  # some a running task may own: looked at again
+        killed = {pid: ticks for pid, ticks in orphans.items() if before and ticks < before}
+        if len(killed) < len(orphans):  # some a running task may own: looked at again
             cls.left_unmarked = True
-        if pids:
+        if killed:
             log.warning("killing processes %s: they cleared their environment, and no "
-                        "running task may own them", pids)
-        for pid in descendants(pids):
+                        "running task may own them", list(killed))
+        for pid in descendants(killed):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        return bool(pids)
+        return killed
+
+    @staticmethod
+    def reap_killed(killed):
+        """Reap the orphans kill_unmarked killed ({pid: start}), children of whichever
+        thread, and what was below them, adopted as they died: zombies by now (its
+        last look found none alive), left for the reap of their own slot's next task,
+        after a sweep maybe hours away. Under the lock: nobody else reaps one between
+        the look at its start (another process may have its pid, once it was reaped
+        between two rounds) and the wait, which never blocks."""
+        for pid, ticks in killed.items():
+            if process_start_ticks(pid, zombie=True) == ticks:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        reap_zombies(adopted_pids())
 
     @classmethod
     def sweep_when_idle(cls):
@@ -2283,10 +2303,16 @@ def reap_orphans(thread=None):
     slot's `thread`, sparing the children whose owners reap them
     (TaskProcesses.spared); a live one is left."""
     with TaskProcesses._lock:
-        for pid in worker_children(thread):
-            if pid not in TaskProcesses.spared:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
+        reap_zombies(worker_children(thread))
+
+
+def reap_zombies(children):
+    """Under TaskProcesses._lock: reap those of the worker's `children` that are
+    zombies, but for those whose owners reap them (TaskProcesses.spared)."""
+    for pid in children:
+        if pid not in TaskProcesses.spared:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 GUARD_MARKER = "MITO_WORKER_GUARD"  # in every task's environment: which worker ran it
