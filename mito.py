@@ -2254,12 +2254,12 @@ class TaskProcesses:
 
     @staticmethod
     def reap_killed(killed):
-        """Reap the orphans kill_unmarked killed ({pid: start}), children of whichever
-        thread, and what was below them, adopted as they died: zombies by now (its
-        last look found none alive), left for the reap of their own slot's next task,
-        after a sweep maybe hours away. Under the lock: nobody else reaps one between
-        the look at its start (another process may have its pid, once it was reaped
-        between two rounds) and the wait, which never blocks."""
+        """Reap the orphans kill_unmarked killed ({pid: start}), whichever thread's
+        children they are, and what ran below them (adopted as they died): zombies by
+        now, its last look found none alive. Left alone, they would wait for the reap
+        of their own slot's next task, maybe hours after a sweep. Under the lock, so
+        nobody else reaps one between the look at its start and the wait (which never
+        blocks): a pid reaped by another between two rounds may be a new process's."""
         for pid, ticks in killed.items():
             if process_start_ticks(pid, zombie=True) == ticks:
                 with contextlib.suppress(ChildProcessError):
@@ -5396,7 +5396,7 @@ class Store:
             if tasks < events:
                 join = "tasks t CROSS JOIN task_events e ON e.task_id = t.id"
         return (f"FROM {join} WHERE e.id >= ? AND e.at >= ? AND e.event IN "
-                f"('Finished', 'Cancelled', 'Lost') AND "
+                "('Finished', 'Cancelled', 'Lost') AND "
                 f"{self._in_groups('t.group_id', group_ids)}", (first, since))
 
     def ended_per_minute(self, since, group_ids):
