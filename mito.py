@@ -2269,28 +2269,48 @@ class TaskProcesses:
         query ends before any task starts). The lock holds off reap_orphans (another
         slot's) from the look to the kill: an orphan that ends meanwhile stays a zombie,
         its pid not free for a process of anyone's to take and be killed."""
+        killed = {}
         for _ in range(KILL_ROUNDS):
             with cls._lock:
-                if not cls.kill_unmarked_once(candidates()):
+                found = cls.kill_unmarked_once(candidates())
+                if not found:
+                    if killed:
+                        cls.reap_killed(killed)
                     return
+                killed.update(found)
             time.sleep(0.01)
 
     @classmethod
     def kill_unmarked_once(cls, candidates):
-        """One look for the unmarked orphans kill_unmarked takes; whether it found any."""
+        """One look for the unmarked orphans kill_unmarked takes: those it killed,
+        {pid: start}."""
         orphans = {pid: unmarked_start(pid) for pid in candidates}
         orphans = {pid: ticks for pid, ticks in orphans.items() if ticks is not None}
         before = cls.running_since() if orphans else None
-        pids = [pid for pid, ticks in orphans.items() if before and ticks < before]
-        if len(pids) < len(orphans):  # some a running task may own: looked at again
+        killed = {pid: ticks for pid, ticks in orphans.items() if before and ticks < before}
+        if len(killed) < len(orphans):  # some a running task may own: looked at again
             cls.left_unmarked = True
-        if pids:
+        if killed:
             log.warning("killing processes %s: they cleared their environment, and no "
-                        "running task may own them", pids)
-        for pid in descendants(pids):
+                        "running task may own them", list(killed))
+        for pid in descendants(killed):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        return bool(pids)
+        return killed
+
+    @staticmethod
+    def reap_killed(killed):
+        """Reap the orphans kill_unmarked killed ({pid: start}), whichever thread's
+        children they are, and what ran below them (adopted as they died): zombies by
+        now, its last look found none alive. Left alone, they would wait for the reap
+        of their own slot's next task, maybe hours after a sweep. Under the lock, so
+        nobody else reaps one between the look at its start and the wait (which never
+        blocks): a pid reaped by another between two rounds may be a new process's."""
+        for pid, ticks in killed.items():
+            if process_start_ticks(pid, zombie=True) == ticks:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        reap_zombies(adopted_pids())
 
     @classmethod
     def sweep_when_idle(cls):
@@ -2329,10 +2349,16 @@ def reap_orphans(thread=None):
     slot's `thread`, sparing the children whose owners reap them
     (TaskProcesses.spared); a live one is left."""
     with TaskProcesses._lock:
-        for pid in worker_children(thread):
-            if pid not in TaskProcesses.spared:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
+        reap_zombies(worker_children(thread))
+
+
+def reap_zombies(children):
+    """Under TaskProcesses._lock: reap those of the worker's `children` that are
+    zombies, but for those whose owners reap them (TaskProcesses.spared)."""
+    for pid in children:
+        if pid not in TaskProcesses.spared:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 GUARD_MARKER = "MITO_WORKER_GUARD"  # in every task's environment: which worker ran it
@@ -4191,8 +4217,13 @@ def adjust(current, text, parse, limit=2**63 - 1):
 
 # ---- the Store: every SQL statement lives here ------------------------------------------
 
+# One step of the schema, the database's user_version its number in _SCHEMA (from 1): a
+# script, or statements one by one; `what` is said in the log before it runs, since a
+# step that copies a table can keep a big database busy for seconds.
+Migration = collections.namedtuple("Migration", "what script")
+
 _SCHEMA = [
-    """
+    Migration("the tables of users, groups, workers, tasks and files", """
     CREATE TABLE users (
         id INTEGER PRIMARY KEY, username TEXT UNIQUE NOT NULL,
         password BLOB NOT NULL, salt BLOB NOT NULL, admin INTEGER NOT NULL DEFAULT 0,
@@ -4231,22 +4262,22 @@ _SCHEMA = [
     CREATE TABLE attachments (
         group_id INTEGER NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (group_id, key));
-    """,
+    """),
     # A task's history after its submission, for the dashboard, `client status` and
     # /metrics: ids grow in commit order (writes hold one lock), so a reader can follow
     # it incrementally.
-    """
+    Migration("a history of task events", """
     CREATE TABLE task_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, event TEXT NOT NULL,
         at REAL NOT NULL, worker TEXT);
     CREATE INDEX task_events_task ON task_events (task_id, id);
     CREATE INDEX task_events_at ON task_events (at);
     CREATE INDEX tasks_group_state ON tasks (group_id, state);
-    """,
+    """),
     # Tasks by group and state, kept by triggers in the writing transaction, so that
     # counting costs the same with a million finished tasks as with none. (Statements
     # one by one: trigger bodies hold semicolons.)
-    (
+    Migration("task counts by group and state, counted from every task", (
         "DROP INDEX tasks_group_state",
         "CREATE TABLE task_counts (group_id INTEGER NOT NULL, state TEXT NOT NULL, "
         "n INTEGER NOT NULL, PRIMARY KEY (group_id, state)) WITHOUT ROWID",
@@ -4263,11 +4294,11 @@ _SCHEMA = [
         "CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN "
         "UPDATE task_counts SET n = n - 1 WHERE group_id = old.group_id AND state = old.state; "
         "END",
-    ),
+    )),
     # Ready tasks by group and tag set, kept by triggers: a fetch looks only at the tag
     # sets of its own groups that it may take, then at the best task of each through
     # tasks_ready, however many tasks wait for other workers (issue 9, item 5).
-    (
+    Migration("ready tasks by group and tags, counted from the ready tasks", (
         "CREATE TABLE ready_sets (group_id INTEGER NOT NULL, tags TEXT NOT NULL, "
         "n INTEGER NOT NULL, PRIMARY KEY (group_id, tags)) WITHOUT ROWID",
         "INSERT INTO ready_sets SELECT group_id, tags, COUNT(*) FROM tasks "
@@ -4292,13 +4323,13 @@ _SCHEMA = [
         "UPDATE ready_sets SET n = n - 1 WHERE group_id = old.group_id AND tags = old.tags; "
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags AND n <= 0; "
         "END",
-    ),
+    )),
     # Throttles (issue 12 §1, --array-parallel N): at most max_running tasks of one key run
     # at once. `running` counts a throttle's claimed tasks (worker_id set), kept by
     # triggers in the claiming, committing or requeueing transaction. A throttle is a lane
     # of the ready sets (0: none), so a fetch skips a full one's tasks without reading
     # them; tasks_throttled finds the next task when a slot frees.
-    (
+    Migration("throttles (--array-parallel), the ready tasks counted again", (
         "CREATE TABLE throttles (id INTEGER PRIMARY KEY, creator_id INTEGER NOT NULL, "
         "key TEXT NOT NULL, max_running INTEGER NOT NULL, running INTEGER NOT NULL DEFAULT 0, "
         "UNIQUE (creator_id, key))",
@@ -4345,15 +4376,16 @@ _SCHEMA = [
         "AND throttle_id = old.throttle_id; "
         "DELETE FROM ready_sets WHERE group_id = old.group_id AND tags = old.tags "
         "AND throttle_id = old.throttle_id AND n <= 0; END",
-    ),
+    )),
     # Workers dropped for silence, so that after a restart too their 401 tells them to
     # register again, not to leave (issue 8 §2); the newest DROPS_KEPT only.
-    "CREATE TABLE dropped_workers (id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)",
+    Migration("dropped workers, remembered across restarts", "CREATE TABLE dropped_workers "
+              "(id INTEGER PRIMARY KEY, uuid TEXT UNIQUE NOT NULL)"),
     # Retries (issue 12 §2): a task's policy (max_retries NULL: upstream's, a lost run is
     # requeued without limit, an ended one never), the retries it used, and how often it
     # went back to the queue (an upload URL names that count: it serves one run only).
     # Each ended run of a task with a policy is a task_attempts row.
-    (
+    Migration("retry policies and attempts", (
         "ALTER TABLE tasks ADD COLUMN max_retries INTEGER",
         "ALTER TABLE tasks ADD COLUMN retry_on TEXT",
         "ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
@@ -4361,19 +4393,20 @@ _SCHEMA = [
         "CREATE TABLE task_attempts (task_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
         "worker TEXT, started_at REAL, ended_at REAL NOT NULL, result TEXT, reason TEXT, "
         "retried INTEGER NOT NULL, PRIMARY KEY (task_id, attempt)) WITHOUT ROWID",
-    ),
+    )),
     # Three fewer pages to the WAL per task (of ~22; each page costs two writes): events
     # lose AUTOINCREMENT, whose sqlite_sequence row every event rewrote (their ids grow
     # all the same: none is ever deleted, and a new one takes the largest + 1), and the
     # index on `at`, which each event wrote (a time is found by id: first_event_since).
-    (
+    Migration("task events rebuilt without AUTOINCREMENT and their time index: every "
+              "event is copied", (
         "CREATE TABLE task_events_new (id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL, "
         "event TEXT NOT NULL, at REAL NOT NULL, worker TEXT)",
         "INSERT INTO task_events_new SELECT id, task_id, event, at, worker FROM task_events",
         "DROP TABLE task_events",
         "ALTER TABLE task_events_new RENAME TO task_events",
         "CREATE INDEX task_events_task ON task_events (task_id, id)",
-    ),
+    )),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
@@ -4491,7 +4524,12 @@ class Store:
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(_SCHEMA[version:], version + 1):
+        if version == 0:
+            log.info("creating the database %s (version %d)", path, len(_SCHEMA))
+        for number, (what, script) in enumerate(_SCHEMA[version:], version + 1):
+            if version:
+                log.info("upgrading the database %s from version %d to %d: %s", path,
+                         number - 1, number, what)
             statements = script if isinstance(script, tuple) else script.split(";")
             with self.write() as db:
                 for statement in filter(str.strip, statements):
@@ -5387,25 +5425,43 @@ class Store:
                 low = found + 1
         return low
 
+    def _ended_since(self, since, group_ids):
+        """The FROM and WHERE that find the tasks in `group_ids` that ended since `since`
+        (events e, tasks t), and their arguments. The join starts from the smaller side,
+        counted without reading either (left to itself, SQLite walked all of a user's
+        groups' tasks: 200 ms at 300k, for the last hour's 5k events): the window's
+        events, found by id, each task then by its key; or, when the groups hold fewer
+        tasks (task_counts) than the window holds events, the groups' tasks, each with
+        its events by task_id."""
+        first = self.first_event_since(since)
+        join = "task_events e CROSS JOIN tasks t ON t.id = e.task_id"
+        if group_ids is not None:
+            events = self.one("SELECT MAX(id) + 1 - ? FROM task_events", first)[0] or 0
+            tasks = self.one("SELECT COALESCE(SUM(n), 0) FROM task_counts WHERE "
+                             f"{self._in_groups('group_id', group_ids)}")[0]
+            if tasks < events:
+                join = "tasks t CROSS JOIN task_events e ON e.task_id = t.id"
+        return (f"FROM {join} WHERE e.id >= ? AND e.at >= ? AND e.event IN "
+                "('Finished', 'Cancelled', 'Lost') AND "
+                f"{self._in_groups('t.group_id', group_ids)}", (first, since))
+
     def ended_per_minute(self, since, group_ids):
         """{minute index since `since`: tasks that ended in it}."""
+        ended, args = self._ended_since(since, group_ids)
         return {row[0]: row[1] for row in self.all(
-            "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) FROM task_events e "
-            "JOIN tasks t ON t.id = e.task_id WHERE e.id >= ? AND e.at >= ? AND e.event IN "
-            f"('Finished', 'Cancelled', 'Lost') AND {self._in_groups('t.group_id', group_ids)} "
-            "GROUP BY minute", since, self.first_event_since(since), since)}
+            "SELECT CAST((e.at - ?) / 60 AS INTEGER) AS minute, COUNT(*) "
+            f"{ended} GROUP BY minute", since, *args)}
 
     def recent_failures(self, group_ids, since, limit=10):
         """The last tasks that ended since `since` with a non-zero exit or a failure
         message (a user's cancellation is no failure)."""
+        ended, args = self._ended_since(since, group_ids)
         return self.all(
-            "SELECT t.uuid, g.name AS group_name, t.spec, t.result, e.at AS ended_at, e.worker "
-            "FROM task_events e JOIN tasks t ON t.id = e.task_id JOIN groups g ON "
-            "g.id = t.group_id WHERE e.id >= ? AND e.at >= ? AND e.event IN "
-            "('Finished', 'Cancelled', 'Lost') AND (json_extract(t.result, '$.exit_status') "
-            "!= 0 OR coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != "
-            f"'UserCancellation') AND {self._in_groups('t.group_id', group_ids)} "
-            "ORDER BY e.id DESC LIMIT ?", self.first_event_since(since), since, limit)
+            "SELECT t.uuid, (SELECT name FROM groups WHERE id = t.group_id) AS group_name, "
+            f"t.spec, t.result, e.at AS ended_at, e.worker {ended} AND "
+            "(json_extract(t.result, '$.exit_status') != 0 OR "
+            "coalesce(json_extract(t.result, '$.msg'), 'UserCancellation') != "
+            "'UserCancellation') ORDER BY e.id DESC LIMIT ?", *args, limit)
 
     def oldest_ready(self, group_ids):
         return self.one(

@@ -3,8 +3,10 @@ count, who sees what, and why the oldest waiting task waits. The metrics are rea
 a strict reader of the Prometheus text format written here."""
 
 import json
+import logging
 import math
 import re
+import sqlite3
 
 import pytest
 
@@ -388,6 +390,45 @@ def test_events_lose_autoincrement_and_the_time_index_but_keep_their_ids(tmp_pat
         "SELECT sql FROM sqlite_master WHERE name = 'task_events'")[0]
 
 
+class VersionWitness(logging.Handler):
+    """Keeps each line logged with the version the database file is at as it is logged."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.seen = path, []
+
+    def emit(self, record):
+        with sqlite3.connect(self.path) as db:
+            self.seen.append((record.getMessage(),
+                              db.execute("PRAGMA user_version").fetchone()[0]))
+
+
+def test_each_migration_says_what_it_does_before_it_runs(tmp_path, monkeypatch):
+    """A coordinator that does not answer yet, busy rebuilding the events of a big
+    database (3 s at 2 million), says why; a new database says it is made, in one line."""
+    path = str(tmp_path / "mitosis.db")
+    [rebuild] = [n for n, step in enumerate(mito._SCHEMA)
+                 if "CREATE TABLE task_events_new" in str(step)]
+    witness, level = VersionWitness(path), mito.log.level
+    mito.log.addHandler(witness)
+    mito.log.setLevel(logging.INFO)
+    try:
+        with monkeypatch.context() as old:
+            old.setattr(mito, "_SCHEMA", mito._SCHEMA[:rebuild])
+            mito.Store(path)
+        assert witness.seen == [(f"creating the database {path} (version {rebuild})", 0)]
+        witness.seen.clear()
+        mito.Store(path)
+    finally:
+        mito.log.removeHandler(witness)
+        mito.log.setLevel(level)
+    assert witness.seen == [
+        (f"upgrading the database {path} from version {n} to {n + 1}: {step.what}", n)
+        for n, step in enumerate(mito._SCHEMA[rebuild:], rebuild)]
+    assert witness.seen[0][0].endswith(
+        "task events rebuilt without AUTOINCREMENT and their time index: every event is copied")
+
+
 def test_the_first_event_since_a_time_is_found_by_id_across_gaps(tmp_path):
     store = mito.Store(str(tmp_path / "mitosis.db"))
     assert store.first_event_since(0) == 0  # no events at all
@@ -417,3 +458,73 @@ def test_the_first_event_since_a_time_reads_no_event_but_by_its_id(tmp_path):
     for sql in statements:
         plan = [row[3] for row in store.all("EXPLAIN QUERY PLAN " + sql)]
         assert not [step for step in plan if step.startswith("SCAN task_events")], (sql, plan)
+
+
+def store_with_ended_tasks(tmp_path, tasks_per_group):
+    """Group g's tasks, each Started at t and Finished at t + 1 (t its event's id), a third
+    of them with exit status 3: [(task id, group id, finished at, failed)]."""
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    tasks = [(task_id, group) for task_id, group in enumerate(
+        (g for g, n in sorted(tasks_per_group.items()) for _ in range(n)), 1)]
+    with store.write() as db:
+        db.executemany("INSERT INTO groups (id, name, creator_id, storage_quota, created_at, "
+                       "updated_at) VALUES (?, ?, 1, 0, 0, 0)",
+                       [(g, f"g{g}") for g in tasks_per_group])
+        db.executemany("INSERT INTO tasks (id, uuid, creator_id, group_id, tags, labels, state, "
+                       "timeout, priority, spec, result, created_at, updated_at) VALUES (?, ?, "
+                       "1, ?, '[]', '[]', 'Finished', 0, 0, '{}', ?, 0, 0)",
+                       [(task_id, f"u{task_id}", group, '{"exit_status": %d, "msg": null}'
+                         % (3 if task_id % 3 == 0 else 0)) for task_id, group in tasks])
+        for task_id, _ in tasks:
+            for event in ("Started", "Finished"):
+                db.execute("INSERT INTO task_events (task_id, event, at, worker) "
+                           "VALUES (?, ?, (SELECT COALESCE(MAX(id), 0) + 1 FROM task_events), "
+                           "'w')", (task_id, event))
+    return store, [(task_id, group, 2.0 * task_id, task_id % 3 == 0) for task_id, group in tasks]
+
+
+def traced(store, call):
+    """call()'s answer and the statements it ran."""
+    statements = []
+    store.db().set_trace_callback(statements.append)
+    try:
+        return call(), statements
+    finally:
+        store.db().set_trace_callback(None)
+
+
+def test_ended_tasks_are_the_same_whichever_side_the_join_starts_from(tmp_path):
+    """Windows shorter and longer than the groups' tasks: each side starts once."""
+    store, tasks = store_with_ended_tasks(tmp_path, {1: 30, 2: 3})
+    joins = set()
+    for groups in (None, [1], [2], [1, 2], []):
+        for since in (0, 40, 60.5, 64, 66, 1e9):
+            ended = [t for t in tasks if t[2] >= since and (groups is None or t[1] in groups)]
+            per_minute, statements = traced(store, lambda: store.ended_per_minute(since, groups))
+            minutes = [int((at - since) / 60) for _, _, at, _ in ended]
+            assert per_minute == {m: minutes.count(m) for m in set(minutes)}, (groups, since)
+            failures, more = traced(store, lambda: store.recent_failures(groups, since, limit=4))
+            assert [(row["uuid"], row["group_name"], row["ended_at"]) for row in failures] == \
+                [(f"u{i}", f"g{g}", at) for i, g, at, failed in reversed(ended) if failed][:4]
+            joins |= {re.search(r"FROM (\w+) \w CROSS JOIN", sql)[1]
+                      for sql in statements + more if "CROSS JOIN" in sql}
+    assert joins == {"tasks", "task_events"}
+
+
+@pytest.mark.parametrize("groups, since, outer", [
+    ([1], 110, "SEARCH e USING INTEGER PRIMARY KEY"),  # 1 event of 2 tasks since 110
+    ([2], 0, "SEARCH t USING (COVERING )?INDEX tasks_group"),  # 3 tasks, 66 events
+    (None, 0, "SEARCH e USING INTEGER PRIMARY KEY")])
+def test_ended_tasks_are_read_from_the_smaller_side_without_a_scan(tmp_path, groups, since,
+                                                                    outer):
+    """A user's groups' tasks are walked only when they are fewer than the window's
+    events; the window's events, when they are fewer than the tasks (SQLite alone walks
+    the tasks), and for an admin, who sees every task."""
+    store, _ = store_with_ended_tasks(tmp_path, {1: 30, 2: 3})
+    for call in (lambda: store.ended_per_minute(since, groups),
+                 lambda: store.recent_failures(groups, since)):
+        _, statements = traced(store, call)
+        [sql] = [sql for sql in statements if "e.task_id" in sql]
+        plan = [row[3] for row in store.all("EXPLAIN QUERY PLAN " + sql)]
+        assert re.match(outer, plan[0]), plan
+        assert not [step for step in plan if step.startswith("SCAN")], plan

@@ -342,7 +342,7 @@ import ctypes, os, platform, sys, time
 pid = ctypes.CDLL(None).syscall({CLONE_SYSCALLS}[platform.machine()], 0x8000 | 17, 0, 0, 0, 0)
 if pid == 0:
     os.setsid()
-    os.execve("/usr/bin/env", ["env", "-i", "sleep", "300"], {{}})
+    os.execve("/usr/bin/env", ["env", "-i", "sh", "-c", "/bin/sleep 300 & wait"], {{}})
 while open(f"/proc/{{pid}}/environ", "rb").read():
     time.sleep(0.01)
 with open(sys.argv[1] + ".tmp", "w") as handle:
@@ -359,7 +359,7 @@ def test_an_unmarked_process_spared_for_a_running_task_dies_once_none_runs(
     that is its slot's child, not an adopted orphan (made with clone(CLONE_PARENT), the
     leader's sibling), spared: the long task may own it. The long task's end looks only
     at its own slot's children: once no task runs, the worker sweeps all of its own
-    (or, leaving, before it exits), and that process dies."""
+    (or, leaving, before it exits): that process and its child die, and are reaped."""
     worker = start_worker("--concurrency", "2")
     fake.wait_registration(2)
     go, started = tmp_path / "go", tmp_path / "started"
@@ -369,14 +369,46 @@ def test_an_unmarked_process_spared_for_a_running_task_dies_once_none_runs(
     short = fake.add_task([sys.executable, "-c", SIBLING_ESCAPEE, f"{unmarked}.sibling"])
     assert fake.wait_commit(short) == {"exit_status": 0, "msg": None}, worker.stderr()
     sibling = recorded_pids(Path(f"{unmarked}.sibling"))[0]
-    assert not process_dead(sibling), worker.stderr()  # the long task's, for all we know
+    below = Path(f"/proc/{sibling}/task/{sibling}/children")
+    wait_until(below.read_text, what=f"the child of {sibling}")
+    pids = [sibling, int(below.read_text())]
+    Path(f"{unmarked}.child").write_text(str(pids[1]))  # killed at teardown, if alive
+    assert not any(map(process_dead, pids)), worker.stderr()  # the long task's, maybe
     if end == "the long task ends":
         go.touch()
         assert fake.wait_commit(long) == {"exit_status": 0, "msg": None}, worker.stderr()
+        # and reaped at once, not at the next end of a task of the short one's slot
+        for pid in pids:
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10,
+                       what=f"the unmarked process {pid} to be killed and reaped")
     else:
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.stderr()
-    wait_until(lambda: process_dead(sibling), 10, what=f"the unmarked process {sibling} to die")
+    for pid in pids:
+        wait_until(lambda: process_dead(pid), 10, what=f"the unmarked process {pid} to die")
+
+
+def test_a_process_that_clears_its_environment_after_its_task_ends_dies_as_the_worker_leaves(
+        fake, start_worker, unmarked, tmp_path):
+    """At its task's end the process carries another task's marker, so that end spares
+    it (it may be that task's); it clears its environment afterwards. No task ends
+    after that to find it: only the worker's last sweep, as it leaves, kills it."""
+    worker = start_worker()
+    go = tmp_path / "go"
+    late = (f'(MITO_TASK_UUID=elsewhere setsid sh -c "echo \\$\\$ > $PIDS.late.tmp; '
+            f'while [ ! -e {go} ]; do sleep 0.05; done; exec env -i sleep 300" &); '
+            f'while [ ! -s "$PIDS.late.tmp" ]; do sleep 0.02; done; '
+            f'mv "$PIDS.late.tmp" "$PIDS.late"')
+    task = fake.add_task(["sh", "-c", late], envs={"PIDS": str(unmarked)})
+    assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}, worker.stderr()
+    [pid] = recorded_pids(Path(f"{unmarked}.late"))
+    go.touch()
+    wait_until(lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"),
+               what=f"process {pid} to clear its environment")
+    assert not process_dead(pid), worker.stderr()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.stderr()
+    wait_until(lambda: process_dead(pid), 10, what=f"the unmarked process {pid} to die")
 
 
 def test_no_orphan_is_reaped_between_its_look_and_its_kill():
