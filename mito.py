@@ -34,18 +34,28 @@ import sys
 LONG_LIVED = ("worker", "coordinator")
 # The replacing interpreter's program. argv[1] is this file, which may be named without
 # .py (an executable `mito`): hence the explicit loader; argv[2] the memory file holding
-# its code, or -1 (none: the loader reads the cache, or compiles).
+# its code, or -1 (none: the loader reads the cache, or compiles). That code is read
+# only where the cache does not serve, and taken only for the very text it was compiled
+# from (its hash): the file may have changed since, and the code taken is cached under
+# the text's time and size. The file is closed before the module runs.
 _MODULE_LOADER = """\
-import marshal, sys, importlib.util as u, importlib.machinery as k
+import marshal, os, sys, importlib.util as u, importlib.machinery as k
 sys.argv[0] = f = sys.argv.pop(1)
 fd = int(sys.argv.pop(1))
-handed = []
-if fd >= 0:
-    with open(fd, 'rb') as memory_file:
-        handed.append(marshal.load(memory_file))
 class Loader(k.SourceFileLoader):
-    def source_to_code(self, *args, **options):
-        return handed.pop() if handed else super().source_to_code(*args, **options)
+    def get_code(self, name):
+        try:
+            return super().get_code(name)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    def source_to_code(self, data, *args, **options):
+        if fd >= 0:
+            with open(fd, 'rb', closefd=False) as memory_file:
+                text_hash, code = marshal.load(memory_file)
+            if text_hash == u.source_hash(data):
+                return code
+        return super().source_to_code(data, *args, **options)
 m = u.module_from_spec(u.spec_from_file_location('__main__', f, loader=Loader('__main__', f)))
 sys.modules['__main__'] = m
 m.__spec__.loader.exec_module(m)
@@ -60,12 +70,14 @@ def run_as_module(source):
     if (sys.orig_argv[len(flags) + 1:] != sys.argv or not sys.executable
             or not os.path.isfile(source)):  # `python3 - worker < mito.py`: no file
         return
+    code = -1
     try:
         code = -1 if bytecode_cached(source) else compiled_in_memory_file(source)
         os.execv(sys.executable, [sys.executable, *flags, "-P", "-c", _MODULE_LOADER,
                                   source, str(code), *sys.argv[1:]])
     except OSError:
-        pass
+        if code >= 0:  # the script goes on: nothing of its own may inherit the file
+            os.close(code)
 
 
 def bytecode_cached(source):
@@ -85,17 +97,29 @@ def bytecode_cached(source):
 
 def compiled_in_memory_file(source):
     """A descriptor, kept across exec, of a memory file holding `source`'s code as
-    bytecode; -1 where memory files are not (not Linux)."""
+    bytecode, with the hash of the text compiled; -1 where memory files are not (not
+    Linux) or cannot be made (too many open files, a kernel that refuses them): the
+    loader then compiles, as it must."""
+    import importlib.util
     import marshal
     if not hasattr(os, "memfd_create"):
         return -1
     with open(source, "rb") as handle:
-        code = compile(handle.read(), source, "exec", dont_inherit=True)
-    descriptor = os.memfd_create("mito-code")
-    os.write(descriptor, marshal.dumps(code))  # memory files take it in one write
-    os.lseek(descriptor, 0, os.SEEK_SET)
-    os.set_inheritable(descriptor, True)
-    return descriptor
+        text = handle.read()
+    handed = marshal.dumps((importlib.util.source_hash(text),
+                            compile(text, source, "exec", dont_inherit=True)))
+    try:
+        descriptor = os.memfd_create("mito-code")
+    except OSError:
+        return -1
+    try:
+        if os.pwrite(descriptor, handed, 0) == len(handed):
+            os.set_inheritable(descriptor, True)
+            return descriptor
+    except OSError:
+        pass
+    os.close(descriptor)  # not written whole (memory short): not handed over
+    return -1
 
 
 def started_as_the_script():

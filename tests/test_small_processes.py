@@ -7,7 +7,10 @@ module (from the bytecode cached in __pycache__ when it may write there), so tha
 parser's tree of the script is not kept for the life of the process.
 """
 
+import contextlib
+import errno
 import importlib.util
+import marshal
 import os
 import shutil
 import subprocess
@@ -17,6 +20,7 @@ import pytest
 
 from conftest import Process
 from fake_coordinator import fake  # noqa: F401
+import mito
 from mito import bytecode_cached
 from support import wait_until
 from test_worker_config import credentials  # noqa: F401
@@ -48,6 +52,17 @@ def imported_modules(importtime_log):
             if line.startswith("import time:") and line.count("|") == 2}
 
 
+def memory_files(pid):
+    """The descriptors of `pid` open on the start-up's memory file (a descriptor may
+    close while they are read)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if "mito-code" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                found.append(fd)
+    return found
+
+
 def cmdline(pid):
     with open(f"/proc/{pid}/cmdline", "rb") as handle:
         return handle.read().decode().split("\0")[:-1]
@@ -76,8 +91,7 @@ def test_a_worker_runs_as_a_module_in_the_same_process(mito, fake, credentials, 
     assert command[1:3] == ["-u", "-P"] and command[3] == "-c", command
     assert command[5] == str(copy) and command[7] == "worker", command
     assert command[6] != "-1", command  # nothing cached: the script handed its code over
-    assert not [fd for fd in os.listdir(f"/proc/{worker.pid}/fd")
-                if "mito-code" in os.readlink(f"/proc/{worker.pid}/fd/{fd}")]  # closed
+    assert not memory_files(worker.pid)  # closed
     cached = importlib.util.cache_from_source(str(copy))
     wait_until(lambda: worker.alive() and (copy.parent / "__pycache__").exists() == may_write,
                what="the bytecode cache as allowed")
@@ -88,6 +102,81 @@ def test_a_worker_runs_as_a_module_in_the_same_process(mito, fake, credentials, 
     copy.write_text(copy.read_text() + "# changed\n")
     assert not bytecode_cached(str(copy))  # out of date: compiled again
 
+
+# Says which code ran: the loader's own compilation names the file, a handed one not.
+WHICH_CODE = """import os, sys
+fd = int(sys.orig_argv[-1])
+print(sys._getframe().f_code.co_filename, os.path.exists(f"/proc/self/fd/{fd}"))
+"""
+
+
+def load_as_module(program, handed_text):
+    """Run the start-up's loader on `program`, handed the code of `handed_text` (by
+    the name "handed") in a memory file, as the script hands it: what it prints.
+    It may cache bytecode."""
+    env = {name: value for name, value in os.environ.items()
+           if name != "PYTHONDONTWRITEBYTECODE"}
+    fd = os.memfd_create("mito-code", 0)
+    try:
+        os.write(fd, marshal.dumps((importlib.util.source_hash(handed_text),
+                                    compile(handed_text, "handed", "exec"))))
+        os.lseek(fd, 0, os.SEEK_SET)
+        done = subprocess.run([sys.executable, "-P", "-c", mito._MODULE_LOADER, str(program),
+                               str(fd)], pass_fds=[fd], env=env, capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        os.close(fd)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_code_handed_over_runs_only_for_the_text_it_was_compiled_from(tmp_path):
+    """The file may change between the script's compilation and the loader's read: the
+    code of the text before must neither run nor be cached under the new text's stamp
+    (every later start would run it)."""
+    program = tmp_path / "program.py"
+    program.write_text(WHICH_CODE)
+    assert load_as_module(program, WHICH_CODE.encode()) == "handed False\n"  # fd closed
+    program.write_text(WHICH_CODE + "# changed\n")
+    assert load_as_module(program, WHICH_CODE.encode()) == f"{program} False\n"
+    assert bytecode_cached(str(program))
+    assert load_as_module(program, b"") == f"{program} False\n"  # from the cache
+
+
+@pytest.fixture
+def start_of(monkeypatch, tmp_path):
+    """run_as_module(), started as `python3 program.py worker`, with os.execv caught:
+    the argv it would have run, or None; the memory files it left open."""
+    program = tmp_path / "program.py"
+    program.write_text("print('the program')\n")
+    monkeypatch.setattr(sys, "argv", [str(program), "worker"])
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, str(program), "worker"])
+
+    def start(execv):
+        execs = []
+        monkeypatch.setattr(os, "execv", lambda path, argv: execs.append(argv) or execv())
+        mito.run_as_module(str(program))
+        return execs[0][4:] if execs else None, memory_files(os.getpid())
+    return start
+
+
+def refuse(*args):
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+@pytest.mark.parametrize("where", ["os.memfd_create", "os.pwrite"])
+def test_a_start_without_a_memory_file_loads_the_module_all_the_same(start_of, monkeypatch,
+                                                                      where):
+    """No memory file to be had (too many open files, a short write): the loader
+    compiles, rather than the script run on with its parser's tree."""
+    monkeypatch.setattr(where, refuse if where == "os.memfd_create" else lambda *_: 1)
+    assert start_of(lambda: None) == ([sys.argv[0], "-1", "worker"], [])
+
+
+def test_a_start_that_cannot_exec_leaves_no_memory_file_open(start_of):
+    """The script goes on as it is: its tasks must inherit nothing of the start."""
+    argv, left = start_of(refuse)
+    assert argv[1] != "-1" and left == []
 
 
 def test_a_worker_read_from_stdin_stays_the_script(mito_py, tmp_path):
