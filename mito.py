@@ -891,6 +891,16 @@ class ApiConnection:
             self.take(2)  # the CRLF after the chunk
 
 
+def closed_meanwhile(sock):
+    """True if an idle kept-alive socket can be read: its server closed it (an idle
+    timeout, a restart) or sent what nobody asked for. Found before a request is
+    written, that request goes once, on a fresh connection; found after, it is sent
+    again and marked `resent` (its first try may have been applied)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Http:
     """A small HTTP client over persistent connections (one per thread and host).
 
@@ -925,6 +935,8 @@ class Http:
             pool[key] = conn
         conn.timeout = timeout
         if lean and conn.busy:  # left mid-exchange: its answer may still be on the way
+            conn.close()
+        if conn.sock is not None and closed_meanwhile(conn.sock):
             conn.close()
         if conn.sock is not None:
             conn.sock.settimeout(timeout)

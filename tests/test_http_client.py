@@ -20,6 +20,7 @@ class ScriptedServer:
     def __init__(self, answers):
         self.answers = list(answers)  # (bytes, close after it?)
         self.connections = 0
+        self.closed = threading.Event()  # set once it closed a connection
         self.requests = []
         self.gate = None  # an Event: when given, each answer waits for it (else a 500)
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -33,6 +34,7 @@ class ScriptedServer:
             with conn:
                 while self.answers and self.answer_one(conn):
                     pass
+            self.closed.set()
 
     def answer_one(self, conn):
         data = b""
@@ -156,6 +158,22 @@ def test_a_request_answered_by_a_closed_connection_is_sent_again_and_says_so(ser
     with pytest.raises(mito.ApiError) as refused:
         http.api("POST", "/commit", {"x": 1})
     assert not refused.value.resent
+
+
+def test_a_connection_found_closed_while_idle_is_not_written_to(serve):
+    """The server closed the kept-alive connection while it was idle (its idle
+    timeout): the next request goes once, on a fresh connection, and its error answer
+    is no resent one (written to the closed socket first, it was marked resent: the
+    worker hedged about a 404 to a Commit sent only once)."""
+    refusal = b"HTTP/1.1 404 Not Found\r\n" + JSON + b"Content-Length: 12\r\n\r\n{\"msg\": \"x\"}"
+    http, server = serve(
+        (b"HTTP/1.1 200 OK\r\n" + JSON + b"Content-Length: 2\r\n\r\n{}", True),
+        (refusal, False))
+    assert http.api("GET", "/a") == {}
+    assert server.closed.wait(10)
+    with pytest.raises(mito.ApiError) as refused:
+        http.api("POST", "/commit", {"x": 1})
+    assert not refused.value.resent and server.connections == 2
 
 
 def test_a_request_that_never_reached_the_server_is_not_taken_for_sent(serve):
