@@ -4560,6 +4560,10 @@ class Store:
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(_SCHEMA):  # its tables and triggers are not what this code knows
+            raise sqlite3.DatabaseError(
+                f"{path} is at version {version}, made by a newer mito.py (this one knows "
+                f"versions up to {len(_SCHEMA)}): run that one")
         if version == 0:
             log.info("creating the database %s (version %d)", path, len(_SCHEMA))
         for number, (what, script) in enumerate(_SCHEMA[version:], version + 1):
