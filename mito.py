@@ -44,11 +44,13 @@ sys.argv[0] = f = sys.argv.pop(1)
 fd = int(sys.argv.pop(1))
 class Loader(k.SourceFileLoader):
     def get_code(self, name):
+        global fd
         try:
             return super().get_code(name)
         finally:
             if fd >= 0:
                 os.close(fd)
+            fd = -1
     def source_to_code(self, data, *args, **options):
         if fd >= 0:
             with open(fd, 'rb', closefd=False) as memory_file:

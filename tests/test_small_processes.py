@@ -143,6 +143,18 @@ def test_the_code_handed_over_runs_only_for_the_text_it_was_compiled_from(tmp_pa
     assert load_as_module(program, b"") == f"{program} False\n"  # from the cache
 
 
+def test_the_memory_file_is_closed_once_however_often_the_code_is_asked_for(tmp_path):
+    """Its number, free once it is closed, may be a file of the program's own by the
+    time something asks the loader for the code again: neither closed nor read then."""
+    program = tmp_path / "program.py"
+    program.write_text("import os, sys\n"
+                       "fd = int(sys.orig_argv[-1])\n"
+                       "os.dup2(os.pipe()[0], fd)  # the program's own, by that number\n"
+                       "__loader__.get_code(__name__)\n"
+                       "print(os.fstat(fd).st_mode)\n")
+    assert load_as_module(program, b"").strip().isdigit()
+
+
 @pytest.fixture
 def start_of(monkeypatch, tmp_path):
     """run_as_module(), started as `python3 program.py worker`, with os.execv caught:
