@@ -176,12 +176,18 @@ def refuse(*args):
     raise OSError(errno.EMFILE, "Too many open files")
 
 
-@pytest.mark.parametrize("where", ["os.memfd_create", "os.pwrite"])
+def out_of_memory(*args, **options):
+    raise MemoryError
+
+
+@pytest.mark.parametrize("where, failure", [
+    ("os.memfd_create", refuse), ("os.pwrite", lambda *_: 1),  # too many files, short
+    ("mito.compile", out_of_memory)])  # a second tree beside the script's, under ulimit -v
 def test_a_start_without_a_memory_file_loads_the_module_all_the_same(start_of, monkeypatch,
-                                                                      where):
-    """No memory file to be had (too many open files, a short write): the loader
-    compiles, rather than the script run on with its parser's tree."""
-    monkeypatch.setattr(where, refuse if where == "os.memfd_create" else lambda *_: 1)
+                                                                      where, failure):
+    """No memory file to be had: the loader compiles, rather than the script run on
+    with its parser's tree, or fail."""
+    monkeypatch.setattr(where, failure, raising=False)
     assert start_of(lambda: None) == ([sys.argv[0], "-1", "worker"], [])
 
 
