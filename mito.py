@@ -83,13 +83,18 @@ def run_as_module(source):
 
 
 def bytecode_cached(source):
-    """True if __pycache__ holds bytecode of this very `source` (as the import system
-    checks it: by the source's time and size)."""
+    """True if __pycache__ holds bytecode of this very `source`, stamped as the import
+    system checks it: with the source's time and size, or with its hash (what
+    `py_compile` writes under SOURCE_DATE_EPOCH, for reproducible builds)."""
     import importlib.util
     try:
         with open(importlib.util.cache_from_source(source), "rb") as handle:
             header = handle.read(16)
         found = os.stat(source)
+        if header[:8] in (importlib.util.MAGIC_NUMBER + bytes([flags, 0, 0, 0])
+                          for flags in (1, 3)):  # by hash (3: checked)
+            with open(source, "rb") as handle:
+                return header[8:] == importlib.util.source_hash(handle.read())
     except (OSError, ValueError):
         return False
     stamp = [0, int(found.st_mtime), found.st_size]  # flags 0: checked by time

@@ -12,6 +12,7 @@ import errno
 import importlib.util
 import marshal
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,19 @@ def test_a_worker_runs_as_a_module_in_the_same_process(mito, fake, credentials, 
     assert fake.find("DELETE", "/workers")
     copy.write_text(copy.read_text() + "# changed\n")
     assert not bytecode_cached(str(copy))  # out of date: compiled again
+
+
+@pytest.mark.parametrize("mode", list(py_compile.PycInvalidationMode))
+def test_bytecode_is_cached_by_time_or_by_hash(tmp_path, mode):
+    """`python3 -m py_compile mito.py` under SOURCE_DATE_EPOCH writes hash-based
+    bytecode: taken, not the file compiled again at each start for a memory file."""
+    program = tmp_path / "program.py"
+    program.write_text("print('the program')\n")
+    assert not bytecode_cached(str(program))
+    py_compile.compile(str(program), invalidation_mode=mode, doraise=True)
+    assert bytecode_cached(str(program))
+    program.write_text("print('the program, changed')\n")
+    assert not bytecode_cached(str(program))
 
 
 # Says which code ran: the loader's own compilation names the file, a handed one not.
