@@ -4459,6 +4459,9 @@ _SCHEMA = [
         "ALTER TABLE task_events_new RENAME TO task_events",
         "CREATE INDEX task_events_task ON task_events (task_id, id)",
     )),
+    Migration("the groups a worker serves found by the worker: each fetch read every "
+              "worker's groups (5,000 idle slots: 11 % of a core on their polls)",
+              "CREATE INDEX group_workers_worker ON group_workers (worker_id, role, group_id)"),
 ]
 
 # A worker may take a task when the worker's tags are a subset of the task's (this
