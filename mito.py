@@ -2331,6 +2331,8 @@ class TaskProcesses:
                     return
                 killed.update(found)
             time.sleep(0.01)
+        log.error("processes %s survive %d rounds of SIGKILL (left unreaped)", list(killed),
+                  KILL_ROUNDS)
 
     @classmethod
     def kill_unmarked_once(cls, candidates):
