@@ -169,6 +169,10 @@ class System:
             self.http.api("POST", "/tasks/submit",
                           {"tasks": [request] * min(500, count - offset)})
 
+    def submit_true(self, count):
+        """`count` `true` tasks, in batches."""
+        self.submit(["true"], count)
+
     def submit_on_new_connections(self, count):
         """Each task by its own connection, as curl or a naive script would."""
         host, port = self.url[7:].split(":")
@@ -353,14 +357,10 @@ def two_slots(args):
     """The 2-slot figures; the end-to-end rates as ratios to the raw rate measured just
     before each of their runs."""
     system = System()
-
-    def batches(count):
-        system.submit(["true"], count)
-
     try:
         system.add_slots(2, per_process=2)
         (rate, coordinator_ms, worker_ms, idle, ratio), rates = median_run(
-            system, args.tasks, batches, args.repeat, args.spawns)
+            system, args.tasks, system.submit_true, args.repeat, args.spawns)
         print(f"2 slots, {args.tasks} tasks in batches:  {rate:7.0f} tasks/s "
               f"({ratio:.2f} x raw; {rates}); CPU per task: coordinator "
               f"{coordinator_ms:.2f} ms, worker {worker_ms:.2f} ms; the machine {idle:.0%} "
@@ -372,7 +372,7 @@ def two_slots(args):
               f"({ratio:.2f} x raw; {rates}); coordinator {coordinator_single:.2f} ms "
               "per task")
         (burst, coordinator_burst, worker_burst, _), rates = median_run(
-            system, BURST, batches, args.repeat)
+            system, BURST, system.submit_true, args.repeat)
         print(f"2 slots, burst of {BURST}:              {burst:7.0f} tasks/s ({rates}); "
               f"CPU per task: coordinator {coordinator_burst:.2f} ms, worker "
               f"{worker_burst:.2f} ms")
@@ -397,7 +397,7 @@ def many_slots(args, burst_2):
               f"{threads_before}), {rss:.0f} MiB RSS (before: {rss_before:.0f}), "
               f"{idle_cpu:.1f}% CPU while they wait")
         (burst, coordinator_ms, workers_ms, _), rates = median_run(
-            system, BURST, lambda n: system.submit(["true"], n), args.repeat)
+            system, BURST, system.submit_true, args.repeat)
         print(f"{args.slots} idle slots, burst of {BURST}:  {burst:7.0f} tasks/s "
               f"({burst / burst_2:.2f} x the 2-slot burst; {rates}); CPU per task: "
               f"coordinator {coordinator_ms:.2f} ms, workers {workers_ms:.2f} ms")
@@ -410,13 +410,22 @@ def many_slots(args, burst_2):
         system.close()
 
 
+def at_least_one(text):
+    """--spawns and --repeat: a rate needs one run at least (0 divided by zero, or
+    left the median nothing to take)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=50)
-    parser.add_argument("--spawns", type=int, default=1000)
+    parser.add_argument("--spawns", type=at_least_one, default=1000)
     parser.add_argument("--slots", type=int, default=500)
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=at_least_one, default=3,
                         help="runs of each rate; the median is shown (default: 3)")
     parser.add_argument("--worker-py", default=System.worker_py,
                         help="run the workers from this mito.py (default: this one)")
