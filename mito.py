@@ -4481,10 +4481,13 @@ _ROW_FILTERS = ("creator_usernames", "tags", "labels", "exit_status", "priority"
                 "reporter_uuid")
 
 
-# A task's life writes ~20 pages to the WAL; SQLite's default checkpoint (1,000 pages)
-# would copy the same hot pages back and fsync every ~50 tasks, on the event loop. This
-# many pages (40 MiB at most in the WAL) make it every ~500.
-WAL_CHECKPOINT_PAGES = 10000
+# A task's life writes ~20 pages to the WAL. SQLite copies them back into the database
+# file (a checkpoint, with two fsyncs) in the connection that commits past a number of
+# pages: the event loop's, which would then stall 10-40 ms here, and far longer on a
+# network file system. The Checkpointer does it on a thread of its own, every
+# CHECKPOINT_INTERVAL; SQLite's own stays as a backstop, should that thread fall behind.
+WAL_CHECKPOINT_PAGES = 100000
+CHECKPOINT_INTERVAL = 1.0
 
 
 def json_set(values):
@@ -5575,6 +5578,38 @@ class Store:
 
     def blob_bytes(self):
         return self.one("SELECT COALESCE(SUM(storage_used), 0) FROM groups")[0]
+
+    # -- checkpoints (the Checkpointer's)
+
+    def checkpoint(self, locked=False):
+        """Copy the WAL into the database file. PASSIVE: writers go on meanwhile, and
+        what they commit is left for the next one; `locked`: under the write lock, so
+        that nothing can come meanwhile (unless a reader holds back older pages, the WAL
+        is then wholly copied, and the next write starts it over)."""
+        with self._write_lock if locked else contextlib.nullcontext():
+            self.db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+
+class Checkpointer:
+    """Copies the WAL back into the database file every CHECKPOINT_INTERVAL, on a
+    thread of its own: the event loop never waits on a checkpoint's fsyncs. The bulk is
+    copied while writers go on; what they committed meanwhile (a few pages, or none:
+    then it costs no fsync) is copied under the write lock. A WAL that is never wholly
+    copied is never started over, and grows without end."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def run_forever(self, stopping):
+        while not stopping.wait(CHECKPOINT_INTERVAL):
+            try:
+                self.checkpoint()
+            except sqlite3.Error as error:  # a full disk: the next try, or SQLite's backstop
+                log.warning("cannot checkpoint the database: %s", error)
+
+    def checkpoint(self):
+        self.store.checkpoint()
+        self.store.checkpoint(locked=True)
 
 
 # ---- secrets, passwords, tokens and signed URLs --------------------------------------------
@@ -7888,6 +7923,8 @@ def run_coordinator(args):
     admin.publish()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     threading.Thread(target=coordinator.reap_forever, name="reaper", daemon=True).start()
+    threading.Thread(target=Checkpointer(coordinator.store).run_forever,
+                     args=(coordinator.stopping,), name="checkpoint", daemon=True).start()
     log.info("coordinator listening on %s (state in %s; URLs it signs start with %s)",
              url, coordinator.state_dir, coordinator.public_url)
     for number in (signal.SIGTERM, signal.SIGINT):

@@ -235,6 +235,59 @@ def test_coordinator_stops_promptly_during_long_polls(cluster):
                                      for a in answers), answers
 
 
+# ---- checkpoints: the WAL copied back off the event loop ----------------------------------
+
+
+def tasks_in_the_database_file(path):
+    """The tasks the database file itself holds, its WAL left unread (immutable): those
+    a checkpoint has copied. None while it cannot be read whole (a copy under way)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as db:
+            return db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return None
+
+
+def test_the_database_file_takes_the_tasks_while_the_coordinator_runs(cluster):
+    """SQLite would checkpoint only past WAL_CHECKPOINT_PAGES (a backstop now), in the
+    event loop's own commit; the Checkpointer copies the WAL back every second."""
+    c = cluster()
+    alice = c.user("alice")
+    for _ in range(20):
+        c.submit(alice, {"args": ["true"]})
+    wait_until(lambda: tasks_in_the_database_file(c.state_dir / "mitosis.db") == 20,
+               what="the tasks to reach the database file")
+    assert "cannot checkpoint" not in c.log()
+
+
+def test_a_checkpoint_leaves_the_wal_wholly_copied(tmp_path, monkeypatch):
+    """What is committed while the WAL is copied (here: what a reader's older snapshot
+    held back) is copied under the write lock: the next write starts the WAL over,
+    rather than append to a WAL that would grow without end."""
+    path = str(tmp_path / "mitosis.db")
+    store = mito.Store(path)
+    write = "INSERT INTO dropped_workers (uuid) VALUES (?)"
+    for number in range(50):
+        store.write_one(write, f"before {number}")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM dropped_workers").fetchone()
+        for number in range(50):
+            store.write_one(write, f"after {number}")
+        unlocked = store.checkpoint
+
+        def checkpoint(locked=False):
+            unlocked(locked)
+            if reader.in_transaction:  # the reader is done while the copy is under way
+                reader.execute("COMMIT")
+        monkeypatch.setattr(store, "checkpoint", checkpoint)
+        mito.Checkpointer(store).checkpoint()
+    store.write_one(write, "last")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        _, frames, _ = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert 0 < frames <= 5  # that last write's pages only: the WAL was started over
+
+
 # ---- bad places: one line, exit 2, before anything starts ----------------------------------
 
 
