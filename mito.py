@@ -21,27 +21,41 @@ import os
 import sys
 
 # ---- start-up: the long-lived roles run from bytecode ---------------------------------
-# `python3 mito.py` compiles these 10,000 lines, and CPython keeps the parser's tree of
+# `python3 mito.py` compiles these 12,000 lines, and CPython keeps the parser's tree of
 # a script until the script ends: ~22 MiB that an idle worker or coordinator would carry
 # for ever (issue 9 §4). So those two replace themselves (os.execv: same PID, arguments,
 # open files and ignored signals: nohup, SLURM and `manager` see one process) by an
 # interpreter that loads this file as a module, from the bytecode cached in __pycache__
-# (written there when the folder is writable). Where none is cached, the script compiles
-# the file again and hands the code over in a memory file: code compiled in a process
-# stays strewn among the compiler's scraps (3-4 MiB of an idle worker's RSS), code
-# loaded from bytecode lies packed, as it does when cached.
+# (written there when the folder is writable). Where none is cached, that interpreter
+# compiles the file, hands the code over in a memory file and replaces itself once
+# more: code compiled in a process stays strewn among the compiler's scraps (3-4 MiB of
+# an idle worker's RSS), code loaded from bytecode lies packed, as it does when cached.
+# It compiles in a fresh process, not the script beside its tree: a start's peak stays
+# the script's own (47 MiB), where two trees made it 76, past a small cgroup's limit
+# (SLURM's --mem), whose OOM killer no MemoryError warns of.
 
 LONG_LIVED = ("worker", "coordinator")
-# The replacing interpreter's program. argv[1] is this file, which may be named without
-# .py (an executable `mito`): hence the explicit loader; argv[2] the memory file holding
-# its code, or -1 (none: the loader reads the cache, or compiles). That code is read
+# The replacing interpreter's program, run as `-c LOADER file FD args...`. The file may
+# be named without .py (an executable `mito`): hence the explicit loader. FD is -1, or
+# the memory file holding the code the loader compiled before it replaced itself: read
 # only where the cache does not serve, and taken only for the very text it was compiled
 # from (its hash): the file may have changed since, and the code taken is cached under
-# the text's time and size. The file is closed before the module runs.
+# the text's time and size. The file is closed before the module runs. Where no memory
+# file can be had (no memfd, a short write, a failed exec), the code runs where it was
+# compiled; so does any later compilation (a second get_code).
 _MODULE_LOADER = """\
 import marshal, os, sys, importlib.util as u, importlib.machinery as k
+this = [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv) + 2]]  # to f
 sys.argv[0] = f = sys.argv.pop(1)
 fd = int(sys.argv.pop(1))
+def hand_over(text_hash, code):
+    data = marshal.dumps((text_hash, code))
+    memory_file = os.memfd_create('mito-code', 0)  # inheritable
+    try:
+        if os.pwrite(memory_file, data, 0) == len(data):
+            os.execv(sys.executable, [*this, str(memory_file), *sys.argv[1:]])
+    finally:
+        os.close(memory_file)
 class Loader(k.SourceFileLoader):
     def get_code(self, name):
         global fd
@@ -50,14 +64,20 @@ class Loader(k.SourceFileLoader):
         finally:
             if fd >= 0:
                 os.close(fd)
-            fd = -1
+            fd = -2  # closed; a later compilation is not handed over
     def source_to_code(self, data, *args, **options):
         if fd >= 0:
             with open(fd, 'rb', closefd=False) as memory_file:
                 text_hash, code = marshal.load(memory_file)
             if text_hash == u.source_hash(data):
                 return code
-        return super().source_to_code(data, *args, **options)
+        code = super().source_to_code(data, *args, **options)
+        if fd == -1:
+            try:
+                hand_over(u.source_hash(data), code)
+            except (OSError, MemoryError):
+                pass
+        return code
 m = u.module_from_spec(u.spec_from_file_location('__main__', f, loader=Loader('__main__', f)))
 sys.modules['__main__'] = m
 m.__spec__.loader.exec_module(m)
@@ -65,77 +85,18 @@ m.__spec__.loader.exec_module(m)
 
 
 def run_as_module(source):
-    """Become `python3 -P -c LOADER source FD args...`, with the same interpreter
+    """Become `python3 -P -c LOADER source -1 args...`, with the same interpreter
     options (-P: the current folder's modules must not shadow the standard library).
     Returns only if that cannot be, and the script goes on as it is."""
     flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     if (sys.orig_argv[len(flags) + 1:] != sys.argv or not sys.executable
             or not os.path.isfile(source)):  # `python3 - worker < mito.py`: no file
         return
-    code = -1
     try:
-        code = -1 if bytecode_cached(source) else compiled_in_memory_file(source)
         os.execv(sys.executable, [sys.executable, *flags, "-P", "-c", _MODULE_LOADER,
-                                  source, str(code), *sys.argv[1:]])
-    except OSError:
-        if code >= 0:  # the script goes on: nothing of its own may inherit the file
-            os.close(code)
-
-
-def bytecode_cached(source):
-    """True if __pycache__ holds bytecode of this very `source`, stamped as the import
-    system checks it: with the source's time and size, or with its hash (what
-    `py_compile` writes under SOURCE_DATE_EPOCH, for reproducible builds)."""
-    import importlib.util
-    try:
-        with open(importlib.util.cache_from_source(source), "rb") as handle:
-            header = handle.read(16)
-        found = os.stat(source)
-        if header[:8] in (importlib.util.MAGIC_NUMBER + bytes([flags, 0, 0, 0])
-                          for flags in (1, 3)):  # by hash (3: checked)
-            with open(source, "rb") as handle:
-                return header[8:] == importlib.util.source_hash(handle.read())
-    except (OSError, ValueError):
-        return False
-    stamp = [0, int(found.st_mtime), found.st_size]  # flags 0: checked by time
-    return header == importlib.util.MAGIC_NUMBER + b"".join(
-        (value & 0xFFFFFFFF).to_bytes(4, "little") for value in stamp)
-
-
-def compiled_in_memory_file(source):
-    """A descriptor, kept across exec, of a memory file holding `source`'s code as
-    bytecode, with the hash of the text compiled; -1 where there is none: the loader
-    then compiles, as it must. That compilation beside the script's own tree raises
-    the start's peak from 47 to 76 MiB: where memory is capped (ulimit -v 64M), it is
-    left to the loader, in the fresh process."""
-    import importlib.util
-    import marshal
-    if not hasattr(os, "memfd_create"):
-        return -1
-    with open(source, "rb") as handle:
-        text = handle.read()
-    try:
-        code = compile(text, source, "exec", dont_inherit=True)
-        return memory_file(marshal.dumps((importlib.util.source_hash(text), code)))
-    except MemoryError:
-        return -1
-
-
-def memory_file(data):
-    """The descriptor of an inheritable memory file holding `data`; -1 if none can be
-    made (too many open files, a kernel that refuses them) or written whole."""
-    try:
-        descriptor = os.memfd_create("mito-code")
-    except OSError:
-        return -1
-    try:
-        if os.pwrite(descriptor, data, 0) == len(data):
-            os.set_inheritable(descriptor, True)
-            return descriptor
+                                  source, "-1", *sys.argv[1:]])
     except OSError:
         pass
-    os.close(descriptor)
-    return -1
 
 
 def started_as_the_script():

@@ -4,7 +4,8 @@ An RSS threshold would be flaky; what makes the RSS is not: which modules the wo
 process imports (`python3 -X importtime` lists each one on stderr), and whether a
 worker replaced itself, in the same PID, by an interpreter that loads mito.py as a
 module (from the bytecode cached in __pycache__ when it may write there), so that the
-parser's tree of the script is not kept for the life of the process.
+parser's tree of the script is not kept for the life of the process; and where the
+start compiles the file, which would raise its peak (Python's audit events say).
 """
 
 import contextlib
@@ -22,7 +23,6 @@ import pytest
 from conftest import Process
 from fake_coordinator import fake  # noqa: F401
 import mito
-from mito import bytecode_cached
 from support import wait_until
 from test_worker_config import credentials  # noqa: F401
 
@@ -35,6 +35,7 @@ NOT_IN_AN_IDLE_WORKER = {"sqlite3", "_sqlite3", "_ssl", "_hashlib", "hashlib", "
 
 def spawn_worker(mito, fake, credentials, script, python_flags=(), env=None):
     """`python3 [flags] script worker` against the fake, its stderr kept in a file."""
+    fetches = len(fake.find("GET", "/workers/tasks"))
     stdout, stderr = mito.root / "worker.stdout", mito.root / "worker.stderr"
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
         popen = subprocess.Popen(
@@ -43,7 +44,7 @@ def spawn_worker(mito, fake, credentials, script, python_flags=(), env=None):
             env=mito._env(env), cwd=mito.cwd, stdin=subprocess.PIPE, stdout=out, stderr=err)
     worker = Process(popen, stdout, stderr)
     mito.processes.append(worker)
-    fake.wait_request("GET", "/workers/tasks")  # registered, and fetching
+    fake.wait_request("GET", "/workers/tasks", fetches + 1)  # registered, and fetching
     return worker
 
 
@@ -78,6 +79,13 @@ def test_an_idle_worker_imports_neither_sqlite3_nor_openssl(mito, fake, credenti
     assert not imported & NOT_IN_AN_IDLE_WORKER, worker.stderr()[-3000:]
 
 
+def handed_over(pid, path):
+    """True if the process loads `path` with code handed over in a memory file; False
+    if it loads it from __pycache__ (its FD argument is -1)."""
+    command = cmdline(pid)
+    return command[command.index(str(path)) + 1] != "-1"
+
+
 @pytest.mark.parametrize("name, may_write", [("mito.py", True), ("mito.py", False),
                                              ("mito", True)],
                          ids=["writable", "no-bytecode", "no-suffix"])
@@ -91,124 +99,185 @@ def test_a_worker_runs_as_a_module_in_the_same_process(mito, fake, credentials, 
     command = cmdline(worker.pid)
     assert command[1:3] == ["-u", "-P"] and command[3] == "-c", command
     assert command[5] == str(copy) and command[7] == "worker", command
-    assert command[6] != "-1", command  # nothing cached: the script handed its code over
+    assert handed_over(worker.pid, copy)  # nothing cached: compiled, handed over
     assert not memory_files(worker.pid)  # closed
     cached = importlib.util.cache_from_source(str(copy))
     wait_until(lambda: worker.alive() and (copy.parent / "__pycache__").exists() == may_write,
                what="the bytecode cache as allowed")
     assert not may_write or open(cached, "rb").read(4) == importlib.util.MAGIC_NUMBER
-    assert bytecode_cached(str(copy)) == may_write  # the next start loads it
     assert worker.stop() == 0  # SIGTERM reaches the same PID, which leaves cleanly
     assert fake.find("DELETE", "/workers")
-    copy.write_text(copy.read_text() + "# changed\n")
-    assert not bytecode_cached(str(copy))  # out of date: compiled again
+    again = spawn_worker(mito, fake, credentials, copy, ("-u",), env)
+    assert handed_over(again.pid, copy) != may_write  # the next start loads the cache
+    assert again.stop() == 0
 
 
-@pytest.mark.parametrize("mode", list(py_compile.PycInvalidationMode))
-def test_bytecode_is_cached_by_time_or_by_hash(tmp_path, mode):
-    """`python3 -m py_compile mito.py` under SOURCE_DATE_EPOCH writes hash-based
-    bytecode: taken, not the file compiled again at each start for a memory file."""
-    program = tmp_path / "program.py"
-    program.write_text("print('the program')\n")
-    assert not bytecode_cached(str(program))
-    py_compile.compile(str(program), invalidation_mode=mode, doraise=True)
-    assert bytecode_cached(str(program))
-    program.write_text("print('the program, changed')\n")
-    assert not bytecode_cached(str(program))
-
-
-# Says which code ran: the loader's own compilation names the file, a handed one not.
-WHICH_CODE = """import os, sys
-fd = int(sys.orig_argv[-1])
-print(sys._getframe().f_code.co_filename, os.path.exists(f"/proc/self/fd/{fd}"))
+# Run in every Python process of the test (sitecustomize): logs the start-up's steps,
+# the compilations of the file named by WATCHED and each exec (with its FD argument).
+AUDIT_HOOK = """import os, sys
+def log_start_up(event, args):
+    watched = os.environ.get("WATCHED")
+    if not watched:
+        return
+    if event == "compile" and args[1] == watched:
+        step = "compile"
+    elif event == "os.exec" and watched in args[1]:
+        step = "exec " + args[1][list(args[1]).index(watched) + 1]
+    else:
+        return
+    with open(watched + ".log", "a") as steps:
+        steps.write(f"{os.getpid()} {step}\\n")
+sys.addaudithook(log_start_up)
 """
 
 
-def load_as_module(program, handed_text):
-    """Run the start-up's loader on `program`, handed the code of `handed_text` (by
-    the name "handed") in a memory file, as the script hands it: what it prints.
-    It may cache bytecode."""
+def test_the_file_is_compiled_in_a_fresh_process_not_beside_the_scripts_tree(
+        mito, fake, credentials, mito_py, tmp_path):
+    """The script holds its parser's tree (~22 MiB) until it is replaced: a second
+    compilation beside it made a start's peak 76 MiB, not 47. Nothing cached, the
+    script is replaced first; that fresh process compiles and hands the code over."""
+    copy = tmp_path / "mito.py"
+    shutil.copy(mito_py, copy)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(AUDIT_HOOK)
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": tmp_path / "hook", "WATCHED": copy}
+    worker = spawn_worker(mito, fake, credentials, copy, (), env)
+    assert worker.stop() == 0
+    steps = [line.split(" ", 1)[1] for line in (tmp_path / "mito.py.log").open()
+             if line.split()[0] == str(worker.pid)]  # not its guard's, at its end
+    memory_file = steps[-1].split()[-1]
+    assert memory_file.isdigit(), steps
+    assert steps == [f"{step}\n" for step in (
+        "compile",  # Python runs the script
+        "exec -1",  # replaced at once, its tree gone
+        "compile",  # the loader, fresh
+        f"exec {memory_file}")], steps  # replaced again, to load the code handed over
+
+
+# Says which code ran (the code handed over by the test is named "handed"), whether
+# its process was handed code in a memory file (its FD argument), and how many of
+# these it holds open.
+WHICH_CODE = """import os, sys
+def memory_files():
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return sum("mito-code" in name for name in names)
+print(sys._getframe().f_code.co_filename, sys.orig_argv[-1] != "-1", memory_files())
+"""
+
+
+def load_as_module(program, handed_text=None, may_write=True, prelude=""):
+    """Run the start-up's loader (after `prelude`) on `program`, handed the code of
+    `handed_text` (by the name "handed") in a memory file, or none (-1): what it
+    prints. It may cache bytecode."""
     env = {name: value for name, value in os.environ.items()
            if name != "PYTHONDONTWRITEBYTECODE"}
-    fd = os.memfd_create("mito-code", 0)
-    try:
-        os.write(fd, marshal.dumps((importlib.util.source_hash(handed_text),
-                                    compile(handed_text, "handed", "exec"))))
-        os.lseek(fd, 0, os.SEEK_SET)
-        done = subprocess.run([sys.executable, "-P", "-c", mito._MODULE_LOADER, str(program),
-                               str(fd)], pass_fds=[fd], env=env, capture_output=True,
-                              text=True, timeout=60)
-    finally:
-        os.close(fd)
+    if not may_write:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    with contextlib.ExitStack() as stack:
+        fds = []
+        if handed_text is not None:
+            fds.append(os.memfd_create("mito-code", 0))
+            stack.callback(os.close, fds[0])
+            os.pwrite(fds[0], marshal.dumps((importlib.util.source_hash(handed_text),
+                                             compile(handed_text, "handed", "exec"))), 0)
+        done = subprocess.run([sys.executable, "-P", "-c", prelude + mito._MODULE_LOADER,
+                               str(program), str(fds[0] if fds else -1)], pass_fds=fds,
+                              env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-def test_the_code_handed_over_runs_only_for_the_text_it_was_compiled_from(tmp_path):
-    """The file may change between the script's compilation and the loader's read: the
-    code of the text before must neither run nor be cached under the new text's stamp
-    (every later start would run it)."""
+@pytest.mark.parametrize("mode", list(py_compile.PycInvalidationMode))
+def test_bytecode_cached_by_time_or_by_hash_is_loaded(tmp_path, mode):
+    """`python3 -m py_compile mito.py` under SOURCE_DATE_EPOCH writes hash-based
+    bytecode: taken, not the file compiled again at each start for a memory file.
+    Bytecode out of date is not, unless marked unchecked (Python's own rule)."""
     program = tmp_path / "program.py"
     program.write_text(WHICH_CODE)
-    assert load_as_module(program, WHICH_CODE.encode()) == "handed False\n"  # fd closed
+    assert load_as_module(program, may_write=False) == f"{program} True 0\n"
+    py_compile.compile(str(program), invalidation_mode=mode, doraise=True)
+    assert load_as_module(program, may_write=False) == f"{program} False 0\n"
     program.write_text(WHICH_CODE + "# changed\n")
-    assert load_as_module(program, WHICH_CODE.encode()) == f"{program} False\n"
-    assert bytecode_cached(str(program))
-    assert load_as_module(program, b"") == f"{program} False\n"  # from the cache
+    unchecked = mode == py_compile.PycInvalidationMode.UNCHECKED_HASH
+    assert load_as_module(program, may_write=False) == f"{program} {not unchecked} 0\n"
 
 
-def test_the_memory_file_is_closed_once_however_often_the_code_is_asked_for(tmp_path):
+def test_the_code_handed_over_runs_only_for_the_text_it_was_compiled_from(tmp_path):
+    """The file may change between the compilation and the loader's read: the code of
+    the text before must neither run nor be cached under the new text's stamp (every
+    later start would run it)."""
+    program = tmp_path / "program.py"
+    program.write_text(WHICH_CODE)
+    assert load_as_module(program, WHICH_CODE.encode()) == "handed True 0\n"  # closed
+    program.write_text(WHICH_CODE + "# changed\n")
+    assert load_as_module(program, WHICH_CODE.encode()) == f"{program} True 0\n"
+    assert load_as_module(program) == f"{program} False 0\n"  # from the cache
+
+
+@pytest.mark.parametrize("handed, may_write", [(b"", True), (None, False)],
+                         ids=["handed-other-code", "nothing-cached"])
+def test_the_memory_file_is_closed_once_however_often_the_code_is_asked_for(
+        tmp_path, handed, may_write):
     """Its number, free once it is closed, may be a file of the program's own by the
-    time something asks the loader for the code again: neither closed nor read then."""
+    time something asks the loader for the code again: neither closed nor read then;
+    nor is the code handed over again, which would start the program once more."""
     program = tmp_path / "program.py"
     program.write_text("import os, sys\n"
+                       "print('started', flush=True)\n"
                        "fd = int(sys.orig_argv[-1])\n"
                        "os.dup2(os.pipe()[0], fd)  # the program's own, by that number\n"
                        "__loader__.get_code(__name__)\n"
                        "print(os.fstat(fd).st_mode)\n")
-    assert load_as_module(program, b"").strip().isdigit()
-
-
-@pytest.fixture
-def start_of(monkeypatch, tmp_path):
-    """run_as_module(), started as `python3 program.py worker`, with os.execv caught:
-    the argv it would have run, or None; the memory files it left open."""
-    program = tmp_path / "program.py"
-    program.write_text("print('the program')\n")
-    monkeypatch.setattr(sys, "argv", [str(program), "worker"])
-    monkeypatch.setattr(sys, "orig_argv", [sys.executable, str(program), "worker"])
-
-    def start(execv):
-        execs = []
-        monkeypatch.setattr(os, "execv", lambda path, argv: execs.append(argv) or execv())
-        mito.run_as_module(str(program))
-        return execs[0][4:] if execs else None, memory_files(os.getpid())
-    return start
+    started, mode = load_as_module(program, handed, may_write).split()
+    assert started == "started" and mode.isdigit()
 
 
 def refuse(*args):
     raise OSError(errno.EMFILE, "Too many open files")
 
 
-def out_of_memory(*args, **options):
+PRELUDE = """import errno, marshal, os
+def refuse(*args):
+    raise OSError(errno.EMFILE, "Too many open files")
+def out_of_memory(*args):
     raise MemoryError
+"""
 
 
-@pytest.mark.parametrize("where, failure", [
-    ("os.memfd_create", refuse), ("os.pwrite", lambda *_: 1),  # too many files, short
-    ("mito.compile", out_of_memory)])  # a second tree beside the script's, under ulimit -v
-def test_a_start_without_a_memory_file_loads_the_module_all_the_same(start_of, monkeypatch,
-                                                                      where, failure):
-    """No memory file to be had: the loader compiles, rather than the script run on
-    with its parser's tree, or fail."""
-    monkeypatch.setattr(where, failure, raising=False)
-    assert start_of(lambda: None) == ([sys.argv[0], "-1", "worker"], [])
+@pytest.mark.parametrize("failure", [
+    "os.memfd_create = refuse", "os.pwrite = lambda *args: 1",  # too many files, short
+    "os.execv = refuse", "marshal.dumps = out_of_memory"])
+def test_a_start_without_a_memory_file_runs_the_code_where_it_was_compiled(tmp_path,
+                                                                           failure):
+    """No memory file to be had, or no process to hand it to: the code compiled runs
+    (rather than fail), and nothing of the start stays open for its tasks to inherit."""
+    program = tmp_path / "program.py"
+    program.write_text(WHICH_CODE)
+    done = load_as_module(program, may_write=False, prelude=f"{PRELUDE}{failure}\n")
+    assert done == f"{program} False 0\n"
 
 
-def test_a_start_that_cannot_exec_leaves_no_memory_file_open(start_of):
-    """The script goes on as it is: its tasks must inherit nothing of the start."""
-    argv, left = start_of(refuse)
-    assert argv[1] != "-1" and left == []
+@pytest.mark.parametrize("execv", [lambda: None, refuse], ids=["replaced", "cannot-exec"])
+def test_the_script_is_replaced_at_once_with_the_same_flags(monkeypatch, tmp_path, execv):
+    """run_as_module(), started as `python3 -u program.py worker`, with os.execv caught
+    (or failing: the script goes on as it is): it compiles nothing, opens nothing."""
+    program = tmp_path / "program.py"
+    program.write_text("print('the program')\n")
+    monkeypatch.setattr(sys, "argv", [str(program), "worker"])
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-u", str(program), "worker"])
+    monkeypatch.setattr("mito.compile", lambda *args, **options: pytest.fail("compiled"),
+                        raising=False)
+    execs = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: execs.append(argv) or execv())
+    mito.run_as_module(str(program))
+    assert execs == [[sys.executable, "-u", "-P", "-c", mito._MODULE_LOADER, str(program),
+                      "-1", "worker"]]
+    assert not memory_files(os.getpid())
 
 
 def test_a_worker_read_from_stdin_stays_the_script(mito_py, tmp_path):
