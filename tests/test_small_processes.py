@@ -23,6 +23,7 @@ import pytest
 from conftest import Process
 from fake_coordinator import fake  # noqa: F401
 import mito
+from mito import GUARD_MARKER, child_pids
 from support import wait_until
 from test_worker_config import credentials  # noqa: F401
 
@@ -136,11 +137,7 @@ def test_the_file_is_compiled_in_a_fresh_process_not_beside_the_scripts_tree(
     """The script holds its parser's tree (~22 MiB) until it is replaced: a second
     compilation beside it made a start's peak 76 MiB, not 47. Nothing cached, the
     script is replaced first; that fresh process compiles and hands the code over."""
-    copy = tmp_path / "mito.py"
-    shutil.copy(mito_py, copy)
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(AUDIT_HOOK)
-    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": tmp_path / "hook", "WATCHED": copy}
+    copy, env = audited_copy(mito_py, tmp_path)
     worker = spawn_worker(mito, fake, credentials, copy, (), env)
     assert worker.stop() == 0
     steps = [line.split(" ", 1)[1] for line in (tmp_path / "mito.py.log").open()
@@ -152,6 +149,31 @@ def test_the_file_is_compiled_in_a_fresh_process_not_beside_the_scripts_tree(
         "exec -1",  # replaced at once, its tree gone
         "compile",  # the loader, fresh
         f"exec {memory_file}")], steps  # replaced again, to load the code handed over
+
+
+def audited_copy(mito_py, tmp_path):
+    """A copy of mito.py, and the environment that logs its steps (AUDIT_HOOK)."""
+    copy = tmp_path / "mito.py"
+    shutil.copy(mito_py, copy)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(AUDIT_HOOK)
+    return copy, {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": tmp_path / "hook",
+                  "WATCHED": copy}
+
+
+def test_a_worker_that_leaves_cleanly_spares_its_guard_the_compilation(
+        mito, fake, credentials, mito_py, tmp_path):
+    """The orphan guard compiles the file (a ~47 MiB peak beside the worker, ~0.4 s the
+    worker's exit waits for) only to sweep after a worker killed with -9; a worker that
+    swept its tasks' processes itself tells it so. (test_worker_poison.py kills one.)"""
+    copy, env = audited_copy(mito_py, tmp_path)
+    worker = spawn_worker(mito, fake, credentials, copy, (), env)
+    guard = [pid for pid in child_pids(worker.pid)
+             if f"{GUARD_MARKER}=" in " ".join(cmdline(pid))]
+    assert len(guard) == 1
+    assert worker.stop() == 0
+    pids = {line.split()[0] for line in (tmp_path / "mito.py.log").open()}
+    assert str(guard[0]) not in pids and str(worker.pid) in pids
 
 
 # Says which code ran (the code handed over by the test is named "handed"), whether
