@@ -72,7 +72,7 @@ class Loader(k.SourceFileLoader):
             if text_hash == u.source_hash(data):
                 return code
         code = super().source_to_code(data, *args, **options)
-        if fd == -1:
+        if fd == -1 and hasattr(os, 'memfd_create'):  # not on macOS, nor glibc < 2.27
             try:
                 hand_over(u.source_hash(data), code)
             except (OSError, MemoryError):
