@@ -92,6 +92,8 @@ def run_as_module(source):
     if (sys.orig_argv[len(flags) + 1:] != sys.argv or not sys.executable
             or not os.path.isfile(source)):  # `python3 - worker < mito.py`: no file
         return
+    if flags[-1:] == ["--"]:  # `python3 -- mito.py`: no option may follow it, nor -P, -c
+        flags = flags[:-1]
     try:
         os.execv(sys.executable, [sys.executable, *flags, "-P", "-c", _MODULE_LOADER,
                                   source, "-1", *sys.argv[1:]])

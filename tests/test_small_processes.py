@@ -311,3 +311,18 @@ def test_a_worker_read_from_stdin_stays_the_script(mito_py, tmp_path):
                               capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_a_worker_started_after_an_end_of_options_runs_as_a_module(mito_py, tmp_path):
+    """`python3 -- mito.py worker` (a wrapper's guard against a script named -x): the
+    `--` ends the interpreter's options, so -P and -c may not follow it (`can't open
+    file '-P'`, exit 2, and nothing started)."""
+    copy = tmp_path / "mito.py"
+    shutil.copy(mito_py, copy)
+    env = {name: value for name, value in os.environ.items()
+           if name != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([sys.executable, "--", str(copy), "worker", "--help"], env=env,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+    assert (tmp_path / "__pycache__").exists()  # loaded as a module, not run as the script
