@@ -5574,13 +5574,20 @@ class Checkpointer:
 
     def __init__(self, store):
         self.store = store
+        self.failing = None  # the last failure's text, said once (not every second)
 
     def run_forever(self, stopping):
         while not stopping.wait(CHECKPOINT_INTERVAL):
             try:
                 self.checkpoint()
             except sqlite3.Error as error:  # a full disk: the next try, or SQLite's backstop
-                log.warning("cannot checkpoint the database: %s", error)
+                if str(error) != self.failing:
+                    log.warning("cannot checkpoint the database: %s", error)
+                self.failing = str(error)
+                continue
+            if self.failing is not None:
+                log.info("the database is checkpointed again")
+                self.failing = None
 
     def checkpoint(self):
         self.store.checkpoint()

@@ -288,6 +288,27 @@ def test_a_checkpoint_leaves_the_wal_wholly_copied(tmp_path, monkeypatch):
     assert 0 < frames <= 5  # that last write's pages only: the WAL was started over
 
 
+def test_a_failing_checkpoint_is_said_once_and_its_recovery_too(tmp_path, monkeypatch,
+                                                                 caplog):
+    """A full disk fails a checkpoint every second: one warning, not one a second."""
+    store = mito.Store(str(tmp_path / "mitosis.db"))
+    outcomes = [sqlite3.OperationalError("database or disk is full")] * 5 + [None] * 2
+    stopping = threading.Event()
+
+    def checkpoint(locked=False):
+        if not outcomes:
+            stopping.set()
+        elif outcomes.pop(0) is not None:
+            raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(store, "checkpoint", checkpoint)
+    monkeypatch.setattr(mito, "CHECKPOINT_INTERVAL", 0.001)
+    caplog.set_level("INFO", logger="mito")
+    mito.Checkpointer(store).run_forever(stopping)
+    said = [record.getMessage() for record in caplog.records]
+    assert said == ["cannot checkpoint the database: database or disk is full",
+                    "the database is checkpointed again"], said
+
+
 # ---- bad places: one line, exit 2, before anything starts ----------------------------------
 
 
