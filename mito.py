@@ -2051,19 +2051,20 @@ def kill_marked(needle, suspects=None):
     """SIGKILL every process carrying `needle`, again while they keep forking.
     `suspects()` says where they can be (None: anywhere), asked again each round: the
     children a killed process was forking are adopted by the worker, out from under
-    the processes the last round looked below."""
+    the processes the last round looked below. True once none is left."""
     if not os.path.isdir("/proc"):
-        return
+        return False
     for _ in range(KILL_ROUNDS):
         pids = marked_processes(needle, suspects and suspects())
         if not pids:
-            return
+            return True
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
     log.error("processes marked %s survive %d rounds of SIGKILL", needle.decode(),
               KILL_ROUNDS)
+    return False
 
 
 TASK_MARKER = b"MITO_TASK_UUID="  # every task process's environment holds it, at first
@@ -2391,9 +2392,11 @@ class OrphanGuard:
     # It idles as a bare interpreter holding the file's text as the worker started it
     # (the file may be replaced meanwhile), and compiles it only at EOF: loaded at start,
     # this file would take it ~40 MiB of RSS for the worker's whole life (issue 9 §4).
-    # A worker that swept every process of its tasks itself says so before the EOF:
-    # the guard then ends at once, without that compilation (a ~47 MiB peak beside the
-    # worker, and ~0.4 s that the worker's exit waited for, at the end of every job).
+    # A worker that leaves cleanly makes that sweep itself (all of /proc: a process
+    # started for a task by a daemon that keeps its environment, `at` or `batch`, is not
+    # below the worker) and, if none is left, says so before the EOF: the guard then
+    # ends at once, without that compilation (a ~47 MiB peak beside the worker, and
+    # ~0.4 s that the worker's exit waited for, at the end of every job).
     SCRIPT = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
               "text = open(sys.argv[1], 'rb').read()\n"
               "if sys.stdin.buffer.read() != b'swept':\n"
@@ -2403,6 +2406,7 @@ class OrphanGuard:
 
     def __init__(self):
         self.marker = uuidlib.uuid4().hex
+        self.needle = f"{GUARD_MARKER}={self.marker}".encode()  # in its tasks' environment
         self.proc = None
 
     def start(self):
@@ -2412,7 +2416,7 @@ class OrphanGuard:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-P", "-c", self.SCRIPT, os.path.abspath(__file__),
-                 f"{GUARD_MARKER}={self.marker}"], stdin=subprocess.PIPE,
+                 self.needle.decode()], stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, start_new_session=True)
         except OSError as error:
             log.warning("cannot start the guard process (%s): a task may outlive a "
@@ -2420,9 +2424,10 @@ class OrphanGuard:
             return
         TaskProcesses.spared.add(self.proc.pid)
 
-    def stop(self, swept):
-        """Close the pipe: the guard sweeps and ends; told that the worker `swept`
-        every process of its tasks itself, it just ends."""
+    def stop(self):
+        """Sweep as the guard would, and close the pipe: told that none is left, the
+        guard just ends; else it sweeps too (after a kill -9, EOF alone says that)."""
+        swept = kill_marked(self.needle)
         if self.proc is None:
             return
         with contextlib.suppress(OSError):  # a guard gone: nothing to tell
@@ -3640,10 +3645,7 @@ class WorkerProcess:
         for thread in threads:
             thread.join(5)
         TaskProcesses.sweep()  # what no task's end could sweep (sweep_when_idle)
-        # every process of a task is below the worker (a subreaper), where sweep() looks,
-        # unless a slot is still busy with its task
-        self.guard.stop(swept=TaskProcesses.below_worker and
-                        not any(thread.is_alive() for thread in threads))
+        self.guard.stop()
         return self.exit_status
 
     def user_token(self, fresh=False):

@@ -282,6 +282,40 @@ def test_kill_9_of_the_worker_kills_its_task(fake, start_worker, tmp_path):
     assert fake.commit(task) is None
 
 
+# `at` keeps the environment of the job it is given: the job's process carries the
+# task's markers, though a daemon (atd) starts it, out of the worker's tree. This one
+# runs each job script whose name it reads from the FIFO $1.
+SPOOLER = 'while read -r job < "$1"; do setsid sh "$job" </dev/null >/dev/null 2>&1 & done'
+
+
+def test_a_process_a_spooler_starts_for_a_task_dies_when_the_worker_leaves(
+        fake, start_worker, tmp_path):
+    """Below the worker (a subreaper) a task's end finds every process of the task; one
+    started for it by a daemon, with its environment (`at`, `batch`), is not there.
+    The guard's sweep of all of /proc by MITO_WORKER_GUARD finds it, after a kill -9,
+    and when the worker leaves cleanly: the worker then does that sweep itself."""
+    fifo, pids = tmp_path / "spool", tmp_path / "pids"
+    os.mkfifo(fifo)
+    spooler = subprocess.Popen(["sh", "-c", SPOOLER, "spooler", str(fifo)])
+    try:
+        worker = start_worker()
+        task = fake.add_task(["sh", "-c", 'export -p > "$JOB"; echo \'echo $$ > '
+                              '"$PIDS.tmp"; mv "$PIDS.tmp" "$PIDS"; exec sleep 300\' >> "$JOB"; '
+                              'echo "$JOB" > "$FIFO"'],
+                             envs={"JOB": str(tmp_path / "job"), "FIFO": str(fifo),
+                                   "PIDS": str(pids)})
+        assert fake.wait_commit(task) == {"exit_status": 0, "msg": None}
+        [escaped] = recorded_pids(pids)
+        assert not process_dead(escaped)  # not below the worker: its task's end missed it
+        assert worker.stop() == 0
+        wait_until(lambda: process_dead(escaped), 10, what=f"process {escaped} to die")
+    finally:
+        spooler.kill()
+        spooler.wait()
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pids.read_text()), signal.SIGKILL)
+
+
 def unmarked_escapee(name, then=""):
     """A task's script leaving a process in a session of its own and with an empty
     environment (no MITO_TASK_UUID, nor the sandbox's marker), its pid in $PIDS.name."""
