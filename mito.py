@@ -12475,7 +12475,8 @@ def add_options(parser, options):
 
 def build_parser():
     version = f"mito.py {__version__}"
-    parser = Parser(prog="mito.py", description=__doc__.split("\n\n")[0])
+    summary = (__doc__ or "").split("\n\n")[0]  # (none under python3 -OO)
+    parser = Parser(prog="mito.py", description=summary)
     parser.add_argument("-V", "--version", action="version", version=version)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 

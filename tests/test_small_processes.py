@@ -326,3 +326,12 @@ def test_a_worker_started_after_an_end_of_options_runs_as_a_module(mito_py, tmp_
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
     assert (tmp_path / "__pycache__").exists()  # loaded as a module, not run as the script
+
+
+def test_a_worker_runs_without_docstrings(mito, fake, credentials, mito_py):
+    """`python3 -OO` (or PYTHONOPTIMIZE=2, set on some images to save memory) strips
+    the docstrings: the command line took its description from the file's own, and
+    every command failed with a traceback."""
+    worker = spawn_worker(mito, fake, credentials, mito_py, ("-OO",))
+    assert cmdline(worker.pid)[1:3] == ["-OO", "-P"]  # loaded as a module, as optimized
+    assert worker.stop() == 0, worker.stderr()
