@@ -288,6 +288,19 @@ def test_a_checkpoint_leaves_the_wal_wholly_copied(tmp_path, monkeypatch):
     assert 0 < frames <= 5  # that last write's pages only: the WAL was started over
 
 
+def test_a_wal_file_a_burst_made_large_is_cut_back_once_copied(tmp_path, monkeypatch):
+    monkeypatch.setattr(mito, "WAL_KEPT_BYTES", 64 << 10)
+    path = str(tmp_path / "mitosis.db")
+    store = mito.Store(path)
+    with store.write() as db:  # a burst: ~1 MiB of WAL
+        db.executemany("INSERT INTO dropped_workers (uuid) VALUES (?)",
+                       [(f"{number:0900}",) for number in range(1000)])
+    assert os.path.getsize(path + "-wal") > 1 << 20
+    mito.Checkpointer(store).checkpoint()
+    store.write_one("INSERT INTO dropped_workers (uuid) VALUES ('last')")  # starts it over
+    assert os.path.getsize(path + "-wal") <= 64 << 10
+
+
 def test_a_failing_checkpoint_is_said_once_and_its_recovery_too(tmp_path, monkeypatch,
                                                                  caplog):
     """A full disk fails a checkpoint every second: one warning, not one a second."""
